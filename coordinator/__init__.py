@@ -1,0 +1,1 @@
+"""hotfleet's control plane: leader election, fleet-wide two-phase commit, analysis."""

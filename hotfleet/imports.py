@@ -1,0 +1,320 @@
+"""Import graph and load order of a release, read from source text alone.
+
+The loader must know which modules of a release need which others *before*
+running any of them: a new module's body runs while staged, so its
+dependencies must be staged first, and a downgrade must undo in the opposite
+order.  Running the code to find out would defeat prepare's promise that
+nothing visible happens, so everything here works on the AST and never
+imports the modules it reads.
+
+Static analysis only sees imports written as literals; explicit ``depends``
+in release.toml covers the rest.
+"""
+
+from __future__ import annotations
+
+import ast
+import heapq
+import importlib.util
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+
+from hotfleet.release import Release
+
+__all__ = [
+    "FromBinding",
+    "ImportInfo",
+    "downgrade_order",
+    "load_order",
+    "release_dependencies",
+    "scan_imports",
+]
+
+# Handlers that make an import in the ``try`` body optional: the module copes
+# with its absence.
+_IMPORT_GUARDS = frozenset({"ImportError", "ModuleNotFoundError", "Exception", "BaseException"})
+_DYNAMIC_IMPORTERS = frozenset({"import_module", "__import__"})
+
+
+@dataclass(frozen=True)
+class FromBinding:
+    """A module-level ``from module import attr as local``.
+
+    After a reload these names still point at the old objects unless the
+    loader rebinds them, so it needs to know every one of them.
+    """
+
+    local: str
+    module: str
+    attr: str
+
+
+@dataclass(frozen=True)
+class ImportInfo:
+    """What one module imports, split by whether its import can fail quietly.
+
+    ``required`` imports run unconditionally when the module body runs, so a
+    missing one is a ``missing_dependency``; ``optional`` ones run later
+    (function bodies) or are guarded (``try``/``TYPE_CHECKING``).
+    ``submodule_candidates`` are ``from pkg import name`` targets that *may*
+    be submodules; only the caller knows which modules exist.
+    """
+
+    required: frozenset[str] = frozenset()
+    optional: frozenset[str] = frozenset()
+    from_bindings: tuple[FromBinding, ...] = ()
+    submodule_candidates: frozenset[str] = frozenset()
+
+    @property
+    def all(self) -> frozenset[str]:
+        """Every module certainly imported (candidates excluded: they may be attributes)."""
+        return self.required | self.optional
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Where in the module a node sits, as far as import semantics go."""
+
+    in_function: bool = False
+    in_class: bool = False
+    guarded: bool = False
+    type_checking: bool = False
+
+    @property
+    def optional(self) -> bool:
+        return self.in_function or self.guarded or self.type_checking
+
+    @property
+    def binds_module_global(self) -> bool:
+        return not (self.in_function or self.in_class or self.type_checking)
+
+
+def _names_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _catches_import_errors(handler: ast.ExceptHandler) -> bool:
+    caught = handler.type
+    if caught is None:
+        return True
+    for node in caught.elts if isinstance(caught, ast.Tuple) else [caught]:
+        name = getattr(node, "id", None) or getattr(node, "attr", None)  # Name / builtins.X
+        if name in _IMPORT_GUARDS:
+            return True
+    return False
+
+
+def _guards_imports(node: ast.Try | ast.TryStar) -> bool:
+    return any(_catches_import_errors(handler) for handler in node.handlers)
+
+
+def _field_context(node: ast.AST, field: str, context: _Context) -> _Context:
+    """The context of ``node``'s children stored in ``field``."""
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) and field == "body":
+        return replace(context, in_function=True)
+    if isinstance(node, ast.ClassDef) and field == "body":
+        return replace(context, in_class=True)
+    if isinstance(node, ast.Try | ast.TryStar) and field != "finalbody" and _guards_imports(node):
+        return replace(context, guarded=True)
+    if isinstance(node, ast.If):
+        test = node.test
+        negated = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+        if isinstance(test, ast.UnaryOp) and negated:
+            test = test.operand
+        if _names_type_checking(test) and field == ("orelse" if negated else "body"):
+            return replace(context, type_checking=True)
+    return context
+
+
+def _children(node: ast.AST, context: _Context) -> Iterator[tuple[ast.AST, _Context]]:
+    for field, value in ast.iter_fields(node):
+        child_context = _field_context(node, field, context)
+        for child in value if isinstance(value, list) else [value]:
+            if isinstance(child, ast.AST):
+                yield child, child_context
+
+
+def _with_parents(name: str) -> set[str]:
+    """``a.b.c`` -> {a, a.b, a.b.c}: importing a submodule imports its packages."""
+    parts = name.split(".")
+    return {".".join(parts[: i + 1]) for i in range(len(parts))}
+
+
+class _Scanner:
+    def __init__(self, module: str, is_package: bool) -> None:
+        self.package = module if is_package else module.rpartition(".")[0]
+        self.required: set[str] = set()
+        self.optional: set[str] = set()
+        self.candidates: set[str] = set()
+        self.bindings: dict[FromBinding, None] = {}  # ordered set
+
+    def add(self, name: str, context: _Context) -> None:
+        (self.optional if context.optional else self.required).update(_with_parents(name))
+
+    def resolve(self, level: int, name: str | None) -> str | None:
+        if level == 0:
+            return name
+        try:
+            return importlib.util.resolve_name("." * level + (name or ""), self.package)
+        except (ImportError, ValueError):
+            return None  # beyond the top-level package: fails at run time, not a dependency
+
+    def visit(self, node: ast.AST, context: _Context) -> None:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                self.add(alias.name, context)
+        elif isinstance(node, ast.ImportFrom):
+            self.visit_from(node, context)
+        elif isinstance(node, ast.Call):
+            self.visit_call(node, context)
+
+    def visit_from(self, node: ast.ImportFrom, context: _Context) -> None:
+        base = self.resolve(node.level, node.module)
+        if base is None:
+            return
+        self.add(base, context)
+        for alias in node.names:
+            if alias.name == "*":
+                continue
+            self.candidates.add(f"{base}.{alias.name}")
+            if context.binds_module_global:
+                self.bindings[FromBinding(alias.asname or alias.name, base, alias.name)] = None
+
+    def visit_call(self, node: ast.Call, context: _Context) -> None:
+        """``importlib.import_module("x")`` / ``__import__("x")`` with a literal name."""
+        func = node.func
+        called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        if called not in _DYNAMIC_IMPORTERS or not node.args:
+            return
+        name = getattr(node.args[0], "value", None)
+        if isinstance(name, str) and name and not name.startswith("."):
+            self.add(name, context)
+
+    def result(self) -> ImportInfo:
+        return ImportInfo(
+            required=frozenset(self.required),
+            optional=frozenset(self.optional - self.required),
+            from_bindings=tuple(self.bindings),
+            submodule_candidates=frozenset(self.candidates),
+        )
+
+
+def scan_imports(module: str, source: str | bytes, *, is_package: bool = False) -> ImportInfo:
+    """The imports of ``module`` as written in ``source``.
+
+    Raises :class:`SyntaxError` for source that does not parse; the loader
+    reports that as ``badfile``.
+    """
+    try:
+        tree = ast.parse(source, filename=f"<{module}>")
+    except ValueError as exc:  # null bytes on older 3.11 patch releases
+        raise SyntaxError(f"{module}: {exc}") from exc
+    scanner = _Scanner(module, is_package)
+    # Iterative walk: a generated module may nest deeper than the recursion limit.
+    stack: list[tuple[ast.AST, _Context]] = [(tree, _Context())]
+    while stack:
+        node, context = stack.pop()
+        scanner.visit(node, context)
+        stack.extend(reversed(list(_children(node, context))))
+    return scanner.result()
+
+
+def _strongly_connected(graph: Mapping[str, list[str]]) -> list[tuple[str, ...]]:
+    """Tarjan's algorithm without recursion, so long import chains cannot overflow it."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[tuple[str, ...]] = []
+
+    def enter(node: str) -> tuple[str, Iterator[str]]:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        return node, iter(graph[node])
+
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [enter(root)]
+        while work:
+            node, successors = work[-1]
+            for successor in successors:
+                if successor not in index:
+                    work.append(enter(successor))
+                    break
+                if successor in on_stack:
+                    low[node] = min(low[node], index[successor])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    component: list[str] = []
+                    while not component or component[-1] != node:
+                        component.append(stack.pop())
+                        on_stack.discard(component[-1])
+                    components.append(tuple(sorted(component)))
+    return components
+
+
+def load_order(deps: Mapping[str, Iterable[str]]) -> list[tuple[str, ...]]:
+    """Units to load, dependencies first; an import cycle is one unit.
+
+    Among units whose dependencies are all loaded, the one with the smallest
+    names goes first, so the order depends only on the graph, never on dict
+    or set iteration order -- every node of a fleet loads in the same order.
+    """
+    nodes = set(deps)
+    graph = {node: sorted(set(targets) & nodes) for node, targets in deps.items()}
+    unit_of: dict[str, tuple[str, ...]] = {}
+    for unit in _strongly_connected(graph):
+        unit_of.update(dict.fromkeys(unit, unit))
+    waiting_on: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
+    dependents: dict[tuple[str, ...], set[tuple[str, ...]]] = defaultdict(set)
+    for unit in set(unit_of.values()):
+        waiting_on[unit] = {unit_of[d] for node in unit for d in graph[node]} - {unit}
+        for dependency in waiting_on[unit]:
+            dependents[dependency].add(unit)
+    ready = [unit for unit, waiting in waiting_on.items() if not waiting]
+    heapq.heapify(ready)
+    order: list[tuple[str, ...]] = []
+    while ready:
+        unit = heapq.heappop(ready)
+        order.append(unit)
+        for dependent in dependents[unit]:
+            waiting_on[dependent].discard(unit)
+            if not waiting_on[dependent]:
+                heapq.heappush(ready, dependent)
+    return order
+
+
+def downgrade_order(deps: Mapping[str, Iterable[str]]) -> list[tuple[str, ...]]:
+    """Dependents before what they depend on: the exact reverse of :func:`load_order`."""
+    return load_order(deps)[::-1]
+
+
+def release_dependencies(release: Release) -> dict[str, set[str]]:
+    """For each module of ``release``, the modules of the same release it needs first.
+
+    Imports, submodule candidates and explicit ``depends`` all count, and so
+    does a submodule's parent package (``a.b`` cannot load before ``a``).
+    Modules that do not parse keep only their parents and explicit
+    ``depends``: the loader reports them as ``badfile``.
+    """
+    names = set(release.module_names())
+    result: dict[str, set[str]] = {name: set() for name in names}
+    for module in release.modules:
+        found = _with_parents(module.name) | set(module.depends)
+        try:
+            info = scan_imports(module.name, module.source, is_package=module.is_package)
+        except SyntaxError:
+            pass
+        else:
+            found |= info.all | info.submodule_candidates
+        result[module.name] |= (found & names) - {module.name}
+    return result

@@ -1,0 +1,228 @@
+"""Content-addressed blob store: module sources travel by sha256 digest.
+
+A release names every module by the digest of its source, so a node can
+fetch sources from anywhere and trust only what hashes right: every read is
+verified, and a corrupt copy is a ``digest_mismatch`` refusal, never code
+that gets loaded.
+
+Backends:
+
+* :class:`EtcdBlobBackend` keeps blobs in etcd, split into chunks far below
+  etcd's 1.5 MiB request limit.  The header key is written after all chunks
+  (and only if absent), so a blob whose writer died half way is never seen as
+  present; its orphan chunks are simply overwritten by the next writer.
+* :class:`LocalCache` keeps blobs as files named by digest, written through a
+  temp file and a rename, so a node can read blobs it already has while etcd
+  is down.
+
+:class:`ContentStore` puts into both and reads through the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from hotfleet.errors import HotfleetError, ModuleError, Reason
+from hotfleet.etcd_client import EtcdClient
+
+log = logging.getLogger(__name__)
+
+# One size for every writer: two writers racing on the same digest then
+# write identical chunks, so a late one can never corrupt a published blob.
+CHUNK_SIZE = 512 * 1024
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class BlobNotFound(KeyError):
+    """No blob with this digest in the store."""
+
+    def __init__(self, digest: str, where: str = "") -> None:
+        super().__init__(digest)
+        self.digest = digest
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"blob {self.digest} not found{' in ' + self.where if self.where else ''}"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def corrupt_blob(digest: str, detail: str) -> HotfleetError:
+    """The error for stored bytes that do not hash to their digest."""
+    return HotfleetError([ModuleError(module=digest, reason=Reason.DIGEST_MISMATCH, detail=detail)])
+
+
+def check_digest(digest: str) -> None:
+    """Refuse anything but lowercase sha256 hex: digests become keys and file names."""
+    if not _DIGEST_RE.fullmatch(digest):
+        raise corrupt_blob(digest, "not a sha256 hex digest (64 lowercase hex characters)")
+
+
+def verify(digest: str, data: bytes) -> bytes:
+    """Return ``data`` if it hashes to ``digest``, else raise ``digest_mismatch``."""
+    actual = sha256_hex(data)
+    if actual != digest:
+        raise corrupt_blob(digest, f"content hashes to {actual} ({len(data)} bytes)")
+    return data
+
+
+class BlobBackend(Protocol):
+    """Where blobs live.  Backends store and fetch; :class:`ContentStore` verifies."""
+
+    def has(self, digest: str) -> bool: ...
+
+    def read(self, digest: str) -> bytes:
+        """The stored bytes, unverified; raises :class:`BlobNotFound`."""
+        ...
+
+    def write(self, digest: str, data: bytes) -> None:
+        """Store ``data`` under ``digest``; a no-op when already present."""
+        ...
+
+
+class EtcdBlobBackend:
+    """Blobs in etcd: ``<prefix><digest>/chunk/<n>`` keys, then a header key.
+
+    The header (``<prefix><digest>/header``, JSON with size and chunk count)
+    is the presence marker.  It is created last, in a transaction that only
+    creates it when absent, so readers never see a partial blob and a
+    concurrent second writer cannot change a blob already published.
+    """
+
+    def __init__(self, client: EtcdClient, prefix: str = "/hotfleet/blobs/") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def header_key(self, digest: str) -> str:
+        check_digest(digest)
+        return f"{self.prefix}{digest}/header"
+
+    def chunk_key(self, digest: str, index: int) -> str:
+        check_digest(digest)
+        return f"{self.prefix}{digest}/chunk/{index:08d}"
+
+    def has(self, digest: str) -> bool:
+        value, _ = self.client.get(self.header_key(digest))
+        return value is not None
+
+    def write(self, digest: str, data: bytes) -> None:
+        if self.has(digest):
+            return
+        chunks = [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+        for index, chunk in enumerate(chunks):
+            self.client.put(self.chunk_key(digest, index), chunk)
+        header = json.dumps({"size": len(data), "chunks": len(chunks)}).encode()
+        key = self.header_key(digest)
+        txn = self.client.transactions
+        self.client.transaction(
+            compare=[txn.create(key) == 0], success=[txn.put(key, header)], failure=[]
+        )
+
+    def read(self, digest: str) -> bytes:
+        raw, _ = self.client.get(self.header_key(digest))
+        if raw is None:
+            raise BlobNotFound(digest, f"etcd under {self.prefix}")
+        try:
+            header = json.loads(raw)
+            size, count = int(header["size"]), int(header["chunks"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise corrupt_blob(digest, f"unreadable blob header in etcd: {exc}") from None
+        parts: list[bytes] = []
+        for index in range(count):
+            chunk, _ = self.client.get(self.chunk_key(digest, index))
+            if chunk is None:
+                raise corrupt_blob(digest, f"chunk {index} of {count} missing in etcd")
+            parts.append(chunk)
+        data = b"".join(parts)
+        if len(data) != size:
+            raise corrupt_blob(digest, f"{len(data)} bytes in etcd, header says {size}")
+        return data
+
+
+class LocalCache:
+    """Blobs as files named by digest in one directory (atomic temp + rename)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def path(self, digest: str) -> Path:
+        check_digest(digest)
+        return self.directory / digest
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def read(self, digest: str) -> bytes:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(digest, str(self.directory)) from None
+
+    def write(self, digest: str, data: bytes) -> None:
+        target = self.path(digest)
+        if target.is_file():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{digest[:16]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def discard(self, digest: str) -> None:
+        """Drop a (corrupt) copy so that the next read refetches it."""
+        self.path(digest).unlink(missing_ok=True)
+
+
+class ContentStore:
+    """Put and get blobs by sha256; every byte returned has been verified."""
+
+    def __init__(self, backend: BlobBackend, cache: LocalCache | None = None) -> None:
+        self.backend = backend
+        self.cache = cache
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` (skipped where already present) and return its digest."""
+        digest = sha256_hex(data)
+        self.backend.write(digest, data)
+        if self.cache is not None:
+            self.cache.write(digest, data)
+        return digest
+
+    def has(self, digest: str) -> bool:
+        check_digest(digest)
+        return (self.cache is not None and self.cache.has(digest)) or self.backend.has(digest)
+
+    def get(self, digest: str) -> bytes:
+        """Verified bytes of ``digest``: from the cache if it holds a good copy.
+
+        A cached copy that fails verification is discarded and refetched, so
+        a torn or tampered cache file heals itself instead of blocking loads.
+        """
+        check_digest(digest)
+        if self.cache is not None:
+            try:
+                return verify(digest, self.cache.read(digest))
+            except BlobNotFound:
+                pass
+            except HotfleetError as exc:
+                log.warning("discarding corrupt cached blob: %s", exc)
+                self.cache.discard(digest)
+        data = verify(digest, self.backend.read(digest))
+        if self.cache is not None:
+            self.cache.write(digest, data)
+        return data

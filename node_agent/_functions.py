@@ -1,0 +1,138 @@
+"""Finding the live function objects that run a module's code.
+
+In-place patching needs every function object whose ``__code__`` belongs to a
+module: the ones bound in the module, the methods of its classes, and the raw
+functions hidden inside decorators (``__wrapped__``, ``staticmethod``,
+``property``, closures of hand-written wrappers).  A walk from the module
+namespace finds them without scanning the whole heap; only closures created at
+run time (``<locals>`` functions) need :func:`functions_by_code`, one ``gc``
+pass done in prepare, never in finish.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import types
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+FunctionType = types.FunctionType
+
+
+def unwrap_members(obj: Any) -> Iterator[Any]:
+    """Objects directly wrapped by ``obj`` (one level)."""
+    if isinstance(obj, (staticmethod, classmethod)):
+        yield obj.__func__
+    elif isinstance(obj, property):
+        yield from (f for f in (obj.fget, obj.fset, obj.fdel) if f is not None)
+    elif isinstance(obj, functools.partial | functools.cached_property):
+        yield obj.func
+    wrapped = getattr(obj, "__wrapped__", None) if not isinstance(obj, type) else None
+    if wrapped is not None:
+        yield wrapped
+    if isinstance(obj, FunctionType) and obj.__closure__:
+        for cell in obj.__closure__:
+            try:
+                content = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(content, FunctionType):
+                yield content
+    registry = getattr(obj, "registry", None)
+    if hasattr(obj, "dispatch") and isinstance(registry, types.MappingProxyType):
+        yield from registry.values()
+
+
+def raw_functions(obj: Any, module_globals: dict[str, Any]) -> Iterator[FunctionType]:
+    """Functions defined by the module's source reachable from one binding.
+
+    Follows decorator chains; stops at functions of other modules except to
+    look through them (a wrapper defined in a decorator library wraps ours).
+    """
+    stack = [obj]
+    seen: set[int] = set()
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, FunctionType) and cur.__globals__ is module_globals:
+            yield cur
+        stack.extend(unwrap_members(cur))
+
+
+def caches_of(obj: Any) -> Iterator[Any]:
+    """``cache_clear``-style callables of memoizing wrappers around ``obj``."""
+    stack, seen = [obj], set()
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        clear = getattr(cur, "cache_clear", None) or getattr(cur, "_clear_cache", None)
+        if callable(clear):
+            yield clear
+        stack.extend(unwrap_members(cur))
+
+
+def class_functions(cls: type, module_globals: dict[str, Any]) -> Iterator[FunctionType]:
+    """Every raw function defined in ``cls``'s body, nested classes included."""
+    for value in list(cls.__dict__.values()):
+        if isinstance(value, type) and value.__qualname__.startswith(cls.__qualname__ + "."):
+            yield from class_functions(value, module_globals)
+        else:
+            yield from raw_functions(value, module_globals)
+
+
+def module_functions(
+    module_globals: dict[str, Any], module_name: str
+) -> dict[str, list[FunctionType]]:
+    """``co_qualname -> functions`` for everything the module's namespace reaches."""
+    index: dict[str, list[FunctionType]] = {}
+    seen: set[int] = set()
+
+    def add(f: FunctionType) -> None:
+        if id(f) not in seen:
+            seen.add(id(f))
+            index.setdefault(f.__code__.co_qualname, []).append(f)
+
+    for value in list(module_globals.values()):
+        if isinstance(value, type):
+            if value.__module__ == module_name:
+                for f in class_functions(value, module_globals):
+                    add(f)
+        else:
+            for f in raw_functions(value, module_globals):
+                add(f)
+    return index
+
+
+def code_index(code: types.CodeType) -> dict[str, types.CodeType | None]:
+    """``co_qualname -> code`` for every code object nested in a compiled module.
+
+    A qualname that occurs twice (two lambdas, a conditional ``def``) maps to
+    ``None``: such code is never patched by name, only rebound by statement.
+    """
+    out: dict[str, types.CodeType | None] = {}
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        for const in c.co_consts:
+            if isinstance(const, types.CodeType):
+                out[const.co_qualname] = None if const.co_qualname in out else const
+                stack.append(const)
+    return out
+
+
+def functions_by_code(codes: Iterable[types.CodeType]) -> dict[types.CodeType, list[FunctionType]]:
+    """All live function objects running one of ``codes`` (one heap walk)."""
+    wanted = {c: [] for c in codes}  # type: dict[types.CodeType, list[FunctionType]]
+    if not wanted:
+        return wanted
+    for obj in gc.get_objects():
+        if type(obj) is FunctionType:
+            bucket = wanted.get(obj.__code__)
+            if bucket is not None:
+                bucket.append(obj)
+    return wanted

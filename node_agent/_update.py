@@ -1,0 +1,591 @@
+"""Planning the update of a module the process has already loaded.
+
+The old and new sources are compared statement by statement (AST, positions
+ignored) and every change is classified:
+
+* ``body``: a ``def`` (top level or method) whose decorators and closure shape
+  did not change.  Precomputed as :class:`SetCode` edits on the live function
+  objects, so identity, registries, wrappers and ``from m import f`` keep
+  working; memoizing wrappers are cleared.
+* ``statement``: a new or reshaped definition, a changed module statement, a
+  class whose layout changed.  Dry-run in prepare on a scratch copy of the
+  namespace (unless a decorator may have side effects) and executed for real
+  in finish, in the module's own namespace, behind the barrier.  A redefined
+  class is merged back into the old class object, so its identity survives.
+* ``removed``: names the new source no longer binds are unbound.
+* refusals (``incompatible_change``): a changed base class, metaclass or
+  ``__slots__``, changed enum members.
+
+Unchanged statements are never re-run, so module state survives.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import enum
+import gc
+import inspect
+import types
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotfleet.errors import ModuleError, Reason
+from node_agent import _functions as fx
+from node_agent._patch import MISSING, ClearCache, Op, SetClassAttr, SetCode
+from node_agent._staging import Stage
+
+# Decorators known to have no effect outside the object they wrap: a definition
+# using only these can be dry-run in prepare without anyone noticing.
+PURE_DECORATORS = frozenset(
+    {
+        "staticmethod",
+        "classmethod",
+        "property",
+        "abstractmethod",
+        "dataclass",
+        "total_ordering",
+        "unique",
+        "wraps",
+        "lru_cache",
+        "cache",
+        "cached_property",
+        "contextmanager",
+        "asynccontextmanager",
+        "singledispatch",
+        "singledispatchmethod",
+        "overload",
+        "final",
+        "override",
+        "setter",
+        "getter",
+        "deleter",
+    }
+)
+_CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__slots__"})
+
+
+def _dump(node: ast.AST) -> str:
+    return ast.dump(node, include_attributes=False)
+
+
+def _decorator_name(node: ast.expr) -> str:
+    if isinstance(node, ast.Call):
+        node = node.func
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Name):
+        return node.id
+    return ""
+
+
+def _is_pure(stmt: ast.stmt) -> bool:
+    """Can the statement run in prepare without effects visible to running code?"""
+    if isinstance(stmt, ast.Expr):
+        return isinstance(stmt.value, ast.Constant)
+    decorated: Iterable[ast.AST] = [stmt]
+    if isinstance(stmt, ast.ClassDef):
+        decorated = [
+            stmt,
+            *[
+                s
+                for s in ast.walk(stmt)
+                if isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            ],
+        ]
+    for node in decorated:
+        for dec in getattr(node, "decorator_list", []):
+            if _decorator_name(dec) not in PURE_DECORATORS:
+                return False
+    return True
+
+
+def bound_names(body: Iterable[ast.stmt]) -> set[str]:
+    """Names a block of statements binds at its own level (defs, assignments, imports)."""
+    names: set[str] = set()
+    for stmt in body:
+        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(stmt.name)
+        elif isinstance(stmt, ast.Import | ast.ImportFrom):
+            for alias in stmt.names:
+                if alias.name != "*":
+                    names.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(stmt, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for t in targets:
+                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def _defs(body: Iterable[ast.stmt]) -> dict[str, ast.stmt]:
+    return {
+        s.name: s
+        for s in body
+        if isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+    }
+
+
+def _slots(node: ast.ClassDef) -> str | None:
+    for stmt in node.body:
+        if isinstance(stmt, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__slots__" for t in stmt.targets
+        ):
+            return _dump(stmt.value)
+    return None
+
+
+def _header(node: ast.ClassDef) -> str:
+    return _dump(
+        ast.Tuple(elts=[*node.bases, *[k.value for k in node.keywords]], ctx=ast.Load())
+    ) + str([k.arg for k in node.keywords])
+
+
+def _signature_only_body_changed(old: ast.AST, new: ast.AST) -> bool:
+    """Same decorators and same kind of definition: the code object may be swapped."""
+    return (
+        type(old) is type(new)
+        and isinstance(new, ast.FunctionDef | ast.AsyncFunctionDef)
+        and isinstance(old, ast.FunctionDef | ast.AsyncFunctionDef)
+        and [_dump(d) for d in old.decorator_list] == [_dump(d) for d in new.decorator_list]
+    )
+
+
+class Refused(Exception):
+    """Internal: an update that cannot be planned; becomes a :class:`ModuleError`."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Statement:
+    """A statement executed for real during finish, in the module's namespace."""
+
+    code: types.CodeType
+    lineno: int
+    merge_class: type | None = None  # the live class a redefinition is merged into
+    name: str = ""
+
+
+@dataclass
+class ModulePlan:
+    """Everything finish needs to switch one loaded module."""
+
+    module: types.ModuleType
+    ops: list[Op] = field(default_factory=list)
+    statements: list[Statement] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)  # "kind name" lines, for the report
+    warnings: list[str] = field(default_factory=list)
+    replaced_codes: set[types.CodeType] = field(default_factory=set)
+    dry_classes: dict[str, type] = field(
+        default_factory=dict
+    )  # scratch versions of redefined classes
+    new_codes: dict[str, types.CodeType | None] = field(default_factory=dict)
+    clones: dict[str, types.FunctionType] = field(default_factory=dict)  # prepare-time stand-ins
+
+
+def _eval_defaults(
+    node: ast.FunctionDef | ast.AsyncFunctionDef, g: dict[str, Any], filename: str
+) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
+    """Evaluate a def's default expressions against the live module globals (read only)."""
+    args = node.args
+    defaults = None
+    if args.defaults:
+        expr = ast.Expression(ast.Tuple(elts=list(args.defaults), ctx=ast.Load()))
+        defaults = eval(compile(ast.fix_missing_locations(expr), filename, "eval"), g)
+    kw = {a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None}
+    kwdefaults = None
+    if kw:
+        expr = ast.Expression(
+            ast.Dict(keys=[ast.Constant(k) for k in kw], values=list(kw.values()))
+        )
+        kwdefaults = eval(compile(ast.fix_missing_locations(expr), filename, "eval"), g)
+    return defaults, kwdefaults
+
+
+def _docstring(node: ast.AST) -> Any:
+    return (
+        ast.get_docstring(node, clean=False)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        else None
+    )
+
+
+class ModulePlanner:
+    """Builds the :class:`ModulePlan` of one loaded module."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        module: types.ModuleType,
+        old_source: bytes,
+        new_source: bytes,
+        filename: str,
+        new_code: types.CodeType,
+    ) -> None:
+        self.stage = stage
+        self.module = module
+        self.g: dict[str, Any] = module.__dict__
+        self.filename = filename
+        self.old_tree = ast.parse(old_source, filename)
+        self.new_tree = ast.parse(new_source, filename)
+        self.plan = ModulePlan(module, new_codes=fx.code_index(new_code))
+        self.index = fx.module_functions(self.g, module.__name__)
+        # the scratch namespace for dry runs: what staged code sees as this module
+        self.ns: dict[str, Any] = dict(self.g)
+        self.ns["__builtins__"] = stage.builtins
+        stage.view(module, self.ns)
+        self._nested: dict[types.CodeType, types.CodeType | None] = {}
+
+    # ---------------------------------------------------------------- public
+    def build(self) -> ModulePlan:
+        old_defs = _defs(self.old_tree.body)
+        old_stmts: dict[str, int] = {}
+        for s in self.old_tree.body:
+            if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                old_stmts[_dump(s)] = old_stmts.get(_dump(s), 0) + 1
+        for stmt in self.new_tree.body:
+            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                old = old_defs.get(stmt.name)
+                if old is not None and _dump(old) == _dump(stmt):
+                    continue
+                self._plan_definition(stmt, old)
+            else:
+                key = _dump(stmt)
+                if old_stmts.get(key):
+                    old_stmts[key] -= 1
+                    continue
+                self._statement(stmt, "statement")
+        removed = bound_names(self.old_tree.body) - bound_names(self.new_tree.body)
+        self.plan.removed = sorted(n for n in removed if n in self.g)
+        self.plan.changes.extend(f"removed {n}" for n in self.plan.removed)
+        self._patch_closures()
+        self.stage.unview(self.ns)
+        return self.plan
+
+    # ------------------------------------------------------------- internals
+    def _statement(self, stmt: ast.stmt, kind: str, merge_class: type | None = None) -> None:
+        """Dry-run ``stmt`` on the scratch namespace (if pure) and schedule it for finish."""
+        module_ast = ast.Module(body=[stmt], type_ignores=[])
+        code = compile(module_ast, self.filename, "exec", dont_inherit=True)
+        name = getattr(stmt, "name", "")
+        if _is_pure(stmt):
+            try:
+                exec(code, self.ns)
+            except Exception as exc:
+                raise Refused(
+                    Reason.IMPORT_ERROR, f"line {stmt.lineno}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if merge_class is not None:
+                self.plan.dry_classes[name] = self.ns[name]
+        else:
+            self.plan.warnings.append(
+                f"{self.module.__name__}:{stmt.lineno}: statement has decorators or calls with possible "
+                "side effects; it is not dry-run and runs once, during finish"
+            )
+        self.plan.statements.append(Statement(code, stmt.lineno, merge_class, name))
+        self.plan.changes.append(f"{kind} {name or f'line {stmt.lineno}'}")
+
+    def _plan_definition(self, stmt: ast.stmt, old: ast.stmt | None) -> None:
+        assert isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        live = self.g.get(stmt.name, MISSING)
+        if (
+            isinstance(stmt, ast.ClassDef)
+            and isinstance(old, ast.ClassDef)
+            and isinstance(live, type)
+            and live.__module__ == self.module.__name__
+        ):
+            self._plan_class(stmt, old, live)
+        elif (
+            old is not None
+            and _signature_only_body_changed(old, stmt)
+            and self.index.get(stmt.name)
+        ):
+            assert isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
+            self._swap_code(stmt, stmt.name, self.index[stmt.name], live)
+            self.plan.changes.append(f"body {stmt.name}")
+        else:
+            self._statement(stmt, "new" if old is None else "redefined")
+
+    def _swap_code(
+        self,
+        node: ast.FunctionDef | ast.AsyncFunctionDef,
+        qualname: str,
+        funcs: list[types.FunctionType],
+        holder: Any,
+    ) -> None:
+        new = self.plan.new_codes.get(qualname)
+        if new is None:
+            raise Refused(
+                Reason.INCOMPATIBLE_CHANGE,
+                f"{qualname}: defined more than once; cannot tell which to patch",
+            )
+        try:
+            defaults, kwdefaults = _eval_defaults(node, self.g, self.filename)
+        except Exception as exc:
+            raise Refused(
+                Reason.IMPORT_ERROR, f"{qualname}: default value raised {type(exc).__name__}: {exc}"
+            ) from exc
+        for f in funcs:
+            if f.__code__.co_freevars != new.co_freevars:
+                raise Refused(
+                    Reason.INCOMPATIBLE_CHANGE,
+                    f"{qualname}: closure shape changed {f.__code__.co_freevars} -> {new.co_freevars}",
+                )
+            self._remember_nested(f.__code__)
+            self.plan.replaced_codes.add(f.__code__)
+            self.plan.ops.append(SetCode(f, new, defaults, kwdefaults, _docstring(node)))
+        if holder is not MISSING:
+            self.plan.ops.extend(ClearCache(c) for c in fx.caches_of(holder))
+        if self.ns.get(qualname) is holder and holder in funcs:
+            # staged code calling this function during prepare must run the new body
+            clone = types.FunctionType(new, self.g, holder.__name__, defaults, holder.__closure__)
+            clone.__kwdefaults__ = kwdefaults
+            self.ns[qualname] = clone
+            self.plan.clones[qualname] = clone
+
+    def _remember_nested(self, code: types.CodeType) -> None:
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                self._nested[const] = self.plan.new_codes.get(const.co_qualname)
+                self._remember_nested(const)
+
+    def _patch_closures(self) -> None:
+        """Closures created at run time by patched functions get the new body too."""
+        if not self._nested:
+            return
+        for old, funcs in fx.functions_by_code(self._nested).items():
+            new = self._nested[old]
+            self.plan.replaced_codes.add(old)
+            for f in funcs:
+                if new is not None and new.co_freevars == old.co_freevars:
+                    self.plan.ops.append(SetCode(f, new, f.__defaults__, f.__kwdefaults__))
+                else:
+                    self.plan.warnings.append(
+                        f"{old.co_qualname}: a live closure keeps its old code "
+                        f"({'removed' if new is None else 'closure shape changed'}); "
+                        "new calls of the enclosing function create new-code closures"
+                    )
+
+    def _plan_class(self, node: ast.ClassDef, old: ast.ClassDef, cls: type) -> None:
+        qual = cls.__qualname__
+        if _header(node) != _header(old):
+            raise Refused(
+                Reason.INCOMPATIBLE_CHANGE, f"class {qual}: base classes or metaclass changed"
+            )
+        if _slots(node) != _slots(old):
+            raise Refused(
+                Reason.INCOMPATIBLE_CHANGE,
+                f"class {qual}: __slots__ changed (instance layout cannot change in place)",
+            )
+        if [_dump(d) for d in node.decorator_list] == [
+            _dump(d) for d in old.decorator_list
+        ] and self._bodies_only(node, old, cls):
+            return
+        self._statement(node, "class", merge_class=cls)
+        dry = self.plan.dry_classes.get(node.name)
+        if dry is not None and isinstance(cls, enum.EnumMeta):
+            before = [(m.name, m.value) for m in cls]  # type: ignore[var-annotated]
+            after = [(m.name, m.value) for m in dry]  # type: ignore[attr-defined]
+            if before != after:
+                raise Refused(
+                    Reason.INCOMPATIBLE_CHANGE, f"enum {qual}: members changed {before} -> {after}"
+                )
+
+    def _bodies_only(self, node: ast.ClassDef, old: ast.ClassDef, cls: type) -> bool:
+        """Patch methods in place when nothing but method bodies changed."""
+        new_keys = [
+            (_dump(s) if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef) else s.name)
+            for s in node.body
+        ]
+        old_keys = [
+            (_dump(s) if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef) else s.name)
+            for s in old.body
+        ]
+        if new_keys != old_keys:
+            return False
+        old_defs = _defs(old.body)
+        swaps = []
+        for stmt in node.body:
+            if not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            before = old_defs[stmt.name]
+            if _dump(before) == _dump(stmt):
+                continue
+            qualname = f"{cls.__qualname__}.{stmt.name}"
+            funcs = [
+                f for f in fx.class_functions(cls, self.g) if f.__code__.co_qualname == qualname
+            ]
+            new = self.plan.new_codes.get(qualname)
+            if not (
+                _signature_only_body_changed(before, stmt) and funcs and new is not None
+            ) or any(f.__code__.co_freevars != new.co_freevars for f in funcs):
+                return False
+            swaps.append((stmt, qualname, funcs))
+        for stmt, qualname, funcs in swaps:
+            self._swap_code(stmt, qualname, funcs, cls.__dict__.get(stmt.name, MISSING))
+            self.plan.changes.append(f"body {qualname}")
+        return True
+
+
+# ---------------------------------------------------------------- finish side
+class _LazyDefault:
+    """Class-level default for a dataclass field added by an upgrade.
+
+    Instances created before the upgrade lack the field; reading it computes
+    the default once and stores it on the instance, like ``__init__`` would
+    have.  New instances set the field in ``__init__`` and never reach this.
+    """
+
+    def __init__(self, name: str, factory: Any) -> None:
+        self.name = name
+        self.factory = factory
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = self.factory()
+        obj.__dict__[self.name] = value
+        return value
+
+
+def merge_class(old: type, new: type, ops_out: list[Op]) -> None:
+    """Turn ``old`` into ``new`` member by member; ``old`` keeps its identity.
+
+    Functions that exist in both with the same closure shape keep their object
+    (only the code moves); everything else is set on ``old``, with the implicit
+    ``__class__`` cell of new methods pointed at ``old`` so ``super()`` works.
+    """
+    g_funcs = {f.__code__.co_qualname: f for f in _all_functions(old)}
+    is_enum = isinstance(old, enum.EnumMeta)
+    members = set(old.__members__) if is_enum else set()  # type: ignore[attr-defined]
+    for name, value in list(new.__dict__.items()):
+        if name in _CLASS_SKIP or name in members or (is_enum and not _is_callable_member(value)):
+            continue
+        current = old.__dict__.get(name, MISSING)
+        if (
+            isinstance(value, type)
+            and isinstance(current, type)
+            and value.__qualname__ == current.__qualname__
+        ):
+            merge_class(current, value, ops_out)
+            continue
+        if _same_shape(current, value, g_funcs, ops_out):
+            continue
+        for f in _all_functions_of(value):
+            _retarget_class_cell(f, new, old)
+        ops_out.append(SetClassAttr(old, name, value))
+    for name in list(old.__dict__):
+        if (
+            name not in new.__dict__
+            and name not in _CLASS_SKIP
+            and name not in members
+            and not _is_runtime_attr(old, name)
+        ):
+            ops_out.append(SetClassAttr(old, name, MISSING))
+    _add_field_defaults(old, new, ops_out)
+
+
+def _is_callable_member(value: Any) -> bool:
+    return isinstance(value, types.FunctionType | staticmethod | classmethod | property)
+
+
+def _is_runtime_attr(cls: type, name: str) -> bool:
+    # keep caches and registries the class or its metaclass attached at run time
+    return name.startswith("_abc_") or name in {"__abstractmethods__", "__parameters__"}
+
+
+def _all_functions_of(value: Any) -> Iterator[types.FunctionType]:
+    stack, seen = [value], set()
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, types.FunctionType):
+            yield cur
+        stack.extend(fx.unwrap_members(cur))
+
+
+def _all_functions(cls: type) -> Iterator[types.FunctionType]:
+    for value in list(cls.__dict__.values()):
+        if not isinstance(value, type):
+            yield from _all_functions_of(value)
+
+
+def _same_shape(
+    current: Any, value: Any, old_funcs: dict[str, types.FunctionType], ops_out: list[Op]
+) -> bool:
+    """Patch code into the existing member when both wrap the same functions."""
+    if current is MISSING or type(current) is not type(value):
+        return False
+    new_funcs = list(_all_functions_of(value))
+    if not new_funcs:
+        return False
+    pairs = []
+    for f in new_funcs:
+        target = old_funcs.get(f.__code__.co_qualname)
+        if target is None or target.__code__.co_freevars != f.__code__.co_freevars:
+            return False
+        pairs.append((target, f))
+    for target, f in pairs:
+        if target.__code__ is not f.__code__:
+            ops_out.append(SetCode(target, f.__code__, f.__defaults__, f.__kwdefaults__, f.__doc__))
+    ops_out.extend(ClearCache(c) for c in fx.caches_of(current))
+    return True
+
+
+def _retarget_class_cell(f: types.FunctionType, new: type, old: type) -> None:
+    if f.__closure__ and "__class__" in f.__code__.co_freevars:
+        cell = f.__closure__[f.__code__.co_freevars.index("__class__")]
+        if cell.cell_contents is new:
+            cell.cell_contents = old
+
+
+def _add_field_defaults(old: type, new: type, ops_out: list[Op]) -> None:
+    old_fields = getattr(old, "__dataclass_fields__", None)
+    new_fields = getattr(new, "__dataclass_fields__", None)
+    if not (old_fields and new_fields):
+        return
+    for name, f in new_fields.items():
+        if name in old_fields:
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            ops_out.append(SetClassAttr(old, name, _LazyDefault(name, f.default_factory)))
+
+
+def clone_for_dry_run(obj: Any) -> Any:
+    """A throwaway twin of a registered object, so a migration can be tried."""
+    twin = copy.copy(obj)
+    return twin
+
+
+def live_generators(codes: set[types.CodeType]) -> list[str]:
+    """Describe suspended generators/coroutines whose frame runs one of ``codes``."""
+    found: list[str] = []
+    if not codes:
+        return found
+    for obj in gc.get_objects():
+        if inspect.isgenerator(obj) or inspect.iscoroutine(obj) or inspect.isasyncgen(obj):
+            code = (
+                getattr(obj, "gi_code", None)
+                or getattr(obj, "cr_code", None)
+                or getattr(obj, "ag_code", None)
+            )
+            frame = (
+                getattr(obj, "gi_frame", None)
+                or getattr(obj, "cr_frame", None)
+                or getattr(obj, "ag_frame", None)
+            )
+            if code in codes and frame is not None:
+                found.append(f"{code.co_qualname} ({type(obj).__name__} at line {frame.f_lineno})")
+    return found
+
+
+def describe(module: str, exc: Refused) -> ModuleError:
+    return ModuleError(module, exc.reason, exc.detail)

@@ -1,0 +1,892 @@
+"""The two-phase loader: OTP's ``prepare_loading``/``finish_loading`` for Python.
+
+``prepare`` does every expensive and fallible thing (verify, compile, diff,
+stage new modules, dry-run migrations, purge check) without touching what
+running code can see.  ``finish`` applies the precomputed edits behind the
+drain barrier, so guarded work sees the whole release switch at once; the
+edits' inverses are the in-memory backup, which makes ``rollback`` cost one
+finish.  At most two versions exist: current and the backup.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import importlib.machinery
+import os
+import sys
+import threading
+import time
+import traceback
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hotfleet.errors import ModuleError, Reason
+from hotfleet.imports import load_order, release_dependencies, scan_imports
+from hotfleet.release import ModuleSource, Release
+from node_agent import stateful
+from node_agent._patch import MISSING, InstallModule, Op, SetCode, SetItem, SetState, undo
+from node_agent._staging import Stage
+from node_agent._update import (
+    ModulePlan,
+    ModulePlanner,
+    Refused,
+    clone_for_dry_run,
+    live_generators,
+    merge_class,
+)
+from node_agent.drain import DrainBarrier
+from node_agent.errors import FinishError, LoaderStateError, PrepareError
+
+_OWN_PACKAGES = frozenset({"hotfleet", "node_agent", "coordinator"})
+
+
+class ModuleState(enum.StrEnum):
+    NOT_LOADED = "not_loaded"
+    LOADED = "loaded"
+    MODIFIED = "modified"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class ModuleStatus:
+    """What :meth:`Loader.status` says of one module, compared by digest, never mtime."""
+
+    module: str
+    state: ModuleState
+    release: str  # "name@version" of the release that loaded it, "" for the boot code
+    loaded_digest: str
+    disk_digest: str
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    name: str
+    version: str
+    digest: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def of(cls, release: Release) -> ReleaseInfo:
+        return cls(release.name, release.version, release.digest)
+
+
+@dataclass(frozen=True)
+class ModuleChange:
+    """How prepare classified one module of the release."""
+
+    module: str
+    kind: str  # "new" | "updated" | "unchanged"
+    details: tuple[str, ...] = ()
+
+
+class PreparedState(enum.StrEnum):
+    PREPARED = "prepared"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class FinishReport:
+    """What a finish or rollback did; ``pause_s`` is how long guarded work was held."""
+
+    release: ReleaseInfo | None
+    pause_s: float
+    drained: bool
+    still_in_flight: int
+    migrated: int
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class _Migration:
+    obj: Any
+    module: str
+    extra: Any
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """``holder.<local>`` was bound by ``from <module> import <attr>``."""
+
+    holder: dict[str, Any]
+    local: str
+
+
+@dataclass
+class Prepared:
+    """A release staged by :meth:`Loader.prepare`, ready to finish or abort."""
+
+    release: Release
+    order: list[tuple[str, ...]]
+    changes: list[ModuleChange]
+    warnings: list[str]
+    prepare_s: float
+    state: PreparedState = PreparedState.PREPARED
+    report: FinishReport | None = None
+    _generation: int = 0
+    _stage: Stage | None = None
+    _installs: list[InstallModule] = field(default_factory=list)
+    _plans: list[ModulePlan] = field(default_factory=list)
+    _migrations: list[_Migration] = field(default_factory=list)
+    _bindings: dict[tuple[str, str], list[_Binding]] = field(default_factory=dict)
+    _dry_values: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Backup:
+    """The previous version, in memory: the journal that undoes the last switch."""
+
+    journal: list[Op]
+    restores: ReleaseInfo | None
+    leaves: ReleaseInfo | None
+    migrations: list[_Migration]
+    loaded: dict[str, tuple[str, bytes, str]]
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Loader:
+    """Loads whole releases into this process, atomically and reversibly.
+
+    ``code_paths`` are the directories the node's application code lives in;
+    only modules under them can be replaced (everything else is *sticky*), and
+    :meth:`make_permanent` writes the current release into the first one so a
+    restarted worker boots into it.
+    """
+
+    def __init__(
+        self,
+        code_paths: Sequence[str | os.PathLike[str]],
+        *,
+        barrier: DrainBarrier | None = None,
+        drain_timeout: float = 5.0,
+    ) -> None:
+        if not code_paths:
+            raise ValueError("Loader needs at least one code path")
+        self.code_paths = [Path(p).resolve() for p in code_paths]
+        self.barrier = barrier or DrainBarrier()
+        self.drain_timeout = drain_timeout
+        self._lock = threading.RLock()
+        self._generation = 0
+        self._pending: Prepared | None = None
+        self._backup: _Backup | None = None
+        self._old_codes: set[types.CodeType] = set()
+        # module -> (digest, source, release label) of what is loaded
+        self._loaded: dict[str, tuple[str, bytes, str]] = {}
+        self.current_release: ReleaseInfo | None = None
+        self.permanent_release: ReleaseInfo | None = None
+        for name, module in list(sys.modules.items()):
+            if self._file_under_code_path(module) is not None:
+                self._baseline(name, module)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def previous_release(self) -> ReleaseInfo | None:
+        """The release :meth:`rollback` returns to, if a backup is held."""
+        return self._backup.restores if self._backup else None
+
+    @property
+    def can_rollback(self) -> bool:
+        return self._backup is not None
+
+    def guard(self) -> Any:
+        """Context manager marking guarded work (see :class:`DrainBarrier`)."""
+        return self.barrier.guard()
+
+    # ---------------------------------------------------------------- prepare
+    def prepare(self, release: Release, *, force: bool = False) -> Prepared:
+        """Validate and stage ``release``; raise :class:`PrepareError` listing every problem.
+
+        ``force`` skips the soft-purge check: threads still running the old
+        version keep running it, and its backup is dropped.
+        """
+        with self._lock:
+            started = time.perf_counter()
+            if self._pending is not None:
+                self._drop(self._pending)
+            errors = self._validate(release)
+            if errors:
+                raise PrepareError(errors)
+            if not force:
+                errors = self._purge_check()
+                if errors:
+                    raise PrepareError(errors)
+            prepared = self._stage(release)
+            prepared.prepare_s = time.perf_counter() - started
+            self._pending = prepared
+            return prepared
+
+    def _validate(self, release: Release) -> list[ModuleError]:
+        errors = list(release.problems)
+        seen: dict[str, ModuleSource] = {}
+        for ms in release.modules:
+            if ms.name in seen:
+                errors.append(
+                    ModuleError(
+                        ms.name,
+                        Reason.DUPLICATED,
+                        f"both {seen[ms.name].path} and {ms.path} define it",
+                    )
+                )
+                continue
+            seen[ms.name] = ms
+            if ms.digest != ms.actual_digest:
+                errors.append(
+                    ModuleError(
+                        ms.name,
+                        Reason.DIGEST_MISMATCH,
+                        f"{ms.path}: expected sha256 {ms.digest}, content is {ms.actual_digest}",
+                    )
+                )
+                continue
+            try:
+                compile(ms.source, self._filename(ms), "exec", dont_inherit=True)
+            except (SyntaxError, ValueError) as exc:
+                line = getattr(exc, "lineno", None)
+                errors.append(
+                    ModuleError(
+                        ms.name,
+                        Reason.BADFILE,
+                        f"{ms.path}{f' line {line}' if line else ''}: {getattr(exc, 'msg', exc)}",
+                    )
+                )
+                continue
+            sticky = self._sticky_reason(ms.name)
+            if sticky:
+                errors.append(ModuleError(ms.name, Reason.STICKY, sticky))
+        if errors:
+            return errors
+        for ms in release.modules:
+            errors.extend(self._missing_dependencies(ms, release))
+        return errors
+
+    def _sticky_reason(self, name: str) -> str:
+        top = name.partition(".")[0]
+        if name == "__main__":
+            return "__main__ cannot be replaced"
+        if top in _OWN_PACKAGES:
+            return "hotfleet's own code cannot be hot-loaded"
+        if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+            return f"{top} is a standard library module"
+        module = sys.modules.get(name)
+        if module is not None:
+            if getattr(module, "__hotfleet_sticky__", False):
+                return "the module opted out (__hotfleet_sticky__ = True)"
+            file = getattr(module, "__file__", None)
+            if not file:
+                return "built-in or namespace module without source"
+            if not file.endswith(".py"):
+                return f"C extension or compiled module ({file})"
+            if self._file_under_code_path(module) is None:
+                return f"loaded from {file}, outside the node's code paths"
+            return ""
+        if "." not in name:
+            spec = importlib.machinery.PathFinder.find_spec(
+                name, [p for p in sys.path if p and Path(p).resolve() not in self.code_paths]
+            )
+            if spec is not None and spec.origin and "site-packages" in spec.origin:
+                return f"would shadow the installed package at {spec.origin}"
+        return ""
+
+    def _missing_dependencies(self, ms: ModuleSource, release: Release) -> list[ModuleError]:
+        info = scan_imports(ms.name, ms.source, is_package=ms.is_package)
+        names = set(release.module_names())
+        out = []
+        for dep in sorted(set(info.required) | set(ms.depends)):
+            if dep in names or dep in sys.modules or self._importable(dep, names):
+                continue
+            why = "declared in depends" if dep in ms.depends else "imported at module level"
+            out.append(
+                ModuleError(
+                    ms.name,
+                    Reason.MISSING_DEPENDENCY,
+                    f"{dep} ({why}) is neither in the release nor importable on this node",
+                )
+            )
+        return out
+
+    def _importable(self, name: str, release_names: set[str]) -> bool:
+        parent, _, _ = name.rpartition(".")
+        if not parent:
+            return (
+                name in sys.builtin_module_names
+                or importlib.machinery.PathFinder.find_spec(
+                    name, [*map(str, self.code_paths), *sys.path]
+                )
+                is not None
+            )
+        if parent in release_names:
+            return False
+        pkg = sys.modules.get(parent)
+        path = getattr(pkg, "__path__", None)
+        if path is None:
+            return self._importable(parent, release_names)
+        return importlib.machinery.PathFinder.find_spec(name, list(path)) is not None
+
+    def _purge_check(self) -> list[ModuleError]:
+        """Soft purge: refuse while any thread or generator still runs the old version."""
+        if not self._old_codes:
+            return []
+        errors = []
+        me = threading.get_ident()
+        names = {t.ident: t.name for t in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            f: types.FrameType | None = frame
+            while f is not None:
+                if f.f_code in self._old_codes and ident != me:
+                    errors.append(
+                        ModuleError(
+                            f.f_globals.get("__name__", "?"),
+                            Reason.NOT_PURGED,
+                            f"thread {names.get(ident, ident)!r} is still executing the old {f.f_code.co_qualname} "
+                            f"(line {f.f_lineno}); retry when it returns, or force",
+                        )
+                    )
+                    break
+                f = f.f_back
+        for desc in live_generators(self._old_codes):
+            errors.append(
+                ModuleError(
+                    "?",
+                    Reason.NOT_PURGED,
+                    f"a suspended {desc} still runs the old version; close it, or force",
+                )
+            )
+        return errors
+
+    def _stage(self, release: Release) -> Prepared:
+        stage = Stage()
+        deps = release_dependencies(release)
+        order = load_order(deps)
+        by_name = {ms.name: ms for ms in release.modules}
+        changes: list[ModuleChange] = []
+        warnings: list[str] = []
+        errors: list[ModuleError] = []
+        planners: dict[str, ModulePlanner] = {}
+        installs: list[InstallModule] = []
+        new_modules: dict[str, types.ModuleType] = {}
+        try:
+            for unit in order:
+                for name in unit:
+                    ms = by_name[name]
+                    module = sys.modules.get(name)
+                    if module is None:
+                        new_modules[name] = self._stage_new(stage, ms, errors)
+                        continue
+                    old_digest, old_source, _ = self._baseline(name, module)
+                    if old_digest == ms.actual_digest:
+                        changes.append(ModuleChange(name, "unchanged"))
+                        continue
+                    code = compile(ms.source, self._filename(ms, module), "exec", dont_inherit=True)
+                    planners[name] = ModulePlanner(
+                        stage, module, old_source, ms.source, self._filename(ms, module), code
+                    )
+            for unit in order:
+                for name in unit:
+                    if name in planners:
+                        try:
+                            plan = planners[name].build()
+                        except Refused as exc:
+                            errors.append(ModuleError(name, exc.reason, exc.detail))
+                            continue
+                        changes.append(ModuleChange(name, "updated", tuple(plan.changes)))
+                        warnings.extend(plan.warnings)
+                    elif name in new_modules:
+                        self._run_staged(stage, name, errors)
+                        changes.append(ModuleChange(name, "new"))
+                        installs.append(InstallModule(name, new_modules[name]))
+            plans = [planners[n].plan for unit in order for n in unit if n in planners]
+            replaced = {c for p in plans for c in p.replaced_codes}
+            warnings.extend(
+                f"{g} keeps running its old code until it finishes"
+                for g in live_generators(replaced)
+            )
+            migrations = self._dry_run_migrations(release, plans, errors) if not errors else []
+        finally:
+            stage.active = False  # staged code imports normally from now on
+        for m in new_modules.values():
+            stage.unview(m.__dict__)
+        if errors:
+            stage.close()
+            raise PrepareError(errors)
+        self._generation += 1
+        prepared = Prepared(
+            release,
+            order,
+            changes,
+            warnings,
+            0.0,
+            _generation=self._generation,
+            _stage=stage,
+            _installs=installs,
+            _plans=plans,
+            _migrations=migrations,
+        )
+        prepared._bindings = self._from_bindings(release, plans, new_modules)
+        for plan in plans:
+            ns = planners[plan.module.__name__].ns
+            for key in [st.name for st in plan.statements if st.name in ns] + list(plan.clones):
+                prepared._dry_values[(plan.module.__name__, key)] = ns[key]
+        return prepared
+
+    def _stage_new(
+        self, stage: Stage, ms: ModuleSource, errors: list[ModuleError]
+    ) -> types.ModuleType:
+        filename = self._filename(ms)
+        search = [str(p.joinpath(*ms.name.split("."))) for p in self.code_paths]
+        module = stage.new_module(ms.name, filename, ms.source, ms.is_package, search)
+        code = compile(ms.source, filename, "exec", dont_inherit=True)
+
+        def run() -> None:
+            try:
+                exec(code, module.__dict__)
+            except BaseException as exc:
+                tb = traceback.extract_tb(exc.__traceback__)
+                where = next(
+                    (f"line {fr.lineno}" for fr in reversed(tb) if fr.filename == filename), ""
+                )
+                errors.append(
+                    ModuleError(
+                        ms.name,
+                        Reason.IMPORT_ERROR,
+                        f"{ms.path} {where}: {type(exc).__name__}: {exc}".replace("  ", " "),
+                    )
+                )
+                if not isinstance(exc, Exception):
+                    raise
+
+        stage.pending[ms.name] = run
+        return module
+
+    @staticmethod
+    def _run_staged(stage: Stage, name: str, errors: list[ModuleError]) -> None:
+        run = stage.pending.pop(name, None)
+        if run is not None:
+            run()
+
+    def _dry_run_migrations(
+        self, release: Release, plans: list[ModulePlan], errors: list[ModuleError]
+    ) -> list[_Migration]:
+        """Try every state migration on a copy of the live state, touching nothing."""
+        updated = {p.module.__name__: p for p in plans}
+        old_vsn = self.current_release.version if self.current_release else None
+        migrations = []
+        for obj in stateful.registered():
+            cls = type(obj)
+            plan = updated.get(cls.__module__)
+            ms = release.get(cls.__module__)
+            if plan is None or ms is None or ms.instruction != "update":
+                continue
+            new_cls = plan.dry_classes.get(cls.__qualname__, cls)
+            fn = self._new_code_change(cls, new_cls, plan)
+            if fn is None:
+                continue
+            migrations.append(_Migration(obj, cls.__module__, ms.extra))
+            try:
+                state = _copy_state(obj)
+                result = fn(clone_for_dry_run(obj), old_vsn, state, ms.extra)
+                if not isinstance(result, dict):
+                    raise TypeError(
+                        f"code_change returned {type(result).__name__}, expected a dict of the new state"
+                    )
+            except Exception as exc:
+                errors.append(
+                    ModuleError(
+                        cls.__module__,
+                        Reason.CODE_CHANGE_FAILED,
+                        f"{cls.__qualname__}.code_change({old_vsn!r}) raised {type(exc).__name__}: {exc} (dry run on a copy of the live state)",
+                    )
+                )
+        return migrations
+
+    @staticmethod
+    def _new_code_change(cls: type, new_cls: type, plan: ModulePlan) -> Any:
+        """The *new* version's ``code_change``, callable before finish installs it."""
+        if new_cls is not cls:
+            return getattr(new_cls, "code_change", None)
+        current = getattr(cls, "code_change", None)
+        for op in plan.ops:
+            if isinstance(op, SetCode) and op.func is current:
+                f = types.FunctionType(
+                    op.code, current.__globals__, current.__name__, op.defaults, current.__closure__
+                )
+                f.__kwdefaults__ = op.kwdefaults
+                return f
+        return current
+
+    def _from_bindings(
+        self, release: Release, plans: list[ModulePlan], new_modules: dict[str, types.ModuleType]
+    ) -> dict[tuple[str, str], list[_Binding]]:
+        """Who bound names of the updated modules with ``from m import x``."""
+        targets = {p.module.__name__ for p in plans}
+        out: dict[tuple[str, str], list[_Binding]] = {}
+        if not targets:
+            return out
+        holders: list[tuple[str, bytes, bool, dict[str, Any]]] = []
+        for name, (_, source, _) in list(self._loaded.items()):
+            module = sys.modules.get(name)
+            if module is not None:
+                ms = release.get(name)
+                holders.append(
+                    (
+                        name,
+                        ms.source if ms else source,
+                        hasattr(module, "__path__"),
+                        module.__dict__,
+                    )
+                )
+        for name, module in new_modules.items():
+            ms = release.get(name)
+            assert ms is not None
+            holders.append((name, ms.source, ms.is_package, module.__dict__))
+        for name, source, is_pkg, holder in holders:
+            try:
+                info = scan_imports(name, source, is_package=is_pkg)
+            except SyntaxError:
+                continue
+            for b in info.from_bindings:
+                if b.module in targets:
+                    out.setdefault((b.module, b.attr), []).append(_Binding(holder, b.local))
+        return out
+
+    # ----------------------------------------------------------------- finish
+    def finish(self, prepared: Prepared) -> FinishReport:
+        """Switch every module of ``prepared`` at once; idempotent.
+
+        Raises :class:`FinishError` only if a state migration (or a statement
+        that could not be dry-run) raises: the previous version is then
+        restored before the barrier reopens.
+        """
+        with self._lock:
+            if prepared.state is PreparedState.FINISHED and prepared.report is not None:
+                return prepared.report
+            self._check_current(prepared)
+            journal: list[Op] = []
+            with self.barrier.hold(self.drain_timeout) as hold:
+                t0 = time.perf_counter()
+                try:
+                    self._switch(prepared, journal)
+                    migrated = self._migrate(
+                        prepared._migrations, self._vsn(), journal, prepared.release
+                    )
+                except _MigrationFailed as failed:
+                    undo(journal)
+                    raise FinishError(failed.errors, restored=True) from None
+                except Exception as exc:
+                    undo(journal)
+                    raise FinishError(
+                        [
+                            ModuleError(
+                                _culprit(exc),
+                                Reason.IMPORT_ERROR,
+                                f"raised during finish, previous version restored: {type(exc).__name__}: {exc}",
+                            )
+                        ],
+                        restored=True,
+                    ) from None
+                pause = time.perf_counter() - t0
+            assert prepared._stage is not None
+            prepared._stage.close()
+            journal.reverse()
+            self._commit(prepared, journal)
+            report = FinishReport(
+                ReleaseInfo.of(prepared.release),
+                pause,
+                hold.drained,
+                hold.still_in_flight,
+                migrated,
+                tuple(prepared.warnings),
+            )
+            prepared.report = report
+            return report
+
+    def _check_current(self, prepared: Prepared) -> None:
+        if (
+            prepared.state is PreparedState.ABORTED
+            or prepared._generation != self._generation
+            or self._pending is not prepared
+        ):
+            raise LoaderStateError(
+                [
+                    ModuleError(
+                        "*",
+                        Reason.BAD_RELEASE,
+                        f"prepared {prepared.release.name}@{prepared.release.version} is {prepared.state.value} or superseded; prepare again",
+                    )
+                ]
+            )
+
+    def _switch(self, prepared: Prepared, journal: list[Op]) -> None:
+        """The swap itself: only precomputed edits and statements already dry-run."""
+        for install in prepared._installs:
+            journal.append(install.apply())
+        changed: list[tuple[str, str, Any]] = []
+        for plan in prepared._plans:
+            for op in plan.ops:
+                journal.append(op.apply())
+            g = plan.module.__dict__
+            for st in plan.statements:
+                before = dict(g)
+                exec(st.code, g)
+                if st.merge_class is not None:
+                    fresh = g[st.name]
+                    g[st.name] = st.merge_class
+                    merge_ops: list[Op] = []
+                    merge_class(st.merge_class, fresh, merge_ops)
+                    journal.extend(op.apply() for op in merge_ops)
+                for k, v in g.items():
+                    old = before.get(k, MISSING)
+                    if old is not v:
+                        journal.append(SetItem(g, k, old))
+                        changed.append((plan.module.__name__, k, old))
+                for k in before.keys() - g.keys():
+                    journal.append(SetItem(g, k, before[k]))
+            for name in plan.removed:
+                old = g.get(name, MISSING)
+                journal.append(SetItem(g, name, MISSING).apply())
+                changed.append((plan.module.__name__, name, old))
+        stale: dict[tuple[str, str], list[Any]] = {k: [v] for k, v in prepared._dry_values.items()}
+        for module, key, old in changed:
+            stale.setdefault((module, key), []).append(old)
+        for (module, key), olds in stale.items():
+            new = sys.modules[module].__dict__.get(key, MISSING)
+            for b in prepared._bindings.get((module, key), ()):
+                bound = b.holder.get(b.local, MISSING)
+                if bound is not new and any(bound is o for o in olds):
+                    journal.append(SetItem(b.holder, b.local, new).apply())
+        if hasattr(sys, "_clear_type_cache"):
+            sys._clear_type_cache()
+
+    def _migrate(
+        self, migrations: list[_Migration], old_vsn: Any, journal: list[Op], release: Release | None
+    ) -> int:
+        """Run ``code_change`` (already-current code) for every registered object, all or none."""
+        states: list[tuple[Any, dict[str, Any]]] = []
+        errors = []
+        for m in migrations:
+            fn = getattr(m.obj, "code_change", None)
+            if fn is None:
+                continue
+            try:
+                result = fn(old_vsn, _copy_state(m.obj), m.extra)
+                if not isinstance(result, dict):
+                    raise TypeError(
+                        f"code_change returned {type(result).__name__}, expected a dict"
+                    )
+                states.append((m.obj, result))
+            except Exception as exc:
+                errors.append(
+                    ModuleError(
+                        m.module,
+                        Reason.CODE_CHANGE_FAILED,
+                        f"{type(m.obj).__qualname__}.code_change({old_vsn!r}) raised {type(exc).__name__}: {exc}; previous version restored",
+                    )
+                )
+        if errors:
+            raise _MigrationFailed(errors)
+        for obj, state in states:
+            journal.append(SetState(obj, state).apply())
+        return len(states)
+
+    def _vsn(self) -> str | None:
+        return self.current_release.version if self.current_release else None
+
+    def _commit(self, prepared: Prepared, journal: list[Op]) -> None:
+        release = prepared.release
+        leaves = self.current_release
+        previous_loaded = {}
+        for ms in release.modules:
+            if ms.name in self._loaded:
+                previous_loaded[ms.name] = self._loaded[ms.name]
+            self._loaded[ms.name] = (ms.actual_digest, ms.source, release.label)
+        self._backup = _Backup(
+            journal, leaves, ReleaseInfo.of(release), prepared._migrations, previous_loaded
+        )
+        self._old_codes = {op.code for op in journal if isinstance(op, SetCode)}
+        self.current_release = ReleaseInfo.of(release)
+        prepared.state = PreparedState.FINISHED
+        self._pending = None
+
+    # ------------------------------------------------------------ abort etc.
+    def abort(self, prepared: Prepared) -> None:
+        """Drop a staged release; nothing visible had changed.  Idempotent."""
+        with self._lock:
+            if prepared.state is PreparedState.PREPARED:
+                self._drop(prepared)
+
+    def _drop(self, prepared: Prepared) -> None:
+        if prepared._stage is not None:
+            prepared._stage.close()
+        prepared.state = PreparedState.ABORTED
+        if self._pending is prepared:
+            self._pending = None
+
+    def rollback(self) -> FinishReport:
+        """Go back to the previous version from memory, behind the barrier.
+
+        The newer code's ``code_change(("down", vsn), state, extra)`` runs for
+        every object migrated by the upgrade, before the old code returns (as
+        OTP does for downgrades).  If it raises, nothing changes.
+        """
+        with self._lock:
+            backup = self._backup
+            if backup is None:
+                raise LoaderStateError(
+                    [
+                        ModuleError(
+                            "*",
+                            Reason.BAD_RELEASE,
+                            "nothing to roll back to: no previous version is held in memory",
+                        )
+                    ]
+                )
+            if self._pending is not None:
+                self._drop(self._pending)
+            down = ("down", backup.restores.version if backup.restores else None)
+            journal: list[Op] = []
+            with self.barrier.hold(self.drain_timeout) as hold:
+                t0 = time.perf_counter()
+                try:
+                    migrated = self._migrate(backup.migrations, down, journal, None)
+                except _MigrationFailed as failed:
+                    undo(journal)
+                    raise FinishError(failed.errors, restored=True) from None
+                dead = {op.func.__code__ for op in backup.journal if isinstance(op, SetCode)}
+                undo(
+                    [op for op in backup.journal if not isinstance(op, SetState)]
+                )  # keep down-migrated state
+                pause = time.perf_counter() - t0
+            self._generation += 1
+            for name in list(self._loaded):
+                if name in backup.loaded:
+                    self._loaded[name] = backup.loaded[name]
+            self._old_codes = dead  # the version just left may still run in some thread
+            self.current_release = backup.restores
+            self._backup = None
+            return FinishReport(
+                backup.restores, pause, hold.drained, hold.still_in_flight, migrated
+            )
+
+    def make_permanent(self) -> None:
+        """Make the current release what a restart boots into, and release the backup.
+
+        Writes each module of the release into the first code path (atomic per
+        file: write then rename), so ``status`` turns from ``modified`` to
+        ``loaded``.
+        """
+        with self._lock:
+            root = self.code_paths[0]
+            for name, (digest, source, _label) in sorted(self._loaded.items()):
+                module = sys.modules.get(name)
+                if module is None or self._disk_digest(name) == digest:
+                    continue
+                path = (
+                    root.joinpath(*name.split("."), "__init__.py")
+                    if hasattr(module, "__path__")
+                    else root.joinpath(*name.split(".")).with_suffix(".py")
+                )
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.hotfleet-tmp")
+                tmp.write_bytes(source)
+                os.replace(tmp, path)
+            self.permanent_release = self.current_release
+            self._backup = None
+            self._old_codes = set()
+
+    # ----------------------------------------------------------------- status
+    def status(self, module_name: str) -> ModuleStatus:
+        """Compare the loaded code of a module with its source on the code path."""
+        module = sys.modules.get(module_name)
+        disk = self._disk_digest(module_name)
+        if module is None:
+            return ModuleStatus(module_name, ModuleState.NOT_LOADED, "", "", disk)
+        if module_name in self._loaded:
+            loaded, _, label = self._loaded[module_name]
+        elif self._file_under_code_path(module) is not None:
+            loaded, _, label = self._baseline(module_name, module)
+        else:
+            return ModuleStatus(module_name, ModuleState.LOADED, "", "", disk)
+        if not disk:
+            state = ModuleState.REMOVED
+        else:
+            state = ModuleState.LOADED if disk == loaded else ModuleState.MODIFIED
+        return ModuleStatus(module_name, state, label, loaded, disk)
+
+    def loaded_modules(self) -> list[str]:
+        """Modules under the code paths this loader knows, sorted."""
+        return sorted(self._loaded)
+
+    # ---------------------------------------------------------------- helpers
+    def _file_under_code_path(self, module: Any) -> Path | None:
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str) or not file.endswith(".py"):
+            return None
+        path = Path(file).resolve()
+        return path if any(path.is_relative_to(root) for root in self.code_paths) else None
+
+    def _baseline(self, name: str, module: types.ModuleType) -> tuple[str, bytes, str]:
+        """What is loaded: the release's source, or for boot code the file as first seen."""
+        known = self._loaded.get(name)
+        if known is None:
+            path = self._file_under_code_path(module)
+            source = path.read_bytes() if path is not None and path.exists() else b""
+            known = (_digest(source), source, "")
+            self._loaded[name] = known
+        return known
+
+    def _disk_digest(self, name: str) -> str:
+        rel = name.split(".")
+        for root in self.code_paths:
+            for candidate in (
+                root.joinpath(*rel, "__init__.py"),
+                root.joinpath(*rel).with_suffix(".py"),
+            ):
+                if candidate.is_file():
+                    return _digest(candidate.read_bytes())
+        return ""
+
+    def _filename(self, ms: ModuleSource, module: Any = None) -> str:
+        file = getattr(module, "__file__", None)
+        return file if isinstance(file, str) else str(self.code_paths[0] / ms.path)
+
+
+class _MigrationFailed(Exception):
+    def __init__(self, errors: list[ModuleError]) -> None:
+        super().__init__("; ".join(map(str, errors)))
+        self.errors = errors
+
+
+def _copy_state(obj: Any) -> dict[str, Any]:
+    import copy
+
+    state = stateful.get_state(obj)
+    try:
+        return copy.deepcopy(state)
+    except Exception:
+        return dict(state)
+
+
+def _culprit(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return frames[-1].filename if frames else "*"
+
+
+__all__ = [
+    "FinishReport",
+    "Loader",
+    "ModuleChange",
+    "ModuleState",
+    "ModuleStatus",
+    "Prepared",
+    "PreparedState",
+    "ReleaseInfo",
+]

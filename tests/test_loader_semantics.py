@@ -1,0 +1,248 @@
+"""The loader's contract: all-or-nothing prepare, atomic finish, rollback, state migration, status."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from hotfleet import Reason
+from hotfleet.release import Release
+from node_agent import (
+    FinishError,
+    LoaderStateError,
+    ModuleState,
+    PreparedState,
+    PrepareError,
+)
+from tests.codebase import Codebase
+
+GOOD = {
+    f"mod{i}": f"def version():\n    return 1\n\ndef work(x):\n    return x + {i}\n"
+    for i in range(6)
+}
+
+
+def _v(version: int) -> dict[str, str]:
+    return {m: s.replace("return 1", f"return {version}") for m, s in GOOD.items()}
+
+
+def _versions(cb: Codebase) -> set[int]:
+    return {cb.module(m).version() for m in GOOD}
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason", "detail"),
+    [
+        ("def oops(:\n", Reason.BADFILE, "line 1"),
+        (
+            "import hf_surely_missing_module_xyz\n",
+            Reason.MISSING_DEPENDENCY,
+            "hf_surely_missing_module_xyz",
+        ),
+        ("from .nothere import x\n", Reason.MISSING_DEPENDENCY, "nothere"),
+        ("raise RuntimeError('boom at import')\n", Reason.IMPORT_ERROR, "boom at import"),
+    ],
+)
+def test_one_broken_new_module_refuses_the_whole_release(
+    cb: Codebase, broken: str, reason: Reason, detail: str
+) -> None:
+    cb.boot(GOOD)
+    release = cb.release("2", {**_v(2), "broken": broken})
+    with pytest.raises(PrepareError) as info:
+        cb.loader.prepare(release)
+    errors = info.value.errors
+    assert [e.module for e in errors] == [f"{cb.pkg}.broken"]
+    assert errors[0].reason is reason and detail in errors[0].detail
+    assert _versions(cb) == {1}
+    assert f"{cb.pkg}.broken" not in __import__("sys").modules
+
+
+def test_digest_mismatch_and_duplicate_are_refused(cb: Codebase) -> None:
+    cb.boot(GOOD)
+    tampered = cb.release("2", _v(2), modules={"mod3": {"sha256": "0" * 64}})
+    with pytest.raises(PrepareError) as info:
+        cb.loader.prepare(tampered)
+    assert [(e.module, e.reason) for e in info.value.errors] == [
+        (f"{cb.pkg}.mod3", Reason.DIGEST_MISMATCH)
+    ]
+    good = cb.release("2", _v(2))
+    dup = Release(good.name, good.version, (*good.modules, good.modules[0]))
+    with pytest.raises(PrepareError) as info:
+        cb.loader.prepare(dup)
+    assert info.value.errors[0].reason is Reason.DUPLICATED
+    assert _versions(cb) == {1}
+
+
+STATEFUL_V1 = """
+import node_agent
+
+class Counter:
+    def __init__(self):
+        self.count = 3
+
+    def value(self):
+        return self.count
+
+COUNTER = node_agent.register(Counter())
+"""
+
+STATEFUL_V2 = """
+import node_agent
+
+class Counter:
+    def __init__(self):
+        self.hits = {"total": 0}
+
+    def value(self):
+        return self.hits["total"]
+
+    def code_change(self, old_vsn, state, extra):
+        if isinstance(old_vsn, tuple):
+            return {"count": state["hits"]["total"]}
+        if state.get("count") == 666:
+            raise ValueError("cannot migrate 666")
+        return {"hits": {"total": state["count"] * extra["factor"]}}
+
+COUNTER = node_agent.register(Counter())
+"""
+
+
+def test_state_migration_up_and_down(cb: Codebase) -> None:
+    mods = cb.boot({"state": STATEFUL_V1})
+    counter = mods["state"].COUNTER
+    cb.upgrade("2", {"state": STATEFUL_V2}, modules={"state": {"extra": {"factor": 10}}})
+    assert mods["state"].COUNTER is counter and counter.value() == 30
+    cb.loader.rollback()
+    assert counter.value() == 30 and counter.count == 30  # down-migrated state, old code
+
+
+def test_failing_migration_is_refused_in_prepare(cb: Codebase) -> None:
+    mods = cb.boot({"state": STATEFUL_V1, **GOOD})
+    counter = mods["state"].COUNTER
+    counter.count = 666
+    with pytest.raises(PrepareError) as info:
+        cb.loader.prepare(
+            cb.release(
+                "2", {"state": STATEFUL_V2, **_v(2)}, modules={"state": {"extra": {"factor": 10}}}
+            )
+        )
+    (err,) = info.value.errors
+    assert (
+        err.reason is Reason.CODE_CHANGE_FAILED
+        and "666" in err.detail
+        and err.module == f"{cb.pkg}.state"
+    )
+    assert counter.value() == 666 and _versions(cb) == {1}
+
+
+def test_migration_failing_only_at_run_time_restores_previous_version(cb: Codebase) -> None:
+    mods = cb.boot({"state": STATEFUL_V1, **GOOD})
+    counter = mods["state"].COUNTER
+    prepared = cb.loader.prepare(
+        cb.release(
+            "2", {"state": STATEFUL_V2, **_v(2)}, modules={"state": {"extra": {"factor": 10}}}
+        )
+    )
+    counter.count = 666  # the state changed between prepare and finish
+    with pytest.raises(FinishError) as info:
+        cb.loader.finish(prepared)
+    assert info.value.restored and info.value.errors[0].reason is Reason.CODE_CHANGE_FAILED
+    assert counter.value() == 666 and _versions(cb) == {1}
+    assert cb.loader.current_release is None
+
+
+def test_finish_is_idempotent_and_abort_changes_nothing(cb: Codebase) -> None:
+    cb.boot(GOOD)
+    prepared = cb.loader.prepare(cb.release("2", _v(2)))
+    assert _versions(cb) == {1}
+    first = cb.loader.finish(prepared)
+    assert cb.loader.finish(prepared) is first and _versions(cb) == {2}
+    aborted = cb.loader.prepare(cb.release("3", _v(3)))
+    cb.loader.abort(aborted)
+    assert aborted.state is PreparedState.ABORTED and _versions(cb) == {2}
+    with pytest.raises(LoaderStateError):
+        cb.loader.finish(aborted)
+    cb.loader.rollback()
+    assert _versions(cb) == {1}
+    with pytest.raises(LoaderStateError):
+        cb.loader.rollback()
+
+
+def test_two_versions_at_most(cb: Codebase) -> None:
+    cb.boot(GOOD)
+    cb.upgrade("2", _v(2))
+    cb.upgrade("3", _v(3))
+    assert cb.loader.previous_release is not None and cb.loader.previous_release.version == "2"
+    cb.loader.rollback()
+    assert _versions(cb) == {2}
+    assert not cb.loader.can_rollback
+
+
+def test_new_modules_and_packages_are_installed_atomically(cb: Codebase) -> None:
+    cb.boot(GOOD)
+    release = cb.release(
+        "2",
+        {
+            **_v(2),
+            "sub": "from .helper import HELP\n",
+            "sub.helper": "from .. import mod0\nHELP = mod0.version()\n",
+        },
+        packages=[f"{cb.pkg}.sub"],
+    )
+    prepared = cb.loader.prepare(release)
+    import sys
+
+    assert f"{cb.pkg}.sub" not in sys.modules
+    cb.loader.finish(prepared)
+    assert cb.module("sub").HELP == 2  # staged imports saw the staged version 2 of mod0
+    cb.loader.rollback()
+    assert f"{cb.pkg}.sub" not in sys.modules and _versions(cb) == {1}
+
+
+def test_module_status_by_digest(cb: Codebase) -> None:
+    cb.boot(GOOD)
+    name = f"{cb.pkg}.mod0"
+    assert cb.loader.status(name).state is ModuleState.LOADED
+    assert cb.loader.status(f"{cb.pkg}.never").state is ModuleState.NOT_LOADED
+    cb.upgrade("2", _v(2))
+    status = cb.loader.status(name)
+    assert (
+        status.state is ModuleState.MODIFIED and status.release == "app@2"
+    )  # provisional: disk still has v1
+    cb.loader.make_permanent()
+    assert cb.loader.status(name).state is ModuleState.LOADED and not cb.loader.can_rollback
+    (cb.root / cb.pkg / "mod0.py").unlink()
+    assert cb.loader.status(name).state is ModuleState.REMOVED
+
+
+def test_atomicity_under_concurrent_readers(cb: Codebase) -> None:
+    """Guarded readers never see two modules of one release at different versions."""
+    cb.boot(GOOD)
+    releases = [cb.release(str(v), _v(v)) for v in (2, 3)]
+    stop = threading.Event()
+    mixes: list[set[int]] = []
+    calls = [0]
+    mods = [cb.module(m) for m in GOOD]
+
+    def reader() -> None:
+        while not stop.is_set():
+            with cb.loader.guard():
+                seen = {m.version() for m in mods}
+            calls[0] += 1
+            if len(seen) != 1:
+                mixes.append(seen)
+
+    threads = [threading.Thread(target=reader, name=f"reader-{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for cycle in range(60):
+            cb.loader.finish(cb.loader.prepare(releases[cycle % 2]))
+            cb.loader.rollback()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert calls[0] > 100
+    assert mixes == []
