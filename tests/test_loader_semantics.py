@@ -246,3 +246,60 @@ def test_atomicity_under_concurrent_readers(cb: Codebase) -> None:
             t.join()
     assert calls[0] > 100
     assert mixes == []
+
+
+def test_thread_still_in_old_code_blocks_the_next_reload_until_forced(cb: Codebase) -> None:
+    src = "import threading\nGATE = threading.Event()\n\ndef slow():\n    GATE.wait(10)\n    return 'v1'\n"
+    mods = cb.boot({"m": src})
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(mods["m"].slow()), name="slow-worker")
+    t.start()
+    try:
+        while not any(f.f_code.co_name == "slow" for f in _frames_of(t)):
+            pass
+        cb.upgrade("2", {"m": src.replace("'v1'", "'v2'")})  # v1 becomes old; its thread runs on
+        with pytest.raises(PrepareError) as info:
+            cb.loader.prepare(cb.release("3", {"m": src.replace("'v1'", "'v3'")}))
+        (err,) = info.value.errors
+        assert err.reason is Reason.NOT_PURGED and "slow-worker" in err.detail and "slow" in err.detail
+        assert mods["m"].slow.__code__.co_consts.count("v2") == 1  # nothing changed
+        cb.loader.finish(cb.loader.prepare(cb.release("3", {"m": src.replace("'v1'", "'v3'")}), force=True))
+    finally:
+        mods["m"].GATE.set()
+        t.join()
+    assert result == ["v1"]  # the running frame finished on the code it started with
+    assert mods["m"].slow() == "v3"
+
+
+def _frames_of(thread: threading.Thread) -> list:  # type: ignore[type-arg]
+    import sys
+
+    frame = sys._current_frames().get(thread.ident or 0)
+    out = []
+    while frame is not None:
+        out.append(frame)
+        frame = frame.f_back
+    return out
+
+
+def test_finish_waits_for_guarded_work_then_proceeds_after_the_drain_timeout(cb: Codebase) -> None:
+    cb.boot(GOOD)
+    cb.loader.drain_timeout = 0.3
+    prepared = cb.loader.prepare(cb.release("2", _v(2)))
+    inside, release_it = threading.Event(), threading.Event()
+
+    def stuck_request() -> None:
+        with cb.loader.guard():
+            inside.set()
+            release_it.wait(10)
+
+    t = threading.Thread(target=stuck_request)
+    t.start()
+    inside.wait()
+    try:
+        report = cb.loader.finish(prepared)
+    finally:
+        release_it.set()
+        t.join()
+    assert not report.drained and report.still_in_flight == 1  # reported, never a hang
+    assert _versions(cb) == {2} and not cb.loader.barrier.held  # swapped and reopened
