@@ -44,36 +44,38 @@ def unwrap_members(obj: Any) -> Iterator[Any]:
         yield from registry.values()
 
 
-def raw_functions(obj: Any, module_globals: dict[str, Any]) -> Iterator[FunctionType]:
-    """Functions defined by the module's source reachable from one binding.
-
-    Follows decorator chains; stops at functions of other modules except to
-    look through them (a wrapper defined in a decorator library wraps ours).
-    """
-    stack = [obj]
-    seen: set[int] = set()
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, FunctionType) and cur.__globals__ is module_globals:
-            yield cur
-        stack.extend(unwrap_members(cur))
-
-
-def caches_of(obj: Any) -> Iterator[Any]:
-    """``cache_clear``-style callables of memoizing wrappers around ``obj``."""
+def reachable(obj: Any) -> Iterator[Any]:
+    """``obj`` and everything it wraps, through any depth of decorators."""
     stack, seen = [obj], set()
     while stack:
         cur = stack.pop()
         if id(cur) in seen:
             continue
         seen.add(id(cur))
+        yield cur
+        stack.extend(unwrap_members(cur))
+
+
+def functions_in(obj: Any) -> Iterator[FunctionType]:
+    """Every function object reachable from ``obj``, whatever module defined it."""
+    return (f for f in reachable(obj) if isinstance(f, FunctionType))
+
+
+def raw_functions(obj: Any, module_globals: dict[str, Any]) -> Iterator[FunctionType]:
+    """Functions defined by the module's source reachable from one binding.
+
+    Looks through wrappers defined elsewhere (a decorator library's wrapper
+    wraps ours) and keeps only functions whose globals are the module's.
+    """
+    return (f for f in functions_in(obj) if f.__globals__ is module_globals)
+
+
+def caches_of(obj: Any) -> Iterator[Any]:
+    """``cache_clear``-style callables of memoizing wrappers around ``obj``."""
+    for cur in reachable(obj):
         clear = getattr(cur, "cache_clear", None) or getattr(cur, "_clear_cache", None)
         if callable(clear):
             yield clear
-        stack.extend(unwrap_members(cur))
 
 
 def class_functions(cls: type, module_globals: dict[str, Any]) -> Iterator[FunctionType]:

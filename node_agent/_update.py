@@ -477,7 +477,7 @@ def merge_class(old: type, new: type, ops_out: list[Op]) -> None:
             continue
         if _same_shape(current, value, g_funcs, ops_out):
             continue
-        for f in _all_functions_of(value):
+        for f in fx.functions_in(value):
             _retarget_class_cell(f, new, old)
         ops_out.append(SetClassAttr(old, name, value))
     for name in list(old.__dict__):
@@ -500,22 +500,10 @@ def _is_runtime_attr(cls: type, name: str) -> bool:
     return name.startswith("_abc_") or name in {"__abstractmethods__", "__parameters__"}
 
 
-def _all_functions_of(value: Any) -> Iterator[types.FunctionType]:
-    stack, seen = [value], set()
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, types.FunctionType):
-            yield cur
-        stack.extend(fx.unwrap_members(cur))
-
-
 def _all_functions(cls: type) -> Iterator[types.FunctionType]:
     for value in list(cls.__dict__.values()):
         if not isinstance(value, type):
-            yield from _all_functions_of(value)
+            yield from fx.functions_in(value)
 
 
 def _same_shape(
@@ -524,7 +512,7 @@ def _same_shape(
     """Patch code into the existing member when both wrap the same functions."""
     if current is MISSING or type(current) is not type(value):
         return False
-    new_funcs = list(_all_functions_of(value))
+    new_funcs = list(fx.functions_in(value))
     if not new_funcs:
         return False
     pairs = []
