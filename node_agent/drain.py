@@ -414,14 +414,16 @@ class _Exchange:
         self._started = time.perf_counter()
         self.status: int | None = None
 
+    # Observing must never raise into the application: a malformed status is "unknown".
     def note_wsgi_status(self, status: str) -> None:
-        code = status.split(None, 1)[0] if status else ""
-        self.status = int(code) if code.isdigit() else None
+        code = status[:3]
+        self.status = int(code) if code.isascii() and code.isdigit() else None
 
     def note_asgi_message(self, message: _Message) -> None:
         kind = message.get("type")
         if kind in ("http.response.start", "websocket.http.response.start"):
-            self.status = int(message["status"])
+            status = message.get("status")
+            self.status = status if isinstance(status, int) else None
         elif kind == "websocket.accept":
             self.status = 101
         elif kind == "websocket.close" and self.status is None:
@@ -499,14 +501,15 @@ class _GuardedResponse:
             with self._span.step():
                 if self._iterator is None:
                     self._iterator = iter(self._result)
-                chunk = next(self._iterator, None)
+                try:
+                    return next(self._iterator)
+                except StopIteration:
+                    pass  # exhausted: finish outside the step, below
         except BaseException as exc:
             self._finish(exc)
             raise
-        if chunk is None:
-            self._finish(None)
-            raise StopIteration
-        return chunk
+        self._finish(None)
+        raise StopIteration
 
     def close(self) -> None:
         self._finish(None)

@@ -14,6 +14,7 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any, Generic, TypeVar
 from wsgiref.util import setup_testing_defaults
 from wsgiref.validate import validator
@@ -288,6 +289,9 @@ def test_guarded_readers_never_see_a_half_done_swap() -> None:
                 newest_seen = max(newest_seen, a)
                 progress.notify_all()
 
+    def seen(value: int) -> Callable[[], bool]:
+        return lambda: newest_seen >= value
+
     def holder() -> int:
         drained = 0
         for i in range(1, holds + 1):
@@ -297,7 +301,7 @@ def test_guarded_readers_never_see_a_half_done_swap() -> None:
                 time.sleep(0)
                 Shared.b = i
             with progress:  # make every swap meet readers before the next one
-                assert progress.wait_for(lambda i=i: newest_seen >= i, TIMEOUT)
+                assert progress.wait_for(seen(i), TIMEOUT)
         return drained
 
     workers = [Worker(reader) for _ in range(readers)]
@@ -455,7 +459,7 @@ def test_context_copied_from_finished_work_gets_no_pass() -> None:
             entered.set()
 
     with barrier.hold(TIMEOUT):
-        w = Worker(lambda: stale.run(enter))
+        w = Worker(partial(stale.run, enter))
         eventually(lambda: barrier.stats().waiting_now == 1)
         assert not entered.is_set()
     w.result()
@@ -463,6 +467,12 @@ def test_context_copied_from_finished_work_gets_no_pass() -> None:
 
 
 # ------------------------------------------------------------------- WSGI
+def discard_start_response(
+    status: str, headers: list[tuple[str, str]], exc_info: Any = None, /
+) -> Callable[[bytes], object]:
+    return lambda data: None
+
+
 def call_wsgi(app: Callable[..., Iterable[bytes]], path: str = "/") -> tuple[str, bytes]:
     """What a WSGI server does: call, iterate, close."""
     environ: dict[str, Any] = {"SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": ""}
@@ -536,7 +546,7 @@ def test_wsgi_streaming_response_stays_in_flight_until_closed() -> None:
         return stream
 
     mw = WSGIMiddleware(app, barrier, records.append)
-    response = mw({}, lambda status, headers, exc_info=None: None)
+    response = mw({}, discard_start_response)
     chunks = iter(response)
     assert next(chunks) == b"a"
     assert barrier.in_flight == 1 and records == []
@@ -556,7 +566,7 @@ def test_wsgi_streaming_response_stays_in_flight_until_closed() -> None:
     assert info.drained
 
     # Exhaustion also ends the request, even before the server gets to close().
-    exhausted = mw({}, lambda status, headers, exc_info=None: None)
+    exhausted = mw({}, discard_start_response)
     assert list(exhausted) == [b"a", b"b", b"c"]
     assert barrier.in_flight == 0 and stream.closed == 2 and len(records) == 2
 
