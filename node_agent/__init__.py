@@ -6,8 +6,13 @@ Public API (kept small on purpose):
 * :class:`DrainBarrier`, :class:`WSGIMiddleware`, :class:`ASGIMiddleware` —
   mark guarded work so a finish is atomic for it;
 * :func:`register` — stateful objects migrated by ``code_change``;
-* the errors :class:`PrepareError`, :class:`FinishError`, :class:`LoaderStateError`.
+* the errors :class:`PrepareError`, :class:`FinishError`, :class:`LoaderStateError`;
+* :class:`Agent` (in :mod:`node_agent.agent`) — the whole node agent embedded in
+  an app: loader, gRPC server, etcd membership, metrics.  Imported lazily, so
+  application code that only calls :func:`register` does not load gRPC.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from node_agent.drain import ASGIMiddleware, DrainBarrier, WSGIMiddleware
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
@@ -23,8 +28,21 @@ from node_agent.loader import (
 )
 from node_agent.stateful import register, unregister
 
+if TYPE_CHECKING:
+    from node_agent.agent import Agent
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Agent":
+        from node_agent.agent import Agent
+
+        return Agent
+    raise AttributeError(f"module 'node_agent' has no attribute {name!r}")
+
+
 __all__ = [
     "ASGIMiddleware",
+    "Agent",
     "DrainBarrier",
     "FinishError",
     "FinishReport",

@@ -1,0 +1,101 @@
+"""Conversions between hotfleet's in-memory types and the ``hotfleet.v1`` messages.
+
+Shared by the node agent (which receives manifests and answers errors) and
+the coordinator (which sends manifests and aggregates errors), so both sides
+agree on one mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from hotfleet._proto.hotfleet.v1 import common_pb2
+from hotfleet.errors import ModuleError, Reason
+from hotfleet.release import Release
+
+__all__ = [
+    "errors_from_proto",
+    "errors_to_proto",
+    "manifest_from_proto",
+    "manifest_to_proto",
+    "release_to_proto",
+]
+
+
+def manifest_to_proto(manifest: Mapping[str, Any]) -> common_pb2.ReleaseManifest:
+    """A :meth:`Release.to_manifest` dict as a ``ReleaseManifest`` message.
+
+    The manifest's ``problems`` (e.g. a stray ``name_mismatch`` table) have
+    no field on the wire: the sender refuses such a release before sending it.
+    """
+    smoke = manifest.get("smoke") or []
+    health = manifest.get("health") or {}
+    return common_pb2.ReleaseManifest(
+        name=manifest["name"],
+        version=manifest["version"],
+        digest=manifest.get("digest") or "",
+        modules=[
+            common_pb2.ModuleEntry(
+                name=m["name"],
+                path=m["path"],
+                digest=m["digest"],
+                is_package=bool(m.get("is_package")),
+                instruction=m.get("instruction") or "",
+                extra_json="" if m.get("extra") is None else json.dumps(m["extra"]),
+                depends=list(m.get("depends") or ()),
+            )
+            for m in manifest.get("modules", [])
+        ],
+        smoke_json=json.dumps(smoke) if smoke else "",
+        health_json=json.dumps(health) if health else "",
+    )
+
+
+def release_to_proto(release: Release) -> common_pb2.ReleaseManifest:
+    return manifest_to_proto(release.to_manifest())
+
+
+def manifest_from_proto(message: common_pb2.ReleaseManifest) -> dict[str, Any]:
+    """The manifest dict :meth:`Release.from_manifest` reads; raises ``ValueError`` on bad JSON."""
+    return {
+        "name": message.name,
+        "version": message.version,
+        **({"digest": message.digest} if message.digest else {}),
+        "modules": [
+            {
+                "name": e.name,
+                "path": e.path,
+                "digest": e.digest,
+                "is_package": e.is_package,
+                "instruction": e.instruction or "update",
+                "extra": json.loads(e.extra_json) if e.extra_json else None,
+                "depends": list(e.depends),
+            }
+            for e in message.modules
+        ],
+        "smoke": json.loads(message.smoke_json) if message.smoke_json else [],
+        "health": json.loads(message.health_json) if message.health_json else {},
+    }
+
+
+def errors_to_proto(errors: Iterable[ModuleError], node: str = "") -> list[common_pb2.ModuleError]:
+    """Per-module errors for a reply; ``node`` fills in entries that have none."""
+    return [
+        common_pb2.ModuleError(
+            node=e.node or node, module=e.module, reason=e.reason.value, detail=e.detail
+        )
+        for e in errors
+    ]
+
+
+def errors_from_proto(errors: Iterable[common_pb2.ModuleError]) -> list[ModuleError]:
+    out = []
+    for e in errors:
+        try:
+            reason = Reason(e.reason)
+        except ValueError:
+            reason = Reason.BAD_RELEASE
+        out.append(ModuleError(e.module, reason, e.detail, e.node))
+    return out

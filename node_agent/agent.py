@@ -1,0 +1,881 @@
+"""The node agent: the loader, a gRPC server, etcd membership and metrics, in the app's process.
+
+:class:`Agent` is the library form (``node-agent`` wraps it around a WSGI
+server, see :mod:`node_agent.cli`)::
+
+    agent = Agent("node-1", code_paths=["/srv/app"], etcd="http://etcd:2379",
+                  listen="0.0.0.0:7070", labels={"zone": "eu-west"}, dev=True)
+    wsgi_app = agent.wsgi(app)          # drain guard + metrics + /-/metrics
+    agent.http_address = "10.0.0.5:8080"
+    agent.start()                       # reconcile, serve gRPC, register
+    ...
+    agent.stop()                        # deregister at once, stop gRPC
+
+Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``):
+
+``<prefix>nodes/<node_id>``
+    Membership, written by the agent on a lease (keepalive every TTL/3; the
+    key vanishes when the lease expires or is revoked on a clean stop).
+    JSON object::
+
+        {"node_id": "n1", "address": "10.0.0.5:7070",       # gRPC NodeAgent
+         "http_address": "10.0.0.5:8080",                   # the app, "" if none
+         "labels": {"zone": "eu-west"},
+         "current_release": "shop@2.0.0",                   # "" = unknown boot code
+         "previous_release": "shop@1.0.0",                  # rollback target or ""
+         "permanent_release": "shop@1.0.0",
+         "state": "idle",        # starting|reconciling|idle|prepared|finishing|
+                                 # rolling_back|reconcile_failed|stopping
+         "prepared_rollout": "",  "epoch_seen": 7,
+         "pid": 4242, "started_at": 1718000000.0,            # unix seconds
+         "secure": true,                                    # false in dev mode
+         "health": {"requests": 10, "errors": 0, "uncaught": 0}}
+
+``<prefix>releases/permanent``
+    The fleet's permanent release, written by the coordinator when a rollout
+    turns permanent; read by agents when they start.  JSON object::
+
+        {"release": "shop@1.0.0",
+         "digest": "<Release.digest>",
+         "manifest": <Release.to_manifest()>}
+
+    If the node's boot code differs from it (compared module by module by
+    digest), the agent fetches the sources, prepares, finishes and makes it
+    permanent *before* it registers; if the boot code already is that
+    release, the agent just records it as current and permanent.
+
+``<prefix>blobs/<sha256>/...``
+    Module sources by digest (:class:`hotfleet.store.EtcdBlobBackend`); the
+    agent caches what it fetched in ``cache_dir`` so it can prepare from the
+    cache while etcd is down.
+
+Fencing: every mutating RPC carries the coordinator's epoch; one lower than
+the highest seen is refused with ``FAILED_PRECONDITION``.  The highest epoch
+is kept in memory only (a restarted agent accepts any epoch again; the
+coordinator's fenced etcd writes still protect the fleet's records).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from hotfleet.errors import HotfleetError, ModuleError, Reason
+from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
+from hotfleet.release import Release
+from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
+from hotfleet.wire import errors_to_proto, manifest_from_proto
+from node_agent.drain import WSGIMiddleware
+from node_agent.errors import FinishError, LoaderStateError, PrepareError
+from node_agent.loader import FinishReport, Loader, Prepared, ReleaseInfo
+from node_agent.membership import Membership
+from node_agent.metrics import Metrics
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_PREFIX", "Agent", "SourcesUnavailable", "TLSFiles", "permanent_record"]
+
+DEFAULT_PREFIX = "/hotfleet/"
+METRICS_PATH = "/-/metrics"
+_REMEMBERED_ROLLOUTS = 64
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for mutual TLS on the agent's gRPC server."""
+
+    cert: str
+    key: str
+    ca: str
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+            root_certificates=Path(self.ca).read_bytes(),
+            require_client_auth=True,
+        )
+
+
+def permanent_record(release: Release) -> str:
+    """The value of ``<prefix>releases/permanent`` for ``release`` (what a coordinator writes)."""
+    return json.dumps(
+        {"release": release.label, "digest": release.digest, "manifest": release.to_manifest()},
+        sort_keys=True,
+    )
+
+
+class SourcesUnavailable(HotfleetError):
+    """Some module sources could not be fetched (etcd unreachable); worth retrying."""
+
+
+@dataclass
+class _RollbackPlan:
+    """A prepared fleet-wide rollback: finishing it is the loader's one-step rollback."""
+
+    target: str
+
+
+@dataclass
+class _Staged:
+    rollout_id: str
+    digest: str
+    label: str
+    prepared: Prepared | _RollbackPlan
+    reply: agent_pb2.PrepareReply
+
+
+def _label(info: ReleaseInfo | None) -> str:
+    return info.label if info is not None else ""
+
+
+def _err(module: str, detail: str, reason: Reason = Reason.BAD_RELEASE) -> ModuleError:
+    return ModuleError(module, reason, detail)
+
+
+class Agent:
+    """Everything hotfleet runs inside one worker process; see the module docstring."""
+
+    def __init__(
+        self,
+        node_id: str,
+        code_paths: Sequence[str | os.PathLike[str]],
+        etcd: str | None = "http://127.0.0.1:2379",
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        listen: str = "127.0.0.1:0",
+        advertise_host: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        http_address: str = "",
+        dev: bool = False,
+        tls: TLSFiles | None = None,
+        lease_ttl: int = 10,
+        cache_dir: str | os.PathLike[str] | None = None,
+        drain_timeout: float = 5.0,
+        etcd_timeout: float = 3.0,
+        etcd_options: Mapping[str, Any] | None = None,
+        ready_timeout: float = 15.0,
+        grpc_workers: int = 8,
+        loader: Loader | None = None,
+    ) -> None:
+        if not node_id or "/" in node_id:
+            raise ValueError(f"node id must be non-empty and contain no '/': {node_id!r}")
+        if not dev and tls is None:
+            raise ValueError(
+                "refusing to serve the agent's gRPC API without mutual TLS: an unauthenticated "
+                "agent is remote code execution. Give tls=TLSFiles(cert, key, ca), or dev=True "
+                "for an insecure development setup"
+            )
+        if etcd is not None:
+            parse_endpoints(etcd)  # fail on a bad URL now, not in a background thread
+        self.node_id = node_id
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.labels = dict(labels or {})
+        self.listen = listen
+        self.advertise_host = advertise_host
+        self.http_address = http_address
+        self.dev = dev
+        self.tls = tls
+        self.etcd_endpoints = etcd
+        self.etcd_timeout = etcd_timeout
+        self.etcd_options = dict(etcd_options or {})
+        self.ready_timeout = ready_timeout
+        self.grpc_workers = grpc_workers
+        self.loader = loader or Loader(code_paths, drain_timeout=drain_timeout)
+        self.metrics = Metrics()
+        self.cache = LocalCache(
+            Path(cache_dir)
+            if cache_dir is not None
+            else Path(tempfile.gettempdir()) / f"hotfleet-blobs-{os.getuid()}"
+        )
+        self.started_at = time.time()
+        self.address = ""  # gRPC host:port once started
+
+        self._op_lock = threading.RLock()  # serializes every mutating operation
+        self._state = "starting"
+        self._epoch = 0
+        self._epoch_lock = threading.Lock()
+        self._staged: _Staged | None = None
+        self._finished: OrderedDict[str, agent_pb2.FinishReply] = OrderedDict()
+        self._rolled_back: OrderedDict[str, agent_pb2.RollbackReply] = OrderedDict()
+        self._reconciled = etcd is None
+        self.reconcile_errors: list[ModuleError] = []
+        self._data_client: EtcdClient | None = None
+        self._data_lock = threading.Lock()
+        self._server: grpc.Server | None = None
+        self.membership: Membership | None = None
+        if etcd is not None:
+            self.membership = Membership(
+                f"{self.prefix}nodes/{node_id}",
+                self.membership_record,
+                self._new_client,
+                ttl=lease_ttl,
+                on_session=self._reconcile,
+            )
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Serve gRPC, reconcile to the fleet's permanent release and register.
+
+        Waits up to ``ready_timeout`` for the first etcd session (reconcile
+        included); if etcd does not answer, the agent starts anyway in state
+        ``etcd_unreachable`` and keeps retrying in the background.
+        """
+        self.metrics.install_excepthooks()
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=self.grpc_workers, thread_name_prefix="hotfleet-grpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        agent_pb2_grpc.add_NodeAgentServicer_to_server(_Servicer(self), self._server)
+        if self.tls is not None:
+            port = self._server.add_secure_port(self.listen, self.tls.server_credentials())
+        else:
+            port = self._server.add_insecure_port(self.listen)
+        host = self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        self.address = _join(self._advertised(host), port)
+        self._server.start()
+        log.info("node agent %s: gRPC NodeAgent on %s", self.node_id, self.address)
+        if self.dev:
+            log.warning(
+                "!!! DEV MODE: node agent %s serves gRPC on %s WITHOUT TLS OR AUTHENTICATION; "
+                "anyone who can reach it can load code into this process. Never use in production.",
+                self.node_id,
+                self.address,
+            )
+        if self.membership is None:
+            self._set_state("idle")
+            return
+        self.membership.start()
+        if not self.membership.wait_first_attempt(self.ready_timeout):
+            log.warning("etcd did not answer within %.1fs; serving anyway", self.ready_timeout)
+        if not self.membership.connected:
+            log.error(
+                "etcd unreachable (%s): serving the boot code, will reconcile and register "
+                "when etcd answers",
+                self.membership.last_error or "no answer yet",
+            )
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Deregister at once (revoke the lease), then stop the gRPC server."""
+        self._state = "stopping"
+        if self.membership is not None:
+            self.membership.stop(revoke=True)
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 1)
+            self._server = None
+        with self._data_lock:
+            if self._data_client is not None:
+                self._data_client.close()
+                self._data_client = None
+        self.metrics.uninstall_excepthooks()
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -------------------------------------------------------------- the app
+    def wsgi(self, app: WSGIApplication) -> WSGIApplication:
+        """``app`` behind the drain guard, with request metrics and ``/-/metrics``."""
+        guarded = WSGIMiddleware(app, self.loader.barrier, self.metrics.observe)
+
+        def agent_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == METRICS_PATH:
+                body = self.prometheus().encode()
+                start_response(
+                    "200 OK",
+                    [
+                        ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                        ("Content-Length", str(len(body))),
+                    ],
+                )
+                return [body]
+            return guarded(environ, start_response)
+
+        return agent_app
+
+    def set_gauge(self, name: str, value: float) -> None:
+        """An application-defined health gauge (Health RPC and Prometheus)."""
+        self.metrics.set_gauge(name, value)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def etcd_connected(self) -> bool:
+        return self.membership is not None and self.membership.connected
+
+    @property
+    def state(self) -> str:
+        """What Status reports: the agent's state, or ``etcd_unreachable`` while cut off."""
+        cut_off = self.membership is not None and not self.membership.connected
+        if cut_off and self._state not in ("stopping", "reconciling"):
+            return "etcd_unreachable"
+        return self._state
+
+    @property
+    def epoch_seen(self) -> int:
+        return self._epoch
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        if self.membership is not None:
+            self.membership.publish()
+
+    def _settle(self) -> None:
+        """Back to a resting state after an operation, and publish it."""
+        if self._state == "stopping":
+            return
+        self._set_state("prepared" if self._staged is not None else "idle")
+
+    def membership_record(self) -> dict[str, Any]:
+        snap = self.metrics.snapshot()
+        loader = self.loader
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "http_address": self.http_address,
+            "labels": self.labels,
+            "current_release": _label(loader.current_release),
+            "previous_release": _label(loader.previous_release),
+            "permanent_release": _label(loader.permanent_release),
+            "state": self._state,
+            "prepared_rollout": self._staged.rollout_id if self._staged else "",
+            "epoch_seen": self._epoch,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "secure": self.tls is not None,
+            "health": {"requests": snap.requests, "errors": snap.errors, "uncaught": snap.uncaught},
+        }
+
+    def prometheus(self) -> str:
+        stats = self.loader.barrier.stats()
+        return self.metrics.prometheus(
+            {"node": self.node_id},
+            info={
+                "current": _label(self.loader.current_release),
+                "previous": _label(self.loader.previous_release),
+                "permanent": _label(self.loader.permanent_release),
+                "state": self.state,
+            },
+            extra=lambda: {
+                "hotfleet_epoch_seen": self._epoch,
+                "hotfleet_etcd_connected": float(self.etcd_connected),
+                "hotfleet_drain_holds": stats.held_total,
+                "hotfleet_drain_last_hold_seconds": stats.last_hold_s,
+                "hotfleet_drain_max_hold_seconds": stats.max_hold_s,
+                "hotfleet_in_flight_requests": self.loader.barrier.in_flight,
+            },
+        )
+
+    # ----------------------------------------------------------------- etcd
+    def _new_client(self) -> EtcdClient:
+        assert self.etcd_endpoints is not None
+        return open_client(self.etcd_endpoints, timeout=self.etcd_timeout, **self.etcd_options)
+
+    def _client(self) -> EtcdClient:
+        """A long-lived client for reads (blobs, permanent release)."""
+        if self.etcd_endpoints is None:
+            raise RuntimeError("agent runs without etcd")
+        with self._data_lock:
+            if self._data_client is None:
+                self._data_client = self._new_client()
+            return self._data_client
+
+    def content_store(self) -> ContentStore:
+        return ContentStore(EtcdBlobBackend(self._client(), f"{self.prefix}blobs/"), self.cache)
+
+    def fetch_release(self, manifest: Mapping[str, Any]) -> Release:
+        """Rebuild a release from its manifest, sources from the cache or etcd.
+
+        Raises :class:`HotfleetError` listing every module that could not be
+        fetched or verified (``digest_mismatch`` for bad bytes).
+        """
+        errors: list[ModuleError] = []
+        names = {
+            m.get("digest"): m.get("name", "?")
+            for m in manifest.get("modules", [])
+            if isinstance(m, Mapping)
+        }
+        store: ContentStore | None = None
+        unavailable: list[Exception] = []
+
+        def fetch(digest: str) -> bytes:
+            nonlocal store
+            module = str(names.get(digest, digest))
+            try:
+                if store is None:
+                    store = self.content_store()
+                return store.get(digest)  # the local cache first, so etcd may be down
+            except BlobNotFound as exc:
+                errors.append(_err(module, f"source {digest} is not in the content store: {exc}"))
+            except HotfleetError as exc:
+                errors.extend(_err(module, e.detail, e.reason) for e in exc.errors)
+            except Exception as exc:
+                unavailable.append(exc)
+                errors.append(
+                    _err(module, f"cannot fetch source {digest}: {type(exc).__name__}: {exc}")
+                )
+            return b""
+
+        release = Release.from_manifest(manifest, fetch)
+        if unavailable:
+            raise SourcesUnavailable(errors)
+        if errors:
+            raise HotfleetError(errors)
+        return release
+
+    def _reconcile(self, client: EtcdClient) -> None:
+        """Bring the boot code to the fleet's permanent release (once, before registering)."""
+        if self._reconciled:
+            return
+        raw, _ = client.get(f"{self.prefix}releases/permanent")
+        if raw is None:
+            self._reconciled = True
+            self._settle()
+            return
+        with self._op_lock:
+            try:
+                record = json.loads(raw)
+                manifest = record["manifest"]
+                target = ReleaseInfo(manifest["name"], manifest["version"], record["digest"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("unreadable %sreleases/permanent, not reconciling: %s", self.prefix, exc)
+                self._reconciled = True
+                self._settle()
+                return
+            if self.loader.permanent_release == target or self._boot_code_is(manifest):
+                self.loader.current_release = self.loader.current_release or target
+                self.loader.permanent_release = target
+                log.info("boot code is the permanent release %s", target.label)
+                self._reconciled = True
+                self._settle()
+                return
+            self._state = "reconciling"
+            log.info("reconciling boot code to the permanent release %s", target.label)
+            try:
+                release = self.fetch_release(manifest)
+            except SourcesUnavailable:
+                self._state = "starting"
+                raise  # etcd trouble: the membership thread retries with backoff
+            except HotfleetError as exc:
+                self._reconcile_failed(target, exc.errors)
+                return
+            try:
+                prepared = self.loader.prepare(release)
+                report = self.loader.finish(prepared)
+                self.loader.make_permanent()
+            except (PrepareError, FinishError, LoaderStateError) as exc:
+                self._reconcile_failed(target, exc.errors)
+                return
+            log.info("reconciled to %s (pause %.2f ms)", target.label, report.pause_s * 1000)
+            self._reconciled = True
+            self._settle()
+
+    def _reconcile_failed(self, target: ReleaseInfo, errors: list[ModuleError]) -> None:
+        self.reconcile_errors = [e.on_node(self.node_id) for e in errors]
+        log.error(
+            "cannot reconcile to the permanent release %s; serving the boot code: %s",
+            target.label,
+            "; ".join(map(str, self.reconcile_errors)),
+        )
+        self._reconciled = True
+        self._state = "reconcile_failed"
+
+    def _boot_code_is(self, manifest: Mapping[str, Any]) -> bool:
+        for m in manifest.get("modules", []):
+            status = self.loader.status(m["name"])
+            have = status.loaded_digest or status.disk_digest
+            if have != m["digest"]:
+                return False
+        return True
+
+    # ------------------------------------------------------------- fencing
+    def fence(self, epoch: int) -> str | None:
+        """Record ``epoch``; the refusal message if it is lower than one seen."""
+        with self._epoch_lock:
+            if epoch < self._epoch:
+                return (
+                    f"node {self.node_id}: epoch {epoch} is lower than {self._epoch} already seen; "
+                    "a newer coordinator leads"
+                )
+            if epoch > self._epoch:
+                self._epoch = epoch
+                if self.membership is not None:
+                    self.membership.publish()
+            return None
+
+    # ----------------------------------------------------------- operations
+    def prepare(self, request: agent_pb2.PrepareRequest) -> agent_pb2.PrepareReply:
+        started = time.perf_counter()
+        rid = request.rollout_id
+        with self._op_lock:
+            staged = self._staged
+            if (
+                staged is not None
+                and staged.rollout_id == rid
+                and staged.digest == request.release.digest
+            ):
+                return staged.reply  # idempotent replay
+            if rid and rid in self._finished:
+                return self._prepare_reply(True, started)
+            if request.rollback_target:
+                return self._prepare_rollback(request, started)
+            try:
+                manifest = manifest_from_proto(request.release)
+                release = self.fetch_release(manifest)
+            except HotfleetError as exc:
+                return self._prepare_reply(False, started, exc.errors)
+            except ValueError as exc:
+                return self._prepare_reply(
+                    False, started, [_err(request.release.name or "*", f"bad manifest: {exc}")]
+                )
+            self._drop_staged()
+            try:
+                prepared = self.loader.prepare(release, force=request.force)
+            except PrepareError as exc:
+                self._settle()
+                return self._prepare_reply(False, started, exc.errors)
+            reply = self._prepare_reply(
+                True,
+                started,
+                changes=[
+                    common_pb2.ModuleChange(
+                        module=c.module, kind=c.kind, detail="; ".join(c.details)
+                    )
+                    for c in prepared.changes
+                ],
+                warnings=prepared.warnings,
+            )
+            self._staged = _Staged(rid, release.digest, release.label, prepared, reply)
+            self._settle()
+            return reply
+
+    def _prepare_rollback(
+        self, request: agent_pb2.PrepareRequest, started: float
+    ) -> agent_pb2.PrepareReply:
+        previous = self.loader.previous_release
+        want = f"{request.release.name}@{request.release.version}" if request.release.name else ""
+        if not self.loader.can_rollback:
+            return self._prepare_reply(
+                False, started, [_err("*", "no previous release is held in memory")]
+            )
+        if want and want != _label(previous):
+            return self._prepare_reply(
+                False,
+                started,
+                [
+                    _err(
+                        "*",
+                        f"rollback target {want} is not the previous release {_label(previous) or '(boot code)'}",
+                    )
+                ],
+            )
+        self._drop_staged()
+        reply = self._prepare_reply(True, started)
+        self._staged = _Staged(
+            request.rollout_id, request.release.digest, want, _RollbackPlan(want), reply
+        )
+        self._settle()
+        return reply
+
+    def _prepare_reply(
+        self,
+        ok: bool,
+        started: float,
+        errors: Iterable[ModuleError] = (),
+        changes: Iterable[common_pb2.ModuleChange] = (),
+        warnings: Iterable[str] = (),
+    ) -> agent_pb2.PrepareReply:
+        return agent_pb2.PrepareReply(
+            ok=ok,
+            errors=errors_to_proto(errors, self.node_id),
+            prepare_s=time.perf_counter() - started,
+            changes=list(changes),
+            warnings=list(warnings),
+            epoch_seen=self._epoch,
+        )
+
+    def _drop_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None and isinstance(staged.prepared, Prepared):
+            self.loader.abort(staged.prepared)
+
+    def finish(self, request: agent_pb2.FinishRequest) -> agent_pb2.FinishReply:
+        rid = request.rollout_id
+        with self._op_lock:
+            if rid in self._finished:
+                done = agent_pb2.FinishReply()
+                done.CopyFrom(self._finished[rid])
+                done.already_finished = True
+                done.epoch_seen = self._epoch
+                return done
+            staged = self._staged
+            if staged is None or staged.rollout_id != rid:
+                what = f"rollout {staged.rollout_id!r}" if staged else "nothing"
+                return self._finish_reply(
+                    False,
+                    errors=[_err("*", f"rollout {rid!r} is not prepared here ({what} is)")],
+                )
+            self._state = "finishing"
+            try:
+                if isinstance(staged.prepared, _RollbackPlan):
+                    report = self.loader.rollback()
+                else:
+                    report = self.loader.finish(staged.prepared)
+            except FinishError as exc:
+                self._staged = None
+                self._settle()
+                return self._finish_reply(False, errors=exc.errors, restored=exc.restored)
+            except LoaderStateError as exc:
+                self._staged = None
+                self._settle()
+                return self._finish_reply(False, errors=exc.errors)
+            self._staged = None
+            reply = self._finish_reply(True, report=report)
+            _remember(self._finished, rid, reply)
+            self._settle()
+            log.info(
+                "rollout %s finished: now %s (pause %.2f ms)",
+                rid,
+                reply.release,
+                report.pause_s * 1000,
+            )
+            return reply
+
+    def _finish_reply(
+        self,
+        ok: bool,
+        *,
+        errors: Iterable[ModuleError] = (),
+        restored: bool = False,
+        report: FinishReport | None = None,
+    ) -> agent_pb2.FinishReply:
+        return agent_pb2.FinishReply(
+            ok=ok,
+            errors=errors_to_proto(errors, self.node_id),
+            restored=restored,
+            pause_s=report.pause_s if report else 0.0,
+            release=_label(self.loader.current_release),
+            warnings=list(report.warnings) if report else [],
+            epoch_seen=self._epoch,
+        )
+
+    def abort(self, request: agent_pb2.AbortRequest) -> agent_pb2.AbortReply:
+        with self._op_lock:
+            dropped = self._staged is not None and self._staged.rollout_id == request.rollout_id
+            if dropped:
+                self._drop_staged()
+                self._settle()
+            return agent_pb2.AbortReply(ok=True, dropped=dropped, epoch_seen=self._epoch)
+
+    def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.RollbackReply:
+        rid = request.rollout_id
+        with self._op_lock:
+            if rid and rid in self._rolled_back:
+                done = agent_pb2.RollbackReply()
+                done.CopyFrom(self._rolled_back[rid])
+                done.epoch_seen = self._epoch
+                return done
+            previous = _label(self.loader.previous_release)
+            if not self.loader.can_rollback:
+                return self._rollback_reply(
+                    False, errors=[_err("*", "no previous release is held in memory")]
+                )
+            if request.expected_release and request.expected_release != previous:
+                return self._rollback_reply(
+                    False,
+                    errors=[
+                        _err(
+                            "*",
+                            f"expected to return to {request.expected_release}, "
+                            f"but the previous release is {previous or '(boot code)'}",
+                        )
+                    ],
+                )
+            self._drop_staged()
+            self._state = "rolling_back"
+            try:
+                report = self.loader.rollback()
+            except (FinishError, LoaderStateError) as exc:
+                self._settle()
+                return self._rollback_reply(False, errors=exc.errors)
+            reply = self._rollback_reply(True, report=report)
+            if rid:
+                _remember(self._rolled_back, rid, reply)
+            self._settle()
+            log.info(
+                "rolled back to %s (pause %.2f ms)",
+                reply.release or "the boot code",
+                report.pause_s * 1000,
+            )
+            return reply
+
+    def _rollback_reply(
+        self,
+        ok: bool,
+        *,
+        errors: Iterable[ModuleError] = (),
+        report: FinishReport | None = None,
+    ) -> agent_pb2.RollbackReply:
+        return agent_pb2.RollbackReply(
+            ok=ok,
+            errors=errors_to_proto(errors, self.node_id),
+            pause_s=report.pause_s if report else 0.0,
+            release=_label(self.loader.current_release),
+            warnings=list(report.warnings) if report else [],
+            epoch_seen=self._epoch,
+        )
+
+    def make_permanent(
+        self, request: agent_pb2.MakePermanentRequest
+    ) -> agent_pb2.MakePermanentReply:
+        with self._op_lock:
+            current = _label(self.loader.current_release)
+            if request.release and request.release != current:
+                return agent_pb2.MakePermanentReply(
+                    ok=False,
+                    errors=errors_to_proto(
+                        [
+                            _err(
+                                "*",
+                                f"{request.release} is not current here ({current or 'boot code'} is)",
+                            )
+                        ],
+                        self.node_id,
+                    ),
+                    permanent_release=_label(self.loader.permanent_release),
+                    epoch_seen=self._epoch,
+                )
+            try:
+                self.loader.make_permanent()
+            except OSError as exc:
+                return agent_pb2.MakePermanentReply(
+                    ok=False,
+                    errors=errors_to_proto(
+                        [_err("*", f"cannot write the release to the code path: {exc}")],
+                        self.node_id,
+                    ),
+                    permanent_release=_label(self.loader.permanent_release),
+                    epoch_seen=self._epoch,
+                )
+            self._settle()
+            return agent_pb2.MakePermanentReply(
+                ok=True,
+                permanent_release=_label(self.loader.permanent_release),
+                epoch_seen=self._epoch,
+            )
+
+    def status(self) -> agent_pb2.StatusReply:
+        return agent_pb2.StatusReply(
+            node_id=self.node_id,
+            state=self.state,
+            current_release=_label(self.loader.current_release),
+            previous_release=_label(self.loader.previous_release),
+            permanent_release=_label(self.loader.permanent_release),
+            labels=self.labels,
+            epoch_seen=self._epoch,
+            prepared_rollout=self._staged.rollout_id if self._staged else "",
+        )
+
+    def module_status(self, modules: Sequence[str]) -> agent_pb2.ModuleStatusReply:
+        names = list(modules) or self.loader.loaded_modules()
+        out = []
+        for name in names:
+            s = self.loader.status(name)
+            out.append(
+                agent_pb2.ModuleState(
+                    module=s.module,
+                    state=s.state.value,
+                    release=s.release,
+                    loaded_digest=s.loaded_digest,
+                    disk_digest=s.disk_digest,
+                )
+            )
+        return agent_pb2.ModuleStatusReply(modules=out)
+
+    def health(self) -> agent_pb2.HealthReply:
+        s = self.metrics.snapshot()
+        return agent_pb2.HealthReply(
+            requests=s.requests,
+            errors=s.errors,
+            latency_bounds_s=list(s.latency_bounds_s),
+            latency_counts=list(s.latency_counts),
+            cpu_s=s.cpu_s,
+            rss_bytes=s.rss_bytes,
+            uncaught=s.uncaught,
+            gauges=dict(s.gauges),
+            uptime_s=s.uptime_s,
+            release=_label(self.loader.current_release),
+        )
+
+    # -------------------------------------------------------------- helpers
+    def _advertised(self, host: str) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        if host in ("0.0.0.0", "::", ""):
+            return socket.getfqdn()
+        return host
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+    cache[key] = value
+    while len(cache) > _REMEMBERED_ROLLOUTS:
+        cache.popitem(last=False)
+
+
+class _Servicer(agent_pb2_grpc.NodeAgentServicer):
+    """The gRPC face of :class:`Agent`: fencing, then the agent's operation."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def _fenced(self, epoch: int, context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
+        refusal = self.agent.fence(epoch)
+        if refusal is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        return call()
+
+    def Prepare(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._fenced(request.epoch, context, lambda: self.agent.prepare(request))
+
+    def Finish(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._fenced(request.epoch, context, lambda: self.agent.finish(request))
+
+    def Abort(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._fenced(request.epoch, context, lambda: self.agent.abort(request))
+
+    def Rollback(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._fenced(request.epoch, context, lambda: self.agent.rollback(request))
+
+    def MakePermanent(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._fenced(request.epoch, context, lambda: self.agent.make_permanent(request))
+
+    def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self.agent.status()
+
+    def ModuleStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self.agent.module_status(list(request.modules))
+
+    def Health(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self.agent.health()

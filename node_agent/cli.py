@@ -1,0 +1,231 @@
+"""``node-agent``: run a WSGI app on a threaded HTTP server with the agent in-process.
+
+::
+
+    node-agent --node-id n1 --code-path /srv/app --app shop.app:application \\
+        --http 0.0.0.0:8080 --listen 0.0.0.0:7070 --etcd http://etcd:2379 \\
+        --labels zone=eu-west,tier=web \\
+        --tls-cert agent.pem --tls-key agent.key --tls-ca fleet-ca.pem
+
+Without ``--tls-*`` the agent refuses to start unless ``--dev`` (or
+``HOTFLEET_DEV=1``) asks for an insecure development setup.  Once both
+servers listen it prints one line to stdout::
+
+    node-agent ready node=n1 grpc=127.0.0.1:40123 http=127.0.0.1:40124 pid=4242
+
+SIGTERM or SIGINT deregisters at once (revokes the lease), stops both
+servers and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import socketserver
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from node_agent.agent import DEFAULT_PREFIX, Agent, TLSFiles
+
+log = logging.getLogger("node_agent")
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    """wsgiref's server, one thread per connection."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 256
+    allow_reuse_address = True
+
+
+class QuietHandler(WSGIRequestHandler):
+    """Access log through logging at DEBUG instead of stderr lines."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s " + format, self.address_string(), *args)
+
+
+def _host_port(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{flag} wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _labels(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"labels are k=v[,k=v...], got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="node-agent",
+        description="Run a WSGI app with the hotfleet node agent in the same process.",
+    )
+    p.add_argument("--node-id", required=True, help="stable id of this node (membership key)")
+    p.add_argument(
+        "--code-path",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="directory holding the app's replaceable code (repeatable; the first one "
+        "receives permanent releases)",
+    )
+    p.add_argument("--app", required=True, metavar="MODULE:ATTR", help="the WSGI application")
+    p.add_argument(
+        "--http",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="HTTP address (port 0: any free one)",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="gRPC address (port 0: any free one)",
+    )
+    p.add_argument(
+        "--advertise-host", default=None, help="host to publish in etcd (default: the listen host)"
+    )
+    p.add_argument(
+        "--etcd",
+        default=os.environ.get("HOTFLEET_ETCD", "http://127.0.0.1:2379"),
+        metavar="URL[,URL...]",
+    )
+    p.add_argument("--etcd-ca", default=None, help="CA for https etcd endpoints")
+    p.add_argument("--etcd-cert", default=None, help="client certificate for etcd")
+    p.add_argument("--etcd-key", default=None, help="client key for etcd")
+    p.add_argument("--etcd-user", default=os.environ.get("HOTFLEET_ETCD_USER"))
+    p.add_argument("--etcd-password", default=os.environ.get("HOTFLEET_ETCD_PASSWORD"))
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="cluster key prefix in etcd")
+    p.add_argument("--labels", type=_labels, default={}, metavar="k=v,...")
+    p.add_argument("--lease-ttl", type=int, default=10, help="membership lease TTL in seconds")
+    p.add_argument("--cache-dir", default=None, help="local cache of fetched module sources")
+    p.add_argument(
+        "--drain-timeout", type=float, default=5.0, help="max wait for in-flight requests at finish"
+    )
+    p.add_argument("--tls-cert", default=None, help="agent server certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="agent server key (PEM)")
+    p.add_argument(
+        "--tls-ca", default=None, help="CA that signs coordinator client certificates (PEM)"
+    )
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        default=os.environ.get("HOTFLEET_DEV", "") not in ("", "0", "false", "no"),
+        help="insecure development mode: gRPC without TLS or authentication (also HOTFLEET_DEV=1)",
+    )
+    p.add_argument("--log-level", default=os.environ.get("HOTFLEET_LOG_LEVEL", "INFO"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [" + args.node_id + "] %(message)s",
+        stream=sys.stderr,
+    )
+    tls_given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(tls_given) and not all(tls_given):
+        parser.error("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")
+    tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if all(tls_given) else None
+    if tls is None and not args.dev:
+        parser.error(
+            "refusing to start without mutual TLS: an unauthenticated agent lets anyone who "
+            "reaches it load code into this process. Give --tls-cert/--tls-key/--tls-ca, or "
+            "--dev (HOTFLEET_DEV=1) for an insecure development setup"
+        )
+    http_host, http_port = _host_port(args.http, "--http")
+    _host_port(args.listen, "--listen")
+
+    for path in reversed(args.code_path):
+        sys.path.insert(0, os.path.abspath(path))
+    module_name, sep, attr = args.app.partition(":")
+    if not sep or not attr:
+        parser.error(f"--app wants MODULE:ATTR, got {args.app!r}")
+    module = importlib.import_module(module_name)
+    app = getattr(module, attr)
+
+    etcd_options = {
+        k: v
+        for k, v in {
+            "ca_cert": args.etcd_ca,
+            "cert_cert": args.etcd_cert,
+            "cert_key": args.etcd_key,
+            "user": args.etcd_user,
+            "password": args.etcd_password,
+        }.items()
+        if v is not None
+    }
+    agent = Agent(
+        args.node_id,
+        args.code_path,
+        args.etcd,
+        prefix=args.prefix,
+        listen=args.listen,
+        advertise_host=args.advertise_host,
+        labels=args.labels,
+        dev=args.dev,
+        tls=tls,
+        lease_ttl=args.lease_ttl,
+        cache_dir=args.cache_dir,
+        drain_timeout=args.drain_timeout,
+        etcd_options=etcd_options,
+    )
+    httpd = ThreadingWSGIServer((http_host, http_port), QuietHandler)
+    httpd.set_app(agent.wsgi(app))
+    bound_host, bound_port = str(httpd.server_address[0]), int(httpd.server_address[1])
+    advertised = agent._advertised(bound_host)
+    agent.http_address = f"{advertised}:{bound_port}"
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: deregistering and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    agent.start()  # reconciles to the permanent release before registering
+    server_thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="hotfleet-http", daemon=True
+    )
+    server_thread.start()
+    print(
+        f"node-agent ready node={args.node_id} grpc={agent.address} "
+        f"http={agent.http_address} pid={os.getpid()}",
+        flush=True,
+    )
+    log.info(
+        "serving %s on http://%s, NodeAgent gRPC on %s", args.app, agent.http_address, agent.address
+    )
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        agent.stop()
+        httpd.shutdown()
+        httpd.server_close()
+        server_thread.join(2)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Fleet membership: one etcd key per node, alive as long as its lease is.
+
+A thread owned by :class:`Membership` grants a lease, puts the node's key on
+it, and keeps the lease alive (a refresh every third of the TTL).  Whenever
+the payload changes (:meth:`Membership.publish`) the key is rewritten on the
+same lease.  Any etcd error ends the session: the thread says so in the log
+and in :attr:`Membership.connected`, then re-establishes a fresh session
+(new lease, key rewritten) with exponential backoff (tenacity) until etcd
+answers again.  The worker itself never waits for etcd.
+
+A SIGKILLed process stops refreshing, so its key disappears when the lease
+expires; :meth:`Membership.stop` revokes the lease, which deletes the key at
+once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
+
+from hotfleet.etcd_client import EtcdClient
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LeaseLost", "Membership"]
+
+
+class LeaseLost(RuntimeError):
+    """etcd answered but no longer knows the lease (it expired while we were cut off)."""
+
+
+class Membership:
+    """Keeps ``key`` = JSON ``payload()`` alive in etcd on a lease of ``ttl`` seconds.
+
+    ``client_factory`` builds a client (it is called again after errors, so a
+    broken channel is never reused forever); ``on_session`` runs on the
+    membership thread each time a session is being established, before the
+    key is written (the agent reconciles there); if it raises, the attempt
+    counts as failed and is retried with backoff.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        payload: Callable[[], dict[str, Any]],
+        client_factory: Callable[[], EtcdClient],
+        *,
+        ttl: int = 10,
+        on_session: Callable[[EtcdClient], None] | None = None,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        if ttl < 1:
+            raise ValueError("lease ttl must be at least 1 s")
+        self.key = key
+        self.ttl = ttl
+        self._payload = payload
+        self._client_factory = client_factory
+        self._on_session = on_session
+        self._max_backoff_s = max_backoff_s
+        self._stop = threading.Event()
+        self._dirty = threading.Event()
+        self._first_attempt = threading.Event()
+        self._lock = threading.Lock()
+        self._client: EtcdClient | None = None
+        self._lease_id: int | None = None
+        self._thread: threading.Thread | None = None
+        self.connected = False
+        self.last_error = ""
+        self.sessions = 0
+
+    # ------------------------------------------------------------- control
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._run, name=f"hotfleet-membership {self.key}", daemon=True
+        )
+        self._thread.start()
+
+    def wait_first_attempt(self, timeout: float | None = None) -> bool:
+        """Block until the first session succeeded or failed once."""
+        return self._first_attempt.wait(timeout)
+
+    def publish(self) -> None:
+        """Rewrite the key soon with a fresh payload (cheap; coalesced)."""
+        self._dirty.set()
+
+    @property
+    def client(self) -> EtcdClient | None:
+        """The client of the current session, if any (for reads by the agent)."""
+        return self._client
+
+    def stop(self, revoke: bool = True, timeout: float = 2.0) -> None:
+        """Stop the thread and, with ``revoke``, delete the key at once by revoking the lease."""
+        self._stop.set()
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            client, lease_id = self._client, self._lease_id
+            self._client, self._lease_id = None, None
+        if client is not None:
+            if revoke and lease_id is not None:
+                try:
+                    client.revoke_lease(lease_id)
+                except Exception as exc:  # etcd down: the lease expires by itself
+                    log.warning("could not revoke membership lease %x: %s", lease_id, exc)
+            client.close()
+        self.connected = False
+
+    # ------------------------------------------------------------- thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            retrying = Retrying(
+                wait=wait_exponential_jitter(initial=0.1, max=self._max_backoff_s, jitter=0.2),
+                stop=stop_when_event_set(self._stop),
+                retry=retry_if_exception_type(Exception),
+                sleep=self._sleep,
+                before_sleep=self._note_failure,
+                reraise=True,
+            )
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        self._establish()
+            except Exception:
+                if self._stop.is_set():
+                    break
+                continue  # the stop check above is the only way out
+            self._first_attempt.set()
+            try:
+                self._keepalive()
+            except Exception as exc:
+                self._fail(exc)
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)  # a stop interrupts the backoff
+
+    def _note_failure(self, state: Any) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        self._fail(exc)
+        log.warning(
+            "etcd unreachable for membership of %s (attempt %d, retrying in %.1fs): %s",
+            self.key,
+            state.attempt_number,
+            state.next_action.sleep if state.next_action else 0.0,
+            self.last_error,
+        )
+
+    def _fail(self, exc: BaseException | None) -> None:
+        was = self.connected
+        self.connected = False
+        self.last_error = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+        self._first_attempt.set()
+        if was:
+            log.error("lost etcd membership session for %s: %s", self.key, self.last_error)
+        with self._lock:
+            client, self._client, self._lease_id = self._client, None, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing a broken channel
+                client.close()
+
+    def _establish(self) -> None:
+        with self._lock:
+            if self._client is None:
+                self._client = self._client_factory()
+            client = self._client
+        if self._on_session is not None:
+            self._on_session(client)
+        lease = client.lease(self.ttl)
+        self._dirty.clear()
+        client.put(self.key, self._encode(), lease=lease.id)
+        with self._lock:
+            self._lease_id = lease.id
+        self.sessions += 1
+        if not self.connected and self.sessions > 1:
+            log.warning("etcd reachable again: %s re-registered", self.key)
+        self.connected = True
+        self.last_error = ""
+
+    def _keepalive(self) -> None:
+        interval = max(self.ttl / 3.0, 0.2)
+        while not self._stop.is_set():
+            self._dirty.wait(interval)
+            if self._stop.is_set():
+                return
+            with self._lock:
+                client, lease_id = self._client, self._lease_id
+            if client is None or lease_id is None:
+                raise LeaseLost("session closed")
+            if self._dirty.is_set():
+                self._dirty.clear()
+                client.put(self.key, self._encode(), lease=lease_id)
+            replies = list(client.refresh_lease(lease_id))
+            if not replies or replies[0].TTL <= 0:
+                raise LeaseLost(f"lease {lease_id:x} expired")
+
+    def _encode(self) -> str:
+        return json.dumps(self._payload(), sort_keys=True)
