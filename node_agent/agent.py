@@ -11,7 +11,8 @@ server, see :mod:`node_agent.cli`)::
     ...
     agent.stop()                        # deregister at once, stop gRPC
 
-Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``):
+Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``; every key is built by
+:class:`hotfleet.keys.Keys`):
 
 ``<prefix>nodes/<node_id>``
     Membership, written by the agent on a lease (keepalive every TTL/3; the
@@ -29,6 +30,7 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``):
          "prepared_rollout": "",  "epoch_seen": 7,
          "pid": 4242, "started_at": 1718000000.0,            # unix seconds
          "secure": true,                                    # false in dev mode
+         "trusted_keys": ["3f2a9c0d1e4b5a67"],              # release-signing key ids
          "health": {"requests": 10, "errors": 0, "uncaught": 0}}
 
 ``<prefix>releases/permanent``
@@ -37,12 +39,23 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``):
 
         {"release": "shop@1.0.0",
          "digest": "<Release.digest>",
-         "manifest": <Release.to_manifest()>}
+         "manifest": <Release.to_manifest()>,
+         "signature": "<ed25519 signature, hex>",   # may lack only in dev mode
+         "signer": "<key id>"}
 
     If the node's boot code differs from it (compared module by module by
     digest), the agent fetches the sources, prepares, finishes and makes it
     permanent *before* it registers; if the boot code already is that
-    release, the agent just records it as current and permanent.
+    release, the agent just records it as current and permanent.  The
+    signature is verified as for a Prepare (below) before anything is loaded.
+
+``<prefix>rollouts/<id>/decision``
+    ``commit`` or ``abort``, written once by the coordinator: the 2PC commit
+    point.  While a rollout is prepared here, a thread the agent owns polls
+    its decision key every 0.2 s and acts on it by itself (finish on
+    ``commit``, drop on ``abort``), through the same code paths as the Finish
+    and Abort RPCs and idempotent with them; so a prepared node never depends
+    on the coordinator that prepared it.  An unreachable etcd is retried.
 
 ``<prefix>blobs/<sha256>/...``
     Module sources by digest (:class:`hotfleet.store.EtcdBlobBackend`); the
@@ -51,12 +64,23 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``):
 
 Fencing: every mutating RPC carries the coordinator's epoch; one lower than
 the highest seen is refused with ``FAILED_PRECONDITION``.  The highest epoch
-is kept in memory only (a restarted agent accepts any epoch again; the
-coordinator's fenced etcd writes still protect the fleet's records).
+is persisted (atomic write) in ``cache_dir`` as
+``epoch-<node_id>-<hash of prefix>.json`` = ``{"epoch": 7}`` and loaded at
+start, so a restarted agent keeps fencing a deposed leader.
+
+Signing: outside dev mode the agent needs at least one trusted ed25519 key
+(``trusted_keys``, ``node-agent --trust-key``) and refuses to start without
+one; every Prepare must carry ``ReleaseManifest.signature``/``signer`` valid
+over the release digest (which the agent checks against the digest it
+recomputes from the manifest), or it is refused with ``*: unsigned`` /
+``*: bad_signature``.  In dev mode an unsigned release is accepted, but a
+signature that is present is verified when trusted keys are configured.  A
+rollback target needs no signature: it is code this process already ran.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -72,11 +96,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
+from hotfleet.keys import DEFAULT_PREFIX, Keys
 from hotfleet.release import Release
+from hotfleet.signing import load_public_keys, verify_release
 from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
 from hotfleet.wire import errors_to_proto, manifest_from_proto
 from node_agent.drain import WSGIMiddleware
@@ -92,9 +119,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PREFIX", "Agent", "SourcesUnavailable", "TLSFiles", "permanent_record"]
 
-DEFAULT_PREFIX = "/hotfleet/"
 METRICS_PATH = "/-/metrics"
 _REMEMBERED_ROLLOUTS = 64
+DECISION_POLL_S = 0.2  # how often a prepared agent reads its rollout's decision key
 
 
 @dataclass(frozen=True)
@@ -113,12 +140,22 @@ class TLSFiles:
         )
 
 
-def permanent_record(release: Release) -> str:
-    """The value of ``<prefix>releases/permanent`` for ``release`` (what a coordinator writes)."""
-    return json.dumps(
-        {"release": release.label, "digest": release.digest, "manifest": release.to_manifest()},
-        sort_keys=True,
-    )
+def permanent_record(release: Release, signature: str = "", signer: str = "") -> str:
+    """The value of ``<prefix>releases/permanent`` for ``release`` (what a coordinator writes).
+
+    ``signature`` (hex) and ``signer`` (key id) come from
+    :func:`hotfleet.signing.sign_release`; agents outside dev mode refuse an
+    unsigned record.
+    """
+    record: dict[str, Any] = {
+        "release": release.label,
+        "digest": release.digest,
+        "manifest": release.to_manifest(),
+    }
+    if signature:
+        record["signature"] = signature
+        record["signer"] = signer
+    return json.dumps(record, sort_keys=True)
 
 
 class SourcesUnavailable(HotfleetError):
@@ -139,6 +176,7 @@ class _Staged:
     label: str
     prepared: Prepared | _RollbackPlan
     reply: agent_pb2.PrepareReply
+    watch: _DecisionWatch | None = None
 
 
 def _label(info: ReleaseInfo | None) -> str:
@@ -165,6 +203,9 @@ class Agent:
         http_address: str = "",
         dev: bool = False,
         tls: TLSFiles | None = None,
+        trusted_keys: Mapping[str, Ed25519PublicKey]
+        | Iterable[str | os.PathLike[str]]
+        | None = None,
         lease_ttl: int = 10,
         cache_dir: str | os.PathLike[str] | None = None,
         drain_timeout: float = 5.0,
@@ -182,10 +223,25 @@ class Agent:
                 "agent is remote code execution. Give tls=TLSFiles(cert, key, ca), or dev=True "
                 "for an insecure development setup"
             )
+        if isinstance(trusted_keys, Mapping):
+            self.trusted_keys: dict[str, Ed25519PublicKey] = dict(trusted_keys)
+        elif isinstance(trusted_keys, str | os.PathLike):
+            self.trusted_keys = load_public_keys([trusted_keys])
+        else:
+            self.trusted_keys = load_public_keys(trusted_keys or ())
+        if not dev and not self.trusted_keys:
+            raise ValueError(
+                "refusing to start without a trusted release-signing key: outside dev mode "
+                "every release must carry an ed25519 signature that the agent verifies before "
+                "it prepares anything. Give trusted_keys=[path to release-signing.pub] "
+                "(node-agent --trust-key PATH; make one with `python -m hotfleet.signing "
+                "keygen DIR`), or dev=True for an insecure development setup"
+            )
         if etcd is not None:
             parse_endpoints(etcd)  # fail on a bad URL now, not in a background thread
         self.node_id = node_id
-        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.keys = Keys(prefix)
+        self.prefix = self.keys.prefix
         self.labels = dict(labels or {})
         self.listen = listen
         self.advertise_host = advertise_host
@@ -209,8 +265,10 @@ class Agent:
 
         self._op_lock = threading.RLock()  # serializes every mutating operation
         self._state = "starting"
-        self._epoch = 0
         self._epoch_lock = threading.Lock()
+        self._epoch = self._load_epoch()
+        self._watches: set[_DecisionWatch] = set()
+        self._watch_lock = threading.Lock()
         self._staged: _Staged | None = None
         self._finished: OrderedDict[str, agent_pb2.FinishReply] = OrderedDict()
         self._rolled_back: OrderedDict[str, agent_pb2.RollbackReply] = OrderedDict()
@@ -222,7 +280,7 @@ class Agent:
         self.membership: Membership | None = None
         if etcd is not None:
             self.membership = Membership(
-                f"{self.prefix}nodes/{node_id}",
+                self.keys.node(node_id),
                 self.membership_record,
                 self._new_client,
                 ttl=lease_ttl,
@@ -272,13 +330,19 @@ class Agent:
             )
 
     def stop(self, grace: float = 1.0) -> None:
-        """Deregister at once (revoke the lease), then stop the gRPC server."""
+        """Deregister at once (revoke the lease), stop the gRPC server and decision polls."""
         self._state = "stopping"
         if self.membership is not None:
             self.membership.stop(revoke=True)
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
             self._server = None
+        with self._watch_lock:
+            watches = list(self._watches)
+        for watch in watches:
+            watch.stop()
+        for watch in watches:
+            watch.join(self.etcd_timeout + 1.0)
         with self._data_lock:
             if self._data_client is not None:
                 self._data_client.close()
@@ -361,6 +425,7 @@ class Agent:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "secure": self.tls is not None,
+            "trusted_keys": sorted(self.trusted_keys),
             "health": {"requests": snap.requests, "errors": snap.errors, "uncaught": snap.uncaught},
         }
 
@@ -399,7 +464,7 @@ class Agent:
             return self._data_client
 
     def content_store(self) -> ContentStore:
-        return ContentStore(EtcdBlobBackend(self._client(), f"{self.prefix}blobs/"), self.cache)
+        return ContentStore(EtcdBlobBackend(self._client(), self.keys.blobs), self.cache)
 
     def fetch_release(self, manifest: Mapping[str, Any]) -> Release:
         """Rebuild a release from its manifest, sources from the cache or etcd.
@@ -445,7 +510,7 @@ class Agent:
         """Bring the boot code to the fleet's permanent release (once, before registering)."""
         if self._reconciled:
             return
-        raw, _ = client.get(f"{self.prefix}releases/permanent")
+        raw, _ = client.get(self.keys.permanent)
         if raw is None:
             self._reconciled = True
             self._settle()
@@ -455,8 +520,10 @@ class Agent:
                 record = json.loads(raw)
                 manifest = record["manifest"]
                 target = ReleaseInfo(manifest["name"], manifest["version"], record["digest"])
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("unreadable %sreleases/permanent, not reconciling: %s", self.prefix, exc)
+                signature = str(record.get("signature") or "")
+                signer = str(record.get("signer") or "")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.error("unreadable %s, not reconciling: %s", self.keys.permanent, exc)
                 self._reconciled = True
                 self._settle()
                 return
@@ -470,7 +537,19 @@ class Agent:
             self._state = "reconciling"
             log.info("reconciling boot code to the permanent release %s", target.label)
             try:
+                self.check_signature(target.digest, signature, signer, target.label)
                 release = self.fetch_release(manifest)
+                if release.digest != target.digest:
+                    raise HotfleetError(
+                        [
+                            _err(
+                                "*",
+                                f"permanent record digest {target.digest} != content digest "
+                                f"{release.digest}",
+                                Reason.DIGEST_MISMATCH,
+                            )
+                        ]
+                    )
             except SourcesUnavailable:
                 self._state = "starting"
                 raise  # etcd trouble: the membership thread retries with backoff
@@ -517,9 +596,79 @@ class Agent:
                 )
             if epoch > self._epoch:
                 self._epoch = epoch
+                self._save_epoch(epoch)
                 if self.membership is not None:
                     self.membership.publish()
             return None
+
+    @property
+    def epoch_path(self) -> Path:
+        """Where the highest epoch seen survives a restart (per node and cluster prefix)."""
+        tag = hashlib.sha256(self.keys.prefix.encode()).hexdigest()[:8]
+        return self.cache.directory / f"epoch-{self.node_id}-{tag}.json"
+
+    def _load_epoch(self) -> int:
+        path = self.epoch_path
+        try:
+            epoch = json.loads(path.read_text())["epoch"]
+            if not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(f"not an epoch: {epoch!r}")
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("unreadable epoch file %s, starting from epoch 0: %s", path, exc)
+            return 0
+        log.info("highest coordinator epoch seen before the restart: %d (from %s)", epoch, path)
+        return epoch
+
+    def _save_epoch(self, epoch: int) -> None:
+        """Atomically replace the epoch file (temp file, fsync, rename)."""
+        path = self.epoch_path
+        tmp = ""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as out:
+                json.dump({"epoch": epoch, "node_id": self.node_id, "prefix": self.prefix}, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+            tmp = ""
+        except OSError as exc:  # the fence still holds in memory
+            log.error("cannot persist epoch %d to %s: %s", epoch, path, exc)
+        finally:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------- signing
+    def check_signature(self, digest: str, signature_hex: str, signer: str, label: str) -> None:
+        """Apply the signing policy to a release; raise :class:`HotfleetError` to refuse it.
+
+        Outside dev mode a valid signature by a trusted key is required; in
+        dev mode an unsigned release passes, a signed one is verified if
+        trusted keys are configured.
+        """
+        if not signature_hex and self.dev:
+            log.warning("dev mode: accepting the unsigned release %s", label or digest)
+            return
+        if signature_hex and not self.trusted_keys:  # dev mode only: non-dev requires keys
+            log.warning(
+                "dev mode: release %s is signed by %s but no trusted key is configured; "
+                "signature not verified",
+                label or digest,
+                signer or "?",
+            )
+            return
+        try:
+            verify_release(digest, signature_hex, signer, self.trusted_keys)
+        except HotfleetError as exc:
+            log.error(
+                "node %s refuses release %s: %s",
+                self.node_id,
+                label or digest,
+                "; ".join(map(str, exc.errors)),
+            )
+            raise
 
     # ----------------------------------------------------------- operations
     def prepare(self, request: agent_pb2.PrepareRequest) -> agent_pb2.PrepareReply:
@@ -537,16 +686,33 @@ class Agent:
                 return self._prepare_reply(True, started)
             if request.rollback_target:
                 return self._prepare_rollback(request, started)
+            wire = request.release
+            label = f"{wire.name}@{wire.version}"
             try:
-                manifest = manifest_from_proto(request.release)
+                manifest = manifest_from_proto(wire)
+                if wire.digest:  # refuse before fetching anything
+                    self.check_signature(wire.digest, wire.signature.hex(), wire.signer, label)
                 release = self.fetch_release(manifest)
+                if wire.digest and wire.digest != release.digest:
+                    # Release.from_manifest refuses this already; never sign off on it here
+                    raise HotfleetError(
+                        [
+                            _err(
+                                "*",
+                                f"manifest digest {wire.digest} != content digest {release.digest}",
+                                Reason.DIGEST_MISMATCH,
+                            )
+                        ]
+                    )
+                if not wire.digest:
+                    self.check_signature(release.digest, wire.signature.hex(), wire.signer, label)
             except HotfleetError as exc:
                 return self._prepare_reply(False, started, exc.errors)
             except ValueError as exc:
                 return self._prepare_reply(
                     False, started, [_err(request.release.name or "*", f"bad manifest: {exc}")]
                 )
-            self._drop_staged()
+            self._drop_staged(f"superseded by rollout {rid!r}")
             try:
                 prepared = self.loader.prepare(release, force=request.force)
             except PrepareError as exc:
@@ -563,8 +729,7 @@ class Agent:
                 ],
                 warnings=prepared.warnings,
             )
-            self._staged = _Staged(rid, release.digest, release.label, prepared, reply)
-            self._settle()
+            self._stage(_Staged(rid, release.digest, release.label, prepared, reply))
             return reply
 
     def _prepare_rollback(
@@ -587,12 +752,11 @@ class Agent:
                     )
                 ],
             )
-        self._drop_staged()
+        self._drop_staged(f"superseded by rollback rollout {request.rollout_id!r}")
         reply = self._prepare_reply(True, started)
-        self._staged = _Staged(
-            request.rollout_id, request.release.digest, want, _RollbackPlan(want), reply
+        self._stage(
+            _Staged(request.rollout_id, request.release.digest, want, _RollbackPlan(want), reply)
         )
-        self._settle()
         return reply
 
     def _prepare_reply(
@@ -612,10 +776,89 @@ class Agent:
             epoch_seen=self._epoch,
         )
 
-    def _drop_staged(self) -> None:
+    # --------------------------------------------- the prepared rollout
+    def _stage(self, staged: _Staged) -> None:
+        """Hold ``staged`` as the prepared rollout and watch its decision key (op lock held)."""
+        self._staged = staged
+        if self.etcd_endpoints is not None and staged.rollout_id and self._state != "stopping":
+            staged.watch = _DecisionWatch(self, staged.rollout_id)
+            with self._watch_lock:
+                self._watches.add(staged.watch)
+            staged.watch.start()
+        self._settle()
+
+    def _take_staged(self) -> _Staged | None:
+        """Stop holding the prepared rollout (op lock held); its decision watch ends."""
         staged, self._staged = self._staged, None
-        if staged is not None and isinstance(staged.prepared, Prepared):
+        if staged is not None and staged.watch is not None:
+            staged.watch.stop()  # not joined: this may be the watch's own thread
+        return staged
+
+    def _drop_staged(self, why: str = "") -> None:
+        staged = self._take_staged()
+        if staged is None:
+            return
+        if why:
+            log.warning(
+                "dropping prepared rollout %s (%s): %s", staged.rollout_id, staged.label, why
+            )
+        if isinstance(staged.prepared, Prepared):
             self.loader.abort(staged.prepared)
+
+    def _watch_ended(self, watch: _DecisionWatch) -> None:
+        with self._watch_lock:
+            self._watches.discard(watch)
+
+    def apply_decision(
+        self, rollout_id: str, decision: str, watch: _DecisionWatch | None = None
+    ) -> bool:
+        """Act on a rollout's durable decision read from etcd; True once nothing is left to do.
+
+        ``commit`` finishes the prepared rollout through :meth:`finish`,
+        ``abort`` drops it through :meth:`abort`; both are idempotent with the
+        coordinator's own Finish/Abort RPCs (the op lock serializes them and
+        finished rollouts are remembered).
+        """
+        with self._op_lock:
+            staged = self._staged
+            if (
+                self._state == "stopping"
+                or staged is None
+                or staged.rollout_id != rollout_id
+                or (watch is not None and (watch.stopped.is_set() or staged.watch is not watch))
+            ):
+                return True  # finished, aborted or superseded meanwhile
+            if decision == "commit":
+                log.warning(
+                    "rollout %s: decision 'commit' found in etcd; finishing %s here without "
+                    "waiting for the coordinator",
+                    rollout_id,
+                    staged.label,
+                )
+                reply = self.finish(agent_pb2.FinishRequest(rollout_id=rollout_id))
+                if reply.ok:
+                    log.warning(
+                        "rollout %s: finished by the agent itself on the durable commit; now %s",
+                        rollout_id,
+                        reply.release,
+                    )
+                else:
+                    log.error(
+                        "rollout %s: self-driven finish failed: %s",
+                        rollout_id,
+                        "; ".join(f"{e.module}: {e.reason}: {e.detail}" for e in reply.errors),
+                    )
+                return True
+            if decision == "abort":
+                log.warning(
+                    "rollout %s: decision 'abort' found in etcd; dropping the prepared %s "
+                    "without waiting for the coordinator",
+                    rollout_id,
+                    staged.label,
+                )
+                self.abort(agent_pb2.AbortRequest(rollout_id=rollout_id))
+                return True
+            return False
 
     def finish(self, request: agent_pb2.FinishRequest) -> agent_pb2.FinishReply:
         rid = request.rollout_id
@@ -634,20 +877,18 @@ class Agent:
                     errors=[_err("*", f"rollout {rid!r} is not prepared here ({what} is)")],
                 )
             self._state = "finishing"
+            self._take_staged()
             try:
                 if isinstance(staged.prepared, _RollbackPlan):
                     report = self.loader.rollback()
                 else:
                     report = self.loader.finish(staged.prepared)
             except FinishError as exc:
-                self._staged = None
                 self._settle()
                 return self._finish_reply(False, errors=exc.errors, restored=exc.restored)
             except LoaderStateError as exc:
-                self._staged = None
                 self._settle()
                 return self._finish_reply(False, errors=exc.errors)
-            self._staged = None
             reply = self._finish_reply(True, report=report)
             _remember(self._finished, rid, reply)
             self._settle()
@@ -683,6 +924,7 @@ class Agent:
             if dropped:
                 self._drop_staged()
                 self._settle()
+                log.info("rollout %s aborted: prepared release dropped", request.rollout_id)
             return agent_pb2.AbortReply(ok=True, dropped=dropped, epoch_seen=self._epoch)
 
     def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.RollbackReply:
@@ -709,7 +951,7 @@ class Agent:
                         )
                     ],
                 )
-            self._drop_staged()
+            self._drop_staged(f"rollback {rid!r} takes precedence")
             self._state = "rolling_back"
             try:
                 report = self.loader.rollback()
@@ -832,6 +1074,80 @@ class Agent:
         if host in ("0.0.0.0", "::", ""):
             return socket.getfqdn()
         return host
+
+
+class _DecisionWatch:
+    """Polls one prepared rollout's decision key and has the agent act on it.
+
+    Started when the rollout is prepared, stopped when it is finished,
+    aborted or superseded (by whoever: an RPC or this watch) and joined when
+    the agent stops.  etcd errors are retried at the same pace; the client
+    from :mod:`hotfleet.etcd_client` never locks an endpoint out.
+    """
+
+    def __init__(self, agent: Agent, rollout_id: str, interval: float = DECISION_POLL_S) -> None:
+        self.agent = agent
+        self.rollout_id = rollout_id
+        self.interval = interval
+        self.key = agent.keys.decision(rollout_id)
+        self.stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"hotfleet-decision {rollout_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            self._poll()
+        except Exception:  # a bug here must not go unnoticed, nor kill the worker
+            log.exception("rollout %s: decision watch crashed", self.rollout_id)
+        finally:
+            self.agent._watch_ended(self)
+
+    def _poll(self) -> None:
+        failing = False
+        odd = ""
+        while not self.stopped.wait(self.interval):
+            try:
+                raw, _ = self.agent._client().get(self.key)
+            except Exception as exc:
+                if not failing:
+                    log.warning(
+                        "rollout %s: cannot read decision %s (%s: %s); retrying every %.1fs",
+                        self.rollout_id,
+                        self.key,
+                        type(exc).__name__,
+                        exc,
+                        self.interval,
+                    )
+                failing = True
+                continue
+            if failing:
+                log.info("rollout %s: decision key readable again", self.rollout_id)
+                failing = False
+            if raw is None:
+                continue
+            decision = raw.decode("utf-8", "replace").strip()
+            if self.agent.apply_decision(self.rollout_id, decision, self):
+                return
+            if decision != odd:
+                odd = decision
+                log.error(
+                    "rollout %s: unknown decision %r at %s (expected commit or abort); "
+                    "still waiting",
+                    self.rollout_id,
+                    decision,
+                    self.key,
+                )
 
 
 def _join(host: str, port: int) -> str:

@@ -5,10 +5,13 @@
     node-agent --node-id n1 --code-path /srv/app --app shop.app:application \\
         --http 0.0.0.0:8080 --listen 0.0.0.0:7070 --etcd http://etcd:2379 \\
         --labels zone=eu-west,tier=web \\
-        --tls-cert agent.pem --tls-key agent.key --tls-ca fleet-ca.pem
+        --tls-cert agent.pem --tls-key agent.key --tls-ca fleet-ca.pem \\
+        --trust-key release-signing.pub
 
-Without ``--tls-*`` the agent refuses to start unless ``--dev`` (or
-``HOTFLEET_DEV=1``) asks for an insecure development setup.  Once both
+Without mutual TLS (``--tls-*``), or without at least one ``--trust-key`` (an
+ed25519 public key from ``python -m hotfleet.signing keygen DIR``; every
+release must be signed by one of them), the agent refuses to start unless
+``--dev`` (or ``HOTFLEET_DEV=1``) asks for an insecure development setup.  Once both
 servers listen it prints one line to stdout::
 
     node-agent ready node=n1 grpc=127.0.0.1:40123 http=127.0.0.1:40124 pid=4242
@@ -32,7 +35,9 @@ from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from node_agent.agent import DEFAULT_PREFIX, Agent, TLSFiles
+from hotfleet.keys import DEFAULT_PREFIX
+from hotfleet.signing import load_public_keys
+from node_agent.agent import Agent, TLSFiles
 
 log = logging.getLogger("node_agent")
 
@@ -123,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-ca", default=None, help="CA that signs coordinator client certificates (PEM)"
     )
     p.add_argument(
+        "--trust-key",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="ed25519 public key (PEM) whose release signatures this agent accepts (repeatable; "
+        "required outside --dev)",
+    )
+    p.add_argument(
         "--dev",
         action="store_true",
         default=os.environ.get("HOTFLEET_DEV", "") not in ("", "0", "false", "no"),
@@ -150,6 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reaches it load code into this process. Give --tls-cert/--tls-key/--tls-ca, or "
             "--dev (HOTFLEET_DEV=1) for an insecure development setup"
         )
+    if not args.trust_key and not args.dev:
+        parser.error(
+            "refusing to start without a trusted release-signing key: outside dev mode every "
+            "release must be signed (ed25519) and verified before it is prepared. Give "
+            "--trust-key PATH (a release-signing.pub made by `python -m hotfleet.signing keygen "
+            "DIR`), or --dev (HOTFLEET_DEV=1) for an insecure development setup"
+        )
+    try:
+        trusted_keys = load_public_keys(args.trust_key)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--trust-key: {exc}")
     http_host, http_port = _host_port(args.http, "--http")
     _host_port(args.listen, "--listen")
 
@@ -182,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels=args.labels,
         dev=args.dev,
         tls=tls,
+        trusted_keys=trusted_keys,
         lease_ttl=args.lease_ttl,
         cache_dir=args.cache_dir,
         drain_timeout=args.drain_timeout,

@@ -8,6 +8,8 @@ agent writes permanent releases into its code path).
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import queue
@@ -20,14 +22,22 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from hotfleet.etcd_client import EtcdClient
+from hotfleet.keys import Keys
 from hotfleet.release import Release
+from hotfleet.signing import sign_release
 from hotfleet.store import ContentStore, EtcdBlobBackend
 from hotfleet.wire import release_to_proto
 
@@ -42,12 +52,106 @@ def release(name: str) -> Release:
     return Release.from_path(RELEASES / name)
 
 
-def publish(client: EtcdClient, prefix: str, rel: Release) -> common_pb2.ReleaseManifest:
-    """Put a release's sources in the cluster's content store; its wire manifest."""
-    store = ContentStore(EtcdBlobBackend(client, f"{prefix}blobs/"))
+def publish(
+    client: EtcdClient, prefix: str, rel: Release, key: Ed25519PrivateKey | None = None
+) -> common_pb2.ReleaseManifest:
+    """Put a release's sources in the cluster's content store; its wire manifest.
+
+    With ``key`` the manifest carries an ed25519 signature over the release digest.
+    """
+    store = ContentStore(EtcdBlobBackend(client, Keys(prefix).blobs))
     for module in rel.modules:
         store.put(module.source)
-    return release_to_proto(rel)
+    manifest = release_to_proto(rel)
+    if key is not None:
+        signature, signer = sign_release(rel.digest, key)
+        manifest.signature, manifest.signer = bytes.fromhex(signature), signer
+    return manifest
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A throwaway CA, an agent server certificate and a coordinator client certificate."""
+
+    ca: Path
+    agent_cert: Path
+    agent_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.ca.read_bytes(), self.client_key.read_bytes(), self.client_cert.read_bytes()
+        )
+
+
+def make_pki(directory: Path) -> Pki:
+    """Write a CA plus agent (SAN 127.0.0.1, localhost) and client certificates (PEM)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("hotfleet-test-ca"))
+        .issuer_name(name("hotfleet-test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def issue(
+        cn: str, san: list[x509.GeneralName] | None
+    ) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), key
+
+    agent_pem, agent_key = issue(
+        "agent",
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
+    )
+    client_pem, client_key = issue("coordinator", None)
+    pki = Pki(
+        ca=directory / "ca.pem",
+        agent_cert=directory / "agent.pem",
+        agent_key=directory / "agent.key",
+        client_cert=directory / "coord.pem",
+        client_key=directory / "coord.key",
+    )
+    pki.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    pki.agent_cert.write_bytes(agent_pem)
+    write_key(agent_key, pki.agent_key)
+    pki.client_cert.write_bytes(client_pem)
+    write_key(client_key, pki.client_key)
+    return pki
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
@@ -65,10 +169,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 class AgentProcess:
     """One ``python -m node_agent.cli`` subprocess and a gRPC stub to it."""
 
-    def __init__(self, proc: subprocess.Popen[str], log_path: Path, code_path: Path) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[str],
+        log_path: Path,
+        code_path: Path,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.proc = proc
         self.log_path = log_path
         self.code_path = code_path
+        self.credentials = credentials
         self.grpc_address = ""
         self.http_address = ""
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -104,7 +215,11 @@ class AgentProcess:
     @property
     def stub(self) -> agent_pb2_grpc.NodeAgentStub:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.grpc_address)
+            self._channel = (
+                grpc.insecure_channel(self.grpc_address)
+                if self.credentials is None
+                else grpc.secure_channel(self.grpc_address, self.credentials)
+            )
         return agent_pb2_grpc.NodeAgentStub(self._channel)
 
     def status(self) -> agent_pb2.StatusReply:
@@ -174,7 +289,11 @@ class Agents:
         labels: str = "",
         wait: bool = True,
         endpoint: str | None = None,
+        dev: bool = True,
+        pki: Pki | None = None,
+        trust_keys: list[Path] | None = None,
     ) -> AgentProcess:
+        """Start an agent (``--dev`` unless ``dev=False``, which wants ``pki`` and keys)."""
         code = code_path or self.code_copy(node_id)
         log_path = self.tmp_path / f"{node_id}-{len(self.procs)}.log"
         cmd = [
@@ -199,8 +318,14 @@ class Agents:
             str(lease_ttl),
             "--cache-dir",
             str(self.tmp_path / f"cache-{node_id}"),
-            "--dev",
         ]
+        if dev:
+            cmd.append("--dev")
+        if pki is not None:
+            cmd += ["--tls-cert", str(pki.agent_cert), "--tls-key", str(pki.agent_key)]
+            cmd += ["--tls-ca", str(pki.ca)]
+        for key in trust_keys or ():
+            cmd += ["--trust-key", str(key)]
         if labels:
             cmd += ["--labels", labels]
         full_env = {
@@ -208,6 +333,7 @@ class Agents:
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
+            "HOTFLEET_DEV": "1" if dev else "",
             **(env or {}),
         }
         with open(log_path, "w") as log_file:
@@ -219,7 +345,8 @@ class Agents:
                 env=full_env,
                 cwd=self.tmp_path,
             )
-        agent = AgentProcess(proc, log_path, code)
+        credentials = pki.client_credentials() if pki is not None else None
+        agent = AgentProcess(proc, log_path, code, credentials)
         self.procs.append(agent)
         if wait:
             agent.wait_ready()
@@ -231,7 +358,7 @@ class Agents:
 
 
 def node_key(prefix: str, node_id: str) -> str:
-    return f"{prefix}nodes/{node_id}"
+    return Keys(prefix).node(node_id)
 
 
 def read_member(client: EtcdClient, prefix: str, node_id: str) -> dict[str, Any] | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -11,13 +9,15 @@ import grpc
 import pytest
 
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
-from hotfleet.errors import ModuleError, Reason
+from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.release import Release
+from hotfleet.signing import generate_keypair, load_private_key, sign_release
 from hotfleet.wire import errors_from_proto, errors_to_proto, manifest_from_proto, release_to_proto
 from node_agent import Agent
 from node_agent.agent import TLSFiles
 from node_agent.drain import RequestRecord
 from node_agent.metrics import Metrics
+from tests.agents import make_pki
 
 RELEASES = Path(__file__).resolve().parents[1] / "examples" / "releases"
 
@@ -92,35 +92,24 @@ def test_library_agent_without_etcd_serves_status(tmp_path: Path) -> None:
         assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A release-signing key pair; returns the directory holding ``k.key`` / ``k.pub``."""
+    d = tmp_path_factory.mktemp("signing")
+    generate_keypair(d / "k.key", d / "k.pub")
+    return d
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-def test_mutual_tls_refuses_clients_without_a_certificate(tmp_path: Path) -> None:
-    def cert(name: str, cn: str, ext: str = "") -> None:
-        _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=tmp_path)  # fmt: skip
-        extra = ["-extfile", "ext.cnf"] if ext else []
-        if ext:
-            (tmp_path / "ext.cnf").write_text(ext)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "1", "-out", f"{name}.pem", *extra, cwd=tmp_path)  # fmt: skip
-
-    _openssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=fleet-ca",
-             "-days", "1", "-keyout", "ca.key", "-out", "ca.pem", cwd=tmp_path)  # fmt: skip
-    cert("agent", "agent", "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    cert("coord", "coordinator")
-    read = lambda name: (tmp_path / name).read_bytes()  # noqa: E731
-    tls = TLSFiles(
-        str(tmp_path / "agent.pem"), str(tmp_path / "agent.key"), str(tmp_path / "ca.pem")
-    )
-    with Agent("secure", [tmp_path], None, tls=tls) as agent:
-        good = grpc.ssl_channel_credentials(read("ca.pem"), read("coord.key"), read("coord.pem"))
-        with grpc.secure_channel(agent.address, good) as channel:
+def test_mutual_tls_refuses_clients_without_a_certificate(
+    tmp_path: Path, signing_key: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls = TLSFiles(str(pki.agent_cert), str(pki.agent_key), str(pki.ca))
+    with Agent("secure", [tmp_path], None, tls=tls, trusted_keys=[signing_key / "k.pub"]) as agent:
+        with grpc.secure_channel(agent.address, pki.client_credentials()) as channel:
             stub = agent_pb2_grpc.NodeAgentStub(channel)
             assert stub.Status(agent_pb2.StatusRequest(), timeout=5).node_id == "secure"
-        anonymous = grpc.ssl_channel_credentials(read("ca.pem"))
+        anonymous = grpc.ssl_channel_credentials(pki.ca.read_bytes())
         with grpc.secure_channel(agent.address, anonymous) as channel:
             stub = agent_pb2_grpc.NodeAgentStub(channel)
             with pytest.raises(grpc.RpcError) as info:
@@ -130,3 +119,56 @@ def test_mutual_tls_refuses_clients_without_a_certificate(tmp_path: Path) -> Non
             stub = agent_pb2_grpc.NodeAgentStub(channel)
             with pytest.raises(grpc.RpcError):
                 stub.Status(agent_pb2.StatusRequest(), timeout=2)
+
+
+def test_library_agent_refuses_to_run_without_a_trusted_key_outside_dev(
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls = TLSFiles(str(pki.agent_cert), str(pki.agent_key), str(pki.ca))
+    with pytest.raises(ValueError, match="trusted release-signing key"):
+        Agent("n1", [tmp_path], None, tls=tls)
+
+
+def test_highest_epoch_survives_a_new_agent_on_the_same_cache_dir(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = Agent("n-ep", [tmp_path], None, dev=True, cache_dir=cache)
+    assert first.epoch_seen == 0
+    assert first.fence(7) is None and first.fence(3) is not None
+    assert first.epoch_path.parent == cache and first.epoch_path.is_file()
+    again = Agent("n-ep", [tmp_path], None, dev=True, cache_dir=cache)
+    assert again.epoch_seen == 7
+    refusal = again.fence(6)
+    assert refusal is not None and "lower than 7" in refusal
+    other_cluster = Agent("n-ep", [tmp_path], None, dev=True, cache_dir=cache, prefix="/other/")
+    other_node = Agent("n-other", [tmp_path], None, dev=True, cache_dir=cache)
+    assert other_cluster.epoch_seen == 0 and other_node.epoch_seen == 0
+    again.epoch_path.write_text("{not json")
+    assert Agent("n-ep", [tmp_path], None, dev=True, cache_dir=cache).epoch_seen == 0
+
+
+def test_signature_policy_in_and_outside_dev_mode(tmp_path: Path, signing_key: Path) -> None:
+    digest = Release.from_path(RELEASES / "shop-2.0.0").digest
+    signature, signer = sign_release(digest, load_private_key(signing_key / "k.key"))
+    pub = signing_key / "k.pub"
+    pki = make_pki(tmp_path / "pki")
+    tls = TLSFiles(str(pki.agent_cert), str(pki.agent_key), str(pki.ca))
+
+    def refusal(agent: Agent, sig: str, who: str) -> list[Reason]:
+        with pytest.raises(HotfleetError) as info:
+            agent.check_signature(digest, sig, who, "shop@2.0.0")
+        return [e.reason for e in info.value.errors]
+
+    dev_blind = Agent("d1", [tmp_path], None, dev=True)
+    dev_blind.check_signature(digest, "", "", "shop@2.0.0")  # unsigned accepted in dev
+    dev_blind.check_signature(digest, "00" * 64, signer, "x")  # no keys: cannot verify
+
+    dev_keys = Agent("d2", [tmp_path], None, dev=True, trusted_keys=[pub])
+    dev_keys.check_signature(digest, "", "", "shop@2.0.0")
+    dev_keys.check_signature(digest, signature, signer, "shop@2.0.0")
+    assert refusal(dev_keys, "00" * 64, signer) == [Reason.BAD_SIGNATURE]
+
+    secure = Agent("s1", [tmp_path], None, tls=tls, trusted_keys=[pub])
+    secure.check_signature(digest, signature, signer, "shop@2.0.0")
+    assert refusal(secure, "", "") == [Reason.UNSIGNED]
+    assert refusal(secure, signature, "0123456789abcdef") == [Reason.BAD_SIGNATURE]

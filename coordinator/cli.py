@@ -1,0 +1,994 @@
+"""``coordctl``: drive and watch fleet-wide rollouts through the coordinator API.
+
+::
+
+    coordctl nodes
+    coordctl release push releases/shop-2.0.0
+    coordctl upgrade --all --release releases/shop-2.0.0 --wait
+    coordctl upgrade --selector zone=eu-west --release shop@2.0.0 --dry-run
+    coordctl status --watch
+    coordctl rollback --wait
+    coordctl modules
+
+Which coordinator: ``--coordinator HOST:PORT[,HOST:PORT...]`` or
+``HOTFLEET_COORDINATOR``, default ``127.0.0.1:7600`` (the local dev
+cluster).  Any coordinator will do: one that does not lead answers with the
+leader's address and ``coordctl`` follows it once.  With several addresses,
+an unreachable one is skipped.
+
+Security: with ``--tls-cert/--tls-key/--tls-ca`` (or ``HOTFLEET_TLS_CERT``,
+``..._KEY``, ``..._CA``) the connection is mutual TLS.  Without them
+``coordctl`` talks plaintext only to loopback addresses (the local dev
+cluster) or when ``--dev``/``HOTFLEET_DEV=1`` says so; a remote coordinator
+without TLS is refused before anything is sent.
+
+Output: human tables and live progress by default, ``-o json`` prints one
+JSON document on stdout (the coordinator's records as stored; on failure
+``{"error": {...}}``).  Exit codes: see :data:`EXIT_CODES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from coordinator import render
+from coordinator.render import Style
+from hotfleet._proto.hotfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+__all__ = [
+    "DEFAULT_COORDINATOR",
+    "EXIT_ABORTED",
+    "EXIT_CODES",
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_ROLLED_BACK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
+
+DEFAULT_COORDINATOR = "127.0.0.1:7600"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_ABORTED = 4
+EXIT_ROLLED_BACK = 5
+EXIT_UNREACHABLE = 6
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "the asked-for outcome happened (a --dry-run that prepared everywhere counts)",
+    EXIT_ERROR: "any other error",
+    EXIT_USAGE: "usage error (bad flags or arguments)",
+    EXIT_REFUSED: "refused: the request was rejected and nothing started "
+    "(busy, unknown release, bad bundle, no matching node, ...)",
+    EXIT_ABORTED: "aborted: the two-phase commit aborted (a node refused or was missing); "
+    "nothing changed",
+    EXIT_ROLLED_BACK: "rolled back: the release went out and was taken back out",
+    EXIT_UNREACHABLE: "coordinator unreachable, no leader, or timed out waiting "
+    "(the rollout may go on: see `coordctl status`)",
+}
+
+RPC_TIMEOUT_S = 15.0
+PUSH_TIMEOUT_S = 120.0
+POLL_INTERVAL_S = 0.2
+# While watching, how long the coordinator may stay unreachable (a leader
+# failover) before coordctl gives up.
+WATCH_GRACE_S = 30.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+REFUSAL_KEY = "hotfleet-refusal"
+LEADER_KEY = "hotfleet-leader"
+
+TERMINAL = render.TERMINAL_PHASES
+APPLIED = frozenset({"provisional", "permanent"})
+
+
+# ---------------------------------------------------------------- errors
+@dataclass
+class CoordctlError(Exception):
+    """A failure to report to the user: a message, an exit code, maybe per-module errors."""
+
+    message: str
+    exit_code: int = EXIT_ERROR
+    code: str = "error"  # refusal code, "unreachable", "timeout", "error", ...
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_REFUSAL_EXIT = {
+    "busy": EXIT_REFUSED,
+    "not_found": EXIT_REFUSED,
+    "exists": EXIT_REFUSED,
+    "invalid": EXIT_REFUSED,
+    "no_targets": EXIT_REFUSED,
+    "not_leader": EXIT_UNREACHABLE,
+    "unavailable": EXIT_UNREACHABLE,
+}
+
+
+# ---------------------------------------------------------------- connection
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    if host in ("localhost", ""):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # 0.0.0.0 / :: (a coordinator advertising its wildcard listen address) connect locally.
+    return ip.is_loopback or ip.is_unspecified
+
+
+@dataclass
+class Security:
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    dev: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cert and self.key and self.ca)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        assert self.cert and self.key and self.ca
+        try:
+            return grpc.ssl_channel_credentials(
+                root_certificates=Path(self.ca).read_bytes(),
+                private_key=Path(self.key).read_bytes(),
+                certificate_chain=Path(self.cert).read_bytes(),
+            )
+        except OSError as exc:
+            raise CoordctlError(f"cannot read TLS file: {exc}", EXIT_USAGE, "usage") from exc
+
+    def check(self, address: str) -> None:
+        if self.tls or self.dev or _is_loopback(address):
+            return
+        raise CoordctlError(
+            f"refusing to talk to the coordinator at {address} without TLS: the coordinator "
+            "API loads code into every worker. Give --tls-cert/--tls-key/--tls-ca, or --dev "
+            "(HOTFLEET_DEV=1) for an insecure development cluster",
+            EXIT_USAGE,
+            "usage",
+        )
+
+
+class Client:
+    """A Coordinator stub that follows the leader and skips unreachable addresses."""
+
+    def __init__(
+        self, addresses: Sequence[str], security: Security, *, notes: TextIO | None = None
+    ) -> None:
+        if not addresses:
+            raise CoordctlError("no coordinator address given", EXIT_USAGE, "usage")
+        self.addresses = list(addresses)
+        self.security = security
+        self.notes = notes
+        self.address = self.addresses[0]
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+
+    def _connect(self, address: str) -> Any:
+        if self._channel is not None and address == self.address and self._stub is not None:
+            return self._stub
+        self.close()
+        self.security.check(address)
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if self.security.tls:
+            self._channel = grpc.secure_channel(address, self.security.credentials(), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self.address = address
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        return self._stub
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = None
+        self._stub = None
+
+    def _note(self, text: str) -> None:
+        if self.notes is not None:
+            print(f"coordctl: {text}", file=self.notes, flush=True)
+
+    def call(self, method: str, request: Any, timeout: float = RPC_TIMEOUT_S) -> Any:
+        """Call ``method``; follow a not_leader answer once; try the other addresses."""
+        candidates = [self.address] + [a for a in self.addresses if a != self.address]
+        redirected, redirected_from, leader_hint = False, "", ""
+        unreachable: list[str] = []
+        while candidates:
+            address = candidates.pop(0)
+            stub = self._connect(address)
+            try:
+                return getattr(stub, method)(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                metadata = dict(_trailing(exc))
+                refusal = metadata.get(REFUSAL_KEY, "")
+                status = _code(exc)
+                if refusal == "not_leader":
+                    leader = metadata.get(LEADER_KEY, "")
+                    if leader and not redirected and leader != address:
+                        self._note(f"{address} is not the leader; following the leader at {leader}")
+                        redirected, redirected_from, leader_hint = True, address, leader
+                        candidates.insert(0, leader)
+                        continue
+                    raise CoordctlError(
+                        _details(exc)
+                        or f"the coordinator at {address} does not lead and knows no leader",
+                        EXIT_UNREACHABLE,
+                        "not_leader",
+                    ) from exc
+                if refusal:
+                    raise CoordctlError(
+                        _details(exc) or f"refused ({refusal})",
+                        _REFUSAL_EXIT.get(refusal, EXIT_REFUSED),
+                        refusal,
+                    ) from exc
+                if status is grpc.StatusCode.UNAVAILABLE:
+                    if redirected and address == leader_hint:
+                        raise CoordctlError(
+                            f"{redirected_from} says the leader is {address}, but it cannot be "
+                            f"reached ({_details(exc) or 'unavailable'}); a leader failover may be "
+                            "in progress: retry in a few seconds",
+                            EXIT_UNREACHABLE,
+                            "unreachable",
+                        ) from exc
+                    unreachable.append(f"{address} ({_details(exc) or 'unavailable'})")
+                    continue
+                if status is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise CoordctlError(
+                        f"the coordinator at {address} did not answer {method} within "
+                        f"{render.duration(timeout)}",
+                        EXIT_UNREACHABLE,
+                        "timeout",
+                    ) from exc
+                name = status.name if status is not None else "error"
+                raise CoordctlError(
+                    f"the coordinator at {address} failed {method}: {name}: {_details(exc)}",
+                    EXIT_ERROR,
+                    "error",
+                ) from exc
+        raise CoordctlError(
+            "cannot reach coordinator at "
+            + "; ".join(unreachable)
+            + ": is it running? start a local cluster with `coordctl dev up` or pass "
+            "--coordinator (or set HOTFLEET_COORDINATOR)",
+            EXIT_UNREACHABLE,
+            "unreachable",
+        )
+
+
+def _trailing(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    get = getattr(exc, "trailing_metadata", None)
+    try:
+        items = get() if get else None
+    except Exception:
+        items = None
+    out = []
+    for key, value in items or ():
+        out.append((key, value.decode("utf-8", "replace") if isinstance(value, bytes) else value))
+    return out
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    get = getattr(exc, "code", None)
+    return get() if get else None
+
+
+def _details(exc: grpc.RpcError) -> str:
+    get = getattr(exc, "details", None)
+    return str((get() if get else "") or "")
+
+
+# ---------------------------------------------------------------- parsing helpers
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def duration_arg(text: str) -> float:
+    """``500ms``, ``30s``, ``2m``, ``1h`` or plain seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 500ms, 30s, 2m)")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return value * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+
+
+def _pairs(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"selector is k=v[,k=v...], got {item!r}")
+        out[key.strip()] = value.strip()
+    if not out:
+        raise argparse.ArgumentTypeError("empty selector")
+    return out
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("empty node list")
+    return names
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+# ---------------------------------------------------------------- the run context
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    client: Client
+    out: TextIO
+    err: TextIO
+
+    @property
+    def json(self) -> bool:
+        return bool(self.args.output == "json")
+
+    @property
+    def style(self) -> Style:
+        return Style.for_stream(self.out)
+
+    def emit(self, data: Any) -> None:
+        print(json.dumps(data, indent=2, sort_keys=True), file=self.out, flush=True)
+
+    def say(self, text: str) -> None:
+        """Human text: stdout normally, stderr in json mode (stdout holds one document)."""
+        print(text, file=self.err if self.json else self.out, flush=True)
+
+    def one(self, method: str, request: Any, timeout: float = RPC_TIMEOUT_S) -> dict[str, Any]:
+        reply = self.client.call(method, request, timeout)
+        return _loads(reply.record_json)
+
+    def many(self, method: str, request: Any) -> list[dict[str, Any]]:
+        reply = self.client.call(method, request)
+        return [_loads(r) for r in reply.records_json]
+
+
+def _loads(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise CoordctlError(f"the coordinator sent a malformed record: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CoordctlError("the coordinator sent a record that is not a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------- read commands
+def cmd_nodes(ctx: Ctx) -> int:
+    nodes = ctx.many("Nodes", coordinator_pb2.ListNodesRequest())
+    if ctx.json:
+        ctx.emit(nodes)
+    else:
+        print(render.nodes_table(nodes, ctx.style), file=ctx.out)
+    return EXIT_OK
+
+
+def cmd_release_list(ctx: Ctx) -> int:
+    releases = ctx.many("ListReleases", coordinator_pb2.ListReleasesRequest())
+    if ctx.json:
+        ctx.emit(releases)
+    else:
+        print(render.releases_table(releases), file=ctx.out)
+    return EXIT_OK
+
+
+def cmd_release_show(ctx: Ctx) -> int:
+    _require_ref(ctx.args.ref)
+    entry = ctx.one("ShowRelease", coordinator_pb2.ShowReleaseRequest(ref=ctx.args.ref))
+    if ctx.json:
+        ctx.emit(entry)
+    else:
+        print(render.release_detail(entry), file=ctx.out)
+    return EXIT_OK
+
+
+def cmd_rollouts(ctx: Ctx) -> int:
+    rollouts = ctx.many("ListRollouts", coordinator_pb2.ListRolloutsRequest(limit=ctx.args.limit))
+    if ctx.json:
+        ctx.emit(rollouts)
+    else:
+        print(render.rollouts_table(rollouts, ctx.style), file=ctx.out)
+    return EXIT_OK
+
+
+def cmd_modules(ctx: Ctx) -> int:
+    rows = ctx.many("Modules", coordinator_pb2.FleetModulesRequest(node=ctx.args.node or ""))
+    if ctx.json:
+        ctx.emit({"modules": rows, "drift": render.drift(rows)})
+    else:
+        print(
+            render.modules_table(rows, per_node=bool(ctx.args.node), style=ctx.style), file=ctx.out
+        )
+    return EXIT_OK
+
+
+def cmd_status(ctx: Ctx) -> int:
+    request = coordinator_pb2.GetRolloutRequest(rollout_id=ctx.args.rollout or "")
+    rollout = ctx.one("GetRollout", request)
+    if not ctx.args.watch:
+        if ctx.json:
+            ctx.emit(rollout)
+        else:
+            print(render.rollout_detail(rollout, ctx.style), file=ctx.out)
+        return EXIT_OK
+    final = watch(ctx, rollout, until=TERMINAL)
+    return report(ctx, final, asked="observe")
+
+
+# ---------------------------------------------------------------- releases
+def _require_ref(ref: str) -> None:
+    name, sep, version = ref.partition("@")
+    if not (name and sep and version):
+        raise CoordctlError(f"expected NAME@VERSION, got {ref!r}", EXIT_USAGE, "usage")
+
+
+def push_request(
+    path: str, sign_key: str | None = None
+) -> tuple[coordinator_pb2.PushReleaseRequest, str]:
+    """Read a bundle (and sign it) and build the push; refuses locally what cannot be sent."""
+    from hotfleet.errors import HotfleetError
+    from hotfleet.release import Release
+    from hotfleet.wire import manifest_to_proto
+
+    try:
+        release = Release.from_path(path)
+    except HotfleetError as exc:
+        raise CoordctlError(
+            f"cannot read the release bundle {path}",
+            EXIT_REFUSED,
+            "invalid",
+            [_error_dict(e) for e in exc.errors],
+        ) from exc
+    except OSError as exc:
+        raise CoordctlError(
+            f"cannot read the release bundle {path}: {exc}", EXIT_USAGE, "usage"
+        ) from exc
+    sources: dict[str, bytes] = {}
+    for module in release.modules:
+        known = sources.setdefault(module.digest, module.source)
+        if known != module.source:
+            raise CoordctlError(
+                f"{path}: two modules declare digest {module.digest[:12]}… with different bytes",
+                EXIT_REFUSED,
+                "invalid",
+                [
+                    {
+                        "node": "",
+                        "module": module.name,
+                        "reason": "digest_mismatch",
+                        "detail": f"{module.path} does not match its declared sha256",
+                    }
+                ],
+            )
+    request = coordinator_pb2.PushReleaseRequest(
+        release=manifest_to_proto(release.to_manifest()),
+        sources=sources,
+        problems=[
+            common_pb2.ModuleError(module=p.module, reason=p.reason.value, detail=p.detail)
+            for p in release.problems
+        ],
+    )
+    if sign_key:
+        from hotfleet.signing import load_private_key, sign_release
+
+        try:
+            signature_hex, signer = sign_release(release.digest, load_private_key(sign_key))
+        except (OSError, ValueError) as exc:
+            raise CoordctlError(f"cannot sign with {sign_key}: {exc}", EXIT_USAGE, "usage") from exc
+        request.release.signature = bytes.fromhex(signature_hex)
+        request.release.signer = signer
+    return request, release.label
+
+
+def _error_dict(e: Any) -> dict[str, Any]:
+    reason = getattr(e, "reason", "")
+    return {
+        "node": getattr(e, "node", ""),
+        "module": getattr(e, "module", ""),
+        "reason": getattr(reason, "value", reason),
+        "detail": getattr(e, "detail", ""),
+    }
+
+
+def push(ctx: Ctx, path: str) -> dict[str, Any]:
+    request, label = push_request(path, getattr(ctx.args, "sign_key", None))
+    entry = ctx.one("PushRelease", request, timeout=PUSH_TIMEOUT_S)
+    ctx.say(
+        f"pushed {entry.get('label', label)}  digest {render.short(entry.get('digest'))}  "
+        f"{entry.get('modules', len(request.release.modules))} module(s)"
+    )
+    return entry
+
+
+def cmd_release_push(ctx: Ctx) -> int:
+    entry = push(ctx, ctx.args.path)
+    if ctx.json:
+        ctx.emit(entry)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- rollouts
+def _target(args: argparse.Namespace) -> coordinator_pb2.Target:
+    return coordinator_pb2.Target(
+        all=bool(getattr(args, "all", False)),
+        nodes=getattr(args, "nodes", None) or [],
+        selector=getattr(args, "selector", None) or {},
+    )
+
+
+def _options(args: argparse.Namespace) -> coordinator_pb2.RolloutOptions:
+    window = getattr(args, "window", None)
+    return coordinator_pb2.RolloutOptions(
+        dry_run=bool(getattr(args, "dry_run", False)),
+        allow_missing=bool(getattr(args, "allow_missing", False)),
+        timeout_s=getattr(args, "timeout", None) or 0.0,
+        concurrency=getattr(args, "concurrency", None) or 0,
+        force=bool(getattr(args, "force", False)),
+        window_s=window or 0.0,
+        has_window_s=window is not None,
+    )
+
+
+def cmd_upgrade(ctx: Ctx) -> int:
+    args = ctx.args
+    ref = args.release
+    if os.path.exists(ref):
+        ref = push(ctx, ref).get("label") or ref
+    elif "@" not in ref:
+        raise CoordctlError(
+            f"--release {ref!r}: no bundle at that path, and not NAME@VERSION", EXIT_USAGE, "usage"
+        )
+    request = coordinator_pb2.UpgradeRequest(ref=ref, target=_target(args), options=_options(args))
+    rollout = ctx.one("Upgrade", request)
+    if args.dry_run:
+        return follow(ctx, rollout, until=TERMINAL, asked="dry_run")
+    if args.wait_permanent:
+        return follow(ctx, rollout, until=TERMINAL, asked="permanent")
+    if args.wait:
+        return follow(ctx, rollout, until=TERMINAL | APPLIED, asked="apply")
+    return started(ctx, rollout)
+
+
+def cmd_rollback(ctx: Ctx) -> int:
+    args = ctx.args
+    request = coordinator_pb2.FleetRollbackRequest(
+        target=_target(args), to_version=args.to or "", options=_options(args)
+    )
+    rollout = ctx.one("Rollback", request)
+    if args.wait:
+        return follow(ctx, rollout, until=TERMINAL | APPLIED, asked="apply")
+    return started(ctx, rollout)
+
+
+def cmd_abort(ctx: Ctx) -> int:
+    args = ctx.args
+    aborted_id = args.rollout
+    if not aborted_id and args.wait:
+        aborted_id = ctx.one("GetRollout", coordinator_pb2.GetRolloutRequest()).get("id")
+    rollout = ctx.one("Abort", coordinator_pb2.AbortRolloutRequest(rollout_id=args.rollout or ""))
+    if aborted_id and rollout.get("id") != aborted_id:
+        # A provisional rollout is taken back out by a rollback rollout.
+        ctx.say(
+            f"rollout {aborted_id} had already finished: rolling it back as {rollout.get('id')}"
+        )
+        if args.wait:
+            return follow(ctx, rollout, until=TERMINAL | APPLIED, asked="apply")
+        return started(ctx, rollout)
+    if not args.wait:
+        if ctx.json:
+            ctx.emit(rollout)
+        else:
+            ctx.say(f"abort requested: rollout {rollout.get('id')} is {rollout.get('phase')}")
+        return EXIT_OK
+    return follow(ctx, rollout, until=TERMINAL, asked="abort")
+
+
+def cmd_promote(ctx: Ctx) -> int:
+    rollout = ctx.one(
+        "Promote", coordinator_pb2.PromoteRolloutRequest(rollout_id=ctx.args.rollout or "")
+    )
+    if rollout.get("phase") == "permanent" or ctx.args.wait:
+        return follow(ctx, rollout, until=TERMINAL, asked="permanent")
+    return started(ctx, rollout)
+
+
+def started(ctx: Ctx, rollout: dict[str, Any]) -> int:
+    if ctx.json:
+        ctx.emit(rollout)
+        return EXIT_OK
+    rid = rollout.get("id", "")
+    targets = rollout.get("targets") or ()
+    ctx.say(
+        f"rollout {rid} started: {rollout.get('kind')} to {rollout.get('release')} on "
+        f"{len(targets)} node(s); follow it with: coordctl status {rid} --watch"
+    )
+    return EXIT_OK
+
+
+def follow(ctx: Ctx, rollout: dict[str, Any], *, until: frozenset[str], asked: str) -> int:
+    final = watch(ctx, rollout, until=until)
+    return report(ctx, final, asked=asked)
+
+
+def watch(
+    ctx: Ctx,
+    rollout: dict[str, Any],
+    *,
+    until: frozenset[str],
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Poll GetRollout every 0.2 s until the phase is in ``until``; print progress."""
+    rid = str(rollout.get("id", ""))
+    progress = None if ctx.json else render.Progress(ctx.out, style=ctx.style)
+    limit = ctx.args.wait_timeout
+    deadline = time.monotonic() + limit if limit else None
+    unreachable_since: float | None = None
+    request = coordinator_pb2.GetRolloutRequest(rollout_id=rid)
+    try:
+        while True:
+            if progress is not None:
+                progress.update(rollout)
+            if rollout.get("phase") in until:
+                return rollout
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CoordctlError(
+                    f"rollout {rid} is still {rollout.get('phase')} after waiting "
+                    f"{render.duration(limit)}; it goes on: coordctl status {rid} --watch",
+                    EXIT_UNREACHABLE,
+                    "timeout",
+                )
+            sleep(POLL_INTERVAL_S)
+            try:
+                rollout = ctx.one("GetRollout", request)
+                unreachable_since = None
+            except CoordctlError as exc:
+                if exc.exit_code != EXIT_UNREACHABLE:
+                    raise
+                now = time.monotonic()
+                if unreachable_since is None:
+                    unreachable_since = now
+                    print(f"coordctl: {exc.message}; retrying", file=ctx.err, flush=True)
+                elif now - unreachable_since > WATCH_GRACE_S:
+                    raise
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def outcome(phase: str, asked: str) -> int:
+    """The exit code for a rollout that ended in ``phase`` when ``asked`` was wanted."""
+    if phase == "aborted":
+        return EXIT_OK if asked == "abort" else EXIT_ABORTED
+    if phase == "rolled_back":
+        return EXIT_OK if asked == "abort" else EXIT_ROLLED_BACK
+    if phase == "dry_run":
+        return EXIT_OK if asked in ("dry_run", "observe", "abort") else EXIT_ERROR
+    if phase == "permanent":
+        return EXIT_OK if asked in ("apply", "permanent", "observe") else EXIT_ERROR
+    if phase == "provisional":
+        return EXIT_OK if asked in ("apply", "started", "observe") else EXIT_ERROR
+    return EXIT_OK if asked in ("started", "observe") else EXIT_ERROR
+
+
+_VERDICT = {
+    "permanent": "{release} is permanent on {n} node(s)",
+    "provisional": "{release} is current on {n} node(s) (provisional: rollback window open)",
+    "dry_run": "dry run: {release} prepared on {n} node(s), then aborted on purpose; nothing changed",
+    "aborted": "aborted: nothing changed",
+    "rolled_back": "rolled back: {release} was taken back out",
+}
+
+
+def report(ctx: Ctx, rollout: dict[str, Any], *, asked: str) -> int:
+    phase = str(rollout.get("phase", ""))
+    code = outcome(phase, asked)
+    if ctx.json:
+        ctx.emit(rollout)
+        return code
+    print(render.rollout_detail(rollout, ctx.style), file=ctx.out)
+    finished = sum(1 for r in (rollout.get("nodes") or {}).values() if r.get("finished"))
+    n = finished if phase in APPLIED else len(rollout.get("targets") or ())
+    verdict = _VERDICT.get(phase, "rollout is {phase}").format(
+        release=rollout.get("release", ""), n=n, phase=phase
+    )
+    errors = render.collect_errors(rollout)
+    if errors and phase in ("aborted", "rolled_back"):
+        verdict += f" ({len(errors)} error(s) listed above)"
+    paint = ctx.style.green if code == EXIT_OK else ctx.style.red
+    print("\n" + paint(verdict), file=ctx.out, flush=True)
+    return code
+
+
+# ---------------------------------------------------------------- the parser
+def _add_globals(parser: argparse.ArgumentParser, *, sub: bool) -> None:
+    """Global flags, accepted before or after the command (kubectl style)."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if sub else value
+
+    env = os.environ.get
+    g = parser.add_argument_group("connection and output")
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT[,...]",
+        default=default(env("HOTFLEET_COORDINATOR") or DEFAULT_COORDINATOR),
+        help="coordinator API address(es); any coordinator will do, the leader is followed "
+        f"(env HOTFLEET_COORDINATOR, default {DEFAULT_COORDINATOR}: the local dev cluster)",
+    )
+    g.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default=default("table"),
+        help="table (default) or json: one JSON document on stdout",
+    )
+    g.add_argument(
+        "--tls-cert", default=default(env("HOTFLEET_TLS_CERT")), help="client certificate (PEM)"
+    )
+    g.add_argument("--tls-key", default=default(env("HOTFLEET_TLS_KEY")), help="client key (PEM)")
+    g.add_argument(
+        "--tls-ca", default=default(env("HOTFLEET_TLS_CA")), help="CA of the coordinator (PEM)"
+    )
+    g.add_argument(
+        "--dev",
+        action="store_true",
+        default=default(_env_flag("HOTFLEET_DEV")),
+        help="allow plaintext to a non-loopback coordinator (insecure; also HOTFLEET_DEV=1)",
+    )
+
+
+def _add_target(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--all", action="store_true", help="every registered node")
+    group.add_argument("--nodes", type=_names, metavar="ID[,ID...]", help="named nodes")
+    group.add_argument(
+        "--selector", type=_pairs, metavar="k=v[,k=v...]", help="nodes with these labels"
+    )
+
+
+def _add_sign_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sign-key",
+        default=os.environ.get("HOTFLEET_SIGN_KEY") or None,
+        metavar="FILE",
+        help="sign the bundle with this ed25519 private key (PEM; `python -m hotfleet.signing "
+        "keygen DIR` makes one; env HOTFLEET_SIGN_KEY). Agents outside dev mode refuse "
+        "unsigned releases",
+    )
+
+
+def _add_rollout_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-missing", action="store_true", help="a target node that is down does not abort"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=duration_arg,
+        metavar="D",
+        help="per-step deadline on the nodes (e.g. 30s)",
+    )
+    parser.add_argument("--concurrency", type=int, metavar="N", help="nodes driven in parallel")
+    parser.add_argument(
+        "--force", action="store_true", help="replace code still executing (skip not_purged)"
+    )
+    parser.add_argument(
+        "--wait-timeout",
+        type=duration_arg,
+        default=600.0,
+        metavar="D",
+        help="with --wait: give up waiting after D (exit 6; the rollout goes on), 0 = never "
+        "(default 10m)",
+    )
+
+
+def _epilog() -> str:
+    lines = ["exit codes:"]
+    lines += [f"  {code}  {text}" for code, text in sorted(EXIT_CODES.items())]
+    lines += [
+        "",
+        "Without --tls-* flags coordctl uses plaintext only for loopback addresses (the local",
+        "dev cluster) or with --dev. Global flags may come before or after the command.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coordctl",
+        description="Push releases and drive fleet-wide hot-code rollouts (two-phase commit).",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_globals(parser, sub=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, help: str, func: Callable[[Ctx], int], parent: Any = commands
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_globals(p, sub=True)
+        p.set_defaults(func=func)
+        return p
+
+    command("nodes", "list the registered nodes and what they run", cmd_nodes)
+
+    release = commands.add_parser("release", help="push, list and show releases")
+    releases = release.add_subparsers(dest="release_command", metavar="ACTION", required=True)
+    p = command(
+        "push", "push a release bundle (directory, .tar.gz or .zip)", cmd_release_push, releases
+    )
+    p.add_argument("path", metavar="PATH")
+    _add_sign_key(p)
+    command("list", "list pushed releases", cmd_release_list, releases)
+    p = command("show", "show one release and its modules", cmd_release_show, releases)
+    p.add_argument("ref", metavar="NAME@VERSION")
+
+    p = command("upgrade", "upgrade nodes to a release, all or nothing", cmd_upgrade)
+    _add_target(p, required=True)
+    p.add_argument(
+        "--release",
+        required=True,
+        metavar="PATH|NAME@VERSION",
+        help="a bundle (pushed first) or a pushed release",
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="follow the rollout until every node runs the release"
+    )
+    _add_sign_key(p)
+    p.add_argument(
+        "--wait-permanent",
+        action="store_true",
+        help="follow it until the rollback window passed (permanent) or it was rolled back",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="prepare everywhere, report, abort (implies --wait)"
+    )
+    p.add_argument(
+        "--window", type=duration_arg, metavar="D", help="rollback window before permanent"
+    )
+    _add_rollout_options(p)
+
+    p = command("status", "show a rollout (default: the newest)", cmd_status)
+    p.add_argument("rollout", nargs="?", metavar="ROLLOUT")
+    p.add_argument("--watch", "-w", action="store_true", help="follow it live until it ends")
+    p.add_argument(
+        "--wait-timeout",
+        type=duration_arg,
+        default=0.0,
+        metavar="D",
+        help="with --watch: give up after D (exit 6), default never",
+    )
+
+    p = command("rollouts", "rollout history, newest first", cmd_rollouts)
+    p.add_argument("--limit", type=int, default=50, metavar="N")
+
+    p = command(
+        "rollback", "roll nodes back to the previous release (or --to VERSION)", cmd_rollback
+    )
+    _add_target(p, required=False)
+    p.add_argument(
+        "--to", metavar="VERSION", help="a pushed version instead of the one held in memory"
+    )
+    p.add_argument("--wait", action="store_true", help="follow the rollback until it is done")
+    _add_rollout_options(p)
+
+    p = command(
+        "abort", "abort a rollout in progress (a provisional one is rolled back)", cmd_abort
+    )
+    p.add_argument("rollout", nargs="?", metavar="ROLLOUT")
+    p.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="return once the abort is decided"
+    )
+    p.add_argument("--wait-timeout", type=duration_arg, default=120.0, metavar="D")
+
+    p = command("promote", "make a provisional rollout permanent now", cmd_promote)
+    p.add_argument("rollout", nargs="?", metavar="ROLLOUT")
+    p.add_argument("--no-wait", dest="wait", action="store_false")
+    p.add_argument("--wait-timeout", type=duration_arg, default=120.0, metavar="D")
+
+    p = command("modules", "which node runs which digest of every module (drift)", cmd_modules)
+    p.add_argument("--node", metavar="ID", help="one node's modules, loaded against on-disk digest")
+    return parser
+
+
+# ---------------------------------------------------------------- entry point
+def _print_error(
+    ctx_json: bool, exc: CoordctlError, out: TextIO, err: TextIO, address: str
+) -> None:
+    print(f"coordctl: {exc.message}", file=err, flush=True)
+    if exc.errors:
+        print(render.errors_table(exc.errors, Style.for_stream(err)), file=err, flush=True)
+    if ctx_json:
+        data = {
+            "error": {
+                "code": exc.code,
+                "message": exc.message,
+                "exit_code": exc.exit_code,
+                "errors": exc.errors,
+                "coordinator": address,
+            }
+        }
+        print(json.dumps(data, indent=2, sort_keys=True), file=out, flush=True)
+
+
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    security = Security(args.tls_cert, args.tls_key, args.tls_ca, args.dev)
+    if any((security.cert, security.key, security.ca)) and not security.tls:
+        parser.print_usage(err)
+        print(
+            "coordctl: error: mutual TLS needs all of --tls-cert, --tls-key and --tls-ca", file=err
+        )
+        return EXIT_USAGE
+    addresses = [a.strip() for a in args.coordinator.split(",") if a.strip()]
+    client = Client(addresses or [DEFAULT_COORDINATOR], security, notes=err)
+    ctx = Ctx(args, client, out, err)
+    try:
+        return int(args.func(ctx))
+    except CoordctlError as exc:
+        _print_error(ctx.json, exc, out, err, client.address)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(
+            "\ncoordctl: interrupted; a rollout already started goes on (coordctl status)", file=err
+        )
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except Exception as exc:
+        if _env_flag("HOTFLEET_DEBUG"):
+            traceback.print_exc(file=err)
+        message = (
+            f"unexpected error: {type(exc).__name__}: {exc} (HOTFLEET_DEBUG=1 shows the traceback)"
+        )
+        _print_error(ctx.json, CoordctlError(message), out, err, client.address)
+        return EXIT_ERROR
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""``hotfleet-coordinator``: one coordinator process.
+
+Several may run against one etcd; they campaign through the election recipe
+and the winner drives rollouts.  Every coordinator serves the ``Coordinator``
+API (reads from etcd, mutations answered ``not_leader`` with the leader's
+address), so ``coordctl`` can talk to any of them.
+
+Leadership is held only while the election session is alive: when its lease
+expires the engine steps down at once and campaigns again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from coordinator.election import CampaignTimeout, Election, ElectionError, Session
+from coordinator.engine import Engine
+from coordinator.fleet import AgentPool, ClientTLS
+from hotfleet.etcd_client import EtcdConnectError, connect
+from hotfleet.keys import DEFAULT_PREFIX, Keys
+
+log = logging.getLogger("hotfleet.coordinator")
+
+FAULT_POINTS = ("before_prepare", "before_decision", "after_decision", "after_finish")
+
+
+class Coordinator:
+    """Owns the etcd client, the API server, the election thread and the engine."""
+
+    def __init__(
+        self,
+        etcd: str,
+        listen: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        dev: bool = False,
+        tls: ClientTLS | None = None,
+        lease_ttl: int = 5,
+    ) -> None:
+        self.client = connect(etcd)
+        self.keys = Keys(prefix)
+        self.lease_ttl = lease_ttl
+        self.engine = Engine(self.client, self.keys, AgentPool(tls))
+        from coordinator.service import serve
+
+        self.server, self.address = serve(self.engine, listen, dev=dev, tls=tls)
+        self.engine.address = self.engine.name = self.address
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._campaign_forever, name="hotfleet-election", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+        self.engine.close()
+        self.server.stop(grace=1).wait()
+        self.engine.agents.close()
+        self.client.close()
+
+    def _campaign_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with Session(self.client, ttl=self.lease_ttl) as session:
+                    election = Election(self.client, self.keys.election, session, poll_interval=0.5)
+                    lead = None
+                    while lead is None and not self._stop.is_set():
+                        try:
+                            lead = election.campaign(self.address, timeout=1.0)
+                        except CampaignTimeout:
+                            continue
+                    if lead is None:
+                        return
+                    log.info("leading with epoch %d", lead.epoch)
+                    self.engine.lead(lead)
+                    while not self._stop.is_set() and not session.done.wait(0.2):
+                        pass
+                    self.engine.step_down()
+                    if self._stop.is_set():
+                        election.resign()
+                    else:
+                        log.warning("lost leadership (%s); campaigning again", session.reason)
+            except (ElectionError, EtcdConnectError, OSError) as exc:
+                self.engine.step_down()
+                log.warning("election: %s; retrying", exc)
+                self._stop.wait(1.0)
+            except Exception:  # etcd client errors come in many types
+                self.engine.step_down()
+                log.exception("election failed; retrying")
+                self._stop.wait(1.0)
+
+
+def _install_faults(engine: Engine) -> None:
+    """``HOTFLEET_FAULT=crash:<point>`` SIGKILLs this process at a rollout step (tests, drills)."""
+    fault = os.environ.get("HOTFLEET_FAULT", "")
+    kind, _, point = fault.partition(":")
+    if kind == "crash" and point in FAULT_POINTS:
+        log.warning("fault injection armed: SIGKILL at %s", point)
+        engine.hooks[point] = lambda _rollout: os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hotfleet-coordinator", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--etcd", default=os.environ.get("HOTFLEET_ETCD", "http://127.0.0.1:2379"))
+    parser.add_argument(
+        "--listen", default="127.0.0.1:7600", help="API address for coordctl (port 0 picks one)"
+    )
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX)
+    parser.add_argument(
+        "--lease-ttl", type=int, default=5, help="leader session TTL in seconds (failover time)"
+    )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        default=os.environ.get("HOTFLEET_DEV") == "1",
+        help="insecure gRPC (local development only)",
+    )
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--tls-ca")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    tls = (
+        ClientTLS(args.tls_cert, args.tls_key, args.tls_ca)
+        if args.tls_cert and args.tls_key and args.tls_ca
+        else None
+    )
+    if tls is None and not args.dev:
+        print(
+            "hotfleet-coordinator: refusing to run without TLS; pass --tls-cert/--tls-key/--tls-ca, or --dev for an insecure local cluster",
+            file=sys.stderr,
+        )
+        return 2
+    if args.dev:
+        log.warning(
+            "!!! DEV MODE: the coordinator API and agent RPCs are NOT authenticated or encrypted"
+        )
+    try:
+        coordinator = Coordinator(
+            args.etcd,
+            args.listen,
+            prefix=args.prefix,
+            dev=args.dev,
+            tls=tls,
+            lease_ttl=args.lease_ttl,
+        )
+    except EtcdConnectError as exc:
+        print(f"hotfleet-coordinator: {exc}", file=sys.stderr)
+        return 1
+    _install_faults(coordinator.engine)
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    coordinator.start()
+    print(f"hotfleet-coordinator ready address={coordinator.address} pid={os.getpid()}", flush=True)
+    stopped.wait()
+    log.info("stopping")
+    coordinator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

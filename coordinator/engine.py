@@ -1,0 +1,798 @@
+"""The leader's rollout engine: a cluster-wide two-phase commit over the node agents.
+
+Protocol (presumed abort, cooperative termination):
+
+1. the rollout is recorded in etcd and claims the cluster's ``active`` key,
+   in one fenced transaction, before any node hears of it;
+2. every target node prepares in parallel (bounded concurrency, deadline);
+3. the decision is written once, fenced, to ``rollouts/<id>/decision`` — the
+   commit point; no decision means abort;
+4. Finish (or Abort) is driven to every node, idempotently, with retries;
+   agents also poll the decision key, so a prepared node never waits on a dead
+   coordinator;
+5. the outcome is recorded and ``active`` released.
+
+Every write is a transaction guarded by the leader key's create revision (the
+epoch, also sent with every agent RPC), so a deposed leader can neither write
+records nor drive agents that have seen its successor.  A new leader reads
+``active``: no decision → abort; commit → re-drive Finish to the nodes that
+have not acknowledged it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import tenacity
+
+from coordinator.election import Leadership
+from coordinator.fleet import AgentPool, NodeInfo, Target, read_nodes, select
+from coordinator.model import NodeResult, Phase, Rollout, Vote
+from hotfleet._proto.hotfleet.v1 import agent_pb2
+from hotfleet.errors import HotfleetError, ModuleError, Reason
+from hotfleet.etcd_client import EtcdClient
+from hotfleet.keys import Keys
+from hotfleet.release import Release
+from hotfleet.store import ContentStore, EtcdBlobBackend
+from hotfleet.wire import errors_from_proto, manifest_to_proto
+
+log = logging.getLogger("hotfleet.coordinator")
+T = TypeVar("T")
+
+__all__ = ["Engine", "NodeInfo", "Refused", "ReleaseEntry", "RolloutOptions", "Target"]
+
+
+class Refused(HotfleetError):
+    """A request the coordinator will not start; nothing changed anywhere."""
+
+    def __init__(self, code: str, message: str, *, leader: str = "") -> None:
+        super().__init__([ModuleError("*", Reason.BAD_RELEASE, message)], message)
+        self.code = code
+        self.leader = leader
+
+
+class _Deposed(Exception):
+    """This coordinator lost leadership mid-rollout: stop touching anything."""
+
+
+@dataclass
+class RolloutOptions:
+    dry_run: bool = False
+    allow_missing: bool = False
+    timeout_s: float = 30.0
+    concurrency: int = 32
+    force: bool = False
+    window_s: float = 0.0  # rollback window; 0 = permanent as soon as every node finished
+
+
+@dataclass
+class ReleaseEntry:
+    label: str
+    name: str
+    version: str
+    digest: str
+    pushed_at: float
+    modules: int
+    signed: bool
+    manifest: dict[str, Any] = field(default_factory=dict)
+    signature: str = ""
+    signer: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _new_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+class Engine:
+    """Serves reads on any coordinator and drives rollouts on the leader."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        keys: Keys,
+        agents: AgentPool,
+        *,
+        address: str = "",
+        name: str = "",
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.agents = agents
+        self.address = address
+        self.name = name or address
+        self.store = ContentStore(EtcdBlobBackend(client, keys.blobs))
+        self._leadership: Leadership | None = None
+        self._lock = threading.RLock()
+        self._drivers: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.hooks: dict[str, Callable[[Rollout], None]] = {}  # test and fault-injection points
+
+    # ------------------------------------------------------------ leadership
+    def lead(self, leadership: Leadership) -> None:
+        """Called by the daemon when it wins the election: recover, then accept work."""
+        with self._lock:
+            self._leadership = leadership
+        self._spawn(self._recover, "recover")
+
+    def step_down(self) -> None:
+        with self._lock:
+            self._leadership = None
+
+    def is_leader(self) -> bool:
+        lead = self._leadership
+        return lead is not None and lead.session.alive()
+
+    def leader_address(self) -> str:
+        try:
+            items = sorted(
+                self.client.get_prefix(self.keys.election), key=lambda kv: kv[1].create_revision
+            )
+        except Exception:
+            return ""
+        return items[0][0].decode() if items else ""
+
+    def _require_leader(self) -> Leadership:
+        lead = self._leadership
+        if lead is None or not lead.session.alive():
+            leader = self.leader_address()
+            raise Refused(
+                "not_leader",
+                f"this coordinator ({self.address}) is not the leader"
+                + (
+                    f"; the leader is {leader}"
+                    if leader
+                    else "; no leader is elected right now, retry shortly"
+                ),
+                leader=leader,
+            )
+        return lead
+
+    def close(self) -> None:
+        self._stopping.set()
+        for t in list(self._drivers):
+            t.join(timeout=10)
+
+    # ----------------------------------------------------------------- reads
+    def nodes(self) -> list[NodeInfo]:
+        return read_nodes(self.client, self.keys)
+
+    def releases(self) -> list[ReleaseEntry]:
+        out = []
+        for raw, meta in self.client.get_prefix(self.keys.releases):
+            if meta.key.decode() == self.keys.permanent:
+                continue
+            out.append(ReleaseEntry(**json.loads(raw)))
+        return sorted(out, key=lambda r: r.pushed_at)
+
+    def release(self, ref: str) -> ReleaseEntry:
+        name, sep, version = ref.partition("@")
+        if not sep or not name or not version:
+            raise Refused("invalid", f"release reference {ref!r} is not NAME@VERSION")
+        raw, _ = self.client.get(self.keys.release(name, version))
+        if raw is None:
+            raise Refused(
+                "not_found",
+                f"release {ref} was never pushed; push it with `coordctl release push PATH`",
+            )
+        return ReleaseEntry(**json.loads(raw))
+
+    def rollout(self, rollout_id: str | None = None) -> Rollout:
+        if rollout_id:
+            raw, _ = _retry(lambda: self.client.get(self.keys.rollout(rollout_id)))
+            if raw is None:
+                raise Refused("not_found", f"no rollout {rollout_id}")
+            return Rollout.loads(raw)
+        newest = self.rollouts(limit=1)
+        if not newest:
+            raise Refused("not_found", "no rollout has run in this cluster yet")
+        return newest[0]
+
+    def rollouts(self, limit: int = 50) -> list[Rollout]:
+        out = []
+        for raw, meta in self.client.get_prefix(self.keys.rollouts):
+            if meta.key.decode().endswith("/decision"):
+                continue
+            out.append(Rollout.loads(raw))
+        out.sort(key=lambda r: r.created_at, reverse=True)
+        return out[:limit]
+
+    def module_status(self, node: str | None = None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for n in self.nodes():
+            if node and n.node_id != node:
+                continue
+            try:
+                reply = self.agents.stub(n.address).ModuleStatus(
+                    agent_pb2.ModuleStatusRequest(), timeout=5
+                )
+            except grpc.RpcError as exc:
+                rows.append(
+                    {
+                        "node": n.node_id,
+                        "module": "*",
+                        "state": "unreachable",
+                        "release": "",
+                        "loaded_digest": "",
+                        "disk_digest": "",
+                        "detail": _rpc_detail(exc),
+                    }
+                )
+                continue
+            rows.extend(
+                {
+                    "node": n.node_id,
+                    "module": m.module,
+                    "state": m.state,
+                    "release": m.release,
+                    "loaded_digest": m.loaded_digest,
+                    "disk_digest": m.disk_digest,
+                }
+                for m in reply.modules
+            )
+        if node and not rows:
+            raise Refused("not_found", f"node {node} is not registered")
+        return rows
+
+    # --------------------------------------------------------------- releases
+    def push_release(self, release: Release, signature: str = "", signer: str = "") -> ReleaseEntry:
+        """Store the sources by digest and the manifest under name/version (idempotent)."""
+        if release.problems:
+            raise Refused(
+                "invalid", "release is malformed: " + "; ".join(map(str, release.problems))
+            )
+        for ms in release.modules:
+            if not ms.digest_ok:
+                raise Refused(
+                    "invalid",
+                    f"{ms.name}: digest_mismatch: {ms.path} does not match its declared sha256",
+                )
+            self.store.put(ms.source)
+        entry = ReleaseEntry(
+            release.label,
+            release.name,
+            release.version,
+            release.digest,
+            time.time(),
+            len(release.modules),
+            bool(signature),
+            release.to_manifest(),
+            signature,
+            signer,
+        )
+        key = self.keys.release(release.name, release.version)
+        tx = self.client.transactions
+        ok, _ = self.client.transaction(
+            compare=[tx.version(key) == 0],
+            success=[tx.put(key, json.dumps(entry.to_json()))],
+            failure=[],
+        )
+        if not ok:
+            existing = self.release(release.label)
+            if existing.digest != release.digest:
+                raise Refused(
+                    "exists",
+                    f"{release.label} was already pushed with different content (digest {existing.digest[:12]}…); bump the version",
+                )
+            return existing
+        return entry
+
+    # ------------------------------------------------------------- rollouts
+    def upgrade(self, ref: str, target: Target, options: RolloutOptions) -> Rollout:
+        lead = self._require_leader()
+        entry = self.release(ref)
+        return self._start("upgrade", entry, target, options, lead)
+
+    def rollback(self, target: Target, to_version: str | None, options: RolloutOptions) -> Rollout:
+        """Back to the previous release: from every node's memory, or to a pushed version."""
+        lead = self._require_leader()
+        if to_version:
+            name = self._current_release_name()
+            return self._start(
+                "rollback", self.release(f"{name}@{to_version}"), target, options, lead
+            )
+        last = self._last_applied()
+        if last is None:
+            raise Refused(
+                "not_found", "nothing to roll back: no upgrade has finished in this cluster"
+            )
+        previous = sorted(set(last.previous.values()))
+        if len(previous) != 1:
+            ran = ", ".join(p or "boot code" for p in previous)
+            raise Refused(
+                "invalid",
+                f"nodes ran different releases before {last.release} ({ran}); use --to VERSION",
+            )
+        entry = (
+            self._entry_or_stub(previous[0])
+            if previous[0]
+            else ReleaseEntry("", "", "", "", 0.0, 0, False)
+        )
+        options.window_s = 0.0
+        target = target if (target.nodes or target.selector) else Target(nodes=sorted(last.nodes))
+        return self._start(
+            "rollback", entry, target, options, lead, from_memory=True, reverts=last.id
+        )
+
+    def abort(self, rollout_id: str | None = None) -> Rollout:
+        lead = self._require_leader()
+        rollout = self.rollout(rollout_id or self._active_id() or None)
+        if rollout.phase.terminal:
+            raise Refused("invalid", f"rollout {rollout.id} already ended {rollout.phase.value}")
+        if rollout.phase is Phase.PROVISIONAL:
+            return self.rollback(Target(nodes=sorted(rollout.nodes)), None, RolloutOptions())
+        if self._decide(lead, rollout.id, "abort") != "abort":
+            raise Refused(
+                "invalid", f"rollout {rollout.id} is already committed; wait for it and roll back"
+            )
+        return self.rollout(rollout.id)
+
+    def promote(self, rollout_id: str | None = None) -> Rollout:
+        lead = self._require_leader()
+        rollout = self.rollout(rollout_id)
+        if rollout.phase is not Phase.PROVISIONAL:
+            raise Refused(
+                "invalid",
+                f"rollout {rollout.id} is {rollout.phase.value}, only a provisional rollout can be promoted",
+            )
+        self._make_permanent(lead, rollout, "promoted by the operator")
+        return self.rollout(rollout.id)
+
+    # -------------------------------------------------------------- internals
+    def _current_release_name(self) -> str:
+        names = {n.current_release.partition("@")[0] for n in self.nodes() if n.current_release}
+        if len(names) != 1:
+            raise Refused(
+                "invalid",
+                f"cannot tell which release to roll back: nodes run {sorted(names) or 'nothing known'}",
+            )
+        return names.pop()
+
+    def _last_applied(self) -> Rollout | None:
+        for r in self.rollouts(limit=200):
+            if r.kind == "upgrade" and r.phase in {Phase.PROVISIONAL, Phase.PERMANENT}:
+                return r
+            if r.phase is Phase.ROLLED_BACK or (
+                r.kind == "rollback" and r.phase is Phase.PERMANENT
+            ):
+                return None
+        return None
+
+    def _entry_or_stub(self, label: str) -> ReleaseEntry:
+        try:
+            return self.release(label)
+        except Refused:
+            name, _, version = label.partition("@")
+            return ReleaseEntry(label, name, version, "", 0.0, 0, False)
+
+    def _permanent_raw(self) -> str:
+        raw, _ = self.client.get(self.keys.permanent)
+        return raw.decode() if raw else ""
+
+    def _active_id(self) -> str:
+        raw, _ = self.client.get(self.keys.active)
+        return raw.decode() if raw else ""
+
+    def _start(
+        self,
+        kind: str,
+        entry: ReleaseEntry,
+        target: Target,
+        options: RolloutOptions,
+        lead: Leadership,
+        *,
+        from_memory: bool = False,
+        reverts: str = "",
+    ) -> Rollout:
+        nodes, missing = select(self.nodes(), target)
+        if not nodes and not missing:
+            raise Refused("no_targets", f"no registered node matches {target.describe()}")
+        rollout = Rollout(
+            _new_id(),
+            kind,
+            entry.label,
+            entry.digest,
+            sorted([n.node_id for n in nodes] + missing),
+            options={
+                **asdict(options),
+                "target": target.describe(),
+                "from_memory": from_memory,
+                "reverts": reverts,
+                "previous_permanent": self._permanent_raw(),
+            },
+            epoch=lead.epoch,
+            leader=self.address,
+            nodes={n.node_id: NodeResult(n.node_id, n.address) for n in nodes},
+            previous={n.node_id: n.current_release for n in nodes},
+        )
+        for name in missing:
+            rollout.nodes[name] = NodeResult(
+                name, vote=Vote.UNREACHABLE, detail="not registered (down or unknown)"
+            )
+        tx = self.client.transactions
+        ok, _ = lead.transaction(
+            [
+                tx.put(self.keys.active, rollout.id),
+                tx.put(self.keys.rollout(rollout.id), rollout.dumps()),
+            ],
+            [tx.value(self.keys.active) == reverts]
+            if reverts and self._active_id() == reverts
+            else [tx.version(self.keys.active) == 0],
+        )
+        if not ok:
+            if not lead.is_valid():
+                raise Refused(
+                    "not_leader",
+                    "leadership was lost while starting the rollout",
+                    leader=self.leader_address(),
+                )
+            raise Refused(
+                "busy",
+                f"rollout {self._active_id()} is in progress; one rollout at a time per cluster (watch it with `coordctl status`, or `coordctl abort`)",
+            )
+        log.info(
+            "rollout %s: %s %s on %s", rollout.id, kind, entry.label, ", ".join(rollout.targets)
+        )
+        manifest = dict(entry.manifest)
+        self._spawn(
+            lambda: self._drive(lead, rollout, manifest, entry, options), f"rollout-{rollout.id}"
+        )
+        return rollout
+
+    def _spawn(self, fn: Callable[[], None], name: str) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except _Deposed:
+                log.warning("%s: stopped, this coordinator is no longer the leader", name)
+            except Exception:
+                log.exception("%s failed", name)
+
+        t = threading.Thread(target=run, name=f"hotfleet-{name}", daemon=True)
+        self._drivers = [d for d in self._drivers if d.is_alive()] + [t]
+        t.start()
+
+    def _save(self, lead: Leadership, rollout: Rollout, *extra_ops: Any) -> None:
+        rollout.epoch = lead.epoch
+        tx = self.client.transactions
+        if not _retry(
+            lambda: lead.guarded_txn(
+                [tx.put(self.keys.rollout(rollout.id), rollout.dumps()), *extra_ops]
+            )
+        ):
+            raise _Deposed()
+
+    def _hook(self, point: str, rollout: Rollout) -> None:
+        fn = self.hooks.get(point)
+        if fn is not None:
+            fn(rollout)
+
+    def _drive(
+        self,
+        lead: Leadership,
+        rollout: Rollout,
+        manifest: dict[str, Any],
+        entry: ReleaseEntry,
+        options: RolloutOptions,
+    ) -> None:
+        self._hook("before_prepare", rollout)
+        self._prepare_all(lead, rollout, manifest, entry, options)
+        self._save(lead, rollout)
+        self._hook("before_decision", rollout)
+        voters = [
+            n
+            for n in rollout.nodes.values()
+            if n.vote is not Vote.UNREACHABLE or not options.allow_missing
+        ]
+        yes = all(n.vote is Vote.YES for n in voters) and any(n.vote is Vote.YES for n in voters)
+        wanted = "commit" if yes and not options.dry_run else "abort"
+        decision = self._decide(lead, rollout.id, wanted)
+        rollout.decision, rollout.decided_at = decision, time.time()
+        if decision == "commit":
+            rollout.phase = Phase.COMMITTED
+            self._save(lead, rollout)
+            self._hook("after_decision", rollout)
+            self._finish_all(lead, rollout, options)
+        else:
+            rollout.phase = Phase.ABORTING
+            self._save(lead, rollout)
+            self._abort_all(
+                lead, rollout, options, dry_run=options.dry_run and wanted == "abort" and yes
+            )
+
+    def _prepare_all(
+        self,
+        lead: Leadership,
+        rollout: Rollout,
+        manifest: dict[str, Any],
+        entry: ReleaseEntry,
+        options: RolloutOptions,
+    ) -> None:
+        message = manifest_to_proto(manifest) if manifest else None
+        if message is not None:
+            message.signature = bytes.fromhex(entry.signature)  # stored as hex in etcd
+            message.signer = entry.signer
+
+        def prepare(result: NodeResult) -> None:
+            if result.vote is Vote.UNREACHABLE:
+                return
+            request = agent_pb2.PrepareRequest(
+                rollout_id=rollout.id,
+                epoch=lead.epoch,
+                force=options.force,
+                rollback_target=bool(rollout.options.get("from_memory")),
+            )
+            if message is not None:
+                request.release.CopyFrom(message)
+            started = time.perf_counter()
+            try:
+                reply = self.agents.stub(result.address).Prepare(request, timeout=options.timeout_s)
+            except grpc.RpcError as exc:
+                result.vote, result.detail = Vote.UNREACHABLE, _rpc_detail(exc)
+                return
+            result.prepare_s = time.perf_counter() - started
+            result.vote = Vote.YES if reply.ok else Vote.NO
+            result.errors = [
+                e if e.node else e.on_node(result.node) for e in errors_from_proto(reply.errors)
+            ]
+
+        self._parallel(prepare, rollout.nodes.values(), options.concurrency)
+        rollout.errors = [e for n in rollout.nodes.values() for e in n.errors]
+        for n in rollout.nodes.values():
+            if n.vote is Vote.UNREACHABLE and not options.allow_missing:
+                rollout.errors.append(
+                    ModuleError(
+                        "*", Reason.BAD_RELEASE, f"unreachable at prepare: {n.detail}", n.node
+                    )
+                )
+
+    def _decide(self, lead: Leadership, rollout_id: str, wanted: str) -> str:
+        """Write the decision once (the commit point) and return the one that stands."""
+        key = self.keys.decision(rollout_id)
+        tx = self.client.transactions
+        ok, _ = _retry(lambda: lead.transaction([tx.put(key, wanted)], [tx.version(key) == 0]))
+        if ok:
+            return wanted
+        raw, _ = self.client.get(key)
+        if raw is None:
+            raise _Deposed()
+        return raw.decode()
+
+    def _finish_all(self, lead: Leadership, rollout: Rollout, options: RolloutOptions) -> None:
+        deadline = time.monotonic() + max(options.timeout_s, 5.0)
+
+        def finish(result: NodeResult) -> None:
+            if result.finished or result.vote is not Vote.YES:
+                return
+            request = agent_pb2.FinishRequest(rollout_id=rollout.id, epoch=lead.epoch)
+            while True:
+                try:
+                    reply = self.agents.stub(self._address_of(result)).Finish(
+                        request, timeout=max(1.0, deadline - time.monotonic())
+                    )
+                except grpc.RpcError as exc:
+                    result.detail = _rpc_detail(exc)
+                    if (
+                        time.monotonic() >= deadline
+                        or exc.code() is grpc.StatusCode.FAILED_PRECONDITION
+                    ):
+                        return
+                    time.sleep(0.2)
+                    continue
+                if reply.ok:
+                    result.finished, result.finished_at, result.pause_s, result.detail = (
+                        True,
+                        time.time(),
+                        reply.pause_s,
+                        "",
+                    )
+                else:
+                    result.errors = [
+                        e if e.node else e.on_node(result.node)
+                        for e in errors_from_proto(reply.errors)
+                    ]
+                    result.detail = "finish failed" + (
+                        ", previous version restored" if reply.restored else ""
+                    )
+                return
+
+        self._parallel(finish, rollout.nodes.values(), options.concurrency)
+        rollout.finished_at = time.time()
+        unfinished = [
+            n.node for n in rollout.nodes.values() if n.vote is Vote.YES and not n.finished
+        ]
+        rollout.phase = Phase.PROVISIONAL
+        rollout.reason = (
+            f"finished on {sum(n.finished for n in rollout.nodes.values())} node(s)"
+            + (
+                f"; not acknowledged by {', '.join(unfinished)} (they finish from the decision key or reconcile on restart)"
+                if unfinished
+                else ""
+            )
+        )
+        self._save(lead, rollout)
+        self._hook("after_finish", rollout)
+        if options.window_s <= 0:
+            self._make_permanent(lead, rollout, rollout.reason)
+
+    def _make_permanent(self, lead: Leadership, rollout: Rollout, reason: str) -> None:
+        entry = self._entry_or_stub(rollout.release)
+
+        def permanent(result: NodeResult) -> None:
+            if not result.finished:
+                return
+            try:
+                self.agents.stub(self._address_of(result)).MakePermanent(
+                    agent_pb2.MakePermanentRequest(
+                        rollout_id=rollout.id, epoch=lead.epoch, release=rollout.release
+                    ),
+                    timeout=10,
+                )
+            except grpc.RpcError as exc:
+                result.detail = f"make permanent: {_rpc_detail(exc)}"
+
+        self._parallel(permanent, rollout.nodes.values(), 32)
+        rollout.phase, rollout.ended_at = Phase.PERMANENT, time.time()
+        rollout.reason = reason
+        tx = self.client.transactions
+        ops = [tx.delete(self.keys.active)] if self._active_id() == rollout.id else []
+        reverted = rollout.options.get("reverts")
+        if reverted:  # back to what was permanent before the reverted upgrade
+            before = self.rollout(reverted).options.get("previous_permanent", "")
+            ops.append(
+                tx.put(self.keys.permanent, before) if before else tx.delete(self.keys.permanent)
+            )
+        elif entry.manifest:
+            record = {
+                "release": entry.label,
+                "digest": entry.digest,
+                "manifest": entry.manifest,
+                "signature": entry.signature,
+                "signer": entry.signer,
+            }
+            ops.append(tx.put(self.keys.permanent, json.dumps(record)))
+        self._save(lead, rollout, *ops)
+        if reverted:
+            old = self.rollout(reverted)
+            old.phase, old.reason, old.ended_at = (
+                Phase.ROLLED_BACK,
+                f"rolled back by {rollout.id}: {rollout.options.get('why') or 'operator request'}",
+                time.time(),
+            )
+            self._save(lead, old)
+        log.info("rollout %s: %s permanent", rollout.id, rollout.release)
+
+    def _abort_all(
+        self, lead: Leadership, rollout: Rollout, options: RolloutOptions, *, dry_run: bool
+    ) -> None:
+        def abort(result: NodeResult) -> None:
+            if result.vote is Vote.UNREACHABLE and not result.address:
+                return
+            try:
+                self.agents.stub(self._address_of(result)).Abort(
+                    agent_pb2.AbortRequest(rollout_id=rollout.id, epoch=lead.epoch), timeout=5
+                )
+                result.aborted = True
+            except grpc.RpcError as exc:
+                result.detail = (
+                    f"abort: {_rpc_detail(exc)} (the node drops it from the decision key)"
+                )
+
+        self._parallel(abort, rollout.nodes.values(), options.concurrency)
+        rollout.phase = Phase.DRY_RUN if dry_run else Phase.ABORTED
+        rollout.ended_at = time.time()
+        if dry_run:
+            rollout.reason = f"dry run: every node ({len(rollout.nodes)}) prepared {rollout.release}; aborted on purpose"
+        elif not rollout.reason:
+            rollout.reason = _abort_reason(rollout)
+        tx = self.client.transactions
+        self._save(lead, rollout, tx.delete(self.keys.active))
+        log.info("rollout %s: %s", rollout.id, rollout.reason)
+
+    def _address_of(self, result: NodeResult) -> str:
+        """Agents may restart on another port: prefer the live membership record."""
+        raw, _ = self.client.get(self.keys.node(result.node))
+        if raw:
+            with contextlib.suppress(ValueError):
+                result.address = json.loads(raw).get("address") or result.address
+        return result.address
+
+    @staticmethod
+    def _parallel(
+        fn: Callable[[NodeResult], None], items: Iterable[NodeResult], concurrency: int
+    ) -> None:
+        items = list(items)
+        if not items:
+            return
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(concurrency, len(items))), thread_name_prefix="hotfleet-rpc"
+        ) as pool:
+            list(pool.map(fn, items))
+
+    def _recover(self) -> None:
+        """On winning the election: settle the rollout a previous leader left behind."""
+        lead = self._leadership
+        if lead is None:
+            return
+        rid = self._active_id()
+        if not rid:
+            return
+        try:
+            rollout = self.rollout(rid)
+        except Refused:
+            self.client.transaction(
+                compare=[lead.fence()],
+                success=[self.client.transactions.delete(self.keys.active)],
+                failure=[],
+            )
+            return
+        options = RolloutOptions(
+            **{k: v for k, v in rollout.options.items() if k in RolloutOptions.__dataclass_fields__}
+        )
+        decision = self._decide(lead, rid, "abort")  # presumed abort when undecided
+        rollout.decision = decision
+        log.warning("new leader recovering rollout %s: decision %s", rid, decision)
+        if decision == "commit":
+            if rollout.phase is Phase.PROVISIONAL:
+                if options.window_s <= 0:
+                    self._make_permanent(
+                        lead, rollout, rollout.reason or "completed by a new leader"
+                    )
+                return
+            rollout.phase = Phase.COMMITTED
+            self._save(lead, rollout)
+            self._finish_all(lead, rollout, options)
+        else:
+            rollout.phase = Phase.ABORTING
+            rollout.reason = (
+                rollout.reason
+                or "the leader changed before the decision was recorded: presumed abort"
+            )
+            self._save(lead, rollout)
+            self._abort_all(lead, rollout, options, dry_run=False)
+
+
+def _abort_reason(rollout: Rollout) -> str:
+    parts: list[str] = []
+    for n in sorted(rollout.nodes.values(), key=lambda n: n.node):
+        if n.vote is Vote.NO:
+            parts.extend(
+                f"{e.node or n.node}: {e.module}: {e.reason.value}: {e.detail}" for e in n.errors
+            )
+        elif n.vote is Vote.UNREACHABLE:
+            parts.append(f"{n.node}: unreachable at prepare ({n.detail})")
+        elif n.vote is Vote.PENDING:
+            parts.append(f"{n.node}: no vote")
+    return "aborted, nothing changed: " + ("; ".join(parts) if parts else "aborted by the operator")
+
+
+def _rpc_detail(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code else 'error'}: {details}"
+
+
+def _retry(fn: Callable[[], T]) -> T:
+    """Retry an idempotent etcd call through a short outage (an etcd restart, a leader change)."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(30),
+        wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+        retry=tenacity.retry_if_not_exception_type(_Deposed),
+        before_sleep=lambda state: log.warning(
+            "etcd call failed (%s), retrying", state.outcome.exception() if state.outcome else "?"
+        ),
+        reraise=True,
+    )
+    return retrying(fn)

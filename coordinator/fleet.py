@@ -1,0 +1,128 @@
+"""The fleet as the coordinator sees it: membership records and gRPC stubs to agents."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from hotfleet._proto.hotfleet.v1 import agent_pb2_grpc
+from hotfleet.etcd_client import EtcdClient
+from hotfleet.keys import Keys
+
+
+@dataclass
+class NodeInfo:
+    """One registered agent, from its membership key."""
+
+    node_id: str
+    address: str = ""
+    http_address: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    current_release: str = ""
+    previous_release: str = ""
+    permanent_release: str = ""
+    state: str = ""
+    epoch_seen: int = 0
+    pid: int = 0
+    started_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, raw: bytes) -> NodeInfo:
+        d = json.loads(raw)
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+@dataclass
+class Target:
+    """Which nodes a rollout is for: all, named ones, or a label selector."""
+
+    all: bool = False
+    nodes: list[str] = field(default_factory=list)
+    selector: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.nodes:
+            return "nodes " + ",".join(self.nodes)
+        if self.selector:
+            return "selector " + ",".join(f"{k}={v}" for k, v in sorted(self.selector.items()))
+        return "all nodes"
+
+
+def read_nodes(client: EtcdClient, keys: Keys) -> list[NodeInfo]:
+    nodes = []
+    for raw, _meta in client.get_prefix(keys.nodes):
+        try:
+            nodes.append(NodeInfo.from_record(raw))
+        except (ValueError, TypeError):
+            continue  # a malformed record is not a node we can drive
+    return sorted(nodes, key=lambda n: n.node_id)
+
+
+def select(nodes: list[NodeInfo], target: Target) -> tuple[list[NodeInfo], list[str]]:
+    """``(selected, missing)``: named nodes that are not registered are *missing*."""
+    if target.nodes:
+        by_id = {n.node_id: n for n in nodes}
+        return [by_id[n] for n in target.nodes if n in by_id], [
+            n for n in target.nodes if n not in by_id
+        ]
+    if target.selector:
+        chosen = [n for n in nodes if all(n.labels.get(k) == v for k, v in target.selector.items())]
+        return chosen, []
+    return list(nodes), []
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """PEM files the coordinator presents to agents (mutual TLS)."""
+
+    cert: str
+    key: str
+    ca: str
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca).read_bytes(),
+            private_key=Path(self.key).read_bytes(),
+            certificate_chain=Path(self.cert).read_bytes(),
+        )
+
+
+class AgentPool:
+    """One cached channel per agent address; closed together."""
+
+    def __init__(self, tls: ClientTLS | None = None) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def stub(self, address: str) -> agent_pb2_grpc.NodeAgentStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                options = [
+                    ("grpc.max_receive_message_length", 64 << 20),
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
+                ]
+                channel = (
+                    grpc.secure_channel(address, self._tls.credentials(), options)
+                    if self._tls
+                    else grpc.insecure_channel(address, options)
+                )
+                self._channels[address] = channel
+            return agent_pb2_grpc.NodeAgentStub(channel)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()

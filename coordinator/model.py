@@ -1,0 +1,136 @@
+"""The rollout record: what the leader writes to etcd at every step of a 2PC.
+
+A rollout is recorded *before* anything is sent to a node, and every state
+change is a fenced write of the whole record, so a new leader (or an
+operator with ``coordctl status``) reads exactly what happened: who voted
+what, with which errors, how long each step took and why it ended as it did.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hotfleet.errors import ModuleError, Reason
+
+
+class Phase(enum.StrEnum):
+    """Where a rollout is.  Terminal phases never change again."""
+
+    PREPARING = "preparing"  # recorded; Prepare sent to targets
+    COMMITTED = "committed"  # decision=commit is durable; Finish being driven
+    ABORTING = "aborting"  # decision=abort is durable; Abort being driven
+    PROVISIONAL = "provisional"  # every node finished; rollback window open
+    PERMANENT = "permanent"  # terminal: the release is what nodes boot into
+    ABORTED = "aborted"  # terminal: nothing changed anywhere
+    ROLLED_BACK = "rolled_back"  # terminal: finished, then taken back out
+    DRY_RUN = "dry_run"  # terminal: prepared everywhere and aborted on purpose
+
+    @property
+    def terminal(self) -> bool:
+        return self in {Phase.PERMANENT, Phase.ABORTED, Phase.ROLLED_BACK, Phase.DRY_RUN}
+
+
+class Vote(enum.StrEnum):
+    PENDING = ""
+    YES = "yes"
+    NO = "no"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass
+class NodeResult:
+    """One target node's part in a rollout."""
+
+    node: str
+    address: str = ""
+    vote: Vote = Vote.PENDING
+    errors: list[ModuleError] = field(default_factory=list)
+    prepare_s: float = 0.0
+    finished: bool = False
+    finished_at: float = 0.0  # unix time the node acknowledged the switch
+    pause_s: float = 0.0  # how long the node held guarded work for the switch
+    aborted: bool = False
+    detail: str = ""  # transport errors, retries
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["vote"] = self.vote.value
+        d["errors"] = [_error_json(e) for e in self.errors]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NodeResult:
+        d = dict(d)
+        d["vote"] = Vote(d.get("vote", ""))
+        d["errors"] = [_error_from_json(e) for e in d.get("errors", [])]
+        return cls(**d)
+
+
+@dataclass
+class Rollout:
+    """The durable record of one rollout (upgrade, rollback or dry run)."""
+
+    id: str
+    kind: str  # "upgrade" | "rollback"
+    release: str  # label "name@version" being installed
+    release_digest: str
+    targets: list[str]
+    options: dict[str, Any] = field(default_factory=dict)
+    phase: Phase = Phase.PREPARING
+    decision: str = ""  # mirrors rollouts/<id>/decision once written
+    reason: str = ""  # why it ended the way it did, for humans
+    errors: list[ModuleError] = field(default_factory=list)  # every node's refusals
+    nodes: dict[str, NodeResult] = field(default_factory=dict)
+    epoch: int = 0  # leader epoch that last wrote the record
+    leader: str = ""
+    previous: dict[str, str] = field(default_factory=dict)  # node -> release it ran before
+    created_at: float = field(default_factory=time.time)
+    decided_at: float = 0.0
+    finished_at: float = 0.0
+    ended_at: float = 0.0
+
+    # ------------------------------------------------------------ summaries
+    @property
+    def commit_skew_s(self) -> float:
+        """Latest minus earliest finish instant across nodes."""
+        times = [n.finished_at for n in self.nodes.values() if n.finished]
+        return max(times) - min(times) if len(times) > 1 else 0.0
+
+    @property
+    def duration_s(self) -> float:
+        end = self.ended_at or self.finished_at or time.time()
+        return end - self.created_at
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["phase"] = self.phase.value
+        d["errors"] = [_error_json(e) for e in self.errors]
+        d["nodes"] = {k: v.to_json() for k, v in self.nodes.items()}
+        d["commit_skew_s"] = self.commit_skew_s
+        d["duration_s"] = self.duration_s
+        return d
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> Rollout:
+        d = json.loads(raw)
+        d.pop("commit_skew_s", None)
+        d.pop("duration_s", None)
+        d["phase"] = Phase(d["phase"])
+        d["errors"] = [_error_from_json(e) for e in d.get("errors", [])]
+        d["nodes"] = {k: NodeResult.from_json(v) for k, v in d.get("nodes", {}).items()}
+        return cls(**d)
+
+
+def _error_json(e: ModuleError) -> dict[str, str]:
+    return {"node": e.node, "module": e.module, "reason": e.reason.value, "detail": e.detail}
+
+
+def _error_from_json(d: dict[str, str]) -> ModuleError:
+    return ModuleError(d["module"], Reason(d["reason"]), d["detail"], d.get("node", ""))

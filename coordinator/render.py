@@ -1,0 +1,524 @@
+"""Human output for ``coordctl``: tables, rollout reports, live progress, module drift.
+
+Plain text with no dependency: tables are aligned columns (kubectl style),
+colour only when the stream is a terminal and ``NO_COLOR`` is unset, and live
+progress prints one line per event, so logs of a CI job read the same as a
+terminal (a terminal also gets a one-line summary redrawn in place).
+Everything here works on the JSON records the coordinator serves, so the
+CLI can render records from a newer coordinator that has extra keys.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
+
+__all__ = [
+    "Progress",
+    "Style",
+    "age",
+    "drift",
+    "duration",
+    "errors_table",
+    "modules_table",
+    "nodes_table",
+    "release_detail",
+    "releases_table",
+    "rollout_detail",
+    "rollouts_table",
+    "table",
+]
+
+TERMINAL_PHASES = frozenset({"permanent", "aborted", "rolled_back", "dry_run"})
+
+
+class Style:
+    """ANSI styling, a no-op unless enabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @classmethod
+    def for_stream(cls, stream: TextIO) -> Style:
+        isatty = getattr(stream, "isatty", None)
+        tty = bool(isatty and isatty())
+        return cls(tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb")
+
+    def _wrap(self, code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.enabled and text else text
+
+    def bold(self, text: str) -> str:
+        return self._wrap("1", text)
+
+    def red(self, text: str) -> str:
+        return self._wrap("31", text)
+
+    def green(self, text: str) -> str:
+        return self._wrap("32", text)
+
+    def yellow(self, text: str) -> str:
+        return self._wrap("33", text)
+
+    def dim(self, text: str) -> str:
+        return self._wrap("2", text)
+
+    def phase(self, phase: str) -> str:
+        if phase in ("permanent", "provisional", "dry_run"):
+            return self.green(phase)
+        if phase in ("aborted", "rolled_back", "aborting"):
+            return self.red(phase)
+        return self.yellow(phase)
+
+
+PLAIN = Style(False)
+
+
+def _visible_len(text: str) -> int:
+    out, i = 0, 0
+    while i < len(text):
+        if text[i] == "\x1b":
+            end = text.find("m", i)
+            i = end + 1 if end != -1 else len(text)
+            continue
+        out += 1
+        i += 1
+    return out
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, empty: str = "") -> str:
+    """Aligned columns; the last column is never padded (it may be long, e.g. a detail)."""
+    body = [["" if c is None else str(c) for c in row] for row in rows]
+    if not body and empty:
+        return empty
+    widths = [len(h) for h in headers]
+    for row in body:
+        for i, cell in enumerate(row[: len(headers)]):
+            first = cell.split("\n", 1)[0]
+            widths[i] = max(widths[i], _visible_len(first))
+    lines = []
+    for row in [list(headers), *body]:
+        cells = row + [""] * (len(headers) - len(row))
+        parts = []
+        continuation: list[str] = []
+        for i, cell in enumerate(cells):
+            first, *rest = cell.split("\n")
+            if i == len(cells) - 1:
+                parts.append(first)
+                continuation = rest
+            else:
+                parts.append(first + " " * (widths[i] - _visible_len(first)))
+        lines.append("  ".join(parts).rstrip())
+        indent = " " * (sum(widths[:-1]) + 2 * (len(widths) - 1))
+        lines.extend((indent + extra).rstrip() for extra in continuation)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ helpers
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    if seconds < 120:
+        return f"{seconds:.2f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def age(timestamp: float | None, now: float | None = None) -> str:
+    if not timestamp:
+        return "-"
+    delta = max(0.0, (now or time.time()) - timestamp)
+    if delta < 120:
+        return f"{delta:.0f}s"
+    if delta < 7200:
+        return f"{delta / 60:.0f}m"
+    if delta < 172800:
+        return f"{delta / 3600:.0f}h"
+    return f"{delta / 86400:.0f}d"
+
+
+def short(digest: str | None, n: int = 12) -> str:
+    return (digest or "")[:n] or "-"
+
+
+def _labels(labels: Mapping[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())) or "-"
+
+
+def _nodes_list(nodes: Sequence[str], limit: int = 6) -> str:
+    nodes = sorted(nodes)
+    if len(nodes) <= limit:
+        return ",".join(nodes)
+    return ",".join(nodes[:limit]) + f",… (+{len(nodes) - limit})"
+
+
+# ------------------------------------------------------------------ tables
+def nodes_table(nodes: Sequence[Mapping[str, Any]], style: Style = PLAIN) -> str:
+    rows = []
+    for n in nodes:
+        state = str(n.get("state", ""))
+        rows.append(
+            [
+                n.get("node_id", ""),
+                style.yellow(state) if state not in ("ready", "idle") else state,
+                n.get("current_release") or "-",
+                n.get("permanent_release") or "-",
+                n.get("previous_release") or "-",
+                n.get("address") or "-",
+                _labels(n.get("labels")),
+                age(n.get("started_at")),
+            ]
+        )
+    return table(
+        ["NODE", "STATE", "RELEASE", "PERMANENT", "PREVIOUS", "ADDRESS", "LABELS", "UP"],
+        rows,
+        empty="no nodes registered",
+    )
+
+
+def releases_table(releases: Sequence[Mapping[str, Any]]) -> str:
+    rows = [
+        [
+            r.get("name", ""),
+            r.get("version", ""),
+            short(r.get("digest")),
+            r.get("modules", ""),
+            "yes" if r.get("signed") else "no",
+            age(r.get("pushed_at")),
+        ]
+        for r in sorted(releases, key=lambda r: (r.get("name", ""), r.get("pushed_at") or 0))
+    ]
+    return table(
+        ["NAME", "VERSION", "DIGEST", "MODULES", "SIGNED", "PUSHED"],
+        rows,
+        empty="no releases pushed",
+    )
+
+
+def release_detail(entry: Mapping[str, Any]) -> str:
+    manifest = entry.get("manifest") or {}
+    signer = entry.get("signer") or ""
+    lines = [
+        f"Release:  {entry.get('label') or entry.get('name', '') + '@' + entry.get('version', '')}",
+        f"Digest:   {entry.get('digest', '')}",
+        f"Signed:   {'yes' + (f' by {signer}' if signer else '') if entry.get('signed') else 'no'}",
+        f"Pushed:   {age(entry.get('pushed_at'))} ago",
+        "",
+    ]
+    modules = manifest.get("modules") or []
+    lines.append(
+        table(
+            ["MODULE", "PATH", "DIGEST", "INSTRUCTION", "DEPENDS"],
+            (
+                [
+                    m.get("name", ""),
+                    m.get("path", ""),
+                    short(m.get("digest")),
+                    m.get("instruction") or "update",
+                    ",".join(m.get("depends") or ()) or "-",
+                ]
+                for m in modules
+            ),
+            empty="(manifest not available)",
+        )
+    )
+    for check in manifest.get("smoke") or []:
+        lines.append(f"smoke check: {check}")
+    if manifest.get("health"):
+        lines.append(f"health policy: {manifest['health']}")
+    return "\n".join(lines)
+
+
+def rollouts_table(rollouts: Sequence[Mapping[str, Any]], style: Style = PLAIN) -> str:
+    rows = [
+        [
+            r.get("id", ""),
+            r.get("kind", ""),
+            r.get("release", ""),
+            style.phase(str(r.get("phase", ""))),
+            len(r.get("targets") or ()),
+            age(r.get("created_at")),
+            duration(r.get("duration_s")),
+            _one_line(r.get("reason") or ""),
+        ]
+        for r in rollouts
+    ]
+    return table(
+        ["ROLLOUT", "KIND", "RELEASE", "PHASE", "NODES", "AGE", "DURATION", "REASON"],
+        rows,
+        empty="no rollouts yet",
+    )
+
+
+def _one_line(text: str, limit: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def errors_table(errors: Sequence[Mapping[str, Any]], style: Style = PLAIN) -> str:
+    """Every refusal: which node, which module, which reason, and the detail in full."""
+    rows = [
+        [
+            e.get("node") or "-",
+            e.get("module") or "-",
+            style.red(str(e.get("reason") or "-")),
+            str(e.get("detail") or "").rstrip(),
+        ]
+        for e in errors
+    ]
+    return table(["NODE", "MODULE", "REASON", "DETAIL"], rows)
+
+
+def _vote(result: Mapping[str, Any], style: Style) -> str:
+    vote = result.get("vote") or ""
+    if vote == "yes":
+        return style.green("yes")
+    if vote in ("no", "unreachable"):
+        return style.red(vote)
+    return style.dim("pending")
+
+
+def _node_outcome(result: Mapping[str, Any], phase: str) -> str:
+    if result.get("finished"):
+        return "finished"
+    if result.get("aborted"):
+        return "aborted"
+    if phase in ("committed",):
+        return "finishing"
+    if phase in ("aborting",):
+        return "aborting"
+    return "-"
+
+
+def collect_errors(rollout: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rollout's errors plus any node error not already listed, each naming its node."""
+    seen: set[tuple[str, str, str, str]] = set()
+    out: list[dict[str, Any]] = []
+
+    def add(e: Mapping[str, Any], node: str = "") -> None:
+        entry = {
+            "node": e.get("node") or node,
+            "module": e.get("module", ""),
+            "reason": e.get("reason", ""),
+            "detail": e.get("detail", ""),
+        }
+        key = (entry["node"], entry["module"], entry["reason"], entry["detail"])
+        if key not in seen:
+            seen.add(key)
+            out.append(entry)
+
+    for e in rollout.get("errors") or ():
+        add(e)
+    for node, result in sorted((rollout.get("nodes") or {}).items()):
+        for e in result.get("errors") or ():
+            add(e, node)
+    return out
+
+
+def rollout_detail(rollout: Mapping[str, Any], style: Style = PLAIN) -> str:
+    phase = str(rollout.get("phase", ""))
+    options = rollout.get("options") or {}
+    flags = [k for k in ("dry_run", "allow_missing", "force") if options.get(k)]
+    lines = [
+        f"Rollout:  {style.bold(str(rollout.get('id', '')))}  ({rollout.get('kind', '')})",
+        f"Release:  {rollout.get('release', '')}  {style.dim(short(rollout.get('release_digest')))}",
+        f"Phase:    {style.phase(phase)}" + (f"  [{', '.join(flags)}]" if flags else ""),
+    ]
+    errors = collect_errors(rollout)
+    if rollout.get("reason"):
+        reason = str(rollout["reason"])
+        lines.append(f"Reason:   {_one_line(reason, 240) if errors else reason}")
+    timing = f"Duration: {duration(rollout.get('duration_s'))}"
+    if rollout.get("commit_skew_s"):
+        timing += f"   commit skew: {duration(rollout['commit_skew_s'])}"
+    lines.append(timing)
+    if rollout.get("leader"):
+        lines.append(f"Leader:   {rollout['leader']} (epoch {rollout.get('epoch', 0)})")
+    nodes = rollout.get("nodes") or {}
+    previous = rollout.get("previous") or {}
+    rows = []
+    for node in sorted(set(nodes) | set(rollout.get("targets") or ())):
+        r = nodes.get(node) or {}
+        rows.append(
+            [
+                node,
+                _vote(r, style),
+                duration(r.get("prepare_s")) if r.get("prepare_s") else "-",
+                _node_outcome(r, phase),
+                duration(r.get("pause_s")) if r.get("finished") else "-",
+                previous.get(node) or "-",
+                _one_line(r.get("detail") or "", 80) or "",
+            ]
+        )
+    lines += ["", table(["NODE", "VOTE", "PREPARE", "OUTCOME", "PAUSE", "WAS", "DETAIL"], rows)]
+    if errors:
+        lines += ["", style.bold(f"{len(errors)} error(s):"), errors_table(errors, style)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ modules
+def drift(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """Modules whose loaded digest differs across nodes: ``{module: {digest: [nodes]}}``."""
+    by_module: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        digest = row.get("loaded_digest") or ""
+        by_module.setdefault(row.get("module", ""), {}).setdefault(digest, []).append(
+            row.get("node", "")
+        )
+    return {
+        module: {d: sorted(n) for d, n in digests.items()}
+        for module, digests in sorted(by_module.items())
+        if len(digests) > 1
+    }
+
+
+def modules_table(
+    rows: Sequence[Mapping[str, Any]], *, per_node: bool = False, style: Style = PLAIN
+) -> str:
+    if not rows:
+        return "no modules reported"
+    drifting = drift(rows)
+    if per_node:
+        body = [
+            [
+                r.get("node", ""),
+                r.get("module", ""),
+                _module_state(r, style),
+                r.get("release") or "-",
+                short(r.get("loaded_digest")),
+                short(r.get("disk_digest")),
+            ]
+            for r in sorted(rows, key=lambda r: (r.get("node", ""), r.get("module", "")))
+        ]
+        return table(["NODE", "MODULE", "STATE", "RELEASE", "LOADED", "ON DISK"], body)
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
+    for r in rows:
+        key = (
+            r.get("module", ""),
+            r.get("loaded_digest") or "",
+            r.get("state", ""),
+            r.get("release") or "",
+        )
+        groups.setdefault(key, []).append(r.get("node", ""))
+    body = []
+    last_module = None
+    for (module, digest, state, release), nodes in sorted(groups.items()):
+        marker = style.red("DRIFT") if module in drifting else ""
+        body.append(
+            [
+                module if module != last_module else "",
+                short(digest),
+                _module_state({"state": state}, style),
+                release or "-",
+                len(nodes),
+                (marker + " " if marker and module != last_module else "") + _nodes_list(nodes),
+            ]
+        )
+        last_module = module
+    text = table(["MODULE", "LOADED", "STATE", "RELEASE", "COUNT", "NODES"], body)
+    if drifting:
+        text += "\n\n" + style.yellow(
+            f"{len(drifting)} module(s) run different code on different nodes: "
+            + ", ".join(drifting)
+        )
+    return text
+
+
+def _module_state(row: Mapping[str, Any], style: Style) -> str:
+    state = str(row.get("state", ""))
+    return state if state in ("loaded", "not_loaded") else style.yellow(state)
+
+
+# ------------------------------------------------------------------ progress
+class Progress:
+    """Turns successive snapshots of one rollout into event lines.
+
+    Each call to :meth:`update` prints what changed since the previous
+    snapshot: the phase, every node's vote (with its errors) and every
+    node's finish or abort.  On a terminal a summary line is redrawn in place
+    below the events; elsewhere only the event lines are printed.
+    """
+
+    def __init__(self, out: TextIO = sys.stdout, *, style: Style | None = None) -> None:
+        self.out = out
+        self.style = style or Style.for_stream(out)
+        isatty = getattr(out, "isatty", None)
+        self.live = bool(isatty and isatty())
+        self._phase = ""
+        self._seen: dict[str, tuple[str, bool, bool]] = {}
+        self._status_shown = False
+        self.started = time.monotonic()
+
+    def _emit(self, line: str) -> None:
+        self._clear_status()
+        print(line, file=self.out, flush=True)
+
+    def _clear_status(self) -> None:
+        if self._status_shown:
+            self.out.write("\r\x1b[2K")
+            self._status_shown = False
+
+    def update(self, rollout: Mapping[str, Any]) -> None:
+        s = self.style
+        phase = str(rollout.get("phase", ""))
+        stamp = f"[{time.monotonic() - self.started:6.2f}s]"
+        if not self._phase:
+            targets = rollout.get("targets") or ()
+            self._emit(
+                f"{stamp} rollout {rollout.get('id')}: {rollout.get('kind')} to "
+                f"{rollout.get('release')} on {len(targets)} node(s): {_nodes_list(targets)}"
+            )
+            self._emit(f"{stamp} phase {s.phase(phase)}")
+            self._phase = phase
+        for node, r in sorted((rollout.get("nodes") or {}).items()):
+            vote = r.get("vote") or ""
+            state = (vote, bool(r.get("finished")), bool(r.get("aborted")))
+            before = self._seen.get(node, ("", False, False))
+            if vote and vote != before[0]:
+                took = f" in {duration(r.get('prepare_s'))}" if r.get("prepare_s") else ""
+                self._emit(f"{stamp}   {node}: prepare {_vote(r, s)}{took}")
+                for e in r.get("errors") or ():
+                    self._emit(
+                        f"{stamp}     {e.get('module', '-')}: {s.red(str(e.get('reason', '')))}: "
+                        f"{_one_line(str(e.get('detail', '')), 200)}"
+                    )
+                if vote == "unreachable" and r.get("detail"):
+                    self._emit(f"{stamp}     {_one_line(str(r['detail']), 200)}")
+            if state[1] and not before[1]:
+                self._emit(f"{stamp}   {node}: finished (paused {duration(r.get('pause_s'))})")
+            if state[2] and not before[2]:
+                self._emit(f"{stamp}   {node}: aborted")
+            self._seen[node] = state
+        # Node events first: a snapshot that shows a new phase also shows the
+        # votes and finishes that led to it.
+        if phase != self._phase:
+            self._emit(f"{stamp} phase {s.phase(phase)}")
+            self._phase = phase
+        if self.live and phase not in TERMINAL_PHASES:
+            self._clear_status()
+            self.out.write(s.dim(f"{stamp} {summary(rollout)}"))
+            self.out.flush()
+            self._status_shown = True
+
+    def close(self) -> None:
+        self._clear_status()
+        self.out.flush()
+
+
+def summary(rollout: Mapping[str, Any]) -> str:
+    nodes = rollout.get("nodes") or {}
+    total = len(rollout.get("targets") or nodes)
+    votes = [r.get("vote") or "" for r in nodes.values()]
+    finished = sum(1 for r in nodes.values() if r.get("finished"))
+    return (
+        f"{rollout.get('phase')}: {votes.count('yes')}/{total} prepared, "
+        f"{votes.count('no') + votes.count('unreachable')} refused, "
+        f"{finished}/{total} finished"
+    )

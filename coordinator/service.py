@@ -1,0 +1,355 @@
+"""The ``hotfleet.v1.Coordinator`` gRPC service: a thin mapping onto :class:`Engine`.
+
+Every RPC is one engine call.  Requests arrive as typed messages; replies carry
+the engine's records as JSON (see ``proto/hotfleet/v1/coordinator.proto`` for
+why).  Refusals keep their stable code so ``coordctl`` and scripts can branch
+on it:
+
+=============  =====================  ==========================================
+refusal code   gRPC status            meaning
+=============  =====================  ==========================================
+busy           FAILED_PRECONDITION    another rollout is in progress
+not_found      NOT_FOUND              no such release / rollout / node
+exists         ALREADY_EXISTS         label already pushed with other content
+invalid        INVALID_ARGUMENT       malformed request or release
+no_targets     INVALID_ARGUMENT       the target matches no registered node
+not_leader     UNAVAILABLE            ask the leader (``hotfleet-leader`` metadata)
+unavailable    UNAVAILABLE            etcd / leader not reachable right now
+=============  =====================  ==========================================
+
+Every refusal carries trailing metadata ``hotfleet-refusal`` (the code) and,
+for ``not_leader``, ``hotfleet-leader`` (the leader's API address, possibly
+empty while an election is in progress).  Anything else the engine raises is
+``INTERNAL`` with the exception's message (and is logged with its traceback
+here, never sent to the client).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import grpc
+
+from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hotfleet.errors import HotfleetError, ModuleError, Reason
+from hotfleet.release import Release
+from hotfleet.wire import manifest_from_proto
+
+if TYPE_CHECKING:
+    from coordinator.engine import Engine, RolloutOptions, Target
+
+log = logging.getLogger("hotfleet.coordinator.service")
+
+__all__ = [
+    "LEADER_KEY",
+    "MAX_MESSAGE_BYTES",
+    "REFUSAL_KEY",
+    "REFUSAL_STATUS",
+    "CoordinatorServicer",
+    "serve",
+]
+
+REFUSAL_KEY = "hotfleet-refusal"
+LEADER_KEY = "hotfleet-leader"
+REFUSAL_STATUS: dict[str, grpc.StatusCode] = {
+    "busy": grpc.StatusCode.FAILED_PRECONDITION,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "exists": grpc.StatusCode.ALREADY_EXISTS,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "no_targets": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_leader": grpc.StatusCode.UNAVAILABLE,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+# A release push carries every source; keep well above any sane bundle.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC's default limit on received metadata is 8 KiB, and the status message
+# travels in the trailers: keep messages comfortably below it.
+_MAX_MESSAGE_CHARS = 3000
+
+R = TypeVar("R")
+
+
+class ServerTLS(Protocol):
+    """PEM file paths for mutual TLS (``coordinator.fleet.ClientTLS``, ``node_agent.agent.TLSFiles``).
+
+    The coordinator serves its API with the same certificate it presents to
+    agents, and requires client certificates signed by ``ca``.
+    """
+
+    @property
+    def cert(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def ca(self) -> str: ...
+
+
+def server_credentials(tls: ServerTLS) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())],
+        root_certificates=Path(tls.ca).read_bytes(),
+        require_client_auth=True,
+    )
+
+
+def _clip(text: str) -> str:
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    if len(text) <= _MAX_MESSAGE_CHARS:
+        return text
+    return text[: _MAX_MESSAGE_CHARS - 40] + f" … ({len(text)} characters, clipped)"
+
+
+def _refuse(context: grpc.ServicerContext, code: str, message: str, leader: str = "") -> None:
+    metadata: list[tuple[str, str]] = [(REFUSAL_KEY, code)]
+    if code == "not_leader":
+        metadata.append((LEADER_KEY, leader))
+    context.set_trailing_metadata(metadata)
+    context.abort(REFUSAL_STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION), _clip(message))
+
+
+def _rpc(method: Callable[..., R]) -> Callable[..., R]:
+    """Translate engine exceptions into gRPC statuses; never leak a traceback."""
+
+    @functools.wraps(method)
+    def wrapper(self: CoordinatorServicer, request: Any, context: grpc.ServicerContext) -> R:
+        try:
+            return method(self, request, context)
+        except HotfleetError as exc:
+            code = getattr(exc, "code", None)
+            if isinstance(code, str) and code:  # engine.Refused (duck-typed: no import cycle)
+                _refuse(context, code, str(exc), str(getattr(exc, "leader", "") or ""))
+            else:
+                _refuse(context, "invalid", str(exc))
+            raise AssertionError("unreachable: context.abort raises") from exc
+        except grpc.RpcError:
+            raise  # context.abort's own exception
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                _clip(f"coordinator error in {method.__name__}: {type(exc).__name__}: {exc}"),
+            )
+            raise AssertionError("unreachable: context.abort raises") from exc
+
+    return wrapper
+
+
+def _dumps(record: Any) -> str:
+    data = record.to_json() if hasattr(record, "to_json") else record
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    """``hotfleet.v1.Coordinator`` on top of an :class:`Engine`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # ---------------------------------------------------------------- replies
+    def _one(self, record: Any) -> coordinator_pb2.RecordReply:
+        return coordinator_pb2.RecordReply(
+            record_json=_dumps(record),
+            coordinator=self.engine.address,
+            leader=self.engine.is_leader(),
+        )
+
+    def _many(self, records: Iterable[Any]) -> coordinator_pb2.RecordsReply:
+        return coordinator_pb2.RecordsReply(
+            records_json=[_dumps(r) for r in records],
+            coordinator=self.engine.address,
+            leader=self.engine.is_leader(),
+        )
+
+    # ---------------------------------------------------------------- reads
+    @_rpc
+    def Nodes(self, request: Any, context: grpc.ServicerContext) -> coordinator_pb2.RecordsReply:
+        return self._many(self.engine.nodes())
+
+    @_rpc
+    def ListReleases(
+        self, request: Any, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordsReply:
+        return self._many(self.engine.releases())
+
+    @_rpc
+    def ShowRelease(
+        self, request: coordinator_pb2.ShowReleaseRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        _check_ref(request.ref)
+        return self._one(self.engine.release(request.ref))
+
+    @_rpc
+    def GetRollout(
+        self, request: coordinator_pb2.GetRolloutRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        return self._one(self.engine.rollout(request.rollout_id or None))
+
+    @_rpc
+    def ListRollouts(
+        self, request: coordinator_pb2.ListRolloutsRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordsReply:
+        return self._many(self.engine.rollouts(limit=request.limit or 50))
+
+    @_rpc
+    def Modules(
+        self, request: coordinator_pb2.FleetModulesRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordsReply:
+        return self._many(self.engine.module_status(request.node or None))
+
+    # ---------------------------------------------------------------- writes
+    @_rpc
+    def PushRelease(
+        self, request: coordinator_pb2.PushReleaseRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        release = release_from_push(request)
+        signature = request.release.signature.hex()
+        return self._one(
+            self.engine.push_release(release, signature=signature, signer=request.release.signer)
+        )
+
+    @_rpc
+    def Upgrade(
+        self, request: coordinator_pb2.UpgradeRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        _check_ref(request.ref)
+        target = _target(request.target, require=True)
+        return self._one(self.engine.upgrade(request.ref, target, _options(request.options)))
+
+    @_rpc
+    def Rollback(
+        self, request: coordinator_pb2.FleetRollbackRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        target = _target(request.target, require=False)
+        return self._one(
+            self.engine.rollback(target, request.to_version or None, _options(request.options))
+        )
+
+    @_rpc
+    def Abort(
+        self, request: coordinator_pb2.AbortRolloutRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        return self._one(self.engine.abort(request.rollout_id or None))
+
+    @_rpc
+    def Promote(
+        self, request: coordinator_pb2.PromoteRolloutRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        return self._one(self.engine.promote(request.rollout_id or None))
+
+
+class _Invalid(HotfleetError):
+    code = "invalid"
+
+
+def _invalid(message: str, errors: Iterable[ModuleError] = ()) -> _Invalid:
+    errors = list(errors) or [ModuleError("*", Reason.BAD_RELEASE, message)]
+    return _Invalid(errors, message)
+
+
+def _check_ref(ref: str) -> None:
+    name, sep, version = ref.partition("@")
+    if not (name and sep and version):
+        raise _invalid(f"release reference must be NAME@VERSION, got {ref!r}")
+
+
+def _target(message: coordinator_pb2.Target, *, require: bool) -> Target:
+    from coordinator.engine import Target
+
+    given = sum([message.all, bool(message.nodes), bool(message.selector)])
+    if given > 1:
+        raise _invalid("give exactly one target: all nodes, named nodes or a label selector")
+    if require and given == 0:
+        raise _invalid("no target: give all nodes, named nodes or a label selector")
+    return Target(all=message.all, nodes=list(message.nodes), selector=dict(message.selector))
+
+
+def _options(message: coordinator_pb2.RolloutOptions) -> RolloutOptions:
+    from coordinator.engine import RolloutOptions
+
+    options = RolloutOptions(
+        dry_run=message.dry_run, allow_missing=message.allow_missing, force=message.force
+    )
+    if message.timeout_s < 0 or message.window_s < 0:
+        raise _invalid("timeout and window must not be negative")
+    if message.timeout_s:
+        options.timeout_s = message.timeout_s
+    if message.concurrency:
+        options.concurrency = message.concurrency
+    if message.has_window_s and hasattr(options, "window_s"):
+        options.window_s = message.window_s
+    return options
+
+
+def release_from_push(request: coordinator_pb2.PushReleaseRequest) -> Release:
+    """Rebuild the operator's :class:`Release` from a push, refusing what does not add up."""
+    try:
+        manifest = manifest_from_proto(request.release)
+    except ValueError as exc:
+        raise _invalid(f"release manifest has malformed JSON fields: {exc}") from exc
+    manifest["problems"] = [
+        {"module": p.module, "reason": p.reason, "detail": p.detail} for p in request.problems
+    ]
+    sources = dict(request.sources)
+    missing = sorted({m["digest"] for m in manifest["modules"]} - sources.keys())
+    if missing:
+        raise _invalid(
+            f"release {request.release.name}@{request.release.version}: the push carries no "
+            f"source for {len(missing)} module digest(s): {', '.join(d[:12] for d in missing)}"
+        )
+    try:
+        return Release.from_manifest(manifest, sources.__getitem__)
+    except HotfleetError as exc:
+        raise _invalid(f"release is malformed: {exc}", exc.errors) from exc
+
+
+def serve(
+    engine: Engine,
+    listen: str,
+    *,
+    dev: bool = False,
+    tls: ServerTLS | None = None,
+    max_workers: int = 16,
+) -> tuple[grpc.Server, str]:
+    """Start the Coordinator API on ``listen`` (port 0: any free one).
+
+    Returns the started server and the bound ``host:port``.  Without ``tls``
+    it refuses to start unless ``dev`` asks for an insecure setup: this API
+    can push code into every worker of the fleet.
+    """
+    if tls is None and not dev:
+        raise ValueError(
+            "refusing to serve the coordinator API without mutual TLS: anyone who reaches it "
+            "can load code into every worker. Give TLS files, or dev mode for an insecure "
+            "development setup"
+        )
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hotfleet-coord-api"),
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), server)
+    if tls is not None:
+        port = server.add_secure_port(listen, server_credentials(tls))
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    host = listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+    bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server.start()
+    if tls is None:
+        log.warning(
+            "!!! DEV MODE: coordinator API on %s WITHOUT TLS OR AUTHENTICATION; anyone who can "
+            "reach it can load code into every worker. Never use in production.",
+            bound,
+        )
+    return server, bound

@@ -1,0 +1,70 @@
+"""The cluster's etcd key layout, in one place.
+
+Everything hotfleet keeps in etcd lives under one prefix (``/hotfleet/`` by
+default), so several clusters can share an etcd and a cluster can be wiped
+with one range delete.  Agents and coordinators both build keys here.
+
+``nodes/<id>``                      agent membership (on the agent's lease)
+``blobs/<sha256>/...``              module sources by digest
+``releases/<name>/<version>``       a pushed release: ``{"label", "digest", "manifest", "pushed_at"}``
+``releases/permanent``              the fleet's permanent release (agents boot into it)
+``election/<lease>``                coordinator candidates (the lowest create revision leads)
+``rollouts/<id>``                   a rollout record (JSON, written by the leader only)
+``rollouts/<id>/decision``          ``commit`` | ``abort``: the 2PC commit point, written once
+``active``                          the id of the rollout in progress (one per cluster)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "/hotfleet/"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix.endswith("/"):
+            object.__setattr__(self, "prefix", self.prefix + "/")
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}nodes/"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.nodes}{node_id}"
+
+    @property
+    def blobs(self) -> str:
+        return f"{self.prefix}blobs/"
+
+    @property
+    def releases(self) -> str:
+        return f"{self.prefix}releases/"
+
+    def release(self, name: str, version: str) -> str:
+        return f"{self.releases}{name}/{version}"
+
+    @property
+    def permanent(self) -> str:
+        return f"{self.releases}permanent"
+
+    @property
+    def election(self) -> str:
+        return f"{self.prefix}election/"
+
+    @property
+    def rollouts(self) -> str:
+        return f"{self.prefix}rollouts/"
+
+    def rollout(self, rollout_id: str) -> str:
+        return f"{self.rollouts}{rollout_id}"
+
+    def decision(self, rollout_id: str) -> str:
+        return f"{self.rollouts}{rollout_id}/decision"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}active"

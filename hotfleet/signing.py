@@ -1,0 +1,228 @@
+"""Release signing: ed25519 signatures over a release's digest.
+
+A release's digest (:attr:`hotfleet.release.Release.digest`) already covers
+every module's content digest, its name and path, version, ``extra``,
+``depends``, smoke checks and health policy, so signing that one string signs
+the whole release.  The signed message is the digest's ASCII hex string.
+
+Keys are PEM files: the private key PKCS#8 (unencrypted, mode 0600), the
+public key SubjectPublicKeyInfo.  A key is named by its *key id*: the first
+16 hex characters of the sha256 of the raw 32-byte public key; it travels
+with the signature (``ReleaseManifest.signer``) so an agent holding several
+trusted keys knows which one to check.
+
+::
+
+    python -m hotfleet.signing keygen DIR          # DIR/release-signing.key + .pub
+    python -m hotfleet.signing sign --key K BUNDLE # digest, signature, signer as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from hotfleet.errors import HotfleetError, ModuleError, Reason
+
+__all__ = [
+    "PRIVATE_KEY_NAME",
+    "PUBLIC_KEY_NAME",
+    "SignatureError",
+    "generate_keypair",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "load_public_keys",
+    "sign_release",
+    "verify_release",
+]
+
+PRIVATE_KEY_NAME = "release-signing.key"
+PUBLIC_KEY_NAME = "release-signing.pub"
+_KEY_ID_LEN = 16
+
+PathLike = str | os.PathLike[str]
+
+
+class SignatureError(HotfleetError):
+    """A release is unsigned or its signature does not verify (reason on ``errors``)."""
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """First 16 hex chars of sha256 over the raw 32-byte public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:_KEY_ID_LEN]
+
+
+def generate_keypair(private_path: PathLike, public_path: PathLike) -> str:
+    """Write a new ed25519 key pair (private file mode 0600); return its key id.
+
+    Refuses to overwrite an existing private key: losing a signing key by
+    accident would lock every agent that trusts it out of new releases.
+    """
+    private_path, public_path = Path(private_path), Path(public_path)
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    public_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(private_pem)
+        os.chmod(private_path, 0o600)  # whatever the umask did
+    except BaseException:
+        private_path.unlink(missing_ok=True)
+        raise
+    public_path.write_bytes(public_pem)
+    return key_id(key.public_key())
+
+
+def load_private_key(path: PathLike) -> Ed25519PrivateKey:
+    """An ed25519 private key from a PEM file; ``ValueError`` for anything else."""
+    data = Path(path).read_bytes()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an ed25519 key ({type(key).__name__})")
+    return key
+
+
+def load_public_key(path: PathLike) -> Ed25519PublicKey:
+    """An ed25519 public key from a PEM file; ``ValueError`` for anything else."""
+    data = Path(path).read_bytes()
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path}: not an ed25519 public key ({type(key).__name__})")
+    return key
+
+
+def load_public_keys(paths: Iterable[PathLike]) -> dict[str, Ed25519PublicKey]:
+    """Trusted keys by key id, from PEM public key files."""
+    return {key_id(key): key for key in map(load_public_key, paths)}
+
+
+def sign_release(release_digest: str, private_key: Ed25519PrivateKey) -> tuple[str, str]:
+    """``(signature_hex, key_id)`` over ``release_digest``."""
+    if not release_digest:
+        raise ValueError("cannot sign an empty release digest")
+    signature = private_key.sign(release_digest.encode("ascii"))
+    return signature.hex(), key_id(private_key.public_key())
+
+
+def _refuse(reason: Reason, detail: str) -> SignatureError:
+    return SignatureError([ModuleError("*", reason, detail)])
+
+
+def verify_release(
+    release_digest: str,
+    signature_hex: str,
+    signer_key_id: str,
+    trusted: Mapping[str, Ed25519PublicKey],
+) -> None:
+    """Return if ``signature_hex`` is a valid signature of a trusted key; raise otherwise.
+
+    Raises :class:`SignatureError` (a :class:`HotfleetError`) with one
+    ``*`` entry: ``unsigned`` when there is no signature, ``bad_signature``
+    when the signer is unknown or untrusted, the signature malformed, or it
+    does not verify over ``release_digest``.
+    """
+    if not signature_hex:
+        raise _refuse(Reason.UNSIGNED, f"release {release_digest} carries no signature")
+    if not signer_key_id:
+        raise _refuse(Reason.BAD_SIGNATURE, "signature without a signer key id")
+    key = trusted.get(signer_key_id)
+    if key is None:
+        known = ", ".join(sorted(trusted)) or "none"
+        raise _refuse(
+            Reason.BAD_SIGNATURE,
+            f"signed by key {signer_key_id}, which is not trusted here (trusted: {known})",
+        )
+    try:
+        signature = bytes.fromhex(signature_hex)
+    except ValueError:
+        raise _refuse(Reason.BAD_SIGNATURE, "signature is not hex") from None
+    if len(signature) != 64:
+        raise _refuse(
+            Reason.BAD_SIGNATURE, f"an ed25519 signature is 64 bytes, got {len(signature)}"
+        )
+    try:
+        key.verify(signature, release_digest.encode("ascii"))
+    except (InvalidSignature, UnicodeEncodeError):
+        raise _refuse(
+            Reason.BAD_SIGNATURE,
+            f"signature by key {signer_key_id} does not match release digest {release_digest}",
+        ) from None
+
+
+# ------------------------------------------------------------------ CLI
+def _keygen(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    private, public = directory / PRIVATE_KEY_NAME, directory / PUBLIC_KEY_NAME
+    try:
+        kid = generate_keypair(private, public)
+    except FileExistsError:
+        print(f"error: {private} exists; refusing to overwrite a signing key", file=sys.stderr)
+        return 1
+    print(json.dumps({"key_id": kid, "private_key": str(private), "public_key": str(public)}))
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from hotfleet.release import Release
+
+    release = Release.from_path(args.bundle)
+    signature, kid = sign_release(release.digest, load_private_key(args.key))
+    print(
+        json.dumps(
+            {
+                "release": release.label,
+                "digest": release.digest,
+                "signature": signature,
+                "signer": kid,
+            }
+        )
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hotfleet.signing", description="ed25519 release signing keys."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    keygen = sub.add_parser(
+        "keygen", help=f"write DIR/{PRIVATE_KEY_NAME} (mode 0600) and DIR/{PUBLIC_KEY_NAME}"
+    )
+    keygen.add_argument("dir", metavar="DIR")
+    keygen.set_defaults(run=_keygen)
+    sign = sub.add_parser("sign", help="sign a release bundle; prints digest, signature, signer")
+    sign.add_argument("--key", required=True, help="private key (PEM)")
+    sign.add_argument("bundle", metavar="BUNDLE", help="release directory or archive")
+    sign.set_defaults(run=_sign)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The agent's side of the fleet protocol, as real processes against a real etcd.
+
+* a prepared agent finishes or drops its rollout by itself when the durable
+  decision appears in etcd (no Finish/Abort RPC), so it never depends on the
+  coordinator that prepared it;
+* the highest coordinator epoch survives a restart;
+* outside dev mode (mutual TLS) only releases signed by a trusted key are
+  prepared, on the Prepare RPC and on the reconcile-at-start path alike.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hotfleet._proto.hotfleet.v1 import agent_pb2, common_pb2
+from hotfleet.etcd_client import EtcdClient, connect
+from hotfleet.etcd_server import EtcdServer
+from hotfleet.keys import Keys
+from hotfleet.signing import generate_keypair, load_private_key, sign_release
+from node_agent.agent import permanent_record
+from tests.agents import (
+    ROOT,
+    SHOP_MODULES,
+    AgentProcess,
+    Agents,
+    make_pki,
+    publish,
+    read_member,
+    release,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Agents]:
+    fleet = Agents(tmp_path, etcd_endpoint, etcd_prefix)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def version(agent: AgentProcess) -> str:
+    """The single version every shop module serves (fails on a mix)."""
+    versions = agent.versions()
+    seen = {versions[m] for m in SHOP_MODULES}
+    assert len(seen) == 1, versions
+    return seen.pop()
+
+
+def prepare(
+    agent: AgentProcess, manifest: common_pb2.ReleaseManifest, rollout: str, epoch: int = 1
+) -> agent_pb2.PrepareReply:
+    return agent.stub.Prepare(
+        agent_pb2.PrepareRequest(rollout_id=rollout, epoch=epoch, release=manifest), timeout=30
+    )
+
+
+def test_prepared_agent_acts_on_the_decision_in_etcd_by_itself(
+    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str
+) -> None:
+    keys = Keys(etcd_prefix)
+    agent = agents.start("n-dec")
+    manifest = publish(etcd_client, etcd_prefix, release("shop-2.0.0"))
+
+    # abort: the prepared release is dropped, nothing switches.
+    assert prepare(agent, manifest, "r-abort").ok
+    etcd_client.put(keys.decision("r-abort"), "abort")
+    wait_for(lambda: agent.status().state == "idle", timeout=5)
+    assert agent.status().prepared_rollout == "" and version(agent) == "1"
+
+    # A newer prepare supersedes an older one, whose decision then means nothing here.
+    assert prepare(agent, manifest, "r-old").ok
+    assert prepare(agent, manifest, "r-new").ok
+    etcd_client.put(keys.decision("r-old"), "commit")
+    time.sleep(0.6)  # three polls' worth
+    assert agent.status().prepared_rollout == "r-new" and version(agent) == "1"
+    assert "dropping prepared rollout r-old" in agent.log()
+
+    # commit: the agent finishes by itself; a late Finish RPC is a replay.
+    etcd_client.put(keys.decision("r-new"), "commit")
+    wait_for(lambda: version(agent) == "2", timeout=5)
+    status = agent.status()
+    assert (status.state, status.current_release, status.prepared_rollout) == (
+        "idle",
+        "shop@2.0.0",
+        "",
+    )
+    late = agent.stub.Finish(agent_pb2.FinishRequest(rollout_id="r-new", epoch=1), timeout=10)
+    assert late.ok and late.already_finished and late.release == "shop@2.0.0"
+    log = agent.log()
+    assert "decision 'commit' found in etcd" in log and "finished by the agent itself" in log
+    assert "decision 'abort' found in etcd" in log
+
+
+def test_restarted_agent_keeps_fencing_a_deposed_leader(agents: Agents) -> None:
+    first = agents.start("n-fence")
+    assert first.stub.Abort(agent_pb2.AbortRequest(rollout_id="r", epoch=9), timeout=5).ok
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+
+    second = agents.start("n-fence", code_path=first.code_path)  # same cache dir
+    assert second.status().epoch_seen == 9
+    with pytest.raises(grpc.RpcError) as info:
+        second.stub.Abort(agent_pb2.AbortRequest(rollout_id="r", epoch=8), timeout=5)
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "lower than 9" in (info.value.details() or "")
+    assert second.stub.Abort(agent_pb2.AbortRequest(rollout_id="r", epoch=10), timeout=5).ok
+
+
+def test_secure_agent_prepares_only_releases_signed_by_a_trusted_key(
+    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    generate_keypair(tmp_path / "fleet.key", tmp_path / "fleet.pub")
+    generate_keypair(tmp_path / "rogue.key", tmp_path / "rogue.pub")
+    fleet_key, rogue_key = (
+        load_private_key(tmp_path / "fleet.key"),
+        load_private_key(tmp_path / "rogue.key"),
+    )
+    v2 = release("shop-2.0.0")
+    secure = {"dev": False, "pki": pki, "trust_keys": [tmp_path / "fleet.pub"]}
+
+    # Reconcile at start verifies the permanent record: unsigned -> boot code stays.
+    publish(etcd_client, etcd_prefix, v2)
+    etcd_client.put(Keys(etcd_prefix).permanent, permanent_record(v2))
+    agent = agents.start("n-sec", **secure)  # type: ignore[arg-type]
+    status = agent.status()
+    assert (status.state, status.current_release) == ("reconcile_failed", "")
+    assert version(agent) == "1" and "unsigned" in agent.log()
+    member = wait_for(lambda: read_member(etcd_client, etcd_prefix, "n-sec"))
+    assert member["secure"] is True and len(member["trusted_keys"]) == 1
+
+    unsigned = publish(etcd_client, etcd_prefix, v2)
+    reply = prepare(agent, unsigned, "r-unsigned")
+    assert not reply.ok
+    assert [(e.node, e.module, e.reason) for e in reply.errors] == [("n-sec", "*", "unsigned")]
+
+    for name, key in (("rogue", rogue_key), ("tampered", fleet_key)):
+        bad = publish(etcd_client, etcd_prefix, v2, key=key)
+        if name == "tampered":  # a signature of another release
+            sig, _ = sign_release(release("shop-2.1.0-bad").digest, key)
+            bad.signature = bytes.fromhex(sig)
+        reply = prepare(agent, bad, f"r-{name}")
+        assert not reply.ok, name
+        assert [(e.node, e.module, e.reason) for e in reply.errors] == [
+            ("n-sec", "*", "bad_signature")
+        ], name
+    assert agent.status().prepared_rollout == "" and version(agent) == "1"
+
+    signed = publish(etcd_client, etcd_prefix, v2, key=fleet_key)
+    assert prepare(agent, signed, "r-signed").ok
+    done = agent.stub.Finish(agent_pb2.FinishRequest(rollout_id="r-signed", epoch=1), timeout=30)
+    assert done.ok and done.release == "shop@2.0.0" and version(agent) == "2"
+
+    # A signed permanent record is reconciled to by a node that starts afterwards.
+    sig, signer = sign_release(v2.digest, fleet_key)
+    etcd_client.put(Keys(etcd_prefix).permanent, permanent_record(v2, sig, signer))
+    other = agents.start("n-sec2", **secure)  # type: ignore[arg-type]
+    assert other.status().current_release == "shop@2.0.0" and version(other) == "2"
+
+
+def test_node_agent_cli_refuses_to_start_without_a_trusted_key(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    proc = subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", "--node-id", "x",
+         "--code-path", str(ROOT / "examples" / "shop"), "--app", "shop.app:application",
+         "--etcd", "http://127.0.0.1:1", "--tls-cert", str(pki.agent_cert),
+         "--tls-key", str(pki.agent_key), "--tls-ca", str(pki.ca)],
+        capture_output=True, text=True, timeout=30,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "trusted release-signing key" in proc.stderr and "--trust-key" in proc.stderr
+
+
+def test_decision_poll_rides_out_an_etcd_outage(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    prefix = "/decision-outage/"
+    fleet = Agents(tmp_path, etcd_server.endpoint, prefix)
+    client = connect(etcd_server.endpoint)
+    try:
+        agent = fleet.start("n-out")
+        manifest = publish(client, prefix, release("shop-2.0.0"))
+        assert prepare(agent, manifest, "r-out").ok
+        etcd_server.kill()
+        wait_for(lambda: "cannot read decision" in agent.log(), timeout=10)
+        etcd_server.start()
+        client.put(Keys(prefix).decision("r-out"), "commit")
+        wait_for(lambda: version(agent) == "2", timeout=15)
+        assert "decision key readable again" in agent.log()
+    finally:
+        fleet.close()
+        client.close()

@@ -1,0 +1,230 @@
+"""The fleet-wide two-phase commit, driven by a real leader engine.
+
+The engine runs in the test process with a real etcd election; every node is
+a real ``node-agent`` subprocess serving the example shop over HTTP.  Crashes
+are real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coordinator.election import Election, Session
+from coordinator.engine import Engine, Refused, RolloutOptions, Target
+from coordinator.fleet import AgentPool
+from coordinator.model import Phase, Rollout, Vote
+from hotfleet import Reason
+from hotfleet._proto.hotfleet.v1 import agent_pb2
+from hotfleet.etcd_client import connect
+from hotfleet.keys import Keys
+from tests.agents import SHOP_MODULES, AgentProcess, Agents, release, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Agents]:
+    fleet = Agents(tmp_path, etcd_endpoint, etcd_prefix)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+class Leader:
+    """An engine that has won a real election (and can be deposed)."""
+
+    def __init__(self, endpoint: str, prefix: str, name: str = "leader-a") -> None:
+        self.client = connect(endpoint)
+        self.keys = Keys(prefix)
+        self.engine = Engine(self.client, self.keys, AgentPool(), address=name)
+        self.session = Session(self.client, ttl=3)
+        self.lead = Election(self.client, self.keys.election, self.session).campaign(name, timeout=10)
+        self.engine.lead(self.lead)
+
+    def wait(self, rollout_id: str, timeout: float = 30) -> Rollout:
+        return wait_for(lambda: (r := self.engine.rollout(rollout_id)).phase.terminal and r, timeout)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.session.close()
+        self.engine.agents.close()
+        self.client.close()
+
+
+@pytest.fixture
+def leader(etcd_endpoint: str, etcd_prefix: str) -> Iterator[Leader]:
+    lead = Leader(etcd_endpoint, etcd_prefix)
+    try:
+        yield lead
+    finally:
+        lead.close()
+
+
+def versions(nodes: list[AgentProcess]) -> set[str]:
+    """Every module version served by every node (one element when the fleet agrees)."""
+    return {v for n in nodes for m, v in n.versions().items() if m in SHOP_MODULES}
+
+
+def start_fleet(agents: Agents, count: int, **kw: object) -> list[AgentProcess]:
+    return [agents.start(f"n{i}", **kw) for i in range(1, count + 1)]  # type: ignore[arg-type]
+
+
+def test_upgrade_all_commits_everywhere_and_becomes_permanent(agents: Agents, leader: Leader) -> None:
+    nodes = start_fleet(agents, 3)
+    leader.engine.push_release(release("shop-2.0.0"))
+    started = leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions())
+    assert started.phase is Phase.PREPARING
+    done = leader.wait(started.id)
+    assert done.phase is Phase.PERMANENT, done.reason
+    assert {n.vote for n in done.nodes.values()} == {Vote.YES} and all(n.finished for n in done.nodes.values())
+    assert versions(nodes) == {"2"}
+    assert done.commit_skew_s < 1.0
+    raw, _ = leader.client.get(leader.keys.permanent)
+    assert raw is not None and b"shop@2.0.0" in raw
+    assert leader.client.get(leader.keys.active)[0] is None  # the cluster is free again
+
+
+def test_one_node_refusing_aborts_everywhere(agents: Agents, leader: Leader) -> None:
+    nodes = [agents.start("n1"), agents.start("n2", env={"SHOP_ZONE": "ap-south"}), agents.start("n3")]
+    leader.engine.push_release(release("shop-2.2.0-nodecfg"))
+    done = leader.wait(leader.engine.upgrade("shop@2.2.0-nodecfg", Target(all=True), RolloutOptions()).id)
+    assert done.phase is Phase.ABORTED and done.decision == "abort"
+    assert versions(nodes) == {"1"}  # nobody changed
+    (culprit,) = {e.node for e in done.errors}
+    assert culprit == "n2"
+    assert any(e.module == "shop.tax" and e.reason is Reason.IMPORT_ERROR for e in done.errors)
+    assert "n2: shop.tax: import_error" in done.reason
+    assert all(n.aborted for n in done.nodes.values() if n.vote is Vote.YES)
+    for n in nodes:
+        assert n.status().prepared_rollout == ""
+
+
+def test_node_killed_before_prepare_aborts_unless_allowed(agents: Agents, leader: Leader) -> None:
+    nodes = start_fleet(agents, 3, lease_ttl=10)
+    nodes[2].signal(signal.SIGKILL)  # its membership key outlives it for the lease TTL
+    nodes[2].wait()
+    leader.engine.push_release(release("shop-2.0.0"))
+    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(timeout_s=5)).id)
+    assert done.phase is Phase.ABORTED
+    assert done.nodes["n3"].vote is Vote.UNREACHABLE and "n3: unreachable at prepare" in done.reason
+    assert versions(nodes[:2]) == {"1"}
+    allowed = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(timeout_s=5, allow_missing=True)).id)
+    assert allowed.phase is Phase.PERMANENT, allowed.reason
+    assert versions(nodes[:2]) == {"2"}
+    # the node comes back and reconciles to the permanent release before it is ready
+    back = agents.start("n3", code_path=nodes[2].code_path)
+    assert versions([back]) == {"2"}
+
+
+def test_node_killed_after_voting_is_finished_by_reconcile(agents: Agents, leader: Leader) -> None:
+    nodes = start_fleet(agents, 3)
+    leader.engine.push_release(release("shop-2.0.0"))
+
+    def kill_n2(_rollout: Rollout) -> None:
+        nodes[1].signal(signal.SIGKILL)
+        nodes[1].wait()
+
+    leader.engine.hooks["after_decision"] = kill_n2
+    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(timeout_s=3)).id)
+    assert done.decision == "commit" and done.phase is Phase.PERMANENT
+    assert not done.nodes["n2"].finished and "not acknowledged by n2" in done.reason
+    assert versions([nodes[0], nodes[2]]) == {"2"}
+    back = agents.start("n2", code_path=nodes[1].code_path)
+    assert versions([back]) == {"2"}  # one consistent outcome after all
+
+
+def test_dry_run_prepares_everywhere_then_aborts(agents: Agents, leader: Leader) -> None:
+    nodes = start_fleet(agents, 2)
+    leader.engine.push_release(release("shop-2.0.0"))
+    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(dry_run=True)).id)
+    assert done.phase is Phase.DRY_RUN and {n.vote for n in done.nodes.values()} == {Vote.YES}
+    assert versions(nodes) == {"1"}
+
+
+def test_one_rollout_at_a_time_and_clear_refusals(agents: Agents, leader: Leader) -> None:
+    start_fleet(agents, 1)
+    with pytest.raises(Refused) as info:
+        leader.engine.upgrade("shop@9.9.9", Target(all=True), RolloutOptions())
+    assert info.value.code == "not_found" and "coordctl release push" in str(info.value)
+    leader.engine.push_release(release("shop-2.0.0"))
+    with pytest.raises(Refused) as info:
+        leader.engine.upgrade("shop@2.0.0", Target(selector={"zone": "mars"}), RolloutOptions())
+    assert info.value.code == "no_targets"
+    gate = time.monotonic()
+    leader.engine.hooks["before_prepare"] = lambda _r: time.sleep(max(0.0, 1.5 - (time.monotonic() - gate)))
+    first = leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions())
+    with pytest.raises(Refused) as info:
+        leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions())
+    assert info.value.code == "busy" and first.id in str(info.value)
+    assert leader.wait(first.id).phase is Phase.PERMANENT
+
+
+def test_rollback_from_memory_restores_every_node(agents: Agents, leader: Leader) -> None:
+    nodes = start_fleet(agents, 2)
+    leader.engine.push_release(release("shop-1.0.0"))
+    leader.engine.push_release(release("shop-2.0.0"))
+    started = leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(window_s=60))
+    provisional = wait_for(lambda: (r := leader.engine.rollout(started.id)).phase is Phase.PROVISIONAL and r, 30)
+    assert versions(nodes) == {"2"}
+    back = leader.wait(leader.engine.rollback(Target(), None, RolloutOptions()).id)
+    assert back.kind == "rollback" and back.phase is Phase.PERMANENT, back.reason
+    assert versions(nodes) == {"1"}
+    assert leader.engine.rollout(provisional.id).phase is Phase.ROLLED_BACK
+
+
+def test_deposed_leader_is_fenced(agents: Agents, etcd_endpoint: str, etcd_prefix: str) -> None:
+    nodes = start_fleet(agents, 2)
+    old = Leader(etcd_endpoint, etcd_prefix, "leader-old")
+    old_epoch = old.lead.epoch
+    old.session.close()  # its lease is gone: a successor can win
+    new = Leader(etcd_endpoint, etcd_prefix, "leader-new")
+    try:
+        assert new.lead.epoch > old_epoch
+        new.engine.push_release(release("shop-2.0.0"))
+        done = new.wait(new.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions()).id)
+        assert done.phase is Phase.PERMANENT
+        # the deposed leader's late RPC is refused by every agent
+        with pytest.raises(grpc.RpcError) as info:
+            nodes[0].stub.Abort(agent_pb2.AbortRequest(rollout_id=done.id, epoch=old_epoch), timeout=5)
+        assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        # and its fenced writes to etcd do not land
+        assert not old.lead.guarded_txn([old.client.transactions.put(old.keys.active, "stale")])
+        assert new.client.get(new.keys.active)[0] is None
+    finally:
+        new.close()
+        old.close()
+
+
+def test_etcd_restart_mid_rollout_ends_in_one_outcome(agents: Agents, tmp_path: Path) -> None:
+    from hotfleet.etcd_server import EtcdServer
+
+    with EtcdServer(tmp_path / "etcd") as etcd:
+        fleet = Agents(tmp_path / "f", etcd.endpoint, "/hf-restart/")
+        (tmp_path / "f").mkdir()
+        try:
+            nodes = [fleet.start(f"n{i}") for i in (1, 2)]
+            lead = Leader(etcd.endpoint, "/hf-restart/")
+            try:
+                lead.engine.push_release(release("shop-2.0.0"))
+
+                def bounce(_r: Rollout) -> None:
+                    etcd.kill()
+                    etcd.start()
+
+                lead.engine.hooks["before_decision"] = bounce
+                started = lead.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions())
+                done = lead.wait(started.id, timeout=60)
+                assert done.phase in {Phase.PERMANENT, Phase.ABORTED}
+                expected = "2" if done.phase is Phase.PERMANENT else "1"
+                wait_for(lambda: versions(nodes) == {expected}, timeout=20)
+            finally:
+                lead.close()
+        finally:
+            fleet.close()
