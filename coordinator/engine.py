@@ -315,15 +315,26 @@ class Engine:
                 "invalid",
                 f"nodes ran different releases before {last.release} ({ran}); use --to VERSION",
             )
-        entry = (
-            self._entry_or_stub(previous[0])
-            if previous[0]
-            else ReleaseEntry("", "", "", "", 0.0, 0, False)
-        )
         options.window_s = 0.0
         target = target if (target.nodes or target.selector) else Target(nodes=sorted(last.nodes))
+        if last.phase is Phase.PROVISIONAL:  # the nodes still hold the old code in memory
+            entry = (
+                self._entry_or_stub(previous[0])
+                if previous[0]
+                else ReleaseEntry("", "", "", "", 0.0, 0, False)
+            )
+            return self._start(
+                "rollback", entry, target, options, lead, from_memory=True, reverts=last.id
+            )
+        # permanent: the in-memory backup is gone; go back through the pushed release
+        if not previous[0]:
+            raise Refused(
+                "invalid",
+                f"{last.release} is permanent and the nodes ran unversioned boot code before it; "
+                "push the old code as a release and use --to VERSION",
+            )
         return self._start(
-            "rollback", entry, target, options, lead, from_memory=True, reverts=last.id
+            "rollback", self.release(previous[0]), target, options, lead, reverts=last.id
         )
 
     def abort(self, rollout_id: str | None = None) -> Rollout:

@@ -228,3 +228,18 @@ def test_etcd_restart_mid_rollout_ends_in_one_outcome(agents: Agents, tmp_path: 
                 lead.close()
         finally:
             fleet.close()
+
+
+def test_rollback_after_permanent_goes_through_the_pushed_release(agents: Agents, leader: Leader) -> None:
+    nodes = start_fleet(agents, 2)
+    for name in ("shop-1.0.0", "shop-2.0.0"):
+        leader.engine.push_release(release(name))
+    assert leader.wait(leader.engine.upgrade("shop@1.0.0", Target(all=True), RolloutOptions()).id).phase is Phase.PERMANENT
+    up = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions()).id)
+    assert up.phase is Phase.PERMANENT and versions(nodes) == {"2"}
+    back = leader.wait(leader.engine.rollback(Target(), None, RolloutOptions()).id)
+    assert back.phase is Phase.PERMANENT and back.release == "shop@1.0.0" and not back.options["from_memory"]
+    assert versions(nodes) == {"1"}
+    assert leader.engine.rollout(up.id).phase is Phase.ROLLED_BACK
+    raw, _ = leader.client.get(leader.keys.permanent)
+    assert raw is not None and b"shop@1.0.0" in raw
