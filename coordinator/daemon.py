@@ -42,6 +42,7 @@ class Coordinator:
         dev: bool = False,
         tls: ClientTLS | None = None,
         lease_ttl: int = 5,
+        advertise_host: str | None = None,
     ) -> None:
         self.client = connect(etcd)
         self.keys = Keys(prefix)
@@ -49,7 +50,10 @@ class Coordinator:
         self.engine = Engine(self.client, self.keys, AgentPool(tls))
         from coordinator.service import serve
 
-        self.server, self.address = serve(self.engine, listen, dev=dev, tls=tls)
+        self.server, bound = serve(self.engine, listen, dev=dev, tls=tls)
+        # The address others reach us at: written to the election key (the
+        # leader's address in not_leader redirects) and printed on the ready line.
+        self.address = advertised_address(bound, advertise_host)
         self.engine.address = self.engine.name = self.address
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -99,13 +103,46 @@ class Coordinator:
                 self._stop.wait(1.0)
 
 
+def advertised_address(bound: str, advertise_host: str | None = None) -> str:
+    """``bound`` (``host:port``) with the host others should dial.
+
+    ``advertise_host`` wins; otherwise the listen host, except that a wildcard
+    (``0.0.0.0``, ``::``) is not dialable and becomes ``127.0.0.1``.
+    """
+    host, _, port = bound.rpartition(":")
+    host = host.strip("[]")
+    if advertise_host:
+        host = advertise_host.strip("[]")
+    elif host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _install_faults(engine: Engine) -> None:
-    """``HOTFLEET_FAULT=crash:<point>`` SIGKILLs this process at a rollout step (tests, drills)."""
+    """``HOTFLEET_FAULT=crash:<point>`` SIGKILLs this process at a rollout step (tests, drills).
+
+    ``pause:<point>`` SIGSTOPs it there instead (a GC pause or a partition, as
+    far as etcd and the agents can tell): its lease expires, a standby takes
+    over, and after a SIGCONT the deposed process carries on with its old epoch.
+    The fault fires once.
+    """
     fault = os.environ.get("HOTFLEET_FAULT", "")
     kind, _, point = fault.partition(":")
-    if kind == "crash" and point in FAULT_POINTS:
-        log.warning("fault injection armed: SIGKILL at %s", point)
-        engine.hooks[point] = lambda _rollout: os.kill(os.getpid(), signal.SIGKILL)
+    sig = {"crash": signal.SIGKILL, "pause": signal.SIGSTOP}.get(kind)
+    if sig is None or point not in FAULT_POINTS:
+        if fault:
+            log.error("HOTFLEET_FAULT=%s not understood; no fault armed", fault)
+        return
+    log.warning("fault injection armed: %s at %s", sig.name, point)
+
+    def fire(_rollout: object) -> None:
+        engine.hooks.pop(point, None)
+        log.warning("fault injection: %s at %s", sig.name, point)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), sig)
+
+    engine.hooks[point] = fire
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,6 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--etcd", default=os.environ.get("HOTFLEET_ETCD", "http://127.0.0.1:2379"))
     parser.add_argument(
         "--listen", default="127.0.0.1:7600", help="API address for coordctl (port 0 picks one)"
+    )
+    parser.add_argument(
+        "--advertise-host",
+        default=None,
+        metavar="HOST",
+        help="host written to the election key and given in not_leader redirects "
+        "(default: the listen host, or 127.0.0.1 when listening on a wildcard address)",
     )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX)
     parser.add_argument(
@@ -157,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dev=args.dev,
             tls=tls,
             lease_ttl=args.lease_ttl,
+            advertise_host=args.advertise_host,
         )
     except EtcdConnectError as exc:
         print(f"hotfleet-coordinator: {exc}", file=sys.stderr)

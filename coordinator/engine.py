@@ -35,9 +35,12 @@ from typing import Any, TypeVar
 import grpc
 import tenacity
 
+from coordinator.analysis import Judge, Outcome
 from coordinator.election import Leadership
 from coordinator.fleet import AgentPool, NodeInfo, Target, read_nodes, select
+from coordinator.health import HealthSampler, run_smoke_checks
 from coordinator.model import NodeResult, Phase, Rollout, Vote
+from coordinator.policy import AnalysisPolicy, PolicyError
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
@@ -72,7 +75,8 @@ class RolloutOptions:
     timeout_s: float = 30.0
     concurrency: int = 32
     force: bool = False
-    window_s: float = 0.0  # rollback window; 0 = permanent as soon as every node finished
+    window_s: float | None = None  # rollback window; None = the policy's; 0 = permanent at once
+    health: dict[str, Any] = field(default_factory=dict)  # analysis policy overrides (flags)
 
 
 @dataclass
@@ -119,17 +123,26 @@ class Engine:
         self._drivers: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.hooks: dict[str, Callable[[Rollout], None]] = {}  # test and fault-injection points
+        self.sampler: HealthSampler | None = None
 
     # ------------------------------------------------------------ leadership
     def lead(self, leadership: Leadership) -> None:
         """Called by the daemon when it wins the election: recover, then accept work."""
         with self._lock:
             self._leadership = leadership
+            if self.sampler is None:
+                self.sampler = HealthSampler(
+                    self.nodes, self.agents, interval_s=AnalysisPolicy().interval_s
+                )
+                self.sampler.start()
         self._spawn(self._recover, "recover")
 
     def step_down(self) -> None:
         with self._lock:
             self._leadership = None
+            sampler, self.sampler = self.sampler, None
+        if sampler is not None:
+            sampler.stop()
 
     def is_leader(self) -> bool:
         lead = self._leadership
@@ -162,6 +175,7 @@ class Engine:
 
     def close(self) -> None:
         self._stopping.set()
+        self.step_down()
         for t in list(self._drivers):
             t.join(timeout=10)
 
@@ -293,11 +307,18 @@ class Engine:
     def upgrade(self, ref: str, target: Target, options: RolloutOptions) -> Rollout:
         lead = self._require_leader()
         entry = self.release(ref)
+        self._policy(
+            entry_manifest_health(entry), options
+        )  # refuse a bad policy before anything starts
         return self._start("upgrade", entry, target, options, lead)
 
-    def rollback(self, target: Target, to_version: str | None, options: RolloutOptions) -> Rollout:
+    def rollback(
+        self, target: Target, to_version: str | None, options: RolloutOptions, *, why: str = ""
+    ) -> Rollout:
         """Back to the previous release: from every node's memory, or to a pushed version."""
         lead = self._require_leader()
+        if why:
+            options.health = {**options.health, "why": why}
         if to_version:
             name = self._current_release_name()
             return self._start(
@@ -315,7 +336,7 @@ class Engine:
                 "invalid",
                 f"nodes ran different releases before {last.release} ({ran}); use --to VERSION",
             )
-        options.window_s = 0.0
+        options.window_s = 0.0  # a rollback is not analysed: it is the way out
         target = target if (target.nodes or target.selector) else Target(nodes=sorted(last.nodes))
         if last.phase is Phase.PROVISIONAL:  # the nodes still hold the old code in memory
             entry = (
@@ -635,8 +656,11 @@ class Engine:
         )
         self._save(lead, rollout)
         self._hook("after_finish", rollout)
-        if options.window_s <= 0:
+        if options.window_s == 0:
             self._make_permanent(lead, rollout, rollout.reason)
+        else:
+            entry = self._entry_or_stub(rollout.release)
+            self._analyse(lead, rollout, self._policy(entry_manifest_health(entry), options))
 
     def _make_permanent(self, lead: Leadership, rollout: Rollout, reason: str) -> None:
         entry = self._entry_or_stub(rollout.release)
@@ -679,11 +703,77 @@ class Engine:
             old = self.rollout(reverted)
             old.phase, old.reason, old.ended_at = (
                 Phase.ROLLED_BACK,
-                f"rolled back by {rollout.id}: {rollout.options.get('why') or 'operator request'}",
+                f"rolled back by {rollout.id}: {rollout.options.get('health', {}).get('why') or 'operator request'}",
                 time.time(),
             )
             self._save(lead, old)
         log.info("rollout %s: %s permanent", rollout.id, rollout.release)
+
+    def _policy(self, release_health: dict[str, Any], options: RolloutOptions) -> AnalysisPolicy:
+        """Defaults, then the release's ``[health]``, then the operator's flags."""
+        flags = {k: v for k, v in options.health.items() if k != "why"}
+        try:
+            policy = AnalysisPolicy.from_mapping(release_health)
+            policy = AnalysisPolicy.from_mapping(flags, base=policy)
+            if options.window_s:  # 0 means no window at all: never analysed
+                policy = AnalysisPolicy.from_mapping({"window_s": options.window_s}, base=policy)
+        except PolicyError as exc:
+            raise Refused("invalid", f"health policy: {exc}") from exc
+        return policy
+
+    def _analyse(self, lead: Leadership, rollout: Rollout, policy: AnalysisPolicy) -> None:
+        """The rollback window: judge every upgraded node until it passes, fails or ends unsure."""
+        sampler = self.sampler
+        upgraded = sorted(n.node for n in rollout.nodes.values() if n.finished)
+        start = rollout.finished_at
+        baseline_from = rollout.created_at - policy.baseline_s
+        entry = self._entry_or_stub(rollout.release)
+        members = {n.node_id: n for n in self.nodes()}
+        checks = entry.manifest.get("smoke") or []
+        events = run_smoke_checks(
+            checks, [members[n] for n in upgraded if n in members], policy.smoke_timeout_s
+        )
+        judge = Judge(policy)
+        while True:
+            self._stopping.wait(policy.interval_s)
+            if self._stopping.is_set() or sampler is None:
+                return
+            if self.rollout(rollout.id).phase is not Phase.PROVISIONAL:
+                return  # promoted, rolled back or aborted by the operator meanwhile
+            baseline, _ = sampler.samples(upgraded, baseline_from, rollout.created_at)
+            current, crashes = sampler.samples(upgraded, start)
+            members = {n.node_id: n for n in self.nodes()}
+            window_events = events + crashes + sampler.lost(upgraded, start, members)
+            verdict = judge.evaluate(baseline, current, window_events)
+            elapsed = time.time() - start
+            action = verdict.action(policy, window_over=elapsed >= policy.window_s)
+            rollout.analysis = {
+                **verdict.to_json(),
+                "elapsed_s": round(elapsed, 3),
+                "window_s": policy.window_s,
+                "action": action,
+            }
+            if action == "wait":
+                self._save(lead, rollout)
+                continue
+            if action == "promote":
+                self._make_permanent(
+                    lead, rollout, f"healthy for {policy.window_s:g}s: {verdict.reason}"
+                )
+            elif action == "rollback":
+                failed = verdict.overall is Outcome.FAIL
+                why = verdict.reason if failed else f"{verdict.reason} (on_inconclusive = rollback)"
+                rollout.reason = f"regression: {why}"
+                self._save(lead, rollout)
+                log.warning("rollout %s: %s; rolling the fleet back", rollout.id, rollout.reason)
+                self.rollback(Target(nodes=upgraded), None, RolloutOptions(), why=why)
+            else:
+                rollout.reason = (
+                    f"{verdict.reason}; paused: promote with `coordctl promote` "
+                    "or roll back with `coordctl rollback`"
+                )
+                self._save(lead, rollout)
+            return
 
     def _abort_all(
         self, lead: Leadership, rollout: Rollout, options: RolloutOptions, *, dry_run: bool
@@ -757,9 +847,14 @@ class Engine:
         log.warning("new leader recovering rollout %s: decision %s", rid, decision)
         if decision == "commit":
             if rollout.phase is Phase.PROVISIONAL:
-                if options.window_s <= 0:
+                if options.window_s == 0:
                     self._make_permanent(
                         lead, rollout, rollout.reason or "completed by a new leader"
+                    )
+                else:  # a new leader has no baseline of its own: the judge says so
+                    entry = self._entry_or_stub(rollout.release)
+                    self._analyse(
+                        lead, rollout, self._policy(entry_manifest_health(entry), options)
                     )
                 return
             rollout.phase = Phase.COMMITTED
@@ -807,3 +902,8 @@ def _retry(fn: Callable[[], T]) -> T:
         reraise=True,
     )
     return retrying(fn)
+
+
+def entry_manifest_health(entry: ReleaseEntry) -> dict[str, Any]:
+    """The release's own ``[health]`` overrides."""
+    return dict(entry.manifest.get("health") or {})

@@ -88,6 +88,7 @@ class Rollout:
     epoch: int = 0  # leader epoch that last wrote the record
     leader: str = ""
     previous: dict[str, str] = field(default_factory=dict)  # node -> release it ran before
+    analysis: dict[str, Any] = field(default_factory=dict)  # live verdict of the rollback window
     created_at: float = field(default_factory=time.time)
     decided_at: float = 0.0
     finished_at: float = 0.0

@@ -67,6 +67,11 @@ def leader(etcd_endpoint: str, etcd_prefix: str) -> Iterator[Leader]:
         lead.close()
 
 
+def opts(**kw: object) -> RolloutOptions:
+    """No rollback window unless a test asks for one: these tests are about the 2PC."""
+    return RolloutOptions(**{"window_s": 0.0, **kw})  # type: ignore[arg-type]
+
+
 def versions(nodes: list[AgentProcess]) -> set[str]:
     """Every module version served by every node (one element when the fleet agrees)."""
     return {v for n in nodes for m, v in n.versions().items() if m in SHOP_MODULES}
@@ -79,7 +84,7 @@ def start_fleet(agents: Agents, count: int, **kw: object) -> list[AgentProcess]:
 def test_upgrade_all_commits_everywhere_and_becomes_permanent(agents: Agents, leader: Leader) -> None:
     nodes = start_fleet(agents, 3)
     leader.engine.push_release(release("shop-2.0.0"))
-    started = leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions())
+    started = leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
     assert started.phase is Phase.PREPARING
     done = leader.wait(started.id)
     assert done.phase is Phase.PERMANENT, done.reason
@@ -94,7 +99,7 @@ def test_upgrade_all_commits_everywhere_and_becomes_permanent(agents: Agents, le
 def test_one_node_refusing_aborts_everywhere(agents: Agents, leader: Leader) -> None:
     nodes = [agents.start("n1"), agents.start("n2", env={"SHOP_ZONE": "ap-south"}), agents.start("n3")]
     leader.engine.push_release(release("shop-2.2.0-nodecfg"))
-    done = leader.wait(leader.engine.upgrade("shop@2.2.0-nodecfg", Target(all=True), RolloutOptions()).id)
+    done = leader.wait(leader.engine.upgrade("shop@2.2.0-nodecfg", Target(all=True), opts()).id)
     assert done.phase is Phase.ABORTED and done.decision == "abort"
     assert versions(nodes) == {"1"}  # nobody changed
     (culprit,) = {e.node for e in done.errors}
@@ -111,11 +116,11 @@ def test_node_killed_before_prepare_aborts_unless_allowed(agents: Agents, leader
     nodes[2].signal(signal.SIGKILL)  # its membership key outlives it for the lease TTL
     nodes[2].wait()
     leader.engine.push_release(release("shop-2.0.0"))
-    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(timeout_s=5)).id)
+    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(timeout_s=5)).id)
     assert done.phase is Phase.ABORTED
     assert done.nodes["n3"].vote is Vote.UNREACHABLE and "n3: unreachable at prepare" in done.reason
     assert versions(nodes[:2]) == {"1"}
-    allowed = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(timeout_s=5, allow_missing=True)).id)
+    allowed = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(timeout_s=5, allow_missing=True)).id)
     assert allowed.phase is Phase.PERMANENT, allowed.reason
     assert versions(nodes[:2]) == {"2"}
     # the node comes back and reconciles to the permanent release before it is ready
@@ -132,7 +137,7 @@ def test_node_killed_after_voting_is_finished_by_reconcile(agents: Agents, leade
         nodes[1].wait()
 
     leader.engine.hooks["after_decision"] = kill_n2
-    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(timeout_s=3)).id)
+    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(timeout_s=3)).id)
     assert done.decision == "commit" and done.phase is Phase.PERMANENT
     assert not done.nodes["n2"].finished and "not acknowledged by n2" in done.reason
     assert versions([nodes[0], nodes[2]]) == {"2"}
@@ -143,7 +148,7 @@ def test_node_killed_after_voting_is_finished_by_reconcile(agents: Agents, leade
 def test_dry_run_prepares_everywhere_then_aborts(agents: Agents, leader: Leader) -> None:
     nodes = start_fleet(agents, 2)
     leader.engine.push_release(release("shop-2.0.0"))
-    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(dry_run=True)).id)
+    done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(dry_run=True)).id)
     assert done.phase is Phase.DRY_RUN and {n.vote for n in done.nodes.values()} == {Vote.YES}
     assert versions(nodes) == {"1"}
 
@@ -151,17 +156,17 @@ def test_dry_run_prepares_everywhere_then_aborts(agents: Agents, leader: Leader)
 def test_one_rollout_at_a_time_and_clear_refusals(agents: Agents, leader: Leader) -> None:
     start_fleet(agents, 1)
     with pytest.raises(Refused) as info:
-        leader.engine.upgrade("shop@9.9.9", Target(all=True), RolloutOptions())
+        leader.engine.upgrade("shop@9.9.9", Target(all=True), opts())
     assert info.value.code == "not_found" and "coordctl release push" in str(info.value)
     leader.engine.push_release(release("shop-2.0.0"))
     with pytest.raises(Refused) as info:
-        leader.engine.upgrade("shop@2.0.0", Target(selector={"zone": "mars"}), RolloutOptions())
+        leader.engine.upgrade("shop@2.0.0", Target(selector={"zone": "mars"}), opts())
     assert info.value.code == "no_targets"
     gate = time.monotonic()
     leader.engine.hooks["before_prepare"] = lambda _r: time.sleep(max(0.0, 1.5 - (time.monotonic() - gate)))
-    first = leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions())
+    first = leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
     with pytest.raises(Refused) as info:
-        leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions())
+        leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
     assert info.value.code == "busy" and first.id in str(info.value)
     assert leader.wait(first.id).phase is Phase.PERMANENT
 
@@ -170,10 +175,10 @@ def test_rollback_from_memory_restores_every_node(agents: Agents, leader: Leader
     nodes = start_fleet(agents, 2)
     leader.engine.push_release(release("shop-1.0.0"))
     leader.engine.push_release(release("shop-2.0.0"))
-    started = leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions(window_s=60))
+    started = leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(window_s=60))
     provisional = wait_for(lambda: (r := leader.engine.rollout(started.id)).phase is Phase.PROVISIONAL and r, 30)
     assert versions(nodes) == {"2"}
-    back = leader.wait(leader.engine.rollback(Target(), None, RolloutOptions()).id)
+    back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
     assert back.kind == "rollback" and back.phase is Phase.PERMANENT, back.reason
     assert versions(nodes) == {"1"}
     assert leader.engine.rollout(provisional.id).phase is Phase.ROLLED_BACK
@@ -188,7 +193,7 @@ def test_deposed_leader_is_fenced(agents: Agents, etcd_endpoint: str, etcd_prefi
     try:
         assert new.lead.epoch > old_epoch
         new.engine.push_release(release("shop-2.0.0"))
-        done = new.wait(new.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions()).id)
+        done = new.wait(new.engine.upgrade("shop@2.0.0", Target(all=True), opts()).id)
         assert done.phase is Phase.PERMANENT
         # the deposed leader's late RPC is refused by every agent
         with pytest.raises(grpc.RpcError) as info:
@@ -219,7 +224,7 @@ def test_etcd_restart_mid_rollout_ends_in_one_outcome(agents: Agents, tmp_path: 
                     etcd.start()
 
                 lead.engine.hooks["before_decision"] = bounce
-                started = lead.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions())
+                started = lead.engine.upgrade("shop@2.0.0", Target(all=True), opts())
                 done = lead.wait(started.id, timeout=60)
                 assert done.phase in {Phase.PERMANENT, Phase.ABORTED}
                 expected = "2" if done.phase is Phase.PERMANENT else "1"
@@ -234,10 +239,10 @@ def test_rollback_after_permanent_goes_through_the_pushed_release(agents: Agents
     nodes = start_fleet(agents, 2)
     for name in ("shop-1.0.0", "shop-2.0.0"):
         leader.engine.push_release(release(name))
-    assert leader.wait(leader.engine.upgrade("shop@1.0.0", Target(all=True), RolloutOptions()).id).phase is Phase.PERMANENT
-    up = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), RolloutOptions()).id)
+    assert leader.wait(leader.engine.upgrade("shop@1.0.0", Target(all=True), opts()).id).phase is Phase.PERMANENT
+    up = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts()).id)
     assert up.phase is Phase.PERMANENT and versions(nodes) == {"2"}
-    back = leader.wait(leader.engine.rollback(Target(), None, RolloutOptions()).id)
+    back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
     assert back.phase is Phase.PERMANENT and back.release == "shop@1.0.0" and not back.options["from_memory"]
     assert versions(nodes) == {"1"}
     assert leader.engine.rollout(up.id).phase is Phase.ROLLED_BACK

@@ -1,0 +1,261 @@
+"""Real ``hotfleet-coordinator`` processes and ``coordctl`` runs for integration tests.
+
+:class:`Coordinators` owns every daemon it starts (``python -m
+coordinator.daemon --dev``) and kills whatever is still running at
+:meth:`Coordinators.close`, so a failing test never leaves one behind.  Each
+daemon's stderr (its log) goes to a file under the test's ``tmp_path``;
+:meth:`CoordinatorProcess.log` returns the tail for assertion messages.
+
+Fault injection is the daemon's own: ``fault="crash:before_decision"`` sets
+``HOTFLEET_FAULT`` so the daemon SIGKILLs itself at that rollout step
+(``before_prepare``, ``before_decision``, ``after_decision``, ``after_finish``).
+
+:func:`coordctl` runs the real CLI as a subprocess (``python -m
+coordinator.cli``) and returns ``(exit code, stdout, stderr)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+
+from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
+from tests.agents import ROOT, wait_for
+
+READY = "hotfleet-coordinator ready"
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    for key in ("HOTFLEET_FAULT", "HOTFLEET_COORDINATOR", "HOTFLEET_DEV"):
+        env.pop(key, None)  # nothing from the developer's shell leaks into a test
+    env.update(extra or {})
+    return env
+
+
+class CoordinatorProcess:
+    """One coordinator daemon subprocess and a gRPC stub to its API."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[str], log_path: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log_path = log_path
+        self.address = ""
+        self.pid = proc.pid
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._channel: grpc.Channel | None = None
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Block until the daemon prints its ready line (API serving, campaign started)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"coordinator {self.name} not ready in {timeout}s:\n{self.log()}"
+                ) from None
+            if line is None:
+                raise AssertionError(
+                    f"coordinator {self.name} exited with {self.proc.wait()}:\n{self.log()}"
+                )
+            if line.startswith(READY):
+                fields = dict(f.split("=", 1) for f in line.split()[2:])
+                self.address = fields["address"]
+                assert int(fields["pid"]) == self.proc.pid
+                return
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-6000:]
+        except OSError:
+            return ""
+
+    @property
+    def stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        return coordinator_pb2_grpc.CoordinatorStub(self._channel)
+
+    def is_leader(self) -> bool:
+        """Whether this daemon says it leads (False when it cannot be asked)."""
+        if not self.alive:
+            return False
+        try:
+            reply = self.stub.Nodes(coordinator_pb2.ListNodesRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+        return bool(reply.leader)
+
+    def wait_leader(self, timeout: float = 15.0) -> None:
+        try:
+            wait_for(self.is_leader, timeout=timeout, interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.name} did not become leader:\n{self.log()}") from None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> int:
+        """SIGKILL and reap."""
+        self.signal(signal.SIGKILL)
+        return self.proc.wait(10)
+
+    def term(self, timeout: float = 20.0) -> int:
+        """SIGTERM (graceful stop: resigns leadership) and reap."""
+        self.signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL also ends a SIGSTOPped process
+            self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class Coordinators:
+    """Starts coordinator daemons against one etcd and prefix; kills them all at :meth:`close`."""
+
+    def __init__(self, tmp_path: Path, endpoint: str, prefix: str) -> None:
+        self.tmp_path = tmp_path
+        self.endpoint = endpoint
+        self.prefix = prefix
+        self.procs: list[CoordinatorProcess] = []
+
+    def start(
+        self,
+        name: str,
+        *,
+        fault: str = "",
+        lease_ttl: int = 2,
+        endpoint: str | None = None,
+        env: dict[str, str] | None = None,
+        advertise_host: str | None = None,
+        listen: str = "127.0.0.1:0",
+        wait: bool = True,
+    ) -> CoordinatorProcess:
+        """Start ``python -m coordinator.daemon --dev``; ``fault`` sets ``HOTFLEET_FAULT``."""
+        log_path = self.tmp_path / f"coordinator-{name}-{len(self.procs)}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "coordinator.daemon",
+            "--dev",
+            "--etcd",
+            endpoint or self.endpoint,
+            "--prefix",
+            self.prefix,
+            "--listen",
+            listen,
+            "--lease-ttl",
+            str(lease_ttl),
+        ]
+        if advertise_host:
+            cmd += ["--advertise-host", advertise_host]
+        full_env = _env({**({"HOTFLEET_FAULT": fault} if fault else {}), **(env or {})})
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                text=True,
+                env=full_env,
+                cwd=self.tmp_path,
+            )
+        coordinator = CoordinatorProcess(name, proc, log_path)
+        self.procs.append(coordinator)
+        if wait:
+            coordinator.wait_ready()
+        return coordinator
+
+    def leader(self, timeout: float = 15.0) -> CoordinatorProcess:
+        """The one live daemon that says it leads (waits for an election)."""
+
+        def find() -> CoordinatorProcess | None:
+            leading = [c for c in self.procs if c.is_leader()]
+            return leading[0] if len(leading) == 1 else None
+
+        found: CoordinatorProcess = wait_for(find, timeout=timeout, interval=0.1)
+        return found
+
+    def close(self) -> None:
+        for coordinator in self.procs:
+            coordinator.close()
+
+
+class CtlResult(NamedTuple):
+    """What a ``coordctl`` run returned: unpacks as ``code, out, err``."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.out)
+        except ValueError as exc:
+            raise AssertionError(f"coordctl stdout is not JSON ({exc}):\n{self}") from None
+
+    def __str__(self) -> str:
+        return f"exit {self.code}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
+
+
+def coordctl(
+    coordinator: str | CoordinatorProcess | list[CoordinatorProcess],
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    cwd: Path = ROOT,
+) -> CtlResult:
+    """Run ``coordctl --coordinator ADDR ARGS...`` as a subprocess; (exit code, stdout, stderr)."""
+    if isinstance(coordinator, CoordinatorProcess):
+        address = coordinator.address
+    elif isinstance(coordinator, list):
+        address = ",".join(c.address for c in coordinator)
+    else:
+        address = coordinator
+    cmd = [sys.executable, "-m", "coordinator.cli", "--coordinator", address, *args]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=_env({"NO_COLOR": "1", "COLUMNS": "200", **(env or {})}),
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+    return CtlResult(done.returncode, done.stdout, done.stderr)
