@@ -740,9 +740,10 @@ def _add_globals(parser: argparse.ArgumentParser, *, sub: bool) -> None:
     g.add_argument(
         "--coordinator",
         metavar="HOST:PORT[,...]",
-        default=default(env("HOTFLEET_COORDINATOR") or DEFAULT_COORDINATOR),
+        default=default(env("HOTFLEET_COORDINATOR") or _dev_coordinator() or DEFAULT_COORDINATOR),
         help="coordinator API address(es); any coordinator will do, the leader is followed "
-        f"(env HOTFLEET_COORDINATOR, default {DEFAULT_COORDINATOR}: the local dev cluster)",
+        "(env HOTFLEET_COORDINATOR, else the one `coordctl dev up` recorded in "
+        f"./.hotfleet-dev, else {DEFAULT_COORDINATOR})",
     )
     g.add_argument(
         "-o",
@@ -923,7 +924,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("modules", "which node runs which digest of every module (drift)", cmd_modules)
     p.add_argument("--node", metavar="ID", help="one node's modules, loaded against on-disk digest")
+
+    from coordinator import devcluster  # `dev up|down|status` and `demo`
+
+    devcluster.add_commands(commands, command)
     return parser
+
+
+def _dev_coordinator() -> str | None:
+    """The address `coordctl dev up` recorded (``./.hotfleet-dev`` or ``$HOTFLEET_DEV_DIR``)."""
+    from coordinator.devcluster import default_coordinator
+
+    return default_coordinator()
 
 
 # ---------------------------------------------------------------- entry point

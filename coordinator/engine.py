@@ -766,7 +766,10 @@ class Engine:
                 rollout.reason = f"regression: {why}"
                 self._save(lead, rollout)
                 log.warning("rollout %s: %s; rolling the fleet back", rollout.id, rollout.reason)
-                self.rollback(Target(nodes=upgraded), None, RolloutOptions(), why=why)
+                # a node that died is skipped: it boots the permanent (old) release anyway
+                self.rollback(
+                    Target(nodes=upgraded), None, RolloutOptions(allow_missing=True), why=why
+                )
             else:
                 rollout.reason = (
                     f"{verdict.reason}; paused: promote with `coordctl promote` "

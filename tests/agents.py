@@ -182,6 +182,7 @@ class AgentProcess:
         self.credentials = credentials
         self.grpc_address = ""
         self.http_address = ""
+        self.node_id = ""
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._channel: grpc.Channel | None = None
         threading.Thread(target=self._pump, daemon=True).start()
@@ -204,6 +205,7 @@ class AgentProcess:
             if line.startswith("node-agent ready"):
                 fields = dict(f.split("=", 1) for f in line.split()[2:])
                 self.grpc_address, self.http_address = fields["grpc"], fields["http"]
+                self.node_id = fields["node"]
                 return
 
     def log(self) -> str:

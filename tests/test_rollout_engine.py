@@ -9,86 +9,33 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from coordinator.election import Election, Session
-from coordinator.engine import Engine, Refused, RolloutOptions, Target
-from coordinator.fleet import AgentPool
+from coordinator.engine import Refused, Target
 from coordinator.model import Phase, Rollout, Vote
 from hotfleet import Reason
 from hotfleet._proto.hotfleet.v1 import agent_pb2
-from hotfleet.etcd_client import connect
-from hotfleet.keys import Keys
-from tests.agents import SHOP_MODULES, AgentProcess, Agents, release, wait_for
+from tests.agents import Agents, release, wait_for
+from tests.fleet import Leader, opts, start_fleet, versions
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Agents]:
-    fleet = Agents(tmp_path, etcd_endpoint, etcd_prefix)
-    try:
-        yield fleet
-    finally:
-        fleet.close()
-
-
-class Leader:
-    """An engine that has won a real election (and can be deposed)."""
-
-    def __init__(self, endpoint: str, prefix: str, name: str = "leader-a") -> None:
-        self.client = connect(endpoint)
-        self.keys = Keys(prefix)
-        self.engine = Engine(self.client, self.keys, AgentPool(), address=name)
-        self.session = Session(self.client, ttl=3)
-        self.lead = Election(self.client, self.keys.election, self.session).campaign(name, timeout=10)
-        self.engine.lead(self.lead)
-
-    def wait(self, rollout_id: str, timeout: float = 30) -> Rollout:
-        return wait_for(lambda: (r := self.engine.rollout(rollout_id)).phase.terminal and r, timeout)
-
-    def close(self) -> None:
-        self.engine.close()
-        self.session.close()
-        self.engine.agents.close()
-        self.client.close()
-
-
-@pytest.fixture
-def leader(etcd_endpoint: str, etcd_prefix: str) -> Iterator[Leader]:
-    lead = Leader(etcd_endpoint, etcd_prefix)
-    try:
-        yield lead
-    finally:
-        lead.close()
-
-
-def opts(**kw: object) -> RolloutOptions:
-    """No rollback window unless a test asks for one: these tests are about the 2PC."""
-    return RolloutOptions(**{"window_s": 0.0, **kw})  # type: ignore[arg-type]
-
-
-def versions(nodes: list[AgentProcess]) -> set[str]:
-    """Every module version served by every node (one element when the fleet agrees)."""
-    return {v for n in nodes for m, v in n.versions().items() if m in SHOP_MODULES}
-
-
-def start_fleet(agents: Agents, count: int, **kw: object) -> list[AgentProcess]:
-    return [agents.start(f"n{i}", **kw) for i in range(1, count + 1)]  # type: ignore[arg-type]
-
-
-def test_upgrade_all_commits_everywhere_and_becomes_permanent(agents: Agents, leader: Leader) -> None:
+def test_upgrade_all_commits_everywhere_and_becomes_permanent(
+    agents: Agents, leader: Leader
+) -> None:
     nodes = start_fleet(agents, 3)
     leader.engine.push_release(release("shop-2.0.0"))
     started = leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
     assert started.phase is Phase.PREPARING
     done = leader.wait(started.id)
     assert done.phase is Phase.PERMANENT, done.reason
-    assert {n.vote for n in done.nodes.values()} == {Vote.YES} and all(n.finished for n in done.nodes.values())
+    assert {n.vote for n in done.nodes.values()} == {Vote.YES} and all(
+        n.finished for n in done.nodes.values()
+    )
     assert versions(nodes) == {"2"}
     assert done.commit_skew_s < 1.0
     raw, _ = leader.client.get(leader.keys.permanent)
@@ -97,7 +44,11 @@ def test_upgrade_all_commits_everywhere_and_becomes_permanent(agents: Agents, le
 
 
 def test_one_node_refusing_aborts_everywhere(agents: Agents, leader: Leader) -> None:
-    nodes = [agents.start("n1"), agents.start("n2", env={"SHOP_ZONE": "ap-south"}), agents.start("n3")]
+    nodes = [
+        agents.start("n1"),
+        agents.start("n2", env={"SHOP_ZONE": "ap-south"}),
+        agents.start("n3"),
+    ]
     leader.engine.push_release(release("shop-2.2.0-nodecfg"))
     done = leader.wait(leader.engine.upgrade("shop@2.2.0-nodecfg", Target(all=True), opts()).id)
     assert done.phase is Phase.ABORTED and done.decision == "abort"
@@ -120,7 +71,11 @@ def test_node_killed_before_prepare_aborts_unless_allowed(agents: Agents, leader
     assert done.phase is Phase.ABORTED
     assert done.nodes["n3"].vote is Vote.UNREACHABLE and "n3: unreachable at prepare" in done.reason
     assert versions(nodes[:2]) == {"1"}
-    allowed = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(timeout_s=5, allow_missing=True)).id)
+    allowed = leader.wait(
+        leader.engine.upgrade(
+            "shop@2.0.0", Target(all=True), opts(timeout_s=5, allow_missing=True)
+        ).id
+    )
     assert allowed.phase is Phase.PERMANENT, allowed.reason
     assert versions(nodes[:2]) == {"2"}
     # the node comes back and reconciles to the permanent release before it is ready
@@ -163,7 +118,9 @@ def test_one_rollout_at_a_time_and_clear_refusals(agents: Agents, leader: Leader
         leader.engine.upgrade("shop@2.0.0", Target(selector={"zone": "mars"}), opts())
     assert info.value.code == "no_targets"
     gate = time.monotonic()
-    leader.engine.hooks["before_prepare"] = lambda _r: time.sleep(max(0.0, 1.5 - (time.monotonic() - gate)))
+    leader.engine.hooks["before_prepare"] = lambda _r: time.sleep(
+        max(0.0, 1.5 - (time.monotonic() - gate))
+    )
     first = leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
     with pytest.raises(Refused) as info:
         leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
@@ -176,7 +133,9 @@ def test_rollback_from_memory_restores_every_node(agents: Agents, leader: Leader
     leader.engine.push_release(release("shop-1.0.0"))
     leader.engine.push_release(release("shop-2.0.0"))
     started = leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(window_s=60))
-    provisional = wait_for(lambda: (r := leader.engine.rollout(started.id)).phase is Phase.PROVISIONAL and r, 30)
+    provisional = wait_for(
+        lambda: (r := leader.engine.rollout(started.id)).phase is Phase.PROVISIONAL and r, 30
+    )
     assert versions(nodes) == {"2"}
     back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
     assert back.kind == "rollback" and back.phase is Phase.PERMANENT, back.reason
@@ -197,7 +156,9 @@ def test_deposed_leader_is_fenced(agents: Agents, etcd_endpoint: str, etcd_prefi
         assert done.phase is Phase.PERMANENT
         # the deposed leader's late RPC is refused by every agent
         with pytest.raises(grpc.RpcError) as info:
-            nodes[0].stub.Abort(agent_pb2.AbortRequest(rollout_id=done.id, epoch=old_epoch), timeout=5)
+            nodes[0].stub.Abort(
+                agent_pb2.AbortRequest(rollout_id=done.id, epoch=old_epoch), timeout=5
+            )
         assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         # and its fenced writes to etcd do not land
         assert not old.lead.guarded_txn([old.client.transactions.put(old.keys.active, "stale")])
@@ -235,15 +196,24 @@ def test_etcd_restart_mid_rollout_ends_in_one_outcome(agents: Agents, tmp_path: 
             fleet.close()
 
 
-def test_rollback_after_permanent_goes_through_the_pushed_release(agents: Agents, leader: Leader) -> None:
+def test_rollback_after_permanent_goes_through_the_pushed_release(
+    agents: Agents, leader: Leader
+) -> None:
     nodes = start_fleet(agents, 2)
     for name in ("shop-1.0.0", "shop-2.0.0"):
         leader.engine.push_release(release(name))
-    assert leader.wait(leader.engine.upgrade("shop@1.0.0", Target(all=True), opts()).id).phase is Phase.PERMANENT
+    assert (
+        leader.wait(leader.engine.upgrade("shop@1.0.0", Target(all=True), opts()).id).phase
+        is Phase.PERMANENT
+    )
     up = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts()).id)
     assert up.phase is Phase.PERMANENT and versions(nodes) == {"2"}
     back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
-    assert back.phase is Phase.PERMANENT and back.release == "shop@1.0.0" and not back.options["from_memory"]
+    assert (
+        back.phase is Phase.PERMANENT
+        and back.release == "shop@1.0.0"
+        and not back.options["from_memory"]
+    )
     assert versions(nodes) == {"1"}
     assert leader.engine.rollout(up.id).phase is Phase.ROLLED_BACK
     raw, _ = leader.client.get(leader.keys.permanent)

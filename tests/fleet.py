@@ -1,0 +1,116 @@
+"""A real fleet for coordinator tests: agents, an elected in-process leader, request load.
+
+Registered as a pytest plugin (see conftest), so ``agents`` and ``leader``
+are fixtures; everything started here is stopped at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.election import Election, Session
+from coordinator.engine import Engine, RolloutOptions
+from coordinator.fleet import AgentPool
+from coordinator.model import Rollout
+from hotfleet.etcd_client import connect
+from hotfleet.keys import Keys
+from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, wait_for
+
+
+class Leader:
+    """An engine that has won a real election (and can be deposed)."""
+
+    def __init__(self, endpoint: str, prefix: str, name: str = "leader-a") -> None:
+        self.client = connect(endpoint)
+        self.keys = Keys(prefix)
+        self.engine = Engine(self.client, self.keys, AgentPool(), address=name)
+        self.session = Session(self.client, ttl=3)
+        self.lead = Election(self.client, self.keys.election, self.session).campaign(
+            name, timeout=10
+        )
+        self.engine.lead(self.lead)
+
+    def wait(self, rollout_id: str, timeout: float = 30) -> Rollout:
+        return wait_for(
+            lambda: (r := self.engine.rollout(rollout_id)).phase.terminal and r, timeout
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+        self.session.close()
+        self.engine.agents.close()
+        self.client.close()
+
+
+@pytest.fixture
+def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Agents]:
+    fleet = Agents(tmp_path, etcd_endpoint, etcd_prefix)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture
+def leader(etcd_endpoint: str, etcd_prefix: str) -> Iterator[Leader]:
+    lead = Leader(etcd_endpoint, etcd_prefix)
+    try:
+        yield lead
+    finally:
+        lead.close()
+
+
+def opts(**kw: object) -> RolloutOptions:
+    """No rollback window unless a test asks for one: these tests are about the 2PC."""
+    return RolloutOptions(**{"window_s": 0.0, **kw})  # type: ignore[arg-type]
+
+
+def versions(nodes: list[AgentProcess]) -> set[str]:
+    """Every module version served by every node (one element when the fleet agrees)."""
+    return {v for n in nodes for m, v in n.versions().items() if m in SHOP_MODULES}
+
+
+def start_fleet(agents: Agents, count: int, **kw: object) -> list[AgentProcess]:
+    return [agents.start(f"n{i}", **kw) for i in range(1, count + 1)]  # type: ignore[arg-type]
+
+
+class Load:
+    """Steady HTTP load on every node, each from its own process (``tests.load``)."""
+
+    def __init__(
+        self, nodes: list[AgentProcess], path: str = "/price?sku=apple&qty=2", threads: int = 2
+    ) -> None:
+        self.procs = []
+        for node in nodes:
+            url = f"http://{node.http_address}{path}"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.load", url, str(threads)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "load started"
+            self.procs.append(proc)
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Stop every generator; their reports (ok count, failures, versions seen, mixes)."""
+        reports = []
+        for proc in self.procs:
+            out, _ = proc.communicate(timeout=30)
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+        self.procs = []
+        return reports
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()

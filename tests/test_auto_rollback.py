@@ -1,0 +1,171 @@
+"""Health analysis and automatic fleet rollback under a real request load.
+
+Real agents serve the example shop; load generators in their own processes
+hit every node over HTTP the whole time; the leader samples the agents'
+Health RPCs and judges the rollback window.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from coordinator.engine import RolloutOptions, Target
+from coordinator.model import Phase, Rollout
+from tests.agents import AgentProcess, Agents, release, wait_for
+from tests.fleet import Leader, Load, start_fleet, versions
+
+pytestmark = pytest.mark.integration
+
+# fast windows for tests; the defaults are in coordinator/policy.py
+FAST = {"min_samples": 4, "baseline_s": 4}
+
+
+@pytest.fixture
+def fleet(agents: Agents, leader: Leader) -> Iterator[tuple[list[AgentProcess], Leader]]:
+    nodes = start_fleet(agents, 3, lease_ttl=2)
+    for name in ("shop-2.0.0", "shop-2.1.0-bad", "shop-2.3.0-slow", "shop-2.4.0-smoke"):
+        leader.engine.push_release(release(name))
+    yield nodes, leader
+
+
+def wait_baseline(leader: Leader, nodes: list[AgentProcess], samples: int = 6) -> None:
+    """Until the leader holds enough pre-upgrade samples of every node."""
+    import time
+
+    sampler = leader.engine.sampler
+    assert sampler is not None
+    since = time.time() - 30
+    wait_for(
+        lambda: all(
+            sum(s.requests > 0 for s in sampler.samples([n.node_id], since)[0][n.node_id])
+            >= samples
+            for n in nodes
+        ),
+        timeout=20,
+    )
+
+
+def upgrade(leader: Leader, ref: str, window: float, **health: Any) -> Rollout:
+    options = RolloutOptions(window_s=window, health={**FAST, **health})
+    return leader.engine.upgrade(ref, Target(all=True), options)
+
+
+def failures_not_from_the_release(reports: list[dict[str, Any]]) -> list[str]:
+    """Failed requests that were not the bad release's own HTTP 500s: what the switch cost."""
+    return [f for r in reports for f in r["failed"] if "HTTP Error 500" not in f]
+
+
+def test_bad_release_is_rolled_back_fleet_wide(fleet: tuple[list[AgentProcess], Leader]) -> None:
+    nodes, leader = fleet
+    load = Load(nodes)
+    try:
+        wait_baseline(leader, nodes)
+        started = upgrade(leader, "shop@2.1.0-bad", window=20)
+        done = leader.wait(started.id, timeout=60)
+        reports = load.stop()
+    finally:
+        load.close()
+    assert done.phase is Phase.ROLLED_BACK, (done.phase, done.reason)
+    assert "error_rate" in done.reason and any(n.node_id in done.reason for n in nodes)
+    assert done.analysis["overall"] == "fail"
+    assert versions(nodes) == {"1"}  # every node serves the old code again
+    assert failures_not_from_the_release(reports) == []  # the rollback itself failed nothing
+    served = {key for r in reports for key in r["seen"]}
+    v1 = "shop.app=1,shop.cart=1,shop.inventory=1,shop.pricing=1"
+    bad = "shop.app=2,shop.cart=2,shop.inventory=2,shop.pricing=2.1"
+    assert served <= {v1, bad} and v1 in served  # never a mix of the two releases
+    back = leader.engine.rollouts(limit=1)[0]
+    assert back.kind == "rollback" and back.phase is Phase.PERMANENT
+
+
+def test_good_release_becomes_permanent_after_the_window(
+    fleet: tuple[list[AgentProcess], Leader],
+) -> None:
+    nodes, leader = fleet
+    load = Load(nodes)
+    try:
+        wait_baseline(leader, nodes)
+        done = leader.wait(upgrade(leader, "shop@2.0.0", window=5).id, timeout=60)
+        reports = load.stop()
+    finally:
+        load.close()
+    assert done.phase is Phase.PERMANENT, done.reason
+    assert done.reason.startswith("healthy for 5s") and done.analysis["overall"] == "pass"
+    assert versions(nodes) == {"2"}
+    assert [f for r in reports for f in r["failed"]] == []
+
+
+def test_low_traffic_is_inconclusive_and_pauses(fleet: tuple[list[AgentProcess], Leader]) -> None:
+    nodes, leader = fleet  # no load at all
+    started = upgrade(leader, "shop@2.0.0", window=3)
+    paused = wait_for(
+        lambda: (r := leader.engine.rollout(started.id)).analysis.get("action") == "pause" and r,
+        timeout=30,
+    )
+    assert paused.phase is Phase.PROVISIONAL  # neither passed nor failed
+    assert paused.analysis["overall"] == "inconclusive"
+    assert "too little traffic" in paused.reason and "coordctl promote" in paused.reason
+    assert versions(nodes) == {"2"}
+    promoted = leader.engine.promote(started.id)
+    assert promoted.phase is Phase.PERMANENT
+
+
+def test_latency_only_regression_is_caught_by_the_statistical_judge(
+    fleet: tuple[list[AgentProcess], Leader],
+) -> None:
+    nodes, leader = fleet
+    load = Load(nodes)
+    try:
+        wait_baseline(leader, nodes)
+        # thresholds off: only the Mann-Whitney comparison with the baseline can see it
+        started = upgrade(
+            leader, "shop@2.3.0-slow", window=20,
+            latency_p50_max_ratio="off", latency_p99_max_ratio="off",
+        )  # fmt: skip
+        done = leader.wait(started.id, timeout=60)
+        load.stop()
+    finally:
+        load.close()
+    assert done.phase is Phase.ROLLED_BACK, done.reason
+    assert "Mann-Whitney" in done.reason and "latency" in done.reason
+    assert versions(nodes) == {"1"}
+
+
+def test_smoke_check_failure_rolls_back(fleet: tuple[list[AgentProcess], Leader]) -> None:
+    nodes, leader = fleet
+    load = Load(nodes)
+    try:
+        wait_baseline(leader, nodes)
+        done = leader.wait(upgrade(leader, "shop@2.4.0-smoke", window=20).id, timeout=60)
+        load.stop()
+    finally:
+        load.close()
+    assert done.phase is Phase.ROLLED_BACK, done.reason
+    assert "smoke check 'stock report'" in done.reason and "answered 500" in done.reason
+    assert versions(nodes) == {"1"}
+
+
+def test_node_crashing_in_the_window_rolls_back_the_rest(
+    fleet: tuple[list[AgentProcess], Leader], agents: Agents
+) -> None:
+    nodes, leader = fleet
+    load = Load([nodes[0], nodes[2]])
+    try:
+        wait_baseline(leader, [nodes[0], nodes[2]])
+        started = upgrade(leader, "shop@2.0.0", window=30)
+        wait_for(lambda: leader.engine.rollout(started.id).phase is Phase.PROVISIONAL, timeout=30)
+        nodes[1].signal(signal.SIGKILL)
+        nodes[1].wait()
+        done = leader.wait(started.id, timeout=60)
+        load.stop()
+    finally:
+        load.close()
+    assert done.phase is Phase.ROLLED_BACK, done.reason
+    assert "n2" in done.reason
+    assert versions([nodes[0], nodes[2]]) == {"1"}
+    back = agents.start("n2", code_path=nodes[1].code_path)
+    assert versions([back]) == {"1"}  # restarts boot the permanent release, which stayed v1
