@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -77,6 +78,7 @@ class RolloutOptions:
     force: bool = False
     window_s: float | None = None  # rollback window; None = the policy's; 0 = permanent at once
     health: dict[str, Any] = field(default_factory=dict)  # analysis policy overrides (flags)
+    waves: list[str] = field(default_factory=list)  # cumulative sizes: ["1", "25%", "100%"]
 
 
 @dataclass
@@ -449,6 +451,7 @@ class Engine:
             nodes={n.node_id: NodeResult(n.node_id, n.address) for n in nodes},
             previous={n.node_id: n.current_release for n in nodes},
         )
+        rollout.waves = _assign_waves(rollout, options.waves)
         for name in missing:
             rollout.nodes[name] = NodeResult(
                 name, vote=Vote.UNREACHABLE, detail="not registered (down or unknown)"
@@ -519,30 +522,80 @@ class Engine:
         entry: ReleaseEntry,
         options: RolloutOptions,
     ) -> None:
-        self._hook("before_prepare", rollout)
-        self._prepare_all(lead, rollout, manifest, entry, options)
-        self._save(lead, rollout)
-        self._hook("before_decision", rollout)
-        voters = [
-            n
-            for n in rollout.nodes.values()
-            if n.vote is not Vote.UNREACHABLE or not options.allow_missing
-        ]
-        yes = all(n.vote is Vote.YES for n in voters) and any(n.vote is Vote.YES for n in voters)
-        wanted = "commit" if yes and not options.dry_run else "abort"
-        decision = self._decide(lead, rollout.id, wanted)
-        rollout.decision, rollout.decided_at = decision, time.time()
-        if decision == "commit":
+        """Each wave is its own two-phase commit, analysed before the next one starts."""
+        while True:
+            self._hook("before_prepare", rollout)
+            self._prepare_all(lead, rollout, manifest, entry, options)
+            self._save(lead, rollout)
+            self._hook("before_decision", rollout)
+            members = self._members(rollout)
+            voters = [
+                n for n in members if n.vote is not Vote.UNREACHABLE or not options.allow_missing
+            ]
+            yes = all(n.vote is Vote.YES for n in voters) and any(
+                n.vote is Vote.YES for n in voters
+            )
+            wanted = "commit" if yes and not options.dry_run else "abort"
+            decision = self._decide(lead, self._wave_id(rollout), wanted)
+            rollout.decision, rollout.decided_at = decision, time.time()
+            if decision != "commit":
+                rollout.phase = Phase.ABORTING
+                self._save(lead, rollout)
+                self._abort_wave(lead, rollout, options, dry_run=options.dry_run and yes)
+                return
             rollout.phase = Phase.COMMITTED
             self._save(lead, rollout)
             self._hook("after_decision", rollout)
             self._finish_all(lead, rollout, options)
-        else:
-            rollout.phase = Phase.ABORTING
+            if not self._after_finish(lead, rollout, options):
+                return
+            rollout.wave += 1
+            rollout.phase = Phase.PREPARING
             self._save(lead, rollout)
-            self._abort_all(
-                lead, rollout, options, dry_run=options.dry_run and wanted == "abort" and yes
+
+    @staticmethod
+    def _wave_id(rollout: Rollout) -> str:
+        """The id agents and decision keys see: one per wave."""
+        return rollout.id if rollout.waves <= 1 else f"{rollout.id}.w{rollout.wave + 1}"
+
+    @staticmethod
+    def _members(rollout: Rollout) -> list[NodeResult]:
+        return [n for n in rollout.nodes.values() if n.wave == rollout.wave]
+
+    def _after_finish(self, lead: Leadership, rollout: Rollout, options: RolloutOptions) -> bool:
+        """Analyse the window; True when the next wave may start."""
+        last = rollout.wave >= rollout.waves - 1
+        if options.window_s == 0:
+            action = "promote"
+        else:
+            entry = self._entry_or_stub(rollout.release)
+            action = self._analyse(
+                lead, rollout, self._policy(entry_manifest_health(entry), options)
             )
+        if action != "promote":
+            return False
+        if last:
+            reason = rollout.analysis.get("reason") if rollout.analysis else ""
+            window = rollout.analysis.get("window_s") if rollout.analysis else 0
+            self._make_permanent(
+                lead, rollout, f"healthy for {window:g}s: {reason}" if reason else rollout.reason
+            )
+            return False
+        return True
+
+    def _abort_wave(
+        self, lead: Leadership, rollout: Rollout, options: RolloutOptions, *, dry_run: bool
+    ) -> None:
+        """Abort the current wave; earlier waves already switched go back too."""
+        switched = sorted(n.node for n in rollout.nodes.values() if n.finished)
+        if not switched:
+            self._abort_all(lead, rollout, options, dry_run=dry_run)
+            return
+        self._abort_all(lead, rollout, options, dry_run=False, release_active=False)
+        why = f"wave {rollout.wave + 1} aborted: {_abort_reason(rollout)}"
+        rollout.phase, rollout.reason = Phase.PROVISIONAL, why
+        self._save(lead, rollout)
+        self._rollback_of(lead, rollout, switched, why)
 
     def _prepare_all(
         self,
@@ -561,7 +614,7 @@ class Engine:
             if result.vote is Vote.UNREACHABLE:
                 return
             request = agent_pb2.PrepareRequest(
-                rollout_id=rollout.id,
+                rollout_id=self._wave_id(rollout),
                 epoch=lead.epoch,
                 force=options.force,
                 rollback_target=bool(rollout.options.get("from_memory")),
@@ -580,9 +633,10 @@ class Engine:
                 e if e.node else e.on_node(result.node) for e in errors_from_proto(reply.errors)
             ]
 
-        self._parallel(prepare, rollout.nodes.values(), options.concurrency)
-        rollout.errors = [e for n in rollout.nodes.values() for e in n.errors]
-        for n in rollout.nodes.values():
+        members = self._members(rollout)
+        self._parallel(prepare, members, options.concurrency)
+        rollout.errors = [e for n in members for e in n.errors]
+        for n in members:
             if n.vote is Vote.UNREACHABLE and not options.allow_missing:
                 rollout.errors.append(
                     ModuleError(
@@ -608,7 +662,7 @@ class Engine:
         def finish(result: NodeResult) -> None:
             if result.finished or result.vote is not Vote.YES:
                 return
-            request = agent_pb2.FinishRequest(rollout_id=rollout.id, epoch=lead.epoch)
+            request = agent_pb2.FinishRequest(rollout_id=self._wave_id(rollout), epoch=lead.epoch)
             while True:
                 try:
                     reply = self.agents.stub(self._address_of(result)).Finish(
@@ -640,7 +694,7 @@ class Engine:
                     )
                 return
 
-        self._parallel(finish, rollout.nodes.values(), options.concurrency)
+        self._parallel(finish, self._members(rollout), options.concurrency)
         rollout.finished_at = time.time()
         unfinished = [
             n.node for n in rollout.nodes.values() if n.vote is Vote.YES and not n.finished
@@ -656,11 +710,6 @@ class Engine:
         )
         self._save(lead, rollout)
         self._hook("after_finish", rollout)
-        if options.window_s == 0:
-            self._make_permanent(lead, rollout, rollout.reason)
-        else:
-            entry = self._entry_or_stub(rollout.release)
-            self._analyse(lead, rollout, self._policy(entry_manifest_health(entry), options))
 
     def _make_permanent(self, lead: Leadership, rollout: Rollout, reason: str) -> None:
         entry = self._entry_or_stub(rollout.release)
@@ -721,10 +770,11 @@ class Engine:
             raise Refused("invalid", f"health policy: {exc}") from exc
         return policy
 
-    def _analyse(self, lead: Leadership, rollout: Rollout, policy: AnalysisPolicy) -> None:
+    def _analyse(self, lead: Leadership, rollout: Rollout, policy: AnalysisPolicy) -> str:
         """The rollback window: judge every upgraded node until it passes, fails or ends unsure."""
         sampler = self.sampler
         upgraded = sorted(n.node for n in rollout.nodes.values() if n.finished)
+        waiting = sorted(n.node for n in rollout.nodes.values() if n.wave > rollout.wave)
         start = rollout.finished_at
         baseline_from = rollout.created_at - policy.baseline_s
         entry = self._entry_or_stub(rollout.release)
@@ -737,14 +787,15 @@ class Engine:
         while True:
             self._stopping.wait(policy.interval_s)
             if self._stopping.is_set() or sampler is None:
-                return
+                return "stopped"
             if self.rollout(rollout.id).phase is not Phase.PROVISIONAL:
-                return  # promoted, rolled back or aborted by the operator meanwhile
+                return "stopped"  # promoted, rolled back or aborted by the operator meanwhile
             baseline, _ = sampler.samples(upgraded, baseline_from, rollout.created_at)
             current, crashes = sampler.samples(upgraded, start)
             members = {n.node_id: n for n in self.nodes()}
             window_events = events + crashes + sampler.lost(upgraded, start, members)
-            verdict = judge.evaluate(baseline, current, window_events)
+            peers = sampler.samples(waiting, start)[0] if waiting else None
+            verdict = judge.evaluate(baseline, current, window_events, peers=peers)
             elapsed = time.time() - start
             action = verdict.action(policy, window_over=elapsed >= policy.window_s)
             rollout.analysis = {
@@ -757,36 +808,58 @@ class Engine:
                 self._save(lead, rollout)
                 continue
             if action == "promote":
-                self._make_permanent(
-                    lead, rollout, f"healthy for {policy.window_s:g}s: {verdict.reason}"
-                )
+                self._save(lead, rollout)
             elif action == "rollback":
                 failed = verdict.overall is Outcome.FAIL
                 why = verdict.reason if failed else f"{verdict.reason} (on_inconclusive = rollback)"
                 rollout.reason = f"regression: {why}"
                 self._save(lead, rollout)
                 log.warning("rollout %s: %s; rolling the fleet back", rollout.id, rollout.reason)
-                # a node that died is skipped: it boots the permanent (old) release anyway
-                self.rollback(
-                    Target(nodes=upgraded), None, RolloutOptions(allow_missing=True), why=why
-                )
+                self._rollback_of(lead, rollout, upgraded, why)
             else:
                 rollout.reason = (
                     f"{verdict.reason}; paused: promote with `coordctl promote` "
                     "or roll back with `coordctl rollback`"
                 )
                 self._save(lead, rollout)
-            return
+            return action
+
+    def _rollback_of(self, lead: Leadership, rollout: Rollout, nodes: list[str], why: str) -> None:
+        """Take ``nodes`` of a provisional ``rollout`` back to what they ran, from memory.
+
+        A node that died meanwhile is skipped: it boots the permanent (old)
+        release anyway.
+        """
+        previous = sorted({rollout.previous.get(n, "") for n in nodes})
+        label = previous[0] if len(previous) == 1 else ""
+        entry = self._entry_or_stub(label) if label else ReleaseEntry("", "", "", "", 0.0, 0, False)
+        options = RolloutOptions(allow_missing=True, window_s=0.0, health={"why": why})
+        self._start(
+            "rollback",
+            entry,
+            Target(nodes=nodes),
+            options,
+            lead,
+            from_memory=True,
+            reverts=rollout.id,
+        )
 
     def _abort_all(
-        self, lead: Leadership, rollout: Rollout, options: RolloutOptions, *, dry_run: bool
+        self,
+        lead: Leadership,
+        rollout: Rollout,
+        options: RolloutOptions,
+        *,
+        dry_run: bool,
+        release_active: bool = True,
     ) -> None:
         def abort(result: NodeResult) -> None:
             if result.vote is Vote.UNREACHABLE and not result.address:
                 return
             try:
                 self.agents.stub(self._address_of(result)).Abort(
-                    agent_pb2.AbortRequest(rollout_id=rollout.id, epoch=lead.epoch), timeout=5
+                    agent_pb2.AbortRequest(rollout_id=self._wave_id(rollout), epoch=lead.epoch),
+                    timeout=5,
                 )
                 result.aborted = True
             except grpc.RpcError as exc:
@@ -794,7 +867,9 @@ class Engine:
                     f"abort: {_rpc_detail(exc)} (the node drops it from the decision key)"
                 )
 
-        self._parallel(abort, rollout.nodes.values(), options.concurrency)
+        self._parallel(abort, self._members(rollout), options.concurrency)
+        if not release_active:
+            return
         rollout.phase = Phase.DRY_RUN if dry_run else Phase.ABORTED
         rollout.ended_at = time.time()
         if dry_run:
@@ -845,32 +920,30 @@ class Engine:
         options = RolloutOptions(
             **{k: v for k, v in rollout.options.items() if k in RolloutOptions.__dataclass_fields__}
         )
-        decision = self._decide(lead, rid, "abort")  # presumed abort when undecided
+        # presumed abort when undecided (a rollback rollout is never analysed or waved)
+        decision = self._decide(lead, self._wave_id(rollout), "abort")
         rollout.decision = decision
         log.warning("new leader recovering rollout %s: decision %s", rid, decision)
-        if decision == "commit":
-            if rollout.phase is Phase.PROVISIONAL:
-                if options.window_s == 0:
-                    self._make_permanent(
-                        lead, rollout, rollout.reason or "completed by a new leader"
-                    )
-                else:  # a new leader has no baseline of its own: the judge says so
-                    entry = self._entry_or_stub(rollout.release)
-                    self._analyse(
-                        lead, rollout, self._policy(entry_manifest_health(entry), options)
-                    )
-                return
-            rollout.phase = Phase.COMMITTED
-            self._save(lead, rollout)
-            self._finish_all(lead, rollout, options)
-        else:
+        if decision != "commit":
             rollout.phase = Phase.ABORTING
             rollout.reason = (
                 rollout.reason
                 or "the leader changed before the decision was recorded: presumed abort"
             )
             self._save(lead, rollout)
-            self._abort_all(lead, rollout, options, dry_run=False)
+            self._abort_wave(lead, rollout, options, dry_run=False)
+            return
+        if rollout.phase is not Phase.PROVISIONAL:
+            rollout.phase = Phase.COMMITTED
+            self._save(lead, rollout)
+            self._finish_all(lead, rollout, options)
+        # a new leader has no baseline of its own for the window: the judge says so
+        if self._after_finish(lead, rollout, options):
+            entry = self._entry_or_stub(rollout.release)
+            rollout.wave += 1
+            rollout.phase = Phase.PREPARING
+            self._save(lead, rollout)
+            self._drive(lead, rollout, dict(entry.manifest), entry, options)
 
 
 def _abort_reason(rollout: Rollout) -> str:
@@ -910,3 +983,26 @@ def _retry(fn: Callable[[], T]) -> T:
 def entry_manifest_health(entry: ReleaseEntry) -> dict[str, Any]:
     """The release's own ``[health]`` overrides."""
     return dict(entry.manifest.get("health") or {})
+
+
+def _assign_waves(rollout: Rollout, spec: list[str]) -> int:
+    """Split the targets into waves of cumulative sizes (``["1", "25%", "100%"]``)."""
+    names = sorted(rollout.nodes)
+    total, done, wave = len(names), 0, 0
+    for item in spec or ["100%"]:
+        item = item.strip()
+        try:
+            size = math.ceil(float(item[:-1]) * total / 100) if item.endswith("%") else int(item)
+        except ValueError:
+            raise Refused(
+                "invalid", f"wave size {item!r} is neither a count nor a percentage"
+            ) from None
+        size = min(total, max(size, done + 1))
+        for name in names[done:size]:
+            rollout.nodes[name].wave = wave
+        done, wave = size, wave + 1
+        if done >= total:
+            break
+    for name in names[done:]:
+        rollout.nodes[name].wave = wave
+    return wave + (1 if done < total else 0)

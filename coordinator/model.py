@@ -55,6 +55,7 @@ class NodeResult:
     pause_s: float = 0.0  # how long the node held guarded work for the switch
     aborted: bool = False
     detail: str = ""  # transport errors, retries
+    wave: int = 0  # which wave of the rollout the node belongs to
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -89,6 +90,8 @@ class Rollout:
     leader: str = ""
     previous: dict[str, str] = field(default_factory=dict)  # node -> release it ran before
     analysis: dict[str, Any] = field(default_factory=dict)  # live verdict of the rollback window
+    waves: int = 1  # waves of nodes, each its own 2PC and window
+    wave: int = 0  # the wave being driven (0-based)
     created_at: float = field(default_factory=time.time)
     decided_at: float = 0.0
     finished_at: float = 0.0

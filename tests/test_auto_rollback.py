@@ -169,3 +169,52 @@ def test_node_crashing_in_the_window_rolls_back_the_rest(
     assert versions([nodes[0], nodes[2]]) == {"1"}
     back = agents.start("n2", code_path=nodes[1].code_path)
     assert versions([back]) == {"1"}  # restarts boot the permanent release, which stayed v1
+
+
+def test_canary_wave_that_regresses_rolls_back_only_the_canary(
+    fleet: tuple[list[AgentProcess], Leader],
+) -> None:
+    nodes, leader = fleet
+    load = Load(nodes)
+    try:
+        wait_baseline(leader, nodes)
+        options = RolloutOptions(window_s=20, health=FAST, waves=["1", "100%"])
+        started = leader.engine.upgrade("shop@2.1.0-bad", Target(all=True), options)
+        assert started.waves == 2 and [started.nodes[n].wave for n in ("n1", "n2", "n3")] == [
+            0,
+            1,
+            1,
+        ]
+        done = leader.wait(started.id, timeout=60)
+        reports = load.stop()
+    finally:
+        load.close()
+    assert done.phase is Phase.ROLLED_BACK and done.wave == 0, done.reason
+    assert "n1" in done.reason
+    assert not done.nodes["n2"].vote and not done.nodes["n3"].vote  # never even prepared
+    assert versions(nodes) == {"1"}
+    # the rest never changed: they served v1 for the whole rollout
+    later = [r for n, r in zip(nodes, reports, strict=True) if n.node_id != "n1"]
+    assert all(
+        set(r["seen"]) == {"shop.app=1,shop.cart=1,shop.inventory=1,shop.pricing=1"} for r in later
+    )
+
+
+def test_healthy_waves_go_one_after_the_other_to_permanent(
+    fleet: tuple[list[AgentProcess], Leader],
+) -> None:
+    nodes, leader = fleet
+    load = Load(nodes)
+    try:
+        wait_baseline(leader, nodes)
+        options = RolloutOptions(window_s=4, health=FAST, waves=["1", "100%"])
+        done = leader.wait(
+            leader.engine.upgrade("shop@2.0.0", Target(all=True), options).id, timeout=60
+        )
+        load.stop()
+    finally:
+        load.close()
+    assert done.phase is Phase.PERMANENT and done.wave == 1, done.reason
+    canary, rest = done.nodes["n1"], [done.nodes["n2"], done.nodes["n3"]]
+    assert all(canary.finished_at < n.finished_at - 3 for n in rest)  # a full window in between
+    assert versions(nodes) == {"2"}
