@@ -555,7 +555,26 @@ def _options(args: argparse.Namespace) -> coordinator_pb2.RolloutOptions:
         force=bool(getattr(args, "force", False)),
         window_s=window or 0.0,
         has_window_s=window is not None,
+        waves=_waves(args),
+        health=dict(getattr(args, "health", None) or []),
     )
+
+
+def _waves(args: argparse.Namespace) -> list[str]:
+    """``--canary N`` is shorthand for ``--waves N,100%``."""
+    canary = getattr(args, "canary", None)
+    if canary:
+        return [str(canary), "100%"]
+    return [w.strip() for w in (getattr(args, "waves", None) or "").split(",") if w.strip()]
+
+
+def _health_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE (e.g. max_error_rate=2%), got {text!r}"
+        )
+    return key.strip(), value.strip()
 
 
 def cmd_upgrade(ctx: Ctx) -> int:
@@ -880,8 +899,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="prepare everywhere, report, abort (implies --wait)"
     )
     p.add_argument(
-        "--window", type=duration_arg, metavar="D", help="rollback window before permanent"
+        "--window", type=duration_arg, metavar="D",
+        help="rollback window analysed before the release turns permanent (default 10s; 0 = none)",
+    )  # fmt: skip
+    waves = p.add_mutually_exclusive_group()
+    waves.add_argument(
+        "--canary", type=int, metavar="N", help="upgrade N nodes first, analyse, then the rest"
     )
+    waves.add_argument(
+        "--waves", metavar="W,W,...", help="cumulative wave sizes, e.g. 1,25%%,100%%"
+    )
+    p.add_argument(
+        "--health", type=_health_arg, action="append", metavar="KEY=VALUE",
+        help="health policy override, e.g. max_error_rate=2%% or interval_s=250ms (repeatable)",
+    )  # fmt: skip
     _add_rollout_options(p)
 
     p = command("status", "show a rollout (default: the newest)", cmd_status)

@@ -283,6 +283,8 @@ def _options(message: coordinator_pb2.RolloutOptions) -> RolloutOptions:
         options.concurrency = message.concurrency
     if message.has_window_s and hasattr(options, "window_s"):
         options.window_s = message.window_s
+    options.waves = list(message.waves)
+    options.health = dict(message.health)
     return options
 
 

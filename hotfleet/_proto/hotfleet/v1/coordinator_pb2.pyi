@@ -25,7 +25,14 @@ class Target(_message.Message):
     def __init__(self, all: _Optional[bool] = ..., nodes: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RolloutOptions(_message.Message):
-    __slots__ = ("dry_run", "allow_missing", "timeout_s", "concurrency", "force", "window_s", "has_window_s")
+    __slots__ = ("dry_run", "allow_missing", "timeout_s", "concurrency", "force", "window_s", "has_window_s", "waves", "health")
+    class HealthEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +40,8 @@ class RolloutOptions(_message.Message):
     FORCE_FIELD_NUMBER: _ClassVar[int]
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     HAS_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     dry_run: bool
     allow_missing: bool
     timeout_s: float
@@ -40,7 +49,9 @@ class RolloutOptions(_message.Message):
     force: bool
     window_s: float
     has_window_s: bool
-    def __init__(self, dry_run: _Optional[bool] = ..., allow_missing: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., concurrency: _Optional[int] = ..., force: _Optional[bool] = ..., window_s: _Optional[float] = ..., has_window_s: _Optional[bool] = ...) -> None: ...
+    waves: _containers.RepeatedScalarFieldContainer[str]
+    health: _containers.ScalarMap[str, str]
+    def __init__(self, dry_run: _Optional[bool] = ..., allow_missing: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., concurrency: _Optional[int] = ..., force: _Optional[bool] = ..., window_s: _Optional[float] = ..., has_window_s: _Optional[bool] = ..., waves: _Optional[_Iterable[str]] = ..., health: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
