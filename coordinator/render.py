@@ -66,9 +66,9 @@ class Style:
         return self._wrap("2", text)
 
     def phase(self, phase: str) -> str:
-        if phase in ("permanent", "provisional", "dry_run"):
+        if phase in ("permanent", "provisional", "dry_run", "pass"):
             return self.green(phase)
-        if phase in ("aborted", "rolled_back", "aborting"):
+        if phase in ("aborted", "rolled_back", "aborting", "fail"):
             return self.red(phase)
         return self.yellow(phase)
 
@@ -358,9 +358,46 @@ def rollout_detail(rollout: Mapping[str, Any], style: Style = PLAIN) -> str:
             ]
         )
     lines += ["", table(["NODE", "VOTE", "PREPARE", "OUTCOME", "PAUSE", "WAS", "DETAIL"], rows)]
+    if int(rollout.get("waves") or 1) > 1:
+        lines.insert(3, f"Waves:    {int(rollout.get('wave') or 0) + 1} of {rollout['waves']}")
+    analysis = rollout.get("analysis") or {}
+    if analysis:
+        lines += ["", analysis_table(analysis, style)]
     if errors:
         lines += ["", style.bold(f"{len(errors)} error(s):"), errors_table(errors, style)]
     return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def analysis_table(analysis: Mapping[str, Any], style: Style = PLAIN) -> str:
+    """The live verdict of the rollback window: per node and metric, with the evidence."""
+    head = (
+        f"Analysis: {style.phase(str(analysis.get('overall', '')))} after "
+        f"{duration(analysis.get('elapsed_s'))} of a {duration(analysis.get('window_s'))} window"
+        f" -> {analysis.get('action', '')}"
+    )
+    rows = [
+        [
+            f.get("node") or "-",
+            f.get("metric", ""),
+            _num(f.get("observed")),
+            _num(f.get("baseline")),
+            _num(f.get("bound")),
+            f.get("test", ""),
+            _num(f.get("p_value")),
+            style.phase(str(f.get("verdict", ""))),
+        ]
+        for f in analysis.get("findings") or ()
+    ]
+    body = table(["NODE", "METRIC", "OBSERVED", "BASELINE", "BOUND", "TEST", "P", "VERDICT"], rows)
+    return f"{head}\n{_one_line(str(analysis.get('reason', '')), 240)}\n{body}"
 
 
 # ------------------------------------------------------------------ modules
@@ -453,6 +490,7 @@ class Progress:
         self.live = bool(isatty and isatty())
         self._phase = ""
         self._seen: dict[str, tuple[str, bool, bool]] = {}
+        self._verdict: tuple[Any, Any] = (None, None)
         self._status_shown = False
         self.started = time.monotonic()
 
@@ -496,6 +534,15 @@ class Progress:
             if state[2] and not before[2]:
                 self._emit(f"{stamp}   {node}: aborted")
             self._seen[node] = state
+        analysis = rollout.get("analysis") or {}
+        verdict = (analysis.get("overall"), analysis.get("action"))
+        if analysis and verdict != self._verdict:
+            self._emit(
+                f"{stamp} analysis {s.phase(str(verdict[0]))} "
+                f"({duration(analysis.get('elapsed_s'))} of {duration(analysis.get('window_s'))}): "
+                f"{_one_line(str(analysis.get('reason', '')), 200)}"
+            )
+            self._verdict = verdict
         # Node events first: a snapshot that shows a new phase also shows the
         # votes and finishes that led to it.
         if phase != self._phase:
