@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from coordinator.election import CampaignTimeout, Election, ElectionError, Session
 from coordinator.engine import Engine
 from coordinator.fleet import AgentPool, ClientTLS
+from coordinator.prometheus import PrometheusCheck, PrometheusProvider
 from hotfleet.etcd_client import EtcdConnectError, connect
 from hotfleet.keys import DEFAULT_PREFIX, Keys
 
@@ -173,6 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-ca")
+    parser.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="also judge rollouts on Prometheus queries from this server",
+    )
+    parser.add_argument(
+        "--prometheus-check", action="append", default=[], metavar="name=N,max=X,query=Q",
+        help="a PromQL check that must stay within min/max during the window (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -207,6 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hotfleet-coordinator: {exc}", file=sys.stderr)
         return 1
     _install_faults(coordinator.engine)
+    if args.prometheus:
+        try:
+            checks = [PrometheusCheck.parse(c) for c in args.prometheus_check]
+        except ValueError as exc:
+            print(f"hotfleet-coordinator: {exc}", file=sys.stderr)
+            coordinator.stop()
+            return 2
+        coordinator.engine.prometheus = PrometheusProvider(args.prometheus, checks)
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())

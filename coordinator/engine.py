@@ -42,6 +42,7 @@ from coordinator.fleet import AgentPool, NodeInfo, Target, read_nodes, select
 from coordinator.health import HealthSampler, run_smoke_checks
 from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.policy import AnalysisPolicy, PolicyError
+from coordinator.prometheus import PrometheusProvider
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
@@ -126,6 +127,7 @@ class Engine:
         self._stopping = threading.Event()
         self.hooks: dict[str, Callable[[Rollout], None]] = {}  # test and fault-injection points
         self.sampler: HealthSampler | None = None
+        self.prometheus: PrometheusProvider | None = None  # optional metric provider
 
     # ------------------------------------------------------------ leadership
     def lead(self, leadership: Leadership) -> None:
@@ -794,6 +796,8 @@ class Engine:
             current, crashes = sampler.samples(upgraded, start)
             members = {n.node_id: n for n in self.nodes()}
             window_events = events + crashes + sampler.lost(upgraded, start, members)
+            if self.prometheus is not None:
+                window_events += self.prometheus.events()
             peers = sampler.samples(waiting, start)[0] if waiting else None
             verdict = judge.evaluate(baseline, current, window_events, peers=peers)
             elapsed = time.time() - start
