@@ -235,7 +235,10 @@ def _locked(directory: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------- ports
 def port_free(port: int, host: str = LOOPBACK) -> bool:
+    """Nothing listens on ``port`` (connections in TIME_WAIT do not count: the
+    servers of the cluster all bind with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -642,8 +645,11 @@ def up(
     nodes: int = 3,
     etcd: str | None = None,
     out: TextIO | None = None,
+    describe_it: bool = True,
 ) -> Cluster:
     """Start a dev cluster (or report the one that is up); return its record.
+
+    ``describe_it``: end with where everything is and what to do next.
 
     Raises :class:`DevClusterError` with what to do next.  A failed start
     stops whatever it started (logs stay in ``DIR/logs``).
@@ -655,13 +661,18 @@ def up(
     with _locked(path):
         existing = load(path)
         if existing is not None:
-            return _resume(existing, say, nodes=nodes, etcd=etcd)
-        if (path / STATE_FILE).exists():
+            cluster = _resume(existing, say, nodes=nodes, etcd=etcd)
+        elif (path / STATE_FILE).exists():
             raise DevClusterError(
                 f"{path / STATE_FILE} exists but cannot be read; remove {path} "
                 "(after stopping anything it started) and run `coordctl dev up` again"
             )
-        return _fresh(path, say, nodes=nodes, etcd=etcd)
+        else:
+            cluster = _fresh(path, say, nodes=nodes, etcd=etcd)
+    if describe_it:
+        say()
+        say(describe(cluster, style=say.style))
+    return cluster
 
 
 def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None) -> Cluster:
@@ -699,8 +710,6 @@ def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None) -> Cluster:
         _stop_members(cluster.members, say=None)
         _remove_state(path, keep_logs=True)
         raise
-    say()
-    say(describe(cluster, style=say.style))
     return cluster
 
 
@@ -728,8 +737,6 @@ def _resume(cluster: Cluster, say: _Say, *, nodes: int, etcd: str | None) -> Clu
         say(say.style.yellow(f"note: this cluster uses etcd {cluster.etcd}, not {etcd}"))
     if not dead:
         say(say.style.bold(f"The dev cluster in {cluster.dir} is already up") + ": nothing started")
-        say()
-        say(describe(cluster, style=say.style))
         return cluster
     say(
         say.style.bold(f"The dev cluster in {cluster.dir} is partly down")
@@ -748,8 +755,6 @@ def _resume(cluster: Cluster, say: _Say, *, nodes: int, etcd: str | None) -> Clu
             f"coordctl dev down --dir {cluster.dir} && coordctl dev up"
         ) from None
     _wait_cluster(cluster, say)
-    say()
-    say(describe(cluster, style=say.style))
     return cluster
 
 
@@ -1063,9 +1068,9 @@ def _cmd_status(ctx: Any) -> int:
 
 
 def _cmd_demo(ctx: Any) -> int:
-    from coordinator import demo
+    from coordinator.demo import run
 
-    return demo.run(
+    return run(
         directory=ctx.args.dir,
         nodes=ctx.args.nodes,
         keep=ctx.args.keep,
