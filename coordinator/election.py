@@ -724,7 +724,9 @@ def _read_until(stream: _WatchStream, matches: Callable[[Any], bool]) -> None:
             if any(matches(event) for event in resp.events):
                 return
     except grpc.RpcError as exc:
-        if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED) or (
+            exc.code() is grpc.StatusCode.UNKNOWN and "deadline exceeded" in (exc.details() or "")
+        ):  # etcd reports a watch's own deadline as UNKNOWN
             return
         raise
 

@@ -184,12 +184,16 @@ class Engine:
             t.join(timeout=10)
 
     # ----------------------------------------------------------------- reads
+    def _get(self, key: str) -> tuple[bytes | None, Any]:
+        """Every read on a rollout's path rides out a short etcd outage."""
+        return _retry(lambda: self.client.get(key))
+
     def nodes(self) -> list[NodeInfo]:
-        return read_nodes(self.client, self.keys)
+        return _retry(lambda: read_nodes(self.client, self.keys))
 
     def releases(self) -> list[ReleaseEntry]:
         out = []
-        for raw, meta in self.client.get_prefix(self.keys.releases):
+        for raw, meta in _retry(lambda: list(self.client.get_prefix(self.keys.releases))):
             if meta.key.decode() == self.keys.permanent:
                 continue
             out.append(ReleaseEntry(**json.loads(raw)))
@@ -199,7 +203,7 @@ class Engine:
         name, sep, version = ref.partition("@")
         if not sep or not name or not version:
             raise Refused("invalid", f"release reference {ref!r} is not NAME@VERSION")
-        raw, _ = self.client.get(self.keys.release(name, version))
+        raw, _ = self._get(self.keys.release(name, version))
         if raw is None:
             raise Refused(
                 "not_found",
@@ -209,7 +213,7 @@ class Engine:
 
     def rollout(self, rollout_id: str | None = None) -> Rollout:
         if rollout_id:
-            raw, _ = _retry(lambda: self.client.get(self.keys.rollout(rollout_id)))
+            raw, _ = self._get(self.keys.rollout(rollout_id))
             if raw is None:
                 raise Refused("not_found", f"no rollout {rollout_id}")
             return Rollout.loads(raw)
@@ -220,7 +224,7 @@ class Engine:
 
     def rollouts(self, limit: int = 50) -> list[Rollout]:
         out = []
-        for raw, meta in self.client.get_prefix(self.keys.rollouts):
+        for raw, meta in _retry(lambda: list(self.client.get_prefix(self.keys.rollouts))):
             if meta.key.decode().endswith("/decision"):
                 continue
             out.append(Rollout.loads(raw))
@@ -414,11 +418,11 @@ class Engine:
             return ReleaseEntry(label, name, version, "", 0.0, 0, False)
 
     def _permanent_raw(self) -> str:
-        raw, _ = self.client.get(self.keys.permanent)
+        raw, _ = self._get(self.keys.permanent)
         return raw.decode() if raw else ""
 
     def _active_id(self) -> str:
-        raw, _ = self.client.get(self.keys.active)
+        raw, _ = self._get(self.keys.active)
         return raw.decode() if raw else ""
 
     def _start(
@@ -496,6 +500,8 @@ class Engine:
                 log.warning("%s: stopped, this coordinator is no longer the leader", name)
             except Exception:
                 log.exception("%s failed", name)
+                if self.is_leader() and not self._stopping.wait(1.0):
+                    self._spawn(self._recover, "recover")  # settle what the driver left
 
         t = threading.Thread(target=run, name=f"hotfleet-{name}", daemon=True)
         self._drivers = [d for d in self._drivers if d.is_alive()] + [t]
@@ -653,7 +659,7 @@ class Engine:
         ok, _ = _retry(lambda: lead.transaction([tx.put(key, wanted)], [tx.version(key) == 0]))
         if ok:
             return wanted
-        raw, _ = self.client.get(key)
+        raw, _ = self._get(key)
         if raw is None:
             raise _Deposed()
         return raw.decode()
@@ -886,7 +892,7 @@ class Engine:
 
     def _address_of(self, result: NodeResult) -> str:
         """Agents may restart on another port: prefer the live membership record."""
-        raw, _ = self.client.get(self.keys.node(result.node))
+        raw, _ = self._get(self.keys.node(result.node))
         if raw:
             with contextlib.suppress(ValueError):
                 result.address = json.loads(raw).get("address") or result.address

@@ -30,9 +30,10 @@ from typing import Any, NamedTuple
 import grpc
 
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
-from tests.agents import ROOT, wait_for
+from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, wait_for
 
 READY = "hotfleet-coordinator ready"
+NODES = ("n1", "n2", "n3")
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -113,11 +114,22 @@ class CoordinatorProcess:
         try:
             wait_for(self.is_leader, timeout=timeout, interval=0.1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {self.name} did not become leader:\n{self.log()}") from None
+            raise AssertionError(
+                f"{exc}: {self.name} did not become leader:\n{self.log()}"
+            ) from None
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the process is stopped by a signal (``pause:`` faults; Linux ``/proc``)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rpartition(")")[2].split()[0] in ("T", "t")
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc.poll() is None:
@@ -259,3 +271,16 @@ def coordctl(
         check=False,
     )
     return CtlResult(done.returncode, done.stdout, done.stderr)
+
+
+def start_nodes(agents: Agents, names: tuple[str, ...] = NODES) -> list[AgentProcess]:
+    """Start the agents in parallel (each boots its own interpreter), then wait for all."""
+    nodes = [agents.start(name, wait=False) for name in names]
+    for node in nodes:
+        node.wait_ready()
+    return nodes
+
+
+def versions(nodes: list[AgentProcess]) -> set[str]:
+    """Every shop module version served by every node (one element when the fleet agrees)."""
+    return {v for n in nodes for m, v in n.versions().items() if m in SHOP_MODULES}
