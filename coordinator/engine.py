@@ -936,9 +936,11 @@ class Engine:
         log.warning("new leader recovering rollout %s: decision %s", rid, decision)
         if decision != "commit":
             rollout.phase = Phase.ABORTING
-            rollout.reason = (
-                rollout.reason
-                or "the leader changed before the decision was recorded: presumed abort"
+            refused = any(n.vote is Vote.NO for n in rollout.nodes.values())
+            rollout.reason = rollout.reason or (
+                _abort_reason(rollout) + " (settled by a new leader)"
+                if refused
+                else "the leader changed before the decision was recorded: presumed abort"
             )
             self._save(lead, rollout)
             self._abort_wave(lead, rollout, options, dry_run=False)
