@@ -14,6 +14,7 @@ in release.toml covers the rest.
 from __future__ import annotations
 
 import ast
+import functools
 import heapq
 import importlib.util
 from collections import defaultdict
@@ -206,8 +207,14 @@ def scan_imports(module: str, source: str | bytes, *, is_package: bool = False) 
     """The imports of ``module`` as written in ``source``.
 
     Raises :class:`SyntaxError` for source that does not parse; the loader
-    reports that as ``badfile``.
+    reports that as ``badfile``.  Results are cached by content: a prepare
+    scans every loaded module of the code path, which rarely changes.
     """
+    return _scan_cached(module, source, is_package)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scan_cached(module: str, source: str | bytes, is_package: bool) -> ImportInfo:
     try:
         tree = ast.parse(source, filename=f"<{module}>")
     except ValueError as exc:  # null bytes on older 3.11 patch releases

@@ -5,7 +5,7 @@ module: the ones bound in the module, the methods of its classes, and the raw
 functions hidden inside decorators (``__wrapped__``, ``staticmethod``,
 ``property``, closures of hand-written wrappers).  A walk from the module
 namespace finds them without scanning the whole heap; only closures created at
-run time (``<locals>`` functions) need :func:`functions_by_code`, one ``gc``
+run time (``<locals>`` functions) need :func:`scan_heap`, one ``gc``
 pass done in prepare, never in finish.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import types
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -127,14 +128,56 @@ def code_index(code: types.CodeType) -> dict[str, types.CodeType | None]:
     return out
 
 
-def functions_by_code(codes: Iterable[types.CodeType]) -> dict[types.CodeType, list[FunctionType]]:
-    """All live function objects running one of ``codes`` (one heap walk)."""
-    wanted = {c: [] for c in codes}  # type: dict[types.CodeType, list[FunctionType]]
-    if not wanted:
-        return wanted
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+# comprehensions are code objects too, but their function objects never outlive the call
+_TRANSIENT = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>"})
+
+
+def can_outlive_call(code: types.CodeType) -> bool:
+    """Could a function object of ``code`` still exist after its enclosing call returned?"""
+    return code.co_name not in _TRANSIENT
+
+
+def suspendable(code: types.CodeType) -> bool:
+    """Generators and coroutines keep a frame (and so their code) alive between calls."""
+    return bool(code.co_flags & _SUSPENDABLE)
+
+
+def scan_heap(
+    function_codes: Iterable[types.CodeType], frame_codes: Iterable[types.CodeType]
+) -> tuple[dict[types.CodeType, list[FunctionType]], list[str]]:
+    """One ``gc`` walk for both questions prepare asks of the heap.
+
+    Returns the live function objects running one of ``function_codes`` and a
+    description of every suspended generator/coroutine whose frame runs one
+    of ``frame_codes``.  Skipped entirely when there is nothing to look for,
+    which is the common case: the walk is the most expensive step of prepare
+    on a large heap.
+    """
+    wanted: dict[types.CodeType, list[FunctionType]] = {c: [] for c in function_codes}
+    frames = {c for c in frame_codes if suspendable(c)}
+    suspended: list[str] = []
+    if not wanted and not frames:
+        return wanted, suspended
     for obj in gc.get_objects():
-        if type(obj) is FunctionType:
+        kind = type(obj)
+        if kind is FunctionType:
             bucket = wanted.get(obj.__code__)
             if bucket is not None:
                 bucket.append(obj)
-    return wanted
+        elif frames and kind in _GENERATOR_TYPES:
+            code, frame = _code_and_frame(obj)
+            if code in frames and frame is not None:
+                suspended.append(f"{code.co_qualname} ({kind.__name__} at line {frame.f_lineno})")
+    return wanted, suspended
+
+
+def _code_and_frame(obj: Any) -> tuple[Any, Any]:
+    for prefix in ("gi", "cr", "ag"):
+        code = getattr(obj, f"{prefix}_code", None)
+        if code is not None:
+            return code, getattr(obj, f"{prefix}_frame", None)
+    return None, None
+
+
+_GENERATOR_TYPES = frozenset({types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType})

@@ -25,8 +25,7 @@ import ast
 import copy
 import dataclasses
 import enum
-import gc
-import inspect
+import functools
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -67,6 +66,16 @@ PURE_DECORATORS = frozenset(
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__slots__"})
 
 
+@functools.lru_cache(maxsize=1024)
+def parse(source: bytes, filename: str) -> ast.Module:
+    """Parsed once per distinct source: prepares of the same releases repeat (rollback, retry).
+
+    The trees are shared, so nothing here may mutate them.
+    """
+    return ast.parse(source, filename)
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _dump(node: ast.AST) -> str:
     return ast.dump(node, include_attributes=False)
 
@@ -187,6 +196,22 @@ class ModulePlan:
     )  # scratch versions of redefined classes
     new_codes: dict[str, types.CodeType | None] = field(default_factory=dict)
     clones: dict[str, types.FunctionType] = field(default_factory=dict)  # prepare-time stand-ins
+    nested: dict[types.CodeType, types.CodeType | None] = field(default_factory=dict)  # old -> new
+
+    def patch_closures(self, live: dict[types.CodeType, list[types.FunctionType]]) -> None:
+        """Closures created at run time by patched functions get the new body too."""
+        for old, new in self.nested.items():
+            funcs = live.get(old, [])
+            self.replaced_codes.add(old)
+            for f in funcs:
+                if new is not None and new.co_freevars == old.co_freevars:
+                    self.ops.append(SetCode(f, new, f.__defaults__, f.__kwdefaults__))
+                else:
+                    self.warnings.append(
+                        f"{old.co_qualname}: a live closure keeps its old code "
+                        f"({'removed' if new is None else 'closure shape changed'}); "
+                        "new calls of the enclosing function create new-code closures"
+                    )
 
 
 def _eval_defaults(
@@ -232,15 +257,14 @@ class ModulePlanner:
         self.module = module
         self.g: dict[str, Any] = module.__dict__
         self.filename = filename
-        self.old_tree = ast.parse(old_source, filename)
-        self.new_tree = ast.parse(new_source, filename)
+        self.old_tree = parse(old_source, filename)
+        self.new_tree = parse(new_source, filename)
         self.plan = ModulePlan(module, new_codes=fx.code_index(new_code))
         self.index = fx.module_functions(self.g, module.__name__)
         # the scratch namespace for dry runs: what staged code sees as this module
         self.ns: dict[str, Any] = dict(self.g)
         self.ns["__builtins__"] = stage.builtins
         stage.view(module, self.ns)
-        self._nested: dict[types.CodeType, types.CodeType | None] = {}
 
     # ---------------------------------------------------------------- public
     def build(self) -> ModulePlan:
@@ -264,7 +288,6 @@ class ModulePlanner:
         removed = bound_names(self.old_tree.body) - bound_names(self.new_tree.body)
         self.plan.removed = sorted(n for n in removed if n in self.g)
         self.plan.changes.extend(f"removed {n}" for n in self.plan.removed)
-        self._patch_closures()
         self.stage.unview(self.ns)
         return self.plan
 
@@ -352,25 +375,9 @@ class ModulePlanner:
     def _remember_nested(self, code: types.CodeType) -> None:
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
-                self._nested[const] = self.plan.new_codes.get(const.co_qualname)
+                if fx.can_outlive_call(const):
+                    self.plan.nested[const] = self.plan.new_codes.get(const.co_qualname)
                 self._remember_nested(const)
-
-    def _patch_closures(self) -> None:
-        """Closures created at run time by patched functions get the new body too."""
-        if not self._nested:
-            return
-        for old, funcs in fx.functions_by_code(self._nested).items():
-            new = self._nested[old]
-            self.plan.replaced_codes.add(old)
-            for f in funcs:
-                if new is not None and new.co_freevars == old.co_freevars:
-                    self.plan.ops.append(SetCode(f, new, f.__defaults__, f.__kwdefaults__))
-                else:
-                    self.plan.warnings.append(
-                        f"{old.co_qualname}: a live closure keeps its old code "
-                        f"({'removed' if new is None else 'closure shape changed'}); "
-                        "new calls of the enclosing function create new-code closures"
-                    )
 
     def _plan_class(self, node: ast.ClassDef, old: ast.ClassDef, cls: type) -> None:
         qual = cls.__qualname__
@@ -551,28 +558,6 @@ def clone_for_dry_run(obj: Any) -> Any:
     """A throwaway twin of a registered object, so a migration can be tried."""
     twin = copy.copy(obj)
     return twin
-
-
-def live_generators(codes: set[types.CodeType]) -> list[str]:
-    """Describe suspended generators/coroutines whose frame runs one of ``codes``."""
-    found: list[str] = []
-    if not codes:
-        return found
-    for obj in gc.get_objects():
-        if inspect.isgenerator(obj) or inspect.iscoroutine(obj) or inspect.isasyncgen(obj):
-            code = (
-                getattr(obj, "gi_code", None)
-                or getattr(obj, "cr_code", None)
-                or getattr(obj, "ag_code", None)
-            )
-            frame = (
-                getattr(obj, "gi_frame", None)
-                or getattr(obj, "cr_frame", None)
-                or getattr(obj, "ag_frame", None)
-            )
-            if code in codes and frame is not None:
-                found.append(f"{code.co_qualname} ({type(obj).__name__} at line {frame.f_lineno})")
-    return found
 
 
 def describe(module: str, exc: Refused) -> ModuleError:

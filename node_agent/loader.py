@@ -11,6 +11,7 @@ finish.  At most two versions exist: current and the backup.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import importlib.machinery
 import os
@@ -28,6 +29,7 @@ from hotfleet.errors import ModuleError, Reason
 from hotfleet.imports import load_order, release_dependencies, scan_imports
 from hotfleet.release import ModuleSource, Release
 from node_agent import stateful
+from node_agent._functions import scan_heap
 from node_agent._patch import MISSING, InstallModule, Op, SetCode, SetItem, SetState, undo
 from node_agent._staging import Stage
 from node_agent._update import (
@@ -35,8 +37,8 @@ from node_agent._update import (
     ModulePlanner,
     Refused,
     clone_for_dry_run,
-    live_generators,
     merge_class,
+    parse,
 )
 from node_agent.drain import DrainBarrier
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
@@ -249,7 +251,7 @@ class Loader:
                 )
                 continue
             try:
-                compile(ms.source, self._filename(ms), "exec", dont_inherit=True)
+                self._compile(ms, sys.modules.get(ms.name))
             except (SyntaxError, ValueError) as exc:
                 line = getattr(exc, "lineno", None)
                 errors.append(
@@ -353,7 +355,7 @@ class Loader:
                     )
                     break
                 f = f.f_back
-        for desc in live_generators(self._old_codes):
+        for desc in scan_heap((), self._old_codes)[1]:
             errors.append(
                 ModuleError(
                     "?",
@@ -386,7 +388,7 @@ class Loader:
                     if old_digest == ms.actual_digest:
                         changes.append(ModuleChange(name, "unchanged"))
                         continue
-                    code = compile(ms.source, self._filename(ms, module), "exec", dont_inherit=True)
+                    code = self._compile(ms, module)
                     planners[name] = ModulePlanner(
                         stage, module, old_source, ms.source, self._filename(ms, module), code
                     )
@@ -405,11 +407,15 @@ class Loader:
                         changes.append(ModuleChange(name, "new"))
                         installs.append(InstallModule(name, new_modules[name]))
             plans = [planners[n].plan for unit in order for n in unit if n in planners]
-            replaced = {c for p in plans for c in p.replaced_codes}
-            warnings.extend(
-                f"{g} keeps running its old code until it finishes"
-                for g in live_generators(replaced)
+            nested = {c for p in plans for c in p.nested}
+            live, suspended = scan_heap(
+                nested, {c for p in plans for c in p.replaced_codes} | nested
             )
+            for plan in plans:
+                before = len(plan.warnings)
+                plan.patch_closures(live)
+                warnings.extend(plan.warnings[before:])
+            warnings.extend(f"{g} keeps running its old code until it finishes" for g in suspended)
             migrations = self._dry_run_migrations(release, plans, errors) if not errors else []
         finally:
             stage.active = False  # staged code imports normally from now on
@@ -444,7 +450,7 @@ class Loader:
         filename = self._filename(ms)
         search = [str(p.joinpath(*ms.name.split("."))) for p in self.code_paths]
         module = stage.new_module(ms.name, filename, ms.source, ms.is_package, search)
-        code = compile(ms.source, filename, "exec", dont_inherit=True)
+        code = self._compile(ms)
 
         def run() -> None:
             try:
@@ -854,9 +860,19 @@ class Loader:
                     return _digest(candidate.read_bytes())
         return ""
 
+    def _compile(self, ms: ModuleSource, module: Any = None) -> types.CodeType:
+        """Compile once per distinct source and file name (validation compiled it already)."""
+        return _compile_cached(ms.source, self._filename(ms, module))
+
     def _filename(self, ms: ModuleSource, module: Any = None) -> str:
         file = getattr(module, "__file__", None)
         return file if isinstance(file, str) else str(self.code_paths[0] / ms.path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile_cached(source: bytes, filename: str) -> types.CodeType:
+    # from the (cached) tree the planner diffs anyway: the source is parsed once
+    return compile(parse(source, filename), filename, "exec", dont_inherit=True)
 
 
 class _MigrationFailed(Exception):
