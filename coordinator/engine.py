@@ -57,6 +57,10 @@ T = TypeVar("T")
 __all__ = ["Engine", "NodeInfo", "Refused", "ReleaseEntry", "RolloutOptions", "Target"]
 
 
+COMMIT_LEAD_S = 0.03  # how far ahead the commit instant is set ...
+COMMIT_LEAD_PER_NODE_S = 0.002  # ... plus this much per node of the wave (Finish fan-out)
+
+
 class Refused(HotfleetError):
     """A request the coordinator will not start; nothing changed anywhere."""
 
@@ -666,11 +670,17 @@ class Engine:
 
     def _finish_all(self, lead: Leadership, rollout: Rollout, options: RolloutOptions) -> None:
         deadline = time.monotonic() + max(options.timeout_s, 5.0)
+        # Scheduled commit: every node switches at one instant, far enough ahead for the
+        # Finish fan-out to reach them all, instead of whenever its RPC happens to land.
+        members = self._members(rollout)
+        commit_at = time.time() + COMMIT_LEAD_S + COMMIT_LEAD_PER_NODE_S * len(members)
 
         def finish(result: NodeResult) -> None:
             if result.finished or result.vote is not Vote.YES:
                 return
-            request = agent_pb2.FinishRequest(rollout_id=self._wave_id(rollout), epoch=lead.epoch)
+            request = agent_pb2.FinishRequest(
+                rollout_id=self._wave_id(rollout), epoch=lead.epoch, commit_at=commit_at
+            )
             while True:
                 try:
                     reply = self.agents.stub(self._address_of(result)).Finish(
@@ -686,12 +696,8 @@ class Engine:
                     time.sleep(0.2)
                     continue
                 if reply.ok:
-                    result.finished, result.finished_at, result.pause_s, result.detail = (
-                        True,
-                        time.time(),
-                        reply.pause_s,
-                        "",
-                    )
+                    result.finished, result.pause_s, result.detail = True, reply.pause_s, ""
+                    result.finished_at = reply.finished_at or time.time()  # the node's own instant
                 else:
                     result.errors = [
                         e if e.node else e.on_node(result.node)
@@ -702,7 +708,7 @@ class Engine:
                     )
                 return
 
-        self._parallel(finish, self._members(rollout), options.concurrency)
+        self._parallel(finish, members, max(options.concurrency, len(members)))
         rollout.finished_at = time.time()
         unfinished = [
             n.node for n in rollout.nodes.values() if n.vote is Vote.YES and not n.finished

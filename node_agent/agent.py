@@ -828,6 +828,8 @@ class Agent:
                 or (watch is not None and (watch.stopped.is_set() or staged.watch is not watch))
             ):
                 return True  # finished, aborted or superseded meanwhile
+            if decision == "commit" and watch is not None and not watch.grace_over():
+                return False  # the coordinator's Finish (with its commit instant) is on its way
             if decision == "commit":
                 log.warning(
                     "rollout %s: decision 'commit' found in etcd; finishing %s here without "
@@ -862,6 +864,9 @@ class Agent:
 
     def finish(self, request: agent_pb2.FinishRequest) -> agent_pb2.FinishReply:
         rid = request.rollout_id
+        delay = request.commit_at - time.time() if request.commit_at else 0.0
+        if 0 < delay <= MAX_COMMIT_DELAY_S:
+            time.sleep(delay)  # a scheduled commit: every node switches at the same instant
         with self._op_lock:
             if rid in self._finished:
                 done = agent_pb2.FinishReply()
@@ -916,6 +921,7 @@ class Agent:
             release=_label(self.loader.current_release),
             warnings=list(report.warnings) if report else [],
             epoch_seen=self._epoch,
+            finished_at=time.time() if report else 0.0,
         )
 
     def abort(self, request: agent_pb2.AbortRequest) -> agent_pb2.AbortReply:
@@ -1076,6 +1082,10 @@ class Agent:
         return host
 
 
+MAX_COMMIT_DELAY_S = 10.0  # a commit instant further away than this is not waited for
+COMMIT_GRACE_S = 1.0  # how long the decision watch leaves the switch to the coordinator
+
+
 class _DecisionWatch:
     """Polls one prepared rollout's decision key and has the agent act on it.
 
@@ -1091,9 +1101,22 @@ class _DecisionWatch:
         self.interval = interval
         self.key = agent.keys.decision(rollout_id)
         self.stopped = threading.Event()
+        self._commit_seen = 0.0
         self._thread = threading.Thread(
             target=self._run, name=f"hotfleet-decision {rollout_id}", daemon=True
         )
+
+    def grace_over(self) -> bool:
+        """Finish by ourselves only if the coordinator has not within a grace period.
+
+        The coordinator's Finish carries the fleet's common commit instant; a
+        node that switched on its own the moment it read the decision would
+        spread the commit over the polling period.
+        """
+        now = time.monotonic()
+        if not self._commit_seen:
+            self._commit_seen = now
+        return now - self._commit_seen >= COMMIT_GRACE_S
 
     def start(self) -> None:
         self._thread.start()

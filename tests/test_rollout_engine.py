@@ -8,7 +8,7 @@ are real SIGKILLs.
 from __future__ import annotations
 
 import signal
-import time
+import threading
 from pathlib import Path
 
 import grpc
@@ -117,13 +117,14 @@ def test_one_rollout_at_a_time_and_clear_refusals(agents: Agents, leader: Leader
     with pytest.raises(Refused) as info:
         leader.engine.upgrade("shop@2.0.0", Target(selector={"zone": "mars"}), opts())
     assert info.value.code == "no_targets"
-    gate = time.monotonic()
-    leader.engine.hooks["before_prepare"] = lambda _r: time.sleep(
-        max(0.0, 1.5 - (time.monotonic() - gate))
-    )
+    gate = threading.Event()  # holds the first rollout before prepare until we have checked
+    leader.engine.hooks["before_prepare"] = lambda _r: gate.wait(30)
     first = leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
-    with pytest.raises(Refused) as info:
-        leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
+    try:
+        with pytest.raises(Refused) as info:
+            leader.engine.upgrade("shop@2.0.0", Target(all=True), opts())
+    finally:
+        gate.set()
     assert info.value.code == "busy" and first.id in str(info.value)
     assert leader.wait(first.id).phase is Phase.PERMANENT
 
@@ -218,3 +219,48 @@ def test_rollback_after_permanent_goes_through_the_pushed_release(
     assert leader.engine.rollout(up.id).phase is Phase.ROLLED_BACK
     raw, _ = leader.client.get(leader.keys.permanent)
     assert raw is not None and b"shop@1.0.0" in raw
+
+
+SLOW_INIT = """
+import os
+import time
+
+# marks that this node is inside prepare (the staged module body runs there), then takes a while
+_mark = os.environ.get("HF_PREPARE_MARK")
+if _mark:
+    open(_mark, "w").close()
+time.sleep(float(os.environ.get("HF_PREPARE_DELAY", "0")))
+"""
+
+
+def test_node_killed_during_prepare_aborts_everywhere(
+    agents: Agents, leader: Leader, tmp_path: Path
+) -> None:
+    from hotfleet.release import Release
+
+    base = release("shop-2.0.0")
+    sources = {ms.name: ms.source for ms in base.modules}
+    tables = {ms.name: {"extra": ms.extra} for ms in base.modules if ms.extra is not None}
+    slow = Release.from_sources(
+        "shop",
+        "2.0.1-slowinit",
+        {**sources, "shop.slowinit": SLOW_INIT},
+        packages=["shop"],
+        modules=tables,
+    )
+    mark = tmp_path / "n2-preparing"
+    nodes = [
+        agents.start("n1"),
+        agents.start("n2", env={"HF_PREPARE_MARK": str(mark), "HF_PREPARE_DELAY": "30"}),
+        agents.start("n3"),
+    ]
+    leader.engine.push_release(slow)
+    started = leader.engine.upgrade("shop@2.0.1-slowinit", Target(all=True), opts(timeout_s=20))
+    wait_for(mark.exists, timeout=20)  # n2 is executing the release's code inside prepare
+    nodes[1].signal(signal.SIGKILL)
+    nodes[1].wait()
+    done = leader.wait(started.id, timeout=40)
+    assert done.phase is Phase.ABORTED and done.nodes["n2"].vote is Vote.UNREACHABLE
+    assert "n2: unreachable at prepare" in done.reason
+    assert versions([nodes[0], nodes[2]]) == {"1"}
+    assert all(n.status().prepared_rollout == "" for n in (nodes[0], nodes[2]))

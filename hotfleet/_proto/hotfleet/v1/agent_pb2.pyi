@@ -38,15 +38,17 @@ class PrepareReply(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., prepare_s: _Optional[float] = ..., changes: _Optional[_Iterable[_Union[_common_pb2.ModuleChange, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., epoch_seen: _Optional[int] = ...) -> None: ...
 
 class FinishRequest(_message.Message):
-    __slots__ = ("rollout_id", "epoch")
+    __slots__ = ("rollout_id", "epoch", "commit_at")
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_AT_FIELD_NUMBER: _ClassVar[int]
     rollout_id: str
     epoch: int
-    def __init__(self, rollout_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    commit_at: float
+    def __init__(self, rollout_id: _Optional[str] = ..., epoch: _Optional[int] = ..., commit_at: _Optional[float] = ...) -> None: ...
 
 class FinishReply(_message.Message):
-    __slots__ = ("ok", "errors", "restored", "pause_s", "release", "warnings", "already_finished", "epoch_seen")
+    __slots__ = ("ok", "errors", "restored", "pause_s", "release", "warnings", "already_finished", "epoch_seen", "finished_at")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +57,7 @@ class FinishReply(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     ALREADY_FINISHED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_SEEN_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     errors: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModuleError]
     restored: bool
@@ -63,7 +66,8 @@ class FinishReply(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     already_finished: bool
     epoch_seen: int
-    def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., restored: _Optional[bool] = ..., pause_s: _Optional[float] = ..., release: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., already_finished: _Optional[bool] = ..., epoch_seen: _Optional[int] = ...) -> None: ...
+    finished_at: float
+    def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., restored: _Optional[bool] = ..., pause_s: _Optional[float] = ..., release: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., already_finished: _Optional[bool] = ..., epoch_seen: _Optional[int] = ..., finished_at: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("rollout_id", "epoch")
