@@ -57,8 +57,8 @@ T = TypeVar("T")
 __all__ = ["Engine", "NodeInfo", "Refused", "ReleaseEntry", "RolloutOptions", "Target"]
 
 
-COMMIT_LEAD_S = 0.03  # how far ahead the commit instant is set ...
-COMMIT_LEAD_PER_NODE_S = 0.002  # ... plus this much per node of the wave (Finish fan-out)
+COMMIT_LEAD_S = 0.05  # how far ahead the commit instant is set ...
+COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
 
 
 class Refused(HotfleetError):

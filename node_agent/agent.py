@@ -121,7 +121,7 @@ __all__ = ["DEFAULT_PREFIX", "Agent", "SourcesUnavailable", "TLSFiles", "permane
 
 METRICS_PATH = "/-/metrics"
 _REMEMBERED_ROLLOUTS = 64
-DECISION_POLL_S = 0.2  # how often a prepared agent reads its rollout's decision key
+DECISION_POLL_S = 0.5  # only matters when the coordinator died: keep etcd and CPU load low
 
 
 @dataclass(frozen=True)
@@ -921,7 +921,7 @@ class Agent:
             release=_label(self.loader.current_release),
             warnings=list(report.warnings) if report else [],
             epoch_seen=self._epoch,
-            finished_at=time.time() if report else 0.0,
+            finished_at=(report.switched_at or time.time()) if report else 0.0,
         )
 
     def abort(self, request: agent_pb2.AbortRequest) -> agent_pb2.AbortReply:

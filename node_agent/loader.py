@@ -104,6 +104,7 @@ class FinishReport:
     still_in_flight: int
     migrated: int
     warnings: tuple[str, ...] = ()
+    switched_at: float = 0.0  # wall-clock instant the new code became current (commit skew)
 
 
 @dataclass
@@ -581,6 +582,7 @@ class Loader:
                 t0 = time.perf_counter()
                 try:
                     self._switch(prepared, journal)
+                    switched_at = time.time()
                     migrated = self._migrate(
                         prepared._migrations, self._vsn(), journal, prepared.release
                     )
@@ -611,6 +613,7 @@ class Loader:
                 hold.still_in_flight,
                 migrated,
                 tuple(prepared.warnings),
+                switched_at,
             )
             prepared.report = report
             return report
