@@ -66,7 +66,7 @@ PURE_DECORATORS = frozenset(
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__slots__"})
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=64)  # a release's old and new trees; bounded: trees are big
 def parse(source: bytes, filename: str) -> ast.Module:
     """Parsed once per distinct source: prepares of the same releases repeat (rollback, retry).
 
@@ -75,7 +75,6 @@ def parse(source: bytes, filename: str) -> ast.Module:
     return ast.parse(source, filename)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _dump(node: ast.AST) -> str:
     return ast.dump(node, include_attributes=False)
 
@@ -128,6 +127,17 @@ def bound_names(body: Iterable[ast.stmt]) -> set[str]:
     return names
 
 
+def _dynamic(stmt: ast.stmt) -> bool:
+    """May the statement bind names :func:`bound_names` cannot see (blocks, star imports, calls)?"""
+    if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Import):
+        return False
+    if isinstance(stmt, ast.ImportFrom):
+        return any(a.name == "*" for a in stmt.names)
+    if isinstance(stmt, ast.Assign | ast.AnnAssign | ast.AugAssign):
+        return any(isinstance(n, ast.NamedExpr) for n in ast.walk(stmt))
+    return True  # expressions (a call may set globals), if/for/try/with blocks
+
+
 def _defs(body: Iterable[ast.stmt]) -> dict[str, ast.stmt]:
     return {
         s.name: s
@@ -178,6 +188,7 @@ class Statement:
     lineno: int
     merge_class: type | None = None  # the live class a redefinition is merged into
     name: str = ""
+    binds: frozenset[str] | None = None  # names it may bind; None: compare the whole namespace
 
 
 @dataclass
@@ -311,7 +322,8 @@ class ModulePlanner:
                 f"{self.module.__name__}:{stmt.lineno}: statement has decorators or calls with possible "
                 "side effects; it is not dry-run and runs once, during finish"
             )
-        self.plan.statements.append(Statement(code, stmt.lineno, merge_class, name))
+        binds = None if _dynamic(stmt) else frozenset(bound_names([stmt]))
+        self.plan.statements.append(Statement(code, stmt.lineno, merge_class, name, binds))
         self.plan.changes.append(f"{kind} {name or f'line {stmt.lineno}'}")
 
     def _plan_definition(self, stmt: ast.stmt, old: ast.stmt | None) -> None:

@@ -250,23 +250,27 @@ class DrainBarrier:
 
     def _open_span(self) -> _Span:
         mark, owner = self._mark.get(), _current_owner()
+        # Allocate outside the lock: a thread that loses the GIL while holding
+        # it makes every other request wait a whole switch interval.
+        fresh = _Ticket(None) if mark is None else None
         with self._lock:
-            while (entered := self._try_enter_locked(mark, owner)) is _Gate.CLOSED:
+            while (entered := self._try_enter_locked(mark, owner, fresh)) is _Gate.CLOSED:
                 self._waiting += 1
                 try:
                     self._gate_open.wait()
                 finally:
                     self._waiting -= 1
-            return _Span(self, entered)
+        return _Span(self, entered)
 
     async def _aopen_span(self) -> _Span:
         mark, owner = self._mark.get(), _current_owner()
         loop = asyncio.get_running_loop()
+        fresh = _Ticket(None) if mark is None else None
         while True:
             with self._lock:
-                entered = self._try_enter_locked(mark, owner)
+                entered = self._try_enter_locked(mark, owner, fresh)
                 if entered is not _Gate.CLOSED:
-                    return _Span(self, entered)
+                    break
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._async_waiters.add(waiter)
                 self._waiting += 1
@@ -276,9 +280,10 @@ class DrainBarrier:
                 with self._lock:
                     self._waiting -= 1
                     self._async_waiters.discard(waiter)
+        return _Span(self, entered)
 
     def _try_enter_locked(
-        self, mark: _Mark | None, owner: object
+        self, mark: _Mark | None, owner: object, fresh: _Ticket | None = None
     ) -> _Ticket | Literal[_Gate.CLOSED] | None:
         """Admit a unit (new ticket), recognise a re-entry (None) or refuse."""
         parent: _Ticket | None = None
@@ -292,7 +297,7 @@ class DrainBarrier:
             return _Gate.CLOSED
         self._in_flight += 1
         self._entered_total += 1
-        return _Ticket(parent)
+        return fresh if fresh is not None and parent is None else _Ticket(parent)
 
     def _leave(self, ticket: _Ticket) -> None:
         with self._lock:

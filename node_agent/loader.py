@@ -644,7 +644,9 @@ class Loader:
                 journal.append(op.apply())
             g = plan.module.__dict__
             for st in plan.statements:
-                before = dict(g)
+                # only the names the statement can bind are compared (the pause must not
+                # grow with the size of the module), the whole namespace when unsure
+                before = dict(g) if st.binds is None else {k: g.get(k, MISSING) for k in st.binds}
                 exec(st.code, g)
                 if st.merge_class is not None:
                     fresh = g[st.name]
@@ -652,13 +654,15 @@ class Loader:
                     merge_ops: list[Op] = []
                     merge_class(st.merge_class, fresh, merge_ops)
                     journal.extend(op.apply() for op in merge_ops)
-                for k, v in g.items():
-                    old = before.get(k, MISSING)
-                    if old is not v:
+                after = g.keys() if st.binds is None else st.binds
+                for k in after:
+                    old, new = before.get(k, MISSING), g.get(k, MISSING)
+                    if old is not new:
                         journal.append(SetItem(g, k, old))
                         changed.append((plan.module.__name__, k, old))
-                for k in before.keys() - g.keys():
-                    journal.append(SetItem(g, k, before[k]))
+                if st.binds is None:
+                    for k in before.keys() - g.keys():
+                        journal.append(SetItem(g, k, before[k]))
             for name in plan.removed:
                 old = g.get(name, MISSING)
                 journal.append(SetItem(g, name, MISSING).apply())
@@ -872,7 +876,7 @@ class Loader:
         return file if isinstance(file, str) else str(self.code_paths[0] / ms.path)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=64)
 def _compile_cached(source: bytes, filename: str) -> types.CodeType:
     # from the (cached) tree the planner diffs anyway: the source is parsed once
     return compile(parse(source, filename), filename, "exec", dont_inherit=True)
