@@ -213,7 +213,7 @@ def scan_imports(module: str, source: str | bytes, *, is_package: bool = False) 
     return _scan_cached(module, source, is_package)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _scan_cached(module: str, source: str | bytes, is_package: bool) -> ImportInfo:
     try:
         tree = ast.parse(source, filename=f"<{module}>")
