@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from coordinator.election import CampaignTimeout, Election, ElectionError, Session
 from coordinator.engine import Engine
@@ -44,8 +45,9 @@ class Coordinator:
         tls: ClientTLS | None = None,
         lease_ttl: int = 5,
         advertise_host: str | None = None,
+        etcd_options: dict[str, Any] | None = None,
     ) -> None:
-        self.client = connect(etcd)
+        self.client = connect(etcd, **(etcd_options or {}))
         self.keys = Keys(prefix)
         self.lease_ttl = lease_ttl
         self.engine = Engine(self.client, self.keys, AgentPool(tls))
@@ -151,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="hotfleet-coordinator", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--etcd", default=os.environ.get("HOTFLEET_ETCD", "http://127.0.0.1:2379"))
+    parser.add_argument("--etcd-ca", help="CA for https etcd endpoints")
+    parser.add_argument("--etcd-cert", help="client certificate for etcd")
+    parser.add_argument("--etcd-key", help="client key for etcd")
+    parser.add_argument("--etcd-user", default=os.environ.get("HOTFLEET_ETCD_USER"))
+    parser.add_argument("--etcd-password", default=os.environ.get("HOTFLEET_ETCD_PASSWORD"))
     parser.add_argument(
         "--listen", default="127.0.0.1:7600", help="API address for coordctl (port 0 picks one)"
     )
@@ -212,8 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls=tls,
             lease_ttl=args.lease_ttl,
             advertise_host=args.advertise_host,
+            etcd_options={
+                "ca_cert": args.etcd_ca,
+                "cert_cert": args.etcd_cert,
+                "cert_key": args.etcd_key,
+                "user": args.etcd_user,
+                "password": args.etcd_password,
+            },
         )
-    except EtcdConnectError as exc:
+    except (EtcdConnectError, ValueError) as exc:
         print(f"hotfleet-coordinator: {exc}", file=sys.stderr)
         return 1
     _install_faults(coordinator.engine)
