@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import math
@@ -10,7 +11,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,23 +115,17 @@ def warn_if_busy(stream: Any = None) -> float:
     return load
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def git_revision() -> str:
     """Short HEAD hash, with ``+dirty`` when the work tree has changes."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -166,6 +161,61 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--json PATH`` and ``--record`` / ``--no-record``: where :func:`save_results` writes."""
+    parser.add_argument("--json", type=Path, help="write the JSON results to this path")
+    record = parser.add_mutually_exclusive_group()
+    record.add_argument(
+        "--record", action="store_true", help="append to benchmarks/RESULTS.md even with --quick"
+    )
+    record.add_argument(
+        "--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md"
+    )
+
+
+def result_header(benchmark: str, date: dt.datetime) -> dict[str, Any]:
+    """The first keys of every benchmark's results: name, date, revision, machine."""
+    return {
+        "benchmark": benchmark,
+        "date": date.isoformat().replace("+00:00", "Z"),
+        "revision": git_revision(),
+        "machine": machine(),
+    }
+
+
+def save_results(
+    args: argparse.Namespace,
+    res: dict[str, Any],
+    date: dt.datetime,
+    markdown_rows: Callable[[dict[str, Any]], Sequence[Sequence[str]]],
+    header: Sequence[str],
+    preamble: str,
+) -> Path:
+    """Write ``res`` as JSON and, when recording, its rows to RESULTS.md; the JSON path.
+
+    The JSON goes to ``--json``, else ``results/<benchmark>-<date>.json`` (the
+    git-ignored scratch dir with ``--quick``).  Rows (``markdown_rows(res)``)
+    are appended under ``## <benchmark>`` unless ``--quick`` or ``--no-record``;
+    ``--record`` appends even with ``--quick``.
+    """
+    name = res["benchmark"]
+    stamp = date.strftime("%Y%m%dT%H%M%SZ")
+    if args.json is not None:
+        json_path = args.json
+    elif args.quick:
+        json_path = SCRATCH_DIR / f"{name}-{stamp}.json"
+    else:
+        json_path = RESULTS_DIR / f"{name}-{stamp}.json"
+    write_json(json_path, res)
+    print(f"\nJSON: {json_path}")
+    if args.record or not (args.quick or args.no_record):
+        rows = markdown_rows(res)
+        for row in rows:
+            append_markdown_row(RESULTS_MD, name, header, row, preamble)
+        print(f"{'row' if len(rows) == 1 else 'rows'} appended to {RESULTS_MD}")
+    return json_path
 
 
 def append_markdown_row(

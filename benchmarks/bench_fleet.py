@@ -476,14 +476,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: N=3, 2 runs, kept out of RESULTS.md"
     )
-    parser.add_argument("--json", type=Path, help="write the JSON results to this path")
-    record = parser.add_mutually_exclusive_group()
-    record.add_argument(
-        "--record", action="store_true", help="append to benchmarks/RESULTS.md even with --quick"
-    )
-    record.add_argument(
-        "--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md"
-    )
+    _common.add_output_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -507,10 +500,7 @@ def main(args: argparse.Namespace) -> int:
                 run_n(n, boot, (rel1, rel2), runs, base_runs, args.concurrency, args.lease_ttl, say)
             )
     res = {
-        "benchmark": "fleet",
-        "date": date.isoformat().replace("+00:00", "Z"),
-        "revision": _common.git_revision(),
-        "machine": _common.machine(),
+        **_common.result_header("fleet", date),
         "config": {
             "nodes": sizes,
             "runs": runs,
@@ -526,18 +516,6 @@ def main(args: argparse.Namespace) -> int:
     }
     print()
     print_report(res)
-    stamp = date.strftime("%Y%m%dT%H%M%SZ")
-    if args.json is not None:
-        json_path = args.json
-    elif args.quick:
-        json_path = _common.SCRATCH_DIR / f"fleet-{stamp}.json"
-    else:
-        json_path = _common.RESULTS_DIR / f"fleet-{stamp}.json"
-    _common.write_json(json_path, res)
-    print(f"\nJSON: {json_path}")
-    if args.record or not (args.quick or args.no_record):
-        for row in markdown_rows(res):
-            _common.append_markdown_row(_common.RESULTS_MD, "fleet", MD_HEADER, row, MD_PREAMBLE)
-        print(f"rows appended to {_common.RESULTS_MD}")
+    _common.save_results(args, res, date, markdown_rows, MD_HEADER, MD_PREAMBLE)
     print(f"elapsed {time.perf_counter() - started:.0f} s")
     return 0

@@ -1298,14 +1298,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-stdlib", action="store_true", help="skip importing the standard library sweep"
     )
-    parser.add_argument("--json", type=Path, help="write the JSON results to this path")
-    record = parser.add_mutually_exclusive_group()
-    record.add_argument(
-        "--record", action="store_true", help="append to benchmarks/RESULTS.md even with --quick"
-    )
-    record.add_argument(
-        "--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md"
-    )
+    _common.add_output_arguments(parser)
 
 
 _T0 = time.perf_counter()
@@ -1406,10 +1399,7 @@ def main(args: argparse.Namespace) -> int:
             twin.unload()
     lo = res["loader"]
     res = {
-        "benchmark": "loader",
-        "date": date.isoformat().replace("+00:00", "Z"),
-        "revision": _common.git_revision(),
-        "machine": _common.machine(),
+        **_common.result_header("loader", date),
         "config": {
             "cycles": cycles,
             "threads": args.threads,
@@ -1434,20 +1424,7 @@ def main(args: argparse.Namespace) -> int:
     }
     print()
     print_report(res)
-    stamp = date.strftime("%Y%m%dT%H%M%SZ")
-    if args.json is not None:
-        json_path = args.json
-    elif args.quick:
-        json_path = _common.SCRATCH_DIR / f"loader-{stamp}.json"
-    else:
-        json_path = _common.RESULTS_DIR / f"loader-{stamp}.json"
-    _common.write_json(json_path, res)
-    print(f"\nJSON: {json_path}")
-    if args.record or not (args.quick or args.no_record):
-        _common.append_markdown_row(
-            _common.RESULTS_MD, "loader", MD_HEADER, markdown_row(res), MD_PREAMBLE
-        )
-        print(f"row appended to {_common.RESULTS_MD}")
+    _common.save_results(args, res, date, lambda r: [markdown_row(r)], MD_HEADER, MD_PREAMBLE)
     other = res["other_processes_cpu_cores"]
     if other is not None:
         print(f"other processes kept {other:.2f} of {res['machine']['cores']} cores busy meanwhile")

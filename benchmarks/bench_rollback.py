@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import _common
@@ -548,14 +547,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="smoke run: 3 nodes, 1 bad run, 3 good upgrades, 4 s windows; not recorded",
     )
-    parser.add_argument("--json", type=Path, help="write the JSON results to this path")
-    record = parser.add_mutually_exclusive_group()
-    record.add_argument(
-        "--record", action="store_true", help="append to benchmarks/RESULTS.md even with --quick"
-    )
-    record.add_argument(
-        "--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md"
-    )
+    _common.add_output_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -565,10 +557,7 @@ def main(args: argparse.Namespace) -> int:
     load_before = _common.warn_if_busy()
     result = run(args, say)
     res = {
-        "benchmark": "rollback",
-        "date": date.isoformat().replace("+00:00", "Z"),
-        "revision": _common.git_revision(),
-        "machine": _common.machine(),
+        **_common.result_header("rollback", date),
         "config": {
             "quick": bool(args.quick),
             "interval_s": args.interval,
@@ -581,19 +570,6 @@ def main(args: argparse.Namespace) -> int:
     }
     print()
     print_report(res)
-    stamp = date.strftime("%Y%m%dT%H%M%SZ")
-    if args.json is not None:
-        json_path = args.json
-    elif args.quick:
-        json_path = _common.SCRATCH_DIR / f"rollback-{stamp}.json"
-    else:
-        json_path = _common.RESULTS_DIR / f"rollback-{stamp}.json"
-    _common.write_json(json_path, res)
-    print(f"\nJSON: {json_path}")
-    if args.record or not (args.quick or args.no_record):
-        _common.append_markdown_row(
-            _common.RESULTS_MD, "rollback", MD_HEADER, markdown_row(res), MD_PREAMBLE
-        )
-        print(f"row appended to {_common.RESULTS_MD}")
+    _common.save_results(args, res, date, lambda r: [markdown_row(r)], MD_HEADER, MD_PREAMBLE)
     print(f"elapsed {time.perf_counter() - started:.0f} s")
     return 0

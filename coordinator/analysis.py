@@ -831,20 +831,22 @@ class Judge:
         p = self.policy
         pooled = _pool(good_base) if base_ok else None
         out = []
-        for metric, q, absolute, ratio, min_req in (
-            ("latency_p50", 0.5, p.latency_p50_max_s, p.latency_p50_max_ratio, p.min_requests),
-            ("latency_p99", 0.99, p.latency_p99_max_s, p.latency_p99_max_ratio, p.min_requests_p99),
-        ):
+        for metric, q, absolute, ratio, min_req, floor in (
+            ("latency_p50", 0.5, p.latency_p50_max_s, p.latency_p50_max_ratio, p.min_requests,
+             p.latency_min_increase_s),
+            ("latency_p99", 0.99, p.latency_p99_max_s, p.latency_p99_max_ratio, p.min_requests_p99,
+             p.latency_p99_min_increase_s),
+        ):  # fmt: skip
             base_q = histogram_quantile(q, pooled[0], pooled[1]) if pooled else None
             bounds: list[tuple[float, str]] = []
             if absolute is not None:
                 bounds.append((absolute, ""))
             if ratio is not None and base_q is not None:
-                rel = max(base_q * ratio, base_q + p.latency_min_increase_s)
+                rel = max(base_q * ratio, base_q + floor)
                 how = (
                     f" (baseline {base_q:.3f} s x {ratio:g})"
-                    if base_q * ratio >= base_q + p.latency_min_increase_s
-                    else f" (baseline {base_q:.3f} s + {p.latency_min_increase_s:g} s)"
+                    if base_q * ratio >= base_q + floor
+                    else f" (baseline {base_q:.3f} s + {floor:g} s)"
                 )
                 bounds.append((rel, how))
             if not bounds:

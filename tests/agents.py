@@ -12,12 +12,9 @@ import datetime
 import ipaddress
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +37,7 @@ from hotfleet.release import Release
 from hotfleet.signing import sign_release
 from hotfleet.store import ContentStore, EtcdBlobBackend
 from hotfleet.wire import release_to_proto
+from tests.processes import ManagedProcess, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -166,7 +164,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
     raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
 
 
-class AgentProcess:
+class AgentProcess(ManagedProcess):
     """One ``python -m node_agent.cli`` subprocess and a gRPC stub to it."""
 
     def __init__(
@@ -176,53 +174,21 @@ class AgentProcess:
         code_path: Path,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self.proc = proc
-        self.log_path = log_path
+        super().__init__(proc, log_path, "agent")
         self.code_path = code_path
         self.credentials = credentials
         self.grpc_address = ""
         self.http_address = ""
         self.node_id = ""
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._channel: grpc.Channel | None = None
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"agent not ready in {timeout}s:\n{self.log()}") from None
-            if line is None:
-                raise AssertionError(f"agent exited with {self.proc.wait()}:\n{self.log()}")
-            if line.startswith("node-agent ready"):
-                fields = dict(f.split("=", 1) for f in line.split()[2:])
-                self.grpc_address, self.http_address = fields["grpc"], fields["http"]
-                self.node_id = fields["node"]
-                return
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()[-6000:]
-        except OSError:
-            return ""
+        fields = self.wait_ready_line("node-agent ready", timeout)
+        self.grpc_address, self.http_address = fields["grpc"], fields["http"]
+        self.node_id = fields["node"]
 
     @property
     def stub(self) -> agent_pb2_grpc.NodeAgentStub:
-        if self._channel is None:
-            self._channel = (
-                grpc.insecure_channel(self.grpc_address)
-                if self.credentials is None
-                else grpc.secure_channel(self.grpc_address, self.credentials)
-            )
-        return agent_pb2_grpc.NodeAgentStub(self._channel)
+        return agent_pb2_grpc.NodeAgentStub(self.channel(self.grpc_address, self.credentials))
 
     def status(self) -> agent_pb2.StatusReply:
         return self.stub.Status(agent_pb2.StatusRequest(), timeout=5)
@@ -246,23 +212,6 @@ class AgentProcess:
 
     def versions(self) -> dict[str, str]:
         return self.http("/versions")[1]["versions"]
-
-    def signal(self, sig: signal.Signals) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 10.0) -> int:
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 class Agents:
@@ -338,15 +287,7 @@ class Agents:
             "HOTFLEET_DEV": "1" if dev else "",
             **(env or {}),
         }
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                text=True,
-                env=full_env,
-                cwd=self.tmp_path,
-            )
+        proc = spawn(cmd, log_path, full_env, self.tmp_path)
         credentials = pki.client_credentials() if pki is not None else None
         agent = AgentProcess(proc, log_path, code, credentials)
         self.procs.append(agent)

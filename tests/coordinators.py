@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +28,7 @@ import grpc
 
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, wait_for
+from tests.processes import ManagedProcess, spawn
 
 READY = "hotfleet-coordinator ready"
 NODES = ("n1", "n2", "n3")
@@ -49,56 +47,24 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class CoordinatorProcess:
+class CoordinatorProcess(ManagedProcess):
     """One coordinator daemon subprocess and a gRPC stub to its API."""
 
     def __init__(self, name: str, proc: subprocess.Popen[str], log_path: Path) -> None:
+        super().__init__(proc, log_path, f"coordinator {name}")
         self.name = name
-        self.proc = proc
-        self.log_path = log_path
         self.address = ""
         self.pid = proc.pid
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._channel: grpc.Channel | None = None
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Block until the daemon prints its ready line (API serving, campaign started)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(
-                    f"coordinator {self.name} not ready in {timeout}s:\n{self.log()}"
-                ) from None
-            if line is None:
-                raise AssertionError(
-                    f"coordinator {self.name} exited with {self.proc.wait()}:\n{self.log()}"
-                )
-            if line.startswith(READY):
-                fields = dict(f.split("=", 1) for f in line.split()[2:])
-                self.address = fields["address"]
-                assert int(fields["pid"]) == self.proc.pid
-                return
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()[-6000:]
-        except OSError:
-            return ""
+        fields = self.wait_ready_line(READY, timeout)
+        self.address = fields["address"]
+        assert int(fields["pid"]) == self.proc.pid
 
     @property
     def stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
-        return coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        return coordinator_pb2_grpc.CoordinatorStub(self.channel(self.address))
 
     def is_leader(self) -> bool:
         """Whether this daemon says it leads (False when it cannot be asked)."""
@@ -119,10 +85,6 @@ class CoordinatorProcess:
             ) from None
 
     @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    @property
     def stopped(self) -> bool:
         """Whether the process is stopped by a signal (``pause:`` faults; Linux ``/proc``)."""
         try:
@@ -130,10 +92,6 @@ class CoordinatorProcess:
         except OSError:
             return False
         return stat.rpartition(")")[2].split()[0] in ("T", "t")
-
-    def signal(self, sig: signal.Signals) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
 
     def kill(self) -> int:
         """SIGKILL and reap."""
@@ -144,19 +102,6 @@ class CoordinatorProcess:
         """SIGTERM (graceful stop: resigns leadership) and reap."""
         self.signal(signal.SIGTERM)
         return self.proc.wait(timeout)
-
-    def wait(self, timeout: float = 10.0) -> int:
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL also ends a SIGSTOPped process
-            self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 class Coordinators:
@@ -199,15 +144,7 @@ class Coordinators:
         if advertise_host:
             cmd += ["--advertise-host", advertise_host]
         full_env = _env({**({"HOTFLEET_FAULT": fault} if fault else {}), **(env or {})})
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                text=True,
-                env=full_env,
-                cwd=self.tmp_path,
-            )
+        proc = spawn(cmd, log_path, full_env, self.tmp_path)
         coordinator = CoordinatorProcess(name, proc, log_path)
         self.procs.append(coordinator)
         if wait:

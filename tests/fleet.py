@@ -22,6 +22,7 @@ from coordinator.model import Rollout
 from hotfleet.etcd_client import connect
 from hotfleet.keys import Keys
 from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, wait_for
+from tests.coordinators import Coordinators
 
 
 class Leader:
@@ -56,6 +57,15 @@ def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Age
         yield fleet
     finally:
         fleet.close()
+
+
+@pytest.fixture
+def coordinators(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Coordinators]:
+    owner = Coordinators(tmp_path, etcd_endpoint, etcd_prefix)
+    try:
+        yield owner
+    finally:
+        owner.close()
 
 
 @pytest.fixture

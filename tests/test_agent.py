@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -34,15 +33,6 @@ from tests.agents import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Agents]:
-    fleet = Agents(tmp_path, etcd_endpoint, etcd_prefix)
-    try:
-        yield fleet
-    finally:
-        fleet.close()
 
 
 def one_version(versions: dict[str, str]) -> str:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -39,15 +38,6 @@ from tests.agents import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Agents]:
-    fleet = Agents(tmp_path, etcd_endpoint, etcd_prefix)
-    try:
-        yield fleet
-    finally:
-        fleet.close()
 
 
 def version(agent: AgentProcess) -> str:

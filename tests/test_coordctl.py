@@ -7,8 +7,6 @@ Exit codes are the contract scripts rely on (``coordinator.cli.EXIT_CODES``):
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,24 +18,6 @@ from tests.coordinators import CoordinatorProcess, Coordinators, coordctl, start
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 NO_WINDOW = ("--window", "0")  # permanent as soon as every node finished: these are 2PC tests
-
-
-@pytest.fixture
-def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Agents]:
-    fleet = Agents(tmp_path, etcd_endpoint, etcd_prefix)
-    try:
-        yield fleet
-    finally:
-        fleet.close()
-
-
-@pytest.fixture
-def coordinators(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Coordinators]:
-    owner = Coordinators(tmp_path, etcd_endpoint, etcd_prefix)
-    try:
-        yield owner
-    finally:
-        owner.close()
 
 
 def by_node(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

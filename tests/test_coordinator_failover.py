@@ -11,7 +11,6 @@ injection (``HOTFLEET_FAULT=crash:<step>`` SIGKILLs it at that step;
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +30,6 @@ from tests.coordinators import CoordinatorProcess, Coordinators, coordctl, start
 from tests.fleet import Leader, opts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def agents(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Agents]:
-    fleet = Agents(tmp_path, etcd_endpoint, etcd_prefix)
-    try:
-        yield fleet
-    finally:
-        fleet.close()
-
-
-@pytest.fixture
-def coordinators(tmp_path: Path, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Coordinators]:
-    owner = Coordinators(tmp_path, etcd_endpoint, etcd_prefix)
-    try:
-        yield owner
-    finally:
-        owner.close()
 
 
 def leader_and_standby(
