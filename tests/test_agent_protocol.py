@@ -24,7 +24,7 @@ from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
 from hotfleet.keys import Keys
 from hotfleet.signing import generate_keypair, load_private_key, sign_release
-from node_agent.agent import permanent_record
+from node_agent.agent import COMMIT_GRACE_S, DECISION_POLL_S, permanent_record
 from tests.agents import (
     ROOT,
     SHOP_MODULES,
@@ -73,7 +73,8 @@ def test_prepared_agent_acts_on_the_decision_in_etcd_by_itself(
     assert prepare(agent, manifest, "r-old").ok
     assert prepare(agent, manifest, "r-new").ok
     etcd_client.put(keys.decision("r-old"), "commit")
-    time.sleep(0.6)  # three polls' worth
+    # a non-event: it must not happen within the time the decision watch would take to act
+    time.sleep(2 * DECISION_POLL_S + COMMIT_GRACE_S)
     assert agent.status().prepared_rollout == "r-new" and version(agent) == "1"
     assert "dropping prepared rollout r-old" in agent.log()
 
