@@ -10,8 +10,10 @@ finish.  At most two versions exist: current and the backup.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
+import gc
 import hashlib
 import importlib.machinery
 import os
@@ -20,7 +22,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -578,7 +580,7 @@ class Loader:
                 return prepared.report
             self._check_current(prepared)
             journal: list[Op] = []
-            with self.barrier.hold(self.drain_timeout) as hold:
+            with _no_gc(), self.barrier.hold(self.drain_timeout) as hold:
                 t0 = time.perf_counter()
                 try:
                     self._switch(prepared, journal)
@@ -766,7 +768,7 @@ class Loader:
                 self._drop(self._pending)
             down = ("down", backup.restores.version if backup.restores else None)
             journal: list[Op] = []
-            with self.barrier.hold(self.drain_timeout) as hold:
+            with _no_gc(), self.barrier.hold(self.drain_timeout) as hold:
                 t0 = time.perf_counter()
                 try:
                     migrated = self._migrate(backup.migrations, down, journal, None)
@@ -874,6 +876,19 @@ class Loader:
     def _filename(self, ms: ModuleSource, module: Any = None) -> str:
         file = getattr(module, "__file__", None)
         return file if isinstance(file, str) else str(self.code_paths[0] / ms.path)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No garbage collection while guarded work is held: a full collection of a
+    big heap takes tens of milliseconds, all of it added to the pause."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @functools.lru_cache(maxsize=64)

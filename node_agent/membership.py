@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 __all__ = ["LeaseLost", "Membership"]
 
 
+PUBLISH_DEBOUNCE_S = 0.2
+
+
 class LeaseLost(RuntimeError):
     """etcd answered but no longer knows the lease (it expired while we were cut off)."""
 
@@ -200,6 +203,11 @@ class Membership:
             if client is None or lease_id is None:
                 raise LeaseLost("session closed")
             if self._dirty.is_set():
+                # Coalesce a burst of changes, and keep the etcd write out of the instant
+                # when the whole fleet switches (it would compete for the CPU with
+                # nodes that have not switched yet).
+                if self._stop.wait(PUBLISH_DEBOUNCE_S):
+                    return
                 self._dirty.clear()
                 client.put(self.key, self._encode(), lease=lease_id)
             replies = list(client.refresh_lease(lease_id))
