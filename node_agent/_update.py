@@ -75,8 +75,18 @@ def parse(source: bytes, filename: str) -> ast.Module:
     return ast.parse(source, filename)
 
 
+_dumps: dict[int, str] = {}  # per build(): the same statements are compared several times
+
+
 def _dump(node: ast.AST) -> str:
-    return ast.dump(node, include_attributes=False)
+    """Position-free text of a node, memoized for the duration of one :meth:`ModulePlanner.build`.
+
+    Keyed by ``id``: only valid while the trees are alive, so ``build`` clears it.
+    """
+    text = _dumps.get(id(node))
+    if text is None:
+        text = _dumps[id(node)] = ast.dump(node, include_attributes=False)
+    return text
 
 
 def _decorator_name(node: ast.expr) -> str:
@@ -156,8 +166,10 @@ def _slots(node: ast.ClassDef) -> str | None:
 
 
 def _header(node: ast.ClassDef) -> str:
-    return _dump(
-        ast.Tuple(elts=[*node.bases, *[k.value for k in node.keywords]], ctx=ast.Load())
+    # a temporary node: dumped directly, never memoized (its id is reused at once)
+    return ast.dump(
+        ast.Tuple(elts=[*node.bases, *[k.value for k in node.keywords]], ctx=ast.Load()),
+        include_attributes=False,
     ) + str([k.arg for k in node.keywords])
 
 
@@ -279,6 +291,12 @@ class ModulePlanner:
 
     # ---------------------------------------------------------------- public
     def build(self) -> ModulePlan:
+        try:
+            return self._build()
+        finally:
+            _dumps.clear()
+
+    def _build(self) -> ModulePlan:
         old_defs = _defs(self.old_tree.body)
         old_stmts: dict[str, int] = {}
         for s in self.old_tree.body:

@@ -261,9 +261,13 @@ def test_thread_still_in_old_code_blocks_the_next_reload_until_forced(cb: Codeba
         with pytest.raises(PrepareError) as info:
             cb.loader.prepare(cb.release("3", {"m": src.replace("'v1'", "'v3'")}))
         (err,) = info.value.errors
-        assert err.reason is Reason.NOT_PURGED and "slow-worker" in err.detail and "slow" in err.detail
+        assert (
+            err.reason is Reason.NOT_PURGED and "slow-worker" in err.detail and "slow" in err.detail
+        )
         assert mods["m"].slow.__code__.co_consts.count("v2") == 1  # nothing changed
-        cb.loader.finish(cb.loader.prepare(cb.release("3", {"m": src.replace("'v1'", "'v3'")}), force=True))
+        cb.loader.finish(
+            cb.loader.prepare(cb.release("3", {"m": src.replace("'v1'", "'v3'")}), force=True)
+        )
     finally:
         mods["m"].GATE.set()
         t.join()
@@ -303,3 +307,16 @@ def test_finish_waits_for_guarded_work_then_proceeds_after_the_drain_timeout(cb:
         t.join()
     assert not report.drained and report.still_in_flight == 1  # reported, never a hang
     assert _versions(cb) == {2} and not cb.loader.barrier.held  # swapped and reopened
+
+
+def test_many_classes_with_unchanged_bases_and_new_members_are_merged(cb: Codebase) -> None:
+    """A regression test: comparing class headers must not confuse one class with another."""
+    bases = "class A:\n    pass\n\nclass B:\n    pass\n\nclass M(type):\n    pass\n\n"
+    heads = ["(A)", "(B)", "(A, B)", "(metaclass=M)", "(B, metaclass=M)"]
+    v1 = bases + "".join(f"class K{i}{heads[i % 5]}:\n    x = 1\n\n" for i in range(40))
+    v2 = bases + "".join(
+        f"class K{i}{heads[i % 5]}:\n    x = 1\n    y = {i}\n\n" for i in range(40)
+    )
+    mods = cb.boot({"m": v1})
+    cb.upgrade("2", {"m": v2})
+    assert [mods["m"].__dict__[f"K{i}"].y for i in range(40)] == list(range(40))
