@@ -641,6 +641,9 @@ class Engine:
                 return
             result.prepare_s = time.perf_counter() - started
             result.vote = Vote.YES if reply.ok else Vote.NO
+            if not rollout.options.get("from_memory"):
+                # what this node runs, from the node itself (its membership record may lag)
+                rollout.previous[result.node] = reply.current_release
             result.errors = [
                 e if e.node else e.on_node(result.node) for e in errors_from_proto(reply.errors)
             ]

@@ -774,6 +774,7 @@ class Agent:
             changes=list(changes),
             warnings=list(warnings),
             epoch_seen=self._epoch,
+            current_release=_label(self.loader.current_release),
         )
 
     # --------------------------------------------- the prepared rollout

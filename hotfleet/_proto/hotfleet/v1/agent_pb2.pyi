@@ -22,20 +22,22 @@ class PrepareRequest(_message.Message):
     def __init__(self, rollout_id: _Optional[str] = ..., epoch: _Optional[int] = ..., release: _Optional[_Union[_common_pb2.ReleaseManifest, _Mapping]] = ..., force: _Optional[bool] = ..., rollback_target: _Optional[bool] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
-    __slots__ = ("ok", "errors", "prepare_s", "changes", "warnings", "epoch_seen")
+    __slots__ = ("ok", "errors", "prepare_s", "changes", "warnings", "epoch_seen", "current_release")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     PREPARE_S_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_SEEN_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_RELEASE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     errors: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModuleError]
     prepare_s: float
     changes: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModuleChange]
     warnings: _containers.RepeatedScalarFieldContainer[str]
     epoch_seen: int
-    def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., prepare_s: _Optional[float] = ..., changes: _Optional[_Iterable[_Union[_common_pb2.ModuleChange, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., epoch_seen: _Optional[int] = ...) -> None: ...
+    current_release: str
+    def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., prepare_s: _Optional[float] = ..., changes: _Optional[_Iterable[_Union[_common_pb2.ModuleChange, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., epoch_seen: _Optional[int] = ..., current_release: _Optional[str] = ...) -> None: ...
 
 class FinishRequest(_message.Message):
     __slots__ = ("rollout_id", "epoch", "commit_at")
