@@ -22,7 +22,6 @@ Unchanged statements are never re-run, so module state survives.
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import enum
 import functools
@@ -31,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotfleet.errors import ModuleError, Reason
+from hotfleet.errors import Reason
 from node_agent import _functions as fx
 from node_agent._patch import MISSING, ClearCache, Op, SetClassAttr, SetCode
 from node_agent._staging import Stage
@@ -582,13 +581,3 @@ def _add_field_defaults(old: type, new: type, ops_out: list[Op]) -> None:
             continue
         if f.default_factory is not dataclasses.MISSING:
             ops_out.append(SetClassAttr(old, name, _LazyDefault(name, f.default_factory)))
-
-
-def clone_for_dry_run(obj: Any) -> Any:
-    """A throwaway twin of a registered object, so a migration can be tried."""
-    twin = copy.copy(obj)
-    return twin
-
-
-def describe(module: str, exc: Refused) -> ModuleError:
-    return ModuleError(module, exc.reason, exc.detail)

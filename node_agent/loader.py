@@ -11,6 +11,7 @@ finish.  At most two versions exist: current and the backup.
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import functools
 import gc
@@ -38,7 +39,6 @@ from node_agent._update import (
     ModulePlan,
     ModulePlanner,
     Refused,
-    clone_for_dry_run,
     merge_class,
     parse,
 )
@@ -502,7 +502,7 @@ class Loader:
             migrations.append(_Migration(obj, cls.__module__, ms.extra))
             try:
                 state = _copy_state(obj)
-                result = fn(clone_for_dry_run(obj), old_vsn, state, ms.extra)
+                result = fn(copy.copy(obj), old_vsn, state, ms.extra)
                 if not isinstance(result, dict):
                     raise TypeError(
                         f"code_change returned {type(result).__name__}, expected a dict of the new state"
