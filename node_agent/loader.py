@@ -904,8 +904,6 @@ class _MigrationFailed(Exception):
 
 
 def _copy_state(obj: Any) -> dict[str, Any]:
-    import copy
-
     state = stateful.get_state(obj)
     try:
         return copy.deepcopy(state)
