@@ -119,6 +119,10 @@ def _is_pure(stmt: ast.stmt) -> bool:
     return True
 
 
+def _is_constant(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+
+
 def bound_names(body: Iterable[ast.stmt]) -> set[str]:
     """Names a block of statements binds at its own level (defs, assignments, imports)."""
     names: set[str] = set()
@@ -307,12 +311,15 @@ class ModulePlanner:
                 if old is not None and _dump(old) == _dump(stmt):
                     continue
                 self._plan_definition(stmt, old)
+            elif _is_constant(stmt):
+                continue  # a bare constant does nothing; the docstring is handled below
             else:
                 key = _dump(stmt)
                 if old_stmts.get(key):
                     old_stmts[key] -= 1
                     continue
                 self._statement(stmt, "statement")
+        self._docstring()
         removed = bound_names(self.old_tree.body) - bound_names(self.new_tree.body)
         self.plan.removed = sorted(n for n in removed if n in self.g)
         self.plan.changes.extend(f"removed {n}" for n in self.plan.removed)
@@ -320,6 +327,21 @@ class ModulePlanner:
         return self.plan
 
     # ------------------------------------------------------------- internals
+    def _docstring(self) -> None:
+        """Rebind ``__doc__`` when the module docstring changed.
+
+        Run as a statement of its own, a bare string would be compiled as a
+        docstring wherever it stood, so only the module's first statement may
+        set ``__doc__``, and only through this one explicit assignment.
+        """
+        old, new = ast.get_docstring(self.old_tree, False), ast.get_docstring(self.new_tree, False)
+        if old == new:
+            return
+        assign = ast.Assign(
+            targets=[ast.Name("__doc__", ast.Store())], value=ast.Constant(new), lineno=1
+        )
+        self._statement(ast.fix_missing_locations(assign), "docstring")
+
     def _statement(self, stmt: ast.stmt, kind: str, merge_class: type | None = None) -> None:
         """Dry-run ``stmt`` on the scratch namespace (if pure) and schedule it for finish."""
         module_ast = ast.Module(body=[stmt], type_ignores=[])

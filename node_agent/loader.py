@@ -184,7 +184,9 @@ class Loader:
         self._generation = 0
         self._pending: Prepared | None = None
         self._backup: _Backup | None = None
-        self._old_codes: set[types.CodeType] = set()
+        # the journal whose SetCode ops hold the code that last left service (soft purge);
+        # its code set is built when a purge check needs it, not inside a commit
+        self._retired: Sequence[Op] = ()
         # module -> (digest, source, release label) of what is loaded
         self._loaded: dict[str, tuple[str, bytes, str]] = {}
         self.current_release: ReleaseInfo | None = None
@@ -339,7 +341,8 @@ class Loader:
 
     def _purge_check(self) -> list[ModuleError]:
         """Soft purge: refuse while any thread or generator still runs the old version."""
-        if not self._old_codes:
+        old_codes = {op.code for op in self._retired if isinstance(op, SetCode)}
+        if not old_codes:
             return []
         errors = []
         me = threading.get_ident()
@@ -347,7 +350,7 @@ class Loader:
         for ident, frame in sys._current_frames().items():
             f: types.FrameType | None = frame
             while f is not None:
-                if f.f_code in self._old_codes and ident != me:
+                if f.f_code in old_codes and ident != me:
                     errors.append(
                         ModuleError(
                             f.f_globals.get("__name__", "?"),
@@ -358,7 +361,7 @@ class Loader:
                     )
                     break
                 f = f.f_back
-        for desc in scan_heap((), self._old_codes)[1]:
+        for desc in scan_heap((), old_codes)[1]:
             errors.append(
                 ModuleError(
                     "?",
@@ -669,12 +672,19 @@ class Loader:
                 old = g.get(name, MISSING)
                 journal.append(SetItem(g, name, MISSING).apply())
                 changed.append((plan.module.__name__, name, old))
-        stale: dict[tuple[str, str], list[Any]] = {k: [v] for k, v in prepared._dry_values.items()}
+        # from-imports elsewhere that still hold an object this switch replaced
+        # (few bindings, many changed names: look up from the bindings' side)
+        stale: dict[tuple[str, str], list[Any]] = {}
         for module, key, old in changed:
             stale.setdefault((module, key), []).append(old)
-        for (module, key), olds in stale.items():
+        for (module, key), bindings in prepared._bindings.items():
+            olds = stale.get((module, key), [])
+            if (module, key) in prepared._dry_values:
+                olds.append(prepared._dry_values[(module, key)])
+            if not olds:
+                continue
             new = sys.modules[module].__dict__.get(key, MISSING)
-            for b in prepared._bindings.get((module, key), ()):
+            for b in bindings:
                 bound = b.holder.get(b.local, MISSING)
                 if bound is not new and any(bound is o for o in olds):
                     journal.append(SetItem(b.holder, b.local, new).apply())
@@ -726,7 +736,7 @@ class Loader:
         self._backup = _Backup(
             journal, leaves, ReleaseInfo.of(release), prepared._migrations, previous_loaded
         )
-        self._old_codes = {op.code for op in journal if isinstance(op, SetCode)}
+        self._retired = journal
         self.current_release = ReleaseInfo.of(release)
         prepared.state = PreparedState.FINISHED
         self._pending = None
@@ -775,8 +785,7 @@ class Loader:
                 except _MigrationFailed as failed:
                     undo(journal)
                     raise FinishError(failed.errors, restored=True) from None
-                dead = {op.func.__code__ for op in backup.journal if isinstance(op, SetCode)}
-                undo(
+                redo = undo(
                     [op for op in backup.journal if not isinstance(op, SetState)]
                 )  # keep down-migrated state
                 pause = time.perf_counter() - t0
@@ -784,7 +793,7 @@ class Loader:
             for name in list(self._loaded):
                 if name in backup.loaded:
                     self._loaded[name] = backup.loaded[name]
-            self._old_codes = dead  # the version just left may still run in some thread
+            self._retired = redo  # the version just left may still run in some thread
             self.current_release = backup.restores
             self._backup = None
             return FinishReport(
@@ -815,7 +824,7 @@ class Loader:
                 os.replace(tmp, path)
             self.permanent_release = self.current_release
             self._backup = None
-            self._old_codes = set()
+            self._retired = ()
 
     # ----------------------------------------------------------------- status
     def status(self, module_name: str) -> ModuleStatus:

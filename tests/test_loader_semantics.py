@@ -320,3 +320,27 @@ def test_many_classes_with_unchanged_bases_and_new_members_are_merged(cb: Codeba
     mods = cb.boot({"m": v1})
     cb.upgrade("2", {"m": v2})
     assert [mods["m"].__dict__[f"K{i}"].y for i in range(40)] == list(range(40))
+
+
+def test_docstring_changes_rebind_doc_and_bare_strings_do_nothing(cb: Codebase) -> None:
+    """Only the module's first statement is its docstring.
+
+    A changed bare string further down (a "comment" string) is a no-op: run as
+    a statement of its own it would otherwise be compiled as a docstring and
+    overwrite ``__doc__``.  A changed docstring rebinds ``__doc__``, and
+    rollback restores it; dropping the docstring leaves ``__doc__`` None.
+    """
+    v1 = '"""Version one."""\n\nX = 1\n\n"""a note about X"""\n\ndef f():\n    return X\n'
+    cb.boot({"m": v1})
+    mod = cb.module("m")
+    report = cb.upgrade("2", {"m": v1.replace("a note about X", "another note")})
+    assert mod.__doc__ == "Version one." and mod.f() == 1
+    assert report.release.version == "2"
+
+    cb.upgrade("3", {"m": v1.replace("Version one.", "Version three.")})
+    assert mod.__doc__ == "Version three."
+    cb.loader.rollback()
+    assert mod.__doc__ == "Version one."
+
+    cb.upgrade("4", {"m": v1.split("\n", 1)[1]})
+    assert mod.__doc__ is None and mod.f() == 1
