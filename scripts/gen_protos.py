@@ -48,9 +48,7 @@ def run_protoc(proto_dir: Path, out_dir: Path) -> None:
     try:
         from grpc_tools import protoc
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            "grpcio-tools is not installed: pip install -e '.[test]'"
-        ) from exc
+        raise SystemExit("grpcio-tools is not installed: pip install -e '.[test]'") from exc
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     args = [
         "grpc_tools.protoc",
@@ -67,10 +65,7 @@ def run_protoc(proto_dir: Path, out_dir: Path) -> None:
 
 def generated_packages(out_dir: Path) -> set[str]:
     """Dotted names of the proto packages protoc wrote, e.g. ``hotfleet.v1``."""
-    return {
-        ".".join(p.parent.relative_to(out_dir).parts)
-        for p in out_dir.rglob("*_pb2.py")
-    }
+    return {".".join(p.parent.relative_to(out_dir).parts) for p in out_dir.rglob("*_pb2.py")}
 
 
 def rewrite_imports(text: str, packages: set[str]) -> str:

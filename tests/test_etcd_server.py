@@ -70,9 +70,7 @@ def test_kill_then_restart_on_same_ports_keeps_data(etcd_server: EtcdServer) -> 
         client.close()
 
 
-def test_missing_binary_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "no-such-etcd"
     monkeypatch.setenv(BINARY_ENV, str(missing))
     with pytest.raises(EtcdUnavailable, match=BINARY_ENV) as info:
