@@ -59,6 +59,7 @@ __all__ = ["Engine", "NodeInfo", "Refused", "ReleaseEntry", "RolloutOptions", "T
 
 COMMIT_LEAD_S = 0.05  # how far ahead the commit instant is set ...
 COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
+COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long after the instant
 
 
 class Refused(HotfleetError):
@@ -677,6 +678,9 @@ class Engine:
         # Finish fan-out to reach them all, instead of whenever its RPC happens to land.
         members = self._members(rollout)
         commit_at = time.time() + COMMIT_LEAD_S + COMMIT_LEAD_PER_NODE_S * len(members)
+        sampler = self.sampler
+        if sampler is not None:
+            sampler.quiet_until(commit_at + COMMIT_QUIET_S)
 
         def finish(result: NodeResult) -> None:
             if result.finished or result.vote is not Vote.YES:

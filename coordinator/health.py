@@ -47,6 +47,7 @@ class HealthSampler:
         self._history: dict[str, deque[Snapshot]] = {}
         self._members: dict[str, tuple[float, NodeInfo]] = {}  # last time seen registered
         self._stop = threading.Event()
+        self._quiet_until = 0.0  # unix time before which no new round starts
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hotfleet-health")
 
@@ -63,9 +64,21 @@ class HealthSampler:
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def quiet_until(self, when: float) -> None:
+        """Start no round before unix time ``when``: a round is a burst of RPCs
+        and CPU on every node, and must not land on a fleet's commit instant."""
+        with self._lock:
+            self._quiet_until = max(self._quiet_until, when)
+
     def _run(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
+            with self._lock:
+                quiet = self._quiet_until - time.time()
+            if quiet > 0:
+                self._stop.wait(quiet)
+                next_at = time.monotonic()
+                continue
             try:
                 self.sample_once()
             except Exception as exc:  # etcd or transport trouble: keep sampling

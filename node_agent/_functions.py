@@ -14,8 +14,10 @@ from __future__ import annotations
 import functools
 import gc
 import inspect
+import operator
 import types
 from collections.abc import Iterable, Iterator
+from itertools import compress
 from typing import Any
 
 FunctionType = types.FunctionType
@@ -159,16 +161,22 @@ def scan_heap(
     suspended: list[str] = []
     if not wanted and not frames:
         return wanted, suspended
-    for obj in gc.get_objects():
-        kind = type(obj)
-        if kind is FunctionType:
-            bucket = wanted.get(obj.__code__)
-            if bucket is not None:
-                bucket.append(obj)
-        elif frames and kind in _GENERATOR_TYPES:
+    # The heap holds hundreds of thousands of objects: the filtering by type and
+    # by code runs in C (map/compress), Python only sees the few that match.
+    kinds = _GENERATOR_TYPES | {FunctionType} if frames else frozenset({FunctionType})
+    objects = gc.get_objects()
+    picked = list(compress(objects, map(kinds.__contains__, map(type, objects))))
+    del objects
+    funcs = [o for o in picked if type(o) is FunctionType]
+    for func in compress(funcs, map(wanted.__contains__, map(_CODE_OF, funcs))):
+        wanted[func.__code__].append(func)
+    for obj in picked if frames else ():
+        if type(obj) is not FunctionType:
             code, frame = _code_and_frame(obj)
             if code in frames and frame is not None:
-                suspended.append(f"{code.co_qualname} ({kind.__name__} at line {frame.f_lineno})")
+                suspended.append(
+                    f"{code.co_qualname} ({type(obj).__name__} at line {frame.f_lineno})"
+                )
     return wanted, suspended
 
 
@@ -181,3 +189,4 @@ def _code_and_frame(obj: Any) -> tuple[Any, Any]:
 
 
 _GENERATOR_TYPES = frozenset({types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType})
+_CODE_OF = operator.attrgetter("__code__")

@@ -25,6 +25,8 @@ import ast
 import dataclasses
 import enum
 import functools
+import io
+import tokenize
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -86,6 +88,30 @@ def _dump(node: ast.AST) -> str:
     if text is None:
         text = _dumps[id(node)] = ast.dump(node, include_attributes=False)
     return text
+
+
+@functools.lru_cache(maxsize=64)
+def _utf8_lines(source: bytes) -> list[bytes] | None:
+    """The source as the parser's offsets see it: UTF-8 lines (``None`` if undecodable)."""
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(source).readline)
+        return source.decode(encoding).encode("utf-8").splitlines(keepends=True)
+    except (SyntaxError, LookupError, UnicodeError):
+        return None
+
+
+def _segment(lines: list[bytes] | None, node: ast.stmt) -> bytes | None:
+    """The exact source text of a statement, its decorators included."""
+    end, end_col = node.end_lineno, node.end_col_offset
+    if lines is None or end is None or end_col is None:
+        return None
+    decorators = getattr(node, "decorator_list", None)
+    first, col = (
+        (min(d.lineno for d in decorators), 0) if decorators else (node.lineno, node.col_offset)
+    )
+    if first == end:
+        return lines[first - 1][col:end_col]
+    return b"".join([lines[first - 1][col:], *lines[first : end - 1], lines[end - 1][:end_col]])
 
 
 def _decorator_name(node: ast.expr) -> str:
@@ -285,6 +311,8 @@ class ModulePlanner:
         self.filename = filename
         self.old_tree = parse(old_source, filename)
         self.new_tree = parse(new_source, filename)
+        self._old_lines = _utf8_lines(old_source)
+        self._new_lines = _utf8_lines(new_source)
         self.plan = ModulePlan(module, new_codes=fx.code_index(new_code))
         self.index = fx.module_functions(self.g, module.__name__)
         # the scratch namespace for dry runs: what staged code sees as this module
@@ -301,23 +329,14 @@ class ModulePlanner:
 
     def _build(self) -> ModulePlan:
         old_defs = _defs(self.old_tree.body)
-        old_stmts: dict[str, int] = {}
-        for s in self.old_tree.body:
-            if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                old_stmts[_dump(s)] = old_stmts.get(_dump(s), 0) + 1
+        unchanged = self._unchanged_statements()
         for stmt in self.new_tree.body:
             if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 old = old_defs.get(stmt.name)
-                if old is not None and _dump(old) == _dump(stmt):
+                if old is not None and self._same_text(old, stmt):
                     continue
                 self._plan_definition(stmt, old)
-            elif _is_constant(stmt):
-                continue  # a bare constant does nothing; the docstring is handled below
-            else:
-                key = _dump(stmt)
-                if old_stmts.get(key):
-                    old_stmts[key] -= 1
-                    continue
+            elif not _is_constant(stmt) and id(stmt) not in unchanged:
                 self._statement(stmt, "statement")
         self._docstring()
         removed = bound_names(self.old_tree.body) - bound_names(self.new_tree.body)
@@ -327,6 +346,53 @@ class ModulePlanner:
         return self.plan
 
     # ------------------------------------------------------------- internals
+    def _same_text(self, old: ast.stmt, new: ast.stmt) -> bool:
+        """Byte-identical source: the cheap test that settles most statements.
+
+        Identical text is an identical tree; different text may still be the
+        same tree (formatting, comments), which :func:`_dump` decides where it
+        matters: wherever re-running a statement would have effects.
+        """
+        text = _segment(self._new_lines, new)
+        return text is not None and text == _segment(self._old_lines, old)
+
+    def _unchanged_statements(self) -> set[int]:
+        """Ids of the new module-level statements (not definitions) the old source has too.
+
+        Matched as multisets, by text first and by tree for the rest, so a
+        reformatted ``CACHE = {}`` is not run again and state survives.
+        """
+
+        def plain(body: list[ast.stmt]) -> list[ast.stmt]:
+            return [
+                s
+                for s in body
+                if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+                and not _is_constant(s)
+            ]
+
+        old_texts: dict[bytes | None, list[ast.stmt]] = {}
+        for s in plain(self.old_tree.body):
+            old_texts.setdefault(_segment(self._old_lines, s), []).append(s)
+        same: set[int] = set()
+        rest: list[ast.stmt] = []
+        for s in plain(self.new_tree.body):
+            text = _segment(self._new_lines, s)
+            if text is not None and old_texts.get(text):
+                old_texts[text].pop()
+                same.add(id(s))
+            else:
+                rest.append(s)
+        old_trees: dict[str, int] = {}
+        for left in old_texts.values():
+            for s in left:
+                old_trees[_dump(s)] = old_trees.get(_dump(s), 0) + 1
+        for s in rest:
+            if old_trees.get(_dump(s)):
+                old_trees[_dump(s)] -= 1
+                same.add(id(s))
+        return same
+
     def _docstring(self) -> None:
         """Rebind ``__doc__`` when the module docstring changed.
 
@@ -383,7 +449,7 @@ class ModulePlanner:
             assert isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
             self._swap_code(stmt, stmt.name, self.index[stmt.name], live)
             self.plan.changes.append(f"body {stmt.name}")
-        else:
+        elif old is None or _dump(old) != _dump(stmt):  # not a mere reformatting
             self._statement(stmt, "new" if old is None else "redefined")
 
     def _swap_code(
@@ -445,6 +511,8 @@ class ModulePlanner:
             _dump(d) for d in old.decorator_list
         ] and self._bodies_only(node, old, cls):
             return
+        if _dump(node) == _dump(old):  # reformatted, nothing to merge
+            return
         self._statement(node, "class", merge_class=cls)
         dry = self.plan.dry_classes.get(node.name)
         if dry is not None and isinstance(cls, enum.EnumMeta):
@@ -473,18 +541,22 @@ class ModulePlanner:
             if not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             before = old_defs[stmt.name]
-            if _dump(before) == _dump(stmt):
+            if self._same_text(before, stmt):
                 continue
             qualname = f"{cls.__qualname__}.{stmt.name}"
             funcs = [
                 f for f in fx.class_functions(cls, self.g) if f.__code__.co_qualname == qualname
             ]
             new = self.plan.new_codes.get(qualname)
-            if not (
-                _signature_only_body_changed(before, stmt) and funcs and new is not None
-            ) or any(f.__code__.co_freevars != new.co_freevars for f in funcs):
+            if (
+                _signature_only_body_changed(before, stmt)
+                and funcs
+                and new is not None
+                and all(f.__code__.co_freevars == new.co_freevars for f in funcs)
+            ):
+                swaps.append((stmt, qualname, funcs))  # a mere reformatting swaps harmlessly
+            elif _dump(before) != _dump(stmt):
                 return False
-            swaps.append((stmt, qualname, funcs))
         for stmt, qualname, funcs in swaps:
             self._swap_code(stmt, qualname, funcs, cls.__dict__.get(stmt.name, MISSING))
             self.plan.changes.append(f"body {qualname}")

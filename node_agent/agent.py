@@ -898,13 +898,18 @@ class Agent:
             reply = self._finish_reply(True, report=report)
             _remember(self._finished, rid, reply)
             self._settle()
-            log.info(
-                "rollout %s finished: now %s (pause %.2f ms)",
-                rid,
-                reply.release,
-                report.pause_s * 1000,
+        if request.commit_at:
+            # The reply and its log line wait until the fleet has switched: on a host
+            # that packs many agents, the nodes that switched first must not take CPU
+            # from those still switching (the commit skew).  The switch is done; only
+            # the acknowledgement waits, outside the op lock.
+            time.sleep(
+                max(0.0, min(request.commit_at + COMMIT_SETTLE_S - time.time(), COMMIT_SETTLE_S))
             )
-            return reply
+        log.info(
+            "rollout %s finished: now %s (pause %.2f ms)", rid, reply.release, report.pause_s * 1000
+        )
+        return reply
 
     def _finish_reply(
         self,
@@ -1085,6 +1090,7 @@ class Agent:
 
 MAX_COMMIT_DELAY_S = 10.0  # a commit instant further away than this is not waited for
 COMMIT_GRACE_S = 1.0  # how long the decision watch leaves the switch to the coordinator
+COMMIT_SETTLE_S = 0.1  # a scheduled commit is acknowledged this long after its instant
 
 
 class _DecisionWatch:

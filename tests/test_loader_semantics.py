@@ -344,3 +344,100 @@ def test_docstring_changes_rebind_doc_and_bare_strings_do_nothing(cb: Codebase) 
 
     cb.upgrade("4", {"m": v1.split("\n", 1)[1]})
     assert mod.__doc__ is None and mod.f() == 1
+
+
+REFORMAT_V1 = """\
+# -*- coding: latin-1 -*-
+EVENTS = []
+EVENTS.append("booted")
+CACHE = {}
+NAME = "caf\u00e9"; SEEN = []
+REGISTRY = []
+
+
+def register(fn):
+    REGISTRY.append(fn)
+    return len(REGISTRY)  # the name no longer holds a function: not patchable in place
+
+
+@register
+def handler():
+    return "h1"
+
+
+def f(x):
+    return x + 1
+
+
+class C:
+    LIMIT = 3
+
+    def g(self):
+        return self.LIMIT
+"""
+
+REFORMAT_V2 = """\
+# -*- coding: latin-1 -*-
+EVENTS = [ ]
+EVENTS.append( "booted" )  # reformatted: still the same statement
+CACHE = {
+}
+NAME = 'caf\u00e9' ; SEEN = []
+REGISTRY = []
+
+
+def register(fn):
+    REGISTRY.append(fn)
+    return len(REGISTRY)
+
+
+@register
+def handler():  # a comment
+    return ("h1")
+
+
+def f(x):
+    # a comment moves the body down a line
+    return x + 1
+
+
+class C:
+    LIMIT = (3)
+
+    def g(self):
+        return self.LIMIT  # why
+"""
+
+
+def _line_of(text: str, source: str) -> int:
+    return source.splitlines().index(text) + 1
+
+
+def test_reformatting_reruns_nothing_and_keeps_state(cb: Codebase) -> None:
+    """Prepare compares statements by source text first and by syntax tree when
+    the text differs, so a release that only reformats (comments, spacing,
+    parentheses, another encoding cookie's bytes) re-runs no statement: module
+    state, registrations and call side effects stay as they are.  Functions
+    whose text changed get the new code object (equivalent, with the new line
+    numbers for tracebacks)."""
+    mods = cb.boot({"m": REFORMAT_V1})
+    m = mods["m"]
+    cache, f, cls, handler = m.CACHE, m.f, m.C, m.handler
+    m.CACHE["kept"] = True
+    prepared = cb.loader.prepare(cb.release("2", {"m": REFORMAT_V2}))
+    details = [d for change in prepared.changes for d in change.details]
+    assert details and all(d.startswith("body ") for d in details), details
+    cb.loader.finish(prepared)
+    assert m.EVENTS == ["booted"] and m.CACHE is cache and m.CACHE == {"kept": True}
+    assert len(m.REGISTRY) == 1 and m.handler == handler == 1
+    assert (
+        m.f is f and f(1) == 2 and f.__code__.co_firstlineno == _line_of("def f(x):", REFORMAT_V2)
+    )
+    assert m.C is cls and cls().g() == 3
+    latin1 = "caf\u00e9".encode().decode("latin-1")  # the file's UTF-8 bytes, read as latin-1
+    assert latin1 == m.NAME
+
+    # a real change next to the unchanged ones is still seen
+    v3 = REFORMAT_V2.replace('EVENTS.append( "booted" )', 'EVENTS.append("v3")')
+    cb.upgrade("3", {"m": v3})
+    assert m.EVENTS == ["booted", "v3"] and m.CACHE is cache
