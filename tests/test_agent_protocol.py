@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
 from hotfleet.keys import Keys
 from hotfleet.signing import generate_keypair, load_private_key, sign_release
-from node_agent.agent import COMMIT_GRACE_S, DECISION_POLL_S, permanent_record
+from node_agent.agent import COMMIT_GRACE_S, COMMIT_SETTLE_S, DECISION_POLL_S, permanent_record
 from tests.agents import (
     ROOT,
     SHOP_MODULES,
@@ -192,3 +193,34 @@ def test_decision_poll_rides_out_an_etcd_outage(tmp_path: Path, etcd_server: Etc
     finally:
         fleet.close()
         client.close()
+
+
+def test_scheduled_commit_switches_at_its_instant_and_acknowledges_after_settling(
+    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str
+) -> None:
+    """A Finish carrying ``commit_at`` switches no earlier than that instant and
+    reports it; the reply itself waits ``COMMIT_SETTLE_S`` past the instant, so
+    that on a host packing many agents the acknowledgements do not take CPU
+    from nodes still switching."""
+    agent = agents.start("n-sched")
+    manifest = publish(etcd_client, etcd_prefix, release("shop-2.0.0"))
+    assert prepare(agent, manifest, "r-sched").ok
+    commit_at = time.time() + 1.0
+    replies: list[agent_pb2.FinishReply] = []
+    caller = threading.Thread(
+        target=lambda: replies.append(
+            agent.stub.Finish(
+                agent_pb2.FinishRequest(rollout_id="r-sched", epoch=1, commit_at=commit_at),
+                timeout=10,
+            )
+        )
+    )
+    caller.start()
+    time.sleep(0.5)
+    assert version(agent) == "1"  # the Finish is in, its instant is not
+    caller.join(10)
+    acknowledged = time.time()
+    (reply,) = replies
+    assert reply.ok and version(agent) == "2"
+    assert commit_at <= reply.finished_at < acknowledged
+    assert acknowledged >= commit_at + COMMIT_SETTLE_S

@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
+import time
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -32,6 +34,8 @@ from coordinator.analysis import (
     samples_from_snapshots,
     wilson_interval,
 )
+from coordinator.fleet import AgentPool
+from coordinator.health import HealthSampler
 from coordinator.policy import AnalysisPolicy, PolicyError
 
 Latency = Callable[[random.Random], float]
@@ -519,3 +523,29 @@ def test_policy_validation_names_the_key(overrides: dict[str, object], message: 
     with pytest.raises(PolicyError) as exc:
         AnalysisPolicy.from_mapping(overrides)
     assert message in str(exc.value)
+
+
+def test_health_sampler_starts_no_round_while_told_to_stay_quiet() -> None:
+    """A sampling round is a burst of RPCs on every node: the leader keeps it off
+    a fleet's commit instant with ``quiet_until`` and sampling resumes after."""
+    rounds: list[float] = []
+    resumed = threading.Event()
+
+    def nodes() -> list[object]:
+        rounds.append(time.time())
+        if len(rounds) >= 3:
+            resumed.set()
+        return []
+
+    pool = AgentPool()
+    sampler = HealthSampler(nodes, pool, interval_s=0.02)
+    quiet_until = time.time() + 0.4
+    sampler.quiet_until(quiet_until)
+    sampler.quiet_until(quiet_until - 0.3)  # an earlier instant never shortens the quiet
+    sampler.start()
+    try:
+        assert resumed.wait(5), rounds
+    finally:
+        sampler.stop()
+        pool.close()
+    assert rounds[0] >= quiet_until
