@@ -609,8 +609,7 @@ class Loader:
                 pause = time.perf_counter() - t0
             assert prepared._stage is not None
             prepared._stage.close()
-            journal.reverse()
-            self._commit(prepared, journal)
+            self._commit(prepared, journal)  # in the order applied: undo replays it backwards
             report = FinishReport(
                 ReleaseInfo.of(prepared.release),
                 pause,

@@ -441,3 +441,17 @@ def test_reformatting_reruns_nothing_and_keeps_state(cb: Codebase) -> None:
     v3 = REFORMAT_V2.replace('EVENTS.append( "booted" )', 'EVENTS.append("v3")')
     cb.upgrade("3", {"m": v3})
     assert m.EVENTS == ["booted", "v3"] and m.CACHE is cache
+
+
+def test_rollback_undoes_a_name_bound_twice_in_one_release(cb: Codebase) -> None:
+    """The journal holds two inverses for ``X``; rollback must replay them newest
+    first (a regression: the stored backup was replayed oldest first, leaving
+    ``X`` at the intermediate value 10 instead of 2)."""
+    m = cb.boot({"m": "X = 1\nX = X + 1\n"})["m"]
+    cb.upgrade("2", {"m": "X = 10\nX = X + 5\n"})
+    assert m.X == 15
+    cb.loader.rollback()
+    assert m.X == 2
+    cb.upgrade("3", {"m": "X = 10\nX = X + 5\n"})
+    cb.loader.rollback()
+    assert m.X == 2
