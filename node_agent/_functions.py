@@ -140,24 +140,63 @@ def can_outlive_call(code: types.CodeType) -> bool:
     return code.co_name not in _TRANSIENT
 
 
+def callable_again(code: types.CodeType) -> bool:
+    """Could a live function object of ``code`` be called again (so worth patching)?
+
+    A generator expression's function object is called exactly once, to make
+    the generator; it may outlive the enclosing call inside that generator's
+    frame, but giving it a new body would change nothing.
+    """
+    return can_outlive_call(code) and code.co_name != "<genexpr>"
+
+
 def suspendable(code: types.CodeType) -> bool:
     """Generators and coroutines keep a frame (and so their code) alive between calls."""
     return bool(code.co_flags & _SUSPENDABLE)
 
 
+class Codes:
+    """A set of code objects by identity.
+
+    Code objects compare (and hash) by value: the same ``lambda: 1`` or
+    generator expression at the same line of two modules are ``==``, so a
+    plain set or dict would take one module's code for another's and patch
+    the wrong functions.  Membership here is identity; the set keeps the
+    objects alive so their ids stay theirs.
+    """
+
+    def __init__(self, codes: Iterable[types.CodeType] = ()) -> None:
+        self._by_id: dict[int, types.CodeType] = {id(c): c for c in codes}
+
+    def add(self, code: types.CodeType) -> None:
+        self._by_id[id(code)] = code
+
+    def __contains__(self, code: object) -> bool:
+        return id(code) in self._by_id
+
+    def __iter__(self) -> Iterator[types.CodeType]:
+        return iter(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def ids(self) -> frozenset[int]:
+        return frozenset(self._by_id)
+
+
 def scan_heap(
-    function_codes: Iterable[types.CodeType], frame_codes: Iterable[types.CodeType]
-) -> tuple[dict[types.CodeType, list[FunctionType]], list[str]]:
+    function_codes: Codes, frame_codes: Codes
+) -> tuple[dict[int, list[FunctionType]], list[str]]:
     """One ``gc`` walk for both questions prepare asks of the heap.
 
-    Returns the live function objects running one of ``function_codes`` and a
-    description of every suspended generator/coroutine whose frame runs one
-    of ``frame_codes``.  Skipped entirely when there is nothing to look for,
-    which is the common case: the walk is the most expensive step of prepare
-    on a large heap.
+    Returns, by ``id`` of the code, the live function objects running one of
+    ``function_codes``, and a description of every suspended generator or
+    coroutine whose frame runs one of ``frame_codes``.  Skipped entirely when
+    there is nothing to look for, which is the common case: the walk is the
+    most expensive step of prepare on a large heap.
     """
-    wanted: dict[types.CodeType, list[FunctionType]] = {c: [] for c in function_codes}
-    frames = {c for c in frame_codes if suspendable(c)}
+    wanted: dict[int, list[FunctionType]] = {i: [] for i in function_codes.ids()}
+    frames = frozenset(id(c) for c in frame_codes if suspendable(c))
     suspended: list[str] = []
     if not wanted and not frames:
         return wanted, suspended
@@ -168,12 +207,12 @@ def scan_heap(
     picked = list(compress(objects, map(kinds.__contains__, map(type, objects))))
     del objects
     funcs = [o for o in picked if type(o) is FunctionType]
-    for func in compress(funcs, map(wanted.__contains__, map(_CODE_OF, funcs))):
-        wanted[func.__code__].append(func)
+    for func in compress(funcs, map(wanted.__contains__, map(id, map(_CODE_OF, funcs)))):
+        wanted[id(func.__code__)].append(func)
     for obj in picked if frames else ():
         if type(obj) is not FunctionType:
             code, frame = _code_and_frame(obj)
-            if code in frames and frame is not None:
+            if id(code) in frames and frame is not None:
                 suspended.append(
                     f"{code.co_qualname} ({type(obj).__name__} at line {frame.f_lineno})"
                 )

@@ -242,20 +242,23 @@ class ModulePlan:
     removed: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)  # "kind name" lines, for the report
     warnings: list[str] = field(default_factory=list)
-    replaced_codes: set[types.CodeType] = field(default_factory=set)
+    replaced_codes: fx.Codes = field(default_factory=fx.Codes)  # may still run in a frame
     dry_classes: dict[str, type] = field(
         default_factory=dict
     )  # scratch versions of redefined classes
     new_codes: dict[str, types.CodeType | None] = field(default_factory=dict)
     clones: dict[str, types.FunctionType] = field(default_factory=dict)  # prepare-time stand-ins
-    nested: dict[types.CodeType, types.CodeType | None] = field(default_factory=dict)  # old -> new
+    # id(old) -> (old, new) code of functions made at run time by the functions patched
+    nested: dict[int, tuple[types.CodeType, types.CodeType | None]] = field(default_factory=dict)
 
-    def patch_closures(self, live: dict[types.CodeType, list[types.FunctionType]]) -> None:
-        """Closures created at run time by patched functions get the new body too."""
-        for old, new in self.nested.items():
-            funcs = live.get(old, [])
-            self.replaced_codes.add(old)
-            for f in funcs:
+    def patch_closures(self, live: dict[int, list[types.FunctionType]]) -> None:
+        """Closures created at run time by patched functions get the new body too.
+
+        ``live``: the live function objects by ``id`` of their code (see
+        :func:`~node_agent._functions.scan_heap`).
+        """
+        for key, (old, new) in self.nested.items():
+            for f in live.get(key, []):
                 if new is not None and new.co_freevars == old.co_freevars:
                     self.ops.append(SetCode(f, new, f.__defaults__, f.__kwdefaults__))
                 else:
@@ -493,7 +496,12 @@ class ModulePlanner:
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 if fx.can_outlive_call(const):
-                    self.plan.nested[const] = self.plan.new_codes.get(const.co_qualname)
+                    self.plan.replaced_codes.add(const)
+                if fx.callable_again(const):
+                    self.plan.nested[id(const)] = (
+                        const,
+                        self.plan.new_codes.get(const.co_qualname),
+                    )
                 self._remember_nested(const)
 
     def _plan_class(self, node: ast.ClassDef, old: ast.ClassDef, cls: type) -> None:

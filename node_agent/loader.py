@@ -32,7 +32,7 @@ from hotfleet.errors import ModuleError, Reason
 from hotfleet.imports import load_order, release_dependencies, scan_imports
 from hotfleet.release import ModuleSource, Release
 from node_agent import stateful
-from node_agent._functions import scan_heap
+from node_agent._functions import Codes, scan_heap
 from node_agent._patch import MISSING, InstallModule, Op, SetCode, SetItem, SetState, undo
 from node_agent._staging import Stage
 from node_agent._update import (
@@ -341,7 +341,7 @@ class Loader:
 
     def _purge_check(self) -> list[ModuleError]:
         """Soft purge: refuse while any thread or generator still runs the old version."""
-        old_codes = {op.code for op in self._retired if isinstance(op, SetCode)}
+        old_codes = Codes(op.code for op in self._retired if isinstance(op, SetCode))
         if not old_codes:
             return []
         errors = []
@@ -361,7 +361,7 @@ class Loader:
                     )
                     break
                 f = f.f_back
-        for desc in scan_heap((), old_codes)[1]:
+        for desc in scan_heap(Codes(), old_codes)[1]:
             errors.append(
                 ModuleError(
                     "?",
@@ -413,9 +413,9 @@ class Loader:
                         changes.append(ModuleChange(name, "new"))
                         installs.append(InstallModule(name, new_modules[name]))
             plans = [planners[n].plan for unit in order for n in unit if n in planners]
-            nested = {c for p in plans for c in p.nested}
             live, suspended = scan_heap(
-                nested, {c for p in plans for c in p.replaced_codes} | nested
+                Codes(old for p in plans for old, _ in p.nested.values()),
+                Codes(c for p in plans for c in p.replaced_codes),
             )
             for plan in plans:
                 before = len(plan.warnings)

@@ -325,3 +325,20 @@ def test_sticky_modules_are_refused(cb: Codebase) -> None:
     assert "json" in sys.modules and not hasattr(sys.modules["json"], "X")
     cb.loader.finish(cb.loader.prepare(release))
     assert cb.module("m").X == 2
+
+
+def test_identical_closure_code_in_two_modules_is_patched_only_where_it_changed(
+    cb: Codebase,
+) -> None:
+    """Code objects compare by value: the same factory at the same line of two
+    modules makes ``==`` lambda code.  Run-time closures are found by the
+    identity of their code, so upgrading one module's lambda leaves the other
+    module's closures alone (a regression: both used to get the new body)."""
+    factory = "def make():\n    return lambda: 'v1'\n\nKEPT = make()\n"
+    mods = cb.boot({"a": factory, "b": factory})
+    kept_a, kept_b = mods["a"].KEPT, mods["b"].KEPT
+    cb.upgrade("2", {"a": factory.replace("'v1'", "'v2'")})
+    assert (kept_a(), kept_b()) == ("v2", "v1")
+    assert (mods["a"].make()(), mods["b"].make()()) == ("v2", "v1")
+    cb.loader.rollback()
+    assert (kept_a(), kept_b()) == ("v1", "v1")
