@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
+from hotfleet._gc import paused as gc_paused
 from hotfleet.release import Release
 
 __all__ = [
@@ -130,11 +131,24 @@ def _field_context(node: ast.AST, field: str, context: _Context) -> _Context:
     return context
 
 
-def _children(node: ast.AST, context: _Context) -> Iterator[tuple[ast.AST, _Context]]:
+# what can hold an import statement; expressions only matter for import_module() calls
+_STATEMENT_LEVEL = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _children(
+    node: ast.AST, context: _Context, expressions: bool
+) -> Iterator[tuple[ast.AST, _Context]]:
+    kinds = ast.AST if expressions else _STATEMENT_LEVEL
     for field, value in ast.iter_fields(node):
-        child_context = _field_context(node, field, context)
-        for child in value if isinstance(value, list) else [value]:
-            if isinstance(child, ast.AST):
+        if isinstance(value, list):
+            children = [c for c in value if isinstance(c, kinds)]
+        elif isinstance(value, kinds):
+            children = [value]
+        else:
+            continue
+        if children:
+            child_context = _field_context(node, field, context)
+            for child in children:
                 yield child, child_context
 
 
@@ -216,16 +230,22 @@ def scan_imports(module: str, source: str | bytes, *, is_package: bool = False) 
 @functools.lru_cache(maxsize=1024)
 def _scan_cached(module: str, source: str | bytes, is_package: bool) -> ImportInfo:
     try:
-        tree = ast.parse(source, filename=f"<{module}>")
+        with gc_paused():
+            tree = ast.parse(source, filename=f"<{module}>")
     except ValueError as exc:  # null bytes on older 3.11 patch releases
         raise SyntaxError(f"{module}: {exc}") from exc
     scanner = _Scanner(module, is_package)
+    # Expressions are walked only when a dynamic import can be among them: most
+    # modules never name import_module/__import__, and their statements are a
+    # small fraction of the tree.
+    text = source if isinstance(source, str) else source.decode("latin-1")
+    expressions = any(name in text for name in _DYNAMIC_IMPORTERS)
     # Iterative walk: a generated module may nest deeper than the recursion limit.
     stack: list[tuple[ast.AST, _Context]] = [(tree, _Context())]
     while stack:
         node, context = stack.pop()
         scanner.visit(node, context)
-        stack.extend(reversed(list(_children(node, context))))
+        stack.extend(reversed(list(_children(node, context, expressions))))
     return scanner.result()
 
 

@@ -128,7 +128,14 @@ class EtcdBlobBackend:
         )
 
     def read(self, digest: str) -> bytes:
-        raw, _ = self.client.get(self.header_key(digest))
+        # One range read returns the header and every chunk at a single revision,
+        # so a present header means every chunk is there (it is written last).
+        header_key = self.header_key(digest)
+        values = {
+            meta.key.decode(): value
+            for value, meta in self.client.get_prefix(header_key.removesuffix("header"))
+        }
+        raw = values.get(header_key)
         if raw is None:
             raise BlobNotFound(digest, f"etcd under {self.prefix}")
         try:
@@ -138,7 +145,7 @@ class EtcdBlobBackend:
             raise corrupt_blob(digest, f"unreadable blob header in etcd: {exc}") from None
         parts: list[bytes] = []
         for index in range(count):
-            chunk, _ = self.client.get(self.chunk_key(digest, index))
+            chunk = values.get(self.chunk_key(digest, index))
             if chunk is None:
                 raise corrupt_blob(digest, f"chunk {index} of {count} missing in etcd")
             parts.append(chunk)

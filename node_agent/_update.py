@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from hotfleet._gc import paused as gc_paused
 from hotfleet.errors import Reason
 from node_agent import _functions as fx
 from node_agent._patch import MISSING, ClearCache, Op, SetClassAttr, SetCode
@@ -73,7 +74,8 @@ def parse(source: bytes, filename: str) -> ast.Module:
 
     The trees are shared, so nothing here may mutate them.
     """
-    return ast.parse(source, filename)
+    with gc_paused():  # tens of thousands of nodes: one collection afterwards, not dozens
+        return ast.parse(source, filename)
 
 
 _dumps: dict[int, str] = {}  # per build(): the same statements are compared several times

@@ -713,11 +713,21 @@ class Agent:
                     False, started, [_err(request.release.name or "*", f"bad manifest: {exc}")]
                 )
             self._drop_staged(f"superseded by rollout {rid!r}")
+            fetched = time.perf_counter()
+            cpu0 = time.thread_time()
             try:
                 prepared = self.loader.prepare(release, force=request.force)
             except PrepareError as exc:
                 self._settle()
                 return self._prepare_reply(False, started, exc.errors)
+            log.info(
+                "rollout %s: prepared %s (sources %.0f ms, loader %.0f ms, of which %.0f ms CPU)",
+                rid,
+                release.label,
+                (fetched - started) * 1e3,
+                (time.perf_counter() - fetched) * 1e3,
+                (time.thread_time() - cpu0) * 1e3,
+            )
             reply = self._prepare_reply(
                 True,
                 started,

@@ -10,7 +10,6 @@ finish.  At most two versions exist: current and the backup.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import enum
 import functools
@@ -23,11 +22,12 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hotfleet._gc import paused as gc_paused
 from hotfleet.errors import ModuleError, Reason
 from hotfleet.imports import load_order, release_dependencies, scan_imports
 from hotfleet.release import ModuleSource, Release
@@ -422,6 +422,12 @@ class Loader:
                 plan.patch_closures(live)
                 warnings.extend(plan.warnings[before:])
             warnings.extend(f"{g} keeps running its old code until it finishes" for g in suspended)
+            frozen = gc.get_freeze_count()
+            if frozen and any(p.nested or p.replaced_codes for p in plans):
+                warnings.append(
+                    f"{frozen} objects are frozen (gc.freeze()) and invisible to the heap scan: "
+                    "closures or generators among them keep their old code"
+                )
             migrations = self._dry_run_migrations(release, plans, errors) if not errors else []
         finally:
             stage.active = False  # staged code imports normally from now on
@@ -583,7 +589,7 @@ class Loader:
                 return prepared.report
             self._check_current(prepared)
             journal: list[Op] = []
-            with _no_gc(), self.barrier.hold(self.drain_timeout) as hold:
+            with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
                 t0 = time.perf_counter()
                 try:
                     self._switch(prepared, journal)
@@ -777,7 +783,7 @@ class Loader:
                 self._drop(self._pending)
             down = ("down", backup.restores.version if backup.restores else None)
             journal: list[Op] = []
-            with _no_gc(), self.barrier.hold(self.drain_timeout) as hold:
+            with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
                 t0 = time.perf_counter()
                 try:
                     migrated = self._migrate(backup.migrations, down, journal, None)
@@ -886,23 +892,12 @@ class Loader:
         return file if isinstance(file, str) else str(self.code_paths[0] / ms.path)
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """No garbage collection while guarded work is held: a full collection of a
-    big heap takes tens of milliseconds, all of it added to the pause."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 @functools.lru_cache(maxsize=64)
 def _compile_cached(source: bytes, filename: str) -> types.CodeType:
     # from the (cached) tree the planner diffs anyway: the source is parsed once
-    return compile(parse(source, filename), filename, "exec", dont_inherit=True)
+    tree = parse(source, filename)
+    with gc_paused():
+        return compile(tree, filename, "exec", dont_inherit=True)
 
 
 class _MigrationFailed(Exception):

@@ -8,6 +8,7 @@ again.
 
 from __future__ import annotations
 
+import gc
 import pickle
 import sys
 import textwrap
@@ -342,3 +343,22 @@ def test_identical_closure_code_in_two_modules_is_patched_only_where_it_changed(
     assert (mods["a"].make()(), mods["b"].make()()) == ("v2", "v1")
     cb.loader.rollback()
     assert (kept_a(), kept_b()) == ("v1", "v1")
+
+
+def test_closures_frozen_by_gc_freeze_are_reported_not_patched(cb: Codebase) -> None:
+    """Pre-fork servers call ``gc.freeze()`` after import; frozen objects are
+    invisible to ``gc.get_objects()``, so the heap scan cannot find a closure
+    made before the freeze.  Prepare says so instead of patching silently
+    less than it claims; a closure made after the freeze is patched."""
+    v1 = "def outer():\n    def inner():\n        return 'v1'\n    return inner\n"
+    mods = cb.boot({"m": v1})
+    frozen = mods["m"].outer()
+    gc.freeze()
+    try:
+        made_after = mods["m"].outer()
+        prepared = cb.loader.prepare(cb.release("2", {"m": v1.replace("'v1'", "'v2'")}))
+        assert any("gc.freeze()" in w for w in prepared.warnings), prepared.warnings
+        cb.loader.finish(prepared)
+    finally:
+        gc.unfreeze()
+    assert (frozen(), made_after(), mods["m"].outer()()) == ("v1", "v2", "v2")
