@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
-from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, wait_for
+from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, Pki, wait_for
 from tests.processes import ManagedProcess, spawn
 
 READY = "hotfleet-coordinator ready"
@@ -124,14 +124,20 @@ class Coordinators:
         advertise_host: str | None = None,
         listen: str = "127.0.0.1:0",
         wait: bool = True,
+        tls: Pki | None = None,
     ) -> CoordinatorProcess:
-        """Start ``python -m coordinator.daemon --dev``; ``fault`` sets ``HOTFLEET_FAULT``."""
+        """Start ``python -m coordinator.daemon``: ``--dev``, or mutual TLS with the
+        server certificate of ``tls``; ``fault`` sets ``HOTFLEET_FAULT``."""
         log_path = self.tmp_path / f"coordinator-{name}-{len(self.procs)}.log"
+        security = ["--dev"]
+        if tls is not None:  # the server certificate names 127.0.0.1
+            security = ["--tls-cert", str(tls.agent_cert), "--tls-key", str(tls.agent_key)]
+            security += ["--tls-ca", str(tls.ca)]
         cmd = [
             sys.executable,
             "-m",
             "coordinator.daemon",
-            "--dev",
+            *security,
             "--etcd",
             endpoint or self.endpoint,
             "--prefix",
