@@ -8,12 +8,16 @@ imported by ``shop.app``); releases v1 (the boot code) and v2 (shop 2.0.0 +
 the 16 modules changed) each touch the same 20 modules.
 
 * **2PC** (the product): ``engine.upgrade(<release>, all nodes,
-  window_s=0)`` alternately to v2 and back to v1 (a pushed release); from the
-  rollout record, *end to end* = finish instant of the last node - the
-  record's ``created_at``, and *commit skew* = ``rollout.commit_skew_s``
-  (latest - earliest finish instant).  One round trip v2 → v1 runs first,
-  unmeasured (cold caches, first connections), and is reported apart.
-* **Baseline** (no 2PC), after the 2PC runs, same fleet, same releases:
+  window_s=0)`` alternately to v2 and back to v1, each measured run a new
+  build no node has seen (same code plus a comment: every node fetches,
+  parses, compiles and plans it from scratch, as in a real deploy; pushed
+  off the clock, as ``coordctl release push``); from the rollout record,
+  *end to end* = finish instant of the last node - the record's
+  ``created_at``, and *commit skew* = ``rollout.commit_skew_s`` (latest -
+  earliest finish instant).  One round trip v2 → v1 of the plain releases
+  runs first, unmeasured (first prepare of the processes, first
+  connections), and is reported apart.
+* **Baseline** (no 2PC), after the 2PC runs, same fleet, new builds too:
   node by node in sequence, ``Prepare`` then ``Finish`` over gRPC
   (``agent_pb2`` stubs, an epoch above the leader's: from then on the agents
   refuse the leader, which is why it runs last); total = last finish - first
@@ -139,6 +143,16 @@ def build_workload(work: Path) -> tuple[Path, Release, Release]:
     changed = [m for m in rel1.module_names() if rel1.get(m).source != rel2.get(m).source]
     assert len(rel1.modules) == len(rel2.modules) == len(changed) == 20, changed
     return boot, rel1, rel2
+
+
+def new_build(release: Release, build: int) -> Release:
+    """``release`` as a build no node has seen: the same code plus a comment, so
+    every node fetches, parses, compiles and plans it from scratch."""
+    sources = {m.name: m.source.decode() + f"# build {build}\n" for m in release.modules}
+    modules = {m.name: {"extra": m.extra} for m in release.modules if m.extra is not None}
+    return Release.from_sources(
+        release.name, f"{release.version}.b{build}", sources, modules=modules or None
+    )
 
 
 # ------------------------------------------------------------------- the 2PC
@@ -281,24 +295,26 @@ def run_n(
         )
         measured = []
         for k in range(runs):
-            label = order[k % 2]
-            res = run_2pc(fleet, label, concurrency)
-            check_versions(fleet, keys[label])
+            rel = new_build((rel2, rel1)[k % 2], k)  # never seen by any node, as in a deploy
+            leader.engine.push_release(rel)  # off the clock, as `coordctl release push`
+            res = run_2pc(fleet, rel.label, concurrency)
+            check_versions(fleet, keys[(rel2, rel1)[k % 2].label])
             measured.append(res)
             say(
-                f"N={n} 2PC run {k + 1}/{runs} -> {label}: e2e {res['e2e_s'] * 1e3:.0f} ms, "
+                f"N={n} 2PC run {k + 1}/{runs} -> {rel.label}: e2e {res['e2e_s'] * 1e3:.0f} ms, "
                 f"skew {res['skew_s'] * 1e3:.1f} ms"
             )
         direct = Direct(fleet.agents, leader.epoch + 1)
         base = []
         try:
-            current = order[(runs - 1) % 2] if runs else order[1]
-            by_label = {rel1.label: rel1, rel2.label: rel2}
+            current = (rel2, rel1)[(runs - 1) % 2].label if runs else order[1]
             for k in range(baseline_runs):
-                rel = by_label[rel2.label if current == rel1.label else rel1.label]
+                plain = rel2 if current == rel1.label else rel1
+                rel = new_build(plain, 1000 + k)
+                leader.engine.push_release(rel)
                 res = direct.sequential(rel, f"bench-sequential-{k}")
-                check_versions(fleet, keys[rel.label])
-                current = rel.label
+                check_versions(fleet, keys[plain.label])
+                current = plain.label
                 base.append(res)
                 say(
                     f"N={n} baseline run {k + 1}/{baseline_runs} -> {rel.label}: total "
@@ -417,9 +433,10 @@ MD_PREAMBLE = (
     "`python benchmarks/run.py fleet`: N `node-agent` processes (started in parallel: "
     "*start-up* = first spawn → all ready) and an elected in-process leader; a 20-module "
     "release (shop + 16 generated modules, all changed) applied with `engine.upgrade` "
-    "(2PC, `window_s=0`), alternating v2 ↔ v1. *e2e* = last node's finish - rollout "
-    "`created_at`; *skew* = latest - earliest finish instant. *baseline* = the same "
-    "release applied node by node (Prepare then Finish over gRPC, in sequence): total, "
+    "(2PC, `window_s=0`), alternating v2 ↔ v1, each measured run a new build no node has "
+    "seen (fetched, parsed, compiled and planned from scratch, as in a deploy). *e2e* = last "
+    "node's finish - rollout `created_at`; *skew* = latest - earliest finish instant. "
+    "*baseline* = new builds applied node by node (Prepare then Finish over gRPC, in sequence): total, "
     "and last - first finish. Targets: N=50 e2e < 3 s; skew < 50 ms (worst run) and ≥ 10x "
     "below the baseline's (p50)."
 )

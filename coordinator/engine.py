@@ -537,34 +537,53 @@ class Engine:
     ) -> None:
         """Each wave is its own two-phase commit, analysed before the next one starts."""
         while True:
-            self._hook("before_prepare", rollout)
-            self._prepare_all(lead, rollout, manifest, entry, options)
-            self._save(lead, rollout)
-            self._hook("before_decision", rollout)
-            members = self._members(rollout)
-            voters = [
-                n for n in members if n.vote is not Vote.UNREACHABLE or not options.allow_missing
-            ]
-            yes = all(n.vote is Vote.YES for n in voters) and any(
-                n.vote is Vote.YES for n in voters
-            )
-            wanted = "commit" if yes and not options.dry_run else "abort"
-            decision = self._decide(lead, self._wave_id(rollout), wanted)
-            rollout.decision, rollout.decided_at = decision, time.time()
-            if decision != "commit":
-                rollout.phase = Phase.ABORTING
-                self._save(lead, rollout)
-                self._abort_wave(lead, rollout, options, dry_run=options.dry_run and yes)
-                return
-            rollout.phase = Phase.COMMITTED
-            self._save(lead, rollout)
-            self._hook("after_decision", rollout)
-            self._finish_all(lead, rollout, options)
+            # No health sampling while the wave prepares and commits: its samples
+            # would serve nothing (the baseline ends when the rollout starts, the
+            # window begins after the commit) and compete for the nodes' CPU.
+            sampler = self.sampler
+            if sampler is not None:
+                sampler.pause()
+            try:
+                if not self._commit_wave(lead, rollout, manifest, entry, options):
+                    return
+            finally:  # finish scheduled the resumption just after its commit instant
+                if sampler is not None:
+                    sampler.resume_at(time.time())
             if not self._after_finish(lead, rollout, options):
                 return
             rollout.wave += 1
             rollout.phase = Phase.PREPARING
             self._save(lead, rollout)
+
+    def _commit_wave(
+        self,
+        lead: Leadership,
+        rollout: Rollout,
+        manifest: dict[str, Any],
+        entry: ReleaseEntry,
+        options: RolloutOptions,
+    ) -> bool:
+        """Prepare, decide, then finish or abort one wave; True when it committed."""
+        self._hook("before_prepare", rollout)
+        self._prepare_all(lead, rollout, manifest, entry, options)
+        self._save(lead, rollout)
+        self._hook("before_decision", rollout)
+        members = self._members(rollout)
+        voters = [n for n in members if n.vote is not Vote.UNREACHABLE or not options.allow_missing]
+        yes = all(n.vote is Vote.YES for n in voters) and any(n.vote is Vote.YES for n in voters)
+        wanted = "commit" if yes and not options.dry_run else "abort"
+        decision = self._decide(lead, self._wave_id(rollout), wanted)
+        rollout.decision, rollout.decided_at = decision, time.time()
+        if decision != "commit":
+            rollout.phase = Phase.ABORTING
+            self._save(lead, rollout)
+            self._abort_wave(lead, rollout, options, dry_run=options.dry_run and yes)
+            return False
+        rollout.phase = Phase.COMMITTED
+        self._save(lead, rollout)
+        self._hook("after_decision", rollout)
+        self._finish_all(lead, rollout, options)
+        return True
 
     @staticmethod
     def _wave_id(rollout: Rollout) -> str:
@@ -680,7 +699,7 @@ class Engine:
         commit_at = time.time() + COMMIT_LEAD_S + COMMIT_LEAD_PER_NODE_S * len(members)
         sampler = self.sampler
         if sampler is not None:
-            sampler.quiet_until(commit_at + COMMIT_QUIET_S)
+            sampler.resume_at(commit_at + COMMIT_QUIET_S)
 
         def finish(result: NodeResult) -> None:
             if result.finished or result.vote is not Vote.YES:

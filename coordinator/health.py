@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import urllib.error
@@ -26,6 +27,8 @@ from coordinator.fleet import AgentPool, NodeInfo
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 
 log = logging.getLogger("hotfleet.coordinator")
+
+_PAUSE_POLL_S = 0.02  # how soon a paused sampler notices it may resume
 
 
 class HealthSampler:
@@ -64,11 +67,27 @@ class HealthSampler:
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def quiet_until(self, when: float) -> None:
-        """Start no round before unix time ``when``: a round is a burst of RPCs
-        and CPU on every node, and must not land on a fleet's commit instant."""
+    def pause(self) -> None:
+        """Start no round until :meth:`resume_at`.
+
+        A round is a burst of RPCs and CPU on every node; while a rollout
+        prepares and commits, its samples would be used for nothing (the
+        baseline ends when the rollout starts, the window begins after the
+        commit) and would only slow the fleet down.
+        """
         with self._lock:
-            self._quiet_until = max(self._quiet_until, when)
+            self._quiet_until = math.inf
+
+    def resume_at(self, when: float) -> None:
+        """Start rounds again from unix time ``when`` (now or in the past: at once).
+
+        A resumption already scheduled later stands: the commit instant's
+        quiet is not cut short by the caller's own "resume now" that follows.
+        """
+        with self._lock:
+            self._quiet_until = (
+                when if math.isinf(self._quiet_until) else max(self._quiet_until, when)
+            )
 
     def _run(self) -> None:
         next_at = time.monotonic()
@@ -76,7 +95,7 @@ class HealthSampler:
             with self._lock:
                 quiet = self._quiet_until - time.time()
             if quiet > 0:
-                self._stop.wait(quiet)
+                self._stop.wait(min(quiet, _PAUSE_POLL_S))
                 next_at = time.monotonic()
                 continue
             try:

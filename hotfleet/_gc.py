@@ -11,10 +11,11 @@ process-wide.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["paused"]
+__all__ = ["paused", "paused_for"]
 
 
 @contextmanager
@@ -26,4 +27,30 @@ def paused() -> Iterator[None]:
         yield
     finally:
         if was:
+            gc.enable()
+
+
+@contextmanager
+def paused_for(budget_s: float) -> Iterator[Callable[[], None]]:
+    """Paused for a long operation, but not beyond ``budget_s`` seconds.
+
+    Yields a checkpoint to call between steps: once the budget is spent it
+    turns collection back on, so an unusually long operation (a huge release,
+    slow user code) does not let a busy host's cyclic garbage pile up.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    deadline = time.monotonic() + budget_s
+    resumed = not was
+
+    def checkpoint() -> None:
+        nonlocal resumed
+        if not resumed and time.monotonic() > deadline:
+            resumed = True
+            gc.enable()
+
+    try:
+        yield checkpoint
+    finally:
+        if not resumed:
             gc.enable()

@@ -25,9 +25,12 @@ import json
 import logging
 import os
 import re
-import tempfile
+import threading
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from etcd3.utils import prefix_range_end
 
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 # write identical chunks, so a late one can never corrupt a published blob.
 CHUNK_SIZE = 512 * 1024
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_TXN_BATCH = 64  # range reads per transaction; etcd's default --max-txn-ops is 128
 
 
 class BlobNotFound(KeyError):
@@ -88,6 +92,13 @@ class BlobBackend(Protocol):
         """Store ``data`` under ``digest``; a no-op when already present."""
         ...
 
+    def read_many(self, digests: Sequence[str]) -> dict[str, bytes]:
+        """The stored bytes of as many of ``digests`` as can be read, unverified.
+
+        Missing or unreadable blobs are left out: :meth:`read` tells why.
+        """
+        ...
+
 
 class EtcdBlobBackend:
     """Blobs in etcd: ``<prefix><digest>/chunk/<n>`` keys, then a header key.
@@ -130,12 +141,37 @@ class EtcdBlobBackend:
     def read(self, digest: str) -> bytes:
         # One range read returns the header and every chunk at a single revision,
         # so a present header means every chunk is there (it is written last).
-        header_key = self.header_key(digest)
-        values = {
-            meta.key.decode(): value
-            for value, meta in self.client.get_prefix(header_key.removesuffix("header"))
-        }
-        raw = values.get(header_key)
+        prefix = self._blob_prefix(digest)
+        return self._assemble(digest, self.client.get_prefix(prefix))
+
+    def read_many(self, digests: Sequence[str]) -> dict[str, bytes]:
+        """A release's sources in a few round trips: one transaction of range
+        reads per batch (etcd caps the operations of a transaction)."""
+        out: dict[str, bytes] = {}
+        txn = self.client.transactions
+        unique = list(dict.fromkeys(digests))
+        for start in range(0, len(unique), _TXN_BATCH):
+            batch = unique[start : start + _TXN_BATCH]
+            ranges = []
+            for digest in batch:
+                prefix = self._blob_prefix(digest)
+                end = prefix_range_end(prefix.encode())
+                ranges.append(txn.get(prefix, range_end=end))
+            _, responses = self.client.transaction(compare=[], success=ranges, failure=[])
+            for digest, kvs in zip(batch, responses, strict=True):
+                try:
+                    out[digest] = self._assemble(digest, kvs)
+                except (BlobNotFound, HotfleetError):
+                    continue  # read() on its own reports it precisely
+        return out
+
+    def _blob_prefix(self, digest: str) -> str:
+        return self.header_key(digest).removesuffix("header")
+
+    def _assemble(self, digest: str, kvs: Iterable[tuple[bytes, Any]]) -> bytes:
+        """Header and chunks (``(value, metadata)`` pairs of one range) into the blob."""
+        values = {meta.key.decode(): value for value, meta in kvs}
+        raw = values.get(self.header_key(digest))
         if raw is None:
             raise BlobNotFound(digest, f"etcd under {self.prefix}")
         try:
@@ -175,19 +211,19 @@ class LocalCache:
             raise BlobNotFound(digest, str(self.directory)) from None
 
     def write(self, digest: str, data: bytes) -> None:
+        """Temp file and rename, no fsync: every cached read is verified against
+        its digest, so a copy torn by a crash is discarded and fetched again."""
         target = self.path(digest)
         if target.is_file():
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{digest[:16]}.", suffix=".tmp")
+        tmp = self.directory / f".{digest[:16]}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            with os.fdopen(fd, "wb") as out:
+            with open(tmp, "wb") as out:
                 out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def discard(self, digest: str) -> None:
@@ -213,6 +249,41 @@ class ContentStore:
     def has(self, digest: str) -> bool:
         check_digest(digest)
         return (self.cache is not None and self.cache.has(digest)) or self.backend.has(digest)
+
+    def get_many(self, digests: Sequence[str], *, keep: bool = True) -> dict[str, bytes]:
+        """Verified bytes of every digest that can be had at once (cache, then one
+        batched backend read); anything left out is for :meth:`get` to explain.
+
+        ``keep=False`` leaves what came from the backend out of the cache: the
+        caller writes it later, off its critical path (see :meth:`keep`).
+        """
+        out: dict[str, bytes] = {}
+        wanted = []
+        for digest in dict.fromkeys(digests):
+            check_digest(digest)
+            if self.cache is None:
+                wanted.append(digest)
+                continue
+            try:
+                out[digest] = verify(digest, self.cache.read(digest))
+            except BlobNotFound:
+                wanted.append(digest)
+            except HotfleetError as exc:
+                log.warning("discarding corrupt cached blob: %s", exc)
+                self.cache.discard(digest)
+                wanted.append(digest)
+        for digest, data in self.backend.read_many(wanted).items():
+            if sha256_hex(data) == digest:
+                out[digest] = data
+                if keep and self.cache is not None:
+                    self.cache.write(digest, data)
+        return out
+
+    def keep(self, blobs: Mapping[str, bytes]) -> None:
+        """Write verified ``{digest: bytes}`` into the cache (no-op without one)."""
+        if self.cache is not None:
+            for digest, data in blobs.items():
+                self.cache.write(digest, data)
 
     def get(self, digest: str) -> bytes:
         """Verified bytes of ``digest``: from the cache if it holds a good copy.

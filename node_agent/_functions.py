@@ -131,23 +131,19 @@ def code_index(code: types.CodeType) -> dict[str, types.CodeType | None]:
 
 
 _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
-# comprehensions are code objects too, but their function objects never outlive the call
-_TRANSIENT = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>"})
-
-
-def can_outlive_call(code: types.CodeType) -> bool:
-    """Could a function object of ``code`` still exist after its enclosing call returned?"""
-    return code.co_name not in _TRANSIENT
+# Comprehensions and generator expressions are code objects too, but their
+# function objects are called once, where they are made: never worth patching.
+_CALLED_ONCE = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>"})
 
 
 def callable_again(code: types.CodeType) -> bool:
     """Could a live function object of ``code`` be called again (so worth patching)?
 
-    A generator expression's function object is called exactly once, to make
-    the generator; it may outlive the enclosing call inside that generator's
-    frame, but giving it a new body would change nothing.
+    A generator expression's function object may outlive the enclosing call
+    inside its generator's frame, but it is never called again: giving it a
+    new body would change nothing.
     """
-    return can_outlive_call(code) and code.co_name != "<genexpr>"
+    return code.co_name not in _CALLED_ONCE
 
 
 def suspendable(code: types.CodeType) -> bool:

@@ -68,11 +68,15 @@ PURE_DECORATORS = frozenset(
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__slots__"})
 
 
-@functools.lru_cache(maxsize=64)  # a release's old and new trees; bounded: trees are big
+@functools.lru_cache(maxsize=256)
 def parse(source: bytes, filename: str) -> ast.Module:
-    """Parsed once per distinct source: prepares of the same releases repeat (rollback, retry).
+    """Parsed once per prepare: compile and the planner share the trees.
 
-    The trees are shared, so nothing here may mutate them.
+    The loader clears this cache when a prepare ends.  Trees kept across
+    prepares would stay in the host's heap for good (a 20-module release is
+    tens of thousands of tracked objects), and every full collection of the
+    service would walk them; parsing the current sources again in the next
+    prepare is cheaper.  The trees are shared, so nothing may mutate them.
     """
     with gc_paused():  # tens of thousands of nodes: one collection afterwards, not dozens
         return ast.parse(source, filename)
@@ -497,9 +501,11 @@ class ModulePlanner:
     def _remember_nested(self, code: types.CodeType) -> None:
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
-                if fx.can_outlive_call(const):
-                    self.plan.replaced_codes.add(const)
+                # Generator expressions are left out: they are consumed where they
+                # are made (a stored, half-run one keeps its old code unreported),
+                # and looking for them would cost a heap walk in nearly every prepare.
                 if fx.callable_again(const):
+                    self.plan.replaced_codes.add(const)
                     self.plan.nested[id(const)] = (
                         const,
                         self.plan.new_codes.get(const.co_qualname),

@@ -95,6 +95,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import etcd3.exceptions
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -466,6 +467,21 @@ class Agent:
     def content_store(self) -> ContentStore:
         return ContentStore(EtcdBlobBackend(self._client(), self.keys.blobs), self.cache)
 
+    def _cache_sources(self, release: Release) -> None:
+        """Keep a committed release's sources in the local cache, so the node can
+        prepare it again (a retry, a rollback to it) while etcd is unreachable.
+
+        Done after the commit rather than in prepare: creating a file per module
+        is CPU that a fleet sharing a host needs for preparing; an aborted
+        release is never written.  Best effort: the cache is an optimisation.
+        """
+        if self.etcd_endpoints is None:
+            return
+        try:
+            self.content_store().keep({m.actual_digest: m.source for m in release.modules})
+        except OSError as exc:
+            log.warning("could not cache the sources of %s: %s", release.label, exc)
+
     def fetch_release(self, manifest: Mapping[str, Any]) -> Release:
         """Rebuild a release from its manifest, sources from the cache or etcd.
 
@@ -480,9 +496,19 @@ class Agent:
         }
         store: ContentStore | None = None
         unavailable: list[Exception] = []
+        try:  # the fast path: cache, then one batched read of everything else
+            store = self.content_store()
+            # not cached yet: a release is written to the cache once committed (finish)
+            fetched = store.get_many([d for d in names if isinstance(d, str)], keep=False)
+        except (HotfleetError, grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
+            # etcd down or a bad digest: fetching one by one below says which module
+            log.debug("batched source fetch failed, fetching one by one: %s", exc)
+            fetched = {}
 
         def fetch(digest: str) -> bytes:
             nonlocal store
+            if digest in fetched:
+                return fetched[digest]
             module = str(names.get(digest, digest))
             try:
                 if store is None:
@@ -916,6 +942,8 @@ class Agent:
             time.sleep(
                 max(0.0, min(request.commit_at + COMMIT_SETTLE_S - time.time(), COMMIT_SETTLE_S))
             )
+        if isinstance(staged.prepared, Prepared):
+            self._cache_sources(staged.prepared.release)
         log.info(
             "rollout %s finished: now %s (pause %.2f ms)", rid, reply.release, report.pause_s * 1000
         )

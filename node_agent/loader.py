@@ -22,12 +22,13 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hotfleet._gc import paused as gc_paused
+from hotfleet._gc import paused_for as gc_paused_for
 from hotfleet.errors import ModuleError, Reason
 from hotfleet.imports import load_order, release_dependencies, scan_imports
 from hotfleet.release import ModuleSource, Release
@@ -46,6 +47,8 @@ from node_agent.drain import DrainBarrier
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
 
 _OWN_PACKAGES = frozenset({"hotfleet", "node_agent", "coordinator"})
+# The collector is paused while a prepare runs, at most this long (see prepare).
+PREPARE_GC_PAUSE_S = 0.5
 
 
 class ModuleState(enum.StrEnum):
@@ -220,22 +223,30 @@ class Loader:
             started = time.perf_counter()
             if self._pending is not None:
                 self._drop(self._pending)
-            errors = self._validate(release)
-            if errors:
-                raise PrepareError(errors)
-            if not force:
-                errors = self._purge_check()
-                if errors:
-                    raise PrepareError(errors)
-            prepared = self._stage(release)
+            # Prepare allocates tens of thousands of objects (trees, plans) that die
+            # with it: with the collector on they trigger dozens of collections,
+            # full ones included, each walking the host's whole heap.
+            with gc_paused_for(PREPARE_GC_PAUSE_S) as checkpoint:
+                try:
+                    errors = self._validate(release, checkpoint)
+                    if errors:
+                        raise PrepareError(errors)
+                    if not force:
+                        errors = self._purge_check()
+                        if errors:
+                            raise PrepareError(errors)
+                    prepared = self._stage(release, checkpoint)
+                finally:
+                    parse.cache_clear()  # the trees served this prepare only (see parse)
             prepared.prepare_s = time.perf_counter() - started
             self._pending = prepared
             return prepared
 
-    def _validate(self, release: Release) -> list[ModuleError]:
+    def _validate(self, release: Release, checkpoint: Callable[[], None]) -> list[ModuleError]:
         errors = list(release.problems)
         seen: dict[str, ModuleSource] = {}
         for ms in release.modules:
+            checkpoint()
             if ms.name in seen:
                 errors.append(
                     ModuleError(
@@ -371,7 +382,7 @@ class Loader:
             )
         return errors
 
-    def _stage(self, release: Release) -> Prepared:
+    def _stage(self, release: Release, checkpoint: Callable[[], None]) -> Prepared:
         stage = Stage()
         deps = release_dependencies(release)
         order = load_order(deps)
@@ -385,6 +396,7 @@ class Loader:
         try:
             for unit in order:
                 for name in unit:
+                    checkpoint()
                     ms = by_name[name]
                     module = sys.modules.get(name)
                     if module is None:
@@ -400,6 +412,7 @@ class Loader:
                     )
             for unit in order:
                 for name in unit:
+                    checkpoint()
                     if name in planners:
                         try:
                             plan = planners[name].build()

@@ -525,9 +525,10 @@ def test_policy_validation_names_the_key(overrides: dict[str, object], message: 
     assert message in str(exc.value)
 
 
-def test_health_sampler_starts_no_round_while_told_to_stay_quiet() -> None:
-    """A sampling round is a burst of RPCs on every node: the leader keeps it off
-    a fleet's commit instant with ``quiet_until`` and sampling resumes after."""
+def test_health_sampler_pauses_and_resumes_at_the_instant_it_is_given() -> None:
+    """A sampling round is a burst of RPCs on every node: the leader pauses the
+    sampler while a wave prepares and resumes it just after the commit instant.
+    A later "resume now" does not cut that quiet short."""
     rounds: list[float] = []
     resumed = threading.Event()
 
@@ -539,13 +540,16 @@ def test_health_sampler_starts_no_round_while_told_to_stay_quiet() -> None:
 
     pool = AgentPool()
     sampler = HealthSampler(nodes, pool, interval_s=0.02)
-    quiet_until = time.time() + 0.4
-    sampler.quiet_until(quiet_until)
-    sampler.quiet_until(quiet_until - 0.3)  # an earlier instant never shortens the quiet
+    sampler.pause()
     sampler.start()
     try:
+        time.sleep(0.3)
+        assert rounds == []  # paused: not a single round
+        resume = time.time() + 0.3
+        sampler.resume_at(resume)
+        sampler.resume_at(time.time())  # does not shorten the scheduled quiet
         assert resumed.wait(5), rounds
     finally:
         sampler.stop()
         pool.close()
-    assert rounds[0] >= quiet_until
+    assert rounds[0] >= resume

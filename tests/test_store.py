@@ -114,3 +114,32 @@ def test_corrupt_cache_copy_is_refetched(tmp_path: Path, backend: EtcdBlobBacken
     assert store.get(digest) == b"good source"
     assert cache.read(digest) == b"good source"
     assert [p.name for p in cache.directory.iterdir()] == [digest]  # no temp files left
+
+
+def test_get_many_reads_a_release_in_batches_and_leaves_the_bad_ones_to_get(
+    tmp_path: Path, backend: EtcdBlobBackend
+) -> None:
+    """A release's sources come in one transaction per 64 blobs (cache first);
+    a missing or corrupt blob is left out, and ``get`` then names the problem."""
+    writer = ContentStore(backend)
+    blobs = [f"module {i}\n".encode() for i in range(130)] + [os.urandom(CHUNK_SIZE * 2 + 7)]
+    digests = [writer.put(b) for b in blobs]
+    corrupt = writer.put(b"will be tampered with")
+    backend.client.put(backend.chunk_key(corrupt, 0), b"tampered")
+    missing = hashlib.sha256(b"never pushed").hexdigest()
+
+    cache = LocalCache(tmp_path / "cache")
+    reader = ContentStore(backend, cache)
+    cache.write(digests[0], blobs[0])  # served from the cache
+    cache.path(digests[1]).parent.mkdir(parents=True, exist_ok=True)
+    cache.path(digests[1]).write_bytes(b"torn copy")  # discarded, read again from etcd
+
+    got = reader.get_many([*digests, corrupt, missing, digests[5]])
+    assert got == dict(zip(digests, blobs, strict=True))
+    assert cache.read(digests[1]) == blobs[1] and cache.has(digests[-1])
+    with pytest.raises(HotfleetError) as info:
+        reader.get(corrupt)
+    assert info.value.reasons == {Reason.DIGEST_MISMATCH}
+    with pytest.raises(BlobNotFound):
+        reader.get(missing)
+    assert not [p for p in cache.directory.iterdir() if p.name.endswith(".tmp")]
