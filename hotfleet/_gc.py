@@ -32,20 +32,22 @@ def paused() -> Iterator[None]:
 
 @contextmanager
 def paused_for(budget_s: float) -> Iterator[Callable[[], None]]:
-    """Paused for a long operation, but not beyond ``budget_s`` seconds.
+    """Paused for a long operation, but not beyond ``budget_s`` seconds of CPU.
 
-    Yields a checkpoint to call between steps: once the budget is spent it
-    turns collection back on, so an unusually long operation (a huge release,
-    slow user code) does not let a busy host's cyclic garbage pile up.
+    Yields a checkpoint to call between steps: once the process has spent the
+    budget (all its threads: garbage piles up with work done, not with time
+    spent waiting for a CPU on a crowded host) it turns collection back on,
+    so an unusually long operation (a huge release, slow user code) does not
+    let a busy host's cyclic garbage pile up.
     """
     was = gc.isenabled()
     gc.disable()
-    deadline = time.monotonic() + budget_s
+    deadline = time.process_time() + budget_s
     resumed = not was
 
     def checkpoint() -> None:
         nonlocal resumed
-        if not resumed and time.monotonic() > deadline:
+        if not resumed and time.process_time() > deadline:
             resumed = True
             gc.enable()
 

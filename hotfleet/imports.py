@@ -17,8 +17,10 @@ import ast
 import functools
 import heapq
 import importlib.util
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from hotfleet._gc import paused as gc_paused
@@ -217,6 +219,60 @@ class _Scanner:
         )
 
 
+_trees: OrderedDict[str | bytes, ast.Module] | None = None  # while shared_trees() is active
+_trees_users = 0
+_trees_lock = threading.Lock()
+_SHARED_TREES_MAX = 256  # a huge release re-parses rather than hold every tree at once
+
+
+@contextmanager
+def shared_trees() -> Iterator[None]:
+    """Within the block, :func:`parse_source` keeps the trees it makes.
+
+    A prepare parses each source of the release for several readers (import
+    scan, compile, the planner); outside one, nothing is kept: trees are tens
+    of thousands of tracked objects each release, and kept for good they would
+    slow every full collection of the host process.
+    """
+    global _trees, _trees_users
+    with _trees_lock:
+        _trees_users += 1
+        if _trees is None:
+            _trees = OrderedDict()
+    try:
+        yield
+    finally:
+        with _trees_lock:
+            _trees_users -= 1
+            if _trees_users == 0:
+                _trees = None
+
+
+def parse_source(source: str | bytes) -> ast.Module:
+    """The syntax tree of ``source``: shared inside :func:`shared_trees`, so never mutate it.
+
+    Raises :class:`SyntaxError` (also for null bytes).
+    """
+    trees = _trees
+    if trees is not None:
+        with _trees_lock:
+            tree = trees.get(source)
+            if tree is not None:
+                trees.move_to_end(source)
+                return tree
+    try:
+        with gc_paused():  # tens of thousands of nodes: one collection afterwards, not dozens
+            tree = ast.parse(source)
+    except ValueError as exc:  # null bytes on older 3.11 patch releases
+        raise SyntaxError(str(exc)) from exc
+    if trees is not None:
+        with _trees_lock:
+            trees[source] = tree
+            while len(trees) > _SHARED_TREES_MAX:
+                trees.popitem(last=False)
+    return tree
+
+
 def scan_imports(module: str, source: str | bytes, *, is_package: bool = False) -> ImportInfo:
     """The imports of ``module`` as written in ``source``.
 
@@ -229,11 +285,7 @@ def scan_imports(module: str, source: str | bytes, *, is_package: bool = False) 
 
 @functools.lru_cache(maxsize=1024)
 def _scan_cached(module: str, source: str | bytes, is_package: bool) -> ImportInfo:
-    try:
-        with gc_paused():
-            tree = ast.parse(source, filename=f"<{module}>")
-    except ValueError as exc:  # null bytes on older 3.11 patch releases
-        raise SyntaxError(f"{module}: {exc}") from exc
+    tree = parse_source(source)
     scanner = _Scanner(module, is_package)
     # Expressions are walked only when a dynamic import can be among them: most
     # modules never name import_module/__import__, and their statements are a

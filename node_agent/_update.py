@@ -32,8 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotfleet._gc import paused as gc_paused
 from hotfleet.errors import Reason
+from hotfleet.imports import parse_source
 from node_agent import _functions as fx
 from node_agent._patch import MISSING, ClearCache, Op, SetClassAttr, SetCode
 from node_agent._staging import Stage
@@ -68,18 +68,12 @@ PURE_DECORATORS = frozenset(
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__slots__"})
 
 
-@functools.lru_cache(maxsize=256)
 def parse(source: bytes, filename: str) -> ast.Module:
-    """Parsed once per prepare: compile and the planner share the trees.
+    """The tree of a source, shared for one prepare (see :func:`hotfleet.imports.shared_trees`).
 
-    The loader clears this cache when a prepare ends.  Trees kept across
-    prepares would stay in the host's heap for good (a 20-module release is
-    tens of thousands of tracked objects), and every full collection of the
-    service would walk them; parsing the current sources again in the next
-    prepare is cheaper.  The trees are shared, so nothing may mutate them.
+    ``filename`` is not part of the tree; compile errors name the file themselves.
     """
-    with gc_paused():  # tens of thousands of nodes: one collection afterwards, not dozens
-        return ast.parse(source, filename)
+    return parse_source(source)
 
 
 _dumps: dict[int, str] = {}  # per build(): the same statements are compared several times

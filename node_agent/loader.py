@@ -30,7 +30,7 @@ from typing import Any
 from hotfleet._gc import paused as gc_paused
 from hotfleet._gc import paused_for as gc_paused_for
 from hotfleet.errors import ModuleError, Reason
-from hotfleet.imports import load_order, release_dependencies, scan_imports
+from hotfleet.imports import load_order, release_dependencies, scan_imports, shared_trees
 from hotfleet.release import ModuleSource, Release
 from node_agent import stateful
 from node_agent._functions import Codes, scan_heap
@@ -226,18 +226,16 @@ class Loader:
             # Prepare allocates tens of thousands of objects (trees, plans) that die
             # with it: with the collector on they trigger dozens of collections,
             # full ones included, each walking the host's whole heap.
-            with gc_paused_for(PREPARE_GC_PAUSE_S) as checkpoint:
-                try:
-                    errors = self._validate(release, checkpoint)
+            # Each source is parsed once for all its readers, and the trees die here.
+            with gc_paused_for(PREPARE_GC_PAUSE_S) as checkpoint, shared_trees():
+                errors = self._validate(release, checkpoint)
+                if errors:
+                    raise PrepareError(errors)
+                if not force:
+                    errors = self._purge_check()
                     if errors:
                         raise PrepareError(errors)
-                    if not force:
-                        errors = self._purge_check()
-                        if errors:
-                            raise PrepareError(errors)
-                    prepared = self._stage(release, checkpoint)
-                finally:
-                    parse.cache_clear()  # the trees served this prepare only (see parse)
+                prepared = self._stage(release, checkpoint)
             prepared.prepare_s = time.perf_counter() - started
             self._pending = prepared
             return prepared
