@@ -52,15 +52,16 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``; every key is built by
 ``<prefix>rollouts/<id>/decision``
     ``commit`` or ``abort``, written once by the coordinator: the 2PC commit
     point.  While a rollout is prepared here, a thread the agent owns polls
-    its decision key every 0.2 s and acts on it by itself (finish on
+    its decision key every 0.5 s and acts on it by itself (finish on
     ``commit``, drop on ``abort``), through the same code paths as the Finish
     and Abort RPCs and idempotent with them; so a prepared node never depends
     on the coordinator that prepared it.  An unreachable etcd is retried.
 
 ``<prefix>blobs/<sha256>/...``
-    Module sources by digest (:class:`hotfleet.store.EtcdBlobBackend`); the
-    agent caches what it fetched in ``cache_dir`` so it can prepare from the
-    cache while etcd is down.
+    Module sources by digest (:class:`hotfleet.store.EtcdBlobBackend`), a
+    release's in one transaction; once a release is committed the agent keeps
+    its sources in ``cache_dir``, so it can prepare it again (a retry, a
+    rollback to it) while etcd is down.
 
 Fencing: every mutating RPC carries the coordinator's epoch; one lower than
 the highest seen is refused with ``FAILED_PRECONDITION``.  The highest epoch
