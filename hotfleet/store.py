@@ -260,18 +260,11 @@ class ContentStore:
         out: dict[str, bytes] = {}
         wanted = []
         for digest in dict.fromkeys(digests):
-            check_digest(digest)
-            if self.cache is None:
+            cached = self.get_cached(digest)
+            if cached is None:
                 wanted.append(digest)
-                continue
-            try:
-                out[digest] = verify(digest, self.cache.read(digest))
-            except BlobNotFound:
-                wanted.append(digest)
-            except HotfleetError as exc:
-                log.warning("discarding corrupt cached blob: %s", exc)
-                self.cache.discard(digest)
-                wanted.append(digest)
+            else:
+                out[digest] = cached
         for digest, data in self.backend.read_many(wanted).items():
             if sha256_hex(data) == digest:
                 out[digest] = data
@@ -285,21 +278,29 @@ class ContentStore:
             for digest, data in blobs.items():
                 self.cache.write(digest, data)
 
+    def get_cached(self, digest: str) -> bytes | None:
+        """Verified bytes from the cache alone; a corrupt copy is discarded."""
+        check_digest(digest)
+        if self.cache is None:
+            return None
+        try:
+            return verify(digest, self.cache.read(digest))
+        except BlobNotFound:
+            return None
+        except HotfleetError as exc:
+            log.warning("discarding corrupt cached blob: %s", exc)
+            self.cache.discard(digest)
+            return None
+
     def get(self, digest: str) -> bytes:
         """Verified bytes of ``digest``: from the cache if it holds a good copy.
 
         A cached copy that fails verification is discarded and refetched, so
         a torn or tampered cache file heals itself instead of blocking loads.
         """
-        check_digest(digest)
-        if self.cache is not None:
-            try:
-                return verify(digest, self.cache.read(digest))
-            except BlobNotFound:
-                pass
-            except HotfleetError as exc:
-                log.warning("discarding corrupt cached blob: %s", exc)
-                self.cache.discard(digest)
+        cached = self.get_cached(digest)
+        if cached is not None:
+            return cached
         data = verify(digest, self.backend.read(digest))
         if self.cache is not None:
             self.cache.write(digest, data)

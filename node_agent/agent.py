@@ -497,14 +497,17 @@ class Agent:
         }
         store: ContentStore | None = None
         unavailable: list[Exception] = []
-        try:  # the fast path: cache, then one batched read of everything else
-            store = self.content_store()
-            # not cached yet: a release is written to the cache once committed (finish)
-            fetched = store.get_many([d for d in names if isinstance(d, str)], keep=False)
-        except (HotfleetError, grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
-            # etcd down or a bad digest: fetching one by one below says which module
-            log.debug("batched source fetch failed, fetching one by one: %s", exc)
-            fetched = {}
+        fetched: dict[str, bytes] = {}
+        unreachable: Exception | None = None
+        if self.etcd_endpoints is not None:
+            try:  # the fast path: cache, then one batched read of everything else
+                store = self.content_store()
+                # not cached yet: a release is written to the cache once committed (finish)
+                fetched = store.get_many([d for d in names if isinstance(d, str)], keep=False)
+            except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
+                unreachable = exc  # each missing module says so below, without a retry each
+            except HotfleetError as exc:  # a malformed digest: one by one below says which
+                log.debug("batched source fetch refused, fetching one by one: %s", exc)
 
         def fetch(digest: str) -> bytes:
             nonlocal store
@@ -512,6 +515,11 @@ class Agent:
                 return fetched[digest]
             module = str(names.get(digest, digest))
             try:
+                if unreachable is not None:  # no retry per module: only what is cached
+                    cached = store.get_cached(digest) if store is not None else None
+                    if cached is not None:
+                        return cached
+                    raise unreachable
                 if store is None:
                     store = self.content_store()
                 return store.get(digest)  # the local cache first, so etcd may be down

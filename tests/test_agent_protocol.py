@@ -224,3 +224,38 @@ def test_scheduled_commit_switches_at_its_instant_and_acknowledges_after_settlin
     assert reply.ok and version(agent) == "2"
     assert commit_at <= reply.finished_at < acknowledged
     assert acknowledged >= commit_at + COMMIT_SETTLE_S
+
+
+def test_a_committed_release_is_prepared_again_from_the_cache_while_etcd_is_down(
+    tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    """Sources are cached once a release is committed (not in prepare, and never
+    for an aborted one): with etcd gone, the committed release can be prepared
+    again (a retry, a rollback to it); one never committed is refused, naming
+    the module whose source is not cached, without a retry per module."""
+    prefix = "/cache-outage/"
+    fleet = Agents(tmp_path, etcd_server.endpoint, prefix)
+    client = connect(etcd_server.endpoint)
+    try:
+        agent = fleet.start("n-cache")
+        good = publish(client, prefix, release("shop-2.0.0"))
+        aborted = publish(client, prefix, release("shop-2.1.0-bad"))
+        assert prepare(agent, aborted, "r-aborted").ok
+        assert agent.stub.Abort(agent_pb2.AbortRequest(rollout_id="r-aborted", epoch=1)).ok
+        assert prepare(agent, good, "r-good").ok
+        done = agent.stub.Finish(agent_pb2.FinishRequest(rollout_id="r-good", epoch=1), timeout=30)
+        assert done.ok and version(agent) == "2"
+
+        etcd_server.kill()
+        again = prepare(agent, good, "r-again")
+        assert again.ok, again.errors
+        refused = prepare(agent, aborted, "r-uncached")
+        assert not refused.ok
+        assert {e.module for e in refused.errors} == {"shop.pricing"}, (
+            refused.errors
+        )  # the rest: cached
+        assert all("cannot fetch source" in e.detail for e in refused.errors), refused.errors
+        assert version(agent) == "2"
+    finally:
+        fleet.close()
+        client.close()
