@@ -68,14 +68,6 @@ PURE_DECORATORS = frozenset(
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__slots__"})
 
 
-def parse(source: bytes, filename: str) -> ast.Module:
-    """The tree of a source, shared for one prepare (see :func:`hotfleet.imports.shared_trees`).
-
-    ``filename`` is not part of the tree; compile errors name the file themselves.
-    """
-    return parse_source(source)
-
-
 _dumps: dict[int, str] = {}  # per build(): the same statements are compared several times
 
 
@@ -312,8 +304,9 @@ class ModulePlanner:
         self.module = module
         self.g: dict[str, Any] = module.__dict__
         self.filename = filename
-        self.old_tree = parse(old_source, filename)
-        self.new_tree = parse(new_source, filename)
+        # one tree per source for the whole prepare (hotfleet.imports.shared_trees)
+        self.old_tree = parse_source(old_source)
+        self.new_tree = parse_source(new_source)
         self._old_lines = _utf8_lines(old_source)
         self._new_lines = _utf8_lines(new_source)
         self.plan = ModulePlan(module, new_codes=fx.code_index(new_code))

@@ -30,7 +30,13 @@ from typing import Any
 from hotfleet._gc import paused as gc_paused
 from hotfleet._gc import paused_for as gc_paused_for
 from hotfleet.errors import ModuleError, Reason
-from hotfleet.imports import load_order, release_dependencies, scan_imports, shared_trees
+from hotfleet.imports import (
+    load_order,
+    parse_source,
+    release_dependencies,
+    scan_imports,
+    shared_trees,
+)
 from hotfleet.release import ModuleSource, Release
 from node_agent import stateful
 from node_agent._functions import Codes, scan_heap
@@ -41,7 +47,6 @@ from node_agent._update import (
     ModulePlanner,
     Refused,
     merge_class,
-    parse,
 )
 from node_agent.drain import DrainBarrier
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
@@ -906,7 +911,7 @@ class Loader:
 @functools.lru_cache(maxsize=64)
 def _compile_cached(source: bytes, filename: str) -> types.CodeType:
     # from the (cached) tree the planner diffs anyway: the source is parsed once
-    tree = parse(source, filename)
+    tree = parse_source(source)
     with gc_paused():
         return compile(tree, filename, "exec", dont_inherit=True)
 
