@@ -26,6 +26,7 @@ class Reason(StrEnum):
     INCOMPATIBLE_CHANGE = "incompatible_change"
     NOT_PURGED = "not_purged"
     CODE_CHANGE_FAILED = "code_change_failed"
+    TIMEOUT = "timeout"
     UNSIGNED = "unsigned"
     BAD_SIGNATURE = "bad_signature"
     BAD_RELEASE = "bad_release"

@@ -69,6 +69,25 @@ class SetCode(Op):
 
 
 @dataclass(slots=True)
+class SetDefaults(Op):
+    """Evaluate a patched function's changed default values, in the switch.
+
+    ``code`` evaluates to ``(__defaults__, __kwdefaults__)`` in the function's
+    module, after the module's changed statements ran (so a default naming a
+    changed constant sees its new value), as a ``def`` statement would.
+    """
+
+    func: types.FunctionType
+    code: types.CodeType
+
+    def apply(self) -> Op:
+        f = self.func
+        inverse = SetCode(f, f.__code__, f.__defaults__, f.__kwdefaults__)
+        f.__defaults__, f.__kwdefaults__ = eval(self.code, f.__globals__)
+        return inverse
+
+
+@dataclass(slots=True)
 class SetItem(Op):
     """Bind or unbind a name in a module dict (``value is MISSING`` unbinds)."""
 

@@ -8,13 +8,20 @@ ignored) and every change is classified:
   objects, so identity, registries, wrappers and ``from m import f`` keep
   working; memoizing wrappers are cleared.
 * ``statement``: a new or reshaped definition, a changed module statement, a
-  class whose layout changed.  Dry-run in prepare on a scratch copy of the
-  namespace (unless a decorator may have side effects) and executed for real
-  in finish, in the module's own namespace, behind the barrier.  A redefined
-  class is merged back into the old class object, so its identity survives.
+  class whose layout changed.  Compiled in prepare, never executed in the
+  live process before the decision: it runs in the staging process
+  (:mod:`node_agent._rehearsal`) and then once for real in finish, in the
+  module's own namespace, behind the barrier.  A redefined class is merged
+  back into the old class object, so its identity survives.
 * ``removed``: names the new source no longer binds are unbound.
 * refusals (``incompatible_change``): a changed base class, metaclass or
-  ``__slots__``, changed enum members.
+  ``__slots__`` (from the trees); changed enum members (found by the switch,
+  so in the staging process).
+
+Default values of a patched function are kept when their expressions did not
+change, computed from the tree when they are literals, and otherwise
+evaluated by the switch (:class:`~node_agent._patch.SetDefaults`): never in
+prepare.
 
 Unchanged statements are never re-run, so module state survives.
 """
@@ -35,36 +42,8 @@ from typing import Any
 from hotfleet.errors import Reason
 from hotfleet.imports import parse_source
 from node_agent import _functions as fx
-from node_agent._patch import MISSING, ClearCache, Op, SetClassAttr, SetCode
-from node_agent._staging import Stage
+from node_agent._patch import MISSING, ClearCache, Op, SetClassAttr, SetCode, SetDefaults
 
-# Decorators known to have no effect outside the object they wrap: a definition
-# using only these can be dry-run in prepare without anyone noticing.
-PURE_DECORATORS = frozenset(
-    {
-        "staticmethod",
-        "classmethod",
-        "property",
-        "abstractmethod",
-        "dataclass",
-        "total_ordering",
-        "unique",
-        "wraps",
-        "lru_cache",
-        "cache",
-        "cached_property",
-        "contextmanager",
-        "asynccontextmanager",
-        "singledispatch",
-        "singledispatchmethod",
-        "overload",
-        "final",
-        "override",
-        "setter",
-        "getter",
-        "deleter",
-    }
-)
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__slots__"})
 
 
@@ -104,37 +83,6 @@ def _segment(lines: list[bytes] | None, node: ast.stmt) -> bytes | None:
     if first == end:
         return lines[first - 1][col:end_col]
     return b"".join([lines[first - 1][col:], *lines[first : end - 1], lines[end - 1][:end_col]])
-
-
-def _decorator_name(node: ast.expr) -> str:
-    if isinstance(node, ast.Call):
-        node = node.func
-    if isinstance(node, ast.Attribute):
-        return node.attr
-    if isinstance(node, ast.Name):
-        return node.id
-    return ""
-
-
-def _is_pure(stmt: ast.stmt) -> bool:
-    """Can the statement run in prepare without effects visible to running code?"""
-    if isinstance(stmt, ast.Expr):
-        return isinstance(stmt.value, ast.Constant)
-    decorated: Iterable[ast.AST] = [stmt]
-    if isinstance(stmt, ast.ClassDef):
-        decorated = [
-            stmt,
-            *[
-                s
-                for s in ast.walk(stmt)
-                if isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-            ],
-        ]
-    for node in decorated:
-        for dec in getattr(node, "decorator_list", []):
-            if _decorator_name(dec) not in PURE_DECORATORS:
-                return False
-    return True
 
 
 def _is_constant(stmt: ast.stmt) -> bool:
@@ -234,12 +182,9 @@ class ModulePlan:
     removed: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)  # "kind name" lines, for the report
     warnings: list[str] = field(default_factory=list)
+    late_ops: list[Op] = field(default_factory=list)  # after the statements: default values
     replaced_codes: fx.Codes = field(default_factory=fx.Codes)  # may still run in a frame
-    dry_classes: dict[str, type] = field(
-        default_factory=dict
-    )  # scratch versions of redefined classes
     new_codes: dict[str, types.CodeType | None] = field(default_factory=dict)
-    clones: dict[str, types.FunctionType] = field(default_factory=dict)  # prepare-time stand-ins
     # id(old) -> (old, new) code of functions made at run time by the functions patched
     nested: dict[int, tuple[types.CodeType, types.CodeType | None]] = field(default_factory=dict)
 
@@ -261,23 +206,50 @@ class ModulePlan:
                     )
 
 
-def _eval_defaults(
-    node: ast.FunctionDef | ast.AsyncFunctionDef, g: dict[str, Any], filename: str
-) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None]:
-    """Evaluate a def's default expressions against the live module globals (read only)."""
+def _default_exprs(
+    node: ast.FunctionDef | ast.AsyncFunctionDef,
+) -> tuple[list[ast.expr], dict[str, ast.expr]]:
     args = node.args
-    defaults = None
-    if args.defaults:
-        expr = ast.Expression(ast.Tuple(elts=list(args.defaults), ctx=ast.Load()))
-        defaults = eval(compile(ast.fix_missing_locations(expr), filename, "eval"), g)
     kw = {a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None}
-    kwdefaults = None
-    if kw:
-        expr = ast.Expression(
+    return list(args.defaults), kw
+
+
+def _defaults_code(node: ast.FunctionDef | ast.AsyncFunctionDef, filename: str) -> types.CodeType:
+    """Code evaluating to ``(__defaults__, __kwdefaults__)``, run by the switch, not in prepare."""
+    positional, kw = _default_exprs(node)
+    pair = ast.Tuple(
+        elts=[
+            ast.Tuple(elts=positional, ctx=ast.Load()) if positional else ast.Constant(None),
             ast.Dict(keys=[ast.Constant(k) for k in kw], values=list(kw.values()))
-        )
-        kwdefaults = eval(compile(ast.fix_missing_locations(expr), filename, "eval"), g)
-    return defaults, kwdefaults
+            if kw
+            else ast.Constant(None),
+        ],
+        ctx=ast.Load(),
+    )
+    expr = ast.fix_missing_locations(ast.copy_location(ast.Expression(pair), node))
+    return compile(expr, filename, "eval", dont_inherit=True)
+
+
+def _literal_defaults(
+    node: ast.FunctionDef | ast.AsyncFunctionDef,
+) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None] | None:
+    """The default values if every one is a literal (no code runs), else ``None``."""
+    positional, kw = _default_exprs(node)
+    try:
+        values = tuple(ast.literal_eval(e) for e in positional)
+        kwvalues = {k: ast.literal_eval(e) for k, e in kw.items()}
+    except ValueError:
+        return None
+    return (values or None), (kwvalues or None)
+
+
+def _same_defaults(
+    old: ast.FunctionDef | ast.AsyncFunctionDef, new: ast.FunctionDef | ast.AsyncFunctionDef
+) -> bool:
+    (op, ok), (np, nk) = _default_exprs(old), _default_exprs(new)
+    return [_dump(e) for e in op] == [_dump(e) for e in np] and {
+        k: _dump(e) for k, e in ok.items()
+    } == {k: _dump(e) for k, e in nk.items()}
 
 
 def _docstring(node: ast.AST) -> Any:
@@ -293,14 +265,12 @@ class ModulePlanner:
 
     def __init__(
         self,
-        stage: Stage,
         module: types.ModuleType,
         old_source: bytes,
         new_source: bytes,
         filename: str,
         new_code: types.CodeType,
     ) -> None:
-        self.stage = stage
         self.module = module
         self.g: dict[str, Any] = module.__dict__
         self.filename = filename
@@ -311,10 +281,6 @@ class ModulePlanner:
         self._new_lines = _utf8_lines(new_source)
         self.plan = ModulePlan(module, new_codes=fx.code_index(new_code))
         self.index = fx.module_functions(self.g, module.__name__)
-        # the scratch namespace for dry runs: what staged code sees as this module
-        self.ns: dict[str, Any] = dict(self.g)
-        self.ns["__builtins__"] = stage.builtins
-        stage.view(module, self.ns)
 
     # ---------------------------------------------------------------- public
     def build(self) -> ModulePlan:
@@ -338,7 +304,6 @@ class ModulePlanner:
         removed = bound_names(self.old_tree.body) - bound_names(self.new_tree.body)
         self.plan.removed = sorted(n for n in removed if n in self.g)
         self.plan.changes.extend(f"removed {n}" for n in self.plan.removed)
-        self.stage.unview(self.ns)
         return self.plan
 
     # ------------------------------------------------------------- internals
@@ -405,24 +370,10 @@ class ModulePlanner:
         self._statement(ast.fix_missing_locations(assign), "docstring")
 
     def _statement(self, stmt: ast.stmt, kind: str, merge_class: type | None = None) -> None:
-        """Dry-run ``stmt`` on the scratch namespace (if pure) and schedule it for finish."""
+        """Compile ``stmt`` and schedule it for the switch (it never runs here)."""
         module_ast = ast.Module(body=[stmt], type_ignores=[])
         code = compile(module_ast, self.filename, "exec", dont_inherit=True)
         name = getattr(stmt, "name", "")
-        if _is_pure(stmt):
-            try:
-                exec(code, self.ns)
-            except Exception as exc:
-                raise Refused(
-                    Reason.IMPORT_ERROR, f"line {stmt.lineno}: {type(exc).__name__}: {exc}"
-                ) from exc
-            if merge_class is not None:
-                self.plan.dry_classes[name] = self.ns[name]
-        else:
-            self.plan.warnings.append(
-                f"{self.module.__name__}:{stmt.lineno}: statement has decorators or calls with possible "
-                "side effects; it is not dry-run and runs once, during finish"
-            )
         binds = None if _dynamic(stmt) else frozenset(bound_names([stmt]))
         self.plan.statements.append(Statement(code, stmt.lineno, merge_class, name, binds))
         self.plan.changes.append(f"{kind} {name or f'line {stmt.lineno}'}")
@@ -443,7 +394,8 @@ class ModulePlanner:
             and self.index.get(stmt.name)
         ):
             assert isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
-            self._swap_code(stmt, stmt.name, self.index[stmt.name], live)
+            assert isinstance(old, ast.FunctionDef | ast.AsyncFunctionDef)
+            self._swap_code(stmt, old, stmt.name, self.index[stmt.name], live)
             self.plan.changes.append(f"body {stmt.name}")
         elif old is None or _dump(old) != _dump(stmt):  # not a mere reformatting
             self._statement(stmt, "new" if old is None else "redefined")
@@ -451,6 +403,7 @@ class ModulePlanner:
     def _swap_code(
         self,
         node: ast.FunctionDef | ast.AsyncFunctionDef,
+        old: ast.FunctionDef | ast.AsyncFunctionDef,
         qualname: str,
         funcs: list[types.FunctionType],
         holder: Any,
@@ -461,12 +414,14 @@ class ModulePlanner:
                 Reason.INCOMPATIBLE_CHANGE,
                 f"{qualname}: defined more than once; cannot tell which to patch",
             )
-        try:
-            defaults, kwdefaults = _eval_defaults(node, self.g, self.filename)
-        except Exception as exc:
-            raise Refused(
-                Reason.IMPORT_ERROR, f"{qualname}: default value raised {type(exc).__name__}: {exc}"
-            ) from exc
+        # Default values: kept if their expressions did not change, taken from the
+        # tree if literal, otherwise evaluated by the switch (no code runs here).
+        late: types.CodeType | None = None
+        literal = None
+        if not _same_defaults(old, node):
+            literal = _literal_defaults(node)
+            if literal is None:
+                late = _defaults_code(node, self.filename)
         for f in funcs:
             if f.__code__.co_freevars != new.co_freevars:
                 raise Refused(
@@ -475,15 +430,12 @@ class ModulePlanner:
                 )
             self._remember_nested(f.__code__)
             self.plan.replaced_codes.add(f.__code__)
+            defaults, kwdefaults = literal or (f.__defaults__, f.__kwdefaults__)
             self.plan.ops.append(SetCode(f, new, defaults, kwdefaults, _docstring(node)))
+            if late is not None:
+                self.plan.late_ops.append(SetDefaults(f, late))
         if holder is not MISSING:
             self.plan.ops.extend(ClearCache(c) for c in fx.caches_of(holder))
-        if self.ns.get(qualname) is holder and holder in funcs:
-            # staged code calling this function during prepare must run the new body
-            clone = types.FunctionType(new, self.g, holder.__name__, defaults, holder.__closure__)
-            clone.__kwdefaults__ = kwdefaults
-            self.ns[qualname] = clone
-            self.plan.clones[qualname] = clone
 
     def _remember_nested(self, code: types.CodeType) -> None:
         for const in code.co_consts:
@@ -517,14 +469,6 @@ class ModulePlanner:
         if _dump(node) == _dump(old):  # reformatted, nothing to merge
             return
         self._statement(node, "class", merge_class=cls)
-        dry = self.plan.dry_classes.get(node.name)
-        if dry is not None and isinstance(cls, enum.EnumMeta):
-            before = [(m.name, m.value) for m in cls]  # type: ignore[var-annotated]
-            after = [(m.name, m.value) for m in dry]  # type: ignore[attr-defined]
-            if before != after:
-                raise Refused(
-                    Reason.INCOMPATIBLE_CHANGE, f"enum {qual}: members changed {before} -> {after}"
-                )
 
     def _bodies_only(self, node: ast.ClassDef, old: ast.ClassDef, cls: type) -> bool:
         """Patch methods in place when nothing but method bodies changed."""
@@ -557,11 +501,12 @@ class ModulePlanner:
                 and new is not None
                 and all(f.__code__.co_freevars == new.co_freevars for f in funcs)
             ):
-                swaps.append((stmt, qualname, funcs))  # a mere reformatting swaps harmlessly
+                assert isinstance(before, ast.FunctionDef | ast.AsyncFunctionDef)
+                swaps.append((stmt, before, qualname, funcs))  # a reformatting swaps harmlessly
             elif _dump(before) != _dump(stmt):
                 return False
-        for stmt, qualname, funcs in swaps:
-            self._swap_code(stmt, qualname, funcs, cls.__dict__.get(stmt.name, MISSING))
+        for stmt, before, qualname, funcs in swaps:
+            self._swap_code(stmt, before, qualname, funcs, cls.__dict__.get(stmt.name, MISSING))
             self.plan.changes.append(f"body {qualname}")
         return True
 
@@ -597,6 +542,14 @@ def merge_class(old: type, new: type, ops_out: list[Op]) -> None:
     g_funcs = {f.__code__.co_qualname: f for f in _all_functions(old)}
     is_enum = isinstance(old, enum.EnumMeta)
     members = set(old.__members__) if is_enum else set()  # type: ignore[attr-defined]
+    if is_enum:
+        before = [(m.name, m.value) for m in old.__members__.values()]  # type: ignore[attr-defined]
+        after = [(m.name, m.value) for m in new.__members__.values()]  # type: ignore[attr-defined]
+        if before != after:
+            raise Refused(
+                Reason.INCOMPATIBLE_CHANGE,
+                f"enum {old.__qualname__}: members changed {before} -> {after}",
+            )
     for name, value in list(new.__dict__.items()):
         if name in _CLASS_SKIP or name in members or (is_enum and not _is_callable_member(value)):
             continue

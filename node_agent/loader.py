@@ -1,16 +1,19 @@
 """The two-phase loader: OTP's ``prepare_loading``/``finish_loading`` for Python.
 
-``prepare`` does every expensive and fallible thing (verify, compile, diff,
-stage new modules, dry-run migrations, purge check) without touching what
-running code can see.  ``finish`` applies the precomputed edits behind the
-drain barrier, so guarded work sees the whole release switch at once; the
-edits' inverses are the in-memory backup, which makes ``rollback`` cost one
-finish.  At most two versions exist: current and the backup.
+``prepare`` does every expensive and fallible thing without running any of
+the release's code in this process: it verifies, compiles, diffs and plans
+here, then *rehearses* the switch (new module bodies, changed statements,
+class bodies, default values, ``code_change``) in a forked staging process
+with a deadline (:mod:`node_agent._rehearsal`), whose effects die with it.
+``finish`` applies the precomputed edits and runs the release's statements
+once, behind the drain barrier, under deadlines, so guarded work sees the
+whole release switch at once; the edits' inverses are the in-memory backup,
+which makes ``rollback`` cost one finish.  At most two versions exist:
+current and the backup.
 """
 
 from __future__ import annotations
 
-import copy
 import enum
 import functools
 import gc
@@ -39,9 +42,12 @@ from hotfleet.imports import (
 )
 from hotfleet.release import ModuleSource, Release
 from node_agent import stateful
+from node_agent._deadline import Abandoned, Overrun, call_with_deadline, interrupt_after
 from node_agent._functions import Codes, scan_heap
+from node_agent._install import NewModule, register_source, release_importable
 from node_agent._patch import MISSING, InstallModule, Op, SetCode, SetItem, SetState, undo
-from node_agent._staging import Stage
+from node_agent._rehearsal import rehearse
+from node_agent._statecopy import StateNotCopyable, copy_state, fresh_locks_in_place
 from node_agent._update import (
     ModulePlan,
     ModulePlanner,
@@ -54,6 +60,9 @@ from node_agent.errors import FinishError, LoaderStateError, PrepareError
 _OWN_PACKAGES = frozenset({"hotfleet", "node_agent", "coordinator"})
 # The collector is paused while a prepare runs, at most this long (see prepare).
 PREPARE_GC_PAUSE_S = 0.5
+PREPARE_TIMEOUT_S = 30.0  # the staging process is killed after this long: ``timeout``
+SWITCH_TIMEOUT_S = 10.0  # release statements inside the hold, then restored: ``timeout``
+MIGRATION_TIMEOUT_S = 10.0  # each ``code_change`` at finish or rollback
 
 
 class ModuleState(enum.StrEnum):
@@ -143,13 +152,22 @@ class Prepared:
     prepare_s: float
     state: PreparedState = PreparedState.PREPARED
     report: FinishReport | None = None
+    rehearsal_s: float = 0.0  # wall time of the staging process (0: nothing to run)
+    rehearsal_cpu_s: float = 0.0  # its CPU
     _generation: int = 0
-    _stage: Stage | None = None
-    _installs: list[InstallModule] = field(default_factory=list)
-    _plans: list[ModulePlan] = field(default_factory=list)
+    _new: dict[str, NewModule] = field(default_factory=dict)
+    _plans: dict[str, ModulePlan] = field(default_factory=dict)
     _migrations: list[_Migration] = field(default_factory=list)
     _bindings: dict[tuple[str, str], list[_Binding]] = field(default_factory=dict)
-    _dry_values: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    @property
+    def runs_code(self) -> bool:
+        """Does finishing it execute any of the release's code (else it is pure patching)?"""
+        return bool(
+            self._new
+            or self._migrations
+            or any(p.statements or p.late_ops for p in self._plans.values())
+        )
 
 
 @dataclass
@@ -182,12 +200,23 @@ class Loader:
         *,
         barrier: DrainBarrier | None = None,
         drain_timeout: float = 5.0,
+        prepare_timeout: float = PREPARE_TIMEOUT_S,
+        switch_timeout: float = SWITCH_TIMEOUT_S,
+        migration_timeout: float = MIGRATION_TIMEOUT_S,
     ) -> None:
         if not code_paths:
             raise ValueError("Loader needs at least one code path")
+        if not hasattr(os, "fork"):
+            raise RuntimeError(
+                "hotfleet's loader needs os.fork() for its staging process (Linux, macOS)"
+            )
         self.code_paths = [Path(p).resolve() for p in code_paths]
         self.barrier = barrier or DrainBarrier()
         self.drain_timeout = drain_timeout
+        self.prepare_timeout = prepare_timeout
+        self.switch_timeout = switch_timeout
+        self.migration_timeout = migration_timeout
+        self._cancel = threading.Event()  # set by cancel_prepare(): kills the staging process
         self._lock = threading.RLock()
         self._generation = 0
         self._pending: Prepared | None = None
@@ -219,13 +248,17 @@ class Loader:
 
     # ---------------------------------------------------------------- prepare
     def prepare(self, release: Release, *, force: bool = False) -> Prepared:
-        """Validate and stage ``release``; raise :class:`PrepareError` listing every problem.
+        """Validate and plan ``release``; raise :class:`PrepareError` listing every problem.
 
-        ``force`` skips the soft-purge check: threads still running the old
-        version keep running it, and its backup is dropped.
+        Nothing of the release runs in this process: what needs running is
+        rehearsed in a staging process, killed after ``prepare_timeout``
+        (refused ``timeout``) or by :meth:`cancel_prepare`.  ``force`` skips
+        the soft-purge check: threads still running the old version keep
+        running it, and its backup is dropped.
         """
         with self._lock:
             started = time.perf_counter()
+            self._cancel.clear()
             if self._pending is not None:
                 self._drop(self._pending)
             # Prepare allocates tens of thousands of objects (trees, plans) that die
@@ -240,10 +273,67 @@ class Loader:
                     errors = self._purge_check()
                     if errors:
                         raise PrepareError(errors)
-                prepared = self._stage(release, checkpoint)
+                prepared = self._plan(release, checkpoint)
+            if prepared.runs_code:
+                self._rehearse(prepared, started)
             prepared.prepare_s = time.perf_counter() - started
             self._pending = prepared
             return prepared
+
+    def cancel_prepare(self) -> None:
+        """Stop a prepare in progress (from any thread): its staging process is killed.
+
+        The prepare raises :class:`PrepareError` (``timeout``, "cancelled") at
+        once; nothing was changed.
+        """
+        self._cancel.set()
+
+    def _rehearse(self, prepared: Prepared, started: float) -> None:
+        """Run the switch and the migrations in a forked copy of this process."""
+        left = max(0.0, self.prepare_timeout - (time.perf_counter() - started))
+        outcome = rehearse(lambda: self._rehearsal(prepared), left, self._cancel)
+        prepared.rehearsal_s, prepared.rehearsal_cpu_s = outcome.wall_s, outcome.cpu_s
+        label = prepared.release.label
+        if outcome.timed_out or outcome.cancelled:
+            why = (
+                "cancelled (abort or agent stop)"
+                if outcome.cancelled
+                else f"the release's code did not finish running within prepare_timeout "
+                f"({self.prepare_timeout:g}s) in the staging process; it was killed"
+            )
+            raise PrepareError([ModuleError(label, Reason.TIMEOUT, why)])
+        if outcome.died:
+            raise PrepareError(
+                [ModuleError(label, Reason.IMPORT_ERROR, f"staging process {outcome.died}")]
+            )
+        errors = [_from_dict(e) for e in outcome.errors]
+        if errors:
+            raise PrepareError(errors)
+        prepared.warnings.extend(outcome.warnings)
+
+    def _rehearsal(self, prepared: Prepared) -> tuple[list[dict[str, str]], list[str]]:
+        """In the staging process: do what finish will do, report what failed."""
+        notes: list[str] = []
+        for m in prepared._migrations:
+            owner = type(m.obj).__qualname__
+            notes.extend(fresh_locks_in_place(m.obj, owner, stateful.set_state, stateful.get_state))
+        journal: list[Op] = []
+        try:
+            with interrupt_after(self.switch_timeout):
+                self._switch(prepared, journal)
+            self._migrate(prepared._migrations, self._vsn(), journal, dry_run=True)
+        except _SwitchFailed as failed:
+            return [_as_dict(failed.error)], notes
+        except _MigrationFailed as failed:
+            return [_as_dict(e) for e in failed.errors], notes
+        except Overrun:
+            error = ModuleError(
+                prepared.release.label,
+                Reason.TIMEOUT,
+                f"the switch overran switch_timeout ({self.switch_timeout:g}s) in the staging process",
+            )
+            return [_as_dict(error)], notes
+        return [], notes
 
     def _validate(self, release: Release, checkpoint: Callable[[], None]) -> list[ModuleError]:
         errors = list(release.problems)
@@ -385,73 +475,58 @@ class Loader:
             )
         return errors
 
-    def _stage(self, release: Release, checkpoint: Callable[[], None]) -> Prepared:
-        stage = Stage()
+    def _plan(self, release: Release, checkpoint: Callable[[], None]) -> Prepared:
+        """Everything finish needs, computed from the trees: nothing of the release runs."""
         deps = release_dependencies(release)
         order = load_order(deps)
         by_name = {ms.name: ms for ms in release.modules}
         changes: list[ModuleChange] = []
         warnings: list[str] = []
         errors: list[ModuleError] = []
-        planners: dict[str, ModulePlanner] = {}
-        installs: list[InstallModule] = []
-        new_modules: dict[str, types.ModuleType] = {}
-        try:
-            for unit in order:
-                for name in unit:
-                    checkpoint()
-                    ms = by_name[name]
-                    module = sys.modules.get(name)
-                    if module is None:
-                        new_modules[name] = self._stage_new(stage, ms, errors)
-                        continue
-                    old_digest, old_source, _ = self._baseline(name, module)
-                    if old_digest == ms.actual_digest:
-                        changes.append(ModuleChange(name, "unchanged"))
-                        continue
-                    code = self._compile(ms, module)
-                    planners[name] = ModulePlanner(
-                        stage, module, old_source, ms.source, self._filename(ms, module), code
-                    )
-            for unit in order:
-                for name in unit:
-                    checkpoint()
-                    if name in planners:
-                        try:
-                            plan = planners[name].build()
-                        except Refused as exc:
-                            errors.append(ModuleError(name, exc.reason, exc.detail))
-                            continue
-                        changes.append(ModuleChange(name, "updated", tuple(plan.changes)))
-                        warnings.extend(plan.warnings)
-                    elif name in new_modules:
-                        self._run_staged(stage, name, errors)
-                        changes.append(ModuleChange(name, "new"))
-                        installs.append(InstallModule(name, new_modules[name]))
-            plans = [planners[n].plan for unit in order for n in unit if n in planners]
-            live, suspended = scan_heap(
-                Codes(old for p in plans for old, _ in p.nested.values()),
-                Codes(c for p in plans for c in p.replaced_codes),
-            )
-            for plan in plans:
-                before = len(plan.warnings)
-                plan.patch_closures(live)
-                warnings.extend(plan.warnings[before:])
-            warnings.extend(f"{g} keeps running its old code until it finishes" for g in suspended)
-            frozen = gc.get_freeze_count()
-            if frozen and any(p.nested or p.replaced_codes for p in plans):
-                warnings.append(
-                    f"{frozen} objects are frozen (gc.freeze()) and invisible to the heap scan: "
-                    "closures or generators among them keep their old code"
+        plans: dict[str, ModulePlan] = {}
+        new_modules: dict[str, NewModule] = {}
+        for unit in order:
+            for name in unit:
+                checkpoint()
+                ms = by_name[name]
+                module = sys.modules.get(name)
+                if module is None:
+                    new_modules[name] = self._new_module(ms)
+                    changes.append(ModuleChange(name, "new"))
+                    continue
+                old_digest, old_source, _ = self._baseline(name, module)
+                if old_digest == ms.actual_digest:
+                    changes.append(ModuleChange(name, "unchanged"))
+                    continue
+                code = self._compile(ms, module)
+                planner = ModulePlanner(
+                    module, old_source, ms.source, self._filename(ms, module), code
                 )
-            migrations = self._dry_run_migrations(release, plans, errors) if not errors else []
-        finally:
-            stage.active = False  # staged code imports normally from now on
-        for m in new_modules.values():
-            stage.unview(m.__dict__)
+                try:
+                    plan = planner.build()
+                except Refused as exc:
+                    errors.append(ModuleError(name, exc.reason, exc.detail))
+                    continue
+                plans[name] = plan
+                changes.append(ModuleChange(name, "updated", tuple(plan.changes)))
+                warnings.extend(plan.warnings)
         if errors:
-            stage.close()
             raise PrepareError(errors)
+        live, suspended = scan_heap(
+            Codes(old for p in plans.values() for old, _ in p.nested.values()),
+            Codes(c for p in plans.values() for c in p.replaced_codes),
+        )
+        for plan in plans.values():
+            before = len(plan.warnings)
+            plan.patch_closures(live)
+            warnings.extend(plan.warnings[before:])
+        warnings.extend(f"{g} keeps running its old code until it finishes" for g in suspended)
+        frozen = gc.get_freeze_count()
+        if frozen and any(p.nested or p.replaced_codes for p in plans.values()):
+            warnings.append(
+                f"{frozen} objects are frozen (gc.freeze()) and invisible to the heap scan: "
+                "closures or generators among them keep their old code"
+            )
         self._generation += 1
         prepared = Prepared(
             release,
@@ -460,105 +535,31 @@ class Loader:
             warnings,
             0.0,
             _generation=self._generation,
-            _stage=stage,
-            _installs=installs,
+            _new=new_modules,
             _plans=plans,
-            _migrations=migrations,
+            _migrations=self._migrations_of(release, plans),
         )
-        prepared._bindings = self._from_bindings(release, plans, new_modules)
-        for plan in plans:
-            ns = planners[plan.module.__name__].ns
-            for key in [st.name for st in plan.statements if st.name in ns] + list(plan.clones):
-                prepared._dry_values[(plan.module.__name__, key)] = ns[key]
+        prepared._bindings = self._from_bindings(release, list(plans.values()))
         return prepared
 
-    def _stage_new(
-        self, stage: Stage, ms: ModuleSource, errors: list[ModuleError]
-    ) -> types.ModuleType:
+    def _new_module(self, ms: ModuleSource) -> NewModule:
         filename = self._filename(ms)
-        search = [str(p.joinpath(*ms.name.split("."))) for p in self.code_paths]
-        module = stage.new_module(ms.name, filename, ms.source, ms.is_package, search)
-        code = self._compile(ms)
-
-        def run() -> None:
-            try:
-                exec(code, module.__dict__)
-            except BaseException as exc:
-                tb = traceback.extract_tb(exc.__traceback__)
-                where = next(
-                    (f"line {fr.lineno}" for fr in reversed(tb) if fr.filename == filename), ""
-                )
-                errors.append(
-                    ModuleError(
-                        ms.name,
-                        Reason.IMPORT_ERROR,
-                        f"{ms.path} {where}: {type(exc).__name__}: {exc}".replace("  ", " "),
-                    )
-                )
-                if not isinstance(exc, Exception):
-                    raise
-
-        stage.pending[ms.name] = run
-        return module
+        search = tuple(str(p.joinpath(*ms.name.split("."))) for p in self.code_paths)
+        return NewModule(ms.name, filename, ms.source, self._compile(ms), ms.is_package, search)
 
     @staticmethod
-    def _run_staged(stage: Stage, name: str, errors: list[ModuleError]) -> None:
-        run = stage.pending.pop(name, None)
-        if run is not None:
-            run()
-
-    def _dry_run_migrations(
-        self, release: Release, plans: list[ModulePlan], errors: list[ModuleError]
-    ) -> list[_Migration]:
-        """Try every state migration on a copy of the live state, touching nothing."""
-        updated = {p.module.__name__: p for p in plans}
-        old_vsn = self.current_release.version if self.current_release else None
-        migrations = []
+    def _migrations_of(release: Release, plans: dict[str, ModulePlan]) -> list[_Migration]:
+        """Registered objects whose class's module this release updates (instruction update)."""
+        out = []
         for obj in stateful.registered():
-            cls = type(obj)
-            plan = updated.get(cls.__module__)
-            ms = release.get(cls.__module__)
-            if plan is None or ms is None or ms.instruction != "update":
-                continue
-            new_cls = plan.dry_classes.get(cls.__qualname__, cls)
-            fn = self._new_code_change(cls, new_cls, plan)
-            if fn is None:
-                continue
-            migrations.append(_Migration(obj, cls.__module__, ms.extra))
-            try:
-                state = _copy_state(obj)
-                result = fn(copy.copy(obj), old_vsn, state, ms.extra)
-                if not isinstance(result, dict):
-                    raise TypeError(
-                        f"code_change returned {type(result).__name__}, expected a dict of the new state"
-                    )
-            except Exception as exc:
-                errors.append(
-                    ModuleError(
-                        cls.__module__,
-                        Reason.CODE_CHANGE_FAILED,
-                        f"{cls.__qualname__}.code_change({old_vsn!r}) raised {type(exc).__name__}: {exc} (dry run on a copy of the live state)",
-                    )
-                )
-        return migrations
-
-    @staticmethod
-    def _new_code_change(cls: type, new_cls: type, plan: ModulePlan) -> Any:
-        """The *new* version's ``code_change``, callable before finish installs it."""
-        if new_cls is not cls:
-            return getattr(new_cls, "code_change", None)
-        current = getattr(cls, "code_change", None)
-        for op in plan.ops:
-            if isinstance(op, SetCode) and op.func is current:
-                f = types.FunctionType(
-                    op.code, current.__globals__, current.__name__, op.defaults, current.__closure__
-                )
-                f.__kwdefaults__ = op.kwdefaults
-                return f
-        return current
+            module = type(obj).__module__
+            ms = release.get(module)
+            if module in plans and ms is not None and ms.instruction == "update":
+                out.append(_Migration(obj, module, ms.extra))
+        return out
 
     def _from_bindings(
-        self, release: Release, plans: list[ModulePlan], new_modules: dict[str, types.ModuleType]
+        self, release: Release, plans: list[ModulePlan]
     ) -> dict[tuple[str, str], list[_Binding]]:
         """Who bound names of the updated modules with ``from m import x``."""
         targets = {p.module.__name__ for p in plans}
@@ -578,10 +579,6 @@ class Loader:
                         module.__dict__,
                     )
                 )
-        for name, module in new_modules.items():
-            ms = release.get(name)
-            assert ms is not None
-            holders.append((name, ms.source, ms.is_package, module.__dict__))
         for name, source, is_pkg, holder in holders:
             try:
                 info = scan_imports(name, source, is_package=is_pkg)
@@ -596,9 +593,11 @@ class Loader:
     def finish(self, prepared: Prepared) -> FinishReport:
         """Switch every module of ``prepared`` at once; idempotent.
 
-        Raises :class:`FinishError` only if a state migration (or a statement
-        that could not be dry-run) raises: the previous version is then
-        restored before the barrier reopens.
+        The release's statements and new modules run here, once, behind the
+        barrier, under ``switch_timeout``; each ``code_change`` under
+        ``migration_timeout``.  Raises :class:`FinishError` (``restored=True``)
+        if any of it raises or overruns: the previous version is restored
+        before the barrier reopens.
         """
         with self._lock:
             if prepared.state is PreparedState.FINISHED and prepared.report is not None:
@@ -608,29 +607,14 @@ class Loader:
             with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
                 t0 = time.perf_counter()
                 try:
-                    self._switch(prepared, journal)
+                    with interrupt_after(self.switch_timeout):
+                        self._switch(prepared, journal)
                     switched_at = time.time()
-                    migrated = self._migrate(
-                        prepared._migrations, self._vsn(), journal, prepared.release
-                    )
-                except _MigrationFailed as failed:
+                    migrated = self._migrate(prepared._migrations, self._vsn(), journal)
+                except (_SwitchFailed, _MigrationFailed, Overrun) as exc:
                     undo(journal)
-                    raise FinishError(failed.errors, restored=True) from None
-                except Exception as exc:
-                    undo(journal)
-                    raise FinishError(
-                        [
-                            ModuleError(
-                                _culprit(exc),
-                                Reason.IMPORT_ERROR,
-                                f"raised during finish, previous version restored: {type(exc).__name__}: {exc}",
-                            )
-                        ],
-                        restored=True,
-                    ) from None
+                    raise FinishError(self._finish_errors(exc, prepared), restored=True) from None
                 pause = time.perf_counter() - t0
-            assert prepared._stage is not None
-            prepared._stage.close()
             self._commit(prepared, journal)  # in the order applied: undo replays it backwards
             report = FinishReport(
                 ReleaseInfo.of(prepared.release),
@@ -643,6 +627,21 @@ class Loader:
             )
             prepared.report = report
             return report
+
+    def _finish_errors(self, exc: BaseException, prepared: Prepared) -> list[ModuleError]:
+        if isinstance(exc, _SwitchFailed):
+            e = exc.error
+            return [ModuleError(e.module, e.reason, f"{e.detail}; previous version restored")]
+        if isinstance(exc, _MigrationFailed):
+            return exc.errors
+        return [
+            ModuleError(
+                prepared.release.label,
+                Reason.TIMEOUT,
+                f"the switch overran switch_timeout ({self.switch_timeout:g}s); "
+                "previous version restored",
+            )
+        ]
 
     def _check_current(self, prepared: Prepared) -> None:
         if (
@@ -661,18 +660,64 @@ class Loader:
             )
 
     def _switch(self, prepared: Prepared, journal: list[Op]) -> None:
-        """The swap itself: only precomputed edits and statements already dry-run."""
-        for install in prepared._installs:
-            journal.append(install.apply())
+        """The swap itself, module by module in dependency order.
+
+        Precomputed edits, then the module's changed statements (the only
+        release code that runs, with new modules' bodies); every binding they
+        change is journaled, even when the statement raises half-way.
+        Raises :class:`_SwitchFailed` naming the module.
+        """
         changed: list[tuple[str, str, Any]] = []
-        for plan in prepared._plans:
-            for op in plan.ops:
-                journal.append(op.apply())
-            g = plan.module.__dict__
-            for st in plan.statements:
-                # only the names the statement can bind are compared (the pause must not
-                # grow with the size of the module), the whole namespace when unsure
-                before = dict(g) if st.binds is None else {k: g.get(k, MISSING) for k in st.binds}
+        with release_importable(list(prepared._new.values())):
+            for unit in prepared.order:
+                for name in unit:
+                    try:
+                        if name in prepared._new:
+                            self._install(prepared._new[name], journal)
+                        elif name in prepared._plans:
+                            self._apply_plan(prepared._plans[name], journal, changed)
+                    except Refused as exc:
+                        raise _SwitchFailed(ModuleError(name, exc.reason, exc.detail)) from None
+                    except Overrun:
+                        raise _SwitchFailed(
+                            ModuleError(
+                                name,
+                                Reason.TIMEOUT,
+                                f"its code overran switch_timeout ({self.switch_timeout:g}s)",
+                            )
+                        ) from None
+                    except Exception as exc:
+                        raise _SwitchFailed(
+                            ModuleError(name, Reason.IMPORT_ERROR, _describe(exc, name))
+                        ) from None
+        self._rebind_from_imports(prepared, changed, journal)
+        if hasattr(sys, "_clear_type_cache"):
+            sys._clear_type_cache()
+
+    @staticmethod
+    def _install(new: NewModule, journal: list[Op]) -> None:
+        if new.name in sys.modules:  # imported already, by a module earlier in the order
+            return
+        try:
+            importlib.import_module(new.name)
+        finally:
+            if new.name in sys.modules:
+                journal.append(InstallModule(new.name, None))
+            else:
+                register_source(new.filename, new.source)
+
+    @staticmethod
+    def _apply_plan(
+        plan: ModulePlan, journal: list[Op], changed: list[tuple[str, str, Any]]
+    ) -> None:
+        for op in plan.ops:
+            journal.append(op.apply())
+        g = plan.module.__dict__
+        for st in plan.statements:
+            # only the names the statement can bind are compared (the pause must not
+            # grow with the size of the module), the whole namespace when unsure
+            before = dict(g) if st.binds is None else {k: g.get(k, MISSING) for k in st.binds}
+            try:
                 exec(st.code, g)
                 if st.merge_class is not None:
                     fresh = g[st.name]
@@ -680,8 +725,9 @@ class Loader:
                     merge_ops: list[Op] = []
                     merge_class(st.merge_class, fresh, merge_ops)
                     journal.extend(op.apply() for op in merge_ops)
+            finally:
                 after = g.keys() if st.binds is None else st.binds
-                for k in after:
+                for k in list(after):
                     old, new = before.get(k, MISSING), g.get(k, MISSING)
                     if old is not new:
                         journal.append(SetItem(g, k, old))
@@ -689,19 +735,26 @@ class Loader:
                 if st.binds is None:
                     for k in before.keys() - g.keys():
                         journal.append(SetItem(g, k, before[k]))
-            for name in plan.removed:
-                old = g.get(name, MISSING)
-                journal.append(SetItem(g, name, MISSING).apply())
-                changed.append((plan.module.__name__, name, old))
-        # from-imports elsewhere that still hold an object this switch replaced
-        # (few bindings, many changed names: look up from the bindings' side)
+        for op in plan.late_ops:
+            journal.append(op.apply())
+        for name in plan.removed:
+            old = g.get(name, MISSING)
+            journal.append(SetItem(g, name, MISSING).apply())
+            changed.append((plan.module.__name__, name, old))
+
+    @staticmethod
+    def _rebind_from_imports(
+        prepared: Prepared, changed: list[tuple[str, str, Any]], journal: list[Op]
+    ) -> None:
+        """``from m import x`` elsewhere that still holds an object this switch replaced.
+
+        Few bindings, many changed names: looked up from the bindings' side.
+        """
         stale: dict[tuple[str, str], list[Any]] = {}
         for module, key, old in changed:
             stale.setdefault((module, key), []).append(old)
         for (module, key), bindings in prepared._bindings.items():
-            olds = stale.get((module, key), [])
-            if (module, key) in prepared._dry_values:
-                olds.append(prepared._dry_values[(module, key)])
+            olds = stale.get((module, key))
             if not olds:
                 continue
             new = sys.modules[module].__dict__.get(key, MISSING)
@@ -709,32 +762,66 @@ class Loader:
                 bound = b.holder.get(b.local, MISSING)
                 if bound is not new and any(bound is o for o in olds):
                     journal.append(SetItem(b.holder, b.local, new).apply())
-        if hasattr(sys, "_clear_type_cache"):
-            sys._clear_type_cache()
 
     def _migrate(
-        self, migrations: list[_Migration], old_vsn: Any, journal: list[Op], release: Release | None
+        self,
+        migrations: list[_Migration],
+        old_vsn: Any,
+        journal: list[Op],
+        *,
+        dry_run: bool = False,
     ) -> int:
-        """Run ``code_change`` (already-current code) for every registered object, all or none."""
+        """Run ``code_change`` (already-current code) for every registered object, all or none.
+
+        Each call gets a faithful copy of the object's state (fresh locks, see
+        :mod:`node_agent._statecopy`) and runs under ``migration_timeout`` in
+        a thread of its own; the states are installed only once all returned.
+        """
         states: list[tuple[Any, dict[str, Any]]] = []
         errors = []
         for m in migrations:
             fn = getattr(m.obj, "code_change", None)
             if fn is None:
                 continue
+            what = f"{type(m.obj).__qualname__}.code_change({old_vsn!r})"
             try:
-                result = fn(old_vsn, _copy_state(m.obj), m.extra)
+                try:
+                    state, _ = copy_state(
+                        stateful.get_state(m.obj), type(m.obj).__qualname__, stand_ins=dry_run
+                    )
+                except StateNotCopyable:
+                    state = dict(stateful.get_state(m.obj))
+                result = call_with_deadline(
+                    functools.partial(fn, old_vsn, state, m.extra),
+                    self.migration_timeout,
+                    f"hotfleet-migration {type(m.obj).__qualname__}",
+                )
                 if not isinstance(result, dict):
                     raise TypeError(
                         f"code_change returned {type(result).__name__}, expected a dict"
                     )
                 states.append((m.obj, result))
+            except Abandoned:
+                errors.append(
+                    ModuleError(
+                        m.module,
+                        Reason.TIMEOUT,
+                        f"{what} did not return within migration_timeout "
+                        f"({self.migration_timeout:g}s)"
+                        + ("" if dry_run else "; previous version restored"),
+                    )
+                )
             except Exception as exc:
                 errors.append(
                     ModuleError(
                         m.module,
                         Reason.CODE_CHANGE_FAILED,
-                        f"{type(m.obj).__qualname__}.code_change({old_vsn!r}) raised {type(exc).__name__}: {exc}; previous version restored",
+                        f"{what} raised {type(exc).__name__}: {exc}"
+                        + (
+                            " (dry run on a copy of the live state)"
+                            if dry_run
+                            else "; previous version restored"
+                        ),
                     )
                 )
         if errors:
@@ -770,8 +857,6 @@ class Loader:
                 self._drop(prepared)
 
     def _drop(self, prepared: Prepared) -> None:
-        if prepared._stage is not None:
-            prepared._stage.close()
         prepared.state = PreparedState.ABORTED
         if self._pending is prepared:
             self._pending = None
@@ -802,7 +887,7 @@ class Loader:
             with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
                 t0 = time.perf_counter()
                 try:
-                    migrated = self._migrate(backup.migrations, down, journal, None)
+                    migrated = self._migrate(backup.migrations, down, journal)
                 except _MigrationFailed as failed:
                     undo(journal)
                     raise FinishError(failed.errors, restored=True) from None
@@ -922,17 +1007,34 @@ class _MigrationFailed(Exception):
         self.errors = errors
 
 
-def _copy_state(obj: Any) -> dict[str, Any]:
-    state = stateful.get_state(obj)
-    try:
-        return copy.deepcopy(state)
-    except Exception:
-        return dict(state)
+def _as_dict(error: ModuleError) -> dict[str, str]:
+    return {"module": error.module, "reason": error.reason.value, "detail": error.detail}
 
 
-def _culprit(exc: BaseException) -> str:
+def _from_dict(raw: dict[str, Any]) -> ModuleError:
+    reason = str(raw.get("reason"))
+    known = reason in {r.value for r in Reason}
+    return ModuleError(
+        str(raw.get("module", "*")),
+        Reason(reason) if known else Reason.IMPORT_ERROR,
+        str(raw.get("detail", "")),
+    )
+
+
+class _SwitchFailed(Exception):
+    def __init__(self, error: ModuleError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _describe(exc: BaseException, module: str) -> str:
+    """Where in the release an exception came from: file and line, then what it said."""
     frames = traceback.extract_tb(exc.__traceback__)
-    return frames[-1].filename if frames else "*"
+    release_frames = [
+        f for f in frames if module.replace(".", "/") in f.filename.replace("\\", "/")
+    ]
+    where = f"line {release_frames[-1].lineno}: " if release_frames else ""
+    return f"{where}{type(exc).__name__}: {exc}"
 
 
 __all__ = [

@@ -300,7 +300,7 @@ def test_import_time_side_effects(cb: Codebase) -> None:
     v2 = v1.replace("'a1'", "'a2'") + "\n@route('/b')\ndef b():\n    return 'b2'\n"
     prepared = cb.loader.prepare(cb.release("2", {"views": v2}))
     assert set(routes) == {"/a"}  # prepare ran no side effect of a loaded module
-    assert any("side effects" in w for w in prepared.warnings)
+    assert prepared.rehearsal_s > 0  # the new @route ran, but in the staging process
     cb.loader.finish(prepared)
     assert routes["/a"]() == "a2"  # not re-registered, same function, new body
     assert routes["/b"]() == "b2"  # the new registration ran once, at finish

@@ -1,0 +1,170 @@
+"""The staging process: where a release's code runs before the decision.
+
+Prepare must change nothing in the live process, yet some refusals can only
+be found by running the release (a new module whose body raises, a changed
+statement, a class body, a default value, a state migration).  So prepare
+forks: the child is an exact copy of the node at that instant (same
+interpreter, same code paths, the current release and every registered
+object's state), performs the switch and the migrations there, reports what
+went wrong through a pipe and exits; its effects die with it.
+
+Why a fork and not a warm spawned worker: only a fork mirrors the node's
+state (registries, module globals, the stateful objects ``code_change``
+migrates) without importing the application a second time, and it costs one
+``fork()`` (copy-on-write) instead of a resident process per agent.  The
+child never touches the parent's threads' resources: it runs the switch,
+writes one JSON document and leaves with ``os._exit``; it is killed at the
+deadline, when the prepare is cancelled (Abort, agent stop) and when the
+parent dies (``PR_SET_PDEATHSIG`` on Linux).
+
+Limits (documented in the README): a lock another thread of the node held at
+the instant of the fork is held for ever in the child; the child replaces the
+locks it finds in registered objects' state with fresh ones, and anything else
+that waits on such a lock ends as ``timeout``.  File descriptors are shared
+with the parent, so the child replaces sockets and files in migrated state
+with stand-ins and says so in the vote.  Side effects outside the process
+(a file written, a request sent by a module body) happen in the child too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import select
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Forking a threaded process is what this module is for; the child only runs
+# the switch and exits (see the module docstring).
+warnings.filterwarnings(
+    "ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning
+)
+
+_PR_SET_PDEATHSIG = 1
+_POLL_S = 0.05  # how often a waiting parent looks at its cancel event
+_MAX_REPORT = 1 << 20
+
+
+@dataclass
+class Outcome:
+    """What the child reported (or what became of it)."""
+
+    errors: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # the child's user + system CPU
+    timed_out: bool = False
+    cancelled: bool = False
+    died: str = ""  # how the child ended when it sent no report
+
+
+class Cancelled(Exception):
+    """A prepare was cancelled while its staging process ran."""
+
+
+def _die_with_parent() -> None:
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _child(write_fd: int, work: Callable[[], tuple[list[dict[str, str]], list[str]]]) -> None:
+    status = 0
+    try:
+        _die_with_parent()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        gc.disable()  # short-lived: no collections, and fewer copy-on-write faults
+        try:
+            errors, notes = work()
+            report = {"errors": errors, "warnings": notes}
+        except BaseException as exc:  # reported to the parent, never raised in the child
+            report = {
+                "errors": [
+                    {
+                        "module": "*",
+                        "reason": "import_error",
+                        "detail": f"staging process: {type(exc).__name__}: {exc}",
+                    }
+                ]
+            }
+        data = json.dumps(report, default=str).encode()[:_MAX_REPORT]
+        view = memoryview(data)
+        while view:
+            view = view[os.write(write_fd, view) :]
+    except BaseException:
+        status = 70
+    finally:
+        os._exit(status)
+
+
+def rehearse(
+    work: Callable[[], tuple[list[dict[str, str]], list[str]]],
+    timeout: float,
+    cancel: threading.Event | None = None,
+) -> Outcome:
+    """Run ``work`` in a forked copy of this process; its effects never reach this one.
+
+    ``work`` returns ``(errors, warnings)``: errors as ``{"module", "reason",
+    "detail"}`` dicts.  The child is killed at ``timeout`` (``timed_out``) or
+    when ``cancel`` is set (``cancelled``).
+    """
+    read_fd, write_fd = os.pipe()
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child leaves through os._exit
+        os.close(read_fd)
+        _child(write_fd, work)
+    os.close(write_fd)
+    out = Outcome()
+    chunks: list[bytes] = []
+    deadline = started + timeout
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                out.cancelled = True
+                break
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                out.timed_out = True
+                break
+            ready, _, _ = select.select([read_fd], [], [], min(left, _POLL_S))
+            if ready:
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    break  # the child closed the pipe: its report is complete
+                chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        if out.timed_out or out.cancelled:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, status, usage = os.wait4(pid, 0)
+    out.wall_s = time.perf_counter() - started
+    out.cpu_s = usage.ru_utime + usage.ru_stime
+    if out.timed_out or out.cancelled:
+        return out
+    try:
+        report: Any = json.loads(b"".join(chunks)) if chunks else None
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        if os.WIFSIGNALED(status):
+            out.died = f"killed by signal {os.WTERMSIG(status)}"
+        else:
+            out.died = f"exited with status {os.waitstatus_to_exitcode(status)} and no report"
+        return out
+    out.errors = [e for e in report.get("errors") or [] if isinstance(e, dict)]
+    out.warnings = [str(w) for w in report.get("warnings") or []]
+    return out
