@@ -32,7 +32,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
-import json
+import marshal
 import os
 import select
 import signal
@@ -48,6 +48,10 @@ from typing import Any
 warnings.filterwarnings(
     "ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning
 )
+
+# The child reports through references taken now: the release it runs may
+# monkeypatch json, os or anything else it likes (its effects die with it).
+_dumps, _write, _exit = marshal.dumps, os.write, os._exit
 
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05  # how often a waiting parent looks at its cancel event
@@ -95,18 +99,17 @@ def _child(write_fd: int, work: Callable[[], tuple[list[dict[str, str]], list[st
                     {
                         "module": "*",
                         "reason": "import_error",
-                        "detail": f"staging process: {type(exc).__name__}: {exc}",
+                        "detail": f"staging process: {type(exc).__name__}: {exc}"[:4096],
                     }
                 ]
             }
-        data = json.dumps(report, default=str).encode()[:_MAX_REPORT]
-        view = memoryview(data)
+        view = memoryview(_dumps(report))
         while view:
-            view = view[os.write(write_fd, view) :]
+            view = view[_write(write_fd, view) :]
     except BaseException:
         status = 70
     finally:
-        os._exit(status)
+        _exit(status)
 
 
 def rehearse(
@@ -145,19 +148,22 @@ def rehearse(
                 if not chunk:
                     break  # the child closed the pipe: its report is complete
                 chunks.append(chunk)
+                if sum(map(len, chunks)) > _MAX_REPORT:
+                    out.died = "sent a report over 1 MiB"
+                    break
     finally:
         os.close(read_fd)
-        if out.timed_out or out.cancelled:
+        if out.timed_out or out.cancelled or out.died:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _, status, usage = os.wait4(pid, 0)
     out.wall_s = time.perf_counter() - started
     out.cpu_s = usage.ru_utime + usage.ru_stime
-    if out.timed_out or out.cancelled:
+    if out.timed_out or out.cancelled or out.died:
         return out
     try:
-        report: Any = json.loads(b"".join(chunks)) if chunks else None
-    except ValueError:
+        report: Any = marshal.loads(b"".join(chunks)) if chunks else None
+    except (ValueError, EOFError, TypeError):
         report = None
     if not isinstance(report, dict):
         if os.WIFSIGNALED(status):

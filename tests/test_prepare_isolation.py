@@ -1,0 +1,340 @@
+"""Prepare changes nothing, every step has a deadline.
+
+Each test boots a small package whose ``reg`` module records every side
+effect in ``EVENTS``, then prepares (and aborts, or finishes) a release that
+would have an effect if any of its code ran in this process before the
+decision.  The rehearsal in the staging process must still catch what only
+running the code can find, and finish must run each statement exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from hotfleet import Reason
+from node_agent import FinishError, PrepareError
+from tests.codebase import Codebase
+
+REG = """\
+EVENTS = []
+
+def mark(what):
+    EVENTS.append(what)
+    return what
+
+def tag(label):
+    def deco(fn):
+        fn.label = label
+        return fn
+    return deco
+"""
+
+
+def _events(cb: Codebase) -> list[str]:
+    return list(cb.module("reg").EVENTS)
+
+
+def _prepare_then_abort(cb: Codebase, files: dict[str, str]) -> None:
+    before = _events(cb)
+    prepared = cb.loader.prepare(cb.release("2", files))
+    assert _events(cb) == before, "prepare ran release code in the live process"
+    cb.loader.abort(prepared)
+    assert _events(cb) == before, "abort left an effect behind"
+
+
+def test_new_module_appending_to_a_registry_runs_only_at_finish(cb: Codebase) -> None:
+    cb.boot({"reg": REG})
+    plugin = "from . import reg\nreg.EVENTS.append('plugin loaded')\n"
+    _prepare_then_abort(cb, {"plugin": plugin})
+    assert f"{cb.pkg}.plugin" not in __import__("sys").modules
+    cb.upgrade("2", {"plugin": plugin})
+    assert _events(cb) == ["plugin loaded"]  # exactly once
+
+
+def test_changed_call_statement_runs_once_at_finish(cb: Codebase) -> None:
+    mods = cb.boot({"reg": REG, "cfg": "from . import reg\nCONFIG = reg.mark('v1')\n"})
+    v2 = {"cfg": "from . import reg\nCONFIG = reg.mark('v2')\n"}
+    _prepare_then_abort(cb, v2)
+    assert mods["cfg"].CONFIG == "v1"
+    cb.upgrade("2", v2)
+    assert mods["cfg"].CONFIG == "v2"
+    assert _events(cb) == ["v1", "v2"]  # boot, then finish: never twice
+
+
+def test_monkeypatch_in_a_new_module_is_not_applied_by_prepare(cb: Codebase) -> None:
+    cb.boot({"reg": REG})
+    original = json.dumps
+    patch = "import json\njson.dumps = lambda *a, **k: 'patched'\n"
+    try:
+        _prepare_then_abort(cb, {"patch": patch})
+        assert json.dumps is original
+        assert json.dumps({"a": 1}) == '{"a": 1}'
+    finally:
+        json.dumps = original
+
+
+def test_changed_decorator_argument_is_not_evaluated_by_prepare(cb: Codebase) -> None:
+    src = "from . import reg\n\n@reg.tag(reg.mark('a'))\ndef f():\n    return 1\n"
+    mods = cb.boot({"reg": REG, "m": src})
+    v2 = {"m": src.replace("'a'", "'b'")}
+    _prepare_then_abort(cb, v2)
+    assert mods["m"].f.label == "a"
+    cb.upgrade("2", v2)
+    assert mods["m"].f.label == "b"
+    assert _events(cb) == ["a", "b"]
+
+
+def test_changed_default_value_is_evaluated_once_at_finish(cb: Codebase) -> None:
+    src = "from . import reg\n\ndef f(x=reg.mark('d1')):\n    return ('one', x)\n"
+    mods = cb.boot({"reg": REG, "m": src})
+    f = mods["m"].f
+    v2 = {"m": "from . import reg\n\ndef f(x=reg.mark('d2')):\n    return ('two', x)\n"}
+    _prepare_then_abort(cb, v2)
+    assert f() == ("one", "d1")
+    cb.upgrade("2", v2)
+    assert f() == ("two", "d2") and mods["m"].f is f  # same object, new body and default
+    assert _events(cb) == ["d1", "d2"]
+    cb.loader.rollback()
+    assert f() == ("one", "d1")
+
+
+def test_unchanged_and_literal_defaults_run_no_code(cb: Codebase) -> None:
+    src = (
+        "from . import reg\n\ndef f(x=reg.mark('kept')):\n    return x\n\n"
+        "def g(y=1, *, z=(1, 'a')):\n    return (y, z)\n"
+    )
+    mods = cb.boot({"reg": REG, "m": src})
+    v2 = src.replace("return x", "return ('new', x)").replace("y=1", "y=2")
+    prepared = cb.loader.prepare(cb.release("2", {"m": v2}))
+    assert prepared.rehearsal_s == 0  # pure patching: no staging process needed
+    cb.loader.finish(prepared)
+    assert mods["m"].f() == ("new", "kept") and mods["m"].g() == (2, (1, "a"))
+    assert _events(cb) == ["kept"]  # the unchanged default expression never ran again
+
+
+STATEFUL = """\
+import threading
+from node_agent import register
+from . import reg
+
+class Counter:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 5
+        self.items = ["a"]
+
+    def bump(self):
+        with self._lock:
+            self.count += 1
+
+COUNTER = register(Counter())
+"""
+
+STATEFUL_V2 = STATEFUL.replace(
+    "    def bump(self):",
+    """    def code_change(self, old_vsn, state, extra):
+        with self._lock:  # a lock the live object may hold right now
+            reg.EVENTS.append("migrated")
+            self.count = 999  # a write through self: never reaches the live object in prepare
+            state["items"].append("x")  # nested state: a copy, never the live list
+            state["count"] = state["count"] * 10
+            return state
+
+    def bump(self):""",
+)
+
+
+def test_code_change_dry_run_never_touches_live_lock_holding_state(cb: Codebase) -> None:
+    mods = cb.boot({"reg": REG, "state": STATEFUL})
+    counter = mods["state"].COUNTER
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:  # a request thread inside the object while the node prepares
+        with counter._lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold_lock)
+    t.start()
+    try:
+        assert held.wait(5)
+        prepared = cb.loader.prepare(cb.release("2", {"state": STATEFUL_V2}))
+    finally:
+        release.set()
+        t.join()
+    assert counter.count == 5 and counter.items == ["a"]  # live state untouched
+    assert _events(cb) == []  # code_change did not run here
+    assert prepared.rehearsal_s > 0
+    cb.loader.finish(prepared)
+    assert counter.count == 50  # migrated exactly once (not 500)
+    assert counter.items == ["a", "x"]
+    assert _events(cb) == ["migrated"]
+    counter.bump()  # the live lock still works
+    assert counter.count == 51
+
+
+def test_code_change_that_fails_in_the_dry_run_is_refused_and_changes_nothing(
+    cb: Codebase,
+) -> None:
+    mods = cb.boot({"reg": REG, "state": STATEFUL})
+    counter = mods["state"].COUNTER
+    bad = STATEFUL_V2.replace('state["count"] * 10', 'state["missing"]')
+    with pytest.raises(PrepareError) as err:
+        cb.loader.prepare(cb.release("2", {"state": bad}))
+    (e,) = err.value.errors
+    assert e.reason is Reason.CODE_CHANGE_FAILED and "KeyError" in e.detail
+    assert e.module == f"{cb.pkg}.state"
+    assert counter.count == 5 and counter.items == ["a"] and _events(cb) == []
+
+
+def test_state_holding_a_socket_gets_a_stand_in_and_a_named_warning(cb: Codebase) -> None:
+    src = STATEFUL.replace(
+        '        self.items = ["a"]',
+        '        self.items = ["a"]\n        import socket\n        self.sock = socket.socket()',
+    )
+    mods = cb.boot({"reg": REG, "state": src})
+    try:
+        v2 = src.replace(
+            "    def bump(self):",
+            "    def code_change(self, old_vsn, state, extra):\n        return state\n\n    def bump(self):",
+        )
+        prepared = cb.loader.prepare(cb.release("2", {"state": v2}))
+        assert any("Counter.sock" in w and "socket" in w for w in prepared.warnings)
+        cb.loader.finish(prepared)
+        assert mods["state"].COUNTER.sock.fileno() >= 0  # the live socket, untouched
+    finally:
+        mods["state"].COUNTER.sock.close()
+
+
+def test_module_that_loops_forever_is_refused_timeout_and_the_next_release_loads(
+    cb: Codebase,
+) -> None:
+    mods = cb.boot({"reg": REG, "m": "def f():\n    return 1\n"})
+    cb.loader.prepare_timeout, cb.loader.switch_timeout = 4.0, 1.0
+    started = time.monotonic()
+    with pytest.raises(PrepareError) as err:
+        cb.loader.prepare(cb.release("2", {"spin": "while True:\n    pass\n"}))
+    assert time.monotonic() - started < 4.0
+    (e,) = err.value.errors
+    assert e.reason is Reason.TIMEOUT and e.module == f"{cb.pkg}.spin"
+    cb.upgrade("3", {"m": "def f():\n    return 3\n"})
+    assert mods["m"].f() == 3
+
+
+def test_module_blocked_in_c_is_killed_at_prepare_timeout(cb: Codebase) -> None:
+    cb.boot({"reg": REG})
+    cb.loader.prepare_timeout, cb.loader.switch_timeout = 1.5, 30.0
+    started = time.monotonic()
+    with pytest.raises(PrepareError) as err:
+        cb.loader.prepare(cb.release("2", {"wait": "import threading\nthreading.Event().wait()\n"}))
+    assert 1.4 < time.monotonic() - started < 5.0
+    assert err.value.errors[0].reason is Reason.TIMEOUT
+    assert "killed" in err.value.errors[0].detail
+
+
+def test_cancel_prepare_kills_the_staging_process_at_once(cb: Codebase) -> None:
+    cb.boot({"reg": REG})
+    cb.loader.prepare_timeout = 60.0
+    timer = threading.Timer(0.5, cb.loader.cancel_prepare)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(PrepareError) as err:
+            cb.loader.prepare(cb.release("2", {"spin": "while True:\n    pass\n"}))
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 5.0
+    assert "cancelled" in err.value.errors[0].detail
+
+
+def test_new_module_that_raises_is_refused_import_error_naming_its_line(cb: Codebase) -> None:
+    cb.boot({"reg": REG})
+    with pytest.raises(PrepareError) as err:
+        cb.loader.prepare(cb.release("2", {"bad": "from . import reg\nreg.mark('x')\n1 / 0\n"}))
+    (e,) = err.value.errors
+    assert e.reason is Reason.IMPORT_ERROR and e.module == f"{cb.pkg}.bad"
+    assert "ZeroDivisionError" in e.detail and "line 3" in e.detail
+    assert _events(cb) == []
+
+
+def test_changed_enum_members_are_still_refused(cb: Codebase) -> None:
+    src = "import enum\n\nclass Color(enum.Enum):\n    RED = 1\n"
+    cb.boot({"reg": REG, "e": src})
+    with pytest.raises(PrepareError) as err:
+        cb.loader.prepare(cb.release("2", {"e": src + "    BLUE = 2\n"}))
+    assert err.value.errors[0].reason is Reason.INCOMPATIBLE_CHANGE
+
+
+LIVE_ONLY_HANG = """\
+import os, threading
+from node_agent import register
+BOOT_PID = {pid}
+
+class Box:
+    def __init__(self):
+        self.n = 1
+
+BOX = register(Box())
+"""
+
+
+def test_migration_that_hangs_only_on_the_live_object_restores_within_its_deadline(
+    cb: Codebase,
+) -> None:
+    v1 = LIVE_ONLY_HANG.format(pid=os.getpid()) + "\ndef f():\n    return 1\n"
+    mods = cb.boot({"reg": REG, "box": v1})
+    v2 = v1.replace("return 1", "return 2").replace(
+        "        self.n = 1\n",
+        "        self.n = 1\n\n    def code_change(self, old_vsn, state, extra):\n"
+        "        if os.getpid() == BOOT_PID:  # only here, never in the staging process\n"
+        "            threading.Event().wait()\n"
+        "        return state\n",
+    )
+    cb.loader.migration_timeout = 1.0
+    prepared = cb.loader.prepare(cb.release("2", {"box": v2}))  # the dry run passes
+    started = time.monotonic()
+    with pytest.raises(FinishError) as err:
+        cb.loader.finish(prepared)
+    assert time.monotonic() - started < 4.0
+    assert err.value.restored
+    assert err.value.errors[0].reason is Reason.TIMEOUT
+    assert mods["box"].f() == 1  # the old version serves
+    with cb.loader.guard():  # and the gate is open again
+        pass
+
+
+def test_statement_that_loops_only_in_the_live_process_is_interrupted_and_restored(
+    cb: Codebase,
+) -> None:
+    v1 = f"import os\nBOOT_PID = {os.getpid()}\nX = 1\n\ndef f():\n    return X\n"
+    mods = cb.boot({"reg": REG, "m": v1})
+    v2 = v1.replace("X = 1", "X = 2\nwhile os.getpid() == BOOT_PID:\n    pass")
+    cb.loader.switch_timeout = 1.0
+    prepared = cb.loader.prepare(cb.release("2", {"m": v2}))
+    started = time.monotonic()
+    with pytest.raises(FinishError) as err:
+        cb.loader.finish(prepared)
+    assert time.monotonic() - started < 4.0
+    assert err.value.restored and err.value.errors[0].reason is Reason.TIMEOUT
+    assert mods["m"].X == 1 and mods["m"].f() == 1
+
+
+def test_statement_that_raises_half_way_at_finish_is_fully_undone(cb: Codebase) -> None:
+    v1 = f"import os\nBOOT_PID = {os.getpid()}\nA = 1\n"
+    mods = cb.boot({"reg": REG, "m": v1})
+    # binds A, then fails, but only in the live process
+    v2 = v1.replace(
+        "A = 1",
+        "if True:\n    A = 2\n    if os.getpid() == BOOT_PID:\n        raise RuntimeError('live only')",
+    )
+    prepared = cb.loader.prepare(cb.release("2", {"m": v2}))
+    with pytest.raises(FinishError) as err:
+        cb.loader.finish(prepared)
+    assert err.value.restored and "live only" in err.value.errors[0].detail
+    assert mods["m"].A == 1
