@@ -12,7 +12,15 @@ Public API (kept small on purpose):
   application code that only calls :func:`register` does not load gRPC.
 """
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# The loader forks a staging process for every prepare that runs release code
+# (node_agent._rehearsal).  gRPC core's own fork handlers, on by default, crash
+# such a child of a process that serves gRPC (SIGSEGV in threading._after_fork);
+# the child never uses gRPC, so they are switched off unless the host chose.
+# Read by gRPC core when it initializes: before the agent's first server.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from node_agent.drain import ASGIMiddleware, DrainBarrier, WSGIMiddleware
 from node_agent.errors import FinishError, LoaderStateError, PrepareError

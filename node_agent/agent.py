@@ -25,8 +25,8 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``; every key is built by
          "current_release": "shop@2.0.0",                   # "" = unknown boot code
          "previous_release": "shop@1.0.0",                  # rollback target or ""
          "permanent_release": "shop@1.0.0",
-         "state": "idle",        # starting|reconciling|idle|prepared|finishing|
-                                 # rolling_back|reconcile_failed|stopping
+         "state": "idle",        # starting|reconciling|idle|preparing|prepared|
+                                 # finishing|rolling_back|reconcile_failed|stopping
          "prepared_rollout": "",  "epoch_seen": 7,
          "pid": 4242, "started_at": 1718000000.0,            # unix seconds
          "secure": true,                                    # false in dev mode
@@ -110,7 +110,7 @@ from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCac
 from hotfleet.wire import errors_to_proto, manifest_from_proto
 from node_agent.drain import WSGIMiddleware
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
-from node_agent.loader import FinishReport, Loader, Prepared, ReleaseInfo
+from node_agent.loader import PREPARE_TIMEOUT_S, FinishReport, Loader, Prepared, ReleaseInfo
 from node_agent.membership import Membership
 from node_agent.metrics import Metrics
 
@@ -211,6 +211,7 @@ class Agent:
         lease_ttl: int = 10,
         cache_dir: str | os.PathLike[str] | None = None,
         drain_timeout: float = 5.0,
+        prepare_timeout: float = PREPARE_TIMEOUT_S,
         etcd_timeout: float = 3.0,
         etcd_options: Mapping[str, Any] | None = None,
         ready_timeout: float = 15.0,
@@ -255,7 +256,9 @@ class Agent:
         self.etcd_options = dict(etcd_options or {})
         self.ready_timeout = ready_timeout
         self.grpc_workers = grpc_workers
-        self.loader = loader or Loader(code_paths, drain_timeout=drain_timeout)
+        self.loader = loader or Loader(
+            code_paths, drain_timeout=drain_timeout, prepare_timeout=prepare_timeout
+        )
         self.metrics = Metrics()
         self.cache = LocalCache(
             Path(cache_dir)
@@ -266,6 +269,7 @@ class Agent:
         self.address = ""  # gRPC host:port once started
 
         self._op_lock = threading.RLock()  # serializes every mutating operation
+        self._preparing = ""  # the rollout whose prepare holds the op lock (Abort cancels it)
         self._state = "starting"
         self._epoch_lock = threading.Lock()
         self._epoch = self._load_epoch()
@@ -332,8 +336,13 @@ class Agent:
             )
 
     def stop(self, grace: float = 1.0) -> None:
-        """Deregister at once (revoke the lease), stop the gRPC server and decision polls."""
+        """Deregister at once (revoke the lease), stop the gRPC server and decision polls.
+
+        A prepare in progress is cancelled (its staging process killed), so a
+        stuck release never keeps a stopping agent alive.
+        """
         self._state = "stopping"
+        self.loader.cancel_prepare()
         if self.membership is not None:
             self.membership.stop(revoke=True)
         if self._server is not None:
@@ -750,18 +759,24 @@ class Agent:
             self._drop_staged(f"superseded by rollout {rid!r}")
             fetched = time.perf_counter()
             cpu0 = time.thread_time()
+            self._preparing = rid
+            self._set_state("preparing")
             try:
                 prepared = self.loader.prepare(release, force=request.force)
             except PrepareError as exc:
                 self._settle()
                 return self._prepare_reply(False, started, exc.errors)
+            finally:
+                self._preparing = ""
             log.info(
-                "rollout %s: prepared %s (sources %.0f ms, loader %.0f ms, of which %.0f ms CPU)",
+                "rollout %s: prepared %s (sources %.0f ms, loader %.0f ms, of which %.0f ms CPU "
+                "here and %.0f ms in the staging process)",
                 rid,
                 release.label,
                 (fetched - started) * 1e3,
                 (time.perf_counter() - fetched) * 1e3,
                 (time.thread_time() - cpu0) * 1e3,
+                prepared.rehearsal_cpu_s * 1e3,
             )
             reply = self._prepare_reply(
                 True,
@@ -978,6 +993,9 @@ class Agent:
         )
 
     def abort(self, request: agent_pb2.AbortRequest) -> agent_pb2.AbortReply:
+        if request.rollout_id and self._preparing == request.rollout_id:
+            # never wait behind the prepare being aborted: kill its staging process
+            self.loader.cancel_prepare()
         with self._op_lock:
             dropped = self._staged is not None and self._staged.rollout_id == request.rollout_id
             if dropped:

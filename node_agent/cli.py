@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-timeout", type=float, default=5.0, help="max wait for in-flight requests at finish"
     )
+    p.add_argument(
+        "--prepare-timeout",
+        type=float,
+        default=30.0,
+        help="max seconds a prepare may run the release's code in its staging process "
+        "before it is killed and the release refused as 'timeout'",
+    )
     p.add_argument("--tls-cert", default=None, help="agent server certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="agent server key (PEM)")
     p.add_argument(
@@ -210,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lease_ttl=args.lease_ttl,
         cache_dir=args.cache_dir,
         drain_timeout=args.drain_timeout,
+        prepare_timeout=args.prepare_timeout,
         etcd_options=etcd_options,
     )
     httpd = ThreadingWSGIServer((http_host, http_port), QuietHandler)
