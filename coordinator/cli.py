@@ -47,6 +47,7 @@ import grpc
 from coordinator import render
 from coordinator.render import Style
 from hotfleet._proto.hotfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from hotfleet.config import ConfigError, env_flag
 
 __all__ = [
     "DEFAULT_COORDINATOR",
@@ -337,7 +338,12 @@ def _names(text: str) -> list[str]:
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+    """A boolean HOTFLEET_* variable, read as every hotfleet component reads it."""
+    try:
+        return env_flag(name)
+    except ConfigError as exc:
+        print(f"coordctl: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 # ---------------------------------------------------------------- the run context

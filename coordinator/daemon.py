@@ -24,6 +24,7 @@ from coordinator.election import CampaignTimeout, Election, ElectionError, Sessi
 from coordinator.engine import Engine
 from coordinator.fleet import AgentPool, ClientTLS
 from coordinator.prometheus import PrometheusCheck, PrometheusProvider
+from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.etcd_client import EtcdConnectError, connect
 from hotfleet.keys import DEFAULT_PREFIX, Keys
 
@@ -157,7 +158,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--etcd-cert", help="client certificate for etcd")
     parser.add_argument("--etcd-key", help="client key for etcd")
     parser.add_argument("--etcd-user", default=os.environ.get("HOTFLEET_ETCD_USER"))
-    parser.add_argument("--etcd-password", default=os.environ.get("HOTFLEET_ETCD_PASSWORD"))
+    parser.add_argument(
+        "--etcd-password",
+        default=None,
+        help="etcd password (https endpoints only; better HOTFLEET_ETCD_PASSWORD or a file)",
+    )
+    parser.add_argument(
+        "--etcd-password-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the etcd password (mode 0600; also HOTFLEET_ETCD_PASSWORD_FILE)",
+    )
     parser.add_argument(
         "--listen", default="127.0.0.1:7600", help="API address for coordctl (port 0 picks one)"
     )
@@ -175,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--dev",
         action="store_true",
-        default=os.environ.get("HOTFLEET_DEV") == "1",
+        default=None,  # then HOTFLEET_DEV, parsed strictly below
         help="insecure gRPC (local development only)",
     )
     parser.add_argument("--tls-cert")
@@ -192,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    try:
+        args.dev = args.dev or env_flag("HOTFLEET_DEV")
+        args.etcd_password = etcd_password(args.etcd, args.etcd_password, args.etcd_password_file)
+    except ConfigError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -64,10 +65,14 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def generate_keypair(private_path: PathLike, public_path: PathLike) -> str:
-    """Write a new ed25519 key pair (private file mode 0600); return its key id.
+    """Write a new ed25519 key pair; return its key id.
 
-    Refuses to overwrite an existing private key: losing a signing key by
-    accident would lock every agent that trusts it out of new releases.
+    The private key is created 0600 and the public key 0644, a missing
+    directory 0700; an existing directory others can write to is refused.
+    Refuses to overwrite an existing key or to follow a planted symlink:
+    losing a signing key by accident would lock every agent that trusts it
+    out of new releases, and a link would write the key where an attacker
+    reads it (or make a chosen public key the trusted one).
     """
     private_path, public_path = Path(private_path), Path(public_path)
     key = Ed25519PrivateKey.generate()
@@ -79,18 +84,58 @@ def generate_keypair(private_path: PathLike, public_path: PathLike) -> str:
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    public_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    _key_directory(private_path.parent)
+    _key_directory(public_path.parent)
+    _write_new(private_path, private_pem, 0o600)
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(private_pem)
-        os.chmod(private_path, 0o600)  # whatever the umask did
+        _write_new(public_path, public_pem, 0o644)
     except BaseException:
-        private_path.unlink(missing_ok=True)
+        private_path.unlink(missing_ok=True)  # half a key pair is worse than none
         raise
-    public_path.write_bytes(public_pem)
     return key_id(key.public_key())
+
+
+def _key_directory(directory: Path) -> None:
+    """Create ``directory`` (mode 0700) or check that nobody else can write into it.
+
+    A key written where another user can rename or replace files is a key
+    an attacker chooses; a symlinked directory may point anywhere.
+    """
+    if not directory.exists() and not directory.is_symlink():
+        directory.mkdir(mode=0o700, parents=True)
+        os.chmod(directory, 0o700)  # mkdir's mode goes through the umask
+        return
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode):
+        raise PermissionError(f"{directory} is a symlink; refusing to write a key through it")
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(f"{directory} is not a directory")
+    if info.st_mode & 0o022:
+        raise PermissionError(
+            f"{directory} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o});"
+            " refusing to write a key where another user could replace it"
+        )
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with exactly ``mode``, never through a symlink nor over a file.
+
+    ``O_EXCL`` refuses an existing file or a planted (even dangling) symlink,
+    ``O_NOFOLLOW`` says so again for good measure; ``fchmod`` undoes the umask.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb", closefd=False) as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def load_private_key(path: PathLike) -> Ed25519PrivateKey:
@@ -181,8 +226,15 @@ def _keygen(args: argparse.Namespace) -> int:
     private, public = directory / PRIVATE_KEY_NAME, directory / PUBLIC_KEY_NAME
     try:
         kid = generate_keypair(private, public)
-    except FileExistsError:
-        print(f"error: {private} exists; refusing to overwrite a signing key", file=sys.stderr)
+    except FileExistsError as exc:
+        print(
+            f"error: {exc.filename or private} exists (or is a link); refusing to overwrite a"
+            " signing key",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"error: cannot write the key pair into {directory}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"key_id": kid, "private_key": str(private), "public_key": str(public)}))
     return 0

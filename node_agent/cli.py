@@ -35,6 +35,7 @@ from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.keys import DEFAULT_PREFIX
 from hotfleet.signing import load_public_keys
 from node_agent.agent import Agent, TLSFiles
@@ -114,7 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-cert", default=None, help="client certificate for etcd")
     p.add_argument("--etcd-key", default=None, help="client key for etcd")
     p.add_argument("--etcd-user", default=os.environ.get("HOTFLEET_ETCD_USER"))
-    p.add_argument("--etcd-password", default=os.environ.get("HOTFLEET_ETCD_PASSWORD"))
+    p.add_argument(
+        "--etcd-password",
+        default=None,
+        help="etcd password (https endpoints only; better HOTFLEET_ETCD_PASSWORD or a file: "
+        "a command line is visible to every user of the host)",
+    )
+    p.add_argument(
+        "--etcd-password-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the etcd password (mode 0600; also HOTFLEET_ETCD_PASSWORD_FILE)",
+    )
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="cluster key prefix in etcd")
     p.add_argument("--labels", type=_labels, default={}, metavar="k=v,...")
     p.add_argument("--lease-ttl", type=int, default=10, help="membership lease TTL in seconds")
@@ -145,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dev",
         action="store_true",
-        default=os.environ.get("HOTFLEET_DEV", "") not in ("", "0", "false", "no"),
+        default=None,  # then HOTFLEET_DEV, parsed strictly in main()
         help="insecure development mode: gRPC without TLS or authentication (also HOTFLEET_DEV=1)",
     )
     p.add_argument("--log-level", default=os.environ.get("HOTFLEET_LOG_LEVEL", "INFO"))
@@ -155,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        args.dev = args.dev or env_flag("HOTFLEET_DEV")
+        args.etcd_password = etcd_password(args.etcd, args.etcd_password, args.etcd_password_file)
+    except ConfigError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s [" + args.node_id + "] %(message)s",
