@@ -582,8 +582,7 @@ class Engine:
         rollout.phase = Phase.COMMITTED
         self._save(lead, rollout)
         self._hook("after_decision", rollout)
-        self._finish_all(lead, rollout, options)
-        return True
+        return self._finish_all(lead, rollout, options)
 
     @staticmethod
     def _wave_id(rollout: Rollout) -> str:
@@ -691,7 +690,14 @@ class Engine:
             raise _Deposed()
         return raw.decode()
 
-    def _finish_all(self, lead: Leadership, rollout: Rollout, options: RolloutOptions) -> None:
+    def _finish_all(self, lead: Leadership, rollout: Rollout, options: RolloutOptions) -> bool:
+        """Drive Finish to every yes voter; True if all of them switched.
+
+        A yes vote is kept or the fleet goes back: if any voter fails its
+        finish (it raised and restored itself, overran a deadline, restarted
+        or never answered), the rollout never turns provisional; the whole
+        fleet is rolled back (:meth:`_finish_failed`).
+        """
         deadline = time.monotonic() + max(options.timeout_s, 5.0)
         # Scheduled commit: every node switches at one instant, far enough ahead for the
         # Finish fan-out to reach them all, instead of whenever its RPC happens to land.
@@ -736,20 +742,45 @@ class Engine:
 
         self._parallel(finish, members, max(options.concurrency, len(members)))
         rollout.finished_at = time.time()
-        unfinished = [
-            n.node for n in rollout.nodes.values() if n.vote is Vote.YES and not n.finished
-        ]
+        failed = [n for n in members if n.vote is Vote.YES and not n.finished]
+        if failed:
+            self._hook("after_finish", rollout)
+            self._finish_failed(lead, rollout, failed)
+            return False
         rollout.phase = Phase.PROVISIONAL
-        rollout.reason = (
-            f"finished on {sum(n.finished for n in rollout.nodes.values())} node(s)"
-            + (
-                f"; not acknowledged by {', '.join(unfinished)} (they finish from the decision key or reconcile on restart)"
-                if unfinished
-                else ""
-            )
-        )
+        rollout.reason = f"finished on {sum(n.finished for n in rollout.nodes.values())} node(s)"
         self._save(lead, rollout)
         self._hook("after_finish", rollout)
+        return True
+
+    def _finish_failed(self, lead: Leadership, rollout: Rollout, failed: list[NodeResult]) -> None:
+        """Some yes voter did not switch: take every node of the rollout back.
+
+        The rollout stays ``committed`` (never provisional, never permanent)
+        until the rollback rollout marks it ``rolled_back``; nodes that never
+        switched (or restored themselves) vote yes to it without doing anything.
+        """
+        errors: list[ModuleError] = []
+        for n in failed:
+            errors.extend(n.errors)
+            if not n.errors:
+                errors.append(
+                    ModuleError(
+                        "*",
+                        Reason.TIMEOUT,
+                        f"finish not acknowledged: {n.detail or 'no answer'}",
+                        n.node,
+                    )
+                )
+        why = "finish_failed: " + "; ".join(
+            f"{e.node}: {e.module}: {e.reason.value}: {e.detail}" for e in errors
+        )
+        rollout.errors = errors
+        rollout.reason = f"{why}; rolling the whole fleet back"
+        self._save(lead, rollout)
+        log.error("rollout %s: %s", rollout.id, rollout.reason)
+        voters = sorted(n.node for n in rollout.nodes.values() if n.vote is Vote.YES)
+        self._rollback_of(lead, rollout, voters, why)
 
     def _make_permanent(self, lead: Leadership, rollout: Rollout, reason: str) -> None:
         entry = self._entry_or_stub(rollout.release)
@@ -921,6 +952,27 @@ class Engine:
         tx = self.client.transactions
         self._save(lead, rollout, tx.delete(self.keys.active))
         log.info("rollout %s: %s", rollout.id, rollout.reason)
+        reverted = rollout.options.get("reverts")
+        if reverted and not dry_run:
+            self._rollback_failed(lead, rollout, reverted)
+
+    def _rollback_failed(self, lead: Leadership, rollback: Rollout, reverted: str) -> None:
+        """The rollback of a half-committed upgrade aborted: say so on the upgrade.
+
+        A committed upgrade whose finish failed somewhere waits for its
+        rollback in ``committed``; if that rollback cannot go through, the
+        upgrade turns provisional with the reason, so the operator sees the
+        split and can roll back or promote (nothing is left pending for ever).
+        """
+        old = self.rollout(reverted)
+        if old.phase is not Phase.COMMITTED:
+            return
+        old.phase = Phase.PROVISIONAL
+        old.reason = (
+            f"{old.reason}; the automatic rollback {rollback.id} aborted ({rollback.reason}): "
+            "the fleet is split, see `coordctl nodes`; retry with `coordctl rollback`"
+        )
+        self._save(lead, old)
 
     def _address_of(self, result: NodeResult) -> str:
         """Agents may restart on another port: prefer the live membership record."""
@@ -980,7 +1032,8 @@ class Engine:
         if rollout.phase is not Phase.PROVISIONAL:
             rollout.phase = Phase.COMMITTED
             self._save(lead, rollout)
-            self._finish_all(lead, rollout, options)
+            if not self._finish_all(lead, rollout, options):
+                return
         # a new leader has no baseline of its own for the window: the judge says so
         if self._after_finish(lead, rollout, options):
             entry = self._entry_or_stub(rollout.release)

@@ -166,9 +166,14 @@ class SourcesUnavailable(HotfleetError):
 
 @dataclass
 class _RollbackPlan:
-    """A prepared fleet-wide rollback: finishing it is the loader's one-step rollback."""
+    """A prepared fleet-wide rollback: finishing it is the loader's one-step rollback.
+
+    ``noop``: this node already runs the target (it never switched, or its
+    finish failed and restored it), so it votes yes and finishing does nothing.
+    """
 
     target: str
+    noop: bool = False
 
 
 @dataclass
@@ -797,6 +802,14 @@ class Agent:
     ) -> agent_pb2.PrepareReply:
         previous = self.loader.previous_release
         want = f"{request.release.name}@{request.release.version}" if request.release.name else ""
+        current = _label(self.loader.current_release)
+        if want == current and (want or not self.loader.can_rollback):
+            # already where the fleet goes back to: a yes vote that changes nothing
+            self._drop_staged(f"superseded by rollback rollout {request.rollout_id!r}")
+            reply = self._prepare_reply(True, started)
+            plan = _RollbackPlan(want, noop=True)
+            self._stage(_Staged(request.rollout_id, request.release.digest, want, plan, reply))
+            return reply
         if not self.loader.can_rollback:
             return self._prepare_reply(
                 False, started, [_err("*", "no previous release is held in memory")]
@@ -945,7 +958,9 @@ class Agent:
             self._state = "finishing"
             self._take_staged()
             try:
-                if isinstance(staged.prepared, _RollbackPlan):
+                if isinstance(staged.prepared, _RollbackPlan) and staged.prepared.noop:
+                    report = FinishReport(self.loader.current_release, 0.0, True, 0, 0)
+                elif isinstance(staged.prepared, _RollbackPlan):
                     report = self.loader.rollback()
                 else:
                     report = self.loader.finish(staged.prepared)
