@@ -39,8 +39,27 @@ from types import MappingProxyType
 from typing import Any, NoReturn
 
 from hotfleet.errors import ModuleError, Reason, ReleaseError
+from hotfleet.limits import (
+    MAX_BUNDLE_BYTES,
+    MAX_DEPTH,
+    MAX_ENTRIES,
+    MAX_FILE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_MODULES,
+    TooDeep,
+    TooLarge,
+    loads_toml,
+    read_at_most,
+)
 
-__all__ = ["INSTRUCTIONS", "MANIFEST", "ModuleSource", "Release", "sha256_hex"]
+__all__ = [
+    "INSTRUCTIONS",
+    "MANIFEST",
+    "ModuleSource",
+    "Release",
+    "is_module_name",
+    "sha256_hex",
+]
 
 MANIFEST = "release.toml"
 INSTRUCTIONS = frozenset({"update", "load_module"})
@@ -49,6 +68,9 @@ _MODULE_KEYS = frozenset({"instruction", "extra", "depends", "sha256"})
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 # Names and versions end up in etcd keys, file names and URLs: keep them plain.
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# Modules the interpreter runs by itself at start-up (site.py): a release that
+# provides one runs code in every later process on the node, never hot-loaded.
+_STARTUP_HOOKS = frozenset({"sitecustomize", "usercustomize"})
 # Archivers' droppings that must not count as the bundle's top-level directory.
 _JUNK_DIRS = frozenset({"__pycache__", "__MACOSX"})
 # What a corrupt or unreadable bundle raises while being read.
@@ -165,9 +187,11 @@ class Release:
         files = _read_bundle(Path(path), errors)
         manifest = files.pop(MANIFEST)
         try:
-            document = tomllib.loads(manifest.decode("utf-8"))
+            document = loads_toml(manifest.decode("utf-8"), MANIFEST)
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             errors.fail(MANIFEST, f"{MANIFEST} is not valid UTF-8 TOML: {exc}")
+        except TooDeep as exc:
+            errors.fail(MANIFEST, str(exc))
         return _build(document, files, errors)
 
     @classmethod
@@ -248,22 +272,40 @@ class Release:
         rebuilt release, so a manifest edited in transit is refused outright.
         """
         errors = _Errors("manifest")
+        if not isinstance(manifest, Mapping):
+            errors.fail(
+                MANIFEST, f"a manifest must be a JSON object, got {type(manifest).__name__}"
+            )
         header = _parse_header(manifest, errors)
         entries = manifest.get("modules", [])
-        modules: list[ModuleSource] = []
         if not isinstance(entries, list):
-            errors.add(MANIFEST, "manifest 'modules' must be a list")
+            errors.add(MANIFEST, f"manifest 'modules' must be a list, got {_kind(entries)}")
             entries = []
+        elif len(entries) > MAX_MODULES:  # before fetching a single source
+            errors.fail(
+                MANIFEST,
+                f"manifest 'modules' has {len(entries)} entries, more than the limit of"
+                f" {MAX_MODULES} modules in one release",
+            )
+        raw_problems = manifest.get("problems", [])
+        if not isinstance(raw_problems, list):
+            errors.add(MANIFEST, f"manifest 'problems' must be a list, got {_kind(raw_problems)}")
+            raw_problems = []
+        errors.check()  # a malformed header fetches nothing
+        modules: list[ModuleSource] = []
         for entry in entries:
             with errors.collect():
                 modules.append(_manifest_module(entry, fetch))
         problems: list[ModuleError] = []
-        for raw in manifest.get("problems", []):
+        for raw in raw_problems:
             with errors.collect():
                 problems.append(_manifest_problem(raw))
+        _check_parents(modules, errors)
         errors.check()
         release = cls(modules=tuple(modules), problems=tuple(problems), **header)
         claimed = manifest.get("digest")
+        if claimed is not None and not isinstance(claimed, str):
+            errors.fail(MANIFEST, f"manifest 'digest' must be a string, got {_kind(claimed)}")
         if claimed is not None and claimed != release.digest:
             errors.fail(MANIFEST, f"manifest digest {claimed} != content digest {release.digest}")
         return release
@@ -370,18 +412,36 @@ class _Table:
     sha256: str | None = None
 
 
-def _is_module_name(name: object) -> bool:
+def is_module_name(name: object) -> bool:
+    """Dotted ASCII identifiers only.
+
+    Python accepts any Unicode identifier and NFKC-normalises it, so a
+    fullwidth ``sys`` (U+FF53 U+FF59 U+FF53) *is* ``sys`` to the import
+    system while one spelt with a Cyrillic dze (U+0455) only looks like it:
+    either way a reviewer reading the release sees one module and the node
+    loads another.
+    """
     return isinstance(name, str) and all(
-        part.isidentifier() and not keyword.iskeyword(part) for part in name.split(".")
+        part.isascii() and part.isidentifier() and not keyword.iskeyword(part)
+        for part in name.split(".")
     )
 
 
-def _plain(value: Any, module: str, where: str) -> Any:
+def _kind(value: object) -> str:
+    """A short description of a wrong value for an error message (never its whole repr)."""
+    text = repr(value)
+    return f"{text[:60]}... ({type(value).__name__})" if len(text) > 60 else text
+
+
+def _plain(value: Any, module: str, where: str, depth: int = 0) -> Any:
     """A deep copy of ``value`` made of what both TOML and JSON can carry.
 
     Manifests travel as JSON and bundles as TOML, so anything else (dates,
-    None, NaN) could not survive the trip and is refused up front.
+    None, NaN) could not survive the trip and is refused up front, and so is
+    nesting deeper than :data:`MAX_DEPTH` (which would also exhaust the stack).
     """
+    if depth > MAX_DEPTH:
+        raise _Bad(module, f"{where}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -389,13 +449,13 @@ def _plain(value: Any, module: str, where: str) -> Any:
             raise _Bad(module, f"{where}: {value!r} cannot be carried in a JSON manifest")
         return value
     if isinstance(value, list | tuple):
-        return [_plain(item, module, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [_plain(item, module, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, Mapping):
         plain: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise _Bad(module, f"{where}: table keys must be strings, got {key!r}")
-            plain[key] = _plain(item, module, f"{where}.{key}")
+            plain[key] = _plain(item, module, f"{where}.{key}", depth + 1)
         return plain
     raise _Bad(
         module,
@@ -414,7 +474,7 @@ def _parse_header(document: Mapping[str, Any], errors: _Errors) -> dict[str, Any
                 raise _Bad(
                     MANIFEST,
                     f"{MANIFEST}: {key} must be a string of letters, digits and ._+-"
-                    f" (starting with a letter or digit), got {value!r}",
+                    f" (starting with a letter or digit), got {_kind(value)}",
                 )
             header[key] = value
     with errors.collect():
@@ -432,7 +492,7 @@ def _parse_header(document: Mapping[str, Any], errors: _Errors) -> dict[str, Any
 
 def _parse_table(name: str, raw: Any) -> _Table:
     where = f'{MANIFEST} [modules."{name}"]'
-    if not _is_module_name(name):
+    if not is_module_name(name):
         raise _Bad(name, f"{where}: {name!r} is not a dotted Python module name")
     if not isinstance(raw, Mapping):
         raise _Bad(name, f"{where} must be a table, got {type(raw).__name__}")
@@ -446,14 +506,15 @@ def _parse_table(name: str, raw: Any) -> _Table:
     instruction = raw.get("instruction", "update")
     if not isinstance(instruction, str) or instruction not in INSTRUCTIONS:
         raise _Bad(
-            name, f"{where}: instruction must be one of {sorted(INSTRUCTIONS)}, got {instruction!r}"
+            name,
+            f"{where}: instruction must be one of {sorted(INSTRUCTIONS)}, got {_kind(instruction)}",
         )
     depends = raw.get("depends", [])
-    if not isinstance(depends, list | tuple) or not all(_is_module_name(d) for d in depends):
-        raise _Bad(name, f"{where}: depends must be an array of module names, got {depends!r}")
+    if not isinstance(depends, list | tuple) or not all(is_module_name(d) for d in depends):
+        raise _Bad(name, f"{where}: depends must be an array of module names, got {_kind(depends)}")
     sha256 = raw.get("sha256")
     if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
-        raise _Bad(name, f"{where}: sha256 must be 64 hex digits, got {sha256!r}")
+        raise _Bad(name, f"{where}: sha256 must be 64 hex digits, got {_kind(sha256)}")
     extra = raw.get("extra")
     return _Table(
         instruction=instruction,
@@ -486,15 +547,43 @@ def _module_identity(path: str) -> tuple[str, bool]:
     if not parts:
         raise _Bad(path, f"{path}: an __init__.py at the bundle root belongs to no package")
     for part in parts:
-        if part == "__init__" or not _is_module_name(part):
+        if part == "__init__" or not is_module_name(part):
             raise _Bad(
-                path, f"{path}: {part!r} is not a valid module name part, so nothing can import it"
+                path,
+                f"{path}: {part!r} is not a valid module name part (ASCII letters, digits and _,"
+                " not starting with a digit, not a keyword)",
             )
+    if len(parts) == 1 and parts[0] in _STARTUP_HOOKS:
+        raise _Bad(
+            path,
+            f"{path}: {parts[0]} is run by the interpreter at start-up (site.py), not loaded by"
+            " hotfleet; a release must not provide it",
+        )
     return ".".join(parts), is_package
 
 
+def _check_parents(modules: Iterable[ModuleSource], errors: _Errors) -> None:
+    """A submodule's parent, when the release has it, must be a package.
+
+    ``a.py`` next to ``a/b.py`` gives a module ``a.b`` nothing can import.
+    Whether a parent the release lacks exists on the node is the loader's
+    question (it is either loaded from the code path or refused there).
+    """
+    kinds: dict[str, bool] = {}
+    for m in modules:
+        kinds[m.name] = kinds.get(m.name, False) or m.is_package
+    for m in modules:
+        parent = m.name.rpartition(".")[0]
+        if parent in kinds and not kinds[parent]:
+            errors.add(
+                m.name,
+                f"{m.path}: its parent {parent} is a plain module in this release, not a package"
+                f" ({parent.replace('.', '/')}/__init__.py), so {m.name} cannot be imported",
+            )
+
+
 def _path_of(module: str, is_package: bool) -> str:
-    if not _is_module_name(module):
+    if not is_module_name(module):
         raise _Bad(module, f"{module!r} is not a dotted Python module name")
     base = module.replace(".", "/")
     return f"{base}/__init__.py" if is_package else f"{base}.py"
@@ -538,6 +627,7 @@ def _build(document: Mapping[str, Any], files: Mapping[str, bytes], errors: _Err
                     depends=table.depends,
                 )
             )
+    _check_parents(modules, errors)
     errors.check()
     present = {m.name for m in modules}
     problems = tuple(_name_mismatch(name) for name in sorted(tables) if name not in present)
@@ -581,13 +671,60 @@ def _manifest_problem(raw: Any) -> ModuleError:
 
 
 # -- reading bundles ---------------------------------------------------------
+def _limit_for(path: str) -> int:
+    """Bytes one file may hold: release.toml (by its base name) or a module."""
+    return MAX_MANIFEST_BYTES if path.rpartition("/")[2] == MANIFEST else MAX_FILE_BYTES
+
+
+def _wanted(path: str) -> bool:
+    """Whether a member may be release.toml or a module, so is worth reading at all."""
+    return path.endswith(".py") or path.rpartition("/")[2] == MANIFEST
+
+
 @dataclass(frozen=True)
 class _Entry:
-    """One member of a bundle before selection; ``read`` is None unless it is a regular file."""
+    """One member of a bundle before selection; ``read`` is None unless it is a regular file.
+
+    ``size`` is what the member declares (the archive header, the directory
+    entry): limits are checked on it before anything is read, and ``read``
+    itself reads at most ``limit + 1`` bytes, so a lying header costs at most
+    that much.
+    """
 
     name: str
-    read: Callable[[], bytes] | None
+    read: Callable[[int], bytes] | None
     kind: str = "file"
+    size: int = 0
+
+
+class _Budget:
+    """Counts a bundle's entries and bytes as they are listed, refusing at the first excess.
+
+    Each check runs before the costly step: listing stops at entry
+    ``MAX_ENTRIES + 1`` (the 200 000-member zip is refused after 20 001), and
+    a member whose declared size breaks the total is refused before it is
+    inflated or skipped over.
+    """
+
+    def __init__(self, errors: _Errors) -> None:
+        self.errors = errors
+        self.entries = 0
+        self.bytes = 0
+
+    def admit(self, entry: _Entry, *, costs: bool) -> None:
+        self.entries += 1
+        if self.entries > MAX_ENTRIES:
+            self.errors.fail(
+                MANIFEST, f"the bundle has more than {MAX_ENTRIES} entries (files and directories)"
+            )
+        if costs:
+            self.bytes += entry.size
+            if self.bytes > MAX_BUNDLE_BYTES:
+                self.errors.fail(
+                    entry.name,
+                    f"the bundle's files add up to more than {MAX_BUNDLE_BYTES} bytes"
+                    f" (reached at {entry.name!r}, {entry.size} bytes)",
+                )
 
 
 def _read_bundle(path: Path, errors: _Errors) -> dict[str, bytes]:
@@ -596,6 +733,12 @@ def _read_bundle(path: Path, errors: _Errors) -> dict[str, bytes]:
     try:
         if path.is_dir():
             return _select(_directory_entries(path), errors, archive=False)
+        if suffix.endswith((".tar.gz", ".tgz", ".zip")) and path.is_file():
+            size = path.stat().st_size
+            if size > MAX_BUNDLE_BYTES:
+                errors.fail(
+                    MANIFEST, f"the archive is {size} bytes, more than {MAX_BUNDLE_BYTES} bytes"
+                )
         if suffix.endswith((".tar.gz", ".tgz")) and path.is_file():
             with tarfile.open(path, "r:gz") as tar:
                 return _select(_tar_entries(tar), errors, archive=True)
@@ -609,6 +752,11 @@ def _read_bundle(path: Path, errors: _Errors) -> dict[str, bytes]:
     errors.fail(MANIFEST, "not a directory nor a .tar.gz, .tgz or .zip archive")
 
 
+def _read_file(path: Path, limit: int) -> bytes:
+    with path.open("rb") as stream:
+        return read_at_most(stream, limit, str(path.name))
+
+
 def _directory_entries(root: Path) -> Iterator[_Entry]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not _is_junk(d))
@@ -619,29 +767,54 @@ def _directory_entries(root: Path) -> Iterator[_Entry]:
             if item.is_symlink():
                 yield _Entry(rel, None, "directory symlink" if item.is_dir() else "symlink")
             elif item.is_file():
-                yield _Entry(rel, item.read_bytes)
-            elif not item.is_dir():
+                yield _Entry(rel, partial(_read_file, item), size=item.stat().st_size)
+            elif item.is_dir():
+                yield _Entry(rel, None, "directory")
+            else:
                 yield _Entry(rel, None, "special file")
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    stream = tar.extractfile(member)
-    assert stream is not None  # regular members always have data
-    return stream.read()
 
 
 def _tar_kind(member: tarfile.TarInfo) -> str:
     return "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
 
 
+def _read_now(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[int], bytes]:
+    """Read a wanted member while the stream is at it (a gzip stream cannot seek back cheaply)."""
+    limit = _limit_for(member.name)
+    if member.size > limit:
+        return partial(_too_large, member.name, member.size)
+    stream = tar.extractfile(member)
+    assert stream is not None  # regular members always have data
+    data = read_at_most(stream, limit, member.name)
+    return lambda _limit: data
+
+
+def _too_large(name: str, size: int, limit: int) -> bytes:
+    raise TooLarge(f"{name} declares {size} bytes, more than the {limit} bytes limit")
+
+
 def _tar_entries(tar: tarfile.TarFile) -> Iterator[_Entry]:
-    for member in tar.getmembers():
+    # Iterating the TarFile (not getmembers()) lists members one at a time, so
+    # the budget stops a huge or endless archive before the rest is inflated.
+    for member in tar:
         if member.isfile():
-            yield _Entry(member.name, partial(_read_member, tar, member))
+            read = _read_now(tar, member) if _wanted(member.name) else partial(_unread, member.name)
+            yield _Entry(member.name, read, size=member.size)
         elif member.isdir():
             yield _Entry(member.name, None, "directory")
         else:
             yield _Entry(member.name, None, _tar_kind(member))
+
+
+def _unread(name: str, limit: int) -> bytes:
+    raise AssertionError(f"{name} is neither release.toml nor a module: never read")
+
+
+def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    if info.file_size > limit:  # the header's claim: refused before inflating a byte
+        raise TooLarge(f"{info.filename} declares {info.file_size} bytes, more than {limit}")
+    with archive.open(info) as stream:  # the claim may lie: inflate at most limit + 1 bytes
+        return read_at_most(stream, limit, info.filename)
 
 
 def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
@@ -651,7 +824,9 @@ def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
         elif stat.S_ISLNK(info.external_attr >> 16):
             yield _Entry(info.filename, None, "symlink")
         else:
-            yield _Entry(info.filename, partial(archive.read, info))
+            yield _Entry(
+                info.filename, partial(_read_zip_member, archive, info), size=info.file_size
+            )
 
 
 def _member_parts(name: str) -> tuple[str, ...]:
@@ -671,7 +846,11 @@ def _is_junk(part: str) -> bool:
 def _select(entries: Iterable[_Entry], errors: _Errors, *, archive: bool) -> dict[str, bytes]:
     """Keep release.toml and .py files; refuse anything unsafe or ambiguous."""
     members: list[tuple[tuple[str, ...], _Entry]] = []
+    budget = _Budget(errors)
     for entry in entries:
+        # An archive's every byte is inflated (or skipped by inflating) on the
+        # way; a directory's other files are never read, so cost nothing.
+        budget.admit(entry, costs=archive or _wanted(entry.name))
         with errors.collect():
             members.append((_member_parts(entry.name), entry))
     errors.check()
@@ -691,7 +870,10 @@ def _select(entries: Iterable[_Entry], errors: _Errors, *, archive: bool) -> dic
         elif relevant:
             if path in files:
                 errors.add(path, f"{path} appears twice in the archive")
-            files[path] = entry.read()
+            try:
+                files[path] = entry.read(_limit_for(path))
+            except TooLarge as exc:
+                errors.add(path, f"{path} is too large: {exc}")
     if MANIFEST not in files:
         where = "at the archive root or in its single top-level directory" if archive else ""
         errors.add(MANIFEST, f"no {MANIFEST} {where or 'in the bundle directory'}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from hotfleet._proto.hotfleet.v1 import common_pb2
 from hotfleet.errors import ModuleError, Reason
+from hotfleet.limits import MAX_MODULES, TooLarge, loads_json
 from hotfleet.release import Release
 
 __all__ = [
@@ -58,7 +59,17 @@ def release_to_proto(release: Release) -> common_pb2.ReleaseManifest:
 
 
 def manifest_from_proto(message: common_pb2.ReleaseManifest) -> dict[str, Any]:
-    """The manifest dict :meth:`Release.from_manifest` reads; raises ``ValueError`` on bad JSON."""
+    """The manifest dict :meth:`Release.from_manifest` reads.
+
+    Raises ``ValueError`` naming the field for bad, oversized or too deeply
+    nested JSON, and for more modules than a release may hold (checked before
+    any field is decoded).
+    """
+    if len(message.modules) > MAX_MODULES:
+        raise TooLarge(
+            f"release {message.name}@{message.version} has {len(message.modules)} modules,"
+            f" more than the limit of {MAX_MODULES}"
+        )
     return {
         "name": message.name,
         "version": message.version,
@@ -70,13 +81,15 @@ def manifest_from_proto(message: common_pb2.ReleaseManifest) -> dict[str, Any]:
                 "digest": e.digest,
                 "is_package": e.is_package,
                 "instruction": e.instruction or "update",
-                "extra": json.loads(e.extra_json) if e.extra_json else None,
+                "extra": loads_json(e.extra_json, f"{e.name or e.path}: extra_json")
+                if e.extra_json
+                else None,
                 "depends": list(e.depends),
             }
             for e in message.modules
         ],
-        "smoke": json.loads(message.smoke_json) if message.smoke_json else [],
-        "health": json.loads(message.health_json) if message.health_json else {},
+        "smoke": loads_json(message.smoke_json, "smoke_json") if message.smoke_json else [],
+        "health": loads_json(message.health_json, "health_json") if message.health_json else {},
     }
 
 

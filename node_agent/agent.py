@@ -104,7 +104,8 @@ from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
 from hotfleet.keys import DEFAULT_PREFIX, Keys
-from hotfleet.release import Release
+from hotfleet.limits import MAX_MODULES, MAX_PREPARE_MESSAGE_BYTES, loads_json
+from hotfleet.release import Release, is_module_name
 from hotfleet.signing import load_public_keys, verify_release
 from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
 from hotfleet.wire import errors_to_proto, manifest_from_proto
@@ -309,7 +310,12 @@ class Agent:
         self.metrics.install_excepthooks()
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=self.grpc_workers, thread_name_prefix="hotfleet-grpc"),
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                # Stated, not inherited: a larger request is refused by gRPC
+                # itself (RESOURCE_EXHAUSTED) before it is decoded.
+                ("grpc.max_receive_message_length", MAX_PREPARE_MESSAGE_BYTES),
+            ],
         )
         agent_pb2_grpc.add_NodeAgentServicer_to_server(_Servicer(self), self._server)
         if self.tls is not None:
@@ -497,18 +503,23 @@ class Agent:
         except OSError as exc:
             log.warning("could not cache the sources of %s: %s", release.label, exc)
 
-    def fetch_release(self, manifest: Mapping[str, Any]) -> Release:
+    def fetch_release(
+        self, manifest: Mapping[str, Any], verify: Callable[[str], None] | None = None
+    ) -> Release:
         """Rebuild a release from its manifest, sources from the cache or etcd.
 
+        The manifest is checked whole first, without fetching a byte: a
+        malformed or oversized one is a :class:`ReleaseError` naming the field,
+        and ``verify`` (the signature check) gets the release digest the
+        manifest declares, so an unsigned or forged release costs no fetch.
         Raises :class:`HotfleetError` listing every module that could not be
         fetched or verified (``digest_mismatch`` for bad bytes).
         """
+        declared = Release.from_manifest(manifest, lambda _digest: b"")
+        if verify is not None:
+            verify(declared.digest)
         errors: list[ModuleError] = []
-        names = {
-            m.get("digest"): m.get("name", "?")
-            for m in manifest.get("modules", [])
-            if isinstance(m, Mapping)
-        }
+        names = {m.digest: m.name for m in declared.modules}
         store: ContentStore | None = None
         unavailable: list[Exception] = []
         fetched: dict[str, bytes] = {}
@@ -566,8 +577,10 @@ class Agent:
             return
         with self._op_lock:
             try:
-                record = json.loads(raw)
+                record = loads_json(raw, self.keys.permanent)
                 manifest = record["manifest"]
+                if not isinstance(manifest, Mapping):
+                    raise TypeError(f"'manifest' is {type(manifest).__name__}, not an object")
                 target = ReleaseInfo(manifest["name"], manifest["version"], record["digest"])
                 signature = str(record.get("signature") or "")
                 signer = str(record.get("signer") or "")
@@ -627,7 +640,13 @@ class Agent:
         self._state = "reconcile_failed"
 
     def _boot_code_is(self, manifest: Mapping[str, Any]) -> bool:
-        for m in manifest.get("modules", []):
+        """Whether the boot code already is ``manifest`` (unchecked input: anything odd is no)."""
+        modules = manifest.get("modules")
+        if not isinstance(modules, list) or len(modules) > MAX_MODULES:
+            return False
+        for m in modules:
+            if not isinstance(m, Mapping) or not is_module_name(m.get("name")):
+                return False
             status = self.loader.status(m["name"])
             have = status.loaded_digest or status.disk_digest
             if have != m["digest"]:
@@ -1129,6 +1148,20 @@ class Agent:
         )
 
     def module_status(self, modules: Sequence[str]) -> agent_pb2.ModuleStatusReply:
+        """What each named module (default: every known one) runs against its source on disk.
+
+        Only dotted module names are answered: the digest lookup maps a name
+        to a file under the code paths, and a path or ``..`` in a "name"
+        would make it a way to hash any ``*.py`` on the host.  Raises
+        ``ValueError`` naming the first bad name.
+        """
+        if len(modules) > MAX_MODULES:
+            raise ValueError(f"{len(modules)} module names asked for, more than {MAX_MODULES}")
+        for name in modules:
+            if not is_module_name(name):
+                raise ValueError(
+                    f"{name[:200]!r} is not a dotted module name (ASCII identifiers joined by .)"
+                )
         names = list(modules) or self.loader.loaded_modules()
         out = []
         for name in names:
@@ -1301,7 +1334,10 @@ class _Servicer(agent_pb2_grpc.NodeAgentServicer):
         return self.agent.status()
 
     def ModuleStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self.agent.module_status(list(request.modules))
+        try:
+            return self.agent.module_status(list(request.modules))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.agent.node_id}: {exc}")
 
     def Health(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self.agent.health()

@@ -406,6 +406,25 @@ class Loader:
             )
             if spec is not None and spec.origin and "site-packages" in spec.origin:
                 return f"would shadow the installed package at {spec.origin}"
+            return ""
+        # A new submodule of an installed package (``tenacity.injected``) would
+        # run release code inside a third-party package's namespace, where its
+        # own modules import it: only packages under the code paths take new
+        # modules.  Judged by the top-level package, loaded or merely installed.
+        package = sys.modules.get(top)
+        if package is not None:
+            where = getattr(package, "__file__", None) or "no source file"
+            if self._file_under_code_path(package) is None:
+                return f"{top} is an installed package ({where}), not under the code paths"
+            return ""
+        spec = importlib.machinery.PathFinder.find_spec(
+            top, [p for p in sys.path if p and Path(p).resolve() not in self.code_paths]
+        )
+        where = (
+            "" if spec is None else spec.origin or " ".join(spec.submodule_search_locations or ())
+        )
+        if "site-packages" in where or "dist-packages" in where:
+            return f"{top} is an installed package ({where}), not under the code paths"
         return ""
 
     def _missing_dependencies(self, ms: ModuleSource, release: Release) -> list[ModuleError]:
