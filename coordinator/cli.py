@@ -22,9 +22,14 @@ Security: with ``--tls-cert/--tls-key/--tls-ca`` (or ``HOTFLEET_TLS_CERT``,
 cluster) or when ``--dev``/``HOTFLEET_DEV=1`` says so; a remote coordinator
 without TLS is refused before anything is sent.
 
-Output: human tables and live progress by default, ``-o json`` prints one
-JSON document on stdout (the coordinator's records as stored; on failure
-``{"error": {...}}``).  Exit codes: see :data:`EXIT_CODES`.
+Output: human tables and live progress by default (``-o wide`` adds
+columns, ``--no-headers`` drops the header line), ``-o json`` / ``-o yaml``
+print one versioned document on stdout (:mod:`coordinator.output`: the
+coordinator's records plus ``schema_version`` and ``kind``; on failure
+``kind: Error``).  Exit codes: see :data:`EXIT_CODES`.  kubectl habits:
+no abbreviated flags, a bad flag prints that verb's usage, ``-l`` selects
+by label, ``--version``, ``coordctl completion bash|zsh|fish``, and a closed
+pipe (``coordctl rollouts | head -1``) is not an error.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from coordinator import render
+from coordinator import output, render
 from coordinator.render import Style
 from hotfleet._proto.hotfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from hotfleet.config import ConfigError, env_flag
@@ -55,6 +60,7 @@ __all__ = [
     "EXIT_CODES",
     "EXIT_ERROR",
     "EXIT_OK",
+    "EXIT_PAUSED",
     "EXIT_REFUSED",
     "EXIT_ROLLED_BACK",
     "EXIT_UNREACHABLE",
@@ -72,6 +78,7 @@ EXIT_REFUSED = 3
 EXIT_ABORTED = 4
 EXIT_ROLLED_BACK = 5
 EXIT_UNREACHABLE = 6
+EXIT_PAUSED = 7
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -85,6 +92,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_ROLLED_BACK: "rolled back: the release went out and was taken back out",
     EXIT_UNREACHABLE: "coordinator unreachable, no leader, or timed out waiting "
     "(the rollout may go on: see `coordctl status`)",
+    EXIT_PAUSED: "paused: the analysis could not judge the release (too little data); "
+    "it waits for `coordctl promote` or `coordctl rollback`",
 }
 
 RPC_TIMEOUT_S = 15.0
@@ -356,14 +365,30 @@ class Ctx:
 
     @property
     def json(self) -> bool:
-        return bool(self.args.output == "json")
+        """Machine-readable output (``-o json`` or ``-o yaml``): stdout holds one document."""
+        return self.args.output in ("json", "yaml")
+
+    @property
+    def wide(self) -> bool:
+        return bool(self.args.output == "wide")
+
+    @property
+    def no_headers(self) -> bool:
+        return bool(getattr(self.args, "no_headers", False))
 
     @property
     def style(self) -> Style:
         return Style.for_stream(self.out)
 
-    def emit(self, data: Any) -> None:
-        print(json.dumps(data, indent=2, sort_keys=True), file=self.out, flush=True)
+    def emit(self, data: Any, document: str = "Rollout") -> None:
+        """One versioned document (:mod:`coordinator.output`) on stdout."""
+        if isinstance(data, list):
+            doc = output.list_document(document, data)
+        elif "schema_version" in data:
+            doc = data
+        else:
+            doc = output.document(document, data)
+        print(output.dumps(doc, self.args.output), file=self.out, flush=True)
 
     def say(self, text: str) -> None:
         """Human text: stdout normally, stderr in json mode (stdout holds one document)."""
@@ -389,21 +414,33 @@ def _loads(text: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- read commands
+def _print(ctx: Ctx, text: str) -> None:
+    if text:
+        print(text, file=ctx.out)
+
+
 def cmd_nodes(ctx: Ctx) -> int:
     nodes = ctx.many("Nodes", coordinator_pb2.ListNodesRequest())
+    selector = getattr(ctx.args, "selector", None) or {}
+    nodes = [
+        n for n in nodes if all((n.get("labels") or {}).get(k) == v for k, v in selector.items())
+    ]
     if ctx.json:
-        ctx.emit(nodes)
+        ctx.emit(nodes, "NodeList")
     else:
-        print(render.nodes_table(nodes, ctx.style), file=ctx.out)
+        _print(
+            ctx,
+            render.nodes_table(nodes, ctx.style, wide=ctx.wide, no_headers=ctx.no_headers),
+        )
     return EXIT_OK
 
 
 def cmd_release_list(ctx: Ctx) -> int:
     releases = ctx.many("ListReleases", coordinator_pb2.ListReleasesRequest())
     if ctx.json:
-        ctx.emit(releases)
+        ctx.emit(releases, "ReleaseList")
     else:
-        print(render.releases_table(releases), file=ctx.out)
+        _print(ctx, render.releases_table(releases, no_headers=ctx.no_headers))
     return EXIT_OK
 
 
@@ -411,7 +448,7 @@ def cmd_release_show(ctx: Ctx) -> int:
     _require_ref(ctx.args.ref)
     entry = ctx.one("ShowRelease", coordinator_pb2.ShowReleaseRequest(ref=ctx.args.ref))
     if ctx.json:
-        ctx.emit(entry)
+        ctx.emit(entry, "Release")
     else:
         print(render.release_detail(entry), file=ctx.out)
     return EXIT_OK
@@ -420,16 +457,19 @@ def cmd_release_show(ctx: Ctx) -> int:
 def cmd_rollouts(ctx: Ctx) -> int:
     rollouts = ctx.many("ListRollouts", coordinator_pb2.ListRolloutsRequest(limit=ctx.args.limit))
     if ctx.json:
-        ctx.emit(rollouts)
+        ctx.emit(rollouts, "RolloutList")
     else:
-        print(render.rollouts_table(rollouts, ctx.style), file=ctx.out)
+        _print(
+            ctx,
+            render.rollouts_table(rollouts, ctx.style, wide=ctx.wide, no_headers=ctx.no_headers),
+        )
     return EXIT_OK
 
 
 def cmd_modules(ctx: Ctx) -> int:
     rows = ctx.many("Modules", coordinator_pb2.FleetModulesRequest(node=ctx.args.node or ""))
     if ctx.json:
-        ctx.emit({"modules": rows, "drift": render.drift(rows)})
+        ctx.emit(output.document("FleetModules", {"modules": rows, "drift": render.drift(rows)}))
     else:
         print(
             render.modules_table(rows, per_node=bool(ctx.args.node), style=ctx.style), file=ctx.out
@@ -438,16 +478,62 @@ def cmd_modules(ctx: Ctx) -> int:
 
 
 def cmd_status(ctx: Ctx) -> int:
-    request = coordinator_pb2.GetRolloutRequest(rollout_id=ctx.args.rollout or "")
-    rollout = ctx.one("GetRollout", request)
-    if not ctx.args.watch:
+    args = ctx.args
+    if args.watch and not args.rollout:
+        rollout = _wait_for_rollout(ctx, newer=args.next)
+    else:
+        request = coordinator_pb2.GetRolloutRequest(rollout_id=args.rollout or "")
+        rollout = ctx.one("GetRollout", request)
+    if not args.watch:
         if ctx.json:
             ctx.emit(rollout)
         else:
             print(render.rollout_detail(rollout, ctx.style), file=ctx.out)
         return EXIT_OK
-    final = watch(ctx, rollout, until=TERMINAL)
+    final = watch(ctx, rollout, until=TERMINAL, stop_paused=True)
     return report(ctx, final, asked="observe")
+
+
+def _wait_for_rollout(
+    ctx: Ctx, *, newer: bool, sleep: Callable[[float], None] = time.sleep
+) -> dict[str, Any]:
+    """The newest rollout; with none yet (or ``newer``: none after the current one), wait.
+
+    ``status --watch`` is often typed before the rollout it is meant to
+    follow is started, in another terminal: it waits for one to appear
+    (bounded by ``--wait-timeout``) instead of failing at once.
+    """
+    limit = ctx.args.wait_timeout
+    deadline = time.monotonic() + limit if limit else None
+    request = coordinator_pb2.GetRolloutRequest()
+    skip: str | None = None
+    told = False
+    while True:
+        try:
+            rollout = ctx.one("GetRollout", request)
+        except CoordctlError as exc:
+            if exc.code != "not_found":
+                raise
+            rollout = {}
+        rid = str(rollout.get("id", ""))
+        if newer and skip is None:
+            skip = rid  # the rollout current when we started; "" when there is none
+        elif rid and rid != skip:
+            return rollout
+        if not told:
+            ctx.say(
+                "coordctl: no rollout yet; waiting for the next one to start (Ctrl-C to stop)"
+                if not rid
+                else f"coordctl: rollout {rid} is the newest; waiting for the next one to start"
+            )
+            told = True
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CoordctlError(
+                f"no new rollout started within {render.duration(limit)}",
+                EXIT_UNREACHABLE,
+                "timeout",
+            )
+        sleep(POLL_INTERVAL_S)
 
 
 # ---------------------------------------------------------------- releases
@@ -465,6 +551,8 @@ def push_request(
     from hotfleet.release import Release
     from hotfleet.wire import manifest_to_proto
 
+    if not os.path.exists(path):
+        raise _no_bundle(path)
     try:
         release = Release.from_path(path)
     except HotfleetError as exc:
@@ -515,6 +603,20 @@ def push_request(
     return request, release.label
 
 
+def _no_bundle(path: str) -> CoordctlError:
+    """The one answer to a bundle path that is not there, whichever verb was given it."""
+    return CoordctlError(
+        f"no release bundle at {path} (a directory, .tar.gz or .zip with release.toml; "
+        "a pushed release is NAME@VERSION)",
+        EXIT_USAGE,
+        "usage",
+    )
+
+
+def _looks_like_path(ref: str) -> bool:
+    return "@" not in ref or "/" in ref or os.sep in ref or ref.endswith((".tar.gz", ".zip"))
+
+
 def _error_dict(e: Any) -> dict[str, Any]:
     reason = getattr(e, "reason", "")
     return {
@@ -538,7 +640,7 @@ def push(ctx: Ctx, path: str) -> dict[str, Any]:
 def cmd_release_push(ctx: Ctx) -> int:
     entry = push(ctx, ctx.args.path)
     if ctx.json:
-        ctx.emit(entry)
+        ctx.emit(entry, "Release")
     return EXIT_OK
 
 
@@ -588,16 +690,14 @@ def cmd_upgrade(ctx: Ctx) -> int:
     ref = args.release
     if os.path.exists(ref):
         ref = push(ctx, ref).get("label") or ref
-    elif "@" not in ref:
-        raise CoordctlError(
-            f"--release {ref!r}: no bundle at that path, and not NAME@VERSION", EXIT_USAGE, "usage"
-        )
+    elif _looks_like_path(ref):
+        raise _no_bundle(ref)
     request = coordinator_pb2.UpgradeRequest(ref=ref, target=_target(args), options=_options(args))
     rollout = ctx.one("Upgrade", request)
     if args.dry_run:
         return follow(ctx, rollout, until=TERMINAL, asked="dry_run")
     if args.wait_permanent:
-        return follow(ctx, rollout, until=TERMINAL, asked="permanent")
+        return follow(ctx, rollout, until=TERMINAL, asked="permanent", stop_paused=True)
     if args.wait:
         return follow(ctx, rollout, until=TERMINAL | APPLIED, asked="apply")
     return started(ctx, rollout)
@@ -642,7 +742,7 @@ def cmd_promote(ctx: Ctx) -> int:
         "Promote", coordinator_pb2.PromoteRolloutRequest(rollout_id=ctx.args.rollout or "")
     )
     if rollout.get("phase") == "permanent" or ctx.args.wait:
-        return follow(ctx, rollout, until=TERMINAL, asked="permanent")
+        return follow(ctx, rollout, until=TERMINAL, asked="permanent", stop_paused=True)
     return started(ctx, rollout)
 
 
@@ -659,9 +759,22 @@ def started(ctx: Ctx, rollout: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def follow(ctx: Ctx, rollout: dict[str, Any], *, until: frozenset[str], asked: str) -> int:
-    final = watch(ctx, rollout, until=until)
+def follow(
+    ctx: Ctx,
+    rollout: dict[str, Any],
+    *,
+    until: frozenset[str],
+    asked: str,
+    stop_paused: bool = False,
+) -> int:
+    final = watch(ctx, rollout, until=until, stop_paused=stop_paused)
     return report(ctx, final, asked=asked)
+
+
+def paused(rollout: dict[str, Any]) -> bool:
+    """A provisional rollout whose analysis gave up (inconclusive): it waits for an operator."""
+    analysis = rollout.get("analysis") or {}
+    return rollout.get("phase") == "provisional" and analysis.get("action") == "pause"
 
 
 def watch(
@@ -669,9 +782,14 @@ def watch(
     rollout: dict[str, Any],
     *,
     until: frozenset[str],
+    stop_paused: bool = False,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """Poll GetRollout every 0.2 s until the phase is in ``until``; print progress."""
+    """Poll GetRollout every 0.2 s until the phase is in ``until``; print progress.
+
+    ``stop_paused``: also return when the analysis paused the rollout, which
+    would otherwise stay provisional until someone promotes or rolls back.
+    """
     rid = str(rollout.get("id", ""))
     progress = None if ctx.json else render.Progress(ctx.out, style=ctx.style)
     limit = ctx.args.wait_timeout
@@ -682,7 +800,7 @@ def watch(
         while True:
             if progress is not None:
                 progress.update(rollout)
-            if rollout.get("phase") in until:
+            if rollout.get("phase") in until or (stop_paused and paused(rollout)):
                 return rollout
             if deadline is not None and time.monotonic() >= deadline:
                 raise CoordctlError(
@@ -730,30 +848,72 @@ _VERDICT = {
     "dry_run": "dry run: {release} prepared on {n} node(s), then aborted on purpose; nothing changed",
     "aborted": "aborted: nothing changed",
     "rolled_back": "rolled back: {release} was taken back out",
+    "paused": "paused: {release} runs on {n} node(s) but the analysis could not judge it; "
+    "promote it (coordctl promote) or roll it back (coordctl rollback)",
 }
 
 
 def report(ctx: Ctx, rollout: dict[str, Any], *, asked: str) -> int:
     phase = str(rollout.get("phase", ""))
     code = outcome(phase, asked)
+    if paused(rollout) and asked in ("permanent", "observe"):
+        code = EXIT_PAUSED
     if ctx.json:
         ctx.emit(rollout)
         return code
     print(render.rollout_detail(rollout, ctx.style), file=ctx.out)
     finished = sum(1 for r in (rollout.get("nodes") or {}).values() if r.get("finished"))
     n = finished if phase in APPLIED else len(rollout.get("targets") or ())
-    verdict = _VERDICT.get(phase, "rollout is {phase}").format(
-        release=rollout.get("release", ""), n=n, phase=phase
-    )
+    verdict = _VERDICT.get("paused" if code == EXIT_PAUSED else phase, "rollout is {phase}")
+    verdict = verdict.format(release=rollout.get("release", ""), n=n, phase=phase)
     errors = render.collect_errors(rollout)
     if errors and phase in ("aborted", "rolled_back"):
         verdict += f" ({len(errors)} error(s) listed above)"
-    paint = ctx.style.green if code == EXIT_OK else ctx.style.red
+    paint = (
+        ctx.style.green
+        if code == EXIT_OK
+        else ctx.style.yellow
+        if code == EXIT_PAUSED
+        else ctx.style.red
+    )
     print("\n" + paint(verdict), file=ctx.out, flush=True)
     return code
 
 
 # ---------------------------------------------------------------- the parser
+class Parser(argparse.ArgumentParser):
+    """argparse with kubectl's habits.
+
+    No abbreviated flags (``--rel`` for ``--release`` would silently change
+    meaning the day another ``--rel...`` flag appears), and an unknown flag
+    is reported by the verb that received it, with that verb's usage, not
+    by the top-level parser with the list of commands.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+def version() -> str:
+    """The installed hotfleet distribution's version (the source tree's when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("hotfleet")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def _add_globals(parser: argparse.ArgumentParser, *, sub: bool) -> None:
     """Global flags, accepted before or after the command (kubectl style)."""
 
@@ -773,9 +933,16 @@ def _add_globals(parser: argparse.ArgumentParser, *, sub: bool) -> None:
     g.add_argument(
         "-o",
         "--output",
-        choices=("table", "json"),
+        choices=output.FORMATS,
         default=default("table"),
-        help="table (default) or json: one JSON document on stdout",
+        help="table (default), wide (more columns), json or yaml: one versioned document "
+        "(schema_version, kind) on stdout",
+    )
+    g.add_argument(
+        "--no-headers",
+        action="store_true",
+        default=default(False),
+        help="tables without their header line (for scripts)",
     )
     g.add_argument(
         "--tls-cert", default=default(env("HOTFLEET_TLS_CERT")), help="client certificate (PEM)"
@@ -797,7 +964,7 @@ def _add_target(parser: argparse.ArgumentParser, *, required: bool) -> None:
     group.add_argument("--all", action="store_true", help="every registered node")
     group.add_argument("--nodes", type=_names, metavar="ID[,ID...]", help="named nodes")
     group.add_argument(
-        "--selector", type=_pairs, metavar="k=v[,k=v...]", help="nodes with these labels"
+        "-l", "--selector", type=_pairs, metavar="k=v[,k=v...]", help="nodes with these labels"
     )
 
 
@@ -848,13 +1015,14 @@ def _epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="coordctl",
         description="Push releases and drive fleet-wide hot-code rollouts (two-phase commit).",
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_globals(parser, sub=False)
+    parser.add_argument("--version", action="version", version=f"coordctl {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -871,7 +1039,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("nodes", "list the registered nodes and what they run", cmd_nodes)
+    p = command("nodes", "list the registered nodes and what they run", cmd_nodes)
+    p.add_argument(
+        "-l", "--selector", type=_pairs, metavar="k=v[,k=v...]", help="only nodes with these labels"
+    )
 
     release = commands.add_parser("release", help="push, list and show releases")
     releases = release.add_subparsers(dest="release_command", metavar="ACTION", required=True)
@@ -923,7 +1094,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("status", "show a rollout (default: the newest)", cmd_status)
     p.add_argument("rollout", nargs="?", metavar="ROLLOUT")
-    p.add_argument("--watch", "-w", action="store_true", help="follow it live until it ends")
+    p.add_argument(
+        "--watch",
+        "-w",
+        action="store_true",
+        help="follow it live until it ends or pauses (exit 7); with no rollout yet, wait for one",
+    )
+    p.add_argument(
+        "--next",
+        action="store_true",
+        help="with --watch: skip the newest rollout and follow the next one to start",
+    )
     p.add_argument(
         "--wait-timeout",
         type=duration_arg,
@@ -965,6 +1146,13 @@ def build_parser() -> argparse.ArgumentParser:
     from coordinator import devcluster  # `dev up|down|status` and `demo`
 
     devcluster.add_commands(commands, command)
+
+    from coordinator import completion
+
+    p = command("completion", "print a shell completion script", completion.cmd_completion)
+    p.add_argument(
+        "shell", choices=completion.SHELLS, help="e.g. source <(coordctl completion bash)"
+    )
     return parser
 
 
@@ -976,23 +1164,37 @@ def _dev_coordinator() -> str | None:
 
 
 # ---------------------------------------------------------------- entry point
-def _print_error(
-    ctx_json: bool, exc: CoordctlError, out: TextIO, err: TextIO, address: str
-) -> None:
-    print(f"coordctl: {exc.message}", file=err, flush=True)
+def _print_error(ctx: Ctx, exc: CoordctlError, address: str) -> None:
+    print(f"coordctl: {exc.message}", file=ctx.err, flush=True)
     if exc.errors:
-        print(render.errors_table(exc.errors, Style.for_stream(err)), file=err, flush=True)
-    if ctx_json:
-        data = {
-            "error": {
-                "code": exc.code,
-                "message": exc.message,
-                "exit_code": exc.exit_code,
-                "errors": exc.errors,
-                "coordinator": address,
-            }
+        print(render.errors_table(exc.errors, Style.for_stream(ctx.err)), file=ctx.err, flush=True)
+    if ctx.json:
+        error = {
+            "code": exc.code,
+            "message": exc.message,
+            "exit_code": exc.exit_code,
+            "errors": exc.errors,
+            "coordinator": address,
         }
-        print(json.dumps(data, indent=2, sort_keys=True), file=out, flush=True)
+        ctx.emit(output.document("Error", {"error": error}))
+
+
+def _quiet_closed_pipe(out: TextIO) -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush is silent.
+
+    A reader that stops early (``coordctl rollouts | head -1``) is not a
+    failure, as for every Unix filter; without this Python prints "Exception
+    ignored ... BrokenPipeError" at exit and exits 120.
+    """
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def main(
@@ -1017,23 +1219,27 @@ def main(
     ctx = Ctx(args, client, out, err)
     try:
         return int(args.func(ctx))
+    except BrokenPipeError:
+        _quiet_closed_pipe(out)
+        return EXIT_OK
     except CoordctlError as exc:
-        _print_error(ctx.json, exc, out, err, client.address)
+        try:
+            _print_error(ctx, exc, client.address)
+        except BrokenPipeError:
+            _quiet_closed_pipe(out)
         return exc.exit_code
     except KeyboardInterrupt:
         print(
             "\ncoordctl: interrupted; a rollout already started goes on (coordctl status)", file=err
         )
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return EXIT_ERROR
     except Exception as exc:
         if _env_flag("HOTFLEET_DEBUG"):
             traceback.print_exc(file=err)
         message = (
             f"unexpected error: {type(exc).__name__}: {exc} (HOTFLEET_DEBUG=1 shows the traceback)"
         )
-        _print_error(ctx.json, CoordctlError(message), out, err, client.address)
+        _print_error(ctx, CoordctlError(message), client.address)
         return EXIT_ERROR
     finally:
         client.close()

@@ -100,9 +100,17 @@ class Rollout:
     # ------------------------------------------------------------ summaries
     @property
     def commit_skew_s(self) -> float:
-        """Latest minus earliest finish instant across nodes."""
-        times = [n.finished_at for n in self.nodes.values() if n.finished]
-        return max(times) - min(times) if len(times) > 1 else 0.0
+        """The worst wave's latest minus earliest finish instant.
+
+        Each wave is its own commit, scheduled at its own instant after the
+        previous wave's analysis window: comparing nodes across waves would
+        report the window, not skew.
+        """
+        by_wave: dict[int, list[float]] = {}
+        for n in self.nodes.values():
+            if n.finished:
+                by_wave.setdefault(n.wave, []).append(n.finished_at)
+        return max((max(t) - min(t) for t in by_wave.values() if len(t) > 1), default=0.0)
 
     @property
     def duration_s(self) -> float:

@@ -88,18 +88,29 @@ def _visible_len(text: str) -> int:
     return out
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, empty: str = "") -> str:
-    """Aligned columns; the last column is never padded (it may be long, e.g. a detail)."""
+def table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    empty: str = "",
+    no_headers: bool = False,
+) -> str:
+    """Aligned columns; the last column is never padded (it may be long, e.g. a detail).
+
+    ``no_headers`` drops the header line (kubectl's ``--no-headers``) so a
+    script can pipe rows into ``awk``/``cut``; an empty list then prints
+    nothing rather than the human ``empty`` sentence.
+    """
     body = [["" if c is None else str(c) for c in row] for row in rows]
-    if not body and empty:
-        return empty
+    if not body and (empty or no_headers):
+        return "" if no_headers else empty
     widths = [len(h) for h in headers]
     for row in body:
         for i, cell in enumerate(row[: len(headers)]):
             first = cell.split("\n", 1)[0]
             widths[i] = max(widths[i], _visible_len(first))
     lines = []
-    for row in [list(headers), *body]:
+    for row in body if no_headers else [list(headers), *body]:
         cells = row + [""] * (len(headers) - len(row))
         parts = []
         continuation: list[str] = []
@@ -160,30 +171,37 @@ def _nodes_list(nodes: Sequence[str], limit: int = 6) -> str:
 
 
 # ------------------------------------------------------------------ tables
-def nodes_table(nodes: Sequence[Mapping[str, Any]], style: Style = PLAIN) -> str:
+def nodes_table(
+    nodes: Sequence[Mapping[str, Any]],
+    style: Style = PLAIN,
+    *,
+    wide: bool = False,
+    no_headers: bool = False,
+) -> str:
+    """One row per node; ``wide`` adds the HTTP address, pid and the epoch it has seen."""
     rows = []
     for n in nodes:
         state = str(n.get("state", ""))
-        rows.append(
-            [
-                n.get("node_id", ""),
-                style.yellow(state) if state not in ("ready", "idle") else state,
-                n.get("current_release") or "-",
-                n.get("permanent_release") or "-",
-                n.get("previous_release") or "-",
-                n.get("address") or "-",
-                _labels(n.get("labels")),
-                age(n.get("started_at")),
-            ]
-        )
+        row = [
+            n.get("node_id", ""),
+            style.yellow(state) if state not in ("ready", "idle") else state,
+            n.get("current_release") or "-",
+            n.get("permanent_release") or "-",
+            n.get("previous_release") or "-",
+            n.get("address") or "-",
+        ]
+        if wide:
+            row += [n.get("http_address") or "-", n.get("pid") or "-", n.get("epoch_seen") or 0]
+        rows.append([*row, age(n.get("started_at")), _labels(n.get("labels"))])
+    headers = ["NODE", "STATE", "RELEASE", "PERMANENT", "PREVIOUS", "ADDRESS"]
+    if wide:
+        headers += ["HTTP", "PID", "EPOCH"]
     return table(
-        ["NODE", "STATE", "RELEASE", "PERMANENT", "PREVIOUS", "ADDRESS", "LABELS", "UP"],
-        rows,
-        empty="no nodes registered",
+        [*headers, "UP", "LABELS"], rows, empty="no nodes registered", no_headers=no_headers
     )
 
 
-def releases_table(releases: Sequence[Mapping[str, Any]]) -> str:
+def releases_table(releases: Sequence[Mapping[str, Any]], *, no_headers: bool = False) -> str:
     rows = [
         [
             r.get("name", ""),
@@ -199,6 +217,7 @@ def releases_table(releases: Sequence[Mapping[str, Any]]) -> str:
         ["NAME", "VERSION", "DIGEST", "MODULES", "SIGNED", "PUSHED"],
         rows,
         empty="no releases pushed",
+        no_headers=no_headers,
     )
 
 
@@ -236,9 +255,17 @@ def release_detail(entry: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def rollouts_table(rollouts: Sequence[Mapping[str, Any]], style: Style = PLAIN) -> str:
-    rows = [
-        [
+def rollouts_table(
+    rollouts: Sequence[Mapping[str, Any]],
+    style: Style = PLAIN,
+    *,
+    wide: bool = False,
+    no_headers: bool = False,
+) -> str:
+    """Rollout history; ``wide`` adds waves, the worst commit skew, leader and epoch."""
+    rows = []
+    for r in rollouts:
+        row = [
             r.get("id", ""),
             r.get("kind", ""),
             r.get("release", ""),
@@ -246,15 +273,39 @@ def rollouts_table(rollouts: Sequence[Mapping[str, Any]], style: Style = PLAIN) 
             len(r.get("targets") or ()),
             age(r.get("created_at")),
             duration(r.get("duration_s")),
-            _one_line(r.get("reason") or ""),
         ]
-        for r in rollouts
-    ]
-    return table(
-        ["ROLLOUT", "KIND", "RELEASE", "PHASE", "NODES", "AGE", "DURATION", "REASON"],
-        rows,
-        empty="no rollouts yet",
-    )
+        if wide:
+            row += [
+                r.get("waves") or 1,
+                duration(max_wave_skew(r)) if max_wave_skew(r) else "-",
+                r.get("leader") or "-",
+                r.get("epoch") or 0,
+            ]
+        rows.append([*row, _one_line(r.get("reason") or "")])
+    headers = ["ROLLOUT", "KIND", "RELEASE", "PHASE", "NODES", "AGE", "DURATION"]
+    if wide:
+        headers += ["WAVES", "SKEW", "LEADER", "EPOCH"]
+    return table([*headers, "REASON"], rows, empty="no rollouts yet", no_headers=no_headers)
+
+
+def wave_skews(rollout: Mapping[str, Any]) -> dict[int, float]:
+    """Commit skew per wave: latest minus earliest finish instant among that wave's nodes.
+
+    Waves are separate commits separated by an analysis window, so the gap
+    between two waves is not skew; only nodes that switched at the same
+    scheduled instant are compared.
+    """
+    by_wave: dict[int, list[float]] = {}
+    for result in (rollout.get("nodes") or {}).values():
+        if result.get("finished") and result.get("finished_at"):
+            by_wave.setdefault(int(result.get("wave") or 0), []).append(
+                float(result["finished_at"])
+            )
+    return {w: max(t) - min(t) for w, t in sorted(by_wave.items()) if len(t) > 1}
+
+
+def max_wave_skew(rollout: Mapping[str, Any]) -> float:
+    return max(wave_skews(rollout).values(), default=0.0)
 
 
 def _one_line(text: str, limit: int = 100) -> str:
@@ -336,8 +387,13 @@ def rollout_detail(rollout: Mapping[str, Any], style: Style = PLAIN) -> str:
         reason = str(rollout["reason"])
         lines.append(f"Reason:   {_one_line(reason, 240) if errors else reason}")
     timing = f"Duration: {duration(rollout.get('duration_s'))}"
-    if rollout.get("commit_skew_s"):
-        timing += f"   commit skew: {duration(rollout['commit_skew_s'])}"
+    skews = wave_skews(rollout)
+    if len(skews) == 1:
+        timing += f"   commit skew: {duration(next(iter(skews.values())))}"
+    elif skews:
+        timing += "   commit skew per wave: " + ", ".join(
+            f"{w + 1}: {duration(s)}" for w, s in skews.items()
+        )
     lines.append(timing)
     if rollout.get("leader"):
         lines.append(f"Leader:   {rollout['leader']} (epoch {rollout.get('epoch', 0)})")
@@ -491,6 +547,7 @@ class Progress:
         self._phase = ""
         self._seen: dict[str, tuple[str, bool, bool]] = {}
         self._verdict: tuple[Any, Any] = (None, None)
+        self._wave = 0
         self._status_shown = False
         self.started = time.monotonic()
 
@@ -534,6 +591,10 @@ class Progress:
             if state[2] and not before[2]:
                 self._emit(f"{stamp}   {node}: aborted")
             self._seen[node] = state
+        wave, waves = int(rollout.get("wave") or 0), int(rollout.get("waves") or 1)
+        if waves > 1 and wave != self._wave:
+            self._emit(f"{stamp} wave {wave + 1} of {waves}")
+            self._wave = wave
         analysis = rollout.get("analysis") or {}
         verdict = (analysis.get("overall"), analysis.get("action"))
         if analysis and verdict != self._verdict:
@@ -542,6 +603,11 @@ class Progress:
                 f"({duration(analysis.get('elapsed_s'))} of {duration(analysis.get('window_s'))}): "
                 f"{_one_line(str(analysis.get('reason', '')), 200)}"
             )
+            if verdict[1] == "pause":
+                self._emit(
+                    f"{stamp} {s.yellow('paused')}: waiting for `coordctl promote` "
+                    "or `coordctl rollback`"
+                )
             self._verdict = verdict
         # Node events first: a snapshot that shows a new phase also shows the
         # votes and finishes that led to it.
@@ -564,8 +630,19 @@ def summary(rollout: Mapping[str, Any]) -> str:
     total = len(rollout.get("targets") or nodes)
     votes = [r.get("vote") or "" for r in nodes.values()]
     finished = sum(1 for r in nodes.values() if r.get("finished"))
-    return (
+    text = (
         f"{rollout.get('phase')}: {votes.count('yes')}/{total} prepared, "
         f"{votes.count('no') + votes.count('unreachable')} refused, "
         f"{finished}/{total} finished"
     )
+    waves = int(rollout.get("waves") or 1)
+    if waves > 1:
+        text += f", wave {int(rollout.get('wave') or 0) + 1} of {waves}"
+    analysis = rollout.get("analysis") or {}
+    if rollout.get("phase") == "provisional" and analysis:
+        if analysis.get("action") == "pause":
+            text += ", paused (promote or rollback)"
+        else:
+            left = float(analysis.get("window_s") or 0) - float(analysis.get("elapsed_s") or 0)
+            text += f", analysis: {duration(max(left, 0.0))} left"
+    return text

@@ -118,7 +118,7 @@ def test_compose_fleet_registers_serves_and_upgrades(compose: dict[str, str]) ->
     while time.monotonic() < deadline:
         result = coordctl(coordinator, "nodes", "-o", "json")
         if result.returncode == 0:
-            nodes = json.loads(result.stdout)
+            nodes = json.loads(result.stdout)["items"]
             if {n["node_id"] for n in nodes} == set(WORKERS):
                 break
         time.sleep(1)

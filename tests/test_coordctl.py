@@ -45,7 +45,7 @@ def test_upgrade_status_and_reads_through_the_standby(
     assert all(n.status().prepared_rollout == "" for n in nodes)
     rows = coordctl(standby, "-o", "json", "nodes")
     assert rows.code == EXIT_OK, rows
-    assert {r["current_release"] for r in rows.json()} <= {""}  # still the boot code
+    assert {r["current_release"] for r in rows.json()["items"]} <= {""}  # still the boot code
 
     up = coordctl(standby, "upgrade", "--all", "--release", "shop@2.0.0", "--wait", *NO_WINDOW)
     assert up.code == EXIT_OK, up
@@ -68,7 +68,7 @@ def test_upgrade_status_and_reads_through_the_standby(
         assert result["vote"] == "yes" and result["finished"] and not result["errors"]
 
     def listed() -> dict[str, dict[str, Any]]:
-        return by_node(coordctl(standby, "-o", "json", "nodes").json())
+        return by_node(coordctl(standby, "-o", "json", "nodes").json()["items"])
 
     def upgraded() -> dict[str, dict[str, Any]] | None:
         members = listed()
@@ -83,7 +83,7 @@ def test_upgrade_status_and_reads_through_the_standby(
     history = coordctl(standby, "rollouts")
     assert history.code == EXIT_OK, history
     assert rollout["id"] in history.out and "permanent" in history.out and "dry_run" in history.out
-    as_json = coordctl(standby, "-o", "json", "rollouts").json()
+    as_json = coordctl(standby, "-o", "json", "rollouts").json()["items"]
     assert [r["phase"] for r in as_json] == ["permanent", "dry_run"]  # newest first
 
     # no drift while the fleet agrees

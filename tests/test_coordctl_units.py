@@ -14,18 +14,23 @@ etcd and real agent processes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from coordinator import cli
+from coordinator import cli, render
 from coordinator.engine import Refused, ReleaseEntry, RolloutOptions, Target
 from coordinator.fleet import NodeInfo
 from coordinator.model import NodeResult, Phase, Rollout, Vote
@@ -244,6 +249,10 @@ class FakeEngine:
             r.phase = Phase.PROVISIONAL
             return
         if r.phase is Phase.PROVISIONAL:
+            if script == "unsure":  # too little traffic to judge: paused, never ends by itself
+                r.analysis = {"overall": "inconclusive", "action": "pause", "reason": "no data"}
+                r.reason = "inconclusive; paused: promote with `coordctl promote`"
+                return
             if script == "sick":
                 r.phase, r.reason = Phase.ROLLED_BACK, "n1: error_rate 0.31 > 0.05"
             else:
@@ -291,6 +300,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------ tests
@@ -362,6 +378,7 @@ def test_rolled_back_exits_5_and_status_json_is_the_complete_record(
     code, out, _ = run(address, "-o", "json", "status")
     assert code == cli.EXIT_OK
     record = json.loads(out)
+    assert (record.pop("schema_version"), record.pop("document")) == (1, "Rollout")
     assert Rollout.loads(json.dumps(record)).to_json() == {
         **engine.history[-1].to_json(),
         "duration_s": record["duration_s"],
@@ -469,7 +486,7 @@ def test_unreachable_address_is_skipped_for_the_next(leader: tuple[FakeEngine, s
     _, address = leader
     code, out, _ = run(f"127.0.0.1:{free_port()},{address}", "-o", "json", "nodes")
     assert code == cli.EXIT_OK
-    assert [n["node_id"] for n in json.loads(out)] == NODES
+    assert [n["node_id"] for n in json.loads(out)["items"]] == NODES
 
 
 def test_read_commands_tables_and_json(leader: tuple[FakeEngine, str], tmp_path: Path) -> None:
@@ -581,3 +598,202 @@ def test_leader_that_cannot_be_reached_says_failover() -> None:
         assert "failover" in err
     finally:
         server.stop(grace=None)
+
+
+# ------------------------------------------------------------------ kubectl habits
+def test_abbreviated_or_unknown_flags_are_refused_with_that_verbs_usage() -> None:
+    """``--rel`` must not silently mean ``--release``; the error names the verb's usage."""
+    unknown = "unrecognized arguments"
+    for argv, verb, message in (
+        (["upgrade", "--all", "--rel", "shop@2.0.0"], "upgrade", "required: --release"),
+        (["upgrade", "--all", "--release", "shop@2.0.0", "--dry"], "upgrade", f"{unknown}: --dry"),
+        (["release", "push", "x", "--sign", "k"], "release push", f"{unknown}: --sign k"),
+        (["dev", "up", "--node", "2"], "dev up", f"{unknown}: --node 2"),
+        (["status", "--bogus"], "status", f"{unknown}: --bogus"),
+    ):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main(argv, out=out, err=err)
+        assert code == cli.EXIT_USAGE, argv
+        text = err.getvalue()
+        assert f"usage: coordctl {verb} " in text, (argv, text)
+        assert message in text, (argv, text)
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == cli.EXIT_OK
+    printed = capsys.readouterr().out.strip()
+    assert printed == f"coordctl {cli.version()}" and cli.version()[0].isdigit(), printed
+
+
+def test_json_and_yaml_documents_carry_a_schema_version(
+    leader: tuple[FakeEngine, str], tmp_path: Path
+) -> None:
+    _, address = leader
+    code, out, _ = run(address, "-o", "json", "nodes")
+    nodes = json.loads(out)
+    assert (nodes["schema_version"], nodes["document"]) == (1, "NodeList")
+    assert [n["node_id"] for n in nodes["items"]] == NODES
+    code, out, _ = run(address, "upgrade", "--all", "--release", str(bundle(tmp_path, "good")))
+    assert code == cli.EXIT_OK, out
+    status = json.loads(run(address, "status", "-o", "json")[1])
+    assert (status["schema_version"], status["document"], status["kind"]) == (
+        1,
+        "Rollout",
+        "upgrade",  # the record's own kind is untouched
+    )
+    code, out, err = run(address, "-o", "json", "status", "nope")
+    assert code == cli.EXIT_REFUSED
+    error = json.loads(out)
+    assert (error["schema_version"], error["document"]) == (1, "Error")
+    assert error["error"]["code"] == "not_found" and "nope" in err
+    code, out, _ = run(address, "-o", "yaml", "nodes")
+    assert code == cli.EXIT_OK
+    lines = out.splitlines()
+    assert "schema_version: 1" in lines and 'document: "NodeList"' in lines, out
+    assert '  - address: "127.0.0.1:7000"' in lines and '    node_id: "n1"' in lines, out
+    assert "    labels:" in lines and '      zone: "eu"' in lines, out
+
+
+def test_wide_no_headers_and_label_selector(leader: tuple[FakeEngine, str]) -> None:
+    engine, address = leader
+    code, out, _ = run(address, "nodes", "-o", "wide")
+    assert code == cli.EXIT_OK and out.splitlines()[0].split()[6:9] == ["HTTP", "PID", "EPOCH"]
+    code, out, _ = run(address, "nodes", "--no-headers")
+    assert [line.split()[0] for line in out.splitlines()] == NODES
+    code, out, _ = run(address, "nodes", "-l", "zone=eu", "--no-headers")
+    assert [line.split()[0] for line in out.splitlines()] == ["n1", "n2"]
+    code, out, _ = run(address, "rollouts", "--no-headers")
+    assert code == cli.EXIT_OK and out == ""  # no "no rollouts yet" sentence for a script
+    code, out, _ = run(address, "upgrade", "-l", "zone=us", "--release", "x@1")
+    assert code == cli.EXIT_REFUSED  # never pushed; the selector still travelled
+    _, (_, target, _) = engine.calls[-1]
+    assert target.selector == {"zone": "us"}
+
+
+def test_a_missing_bundle_path_is_the_same_usage_error_everywhere(tmp_path: Path) -> None:
+    missing = str(tmp_path / "shop-9.9.9")
+    answers = []
+    for argv in (
+        ["upgrade", "--all", "--release", missing],
+        ["release", "push", missing],
+        ["upgrade", "--all", "--release", "releases/shop@2.0.0.tar.gz"],
+    ):
+        out, err = io.StringIO(), io.StringIO()
+        answers.append((cli.main(argv, out=out, err=err), err.getvalue()))
+    assert [code for code, _ in answers] == [cli.EXIT_USAGE] * 3
+    assert all("no release bundle at" in text for _, text in answers), answers
+
+
+def test_a_closed_pipe_is_not_an_error(leader: tuple[FakeEngine, str], tmp_path: Path) -> None:
+    """``coordctl rollouts | head -1``: the reader went away; exit 0, nothing on stderr."""
+    engine, address = leader
+    for i in range(3):
+        engine.history.append(
+            Rollout(f"r-old-{i}", "upgrade", "good@2.0.0", "a" * 64, NODES, phase=Phase.ABORTED)
+        )
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before coordctl writes a byte
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", "--coordinator", address, "rollouts"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    assert "BrokenPipe" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_paused_analysis_ends_the_wait_with_exit_7(
+    leader: tuple[FakeEngine, str], tmp_path: Path
+) -> None:
+    """An inconclusive window pauses the rollout; --wait-permanent and --watch say so and return."""
+    _, address = leader
+    code, out, _ = run(
+        address,
+        "upgrade",
+        "--all",
+        "--release",
+        str(bundle(tmp_path, "unsure")),
+        "--wait-permanent",
+    )
+    assert code == cli.EXIT_PAUSED, out
+    assert "paused" in out and "coordctl promote" in out
+    code, out, _ = run(address, "status", "--watch")
+    assert code == cli.EXIT_PAUSED and "paused" in out, out
+
+
+def test_status_watch_waits_for_the_first_rollout(
+    leader: tuple[FakeEngine, str], tmp_path: Path
+) -> None:
+    engine, address = leader
+    out, err = io.StringIO(), io.StringIO()
+    codes: list[int] = []
+    watcher = threading.Thread(
+        target=lambda: codes.append(
+            cli.main(["--coordinator", address, "status", "--watch"], out=out, err=err)
+        )
+    )
+    watcher.start()
+    try:
+        wait_until(lambda: "waiting for the next one" in out.getvalue(), timeout=20)
+        assert not codes  # no rollout: it waits instead of failing
+        engine.push_release(Release.from_path(bundle(tmp_path, "good")))
+        engine.upgrade("good@2.0.0", Target(all=True), RolloutOptions())
+    finally:
+        watcher.join(timeout=30)
+    assert codes == [cli.EXIT_OK], (out.getvalue(), err.getvalue())
+    assert "good@2.0.0 is permanent" in out.getvalue()
+    # --next skips the newest (ended) rollout; --wait-timeout bounds the wait
+    code, _, err_text = run(address, "status", "--watch", "--next", "--wait-timeout", "300ms")
+    assert code == cli.EXIT_UNREACHABLE and "no new rollout started within" in err_text
+
+
+def test_commit_skew_is_per_wave_not_the_gap_between_waves() -> None:
+    rollout = Rollout("r1", "upgrade", "shop@2.0.0", "a" * 64, ["n1", "n2", "n3", "n4"])
+    instants = {"n1": (0, 100.000), "n2": (0, 100.002), "n3": (1, 130.0), "n4": (1, 130.005)}
+    for node, (wave, at) in instants.items():
+        rollout.nodes[node] = NodeResult(node, wave=wave, finished=True, finished_at=at)
+    rollout.waves = 2
+    assert rollout.commit_skew_s == pytest.approx(0.005)  # the worst wave, not 30 s
+    text = render.rollout_detail(rollout.to_json())
+    assert "commit skew per wave: 1: 2.0ms, 2: 5.0ms" in text, text
+
+
+def test_completion_scripts_complete_verbs_flags_and_choices(tmp_path: Path) -> None:
+    """The bash script, run by bash: verbs, sub-verbs, a verb's flags, a flag's choices."""
+    script = tmp_path / "coordctl.bash"
+    out = io.StringIO()
+    assert cli.main(["completion", "bash"], out=out) == cli.EXIT_OK
+    script.write_text(out.getvalue())
+
+    def complete(line: str) -> set[str]:
+        words = line.split(" ")
+        probe = (
+            f"source {script}\n"
+            f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+            "_coordctl_complete; printf '%s\\n' \"${COMPREPLY[@]}\"\n"
+        )
+        done = subprocess.run(
+            ["bash", "--norc", "-c", probe], capture_output=True, text=True, check=True
+        )
+        return set(done.stdout.split())
+
+    assert complete("coordctl upg") == {"upgrade"}
+    assert complete("coordctl release p") == {"push"}
+    assert {"--release", "--dry-run", "--selector", "-l"} <= complete("coordctl upgrade -")
+    assert "--rel" not in complete("coordctl upgrade --re")
+    assert complete("coordctl nodes -o ") == {"table", "wide", "json", "yaml"}
+    assert complete("coordctl -o j") == {"json"}
+    assert complete("coordctl dev u") == {"up"}
+    for shell in ("zsh", "fish"):
+        out = io.StringIO()
+        assert cli.main(["completion", shell], out=out) == cli.EXIT_OK
+        assert "upgrade" in out.getvalue() and "--dry-run" in out.getvalue().replace(
+            "-l dry-run", "--dry-run"
+        )

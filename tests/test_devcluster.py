@@ -129,7 +129,7 @@ def test_up_status_down_stops_exactly_its_processes(
     # coordctl finds the coordinator through the state file (no --coordinator)
     nodes = coordctl("nodes", "-o", "json", env={"HOTFLEET_DEV_DIR": str(dev_dir)})
     assert nodes.returncode == 0, nodes.stderr
-    registered = {n["node_id"]: n for n in json.loads(nodes.stdout)}
+    registered = {n["node_id"]: n for n in json.loads(nodes.stdout)["items"]}
     assert set(registered) == {"node-1", "node-2"}
     assert registered["node-1"]["labels"] == {"zone": "eu-west"}
 
