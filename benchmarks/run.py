@@ -25,6 +25,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "2PC of a 20-module release on N agent processes: end to end, commit skew; "
         "baseline node by node",
     ),
+    "isolation": (
+        "bench_isolation",
+        "prepare CPU and wall time with the staging process vs the in-process prepare of a "
+        "baseline revision, in one run; finish pause",
+    ),
     "rollback": (
         "bench_rollback",
         "automatic fleet rollback under HTTP load: first bad request to all nodes on the "

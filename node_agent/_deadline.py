@@ -3,12 +3,17 @@
 Release code runs in the live process only after the commit decision, behind
 the drain barrier, so a statement that never returns would hold every guarded
 request for ever.  Python threads cannot be killed, but a pure-Python loop can
-be interrupted: :func:`interrupt_after` raises :class:`Overrun` in the running
-thread through ``PyThreadState_SetAsyncExc`` when the deadline passes.  Code
-blocked inside a C call (a lock acquired without timeout) only sees it when the
-call returns; :func:`call_with_deadline` covers that case for the parts that
-need no access to the switching thread (state migrations): it runs the call in
-a thread of its own and walks away from it at the deadline.
+be interrupted: :func:`interrupt_after` has the process's watchdog thread
+raise :class:`Overrun` in the running thread (``PyThreadState_SetAsyncExc``)
+when the deadline passes.  Code blocked inside a C call (a lock acquired
+without timeout) only sees it when the call returns; :class:`Worker` covers
+that case for the parts that need no access to the switching thread (state
+migrations): the call runs on a worker thread and the caller walks away from
+it at the deadline.
+
+Both threads are started *before* the drain hold (starting a thread costs
+milliseconds on a busy host, handing work to a waiting one ~20 µs), and again
+in a forked child, where no thread but the forking one survives.
 
 ``Overrun`` derives from ``BaseException`` so that release code's own
 ``except Exception`` cannot swallow it.
@@ -18,19 +23,41 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
+import os
+import queue
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = [ctypes.c_ulong, ctypes.py_object]
 _set_async_exc.restype = ctypes.c_int
 
 
+_POLL_S = 0.05
+
+
 class Overrun(BaseException):
     """Release code ran past its deadline (raised asynchronously in its thread)."""
+
+
+class Abandoned(Exception):
+    """:meth:`Worker.run_all` gave up waiting on call ``index``; it may still be running."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"call {index} overran its deadline")
+        self.index = index
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one call handed to a :class:`Worker` did: returned ``value`` or raised it."""
+
+    ok: bool
+    value: Any
 
 
 def _inject(ident: int, exc: type[BaseException] | None) -> None:
@@ -38,65 +65,173 @@ def _inject(ident: int, exc: type[BaseException] | None) -> None:
     _set_async_exc(ident, ctypes.py_object(exc) if exc is not None else ctypes.py_object())
 
 
+@dataclass
+class _Arm:
+    deadline: float
+    ident: int
+    fired: bool = False
+
+
+@dataclass
+class _Watchdog:
+    """One thread per process: raises :class:`Overrun` in threads past their deadline."""
+
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    armed: dict[int, _Arm] = field(default_factory=dict)
+    tokens: Iterator[int] = field(default_factory=itertools.count)
+    thread: threading.Thread | None = None
+    pid: int = 0
+
+    def start(self) -> None:
+        """Make sure the thread runs in this process (call it outside any hold)."""
+        with self.cond:
+            if self.thread is not None and self.pid == os.getpid() and self.thread.is_alive():
+                return
+            self.pid = os.getpid()
+            self.armed.clear()
+            self.thread = threading.Thread(target=self._run, name="hotfleet-watchdog", daemon=True)
+            self.thread.start()
+
+    def arm(self, seconds: float, ident: int | None = None) -> int:
+        self.start()
+        with self.cond:
+            token = next(self.tokens)
+            self.armed[token] = _Arm(time.monotonic() + seconds, ident or threading.get_ident())
+            self.cond.notify()
+            return token
+
+    def reset(self, token: int, seconds: float) -> None:
+        """Move an armed deadline to ``seconds`` from now, without waking anybody."""
+        with self.cond:
+            arm = self.armed.get(token)
+            if arm is not None and not arm.fired:
+                arm.deadline = time.monotonic() + seconds
+
+    def disarm(self, token: int) -> None:
+        with self.cond:
+            arm = self.armed.pop(token, None)
+            if arm is not None and arm.fired:
+                _inject(arm.ident, None)  # not delivered yet: it must not land elsewhere
+
+    def _run(self) -> None:
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                waiting = [a for a in self.armed.values() if not a.fired]
+                for arm in waiting:
+                    if arm.deadline <= now:
+                        arm.fired = True
+                        _inject(arm.ident, Overrun)
+                pending = [a.deadline for a in waiting if not a.fired]
+                # while armed, look again at least every _POLL_S: a reset() moves a
+                # deadline without a notify (no wake-up inside a hold)
+                self.cond.wait(min(min(pending) - now, _POLL_S) if pending else None)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def start_watchdog() -> None:
+    """Start the watchdog thread now, so that no hold ever pays for starting it."""
+    _WATCHDOG.start()
+
+
+def arm(seconds: float) -> int:
+    """Have :class:`Overrun` raised in this thread after ``seconds``, until :func:`disarm`.
+
+    Arming wakes the watchdog thread: do it before a hold, not inside it;
+    disarming wakes nobody (and is idempotent).
+    """
+    return _WATCHDOG.arm(seconds)
+
+
+def reset(token: int, seconds: float) -> None:
+    """The armed deadline is now ``seconds`` away (honoured within 50 ms; wakes nobody)."""
+    _WATCHDOG.reset(token, seconds)
+
+
+def disarm(token: int) -> None:
+    _WATCHDOG.disarm(token)
+
+
 @contextlib.contextmanager
 def interrupt_after(seconds: float) -> Iterator[None]:
     """Raise :class:`Overrun` in this thread if the block is still running after ``seconds``.
 
-    The timer and the block's exit are serialized by a lock, and an overrun
-    set just as the block ends is cleared before it can land in unrelated
-    code.
+    The watchdog and the block's exit are serialized by a lock, and an
+    overrun set just as the block ends is cleared before it can land in
+    unrelated code.
     """
-    ident = threading.get_ident()
-    lock = threading.Lock()
-    state = {"active": True, "fired": False}
-
-    def fire() -> None:
-        with lock:
-            if state["active"]:
-                state["fired"] = True
-                _inject(ident, Overrun)
-
-    timer = threading.Timer(seconds, fire)
-    timer.name = "hotfleet-deadline"
-    timer.daemon = True
-    timer.start()
+    token = _WATCHDOG.arm(seconds)
     try:
         yield
     finally:
-        with lock:
-            state["active"] = False
-            if state["fired"]:
-                _inject(ident, None)
-        timer.cancel()
-        timer.join()
+        _WATCHDOG.disarm(token)
 
 
-class Abandoned(Exception):
-    """:func:`call_with_deadline` gave up waiting; the call may still be running."""
+class Worker:
+    """A waiting thread that runs calls for a caller who may walk away at a deadline.
 
-
-def call_with_deadline(fn: Callable[[], T], seconds: float, name: str) -> T:
-    """``fn()`` in a thread of its own; :class:`Abandoned` if it has not returned in time.
-
-    At the deadline the thread is also asked to stop (an :class:`Overrun`
-    raised in it), which ends a pure-Python loop; whatever it returns later
-    is ignored.
+    After an abandoned call the worker is *stuck* (its thread may never come
+    back): its owner replaces it (see :meth:`healthy`).
     """
-    box: dict[str, Any] = {}
 
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stuck = False
+        self.pid = os.getpid()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], dict[str, Any], threading.Event]]
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        if thread.ident is not None:
-            _inject(thread.ident, Overrun)
-        raise Abandoned(f"{name} did not return within {seconds:g}s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    @property
+    def healthy(self) -> bool:
+        return not self.stuck and self.pid == os.getpid() and self._thread.is_alive()
+
+    def run_all(self, calls: Sequence[Callable[[], Any]], seconds: float) -> list[Outcome]:
+        """Each call on the worker, in order, each within ``seconds`` of the previous one's end.
+
+        One hand-over for the batch (a hand-over costs a thread wake-up).
+        Raises :class:`Abandoned` naming the index of the call that overran;
+        that call is also asked to stop (an :class:`Overrun` raised in it,
+        which ends a pure-Python loop) and whatever it returns later is ignored.
+        """
+        results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+
+        def batch() -> None:
+            for call in calls:
+                try:
+                    results.put(Outcome(True, call()))
+                except Exception as exc:
+                    results.put(Outcome(False, exc))
+
+        self._jobs.put((batch, {}, threading.Event()))
+        out = []
+        for index in range(len(calls)):
+            try:
+                out.append(results.get(timeout=seconds))
+            except queue.Empty:
+                self.stuck = True
+                if self._thread.ident is not None:
+                    _inject(self._thread.ident, Overrun)
+                raise Abandoned(index) from None
+        return out
+
+    def close(self) -> None:
+        """Let a healthy worker's thread end (a stuck one ends when its call does)."""
+        self._jobs.put((lambda: None, {}, threading.Event()))
+        self.stuck = True
+
+    def _run(self) -> None:
+        with contextlib.suppress(Overrun):  # one that lands after its call returned
+            while True:
+                fn, box, done = self._jobs.get()
+                if self.stuck:
+                    return
+                try:
+                    box["value"] = fn()
+                except BaseException as exc:  # handed to the caller
+                    box["error"] = exc
+                finally:
+                    done.set()

@@ -42,7 +42,16 @@ from hotfleet.imports import (
 )
 from hotfleet.release import ModuleSource, Release
 from node_agent import stateful
-from node_agent._deadline import Abandoned, Overrun, call_with_deadline, interrupt_after
+from node_agent._deadline import (
+    Abandoned,
+    Overrun,
+    Worker,
+    arm,
+    disarm,
+    interrupt_after,
+    reset,
+    start_watchdog,
+)
 from node_agent._functions import Codes, scan_heap
 from node_agent._install import NewModule, register_source, release_importable
 from node_agent._patch import MISSING, InstallModule, Op, SetCode, SetItem, SetState, undo
@@ -217,6 +226,8 @@ class Loader:
         self.switch_timeout = switch_timeout
         self.migration_timeout = migration_timeout
         self._cancel = threading.Event()  # set by cancel_prepare(): kills the staging process
+        self._worker: Worker | None = None  # runs code_change, so a hung one can be left behind
+        start_watchdog()
         self._lock = threading.RLock()
         self._generation = 0
         self._pending: Prepared | None = None
@@ -321,7 +332,8 @@ class Loader:
         try:
             with interrupt_after(self.switch_timeout):
                 self._switch(prepared, journal)
-            self._migrate(prepared._migrations, self._vsn(), journal, dry_run=True)
+            worker = self._migration_worker() if prepared._migrations else None
+            self._migrate(prepared._migrations, self._vsn(), journal, worker, dry_run=True)
         except _SwitchFailed as failed:
             return [_as_dict(failed.error)], notes
         except _MigrationFailed as failed:
@@ -623,17 +635,30 @@ class Loader:
                 return prepared.report
             self._check_current(prepared)
             journal: list[Op] = []
-            with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
-                t0 = time.perf_counter()
-                try:
-                    with interrupt_after(self.switch_timeout):
+            # Everything that wakes a thread or faults a page happens before the hold.
+            worker = self._migration_worker() if prepared._migrations else None
+            _prefault(prepared)
+            token = arm(self.drain_timeout + self.switch_timeout)
+            try:
+                with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
+                    t0 = time.perf_counter()
+                    reset(token, self.switch_timeout)
+                    try:
                         self._switch(prepared, journal)
-                    switched_at = time.time()
-                    migrated = self._migrate(prepared._migrations, self._vsn(), journal)
-                except (_SwitchFailed, _MigrationFailed, Overrun) as exc:
-                    undo(journal)
-                    raise FinishError(self._finish_errors(exc, prepared), restored=True) from None
-                pause = time.perf_counter() - t0
+                        disarm(token)
+                        switched_at = time.time()
+                        migrated = self._migrate(prepared._migrations, self._vsn(), journal, worker)
+                    except (_SwitchFailed, _MigrationFailed, Overrun) as exc:
+                        disarm(token)
+                        undo(journal)
+                        raise FinishError(
+                            self._finish_errors(exc, prepared), restored=True
+                        ) from None
+                    pause = time.perf_counter() - t0
+            except Overrun:  # only if the drain itself outlasted both timeouts
+                raise FinishError(self._finish_errors(Overrun(), prepared), restored=True) from None
+            finally:
+                disarm(token)
             self._commit(prepared, journal)  # in the order applied: undo replays it backwards
             report = FinishReport(
                 ReleaseInfo.of(prepared.release),
@@ -782,72 +807,80 @@ class Loader:
                 if bound is not new and any(bound is o for o in olds):
                     journal.append(SetItem(b.holder, b.local, new).apply())
 
+    def _migration_worker(self) -> Worker:
+        """A healthy worker for ``code_change`` calls, started before any hold."""
+        if self._worker is None or not self._worker.healthy:
+            self._worker = Worker("hotfleet-migrations")
+        return self._worker
+
     def _migrate(
         self,
         migrations: list[_Migration],
         old_vsn: Any,
         journal: list[Op],
+        worker: Worker | None,
         *,
         dry_run: bool = False,
     ) -> int:
         """Run ``code_change`` (already-current code) for every registered object, all or none.
 
         Each call gets a faithful copy of the object's state (fresh locks, see
-        :mod:`node_agent._statecopy`) and runs under ``migration_timeout`` in
-        a thread of its own; the states are installed only once all returned.
+        :mod:`node_agent._statecopy`) and runs on ``worker`` (handed over in
+        one batch), each under ``migration_timeout``; the states are
+        installed only once all returned.  A call that overruns is left
+        behind on its worker (which is replaced) and the later ones never run.
         """
-        states: list[tuple[Any, dict[str, Any]]] = []
-        errors = []
-        for m in migrations:
-            fn = getattr(m.obj, "code_change", None)
-            if fn is None:
-                continue
-            what = f"{type(m.obj).__qualname__}.code_change({old_vsn!r})"
+        pending = [(m, fn) for m in migrations if (fn := getattr(m.obj, "code_change", None))]
+        if not pending:
+            return 0
+        assert worker is not None
+
+        def call(obj: Any, fn: Any, extra: Any) -> Any:
+            owner = type(obj).__qualname__
             try:
-                try:
-                    state, _ = copy_state(
-                        stateful.get_state(m.obj), type(m.obj).__qualname__, stand_ins=dry_run
-                    )
-                except StateNotCopyable:
-                    state = dict(stateful.get_state(m.obj))
-                result = call_with_deadline(
-                    functools.partial(fn, old_vsn, state, m.extra),
-                    self.migration_timeout,
-                    f"hotfleet-migration {type(m.obj).__qualname__}",
-                )
-                if not isinstance(result, dict):
-                    raise TypeError(
-                        f"code_change returned {type(result).__name__}, expected a dict"
-                    )
-                states.append((m.obj, result))
-            except Abandoned:
-                errors.append(
+                state, _ = copy_state(stateful.get_state(obj), owner, stand_ins=dry_run)
+            except StateNotCopyable:
+                state = dict(stateful.get_state(obj))
+            result = fn(old_vsn, state, extra)
+            if not isinstance(result, dict):
+                raise TypeError(f"code_change returned {type(result).__name__}, expected a dict")
+            return result
+
+        calls = [functools.partial(call, m.obj, fn, m.extra) for m, fn in pending]
+        after = (
+            " (dry run on a copy of the live state)" if dry_run else "; previous version restored"
+        )
+        errors = []
+        try:
+            outcomes = worker.run_all(calls, self.migration_timeout)
+        except Abandoned as exc:
+            m = pending[exc.index][0]
+            raise _MigrationFailed(
+                [
                     ModuleError(
                         m.module,
                         Reason.TIMEOUT,
-                        f"{what} did not return within migration_timeout "
-                        f"({self.migration_timeout:g}s)"
-                        + ("" if dry_run else "; previous version restored"),
+                        f"{type(m.obj).__qualname__}.code_change({old_vsn!r}) did not return "
+                        f"within migration_timeout ({self.migration_timeout:g}s){after}",
                     )
-                )
-            except Exception as exc:
+                ]
+            ) from None
+        for (m, _), outcome in zip(pending, outcomes, strict=True):
+            if not outcome.ok:
+                raised = outcome.value
                 errors.append(
                     ModuleError(
                         m.module,
                         Reason.CODE_CHANGE_FAILED,
-                        f"{what} raised {type(exc).__name__}: {exc}"
-                        + (
-                            " (dry run on a copy of the live state)"
-                            if dry_run
-                            else "; previous version restored"
-                        ),
+                        f"{type(m.obj).__qualname__}.code_change({old_vsn!r}) raised "
+                        f"{type(raised).__name__}: {raised}{after}",
                     )
                 )
         if errors:
             raise _MigrationFailed(errors)
-        for obj, state in states:
-            journal.append(SetState(obj, state).apply())
-        return len(states)
+        for (m, _), outcome in zip(pending, outcomes, strict=True):
+            journal.append(SetState(m.obj, outcome.value).apply())
+        return len(pending)
 
     def _vsn(self) -> str | None:
         return self.current_release.version if self.current_release else None
@@ -903,10 +936,11 @@ class Loader:
                 self._drop(self._pending)
             down = ("down", backup.restores.version if backup.restores else None)
             journal: list[Op] = []
+            worker = self._migration_worker() if backup.migrations else None
             with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
                 t0 = time.perf_counter()
                 try:
-                    migrated = self._migrate(backup.migrations, down, journal)
+                    migrated = self._migrate(backup.migrations, down, journal, worker)
                 except _MigrationFailed as failed:
                     undo(journal)
                     raise FinishError(failed.errors, restored=True) from None
@@ -1038,6 +1072,36 @@ def _from_dict(raw: dict[str, Any]) -> ModuleError:
         Reason(reason) if known else Reason.IMPORT_ERROR,
         str(raw.get("detail", "")),
     )
+
+
+def _prefault(prepared: Prepared) -> None:
+    """Touch, before the hold, the memory the switch will write.
+
+    After the staging fork every page of this process is copy-on-write: the
+    first write to each costs a page fault (hundreds in a switch, ~1 ms).
+    Loading an object onto Python's stack writes its reference count, which
+    takes the fault here, outside the hold; module dict entries the
+    statements rebind are written with their own value.
+    """
+    for plan in prepared._plans.values():
+        for op in (*plan.ops, *plan.late_ops):
+            for name in getattr(type(op), "__slots__", ()):
+                getattr(op, name)
+        g = plan.module.__dict__
+        for st in plan.statements:
+            _touch_code(st.code)
+            for key in st.binds or ():
+                if key in g:
+                    g[key] = g[key]
+    for new in prepared._new.values():
+        _touch_code(new.code)
+
+
+def _touch_code(code: types.CodeType) -> None:
+    """A code object and the code objects it will make functions of (referenced = touched)."""
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _touch_code(const)
 
 
 class _SwitchFailed(Exception):

@@ -1,0 +1,219 @@
+"""What prepare isolation costs: the staging process against the in-process prepare.
+
+The loader benchmark's 20-module application (~440 functions and methods, 42
+classes, 1040 live instances, 4 registered ``code_change`` objects, a sweep
+of the standard library loaded) is booted in a fresh interpreter, and cycles
+of *prepare a new build of v2 -> finish -> rollback* are timed with no
+request threads:
+
+* prepare wall time;
+* prepare CPU of the node: this process's CPU (every thread) plus the CPU of
+  the staging processes it forked and reaped (``os.times().children_*``);
+* the finish pause (the loader's own ``pause_s``).
+
+The same measurement runs twice in one invocation, in two interpreters: once
+on this tree and once on the *baseline* revision (default ``9c01fa5``, the
+last in-process prepare, which ran statements, new modules and ``code_change``
+dry runs in the live process), checked out with ``git worktree`` in a temp
+directory.  Only the ``node_agent``/``hotfleet`` packages differ between the
+two; the application and the measuring code are this tree's.
+
+Target (issue "Prepare changes nothing"): prepare CPU <= 1.5x the baseline's
+per node; finish pause unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import _common
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BASELINE_REV = "9c01fa5"
+TARGET_CPU_RATIO = 1.5
+MD_HEADER = [
+    "date (UTC)",
+    "rev (baseline)",
+    "machine",
+    "Python",
+    "cycles",
+    "prepare wall ms p50: baseline / isolated",
+    "prepare CPU ms p50: baseline / isolated (of which staging)",
+    "CPU ratio",
+    "finish pause ms p50/p99: baseline / isolated",
+    "target",
+]
+MD_PREAMBLE = (
+    "`python benchmarks/run.py isolation`: the loader benchmark's 20-module release, a new "
+    "build each cycle, prepare -> finish -> rollback with no request threads, in two "
+    "interpreters of one run: the baseline revision's in-process prepare and this tree's "
+    "prepare with its staging process (fork). *prepare CPU* = the node process's CPU plus "
+    "its staging processes' CPU. Target: isolated CPU <= 1.5x baseline; finish pause "
+    "unchanged."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cycles", type=int, default=30, help="measured cycles (default 30)")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE_REV,
+        help=f"revision with the in-process prepare (default {BASELINE_REV})",
+    )
+    parser.add_argument("--measure", metavar="TREE", help=argparse.SUPPRESS)
+    _common.add_output_arguments(parser)
+
+
+# ---------------------------------------------------------------- one side
+def _measure(tree: Path, cycles: int) -> dict[str, Any]:
+    """In a fresh interpreter whose node_agent/hotfleet come from ``tree``."""
+    sys.path.insert(0, str(tree))
+    import bench_loader as bl  # noqa: E402  (after sys.path names the tree)
+
+    import node_agent
+
+    where = Path(node_agent.__file__).resolve()
+    if not where.is_relative_to(tree.resolve()):
+        raise SystemExit(f"node_agent came from {where}, not from {tree}")
+    bl.import_stdlib()
+    with tempfile.TemporaryDirectory(prefix="hf-iso-") as tmp:
+        app = bl.App(Path(tmp), bl.PKG)
+        app.write(1, pyc=False)
+        app.boot()
+        app.make_counters()
+        loader = node_agent.Loader([app.root], drain_timeout=5.0)
+        builds = bl.Builds()
+        rows = []
+        for i in range(cycles + 3):  # three warm-up cycles
+            release = builds.fresh(2)
+            c0, k0, w0 = time.process_time(), os.times(), time.perf_counter()
+            prepared = loader.prepare(release)
+            wall = time.perf_counter() - w0
+            k1 = os.times()
+            cpu = time.process_time() - c0
+            staging = (k1.children_user - k0.children_user) + (
+                k1.children_system - k0.children_system
+            )
+            report = loader.finish(prepared)
+            loader.rollback()
+            if i >= 3:
+                rows.append((wall, cpu, staging, report.pause_s))
+        app.unload()
+    return {
+        "prepare_wall_ms": [r[0] * 1e3 for r in rows],
+        "prepare_cpu_ms": [(r[1] + r[2]) * 1e3 for r in rows],
+        "staging_cpu_ms": [r[2] * 1e3 for r in rows],
+        "finish_pause_ms": [r[3] * 1e3 for r in rows],
+    }
+
+
+def _side(tree: Path, cycles: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "bench_isolation.py"), "--measure", str(tree)]
+    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{HERE}", "HF_ISO_CYCLES": str(cycles)}
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tree)
+    data: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return data
+
+
+@contextlib.contextmanager
+def _worktree(rev: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="hf-baseline-") as tmp:
+        path = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield path
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+                check=False,
+                capture_output=True,
+            )
+
+
+def _p(values: list[float], q: float) -> float:
+    return _common.percentile(values, q)
+
+
+def main(args: argparse.Namespace) -> int:
+    date = _common.now_utc()
+    load_before = _common.warn_if_busy()
+    foreign = _common.ForeignCpu()
+    with _worktree(args.baseline) as base_tree:
+        print(f"baseline {args.baseline}: {args.cycles} cycles ...", flush=True)
+        base = _side(base_tree, args.cycles)
+    print(f"this tree: {args.cycles} cycles ...", flush=True)
+    iso = _side(ROOT, args.cycles)
+    cpu_b, cpu_i = (statistics.median(x["prepare_cpu_ms"]) for x in (base, iso))
+    ratio = cpu_i / cpu_b if cpu_b else float("inf")
+    res = {
+        **_common.result_header("isolation", date),
+        "config": {"cycles": args.cycles, "baseline": args.baseline},
+        "baseline": base,
+        "isolated": iso,
+        "cpu_ratio_p50": ratio,
+        "targets": {"cpu_within_1_5x": ratio <= TARGET_CPU_RATIO},
+        "load_average": {"start": load_before, "end": _common.warn_if_busy()},
+        "other_processes_cpu_cores": foreign.cores(),
+    }
+    rows = [["", "baseline (in-process)", "isolated (staging fork)"]]
+    for key in ("prepare_wall_ms", "prepare_cpu_ms", "staging_cpu_ms", "finish_pause_ms"):
+        rows.append(
+            [
+                key,
+                f"{_p(base[key], 50):.2f} / {_p(base[key], 99):.2f}",
+                f"{_p(iso[key], 50):.2f} / {_p(iso[key], 99):.2f}",
+            ]
+        )
+    print("p50 / p99")
+    _common.print_table(rows)
+    print(f"prepare CPU ratio (p50): {ratio:.2f}x (target <= {TARGET_CPU_RATIO}x)")
+    args.quick = False
+    _common.save_results(args, res, date, lambda r: [_md_row(r)], MD_HEADER, MD_PREAMBLE)
+    return 0
+
+
+def _md_row(res: dict[str, Any]) -> list[str]:
+    b, i = res["baseline"], res["isolated"]
+    m = res["machine"]
+    other = res["other_processes_cpu_cores"]
+    machine = f"{m['platform']}; {m['cpu']}; {m['cores']} cores" + (
+        f"; other processes used {other:.2f} cores" if other is not None else ""
+    )
+    return [
+        res["date"],
+        f"{res['revision']} ({res['config']['baseline']})",
+        machine,
+        m["python"],
+        str(res["config"]["cycles"]),
+        f"{_p(b['prepare_wall_ms'], 50):.1f} / {_p(i['prepare_wall_ms'], 50):.1f}",
+        f"{_p(b['prepare_cpu_ms'], 50):.1f} / {_p(i['prepare_cpu_ms'], 50):.1f} "
+        f"({_p(i['staging_cpu_ms'], 50):.1f})",
+        f"{res['cpu_ratio_p50']:.2f}x",
+        f"{_p(b['finish_pause_ms'], 50):.3f}/{_p(b['finish_pause_ms'], 99):.3f} / "
+        f"{_p(i['finish_pause_ms'], 50):.3f}/{_p(i['finish_pause_ms'], 99):.3f}",
+        "pass" if res["targets"]["cpu_within_1_5x"] else "FAIL",
+    ]
+
+
+if __name__ == "__main__":
+    if "--measure" in sys.argv:
+        tree = Path(sys.argv[sys.argv.index("--measure") + 1])
+        print(json.dumps(_measure(tree, int(os.environ["HF_ISO_CYCLES"]))))
+    else:
+        raise SystemExit("run it as: python benchmarks/run.py isolation")
