@@ -9,7 +9,10 @@ Protocol (presumed abort, cooperative termination):
    commit point; no decision means abort;
 4. Finish (or Abort) is driven to every node, idempotently, with retries;
    agents also poll the decision key, so a prepared node never waits on a dead
-   coordinator;
+   coordinator; a yes voter that does not switch (its finish raised and it
+   restored itself, it overran, died or never answered) makes the whole
+   rollout go back (``finish_failed``): a commit is never permanent while a
+   participant serves other code;
 5. the outcome is recorded and ``active`` released.
 
 Every write is a transaction guarded by the leader key's create revision (the
@@ -323,7 +326,27 @@ class Engine:
         self._policy(
             entry_manifest_health(entry), options
         )  # refuse a bad policy before anything starts
+        self._refuse_unknown(target, options)
         return self._start("upgrade", entry, target, options, lead)
+
+    def _refuse_unknown(self, target: Target, options: RolloutOptions) -> None:
+        """A named node that is not registered is refused up front, as an unmatched selector is.
+
+        Starting a rollout that can only abort wastes a prepare on every other
+        node and hides a typo behind an abort; ``--allow-missing`` still goes
+        ahead without a node that is down.
+        """
+        if options.allow_missing or not target.nodes:
+            return
+        registered = self.nodes()
+        _, missing = select(registered, target)
+        if missing:
+            known = ", ".join(n.node_id for n in registered) or "none"
+            raise Refused(
+                "no_targets",
+                f"node(s) not registered (unknown, or down): {', '.join(missing)}; "
+                f"registered: {known} (--allow-missing goes ahead without them)",
+            )
 
     def rollback(
         self, target: Target, to_version: str | None, options: RolloutOptions, *, why: str = ""
@@ -333,14 +356,15 @@ class Engine:
         if why:
             options.health = {**options.health, "why": why}
         if to_version:
-            name = self._current_release_name()
-            return self._start(
-                "rollback", self.release(f"{name}@{to_version}"), target, options, lead
-            )
+            # --to VERSION, or --to NAME@VERSION as every other verb spells a release
+            ref = to_version if "@" in to_version else f"{self._current_release_name()}@{to_version}"
+            return self._start("rollback", self.release(ref), target, options, lead)
         last = self._last_applied()
         if last is None:
             raise Refused(
-                "not_found", "nothing to roll back: no upgrade has finished in this cluster"
+                "not_found",
+                "nothing to roll back: no change that is still in place has finished in this "
+                "cluster (see `coordctl rollouts`; --to VERSION picks a pushed release)",
             )
         previous = sorted(set(last.previous.values()))
         if len(previous) != 1:
@@ -406,13 +430,23 @@ class Engine:
         return names.pop()
 
     def _last_applied(self) -> Rollout | None:
-        for r in self.rollouts(limit=200):
-            if r.kind == "upgrade" and r.phase in {Phase.PROVISIONAL, Phase.PERMANENT}:
-                return r
-            if r.phase is Phase.ROLLED_BACK or (
-                r.kind == "rollback" and r.phase is Phase.PERMANENT
-            ):
-                return None
+        """The newest change that stuck: what ``rollback`` without ``--to`` undoes.
+
+        An upgrade or an operator's rollback both count (undoing a rollback
+        goes forward again, as ``kubectl rollout undo`` does).  A release that
+        was taken back out (``rolled_back``) and the rollback that took it out
+        cancel each other and are skipped, so after an automatic rollback the
+        next ``coordctl rollback`` goes to what ran before the current release.
+        """
+        history = self.rollouts(limit=200)
+        phases = {r.id: r.phase for r in history}
+        for r in history:
+            if r.phase not in {Phase.PROVISIONAL, Phase.PERMANENT}:
+                continue
+            reverted = str(r.options.get("reverts") or "")
+            if r.kind == "rollback" and phases.get(reverted) is Phase.ROLLED_BACK:
+                continue
+            return r
         return None
 
     def _entry_or_stub(self, label: str) -> ReleaseEntry:
@@ -674,7 +708,7 @@ class Engine:
             if n.vote is Vote.UNREACHABLE and not options.allow_missing:
                 rollout.errors.append(
                     ModuleError(
-                        "*", Reason.BAD_RELEASE, f"unreachable at prepare: {n.detail}", n.node
+                        "*", Reason.UNREACHABLE, f"unreachable at prepare: {n.detail}", n.node
                     )
                 )
 

@@ -70,6 +70,8 @@ def test_node_killed_before_prepare_aborts_unless_allowed(agents: Agents, leader
     done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(timeout_s=5)).id)
     assert done.phase is Phase.ABORTED
     assert done.nodes["n3"].vote is Vote.UNREACHABLE and "n3: unreachable at prepare" in done.reason
+    # a node that did not answer says so: nothing is wrong with the release
+    assert {e.reason for e in done.errors if e.node == "n3"} == {Reason.UNREACHABLE}
     assert versions(nodes[:2]) == {"1"}
     allowed = leader.wait(
         leader.engine.upgrade(
@@ -83,7 +85,12 @@ def test_node_killed_before_prepare_aborts_unless_allowed(agents: Agents, leader
     assert versions([back]) == {"2"}
 
 
-def test_node_killed_after_voting_is_finished_by_reconcile(agents: Agents, leader: Leader) -> None:
+def test_node_killed_after_voting_rolls_the_whole_fleet_back(agents: Agents, leader: Leader) -> None:
+    """A yes vote that is never kept (the node died before its finish) is no commit.
+
+    The rollout must not end permanent with one node on the old code: the
+    nodes that switched go back, and the dead one boots the old release.
+    """
     nodes = start_fleet(agents, 3)
     leader.engine.push_release(release("shop-2.0.0"))
 
@@ -93,11 +100,12 @@ def test_node_killed_after_voting_is_finished_by_reconcile(agents: Agents, leade
 
     leader.engine.hooks["after_decision"] = kill_n2
     done = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(timeout_s=3)).id)
-    assert done.decision == "commit" and done.phase is Phase.PERMANENT
-    assert not done.nodes["n2"].finished and "not acknowledged by n2" in done.reason
-    assert versions([nodes[0], nodes[2]]) == {"2"}
+    assert done.decision == "commit" and done.phase is Phase.ROLLED_BACK, done.reason
+    assert not done.nodes["n2"].finished
+    assert "finish_failed: n2" in done.reason
+    assert versions([nodes[0], nodes[2]]) == {"1"}
     back = agents.start("n2", code_path=nodes[1].code_path)
-    assert versions([back]) == {"2"}  # one consistent outcome after all
+    assert versions([back]) == {"1"}  # one consistent outcome after all
 
 
 def test_dry_run_prepares_everywhere_then_aborts(agents: Agents, leader: Leader) -> None:
