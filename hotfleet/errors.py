@@ -30,6 +30,8 @@ class Reason(StrEnum):
     UNSIGNED = "unsigned"
     BAD_SIGNATURE = "bad_signature"
     BAD_RELEASE = "bad_release"
+    # the node did not answer (down, partitioned, deadline): nothing wrong with the release
+    UNREACHABLE = "unreachable"
 
 
 @dataclass(frozen=True, slots=True)
