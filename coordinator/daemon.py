@@ -27,6 +27,8 @@ from coordinator.prometheus import PrometheusCheck, PrometheusProvider
 from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.etcd_client import EtcdConnectError, connect
 from hotfleet.keys import DEFAULT_PREFIX, Keys
+from hotfleet.logsetup import add_arguments as add_log_arguments
+from hotfleet.logsetup import configure as configure_logging
 
 log = logging.getLogger("hotfleet.coordinator")
 
@@ -151,7 +153,7 @@ def _install_faults(engine: Engine) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="hotfleet-coordinator", description=__doc__.split("\n\n")[0]
+        prog="hotfleet-coordinator", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     parser.add_argument("--etcd", default=os.environ.get("HOTFLEET_ETCD", "http://127.0.0.1:2379"))
     parser.add_argument("--etcd-ca", help="CA for https etcd endpoints")
@@ -201,15 +203,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--prometheus-check", action="append", default=[], metavar="name=N,max=X,query=Q",
         help="a PromQL check that must stay within min/max during the window (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--log-level", default="INFO")
+    add_log_arguments(parser)
     args = parser.parse_args(argv)
     try:
         args.dev = args.dev or env_flag("HOTFLEET_DEV")
         args.etcd_password = etcd_password(args.etcd, args.etcd_password, args.etcd_password_file)
     except ConfigError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    configure_logging(args.log_level, args.log_format)
+    log.debug(  # what this process was told, for a support ticket (never the password)
+        "starting: etcd=%s prefix=%s listen=%s lease_ttl=%ss dev=%s tls=%s",
+        args.etcd,
+        args.prefix,
+        args.listen,
+        args.lease_ttl,
+        bool(args.dev),
+        bool(args.tls_cert),
     )
     tls = (
         ClientTLS(args.tls_cert, args.tls_key, args.tls_ca)
