@@ -18,6 +18,7 @@ import time
 import tracemalloc
 import zipfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -308,8 +309,9 @@ def test_malformed_manifest_is_refused_before_any_fetch(
 
 
 def test_manifest_that_is_not_an_object_is_a_release_error() -> None:
-    for value in ([], None, "x", 3):
-        error = refused(lambda v=value: Release.from_manifest(v, _never))  # type: ignore[misc]
+    values: list[Any] = [[], None, "x", 3]
+    for value in values:
+        error = refused(partial(Release.from_manifest, value, _never))
         assert "must be a JSON object" in details(error)
 
 
@@ -481,8 +483,9 @@ def test_null_problems_in_the_permanent_record_fails_reconcile_once(
     """The finding: ``problems: null`` left the agent retrying for ever, logging "etcd unreachable"."""
     v2 = release("shop-2.0.0")
     publish(etcd_client, etcd_prefix, v2)
-    record = {"release": v2.label, "digest": v2.digest, "manifest": v2.to_manifest()}
-    record["manifest"]["problems"] = None
+    manifest = v2.to_manifest()
+    manifest["problems"] = None
+    record = {"release": v2.label, "digest": v2.digest, "manifest": manifest}
     etcd_client.put(Keys(etcd_prefix).permanent, json.dumps(record))
     agent = agents.start("n-null")
     status = agent.status()
