@@ -131,6 +131,7 @@ _REFUSAL_EXIT = {
     "exists": EXIT_REFUSED,
     "invalid": EXIT_REFUSED,
     "no_targets": EXIT_REFUSED,
+    "quota": EXIT_REFUSED,
     "not_leader": EXIT_UNREACHABLE,
     "unavailable": EXIT_UNREACHABLE,
 }

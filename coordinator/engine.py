@@ -50,8 +50,16 @@ from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
+from hotfleet.limits import MAX_STORE_BYTES
 from hotfleet.release import Release
-from hotfleet.store import ContentStore, EtcdBlobBackend
+from hotfleet.store import (
+    GC_MIN_AGE_S,
+    ContentStore,
+    EtcdBlobBackend,
+    StoreFull,
+    admit,
+    collect_garbage,
+)
 from hotfleet.wire import errors_from_proto, manifest_to_proto
 
 log = logging.getLogger("hotfleet.coordinator")
@@ -62,6 +70,8 @@ __all__ = ["Engine", "NodeInfo", "Refused", "ReleaseEntry", "RolloutOptions", "T
 
 COMMIT_LEAD_S = 0.05  # how far ahead the commit instant is set ...
 COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
+# Release entries kept in the store; older ones nothing uses go, with their blobs.
+RELEASE_HISTORY = 100
 COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long after the instant
 
 
@@ -283,6 +293,7 @@ class Engine:
             raise Refused(
                 "invalid", "release is malformed: " + "; ".join(map(str, release.problems))
             )
+        self._admit_push(release)
         for ms in release.modules:
             if not ms.digest_ok:
                 raise Refused(
@@ -317,7 +328,116 @@ class Engine:
                     f"{release.label} was already pushed with different content (digest {existing.digest[:12]}…); bump the version",
                 )
             return existing
+        self._trim_releases()
         return entry
+
+    # ------------------------------------------------------ the store's upkeep
+    #: Blob bytes the content store may hold (see hotfleet.store.admit).
+    store_quota: int = MAX_STORE_BYTES
+    #: Release entries kept; older ones not in use are removed with their blobs.
+    release_history: int = RELEASE_HISTORY
+    #: Unreferenced blobs younger than this belong to a push in flight.
+    gc_min_age_s: float = GC_MIN_AGE_S
+
+    def _admit_push(self, release: Release) -> None:
+        """Refuse a push the content store cannot take, before writing a byte of it."""
+        blobs = {m.actual_digest: m.source for m in release.modules}
+        try:
+            stored = EtcdBlobBackend(self.client, self.keys.blobs).inventory()
+            admit(stored, blobs, quota=self.store_quota)
+        except StoreFull as exc:
+            details = "; ".join(e.detail for e in exc.errors)
+            raise Refused("quota", f"{release.label} not pushed: {details}") from exc
+
+    def _in_use(self) -> dict[str, str]:
+        """Release labels that must stay in the store, each with why.
+
+        The permanent release (what restarted nodes boot), what any node
+        runs, and every release a kept rollout record installed or replaced
+        (a rollback may need it from the store).
+        """
+        why: dict[str, str] = {}
+        for n in self.nodes():
+            if n.current_release:
+                why.setdefault(n.current_release, f"node {n.node_id} runs it")
+        for r in self.rollouts(limit=10_000):
+            why.setdefault(r.release, f"rollout {r.id} installed it")
+            for node, label in r.previous.items():
+                why.setdefault(label, f"rollout {r.id} may roll {node} back to it")
+        permanent = self._permanent_manifest()
+        if permanent.get("name") and permanent.get("version"):
+            why[f"{permanent['name']}@{permanent['version']}"] = "it is the permanent release"
+        return why
+
+    def _permanent_manifest(self) -> dict[str, Any]:
+        """The permanent record's manifest; Refused if it cannot be read (GC must then wait)."""
+        raw = self._permanent_raw()
+        if not raw:
+            return {}
+        try:
+            manifest = json.loads(raw)["manifest"]
+            if isinstance(manifest, dict) and isinstance(manifest.get("modules"), list):
+                return manifest
+        except (ValueError, KeyError, TypeError) as exc:
+            log.debug("unreadable permanent record: %s", exc)
+        raise Refused(
+            "unavailable",
+            f"{self.keys.permanent} is unreadable: no blob is collected while it may need them",
+        )
+
+    def remove_release(self, ref: str) -> list[str]:
+        """Delete a pushed release no one uses, then its now unreferenced blobs (leader only).
+
+        Refused (``busy``) for a release in use (see :meth:`_in_use`); returns
+        the digests of the blobs collected.
+        """
+        self._require_leader()
+        entry = self.release(ref)
+        why = self._in_use().get(entry.label)
+        if why:
+            raise Refused("busy", f"{entry.label} is in use ({why}); it stays in the store")
+        self.client.delete(self.keys.release(entry.name, entry.version))
+        log.info("release %s removed from the store", entry.label)
+        return self.collect_blobs()
+
+    def _trim_releases(self) -> None:
+        """Keep the newest ``release_history`` release entries, and all in use (leader only)."""
+        lead = self._leadership
+        if lead is None or not lead.session.alive():
+            return
+        entries = self.releases()
+        if len(entries) <= self.release_history:
+            return
+        in_use = self._in_use()
+        spare = [e for e in entries if e.label not in in_use]
+        for entry in spare[: len(entries) - self.release_history]:  # oldest first
+            self.client.delete(self.keys.release(entry.name, entry.version))
+            log.info("release %s is past the history kept: removed", entry.label)
+        self.collect_blobs()
+
+    def collect_blobs(self) -> list[str]:
+        """Delete the blobs no release entry nor the permanent record refers to."""
+        referenced = {
+            m["digest"]
+            for entry in self.releases()
+            for m in entry.manifest.get("modules", [])
+            if isinstance(m, dict) and isinstance(m.get("digest"), str)
+        }
+        referenced |= {
+            m.get("digest", "")
+            for m in self._permanent_manifest().get("modules", [])
+            if isinstance(m, dict)
+        }
+        deleted = collect_garbage(
+            EtcdBlobBackend(self.client, self.keys.blobs), referenced, min_age_s=self.gc_min_age_s
+        )
+        if deleted:
+            log.info(
+                "collected %d blobs (%d bytes) no release refers to",
+                len(deleted),
+                sum(b.size for b in deleted),
+            )
+        return [b.digest for b in deleted]
 
     # ------------------------------------------------------------- rollouts
     def upgrade(self, ref: str, target: Target, options: RolloutOptions) -> Rollout:

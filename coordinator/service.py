@@ -15,6 +15,7 @@ invalid        INVALID_ARGUMENT       malformed request or release
 no_targets     INVALID_ARGUMENT       the target matches no registered node
 not_leader     UNAVAILABLE            ask the leader (``hotfleet-leader`` metadata)
 unavailable    UNAVAILABLE            etcd / leader not reachable right now
+quota          RESOURCE_EXHAUSTED     the push would pass a content-store limit
 =============  =====================  ==========================================
 
 Every refusal carries trailing metadata ``hotfleet-refusal`` (the code) and,
@@ -65,6 +66,7 @@ REFUSAL_STATUS: dict[str, grpc.StatusCode] = {
     "no_targets": grpc.StatusCode.INVALID_ARGUMENT,
     "not_leader": grpc.StatusCode.UNAVAILABLE,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "quota": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 # A release push carries every source; keep well above any sane bundle.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

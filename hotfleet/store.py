@@ -26,7 +26,9 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +36,7 @@ from etcd3.utils import prefix_range_end
 
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
+from hotfleet.limits import MAX_BUNDLE_BYTES, MAX_FILE_BYTES, MAX_STORE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 # write identical chunks, so a late one can never corrupt a published blob.
 CHUNK_SIZE = 512 * 1024
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+# An unreferenced blob younger than this is a push in flight, not garbage.
+GC_MIN_AGE_S = 600.0
 _TXN_BATCH = 64  # range reads per transaction; etcd's default --max-txn-ops is 128
 
 
@@ -131,12 +136,44 @@ class EtcdBlobBackend:
         chunks = [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
         for index, chunk in enumerate(chunks):
             self.client.put(self.chunk_key(digest, index), chunk)
-        header = json.dumps({"size": len(data), "chunks": len(chunks)}).encode()
+        # written_at lets garbage collection spare a blob whose release entry
+        # is still being written (see collect_garbage).
+        header = json.dumps(
+            {"size": len(data), "chunks": len(chunks), "written_at": time.time()}
+        ).encode()
         key = self.header_key(digest)
         txn = self.client.transactions
         self.client.transaction(
             compare=[txn.create(key) == 0], success=[txn.put(key, header)], failure=[]
         )
+
+    def inventory(self) -> dict[str, StoredBlob]:
+        """Every published blob with its size and write time, without reading a chunk.
+
+        One keys-only listing of the prefix finds the headers, then their
+        (tiny) values are read in batched transactions.
+        """
+        headers = [
+            meta.key.decode()
+            for _, meta in self.client.get_prefix(self.prefix, keys_only=True)
+            if meta.key.endswith(b"/header")
+        ]
+        out: dict[str, StoredBlob] = {}
+        txn = self.client.transactions
+        for start in range(0, len(headers), _TXN_BATCH):
+            batch = headers[start : start + _TXN_BATCH]
+            _, responses = self.client.transaction(
+                compare=[], success=[txn.get(key) for key in batch], failure=[]
+            )
+            for key, kvs in zip(batch, responses, strict=True):
+                digest = key[len(self.prefix) :].removesuffix("/header")
+                for value, _ in kvs:
+                    out[digest] = StoredBlob.parse(digest, value)
+        return out
+
+    def delete(self, digest: str) -> None:
+        """Remove a blob, header and chunks in one range delete (readers see all or none)."""
+        self.client.delete_prefix(self._blob_prefix(digest))
 
     def read(self, digest: str) -> bytes:
         # One range read returns the header and every chunk at a single revision,
@@ -189,6 +226,94 @@ class EtcdBlobBackend:
         if len(data) != size:
             raise corrupt_blob(digest, f"{len(data)} bytes in etcd, header says {size}")
         return data
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """What the store knows of one blob without reading it."""
+
+    digest: str
+    size: int
+    written_at: float  # 0 for blobs written before the field existed: old enough
+
+    @classmethod
+    def parse(cls, digest: str, header: bytes) -> StoredBlob:
+        try:
+            fields = json.loads(header)
+            return cls(digest, int(fields["size"]), float(fields.get("written_at", 0.0)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls(digest, 0, 0.0)  # unreadable: no size to count, collectable
+
+
+class StoreFull(HotfleetError):
+    """Storing these blobs would break a limit of the content store; nothing was written."""
+
+
+def admit(
+    stored: Mapping[str, StoredBlob],
+    blobs: Mapping[str, bytes],
+    *,
+    quota: int = MAX_STORE_BYTES,
+    max_blob: int = MAX_FILE_BYTES,
+    max_batch: int = MAX_BUNDLE_BYTES,
+) -> None:
+    """Refuse (:class:`StoreFull`) a batch of new ``{digest: bytes}`` before any is written.
+
+    A module over ``max_blob``, a batch (one release) whose new bytes exceed
+    ``max_batch``, or a store that would pass ``quota``: etcd's own quota,
+    once hit, refuses *every* write -- rollouts, decisions, the operator's
+    rollback -- so the store stops well before it.
+    """
+    errors = [
+        ModuleError(
+            digest, Reason.BAD_RELEASE, f"a module of {len(data)} bytes; the limit is {max_blob}"
+        )
+        for digest, data in blobs.items()
+        if len(data) > max_blob
+    ]
+    new = sum(len(data) for digest, data in blobs.items() if digest not in stored)
+    if new > max_batch:
+        errors.append(
+            ModuleError(
+                "*", Reason.BAD_RELEASE, f"{new} new bytes in one release; the limit is {max_batch}"
+            )
+        )
+    used = sum(blob.size for blob in stored.values())
+    if used + new > quota:
+        errors.append(
+            ModuleError(
+                "*",
+                Reason.BAD_RELEASE,
+                f"the content store holds {used} bytes; {new} more would pass its quota of"
+                f" {quota} bytes (remove releases: coordctl release rm, or raise the quota)",
+            )
+        )
+    if errors:
+        raise StoreFull(errors)
+
+
+def collect_garbage(
+    backend: EtcdBlobBackend,
+    referenced: Iterable[str],
+    *,
+    min_age_s: float = GC_MIN_AGE_S,
+    now: float | None = None,
+) -> list[StoredBlob]:
+    """Delete every blob no release references; what was deleted.
+
+    A blob younger than ``min_age_s`` is spared even if unreferenced: its
+    release entry is written after its sources, so a push in flight would
+    otherwise lose them between the two writes.
+    """
+    keep = set(referenced)
+    now = time.time() if now is None else now
+    deleted = []
+    for blob in backend.inventory().values():
+        if blob.digest in keep or now - blob.written_at < min_age_s:
+            continue
+        backend.delete(blob.digest)
+        deleted.append(blob)
+    return deleted
 
 
 class LocalCache:
