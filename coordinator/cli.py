@@ -455,6 +455,20 @@ def cmd_release_show(ctx: Ctx) -> int:
     return EXIT_OK
 
 
+def cmd_release_rm(ctx: Ctx) -> int:
+    _require_ref(ctx.args.ref)
+    record = ctx.one("RemoveRelease", coordinator_pb2.RemoveReleaseRequest(ref=ctx.args.ref))
+    if ctx.json:
+        ctx.emit(record, "ReleaseRemoval")
+    else:
+        collected = record.get("collected") or []
+        print(
+            f"release {ctx.args.ref} removed; {len(collected)} blob(s) no release uses collected",
+            file=ctx.out,
+        )
+    return EXIT_OK
+
+
 def cmd_rollouts(ctx: Ctx) -> int:
     rollouts = ctx.many("ListRollouts", coordinator_pb2.ListRolloutsRequest(limit=ctx.args.limit))
     if ctx.json:
@@ -1045,7 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-l", "--selector", type=_pairs, metavar="k=v[,k=v...]", help="only nodes with these labels"
     )
 
-    release = commands.add_parser("release", help="push, list and show releases")
+    release = commands.add_parser("release", help="push, list, show and remove releases")
     releases = release.add_subparsers(dest="release_command", metavar="ACTION", required=True)
     p = command(
         "push", "push a release bundle (directory, .tar.gz or .zip)", cmd_release_push, releases
@@ -1054,6 +1068,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sign_key(p)
     command("list", "list pushed releases", cmd_release_list, releases)
     p = command("show", "show one release and its modules", cmd_release_show, releases)
+    p.add_argument("ref", metavar="NAME@VERSION")
+    p = command(
+        "rm",
+        "remove a release nothing uses and collect the blobs no release needs",
+        cmd_release_rm,
+        releases,
+    )
     p.add_argument("ref", metavar="NAME@VERSION")
 
     p = command("upgrade", "upgrade nodes to a release, all or nothing", cmd_upgrade)

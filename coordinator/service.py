@@ -174,6 +174,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self._many(self.engine.nodes())
 
     @_rpc
+    def RemoveRelease(
+        self, request: coordinator_pb2.RemoveReleaseRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        _check_ref(request.ref)
+        collected = self.engine.remove_release(request.ref)
+        return self._one({"release": request.ref, "collected": collected})
+
+    @_rpc
     def ListReleases(
         self, request: Any, context: grpc.ServicerContext
     ) -> coordinator_pb2.RecordsReply:

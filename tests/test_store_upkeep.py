@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from coordinator.cli import EXIT_OK, EXIT_REFUSED
 from coordinator.engine import Refused
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
@@ -28,6 +29,8 @@ from hotfleet.store import (
     collect_garbage,
 )
 from node_agent.agent import permanent_record
+from tests.agents import RELEASES, release
+from tests.coordinators import Coordinators, coordctl
 from tests.fleet import Leader
 
 pytestmark = pytest.mark.integration
@@ -155,9 +158,33 @@ def test_pushes_past_the_history_drop_the_oldest_unused_releases(gc_leader: Lead
     releases = [_release(str(v)) for v in range(1, 5)]
     engine.push_release(releases[0])
     gc_leader.client.put(gc_leader.keys.permanent, permanent_record(releases[0]))  # in use: stays
-    for release in releases[1:]:
-        engine.push_release(release)
+    for pushed in releases[1:]:
+        engine.push_release(pushed)
     labels = sorted(r.label for r in engine.releases())
     assert labels == ["app@1", "app@4"]  # app@2, then app@3, fell out; app@1 is permanent
     wanted = set().union(*(_digests(r) for r in releases if r.label in labels))
     assert set(backend.inventory()) == wanted
+
+
+def test_coordctl_release_rm(
+    coordinators: Coordinators, etcd_client: EtcdClient, etcd_prefix: str
+) -> None:
+    leader = coordinators.start("a")
+    leader.wait_leader()
+    for name in ("shop-2.0.0", "shop-2.1.0-bad"):
+        pushed = coordctl(leader, "release", "push", str(RELEASES / name))
+        assert pushed.code == EXIT_OK, pushed
+    etcd_client.put(Keys(etcd_prefix).permanent, permanent_record(release("shop-2.0.0")))
+
+    busy = coordctl(leader, "release", "rm", "shop@2.0.0")
+    assert busy.code == EXIT_REFUSED, busy
+    assert "in use (it is the permanent release)" in busy.err
+
+    removed = coordctl(leader, "-o", "json", "release", "rm", "shop@2.1.0-bad")
+    assert removed.code == EXIT_OK, removed
+    assert removed.json()["release"] == "shop@2.1.0-bad"
+    listed = coordctl(leader, "-o", "json", "release", "list")
+    assert [r["label"] for r in listed.json()["items"]] == ["shop@2.0.0"]
+
+    missing = coordctl(leader, "release", "rm", "shop@9.9.9")
+    assert missing.code == EXIT_REFUSED and "never pushed" in missing.err

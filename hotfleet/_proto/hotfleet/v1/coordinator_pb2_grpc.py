@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=hotfleet_dot_v1_dot_coordinator__pb2.ShowReleaseRequest.SerializeToString,
                 response_deserializer=hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.FromString,
                 _registered_method=True)
+        self.RemoveRelease = channel.unary_unary(
+                '/hotfleet.v1.Coordinator/RemoveRelease',
+                request_serializer=hotfleet_dot_v1_dot_coordinator__pb2.RemoveReleaseRequest.SerializeToString,
+                response_deserializer=hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.FromString,
+                _registered_method=True)
         self.Upgrade = channel.unary_unary(
                 '/hotfleet.v1.Coordinator/Upgrade',
                 request_serializer=hotfleet_dot_v1_dot_coordinator__pb2.UpgradeRequest.SerializeToString,
@@ -119,6 +124,15 @@ class CoordinatorServicer:
 
     def ShowRelease(self, request, context):
         """One pushed release with its manifest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveRelease(self, request, context):
+        """Remove a pushed release no node, rollout or the permanent record uses
+        (refused `busy` otherwise), then collect the blobs no release refers to.
+        Leader only.  The record: {"release", "collected": [digest, ...]}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,6 +211,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'ShowRelease': grpc.unary_unary_rpc_method_handler(
                     servicer.ShowRelease,
                     request_deserializer=hotfleet_dot_v1_dot_coordinator__pb2.ShowReleaseRequest.FromString,
+                    response_serializer=hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.SerializeToString,
+            ),
+            'RemoveRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveRelease,
+                    request_deserializer=hotfleet_dot_v1_dot_coordinator__pb2.RemoveReleaseRequest.FromString,
                     response_serializer=hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.SerializeToString,
             ),
             'Upgrade': grpc.unary_unary_rpc_method_handler(
@@ -342,6 +361,33 @@ class Coordinator:
             target,
             '/hotfleet.v1.Coordinator/ShowRelease',
             hotfleet_dot_v1_dot_coordinator__pb2.ShowReleaseRequest.SerializeToString,
+            hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotfleet.v1.Coordinator/RemoveRelease',
+            hotfleet_dot_v1_dot_coordinator__pb2.RemoveReleaseRequest.SerializeToString,
             hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.FromString,
             options,
             channel_credentials,
