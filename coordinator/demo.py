@@ -443,7 +443,11 @@ def run(
             devcluster.down(path, out=out, keep_logs=failed)
         else:
             why = "--keep" if keep else "it was already up"
-            story(f"The dev cluster stays up ({why}): coordctl dev status | coordctl dev down")
+            flag = devcluster.naming(path)[1]
+            story(
+                f"The dev cluster stays up ({why}): coordctl dev status{flag} | "
+                f"coordctl dev down{flag}"
+            )
     if failed:
         story(story.style.red("The demo did not go as planned: see above."))
         return EXIT_FAILED
@@ -463,7 +467,9 @@ def _story(
     if any(r and r != release_label(RELEASES / BASE) for r in running):
         raise DemoError(
             f"this cluster already runs {', '.join(r for r in running if r)}: the demo starts "
-            "from the boot code. Start afresh: coordctl dev down && coordctl demo"
+            "from the boot code. Start afresh: coordctl dev down{0} && coordctl demo{0}".format(
+                devcluster.naming(cluster.dir)[1]
+            )
         )
     targets = {m.name: m.http for m in cluster.agents}
     story.note(

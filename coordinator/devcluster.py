@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -52,6 +53,7 @@ __all__ = [
     "default_coordinator",
     "down",
     "load",
+    "naming",
     "status",
     "up",
 ]
@@ -489,8 +491,8 @@ def _copy_code(member: Member) -> None:
     source = EXAMPLES / "shop"
     if not (source / "shop" / "app.py").is_file():
         raise DevClusterError(
-            f"the example service is not at {source}: `coordctl dev up` runs from a checkout "
-            "of hotfleet (pip install -e .)"
+            f"the example service is not at {source}: reinstall hotfleet (the wheel ships it "
+            "as package data; a checkout has it in examples/)"
         )
     shutil.copytree(source, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
@@ -680,7 +682,9 @@ def up(
         elif (path / STATE_FILE).exists():
             raise DevClusterError(
                 f"{path / STATE_FILE} exists but cannot be read; remove {path} "
-                "(after stopping anything it started) and run `coordctl dev up` again"
+                "(after stopping anything it started) and run `coordctl dev up"
+                + naming(path)[1]
+                + "` again"
             )
         else:
             cluster = _fresh(path, say, nodes=nodes, etcd=etcd)
@@ -712,6 +716,14 @@ def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None) -> Cluster:
         cluster.coordinator = member.address
         _start_members(cluster, [member], say, taken, retry_port=True)
         cluster.coordinator = member.address
+        if not cluster.coordinator.endswith(f":{COORDINATOR_PORT}"):
+            say(
+                say.style.yellow(
+                    f"note: port {COORDINATOR_PORT} is taken (another dev cluster?): this "
+                    f"cluster's coordinator is {cluster.coordinator}. A plain `coordctl` talks "
+                    f"to ./{DEFAULT_DIR} or ${DIR_ENV}; the commands printed below name this one"
+                )
+            )
         cluster.save()
         agents = [
             _agent_member(path, i, cluster.etcd, _pick(FIRST_HTTP_PORT + i - 1, taken))
@@ -741,11 +753,12 @@ def _resume(cluster: Cluster, say: _Say, *, nodes: int, etcd: str | None) -> Clu
     """A cluster is recorded: report it, start again the members that died."""
     states = {m.name: m.state() for m in cluster.members}
     dead = [m for m in cluster.members if states[m.name] != "alive"]
+    _, dir_flag = naming(cluster.dir)
     if len(cluster.agents) != nodes:
         say(
             say.style.yellow(
                 f"note: this cluster has {len(cluster.agents)} node(s), not {nodes}; to change "
-                f"it: coordctl dev down --dir {cluster.dir} && coordctl dev up --nodes {nodes}"
+                f"it: coordctl dev down{dir_flag} && coordctl dev up{dir_flag} --nodes {nodes}"
             )
         )
     if etcd is not None and etcd != cluster.etcd:
@@ -767,17 +780,31 @@ def _resume(cluster: Cluster, say: _Say, *, nodes: int, etcd: str | None) -> Clu
     except DevClusterError as exc:
         raise DevClusterError(
             f"{exc}\n\nIf its port is now used by something else, start afresh: "
-            f"coordctl dev down --dir {cluster.dir} && coordctl dev up"
+            f"coordctl dev down{dir_flag} && coordctl dev up{dir_flag}"
         ) from None
     _wait_cluster(cluster, say)
     return cluster
 
 
 # ---------------------------------------------------------------- describing
+def naming(directory: str | os.PathLike[str]) -> tuple[str, str]:
+    """How a printed command names this cluster: ``(env prefix, --dir flag)``.
+
+    Both are empty for the cluster a plain ``coordctl`` finds (``./.hotfleet-dev``
+    or ``$HOTFLEET_DEV_DIR``).  Any other one is named in every hint: a hint
+    that works only for the default cluster would silently drive another
+    cluster's fleet when two run side by side.
+    """
+    path = resolve_dir(directory)
+    if path == resolve_dir(None):
+        return "", ""
+    quoted = shlex.quote(str(path))
+    return f"{DIR_ENV}={quoted} ", f" --dir {quoted}"
+
+
 def describe(cluster: Cluster, *, style: Style | None = None) -> str:
     s = style or Style(False)
-    directory = Path(cluster.dir)
-    dir_flag = "" if directory == resolve_dir(None) else f" --dir {directory}"
+    env, dir_flag = naming(cluster.dir)
     rows: list[list[str]] = []
     for m in cluster.members:
         if m.role == "etcd":
@@ -803,14 +830,18 @@ def describe(cluster: Cluster, *, style: Style | None = None) -> str:
         table(["PROCESS", "PID", "STATE", "WHERE", "LOG"], rows),
         "",
     ]
+    if env:
+        lines.append(
+            f"Not the default cluster: every command below names it (or: export {env.strip()})"
+        )
+    lines.append(s.bold("Try it:"))
     if cluster.agents:
         first = cluster.agents[0]
-        lines.append(s.bold("Try it:"))
         lines.append(f"  curl -s 'http://{first.http}/price?sku=apple&qty=3'")
     lines += [
-        "  coordctl nodes                 # the fleet as the coordinator sees it",
-        "  coordctl demo                  # upgrade under load, then watch a bad release roll back",
-        "  coordctl upgrade --all --release "
+        f"  {env}coordctl nodes                 # the fleet as the coordinator sees it",
+        f"  coordctl demo{dir_flag}                  # upgrade under load, then a bad release",
+        f"  {env}coordctl upgrade --all --release "
         + _relative(str(EXAMPLES / "releases" / "shop-2.0.0"))
         + " --wait",
         f"  coordctl dev status{dir_flag}",
@@ -1067,7 +1098,9 @@ def _cmd_down(ctx: Any) -> int:
 def _cmd_status(ctx: Any) -> int:
     cluster = status(ctx.args.dir)
     if cluster is None:
-        message = f"no dev cluster in {resolve_dir(ctx.args.dir)}: start one with `coordctl dev up`"
+        path = resolve_dir(ctx.args.dir)
+        flag = naming(path)[1]
+        message = f"no dev cluster in {path}: start one with `coordctl dev up{flag}`"
         if ctx.json:
             _emit_json(ctx, {"error": {"code": "not_found", "message": message}})
         print(message, file=ctx.err, flush=True)

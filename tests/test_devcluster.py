@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 
 def coordctl(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``coordctl ARGS`` in a child process (its children outlive it, as for a user)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HOTFLEET_")}
@@ -41,6 +41,7 @@ def coordctl(
         env=full_env,
         timeout=timeout,
         check=False,
+        cwd=cwd,
     )
 
 
@@ -252,3 +253,66 @@ def test_unreachable_external_etcd_is_refused_clearly(tmp_path: Path) -> None:
     assert code == 1
     assert "--etcd http://127.0.0.1:9" in err.getvalue()
     assert not (tmp_path / "dev" / "cluster.json").exists()
+
+
+def hint_lines(text: str) -> list[str]:
+    """The commands a dev-cluster message tells the user to type (comments stripped)."""
+    return [
+        line.split("#")[0].strip()
+        for line in text.splitlines()
+        if line.strip().startswith(("coordctl ", f"{devcluster.DIR_ENV}="))
+    ]
+
+
+def test_hints_name_a_cluster_that_is_not_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(devcluster.DIR_ENV, raising=False)
+    agent = Member(name="node-1", role="agent", cmd=[], log="x.log", http="127.0.0.1:8081")
+    other = tmp_path / "other"
+    hints = hint_lines(devcluster.describe(Cluster(dir=str(other), members=[agent])))
+    assert len(hints) == 5, hints
+    for hint in hints:
+        named = f"--dir {other}" in hint or hint.startswith(f"{devcluster.DIR_ENV}={other} ")
+        assert named, hint
+    default = tmp_path / devcluster.DEFAULT_DIR
+    plain = hint_lines(devcluster.describe(Cluster(dir=str(default), members=[agent])))
+    assert plain and not any("--dir" in h or devcluster.DIR_ENV in h for h in plain), plain
+    # the other messages that name a command
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["dev", "status", "--dir", str(other)], out=out, err=err) == 1
+    assert f"coordctl dev up --dir {other}" in err.getvalue()
+
+
+@pytest_linux
+def test_up_next_to_another_cluster_prints_hints_for_itself(dev_dir: Path, tmp_path: Path) -> None:
+    """Port 7600 taken and ./.hotfleet-dev pointing elsewhere: the hints still reach this one."""
+    import socket
+
+    holder = socket.socket()
+    with contextlib.suppress(OSError):  # taken already (another cluster): the same situation
+        holder.bind(("127.0.0.1", devcluster.COORDINATOR_PORT))
+        holder.listen()
+    elsewhere = tmp_path / "cwd"
+    Cluster(dir=str(elsewhere / devcluster.DEFAULT_DIR), coordinator="127.0.0.1:9").save()
+    try:
+        up = coordctl("dev", "up", "--nodes", "1", "--dir", str(dev_dir), cwd=elsewhere)
+    finally:
+        holder.close()
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"port {devcluster.COORDINATOR_PORT} is taken" in up.stdout, up.stdout
+    (nodes_hint,) = [h for h in hint_lines(up.stdout) if h.endswith("coordctl nodes")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTFLEET_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    ran = subprocess.run(
+        ["bash", "-c", nodes_hint],
+        cwd=elsewhere,
+        env={**env, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr  # not the cluster ./.hotfleet-dev names
+    assert "node-1" in ran.stdout
