@@ -504,20 +504,21 @@ class Agent:
             log.warning("could not cache the sources of %s: %s", release.label, exc)
 
     def fetch_release(
-        self, manifest: Mapping[str, Any], verify: Callable[[str], None] | None = None
+        self, manifest: Mapping[str, Any], verify: Callable[[Release], None] | None = None
     ) -> Release:
         """Rebuild a release from its manifest, sources from the cache or etcd.
 
         The manifest is checked whole first, without fetching a byte: a
         malformed or oversized one is a :class:`ReleaseError` naming the field,
-        and ``verify`` (the signature check) gets the release digest the
-        manifest declares, so an unsigned or forged release costs no fetch.
+        and ``verify`` (the signature check) gets the release as the manifest
+        declares it (name, version, digest over the declared module digests;
+        no sources yet), so an unsigned or forged release costs no fetch.
         Raises :class:`HotfleetError` listing every module that could not be
         fetched or verified (``digest_mismatch`` for bad bytes).
         """
         declared = Release.from_manifest(manifest, lambda _digest: b"")
         if verify is not None:
-            verify(declared.digest)
+            verify(declared)
         errors: list[ModuleError] = []
         names = {m.digest: m.name for m in declared.modules}
         store: ContentStore | None = None

@@ -331,8 +331,8 @@ def test_signature_is_checked_before_any_source_is_fetched(tmp_path: Path) -> No
     agent = Agent("n-sig", [tmp_path], None, dev=True)
     seen: list[str] = []
 
-    def refuse(digest: str) -> None:
-        seen.append(digest)
+    def refuse(declared: Release) -> None:
+        seen.append(declared.digest)
         raise SignatureError([])
 
     manifest = Release.from_sources("ok", "1", {"m": "X = 1\n", "n": "Y = 2\n"}).to_manifest()
