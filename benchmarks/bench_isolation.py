@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _measure(tree: Path, cycles: int) -> dict[str, Any]:
     """In a fresh interpreter whose node_agent/hotfleet come from ``tree``."""
     sys.path.insert(0, str(tree))
-    import bench_loader as bl  # noqa: E402  (after sys.path names the tree)
+    import bench_loader as bl  # after sys.path names the tree
 
     import node_agent
 

@@ -25,6 +25,7 @@ have not acknowledged it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import grpc
 import tenacity
 
 from coordinator.analysis import Judge, Outcome
+from coordinator.convergence import Convergence
 from coordinator.election import Leadership
 from coordinator.fleet import AgentPool, NodeInfo, Target, read_nodes, select
 from coordinator.health import HealthSampler, run_smoke_checks
@@ -69,6 +71,8 @@ __all__ = ["Engine", "NodeInfo", "Refused", "ReleaseEntry", "RolloutOptions", "T
 
 
 COMMIT_LEAD_S = 0.05  # how far ahead the commit instant is set ...
+TXN_OPS = 100  # writes per etcd transaction (etcd refuses more than 128 by default)
+ALL_NODES = Target(all=True).describe()  # how a rollout for the whole fleet records its target
 COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
 # Release entries kept in the store; older ones nothing uses go, with their blobs.
 RELEASE_HISTORY = 100
@@ -144,6 +148,9 @@ class Engine:
         self._drivers: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.hooks: dict[str, Callable[[Rollout], None]] = {}  # test and fault-injection points
+        # held while a rollout starts and while a node is caught up: never both at once
+        self._rollout_gate = threading.Lock()
+        self.convergence = Convergence(self)
         self.sampler: HealthSampler | None = None
         self.prometheus: PrometheusProvider | None = None  # optional metric provider
 
@@ -158,8 +165,10 @@ class Engine:
                 )
                 self.sampler.start()
         self._spawn(self._recover, "recover")
+        self.convergence.start()
 
     def step_down(self) -> None:
+        self.convergence.stop()
         with self._lock:
             self._leadership = None
             sampler, self.sampler = self.sampler, None
@@ -209,10 +218,18 @@ class Engine:
     def nodes(self) -> list[NodeInfo]:
         return _retry(lambda: read_nodes(self.client, self.keys))
 
+    def fleet(self) -> list[NodeInfo]:
+        """The nodes, each with its desired release and whether it has converged to it."""
+        nodes = self.nodes()
+        status = _retry(lambda: self.convergence.status(nodes))
+        for n in nodes:
+            n.desired_release, n.convergence, n.convergence_detail = status[n.node_id]
+        return nodes
+
     def releases(self) -> list[ReleaseEntry]:
         out = []
         for raw, meta in _retry(lambda: list(self.client.get_prefix(self.keys.releases))):
-            if meta.key.decode() == self.keys.permanent:
+            if meta.key.decode() in (self.keys.permanent, self.keys.current):
                 continue
             out.append(ReleaseEntry(**json.loads(raw)))
         return sorted(out, key=lambda r: r.pushed_at)
@@ -477,7 +494,9 @@ class Engine:
             options.health = {**options.health, "why": why}
         if to_version:
             # --to VERSION, or --to NAME@VERSION as every other verb spells a release
-            ref = to_version if "@" in to_version else f"{self._current_release_name()}@{to_version}"
+            ref = (
+                to_version if "@" in to_version else f"{self._current_release_name()}@{to_version}"
+            )
             return self._start("rollback", self.release(ref), target, options, lead)
         last = self._last_applied()
         if last is None:
@@ -594,6 +613,23 @@ class Engine:
         *,
         from_memory: bool = False,
         reverts: str = "",
+    ) -> Rollout:
+        """Record a rollout, claim ``active`` and spawn its driver (never under a catch-up)."""
+        with self._rollout_gate:
+            return self._start_ungated(
+                kind, entry, target, options, lead, from_memory=from_memory, reverts=reverts
+            )
+
+    def _start_ungated(
+        self,
+        kind: str,
+        entry: ReleaseEntry,
+        target: Target,
+        options: RolloutOptions,
+        lead: Leadership,
+        *,
+        from_memory: bool,
+        reverts: str,
     ) -> Rollout:
         nodes, missing = select(self.nodes(), target)
         if not nodes and not missing:
@@ -903,9 +939,57 @@ class Engine:
             return False
         rollout.phase = Phase.PROVISIONAL
         rollout.reason = f"finished on {sum(n.finished for n in rollout.nodes.values())} node(s)"
-        self._save(lead, rollout)
+        self._save(lead, rollout, *self._current_ops(rollout))
         self._hook("after_finish", rollout)
         return True
+
+    def _current_ops(self, rollout: Rollout) -> list[Any]:
+        """Make the rollout's release the desired one of the nodes that switched to it.
+
+        Read by :mod:`coordinator.convergence` (catch-up of nodes that restart
+        inside the window) and by agents at start.  A rollback needs no
+        record: when it ends, the permanent release is the target again.
+        """
+        entry = self._entry_or_stub(rollout.release)
+        if rollout.options.get("from_memory") or not entry.manifest:
+            return []
+        record = {
+            **self._release_record(entry),
+            "rollout": rollout.id,
+            "targets": sorted(n.node for n in rollout.nodes.values() if n.finished),
+        }
+        return [self.client.transactions.put(self.keys.current, json.dumps(record))]
+
+    def _set_desired(self, lead: Leadership, labels: dict[str, str | None]) -> None:
+        """Per-node permanent releases (``desired/<node>``; None removes the override)."""
+        tx = self.client.transactions
+        ops = [
+            tx.delete(self.keys.desired_of(node))
+            if label is None
+            else tx.put(self.keys.desired_of(node), json.dumps({"release": label}))
+            for node, label in sorted(labels.items())
+        ]
+        for i in range(0, len(ops), TXN_OPS):  # etcd's default limit is 128 ops a transaction
+            if not _retry(functools.partial(lead.guarded_txn, ops[i : i + TXN_OPS])):
+                raise _Deposed()
+
+    def release_record(self, label: str) -> dict[str, Any] | None:
+        """The record agents load for a pushed ``label`` (None if it was never pushed)."""
+        try:
+            entry = self.release(label)
+        except Refused:
+            return None
+        return self._release_record(entry) if entry.manifest else None
+
+    @staticmethod
+    def _release_record(entry: ReleaseEntry) -> dict[str, Any]:
+        return {
+            "release": entry.label,
+            "digest": entry.digest,
+            "manifest": entry.manifest,
+            "signature": entry.signature,
+            "signer": entry.signer,
+        }
 
     def _finish_failed(self, lead: Leadership, rollout: Rollout, failed: list[NodeResult]) -> None:
         """Some yes voter did not switch: take every node of the rollout back.
@@ -957,21 +1041,25 @@ class Engine:
         rollout.reason = reason
         tx = self.client.transactions
         ops = [tx.delete(self.keys.active)] if self._active_id() == rollout.id else []
+        ops.append(tx.delete(self.keys.current))  # the permanent release is the target again
         reverted = rollout.options.get("reverts")
+        switched = [n.node for n in rollout.nodes.values() if n.finished]
         if reverted:  # back to what was permanent before the reverted upgrade
-            before = self.rollout(reverted).options.get("previous_permanent", "")
-            ops.append(
-                tx.put(self.keys.permanent, before) if before else tx.delete(self.keys.permanent)
-            )
-        elif entry.manifest:
-            record = {
-                "release": entry.label,
-                "digest": entry.digest,
-                "manifest": entry.manifest,
-                "signature": entry.signature,
-                "signer": entry.signer,
-            }
-            ops.append(tx.put(self.keys.permanent, json.dumps(record)))
+            old = self.rollout(reverted)
+            if old.options.get("target") == ALL_NODES:
+                before = old.options.get("previous_permanent", "")
+                ops.append(
+                    tx.put(self.keys.permanent, before)
+                    if before
+                    else tx.delete(self.keys.permanent)
+                )
+            self._set_desired(lead, {n: old.previous.get(n, "") for n in switched})
+        elif entry.manifest and rollout.options.get("target") == ALL_NODES:
+            ops.append(tx.put(self.keys.permanent, json.dumps(self._release_record(entry))))
+            stale = [m.key.decode() for _, m in self.client.get_prefix(self.keys.desired)]
+            self._set_desired(lead, {k.rpartition("/")[2]: None for k in stale})
+        elif entry.manifest:  # some nodes only: their own permanent release
+            self._set_desired(lead, dict.fromkeys(switched, entry.label))
         self._save(lead, rollout, *ops)
         if reverted:
             old = self.rollout(reverted)

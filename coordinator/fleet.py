@@ -12,6 +12,9 @@ import grpc
 
 from hotfleet._proto.hotfleet.v1 import agent_pb2_grpc
 from hotfleet.etcd_client import EtcdClient
+from hotfleet.tls import TLSFiles
+
+_DERIVED = frozenset({"desired_release", "convergence", "convergence_detail"})
 from hotfleet.keys import Keys
 
 
@@ -29,6 +32,10 @@ class NodeInfo:
     state: str = ""
     epoch_seen: int = 0
     pid: int = 0
+    # filled in by the engine (coordinator.convergence), not by the agent
+    desired_release: str = ""
+    convergence: str = ""  # converged | catching_up | drifting
+    convergence_detail: str = ""
     started_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -37,7 +44,7 @@ class NodeInfo:
     @classmethod
     def from_record(cls, raw: bytes) -> NodeInfo:
         d = json.loads(raw)
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in _DERIVED}
         return cls(**known)
 
 

@@ -8,6 +8,10 @@ with one range delete.  Agents and coordinators both build keys here.
 ``blobs/<sha256>/...``              module sources by digest
 ``releases/<name>/<version>``       a pushed release: ``{"label", "digest", "manifest", "pushed_at"}``
 ``releases/permanent``              the fleet's permanent release (agents boot into it)
+``releases/current``                the release of a rollout in its window, and its ``targets``
+``desired/<id>``                    ``{"release": label}``: a node's permanent release when a
+                                    rollout for some nodes only made it permanent there
+``catchups/<id>``                   the leader's last catch-up of a node to its desired release
 ``election/<lease>``                coordinator candidates (the lowest create revision leads)
 ``rollouts/<id>``                   a rollout record (JSON, written by the leader only)
 ``rollouts/<id>/decision``          ``commit`` | ``abort``: the 2PC commit point, written once
@@ -50,6 +54,24 @@ class Keys:
     @property
     def permanent(self) -> str:
         return f"{self.releases}permanent"
+
+    @property
+    def current(self) -> str:
+        return f"{self.releases}current"
+
+    @property
+    def desired(self) -> str:
+        return f"{self.prefix}desired/"
+
+    def desired_of(self, node_id: str) -> str:
+        return f"{self.desired}{node_id}"
+
+    @property
+    def catchups(self) -> str:
+        return f"{self.prefix}catchups/"
+
+    def catchup(self, node_id: str) -> str:
+        return f"{self.catchups}{node_id}"
 
     @property
     def election(self) -> str:

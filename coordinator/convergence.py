@@ -1,0 +1,263 @@
+"""One desired state, reconciled continuously: every registered node on the fleet's release.
+
+The fleet's target is read from etcd, never from this process's memory, so a
+new leader picks it up where the old one left it:
+
+``releases/current``
+    written by the leader when an upgrade's nodes have switched (its window
+    opens): the release record plus ``rollout`` and ``targets`` (the nodes it
+    is the target of).  Deleted when the rollout ends (permanent or rolled
+    back), so that ``releases/permanent`` is the target again.
+``desired/<node>``
+    ``{"release": label}``: the node's permanent release when a rollout for
+    some nodes only (``--nodes``, ``--selector``, a canary) became permanent
+    there; the release record comes from the pushed entry.
+``releases/permanent``
+    the release every other node must run (written by a rollout for all nodes).
+
+:class:`Convergence` is the leader's loop over that desired state: a node that
+restarted (and booted the old permanent release), joined, missed a finish,
+was left out with ``--allow-missing`` or drifted is brought to its target by
+itself, one node at a time: Prepare, a durable decision of its own (so the
+agent finishes from etcd if this coordinator dies), Finish, and MakePermanent
+when the target is the permanent release.  It never acts while a rollout's
+two-phase commit is in flight (only before one or inside its window), and it
+holds the engine's rollout gate while it works, so no rollout starts under a
+catch-up.  Each catch-up is recorded under ``catchups/<node>`` and shown by
+``coordctl nodes`` (converged / catching up / drifting, and why).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from hotfleet._proto.hotfleet.v1 import agent_pb2
+from hotfleet.wire import errors_from_proto, manifest_to_proto
+
+if TYPE_CHECKING:
+    from coordinator.engine import Engine
+    from coordinator.fleet import NodeInfo
+
+log = logging.getLogger(__name__)
+
+INTERVAL_S = 1.0  # how often the leader compares the fleet with its desired state
+RETRY_AFTER_S = 15.0  # a node whose catch-up failed is not tried again sooner
+RESTING = frozenset({"idle", "reconcile_failed"})  # node states a catch-up may interrupt
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What one node should run: a release record (or the boot code when ``record`` is None)."""
+
+    label: str
+    record: Mapping[str, Any] | None
+    permanent: bool  # make it what the node boots into
+
+
+def _loads(raw: bytes | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Convergence:
+    """The leader's desired-state loop; started by :meth:`Engine.lead`, stopped on step-down."""
+
+    def __init__(self, engine: Engine, interval_s: float = INTERVAL_S) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failed_at: dict[str, float] = {}
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="hotfleet-converge", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.converge_once()
+            except Exception:  # a bug here must be seen, and must not end the loop
+                log.exception("convergence pass failed")
+
+    # ----------------------------------------------------------------- state
+    def desired(self) -> Callable[[str], Desired]:
+        """``node -> Desired``, from the records in etcd."""
+        engine, keys = self.engine, self.engine.keys
+        permanent = _loads(engine._get(keys.permanent)[0])
+        current = _loads(engine._get(keys.current)[0])
+        targets = set(current.get("targets") or ()) if current else set()
+        base = Desired(str(permanent.get("release", "")), permanent, True) if permanent else None
+        overrides: dict[str, str] = {}
+        for raw, meta in engine.client.get_prefix(keys.desired):
+            record = _loads(raw)
+            if record is not None:
+                overrides[meta.key.decode().rpartition("/")[2]] = str(record.get("release", ""))
+        entries: dict[str, Mapping[str, Any] | None] = {}
+
+        def entry(label: str) -> Mapping[str, Any] | None:
+            if label not in entries:
+                entries[label] = engine.release_record(label) if label else None
+            return entries[label]
+
+        def want(node: str) -> Desired:
+            if current is not None and node in targets:
+                return Desired(str(current.get("release", "")), current, False)
+            if node in overrides:
+                return Desired(overrides[node], entry(overrides[node]), True)
+            return base if base is not None else Desired("", None, True)
+
+        return want
+
+    def status(self, nodes: list[NodeInfo]) -> dict[str, tuple[str, str, str]]:
+        """``node -> (desired label, converged|catching_up|drifting, why)`` for ``coordctl nodes``."""
+        want = self.desired()
+        records = {}
+        for raw, meta in self.engine.client.get_prefix(self.engine.keys.catchups):
+            record = _loads(raw)
+            if record is not None:
+                records[meta.key.decode().rpartition("/")[2]] = record
+        out = {}
+        for n in nodes:
+            d = want(n.node_id)
+            last = records.get(n.node_id, {})
+            if n.current_release == d.label:
+                out[n.node_id] = (d.label, "converged", "")
+            elif last.get("outcome") == "running" and last.get("release") == d.label:
+                out[n.node_id] = (d.label, "catching_up", f"loading {d.label}")
+            else:
+                why = str(last.get("detail") or "") if last.get("release") == d.label else ""
+                if not why:
+                    why = (
+                        f"runs {n.current_release or 'the boot code'}, the fleet wants "
+                        f"{d.label or 'the boot code'}"
+                        + ("" if n.state in RESTING else f" (node is {n.state})")
+                    )
+                out[n.node_id] = (d.label, "drifting", why)
+        return out
+
+    # ------------------------------------------------------------------ work
+    def converge_once(self) -> list[str]:
+        """One pass: catch up every resting node that is off its target; the nodes tried."""
+        engine = self.engine
+        if not engine.is_leader():
+            return []
+        tried = []
+        with engine._rollout_gate:
+            if not self._window_or_idle():
+                return []
+            want = self.desired()
+            for node in engine.nodes():
+                if self._stop.is_set():
+                    break
+                d = want(node.node_id)
+                if node.current_release == d.label or node.state not in RESTING:
+                    continue
+                if d.record is None or not d.record.get("manifest"):
+                    continue  # the boot code is wanted: nothing in the store to load
+                if time.monotonic() - self._failed_at.get(node.node_id, -1e9) < RETRY_AFTER_S:
+                    continue
+                tried.append(node.node_id)
+                self._catch_up(node, d)
+        return tried
+
+    def _window_or_idle(self) -> bool:
+        """No two-phase commit in flight: no active rollout, or one in its window."""
+        from coordinator.model import Phase  # the engine module imports this one
+
+        rid = self.engine._active_id()
+        if not rid:
+            return True
+        try:
+            return self.engine.rollout(rid).phase is Phase.PROVISIONAL
+        except Exception:
+            return False
+
+    def _catch_up(self, node: NodeInfo, d: Desired) -> None:
+        engine = self.engine
+        lead = engine._require_leader()
+        assert d.record is not None
+        rid = f"catchup-{node.node_id}-{int(time.time() * 1000)}"
+        self._record(node.node_id, d.label, "running", f"loading {d.label}", rid)
+        log.info(
+            "catch-up %s: %s runs %r, loading %s", rid, node.node_id, node.current_release, d.label
+        )
+        message = manifest_to_proto(dict(d.record["manifest"]))
+        if d.record.get("signature"):
+            message.signature = bytes.fromhex(str(d.record["signature"]))
+            message.signer = str(d.record.get("signer") or "")
+        stub = engine.agents.stub(node.address)
+        try:
+            reply = stub.Prepare(
+                agent_pb2.PrepareRequest(rollout_id=rid, epoch=lead.epoch, release=message),
+                timeout=60,
+            )
+            if not reply.ok:
+                errors = "; ".join(
+                    f"{e.module}: {e.reason.value}: {e.detail}"
+                    for e in errors_from_proto(reply.errors)
+                )
+                self._failed(node.node_id, d.label, f"refused {d.label}: {errors}", rid)
+                return
+            engine._decide(lead, rid, "commit")  # the agent finishes from etcd if we die now
+            done = stub.Finish(
+                agent_pb2.FinishRequest(rollout_id=rid, epoch=lead.epoch), timeout=60
+            )
+            if not done.ok:
+                errors = "; ".join(
+                    f"{e.module}: {e.reason.value}: {e.detail}"
+                    for e in errors_from_proto(done.errors)
+                )
+                self._failed(node.node_id, d.label, f"finish of {d.label} failed: {errors}", rid)
+                return
+            if d.permanent:
+                stub.MakePermanent(
+                    agent_pb2.MakePermanentRequest(
+                        rollout_id=rid, epoch=lead.epoch, release=d.label
+                    ),
+                    timeout=30,
+                )
+        except grpc.RpcError as exc:
+            self._failed(
+                node.node_id, d.label, f"unreachable: {exc.code().name}: {exc.details()}", rid
+            )
+            return
+        self._failed_at.pop(node.node_id, None)
+        self._record(node.node_id, d.label, "ok", f"caught up to {d.label}", rid)
+        log.warning("catch-up %s: %s now runs %s", rid, node.node_id, d.label)
+
+    def _failed(self, node: str, label: str, detail: str, rid: str) -> None:
+        self._failed_at[node] = time.monotonic()
+        self._record(node, label, "failed", detail, rid)
+        log.error("catch-up %s: %s cannot load %s: %s", rid, node, label, detail)
+
+    def _record(self, node: str, label: str, outcome: str, detail: str, rid: str) -> None:
+        record = {
+            "release": label,
+            "outcome": outcome,
+            "detail": detail,
+            "id": rid,
+            "at": time.time(),
+        }
+        self.engine.client.put(self.engine.keys.catchup(node), json.dumps(record))

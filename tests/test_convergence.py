@@ -1,0 +1,138 @@
+"""The fleet converges: every node on the fleet's release, through crashes and restarts.
+
+Real agents, a real etcd and an elected in-process leader (with its
+convergence loop).  Each test breaks the fleet the way issue "The fleet
+converges" found it split, and shows it come back to one release by itself:
+a node restarted inside the rollback window, a node that drifted off the
+release, an automatic-style rollback after a crash in the window, and a
+rollback on a node that holds no backup in memory.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from coordinator.engine import Target
+from coordinator.model import Phase
+from hotfleet._proto.hotfleet.v1 import agent_pb2
+from hotfleet.etcd_client import EtcdClient
+from tests.agents import Agents, publish, release, wait_for
+from tests.fleet import Leader, opts, start_fleet, versions
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def _provisional(leader: Leader, ref: str) -> str:
+    rid = leader.engine.upgrade(ref, Target(all=True), opts(window_s=120)).id
+    wait_for(lambda: leader.engine.rollout(rid).phase is Phase.PROVISIONAL, timeout=30)
+    return rid
+
+
+def _fleet(leader: Leader) -> dict[str, tuple[str, str, str]]:
+    return {
+        n.node_id: (n.current_release, n.desired_release, n.convergence)
+        for n in leader.engine.fleet()
+    }
+
+
+def test_node_restarted_inside_the_window_boots_the_fleets_current_release(
+    agents: Agents, leader: Leader
+) -> None:
+    nodes = start_fleet(agents, 3)
+    leader.engine.push_release(release("shop-2.0.0"))
+    _provisional(leader, "shop@2.0.0")
+    assert versions(nodes) == {"2"}
+    nodes[1].signal(signal.SIGKILL)
+    nodes[1].wait()
+    back = agents.start("n2", code_path=nodes[1].code_path)  # boots the old code from disk
+    assert versions([back]) == {"2"}  # ... and loads the window's release before it is ready
+    assert back.status().previous_release == ""  # the boot code is its in-memory backup
+    fleet = wait_for(lambda: (f := _fleet(leader))["n2"][2] == "converged" and f)
+    assert {f[1] for f in fleet.values()} == {"shop@2.0.0"}
+
+
+def test_leader_catches_up_a_node_that_drifted_inside_the_window(
+    agents: Agents, leader: Leader
+) -> None:
+    nodes = start_fleet(agents, 2)
+    leader.engine.push_release(release("shop-2.0.0"))
+    _provisional(leader, "shop@2.0.0")
+    # n2 goes back on its own (an operator poking one node): the fleet is split
+    back = nodes[1].stub.Rollback(
+        agent_pb2.RollbackRequest(rollout_id="poke", epoch=leader.lead.epoch), timeout=10
+    )
+    assert back.ok and versions([nodes[1]]) == {"1"}
+    # the leader brings it back to the fleet's release by itself, and records it
+    wait_for(lambda: versions([nodes[1]]) == {"2"}, timeout=20)
+    fleet = wait_for(lambda: (f := _fleet(leader))["n2"][2] == "converged" and f)
+    assert fleet["n2"][:2] == ("shop@2.0.0", "shop@2.0.0")
+    raw, _ = leader.client.get(leader.keys.catchup("n2"))
+    assert raw is not None and b'"outcome": "ok"' in raw
+
+
+def test_crash_inside_the_window_then_rollback_converges_every_node(
+    agents: Agents, leader: Leader
+) -> None:
+    """The issue's split: a node crashes in the window, the fleet is rolled back."""
+    nodes = start_fleet(agents, 3)
+    leader.engine.push_release(release("shop-2.0.0"))
+    rid = _provisional(leader, "shop@2.0.0")
+    nodes[2].signal(signal.SIGKILL)
+    nodes[2].wait()
+    nodes[2] = agents.start("n3", code_path=nodes[2].code_path)
+    back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
+    assert back.phase is Phase.PERMANENT, back.reason
+    assert leader.engine.rollout(rid).phase is Phase.ROLLED_BACK
+    assert versions(nodes) == {"1"}
+    fleet = wait_for(
+        lambda: (f := _fleet(leader)) and {x[2] for x in f.values()} == {"converged"} and f
+    )
+    assert {x[0] for x in fleet.values()} == {""}  # all on the boot code again
+
+
+def test_rollback_loads_the_target_from_the_store_when_no_backup_is_held(
+    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str
+) -> None:
+    agent = agents.start("n-store")
+    v1 = publish(etcd_client, etcd_prefix, release("shop-1.0.0"))
+    v2 = publish(etcd_client, etcd_prefix, release("shop-2.0.0"))
+    stub = agent.stub
+    assert stub.Prepare(agent_pb2.PrepareRequest(rollout_id="up", epoch=1, release=v2)).ok
+    assert stub.Finish(agent_pb2.FinishRequest(rollout_id="up", epoch=1)).ok
+    assert stub.MakePermanent(agent_pb2.MakePermanentRequest(rollout_id="up", epoch=1)).ok
+    assert agent.status().previous_release == ""  # the backup is gone
+    vote = stub.Prepare(
+        agent_pb2.PrepareRequest(rollout_id="down", epoch=1, release=v1, rollback_target=True)
+    )
+    assert vote.ok, vote.errors
+    done = stub.Finish(agent_pb2.FinishRequest(rollout_id="down", epoch=1))
+    assert done.ok and done.release == "shop@1.0.0"
+    assert versions([agent]) == {"1"}
+
+
+def test_a_release_made_permanent_on_some_nodes_stays_on_those_nodes(
+    agents: Agents, leader: Leader
+) -> None:
+    nodes = start_fleet(agents, 3)
+    leader.engine.push_release(release("shop-1.0.0"))
+    leader.engine.push_release(release("shop-2.0.0"))
+    assert (
+        leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts()).id).phase
+        is Phase.PERMANENT
+    )
+    one = leader.engine.upgrade("shop@1.0.0", Target(nodes=["n1"]), opts())
+    assert leader.wait(one.id).phase is Phase.PERMANENT
+    # the leader does not pull the others to n1's release, nor n1 to theirs
+    fleet = wait_for(
+        lambda: (f := _fleet(leader)) and {x[2] for x in f.values()} == {"converged"} and f
+    )
+    assert fleet["n1"][:2] == ("shop@1.0.0", "shop@1.0.0")
+    assert fleet["n2"][:2] == fleet["n3"][:2] == ("shop@2.0.0", "shop@2.0.0")
+    # and a restart keeps each node on its own permanent release
+    for i, name in ((0, "n1"), (1, "n2")):
+        nodes[i].signal(signal.SIGKILL)
+        nodes[i].wait()
+        nodes[i] = agents.start(name, code_path=nodes[i].code_path)
+    assert versions(nodes[:1]) == {"1"} and versions(nodes[1:]) == {"2"}
