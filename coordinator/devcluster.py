@@ -25,6 +25,7 @@ port the coordinator got.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -136,7 +137,7 @@ class Member:
     """One process of the dev cluster, as recorded in ``cluster.json``."""
 
     name: str
-    role: str  # "etcd" | "coordinator" | "agent"
+    role: str  # "etcd" | "coordinator" | "agent" | "traffic"
     cmd: list[str]
     log: str
     pid: int = 0
@@ -484,6 +485,29 @@ def _agent_member(directory: Path, index: int, etcd: str, http_port: int) -> Mem
     )
 
 
+DEFAULT_TRAFFIC_RATE = 40.0  # requests/s to each node: 20 per 0.5 s health sample
+
+
+def _traffic_member(directory: Path, agents: Sequence[Member], rate: float) -> Member:
+    """Background requests to every node (:mod:`coordinator.traffic`) so analysis has data."""
+    from coordinator.traffic import READY
+
+    return Member(
+        name="traffic",
+        role="traffic",
+        cmd=[
+            sys.executable,
+            "-m",
+            "coordinator.traffic",
+            "--rate",
+            f"{rate:g}",
+            *[a.http for a in agents],
+        ],
+        log=str(directory / "logs" / "traffic.log"),
+        ready_line=READY,
+    )
+
+
 def _copy_code(member: Member) -> None:
     code = Path(member.cmd[member.cmd.index("--code-path") + 1])
     if code.exists():
@@ -554,6 +578,8 @@ def _start_members(
                     continue
                 if member.role == "coordinator":
                     say.step(f"coordinator  ready  {member.address}  (pid {member.pid})")
+                elif member.role == "traffic":
+                    say.step(f"traffic      ready  {_traffic_rate(member)}  (pid {member.pid})")
                 else:
                     fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
                     member.address = fields.get("grpc", member.address)
@@ -573,6 +599,11 @@ def _start_members(
             )
         if pending:
             time.sleep(0.1)
+
+
+def _traffic_rate(member: Member) -> str:
+    rate = member.cmd[member.cmd.index("--rate") + 1] if "--rate" in member.cmd else "?"
+    return f"GET /price, {rate}/s to each node"
 
 
 def _move_port(member: Member, taken: set[int]) -> None:
@@ -663,10 +694,13 @@ def up(
     etcd: str | None = None,
     out: TextIO | None = None,
     describe_it: bool = True,
+    traffic: float = 0.0,
 ) -> Cluster:
     """Start a dev cluster (or report the one that is up); return its record.
 
     ``describe_it``: end with where everything is and what to do next.
+    ``traffic``: requests per second a background process sends to each node
+    (:mod:`coordinator.traffic`; 0 = none), started with a fresh cluster.
 
     Raises :class:`DevClusterError` with what to do next.  A failed start
     stops whatever it started (logs stay in ``DIR/logs``).
@@ -687,14 +721,14 @@ def up(
                 + "` again"
             )
         else:
-            cluster = _fresh(path, say, nodes=nodes, etcd=etcd)
+            cluster = _fresh(path, say, nodes=nodes, etcd=etcd, traffic=traffic)
     if describe_it:
         say()
         say(describe(cluster, style=say.style))
     return cluster
 
 
-def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None) -> Cluster:
+def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None, traffic: float = 0.0) -> Cluster:
     cluster = Cluster(dir=str(path), embedded_etcd=etcd is None)
     say(say.style.bold(f"Starting a hotfleet dev cluster in {path}") + f" ({nodes} node(s))")
     say(say.style.yellow("DEV MODE: plaintext, unauthenticated gRPC on 127.0.0.1 only"))
@@ -732,6 +766,10 @@ def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None) -> Cluster:
         cluster.members.extend(agents)
         _start_members(cluster, agents, say, taken, retry_port=True)
         _wait_cluster(cluster, say)
+        if traffic > 0:
+            load = _traffic_member(path, agents, traffic)
+            cluster.members.append(load)
+            _start_members(cluster, [load], say, taken, retry_port=False)
     except BaseException:
         say(say.style.red("start-up failed: stopping what was started (logs are kept)"))
         _stop_members(cluster.members, say=None)
@@ -770,7 +808,7 @@ def _resume(cluster: Cluster, say: _Say, *, nodes: int, etcd: str | None) -> Clu
         say.style.bold(f"The dev cluster in {cluster.dir} is partly down")
         + f": starting again {', '.join(m.name for m in dead)}"
     )
-    order = {"etcd": 0, "coordinator": 1, "agent": 2}
+    order = {"etcd": 0, "coordinator": 1, "agent": 2, "traffic": 3}
     try:
         for role in sorted({m.role for m in dead}, key=lambda r: order.get(r, 3)):
             group = [m for m in dead if m.role == role]
@@ -811,6 +849,8 @@ def describe(cluster: Cluster, *, style: Style | None = None) -> str:
             where = m.address
         elif m.role == "coordinator":
             where = m.address + "  (coordctl --coordinator)"
+        elif m.role == "traffic":
+            where = _traffic_rate(m)
         else:
             where = f"http://{m.http}  zone={m.labels.get('zone', '-')}"
         state = m.state()
@@ -1005,6 +1045,20 @@ def add_commands(commands: Any, command: Callable[..., Any]) -> None:
         metavar="URL",
         help="use this running etcd instead of starting the embedded one",
     )
+    p.add_argument(
+        "--traffic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send steady background requests to the shop so a rollout's analysis has data "
+        "to judge (default on; --no-traffic for an idle fleet, whose windows end inconclusive)",
+    )
+    p.add_argument(
+        "--traffic-rate",
+        type=float,
+        default=DEFAULT_TRAFFIC_RATE,
+        metavar="N",
+        help=f"requests per second to each node (default {DEFAULT_TRAFFIC_RATE:g})",
+    )
     p = command(
         "down", "stop exactly the processes `dev up` started, remove its data", _cmd_down, actions
     )
@@ -1050,7 +1104,13 @@ def _cmd_up(ctx: Any) -> int:
     args = ctx.args
     human = ctx.err if ctx.json else ctx.out
     try:
-        cluster = up(args.dir, nodes=args.nodes, etcd=args.etcd, out=human)
+        cluster = up(
+            args.dir,
+            nodes=args.nodes,
+            etcd=args.etcd,
+            out=human,
+            traffic=args.traffic_rate if args.traffic else 0.0,
+        )
     except DevClusterError as exc:
         print(f"coordctl: dev up: {exc}", file=ctx.err, flush=True)
         return 1

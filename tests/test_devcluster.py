@@ -109,7 +109,8 @@ def test_up_status_down_stops_exactly_its_processes(
 
     state = json.loads((dev_dir / "cluster.json").read_text())
     members = {m["name"]: m for m in state["members"]}
-    assert set(members) == {"etcd", "coordinator", "node-1", "node-2"}
+    assert set(members) == {"etcd", "coordinator", "node-1", "node-2", "traffic"}
+    assert members["traffic"]["cmd"][-2:] == [members["node-1"]["http"], members["node-2"]["http"]]
     for m in members.values():
         assert _alive(m["pid"]), m
         assert proc_start_time(m["pid"]) == m["start_time"]
