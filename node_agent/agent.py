@@ -568,10 +568,98 @@ class Agent:
         return release
 
     def _reconcile(self, client: EtcdClient) -> None:
-        """Bring the boot code to the fleet's permanent release (once, before registering)."""
+        """Bring the boot code to the fleet's release (once, before registering).
+
+        First the permanent release (what every node boots into), then, if a
+        rollout in its window lists this node among its ``targets``
+        (``releases/current``), that release on top of it, provisional: so a
+        node that restarts inside a window serves what the rest of the fleet
+        serves, and holds the permanent one as its in-memory backup.
+        """
         if self._reconciled:
             return
-        raw, _ = client.get(self.keys.permanent)
+        self._reconcile_permanent(client)
+        if self._reconciled and self._state != "reconcile_failed":
+            self._reconcile_current(client)
+
+    def _reconcile_current(self, client: EtcdClient) -> None:
+        raw, _ = client.get(self.keys.current)
+        if raw is None:
+            return
+        with self._op_lock:
+            try:
+                record = loads_json(raw, self.keys.current)
+                targets = record.get("targets")
+                if not isinstance(targets, list) or self.node_id not in targets:
+                    return
+                manifest = record["manifest"]
+                if not isinstance(manifest, Mapping):
+                    raise TypeError(f"'manifest' is {type(manifest).__name__}, not an object")
+                target = ReleaseInfo(manifest["name"], manifest["version"], record["digest"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.error("unreadable %s, not loading it: %s", self.keys.current, exc)
+                return
+            if self.loader.current_release == target:
+                return
+            self._state = "reconciling"
+            log.info("loading %s, the release of the rollout in its window", target.label)
+            try:
+                self.check_signature(
+                    target.digest,
+                    str(record.get("signature") or ""),
+                    str(record.get("signer") or ""),
+                    target.label,
+                )
+                release = self.fetch_release(manifest)
+                prepared = self.loader.prepare(release)
+                report = self.loader.finish(prepared)
+            except SourcesUnavailable:
+                self._settle()
+                raise
+            except (HotfleetError, PrepareError, FinishError, LoaderStateError) as exc:
+                # the leader's convergence loop tries again (and shows it as drifting)
+                log.error(
+                    "cannot load %s (the fleet's current release): %s",
+                    target.label,
+                    "; ".join(map(str, exc.errors)),
+                )
+                self._settle()
+                return
+            log.info("now %s, provisional (pause %.2f ms)", target.label, report.pause_s * 1000)
+            self._settle()
+
+    def _permanent_record(self, client: EtcdClient) -> bytes | None:
+        """This node's permanent release record: its own (``desired/<node>``) or the fleet's.
+
+        A rollout for some nodes only (``--nodes``, ``--selector``) makes its
+        release permanent on those nodes alone; the release record then comes
+        from the pushed entry.  An override naming no release means the boot
+        code: nothing to load.
+        """
+        raw, _ = client.get(self.keys.desired_of(self.node_id))
+        if raw is None:
+            return client.get(self.keys.permanent)[0]
+        try:
+            label = str(loads_json(raw, self.keys.desired_of(self.node_id))["release"])
+            if not label:
+                return None
+            name, _, version = label.partition("@")
+            pushed, _ = client.get(self.keys.release(name, version))
+            if pushed is None:
+                raise KeyError(f"{label} is not in the store")
+            entry = loads_json(pushed, self.keys.release(name, version))
+            record = {k: entry.get(k, "") for k in ("digest", "manifest", "signature", "signer")}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error(
+                "unreadable %s, using the fleet's permanent release: %s",
+                self.keys.desired_of(self.node_id),
+                exc,
+            )
+            return client.get(self.keys.permanent)[0]
+        return json.dumps({"release": label, **record}).encode()
+
+    def _reconcile_permanent(self, client: EtcdClient) -> None:
+        raw = self._permanent_record(client)
         if raw is None:
             self._reconciled = True
             self._settle()
@@ -755,67 +843,72 @@ class Agent:
                 return self._prepare_reply(True, started)
             if request.rollback_target:
                 return self._prepare_rollback(request, started)
-            wire = request.release
-            label = f"{wire.name}@{wire.version}"
-            try:
-                manifest = manifest_from_proto(wire)
-                if wire.digest:  # refuse before fetching anything
-                    self.check_signature(wire.digest, wire.signature.hex(), wire.signer, label)
-                release = self.fetch_release(manifest)
-                if wire.digest and wire.digest != release.digest:
-                    # Release.from_manifest refuses this already; never sign off on it here
-                    raise HotfleetError(
-                        [
-                            _err(
-                                "*",
-                                f"manifest digest {wire.digest} != content digest {release.digest}",
-                                Reason.DIGEST_MISMATCH,
-                            )
-                        ]
-                    )
-                if not wire.digest:
-                    self.check_signature(release.digest, wire.signature.hex(), wire.signer, label)
-            except HotfleetError as exc:
-                return self._prepare_reply(False, started, exc.errors)
-            except ValueError as exc:
-                return self._prepare_reply(
-                    False, started, [_err(request.release.name or "*", f"bad manifest: {exc}")]
+            return self._prepare_release(request, started)
+
+    def _prepare_release(
+        self, request: agent_pb2.PrepareRequest, started: float
+    ) -> agent_pb2.PrepareReply:
+        """Fetch, verify and prepare the release the request names (op lock held)."""
+        rid = request.rollout_id
+        wire = request.release
+        label = f"{wire.name}@{wire.version}"
+        try:
+            manifest = manifest_from_proto(wire)
+            if wire.digest:  # refuse before fetching anything
+                self.check_signature(wire.digest, wire.signature.hex(), wire.signer, label)
+            release = self.fetch_release(manifest)
+            if wire.digest and wire.digest != release.digest:
+                # Release.from_manifest refuses this already; never sign off on it here
+                raise HotfleetError(
+                    [
+                        _err(
+                            "*",
+                            f"manifest digest {wire.digest} != content digest {release.digest}",
+                            Reason.DIGEST_MISMATCH,
+                        )
+                    ]
                 )
-            self._drop_staged(f"superseded by rollout {rid!r}")
-            fetched = time.perf_counter()
-            cpu0 = time.thread_time()
-            self._preparing = rid
-            self._set_state("preparing")
-            try:
-                prepared = self.loader.prepare(release, force=request.force)
-            except PrepareError as exc:
-                self._settle()
-                return self._prepare_reply(False, started, exc.errors)
-            finally:
-                self._preparing = ""
-            log.info(
-                "rollout %s: prepared %s (sources %.0f ms, loader %.0f ms, of which %.0f ms CPU "
-                "here and %.0f ms in the staging process)",
-                rid,
-                release.label,
-                (fetched - started) * 1e3,
-                (time.perf_counter() - fetched) * 1e3,
-                (time.thread_time() - cpu0) * 1e3,
-                prepared.rehearsal_cpu_s * 1e3,
+            if not wire.digest:
+                self.check_signature(release.digest, wire.signature.hex(), wire.signer, label)
+        except HotfleetError as exc:
+            return self._prepare_reply(False, started, exc.errors)
+        except ValueError as exc:
+            return self._prepare_reply(
+                False, started, [_err(request.release.name or "*", f"bad manifest: {exc}")]
             )
-            reply = self._prepare_reply(
-                True,
-                started,
-                changes=[
-                    common_pb2.ModuleChange(
-                        module=c.module, kind=c.kind, detail="; ".join(c.details)
-                    )
-                    for c in prepared.changes
-                ],
-                warnings=prepared.warnings,
-            )
-            self._stage(_Staged(rid, release.digest, release.label, prepared, reply))
-            return reply
+        self._drop_staged(f"superseded by rollout {rid!r}")
+        fetched = time.perf_counter()
+        cpu0 = time.thread_time()
+        self._preparing = rid
+        self._set_state("preparing")
+        try:
+            prepared = self.loader.prepare(release, force=request.force)
+        except PrepareError as exc:
+            self._settle()
+            return self._prepare_reply(False, started, exc.errors)
+        finally:
+            self._preparing = ""
+        log.info(
+            "rollout %s: prepared %s (sources %.0f ms, loader %.0f ms, of which %.0f ms CPU "
+            "here and %.0f ms in the staging process)",
+            rid,
+            release.label,
+            (fetched - started) * 1e3,
+            (time.perf_counter() - fetched) * 1e3,
+            (time.thread_time() - cpu0) * 1e3,
+            prepared.rehearsal_cpu_s * 1e3,
+        )
+        reply = self._prepare_reply(
+            True,
+            started,
+            changes=[
+                common_pb2.ModuleChange(module=c.module, kind=c.kind, detail="; ".join(c.details))
+                for c in prepared.changes
+            ],
+            warnings=prepared.warnings,
+        )
+        self._stage(_Staged(rid, release.digest, release.label, prepared, reply))
+        return reply
 
     def _prepare_rollback(
         self, request: agent_pb2.PrepareRequest, started: float
@@ -830,9 +923,28 @@ class Agent:
             plan = _RollbackPlan(want, noop=True)
             self._stage(_Staged(request.rollout_id, request.release.digest, want, plan, reply))
             return reply
+        from_memory = self.loader.can_rollback and (not want or want == _label(previous))
+        if not from_memory and want and request.release.modules:
+            # No backup of the target in memory (this process restarted or joined
+            # after the upgrade): the previous release is loaded from the store,
+            # verified like any other release.
+            log.info(
+                "rollback %s: %s is not held in memory, loading it from the store",
+                request.rollout_id,
+                want,
+            )
+            return self._prepare_release(request, started)
         if not self.loader.can_rollback:
             return self._prepare_reply(
-                False, started, [_err("*", "no previous release is held in memory")]
+                False,
+                started,
+                [
+                    _err(
+                        "*",
+                        f"no previous release is held in memory and the rollback names "
+                        f"{want or 'the boot code'}, which the store cannot provide",
+                    )
+                ],
             )
         if want and want != _label(previous):
             return self._prepare_reply(
