@@ -44,7 +44,6 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
@@ -53,6 +52,7 @@ from coordinator import output, render
 from coordinator.render import Style
 from hotfleet._proto.hotfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from hotfleet.config import ConfigError, env_flag
+from hotfleet.tls import channel_credentials
 
 __all__ = [
     "DEFAULT_COORDINATOR",
@@ -164,11 +164,7 @@ class Security:
     def credentials(self) -> grpc.ChannelCredentials:
         assert self.cert and self.key and self.ca
         try:
-            return grpc.ssl_channel_credentials(
-                root_certificates=Path(self.ca).read_bytes(),
-                private_key=Path(self.key).read_bytes(),
-                certificate_chain=Path(self.cert).read_bytes(),
-            )
+            return channel_credentials(self.ca, self.key, self.cert)
         except OSError as exc:
             raise CoordctlError(f"cannot read TLS file: {exc}", EXIT_USAGE, "usage") from exc
 
@@ -270,6 +266,12 @@ class Client:
                         ) from exc
                     unreachable.append(f"{address} ({_details(exc) or 'unavailable'})")
                     continue
+                if status is grpc.StatusCode.PERMISSION_DENIED:  # our certificate's role
+                    raise CoordctlError(
+                        f"the coordinator at {address} refused {method}: {_details(exc)}",
+                        EXIT_REFUSED,
+                        "forbidden",
+                    ) from exc
                 if status is grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise CoordctlError(
                         f"the coordinator at {address} did not answer {method} within "

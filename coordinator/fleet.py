@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from hotfleet._proto.hotfleet.v1 import agent_pb2_grpc
 from hotfleet.etcd_client import EtcdClient
+from hotfleet.keys import Keys
 from hotfleet.tls import TLSFiles
 
 _DERIVED = frozenset({"desired_release", "convergence", "convergence_detail"})
-from hotfleet.keys import Keys
 
 
 @dataclass
@@ -87,20 +86,8 @@ def select(nodes: list[NodeInfo], target: Target) -> tuple[list[NodeInfo], list[
     return list(nodes), []
 
 
-@dataclass(frozen=True)
-class ClientTLS:
-    """PEM files the coordinator presents to agents (mutual TLS)."""
-
-    cert: str
-    key: str
-    ca: str
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=Path(self.ca).read_bytes(),
-            private_key=Path(self.key).read_bytes(),
-            certificate_chain=Path(self.cert).read_bytes(),
-        )
+# The coordinator presents one certificate (role coordinator) to agents and to coordctl.
+ClientTLS = TLSFiles
 
 
 class AgentPool:

@@ -32,14 +32,14 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.release import Release
+from hotfleet.tls import TLSFiles, coordinator_guard
 from hotfleet.wire import manifest_from_proto
 
 if TYPE_CHECKING:
@@ -75,29 +75,6 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _MAX_MESSAGE_CHARS = 3000
 
 R = TypeVar("R")
-
-
-class ServerTLS(Protocol):
-    """PEM file paths for mutual TLS (``coordinator.fleet.ClientTLS``, ``node_agent.agent.TLSFiles``).
-
-    The coordinator serves its API with the same certificate it presents to
-    agents, and requires client certificates signed by ``ca``.
-    """
-
-    @property
-    def cert(self) -> str: ...
-    @property
-    def key(self) -> str: ...
-    @property
-    def ca(self) -> str: ...
-
-
-def server_credentials(tls: ServerTLS) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials(
-        [(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())],
-        root_certificates=Path(tls.ca).read_bytes(),
-        require_client_auth=True,
-    )
 
 
 def _clip(text: str) -> str:
@@ -325,7 +302,7 @@ def serve(
     listen: str,
     *,
     dev: bool = False,
-    tls: ServerTLS | None = None,
+    tls: TLSFiles | None = None,
     max_workers: int = 16,
 ) -> tuple[grpc.Server, str]:
     """Start the Coordinator API on ``listen`` (port 0: any free one).
@@ -347,10 +324,12 @@ def serve(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
+        # With TLS, operators drive and readers read (hotfleet.tls.COORDINATOR_POLICY).
+        interceptors=[coordinator_guard()] if tls is not None else [],
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), server)
     if tls is not None:
-        port = server.add_secure_port(listen, server_credentials(tls))
+        port = server.add_secure_port(listen, tls.server_credentials())
     else:
         port = server.add_insecure_port(listen)
     if port == 0:

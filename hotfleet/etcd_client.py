@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
 import etcd3
 import grpc
+
+from hotfleet.tls import channel_credentials
 
 DEFAULT_PORT = 2379
 # How long a failed endpoint is skipped when there are others to use instead.
@@ -91,10 +92,6 @@ def parse_endpoints(spec: str) -> list[EtcdEndpoint]:
     return endpoints
 
 
-def _read(path: PathLike | None) -> bytes | None:
-    return Path(path).read_bytes() if path is not None else None
-
-
 def _tls_credentials(
     endpoints: Sequence[EtcdEndpoint],
     ca_cert: PathLike | None,
@@ -111,11 +108,7 @@ def _tls_credentials(
         if ca_cert is not None or cert_key is not None:
             raise ValueError("etcd TLS files given but the endpoints are http://; use https://")
         return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca_cert),
-        private_key=_read(cert_key),
-        certificate_chain=_read(cert_cert),
-    )
+    return channel_credentials(ca_cert, cert_key, cert_cert)
 
 
 def _etcd3_endpoint(

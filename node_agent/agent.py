@@ -103,11 +103,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
+from hotfleet.fencing import LeaderEpochs
 from hotfleet.keys import DEFAULT_PREFIX, Keys
 from hotfleet.limits import MAX_MODULES, MAX_PREPARE_MESSAGE_BYTES, loads_json
 from hotfleet.release import Release, is_module_name
 from hotfleet.signing import load_public_keys, verify_release
 from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
+from hotfleet.tls import TLSFiles, agent_guard
 from hotfleet.wire import errors_to_proto, manifest_from_proto
 from node_agent.drain import WSGIMiddleware
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
@@ -125,22 +127,6 @@ __all__ = ["DEFAULT_PREFIX", "Agent", "SourcesUnavailable", "TLSFiles", "permane
 METRICS_PATH = "/-/metrics"
 _REMEMBERED_ROLLOUTS = 64
 DECISION_POLL_S = 0.5  # only matters when the coordinator died: keep etcd and CPU load low
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """PEM files for mutual TLS on the agent's gRPC server."""
-
-    cert: str
-    key: str
-    ca: str
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
-            root_certificates=Path(self.ca).read_bytes(),
-            require_client_auth=True,
-        )
 
 
 def permanent_record(release: Release, signature: str = "", signer: str = "") -> str:
@@ -279,6 +265,8 @@ class Agent:
         self._state = "starting"
         self._epoch_lock = threading.Lock()
         self._epoch = self._load_epoch()
+        # the leader's epoch as etcd says (None: no etcd, only a monotonic fence)
+        self._leader_epochs = LeaderEpochs(self._client, self.keys) if etcd is not None else None
         self._watches: set[_DecisionWatch] = set()
         self._watch_lock = threading.Lock()
         self._staged: _Staged | None = None
@@ -316,6 +304,9 @@ class Agent:
                 # itself (RESOURCE_EXHAUSTED) before it is decoded.
                 ("grpc.max_receive_message_length", MAX_PREPARE_MESSAGE_BYTES),
             ],
+            # With TLS, who may call what comes from the client certificate's role
+            # (hotfleet.tls.AGENT_POLICY): only coordinators change code here.
+            interceptors=[agent_guard()] if self.tls is not None else [],
         )
         agent_pb2_grpc.add_NodeAgentServicer_to_server(_Servicer(self), self._server)
         if self.tls is not None:
@@ -744,19 +735,61 @@ class Agent:
 
     # ------------------------------------------------------------- fencing
     def fence(self, epoch: int) -> str | None:
-        """Record ``epoch``; the refusal message if it is lower than one seen."""
+        """Accept ``epoch`` only if etcd says it leads; the refusal message otherwise.
+
+        The caller's number is a claim, not a fact: it is accepted when it is
+        the current leader key's revision read from etcd (cached for a
+        moment, re-read when a higher epoch arrives), so nothing a client
+        sends can raise the persisted fence beyond what etcd says.  With
+        etcd unreachable only the last verified leader epoch is accepted.
+        Without any leader in etcd a secure agent refuses; a dev agent (no
+        authentication anyway), or one without etcd, falls back to
+        "never lower than the highest seen".
+        """
         with self._epoch_lock:
-            if epoch < self._epoch:
+            if self._leader_epochs is None:
+                return self._monotonic_fence(epoch)
+            try:
+                leader = self._leader_epochs.current(epoch)
+            except Exception as exc:
+                if epoch == self._epoch and epoch > 0:
+                    return None  # the last leader etcd confirmed: keep obeying it
                 return (
-                    f"node {self.node_id}: epoch {epoch} is lower than {self._epoch} already seen; "
-                    "a newer coordinator leads"
+                    f"node {self.node_id}: cannot verify epoch {epoch} against etcd"
+                    f" ({type(exc).__name__}: {exc}); the last verified leader epoch is"
+                    f" {self._epoch}"
                 )
-            if epoch > self._epoch:
-                self._epoch = epoch
-                self._save_epoch(epoch)
-                if self.membership is not None:
-                    self.membership.publish()
+            if leader is None:
+                if self.dev:
+                    return self._monotonic_fence(epoch)
+                return (
+                    f"node {self.node_id}: epoch {epoch} refused: no coordinator leads in etcd"
+                    f" ({self.keys.election} is empty)"
+                )
+            if epoch != leader:
+                relation = "lower than" if epoch < leader else "not"
+                return (
+                    f"node {self.node_id}: epoch {epoch} is {relation} the current leader's"
+                    f" epoch {leader} in etcd; only the leader drives this node"
+                )
+            self._raise_fence(epoch)
             return None
+
+    def _monotonic_fence(self, epoch: int) -> str | None:
+        if epoch < self._epoch:
+            return (
+                f"node {self.node_id}: epoch {epoch} is lower than {self._epoch} already seen; "
+                "a newer coordinator leads"
+            )
+        self._raise_fence(epoch)
+        return None
+
+    def _raise_fence(self, epoch: int) -> None:
+        if epoch > self._epoch:
+            self._epoch = epoch
+            self._save_epoch(epoch)
+            if self.membership is not None:
+                self.membership.publish()
 
     @property
     def epoch_path(self) -> Path:

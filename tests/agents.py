@@ -8,8 +8,6 @@ agent writes permanent releases into its code path).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import shutil
@@ -24,18 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import NameOID
 
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
+from hotfleet.pki import DevPki, make_dev_pki
 from hotfleet.release import Release
 from hotfleet.signing import sign_release
 from hotfleet.store import ContentStore, EtcdBlobBackend
+from hotfleet.tls import Role
 from hotfleet.wire import release_to_proto
 from tests.processes import ManagedProcess, spawn
 
@@ -69,87 +65,55 @@ def publish(
 
 @dataclass(frozen=True)
 class Pki:
-    """A throwaway CA, an agent server certificate and a coordinator client certificate."""
+    """A throwaway CA (:func:`hotfleet.pki.make_dev_pki`) and one certificate per role.
 
-    ca: Path
-    agent_cert: Path
-    agent_key: Path
-    client_cert: Path
-    client_key: Path
+    ``client_*`` is the coordinator's certificate (its server certificate
+    towards coordctl and its client certificate towards agents, SAN
+    127.0.0.1 and localhost); ``agent_*``, ``operator_*`` and ``reader_*``
+    are the other roles.
+    """
+
+    dev: DevPki
+
+    @property
+    def ca(self) -> Path:
+        return self.dev.ca
+
+    @property
+    def agent_cert(self) -> Path:
+        return self.dev.cert(Role.AGENT)
+
+    @property
+    def agent_key(self) -> Path:
+        return self.dev.key(Role.AGENT)
+
+    @property
+    def client_cert(self) -> Path:
+        return self.dev.cert(Role.COORDINATOR)
+
+    @property
+    def client_key(self) -> Path:
+        return self.dev.key(Role.COORDINATOR)
+
+    def tls_args(self, role: Role) -> list[str]:
+        """``--tls-cert/--tls-key/--tls-ca`` for a command-line client of ``role``."""
+        return [
+            *("--tls-cert", str(self.dev.cert(role)), "--tls-key", str(self.dev.key(role))),
+            *("--tls-ca", str(self.ca)),
+        ]
+
+    def credentials(self, role: Role) -> grpc.ChannelCredentials:
+        """Client credentials presenting the certificate of ``role``."""
+        return self.dev.files(role).credentials()
 
     def client_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            self.ca.read_bytes(), self.client_key.read_bytes(), self.client_cert.read_bytes()
-        )
+        """What the coordinator presents to agents."""
+        return self.credentials(Role.COORDINATOR)
 
 
 def make_pki(directory: Path) -> Pki:
-    """Write a CA plus agent (SAN 127.0.0.1, localhost) and client certificates (PEM)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("hotfleet-test-ca"))
-        .issuer_name(name("hotfleet-test-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def issue(
-        cn: str, san: list[x509.GeneralName] | None
-    ) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), key
-
-    agent_pem, agent_key = issue(
-        "agent",
-        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
-    )
-    client_pem, client_key = issue("coordinator", None)
-    pki = Pki(
-        ca=directory / "ca.pem",
-        agent_cert=directory / "agent.pem",
-        agent_key=directory / "agent.key",
-        client_cert=directory / "coord.pem",
-        client_key=directory / "coord.key",
-    )
-    pki.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    pki.agent_cert.write_bytes(agent_pem)
-    write_key(agent_key, pki.agent_key)
-    pki.client_cert.write_bytes(client_pem)
-    write_key(client_key, pki.client_key)
-    return pki
+    """A new CA and role certificates in ``directory`` (servers: 127.0.0.1, localhost)."""
+    return Pki(make_dev_pki(directory))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -131,7 +131,7 @@ class Coordinators:
         log_path = self.tmp_path / f"coordinator-{name}-{len(self.procs)}.log"
         security = ["--dev"]
         if tls is not None:  # the server certificate names 127.0.0.1
-            security = ["--tls-cert", str(tls.agent_cert), "--tls-key", str(tls.agent_key)]
+            security = ["--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
             security += ["--tls-ca", str(tls.ca)]
         cmd = [
             sys.executable,

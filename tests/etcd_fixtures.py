@@ -6,6 +6,9 @@
 * ``etcd_client``: a client to it, closed after the test.
 * ``etcd_prefix``: a key prefix unique to the test, deleted afterwards, so
   tests sharing the session etcd never see each other's keys.
+* ``leadership``: a real coordinator leadership in ``etcd_prefix`` (no coordinator
+  process): its ``epoch`` is one agents verify against etcd and obey, for
+  tests that drive agents' mutating RPCs by hand.
 * ``etcd_server``: a private server the test may stop, kill and restart
   (etcd failure tests); always local, whatever ``etcd_endpoint`` points at.
 """
@@ -19,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.election import Election, Leadership, Session
 from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
+from hotfleet.keys import Keys
 
 ENDPOINTS_ENV = "HOTFLEET_ETCD_ENDPOINTS"
 
@@ -51,6 +56,13 @@ def etcd_prefix(etcd_client: EtcdClient) -> Iterator[str]:
         yield prefix
     finally:
         etcd_client.delete_prefix(prefix)
+
+
+@pytest.fixture
+def leadership(etcd_client: EtcdClient, etcd_prefix: str) -> Iterator[Leadership]:
+    with Session(etcd_client, ttl=10) as session:
+        election = Election(etcd_client, Keys(etcd_prefix).election, session)
+        yield election.campaign("test-leader", timeout=10)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from coordinator.election import Leadership
 from hotfleet._proto.hotfleet.v1 import agent_pb2, common_pb2
 from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
@@ -111,7 +112,11 @@ def test_restarted_agent_keeps_fencing_a_deposed_leader(agents: Agents) -> None:
 
 
 def test_secure_agent_prepares_only_releases_signed_by_a_trusted_key(
-    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str, tmp_path: Path
+    agents: Agents,
+    etcd_client: EtcdClient,
+    etcd_prefix: str,
+    tmp_path: Path,
+    leadership: Leadership,
 ) -> None:
     pki = make_pki(tmp_path / "pki")
     generate_keypair(tmp_path / "fleet.key", tmp_path / "fleet.pub")
@@ -134,7 +139,7 @@ def test_secure_agent_prepares_only_releases_signed_by_a_trusted_key(
     assert member["secure"] is True and len(member["trusted_keys"]) == 1
 
     unsigned = publish(etcd_client, etcd_prefix, v2)
-    reply = prepare(agent, unsigned, "r-unsigned")
+    reply = prepare(agent, unsigned, "r-unsigned", leadership.epoch)
     assert not reply.ok
     assert [(e.node, e.module, e.reason) for e in reply.errors] == [("n-sec", "*", "unsigned")]
 
@@ -143,7 +148,7 @@ def test_secure_agent_prepares_only_releases_signed_by_a_trusted_key(
         if name == "tampered":  # a signature of another release
             sig, _ = sign_release(release("shop-2.1.0-bad").digest, key)
             bad.signature = bytes.fromhex(sig)
-        reply = prepare(agent, bad, f"r-{name}")
+        reply = prepare(agent, bad, f"r-{name}", leadership.epoch)
         assert not reply.ok, name
         assert [(e.node, e.module, e.reason) for e in reply.errors] == [
             ("n-sec", "*", "bad_signature")
@@ -151,8 +156,9 @@ def test_secure_agent_prepares_only_releases_signed_by_a_trusted_key(
     assert agent.status().prepared_rollout == "" and version(agent) == "1"
 
     signed = publish(etcd_client, etcd_prefix, v2, key=fleet_key)
-    assert prepare(agent, signed, "r-signed").ok
-    done = agent.stub.Finish(agent_pb2.FinishRequest(rollout_id="r-signed", epoch=1), timeout=30)
+    assert prepare(agent, signed, "r-signed", leadership.epoch).ok
+    finish = agent_pb2.FinishRequest(rollout_id="r-signed", epoch=leadership.epoch)
+    done = agent.stub.Finish(finish, timeout=30)
     assert done.ok and done.release == "shop@2.0.0" and version(agent) == "2"
 
     # A signed permanent record is reconciled to by a node that starts afterwards.

@@ -14,6 +14,7 @@ import pytest
 
 from coordinator.cli import EXIT_ABORTED, EXIT_OK, EXIT_UNREACHABLE
 from hotfleet.signing import generate_keypair
+from hotfleet.tls import Role
 from tests.agents import RELEASES, Agents, make_pki, wait_for
 from tests.coordinators import Coordinators, coordctl, versions
 
@@ -27,8 +28,7 @@ def test_secure_fleet_end_to_end_over_mutual_tls(
     generate_keypair(tmp_path / "fleet.key", tmp_path / "fleet.pub")
     node = agents.start("n-tls", dev=False, pki=pki, trust_keys=[tmp_path / "fleet.pub"])
     daemon = coordinators.start("tls", tls=pki)
-    client = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
-    client += ["--tls-ca", str(pki.ca)]
+    client = pki.tls_args(Role.OPERATOR)
 
     def registered() -> bool:
         listed = coordctl(daemon, *client, "-o", "json", "nodes")
@@ -42,7 +42,7 @@ def test_secure_fleet_end_to_end_over_mutual_tls(
     rogue = make_pki(tmp_path / "rogue")
     forged = coordctl(
         daemon,
-        *["--tls-cert", str(rogue.client_cert), "--tls-key", str(rogue.client_key)],
+        *rogue.tls_args(Role.OPERATOR)[:4],
         *["--tls-ca", str(pki.ca)],
         "release",
         "push",

@@ -1,0 +1,182 @@
+"""Authority: who may drive the fleet, and which epoch is obeyed.
+
+Forged callers against real processes over real mutual TLS: every
+certificate here is signed by the fleet's own CA, so the handshake succeeds
+and only the role in the certificate (``hotfleet://role/<role>``) or etcd's
+word on the leader's epoch stands between the caller and a code reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from coordinator.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
+from coordinator.election import Leadership
+from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
+from hotfleet.etcd_client import EtcdClient
+from hotfleet.signing import generate_keypair
+from hotfleet.tls import Role
+from tests.agents import RELEASES, AgentProcess, Agents, Pki, make_pki, wait_for
+from tests.coordinators import Coordinators, coordctl
+
+pytestmark = pytest.mark.integration
+
+MAX_EPOCH = 2**64 - 1
+
+
+def _secure_agent(agents: Agents, pki: Pki, tmp_path: Path, name: str) -> AgentProcess:
+    pub = tmp_path / "keys" / "fleet.pub"
+    if not pub.exists():
+        generate_keypair(tmp_path / "keys" / "fleet.key", pub)
+    return agents.start(name, dev=False, pki=pki, trust_keys=[pub])
+
+
+def _agent_calls(epoch: int) -> dict[str, Callable[[agent_pb2_grpc.NodeAgentStub], Any]]:
+    """Every mutating RPC of the agent API, as a caller would send it."""
+    return {
+        "Prepare": lambda s: s.Prepare(
+            agent_pb2.PrepareRequest(rollout_id="forged", epoch=epoch), timeout=5
+        ),
+        "Finish": lambda s: s.Finish(
+            agent_pb2.FinishRequest(rollout_id="forged", epoch=epoch), timeout=5
+        ),
+        "Abort": lambda s: s.Abort(
+            agent_pb2.AbortRequest(rollout_id="forged", epoch=epoch), timeout=5
+        ),
+        "Rollback": lambda s: s.Rollback(
+            agent_pb2.RollbackRequest(rollout_id="forged", epoch=epoch), timeout=5
+        ),
+        "MakePermanent": lambda s: s.MakePermanent(
+            agent_pb2.MakePermanentRequest(epoch=epoch), timeout=5
+        ),
+    }
+
+
+def _code(call: Callable[[], Any]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    code = info.value.code()
+    assert isinstance(code, grpc.StatusCode)
+    return code
+
+
+def test_only_coordinator_certificates_drive_an_agent(
+    agents: Agents, tmp_path: Path, leadership: Leadership
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    node = _secure_agent(agents, pki, tmp_path, "n-roles")
+    for role in (Role.AGENT, Role.OPERATOR, Role.READER):
+        with grpc.secure_channel(node.grpc_address, pki.credentials(role)) as channel:
+            stub = agent_pb2_grpc.NodeAgentStub(channel)
+            for name, call in _agent_calls(leadership.epoch).items():
+                with pytest.raises(grpc.RpcError) as info:
+                    call(stub)
+                assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED, (role, name)
+                details = info.value.details() or ""
+                assert f"/hotfleet.v1.NodeAgent/{name}" in details and role.value in details
+            if role is Role.AGENT:  # a worker's certificate does not even read its peers
+                denied = _code(lambda s=stub: s.Status(agent_pb2.StatusRequest(), timeout=5))
+                assert denied is grpc.StatusCode.PERMISSION_DENIED
+            else:
+                assert stub.Status(agent_pb2.StatusRequest(), timeout=5).node_id == "n-roles"
+    # nothing was staged, nothing fenced by the refused callers
+    status = node.status()
+    assert status.prepared_rollout == "" and status.epoch_seen == 0
+    # the coordinator's certificate is obeyed (with the epoch etcd says leads)
+    assert node.stub.Abort(
+        agent_pb2.AbortRequest(rollout_id="r", epoch=leadership.epoch), timeout=5
+    ).ok
+
+    # a coordinator certificate from another CA: no handshake at all
+    rogue = make_pki(tmp_path / "rogue")
+    with grpc.secure_channel(node.grpc_address, rogue.credentials(Role.COORDINATOR)) as channel:
+        stub = agent_pb2_grpc.NodeAgentStub(channel)
+        assert _code(lambda: stub.Status(agent_pb2.StatusRequest(), timeout=5)) is (
+            grpc.StatusCode.UNAVAILABLE
+        )
+
+
+def test_only_operators_drive_the_coordinator_api(
+    agents: Agents, coordinators: Coordinators, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    _secure_agent(agents, pki, tmp_path, "n-api")
+    daemon = coordinators.start("roles", tls=pki)
+    operator, reader = pki.tls_args(Role.OPERATOR), pki.tls_args(Role.READER)
+
+    def listed(args: list[str]) -> bool:
+        out = coordctl(daemon, *args, "-o", "json", "nodes")
+        return out.code == EXIT_OK and [n["node_id"] for n in out.json()["items"]] == ["n-api"]
+
+    wait_for(lambda: listed(operator), timeout=20, interval=0.2)
+    assert listed(reader)  # readers read
+
+    push = ("release", "push", str(RELEASES / "shop-2.0.0"))
+    upgrade = ("upgrade", "--all", "--release", "shop@2.0.0", "--window", "0")
+    # an agent's or the coordinator's own certificate, or a reader's: refused, named
+    others = (("rollback",), ("promote",), ("abort",))  # a reader is refused earlier by these:
+    for role in (Role.AGENT, Role.COORDINATOR, Role.READER):  # there is no rollout to act on
+        for verb in (push, upgrade, *(others if role is not Role.READER else ())):
+            out = coordctl(daemon, *pki.tls_args(role), *verb)
+            assert out.code == EXIT_REFUSED, (role, verb, out)
+            assert "PermissionDenied" not in out.err and "operator" in out.err, out
+            assert f"({role.value})" in out.err, out
+    for role in (Role.AGENT, Role.COORDINATOR):
+        out = coordctl(daemon, *pki.tls_args(role), "nodes")
+        assert out.code == EXIT_REFUSED and "reader" in out.err, (role, out)
+    # nothing was pushed or started by them
+    releases = coordctl(daemon, *operator, "-o", "json", "release", "list")
+    assert releases.code == EXIT_OK and "2.0.0" not in releases.out, releases
+    # an operator certificate of another CA never gets a handshake
+    rogue = make_pki(tmp_path / "rogue")
+    forged = coordctl(daemon, *rogue.tls_args(Role.OPERATOR)[:4], "--tls-ca", str(pki.ca), *push)
+    assert forged.code == EXIT_UNREACHABLE, forged
+    # the operator is obeyed
+    assert coordctl(daemon, *operator, *push).code == EXIT_OK
+
+
+def test_an_epoch_is_obeyed_only_if_etcd_says_it_leads(
+    agents: Agents, etcd_client: EtcdClient, tmp_path: Path, leadership: Leadership
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    node = _secure_agent(agents, pki, tmp_path, "n-fence")
+    refusals: dict[str, str] = {}
+    for epoch in (MAX_EPOCH, leadership.epoch + 1, leadership.epoch - 1):
+        for name, call in _agent_calls(epoch).items():
+            with pytest.raises(grpc.RpcError) as info:
+                call(node.stub)
+            assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION, (epoch, name)
+            refusals[f"{name}@{epoch}"] = info.value.details() or ""
+    assert f"current leader's epoch {leadership.epoch} in etcd" in refusals[f"Abort@{MAX_EPOCH}"]
+    assert "lower than" in refusals[f"Abort@{leadership.epoch - 1}"]
+    # the huge epoch poisoned nothing: not in memory, not on disk, not after a restart
+    assert node.status().epoch_seen == 0
+    assert node.stub.Abort(
+        agent_pb2.AbortRequest(rollout_id="r", epoch=leadership.epoch), timeout=5
+    ).ok
+    assert node.status().epoch_seen == leadership.epoch
+    node.close()
+    again = _secure_agent(agents, pki, tmp_path, "n-fence")
+    assert again.status().epoch_seen == leadership.epoch
+    assert again.stub.Abort(
+        agent_pb2.AbortRequest(rollout_id="r2", epoch=leadership.epoch), timeout=5
+    ).ok
+
+    # the leader's key goes (its lease expired): its epoch is refused as soon as etcd says so
+    etcd_client.delete(leadership.key)
+
+    def refused() -> bool:
+        try:
+            again.stub.Abort(
+                agent_pb2.AbortRequest(rollout_id="r3", epoch=leadership.epoch), timeout=5
+            )
+        except grpc.RpcError as exc:
+            return "no coordinator leads" in (exc.details() or "")
+        return False
+
+    wait_for(refused, timeout=10, interval=0.2)
