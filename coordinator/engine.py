@@ -72,6 +72,9 @@ __all__ = ["Engine", "NodeInfo", "Refused", "ReleaseEntry", "RolloutOptions", "T
 
 COMMIT_LEAD_S = 0.05  # how far ahead the commit instant is set ...
 TXN_OPS = 100  # writes per etcd transaction (etcd refuses more than 128 by default)
+ROLLOUT_HISTORY = 100  # rollout records kept (oldest terminal ones are removed)
+HISTORY_PAGE = 64  # keys per read of the history
+ETCD_RETRY_S = 30.0  # how long an etcd outage is ridden out (transient errors only)
 ALL_NODES = Target(all=True).describe()  # how a rollout for the whole fleet records its target
 COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
 # Release entries kept in the store; older ones nothing uses go, with their blobs.
@@ -122,7 +125,10 @@ class ReleaseEntry:
 
 
 def _new_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+    """``20261130-201637123-e3fce1``: UTC time to the millisecond first, so ids sort by age."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"{stamp}{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
 
 
 class Engine:
@@ -258,13 +264,64 @@ class Engine:
         return newest[0]
 
     def rollouts(self, limit: int = 50) -> list[Rollout]:
-        out = []
-        for raw, meta in _retry(lambda: list(self.client.get_prefix(self.keys.rollouts))):
-            if meta.key.decode().endswith("/decision"):
-                continue
-            out.append(Rollout.loads(raw))
+        """The newest ``limit`` rollouts, newest first, read a page at a time.
+
+        Rollout ids start with their UTC creation time, so key order is
+        creation order: pages of keys are read backwards from the newest and
+        never the whole history (whose size :data:`ROLLOUT_HISTORY` bounds).
+        """
+        start, end = self._history_range()
+        out: list[Rollout] = []
+        while len(out) < limit:
+            page = _retry(functools.partial(self._history_page, start, end))
+            for raw, meta in page:
+                if not meta.key.decode().endswith("/decision") and len(out) < limit:
+                    out.append(Rollout.loads(raw))
+            if len(page) < HISTORY_PAGE:
+                break
+            end = page[-1][1].key.decode()  # the next page ends before the oldest key read
         out.sort(key=lambda r: r.created_at, reverse=True)
-        return out[:limit]
+        return out
+
+    def _history_page(self, start: str, end: str) -> list[tuple[bytes, Any]]:
+        return list(
+            self.client.get_range(
+                start, end, sort_order="descend", sort_target="key", limit=HISTORY_PAGE
+            )
+        )
+
+    def _history_range(self) -> tuple[str, str]:
+        """Keys of rollout records and their decisions: ids start with a digit (a date)."""
+        return f"{self.keys.rollouts}0", f"{self.keys.rollouts}:"
+
+    def _trim_history(self, lead: Leadership) -> None:
+        """Keep the newest :data:`ROLLOUT_HISTORY` rollouts (like ``revisionHistoryLimit``).
+
+        The oldest terminal records go with their decision keys, and so do
+        catch-up decisions beyond the same number; the active rollout stays.
+        """
+        start, end = self._history_range()
+        keys = [m.key.decode() for _, m in self.client.get_range(start, end, keys_only=True)]
+        ids = sorted({k[len(self.keys.rollouts) :].split("/")[0].split(".w")[0] for k in keys})
+        active = self._active_id()
+        tx = self.client.transactions
+        doomed = [i for i in ids[: max(0, len(ids) - ROLLOUT_HISTORY)] if i != active]
+        ops = [
+            tx.delete(k)
+            for k in keys
+            if k[len(self.keys.rollouts) :].split("/")[0].split(".w")[0] in doomed
+        ]
+        catchups = sorted(
+            (m.create_revision, m.key.decode())
+            for _, m in self.client.get_prefix(f"{self.keys.rollouts}catchup-", keys_only=True)
+        )
+        ops += [tx.delete(k) for _, k in catchups[: max(0, len(catchups) - ROLLOUT_HISTORY)]]
+        for i in range(0, len(ops), TXN_OPS):
+            lead.guarded_txn(ops[i : i + TXN_OPS])
+        if doomed:
+            log.info(
+                "history: removed %d rollout(s) past the limit of %d", len(doomed), ROLLOUT_HISTORY
+            )
 
     def module_status(self, node: str | None = None) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -711,6 +768,8 @@ class Engine:
             )
         ):
             raise _Deposed()
+        if rollout.phase.terminal:
+            self._trim_history(lead)
 
     def _hook(self, point: str, rollout: Rollout) -> None:
         fn = self.hooks.get(point)

@@ -136,3 +136,25 @@ def test_a_release_made_permanent_on_some_nodes_stays_on_those_nodes(
         nodes[i].wait()
         nodes[i] = agents.start(name, code_path=nodes[i].code_path)
     assert versions(nodes[:1]) == {"1"} and versions(nodes[1:]) == {"2"}
+
+
+def test_history_is_bounded_and_read_a_page_at_a_time(
+    agents: Agents, leader: Leader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coordinator.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "ROLLOUT_HISTORY", 3)
+    monkeypatch.setattr(engine_module, "HISTORY_PAGE", 2)  # several pages per read
+    start_fleet(agents, 1)
+    leader.engine.push_release(release("shop-2.0.0"))
+    ids = []
+    for _ in range(5):
+        rid = leader.engine.upgrade("shop@2.0.0", Target(all=True), opts(dry_run=True)).id
+        assert leader.wait(rid).phase is Phase.DRY_RUN
+        ids.append(rid)
+    assert [r.id for r in leader.engine.rollouts(limit=50)] == ids[::-1][:3]
+    assert [r.id for r in leader.engine.rollouts(limit=2)] == ids[::-1][:2]
+    left = {
+        m.key.decode() for _, m in leader.client.get_prefix(leader.keys.rollouts, keys_only=True)
+    }
+    assert not any(old in key for old in ids[:2] for key in left)  # records and decisions gone
