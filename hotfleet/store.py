@@ -36,7 +36,7 @@ from etcd3.utils import prefix_range_end
 
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
-from hotfleet.limits import MAX_BUNDLE_BYTES, MAX_FILE_BYTES, MAX_STORE_BYTES
+from hotfleet.limits import MAX_BUNDLE_BYTES, MAX_FILE_BYTES, MAX_STORE_BYTES, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +212,13 @@ class EtcdBlobBackend:
         if raw is None:
             raise BlobNotFound(digest, f"etcd under {self.prefix}")
         try:
-            header = json.loads(raw)
+            header = loads_json(raw, f"header of blob {digest}", max_bytes=4096)
             size, count = int(header["size"]), int(header["chunks"])
         except (ValueError, KeyError, TypeError) as exc:
             raise corrupt_blob(digest, f"unreadable blob header in etcd: {exc}") from None
+        if not 0 <= size <= MAX_FILE_BYTES or count != -(-size // CHUNK_SIZE):
+            # a forged header must not make us loop over a billion chunks
+            raise corrupt_blob(digest, f"blob header in etcd says {size} bytes in {count} chunks")
         parts: list[bytes] = []
         for index in range(count):
             chunk = values.get(self.chunk_key(digest, index))
@@ -239,7 +242,7 @@ class StoredBlob:
     @classmethod
     def parse(cls, digest: str, header: bytes) -> StoredBlob:
         try:
-            fields = json.loads(header)
+            fields = loads_json(header, f"header of blob {digest}", max_bytes=4096)
             return cls(digest, int(fields["size"]), float(fields.get("written_at", 0.0)))
         except (ValueError, KeyError, TypeError, AttributeError):
             return cls(digest, 0, 0.0)  # unreadable: no size to count, collectable

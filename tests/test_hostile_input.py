@@ -42,6 +42,7 @@ from hotfleet.limits import (
 )
 from hotfleet.release import MANIFEST, Release
 from hotfleet.signing import SignatureError
+from hotfleet.store import ContentStore, EtcdBlobBackend
 from hotfleet.wire import manifest_from_proto, release_to_proto
 from node_agent import Agent, Loader, PrepareError
 from tests.agents import Agents, publish, read_member, release, wait_for
@@ -495,3 +496,27 @@ def test_null_problems_in_the_permanent_record_fails_reconcile_once(
     log = agent.log()
     assert "'problems' must be a list" in log
     assert "etcd unreachable" not in log
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"size": 1, "chunks": 1000000000}',  # would loop a billion times
+        b'{"size": 99999999999, "chunks": 190735}',  # more than any module may hold
+        b"[" * 5000,  # nesting: RecursionError before
+        b'{"size": "x"}',
+    ],
+)
+def test_forged_blob_header_is_a_digest_mismatch(
+    etcd_client: EtcdClient, etcd_prefix: str, header: bytes
+) -> None:
+    backend = EtcdBlobBackend(etcd_client, Keys(etcd_prefix).blobs)
+    digest = ContentStore(backend).put(b"X = 1\n")
+    etcd_client.put(backend.header_key(digest), header)
+    started = time.perf_counter()
+    with pytest.raises(HotfleetError) as info:
+        backend.read(digest)
+    assert info.value.reasons == {Reason.DIGEST_MISMATCH}
+    assert time.perf_counter() - started < 1.0
+    assert backend.read_many([digest]) == {}
