@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.release import Release
@@ -73,6 +74,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's default limit on received metadata is 8 KiB, and the status message
 # travels in the trailers: keep messages comfortably below it.
 _MAX_MESSAGE_CHARS = 3000
+# An API request rides out an etcd outage for at most this long (less when the
+# client's deadline is nearer), then answers "etcd unreachable".
+REQUEST_RETRY_S = 10.0
 
 R = TypeVar("R")
 
@@ -92,13 +96,35 @@ def _refuse(context: grpc.ServicerContext, code: str, message: str, leader: str 
     context.abort(REFUSAL_STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION), _clip(message))
 
 
+def _retry_budget(context: grpc.ServicerContext) -> float:
+    """Seconds etcd retries may take while answering: the client's deadline minus a margin."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e6:  # no deadline
+        return REQUEST_RETRY_S
+    return max(0.0, min(REQUEST_RETRY_S, remaining - 2.0))
+
+
+def _refuse_cause(
+    context: grpc.ServicerContext, address: str, method: str, exc: BaseException
+) -> None:
+    """An etcd (or agent) failure as a refusal naming it: unreachable, timed out, quota full."""
+    code = "quota" if transient.is_quota(exc) else "unavailable"
+    _refuse(
+        context,
+        code,
+        f"the coordinator at {address} could not answer {method}: {transient.describe(exc)}",
+    )
+
+
 def _rpc(method: Callable[..., R]) -> Callable[..., R]:
     """Translate engine exceptions into gRPC statuses; never leak a traceback."""
 
     @functools.wraps(method)
     def wrapper(self: CoordinatorServicer, request: Any, context: grpc.ServicerContext) -> R:
         try:
-            return method(self, request, context)
+            # etcd retries give up before the client's deadline, so it hears the cause
+            with transient.request_budget(_retry_budget(context)):
+                return method(self, request, context)
         except HotfleetError as exc:
             code = getattr(exc, "code", None)
             if isinstance(code, str) and code:  # engine.Refused (duck-typed: no import cycle)
@@ -106,9 +132,14 @@ def _rpc(method: Callable[..., R]) -> Callable[..., R]:
             else:
                 _refuse(context, "invalid", str(exc))
             raise AssertionError("unreachable: context.abort raises") from exc
-        except grpc.RpcError:
-            raise  # context.abort's own exception
+        except grpc.RpcError as exc:
+            if context.code() is not None:
+                raise  # context.abort's own exception
+            _refuse_cause(context, self.engine.address, method.__name__, exc)
+            raise AssertionError("unreachable: context.abort raises") from exc
         except Exception as exc:
+            if transient.is_transient(exc) or transient.is_quota(exc):
+                _refuse_cause(context, self.engine.address, method.__name__, exc)
             log.exception("%s failed", method.__name__)
             context.abort(
                 grpc.StatusCode.INTERNAL,

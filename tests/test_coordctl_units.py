@@ -86,6 +86,9 @@ class FakeEngine:
             for i, n in enumerate(NODES)
         ]
 
+    def fleet(self) -> list[NodeInfo]:
+        return self.nodes()
+
     def releases(self) -> list[ReleaseEntry]:
         return list(self.entries.values())
 
@@ -581,7 +584,11 @@ def test_push_signs_with_sign_key(leader: tuple[FakeEngine, str], tmp_path: Path
     assert json.loads(out)["signed"] is True
     assert engine.signatures[-1][1] == signer
     verify_release(
-        engine.pushed[-1].digest, *engine.signatures[-1], load_public_keys([tmp_path / "k.pub"])
+        engine.pushed[-1].digest,
+        *engine.signatures[-1],
+        load_public_keys([tmp_path / "k.pub"]),
+        release=engine.pushed[-1].label,
+        fleet="default",
     )
     code, _, err = run(address, "release", "push", str(path), "--sign-key", str(tmp_path / "nope"))
     assert code == cli.EXIT_USAGE and "cannot sign with" in err

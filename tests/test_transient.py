@@ -1,0 +1,89 @@
+"""Retry policy: only transient etcd/gRPC failures are retried, and each is named by its cause."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+from etcd3 import exceptions as etcd3_errors
+
+from hotfleet import transient
+from hotfleet.etcd_client import EtcdConnectError
+
+
+class Status(grpc.RpcError):
+    """A gRPC failure as the grpc library raises it: ``code()`` and ``details()``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def flaky(failures: list[BaseException]) -> tuple[list[int], Callable[[], str]]:
+    calls: list[int] = []
+
+    def call() -> str:
+        calls.append(1)
+        if failures:
+            raise failures.pop(0)
+        return "done"
+
+    return calls, call
+
+
+def test_transient_failures_are_retried_until_they_pass() -> None:
+    calls, call = flaky(
+        [
+            etcd3_errors.ConnectionFailedError(),
+            etcd3_errors.ConnectionTimeoutError(),
+            Status(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"),
+            EtcdConnectError("cannot reach etcd"),
+        ]
+    )
+    assert transient.retrying(10)(call) == "done"
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TypeError("a programming error"),
+        KeyError("node"),
+        Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded"),
+        Status(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied"),
+        etcd3_errors.PreconditionFailedError(),
+    ],
+)
+def test_other_failures_are_raised_at_once(error: BaseException) -> None:
+    calls, call = flaky([error])
+    with pytest.raises(type(error)):
+        transient.retrying(10)(call)
+    assert len(calls) == 1
+
+
+def test_causes_are_named() -> None:
+    quota = Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded")
+    assert transient.is_quota(quota) and not transient.is_transient(quota)
+    assert transient.describe(quota).startswith("etcd quota exhausted")
+    assert "--quota-backend-bytes" in transient.describe(quota)
+    assert transient.describe(etcd3_errors.ConnectionFailedError()).startswith("etcd unreachable")
+    assert transient.describe(etcd3_errors.ConnectionTimeoutError()).startswith("etcd timed out")
+    denied = Status(grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+    assert transient.describe(denied) == "etcd refused: PERMISSION_DENIED: permission denied"
+
+
+def test_a_request_budget_bounds_every_retry_inside_it() -> None:
+    calls, call = flaky([etcd3_errors.ConnectionFailedError() for _ in range(1000)])
+    started = time.monotonic()
+    with transient.request_budget(0.3), pytest.raises(etcd3_errors.ConnectionFailedError):
+        transient.retrying(30)(call)
+    assert time.monotonic() - started < 5  # the request's budget, not the caller's 30 s
+    assert len(calls) >= 2  # it did retry meanwhile
