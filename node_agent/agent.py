@@ -111,6 +111,7 @@ from hotfleet.signing import load_public_keys, verify_release
 from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
 from hotfleet.tls import TLSFiles, agent_guard
 from hotfleet.wire import errors_to_proto, manifest_from_proto
+from node_agent.coverage import health_fields, prometheus_lines
 from node_agent.drain import WSGIMiddleware
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
 from node_agent.loader import PREPARE_TIMEOUT_S, FinishReport, Loader, Prepared, ReleaseInfo
@@ -460,7 +461,7 @@ class Agent:
                 "hotfleet_drain_max_hold_seconds": stats.max_hold_s,
                 "hotfleet_in_flight_requests": self.loader.barrier.in_flight,
             },
-        )
+        ) + prometheus_lines(self.loader.coverage.report(), {"node": self.node_id})
 
     # ----------------------------------------------------------------- etcd
     def _new_client(self) -> EtcdClient:
@@ -1336,6 +1337,7 @@ class Agent:
             gauges=dict(s.gauges),
             uptime_s=s.uptime_s,
             release=_label(self.loader.current_release),
+            **health_fields(self.loader.coverage.report(), s.host),
         )
 
     # -------------------------------------------------------------- helpers

@@ -55,6 +55,7 @@ from node_agent._deadline import (
 from node_agent._functions import Codes, scan_heap
 from node_agent._install import NewModule, register_source, release_importable
 from node_agent._patch import MISSING, InstallModule, Op, SetCode, SetItem, SetState, undo
+from node_agent._prologue import Instrumented, instrument_module
 from node_agent._rehearsal import rehearse
 from node_agent._statecopy import StateNotCopyable, copy_state, fresh_locks_in_place
 from node_agent._update import (
@@ -63,6 +64,7 @@ from node_agent._update import (
     Refused,
     merge_class,
 )
+from node_agent.coverage import ChangedFunction, Coverage, changed_functions, needs_prologue
 from node_agent.drain import DrainBarrier
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
 
@@ -133,6 +135,7 @@ class FinishReport:
     migrated: int
     warnings: tuple[str, ...] = ()
     switched_at: float = 0.0  # wall-clock instant the new code became current (commit skew)
+    changed_code: tuple[str, ...] = ()  # module:qualname of every function changed or added
 
 
 @dataclass
@@ -168,6 +171,8 @@ class Prepared:
     _plans: dict[str, ModulePlan] = field(default_factory=dict)
     _migrations: list[_Migration] = field(default_factory=list)
     _bindings: dict[tuple[str, str], list[_Binding]] = field(default_factory=dict)
+    # 3.11 only: counting twins of the changed modules' code (node_agent._prologue)
+    _instrumented: dict[str, Instrumented] = field(default_factory=dict)
 
     @property
     def runs_code(self) -> bool:
@@ -239,6 +244,9 @@ class Loader:
         self._loaded: dict[str, tuple[str, bytes, str]] = {}
         self.current_release: ReleaseInfo | None = None
         self.permanent_release: ReleaseInfo | None = None
+        # calls and exceptions of what the provisional release changed (node_agent.coverage)
+        self.coverage = Coverage()
+        self._changed: list[ChangedFunction] = []
         for name, module in list(sys.modules.items()):
             if self._file_under_code_path(module) is not None:
                 self._baseline(name, module)
@@ -285,11 +293,39 @@ class Loader:
                     if errors:
                         raise PrepareError(errors)
                 prepared = self._plan(release, checkpoint)
+                prepared._instrumented = self._instrument(prepared)
             if prepared.runs_code:
                 self._rehearse(prepared, started)
             prepared.prepare_s = time.perf_counter() - started
             self._pending = prepared
             return prepared
+
+    def _instrument(self, prepared: Prepared) -> dict[str, Instrumented]:
+        """Counting twins of the changed modules, where coverage needs them (3.11)."""
+        if not needs_prologue():
+            return {}
+        out = {}
+        for ms in prepared.release.modules:
+            plan, new = prepared._plans.get(ms.name), prepared._new.get(ms.name)
+            if plan is None and new is None:
+                continue
+            filename = new.filename if new is not None else self._filename(ms, plan.module)  # type: ignore[union-attr]
+            try:
+                out[ms.name] = instrument_module(ms.name, ms.source, filename)
+            except (SyntaxError, ValueError):  # compiled fine already; then it is not counted
+                continue
+        return out
+
+    def changed_code(self) -> list[ChangedFunction]:
+        """Functions and methods the current provisional release changed or added.
+
+        Read off the finish journal: functions whose body was replaced (not a
+        mere reformatting), functions and classes' methods bound by the
+        release's statements, everything of its new modules.  Empty once the
+        release is permanent or rolled back.
+        """
+        with self._lock:
+            return list(self._changed)
 
     def cancel_prepare(self) -> None:
         """Stop a prepare in progress (from any thread): its staging process is killed.
@@ -635,6 +671,8 @@ class Loader:
                 return prepared.report
             self._check_current(prepared)
             journal: list[Op] = []
+            # the counting twins go before the switch journals the code it replaces
+            self.coverage.stop()
             # Everything that wakes a thread or faults a page happens before the hold.
             worker = self._migration_worker() if prepared._migrations else None
             _prefault(prepared)
@@ -660,6 +698,10 @@ class Loader:
             finally:
                 disarm(token)
             self._commit(prepared, journal)  # in the order applied: undo replays it backwards
+            self._changed = changed_functions(journal)
+            self.coverage.start(
+                prepared.release.label, self._changed, prepared._instrumented
+            )  # after the hold: nothing of it lengthens the pause
             report = FinishReport(
                 ReleaseInfo.of(prepared.release),
                 pause,
@@ -668,6 +710,7 @@ class Loader:
                 migrated,
                 tuple(prepared.warnings),
                 switched_at,
+                tuple(c.name for c in self._changed),
             )
             prepared.report = report
             return report
@@ -934,6 +977,8 @@ class Loader:
                 )
             if self._pending is not None:
                 self._drop(self._pending)
+            self.coverage.stop()  # plain code back before the undo journals it
+            self._changed = []
             down = ("down", backup.restores.version if backup.restores else None)
             journal: list[Op] = []
             worker = self._migration_worker() if backup.migrations else None
@@ -984,6 +1029,8 @@ class Loader:
             self.permanent_release = self.current_release
             self._backup = None
             self._retired = ()
+            self.coverage.stop()
+            self._changed = []
 
     # ----------------------------------------------------------------- status
     def status(self, module_name: str) -> ModuleStatus:

@@ -31,7 +31,15 @@ from typing import Any
 
 from node_agent.drain import RequestRecord
 
-__all__ = ["LATENCY_BOUNDS_S", "HealthSnapshot", "Metrics", "process_cpu_s", "process_rss_bytes"]
+__all__ = [
+    "LATENCY_BOUNDS_S",
+    "HealthSnapshot",
+    "HostCpu",
+    "Metrics",
+    "host_cpu",
+    "process_cpu_s",
+    "process_rss_bytes",
+]
 
 LATENCY_BOUNDS_S: tuple[float, ...] = (
     0.001,
@@ -67,6 +75,40 @@ def process_rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    """Cumulative CPU seconds of the whole host (every core) since boot."""
+
+    busy_s: float = 0.0  # not idle and not waiting for I/O; steal included
+    total_s: float = 0.0
+    steal_s: float = 0.0
+
+
+def host_cpu() -> HostCpu:
+    """The host's CPU counters from ``/proc/stat`` (zeros where there is none).
+
+    The process's own CPU says how much work the worker did; only the host's
+    says whether the worker had to wait for a core (other workers preparing,
+    a noisy neighbour, a hypervisor stealing), which is what separates
+    contention from a slower release when latency rises.
+    """
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+    except OSError:
+        return HostCpu()
+    if len(fields) < 5 or fields[0] != b"cpu":
+        return HostCpu()
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    ticks += [0] * (8 - len(ticks))
+    total = sum(ticks)  # guest time is already inside user
+    idle = ticks[3] + ticks[4]
+    return HostCpu((total - idle) / _CLK_TCK, total / _CLK_TCK, ticks[7] / _CLK_TCK)
+
+
 @dataclass(frozen=True)
 class HealthSnapshot:
     requests: int
@@ -79,6 +121,7 @@ class HealthSnapshot:
     uncaught: int
     gauges: Mapping[str, float] = field(default_factory=dict)
     uptime_s: float = 0.0
+    host: HostCpu = field(default_factory=HostCpu)
 
 
 class Metrics:
@@ -165,6 +208,7 @@ class Metrics:
                 uncaught=self._uncaught,
                 gauges=dict(self._gauges),
                 uptime_s=time.monotonic() - self._started,
+                host=host_cpu(),
             )
 
     def prometheus(
@@ -230,6 +274,19 @@ class Metrics:
             "counter",
             "Exceptions that escaped every handler.",
             [("", base, s.uncaught)],
+        )
+        metric(
+            "hotfleet_host_cpu_seconds_total",
+            "counter",
+            "CPU seconds of the whole host (all cores, /proc/stat) by state: busy (steal included), total, steal.",
+            [
+                ("", _labels({**labels, "state": k}), v)
+                for k, v in (
+                    ("busy", s.host.busy_s),
+                    ("total", s.host.total_s),
+                    ("steal", s.host.steal_s),
+                )
+            ],
         )
         metric(
             "hotfleet_uptime_seconds",

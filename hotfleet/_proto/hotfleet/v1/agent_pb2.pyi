@@ -201,7 +201,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("requests", "errors", "latency_bounds_s", "latency_counts", "cpu_s", "rss_bytes", "uncaught", "gauges", "uptime_s", "release")
+    __slots__ = ("requests", "errors", "latency_bounds_s", "latency_counts", "cpu_s", "rss_bytes", "uncaught", "gauges", "uptime_s", "release", "host_cpu_busy_s", "host_cpu_total_s", "host_cpu_steal_s", "changed_code", "changed_code_active", "changed_code_release")
     class GaugesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,12 @@ class HealthReply(_message.Message):
     GAUGES_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    HOST_CPU_BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    HOST_CPU_TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    HOST_CPU_STEAL_S_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_CODE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_CODE_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_CODE_RELEASE_FIELD_NUMBER: _ClassVar[int]
     requests: int
     errors: int
     latency_bounds_s: _containers.RepeatedScalarFieldContainer[float]
@@ -229,4 +235,22 @@ class HealthReply(_message.Message):
     gauges: _containers.ScalarMap[str, float]
     uptime_s: float
     release: str
-    def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_bounds_s: _Optional[_Iterable[float]] = ..., latency_counts: _Optional[_Iterable[int]] = ..., cpu_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., uncaught: _Optional[int] = ..., gauges: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., release: _Optional[str] = ...) -> None: ...
+    host_cpu_busy_s: float
+    host_cpu_total_s: float
+    host_cpu_steal_s: float
+    changed_code: _containers.RepeatedCompositeFieldContainer[ChangedFunction]
+    changed_code_active: bool
+    changed_code_release: str
+    def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_bounds_s: _Optional[_Iterable[float]] = ..., latency_counts: _Optional[_Iterable[int]] = ..., cpu_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., uncaught: _Optional[int] = ..., gauges: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., release: _Optional[str] = ..., host_cpu_busy_s: _Optional[float] = ..., host_cpu_total_s: _Optional[float] = ..., host_cpu_steal_s: _Optional[float] = ..., changed_code: _Optional[_Iterable[_Union[ChangedFunction, _Mapping]]] = ..., changed_code_active: _Optional[bool] = ..., changed_code_release: _Optional[str] = ...) -> None: ...
+
+class ChangedFunction(_message.Message):
+    __slots__ = ("name", "kind", "calls", "raised")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    RAISED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    calls: int
+    raised: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., calls: _Optional[int] = ..., raised: _Optional[int] = ...) -> None: ...

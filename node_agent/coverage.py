@@ -1,0 +1,408 @@
+"""Changed-code coverage: did the functions a release changed or added run, and did they raise?
+
+OTP's ``cover`` counts calls of freshly loaded code; a rollout can use the
+same question before promoting: a release whose new code never ran has not
+been tested by the window, and a changed function that raises on most of its
+calls is broken even when the app's overall error rate hides it (5 % of
+traffic).  The loader knows exactly which functions a release touched
+(:func:`changed_functions` reads them off the finish journal), so only those
+are counted, from finish until the release becomes permanent or is rolled
+back.
+
+Two backends, both keeping every function's identity (no wrappers):
+
+* ``sys.monitoring`` (3.12+): ``PY_START`` enabled per changed code object
+  with ``set_local_events`` (no other function pays anything) and
+  ``PY_UNWIND`` (global by nature, so it costs a dict lookup per exception
+  that leaves any Python frame, only while counting).
+* ``prologue`` (3.11): the function's ``__code__`` is swapped for a twin
+  compiled in prepare with a counting prologue (:mod:`node_agent._prologue`);
+  ``stop`` swaps the plain code back.  ``sys.setprofile`` was not an option:
+  it calls back on every call in the process.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from node_agent._patch import MISSING, InstallModule, Op, SetClassAttr, SetCode, SetItem
+from node_agent._prologue import CALLS, RAISED, Instrumented
+from node_agent.metrics import HostCpu, _labels
+
+__all__ = [
+    "ChangedFunction",
+    "Coverage",
+    "CoverageReport",
+    "FunctionCoverage",
+    "changed_functions",
+    "health_fields",
+    "prometheus_lines",
+]
+
+_TOOL_IDS = (4, 3)  # 1 is coverage.py's, 2 profilers', 0 debuggers', 5 optimizers'
+_TOOL_NAME = "hotfleet-coverage"
+
+
+@dataclass(frozen=True)
+class ChangedFunction:
+    """A function (or method) a release changed or added, with its live objects."""
+
+    module: str
+    qualname: str
+    kind: str  # "changed" | "added"
+    code: types.CodeType
+    functions: tuple[types.FunctionType, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}:{self.qualname}"
+
+
+@dataclass(frozen=True)
+class FunctionCoverage:
+    name: str  # module:qualname
+    kind: str
+    calls: int
+    raised: int
+
+
+@dataclass(frozen=True)
+class CoverageReport:
+    """Counts since finish of every changed function of ``release``."""
+
+    release: str
+    active: bool
+    backend: str
+    functions: tuple[FunctionCoverage, ...] = ()
+
+    @property
+    def calls(self) -> int:
+        return sum(f.calls for f in self.functions)
+
+    @property
+    def raised(self) -> int:
+        return sum(f.raised for f in self.functions)
+
+    @property
+    def never_ran(self) -> list[str]:
+        return [f.name for f in self.functions if f.calls == 0]
+
+    @property
+    def raising(self) -> list[str]:
+        return [f.name for f in self.functions if f.raised > 0]
+
+
+# ------------------------------------------------------------- what changed
+def _shape(code: types.CodeType) -> tuple[Any, ...]:
+    """A code object without its positions: equal for a mere reformatting."""
+    consts = tuple(_shape(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    return (code.co_code, consts, code.co_names, code.co_varnames, code.co_freevars, code.co_flags)
+
+
+def _module_of(fn: types.FunctionType) -> str:
+    return str(fn.__globals__.get("__name__") or getattr(fn, "__module__", "") or "")
+
+
+def _functions_in(value: Any, module: str) -> Iterable[types.FunctionType]:
+    """``value`` if it is a function of ``module``, the methods if it is a class of it."""
+    if isinstance(value, types.FunctionType):
+        if _module_of(value) == module:
+            yield value
+    elif isinstance(value, staticmethod | classmethod):
+        yield from _functions_in(value.__func__, module)
+    elif isinstance(value, property):
+        for f in (value.fget, value.fset, value.fdel):
+            yield from _functions_in(f, module)
+    elif isinstance(value, type) and getattr(value, "__module__", None) == module:
+        for member in list(vars(value).values()):
+            if member is not value:
+                yield from _functions_in(member, module)
+
+
+def changed_functions(journal: Sequence[Op]) -> list[ChangedFunction]:
+    """The functions a finish changed or added, from its journal of inverses.
+
+    ``SetCode`` inverses are functions whose body moved (a reformatting, whose
+    code differs only in positions, is left out); ``SetItem`` and
+    ``SetClassAttr`` inverses are names a statement (re)bound, counted when the
+    new value is a function, or a class with methods, of that module;
+    ``InstallModule`` inverses are new modules, all their functions added.
+    """
+    found: dict[int, tuple[str, str, types.CodeType, list[types.FunctionType]]] = {}
+
+    def add(fn: types.FunctionType, kind: str) -> None:
+        code = fn.__code__
+        hit = found.get(id(code))
+        if hit is None:
+            found[id(code)] = (_module_of(fn), kind, code, [fn])
+        elif all(f is not fn for f in hit[3]):
+            hit[3].append(fn)
+
+    for op in journal:
+        if isinstance(op, SetCode):
+            fn = op.func
+            if fn.__code__ is not op.code and _shape(fn.__code__) != _shape(op.code):
+                add(fn, "changed")
+        elif isinstance(op, SetItem):
+            module = str(op.mapping.get("__name__", ""))
+            new = op.mapping.get(op.key, MISSING)
+            kind = "added" if op.value is MISSING else "changed"
+            if new is not op.value:
+                for fn in _functions_in(new, module):
+                    add(fn, kind)
+        elif isinstance(op, SetClassAttr):
+            new = op.cls.__dict__.get(op.name, MISSING)
+            kind = "added" if op.value is MISSING else "changed"
+            if new is not op.value:
+                for fn in _functions_in(new, op.cls.__module__):
+                    add(fn, kind)
+        elif isinstance(op, InstallModule) and op.module is None:
+            installed = sys.modules.get(op.name)
+            if installed is not None:
+                for value in list(vars(installed).values()):
+                    for fn in _functions_in(value, op.name):
+                        add(fn, "added")
+    out = [
+        ChangedFunction(module, code.co_qualname, kind, code, tuple(fns))
+        for module, kind, code, fns in found.values()
+    ]
+    out.sort(key=lambda c: c.name)
+    return out
+
+
+# ----------------------------------------------------------------- backends
+class _Monitoring:
+    """``sys.monitoring``: PY_START on the changed code objects only, PY_UNWIND globally."""
+
+    name = "sys.monitoring"
+
+    def __init__(self) -> None:
+        self.tool: int | None = None
+        self.calls: dict[types.CodeType, int] = {}
+        self.raised: dict[types.CodeType, int] = {}
+        self.codes: list[types.CodeType] = []
+
+    def start(self, targets: Sequence[ChangedFunction]) -> None:
+        mon: Any = getattr(sys, "monitoring")  # noqa: B009 - absent before 3.12
+        tool = None
+        for candidate in _TOOL_IDS:
+            if mon.get_tool(candidate) is None:
+                mon.use_tool_id(candidate, _TOOL_NAME)
+                tool = candidate
+                break
+        if tool is None:
+            raise RuntimeError(f"no free sys.monitoring tool id among {_TOOL_IDS}")
+        self.tool = tool
+        self.codes = [t.code for t in targets]
+        calls = self.calls = dict.fromkeys(self.codes, 0)
+        raised = self.raised = dict.fromkeys(self.codes, 0)
+
+        def on_start(code: types.CodeType, offset: int) -> None:
+            if code in calls:
+                calls[code] += 1
+
+        def on_unwind(code: types.CodeType, offset: int, exc: BaseException) -> None:
+            if code in raised and isinstance(exc, Exception):
+                raised[code] += 1
+
+        ev = mon.events
+        mon.register_callback(tool, ev.PY_START, on_start)
+        mon.register_callback(tool, ev.PY_UNWIND, on_unwind)
+        mon.set_events(tool, ev.PY_UNWIND)
+        for code in self.codes:
+            mon.set_local_events(tool, code, ev.PY_START)
+
+    def counts(self, target: ChangedFunction) -> tuple[int, int]:
+        return self.calls.get(target.code, 0), self.raised.get(target.code, 0)
+
+    def stop(self) -> None:
+        if self.tool is None:
+            return
+        mon: Any = getattr(sys, "monitoring")  # noqa: B009
+        ev = mon.events
+        for code in self.codes:
+            mon.set_local_events(self.tool, code, ev.NO_EVENTS)
+        mon.set_events(self.tool, ev.NO_EVENTS)
+        mon.register_callback(self.tool, ev.PY_START, None)
+        mon.register_callback(self.tool, ev.PY_UNWIND, None)
+        mon.free_tool_id(self.tool)
+        self.tool = None
+
+
+class _Prologue:
+    """3.11: swap each changed function's code for its counting twin (same object)."""
+
+    name = "prologue"
+
+    def __init__(self, instrumented: Mapping[str, Instrumented]) -> None:
+        self.instrumented = instrumented
+        self.swapped: list[tuple[types.FunctionType, types.CodeType, types.CodeType]] = []
+        self.slot: dict[int, tuple[list[int], list[int], int]] = {}
+
+    def start(self, targets: Sequence[ChangedFunction]) -> None:
+        counters: dict[str, tuple[list[int], list[int]]] = {}
+        for t in targets:
+            inst = self.instrumented.get(t.module)
+            hit = inst.variant(t.code) if inst is not None else None
+            if inst is None or hit is None:
+                continue  # not counted: reported with zero calls, see Coverage.report
+            twin, slot = hit
+            pair = counters.get(t.module)
+            if pair is None:
+                pair = counters[t.module] = ([0] * inst.slots, [0] * inst.slots)
+            self.slot[id(t.code)] = (pair[0], pair[1], slot)
+            for fn in t.functions:
+                if fn.__code__ is t.code:
+                    # the lists stay bound after stop: a closure made meanwhile by a
+                    # counting body keeps counting harmlessly instead of failing
+                    fn.__globals__[CALLS], fn.__globals__[RAISED] = pair
+                    fn.__code__ = twin
+                    self.swapped.append((fn, t.code, twin))
+
+    def counts(self, target: ChangedFunction) -> tuple[int, int]:
+        hit = self.slot.get(id(target.code))
+        if hit is None:
+            return 0, 0
+        calls, raised, slot = hit
+        return calls[slot], raised[slot]
+
+    def stop(self) -> None:
+        for fn, plain, twin in self.swapped:
+            if fn.__code__ is twin:
+                fn.__code__ = plain
+        self.swapped = []
+
+
+def _backend(instrumented: Mapping[str, Instrumented]) -> _Monitoring | _Prologue:
+    return _Monitoring() if hasattr(sys, "monitoring") else _Prologue(instrumented)
+
+
+def needs_prologue() -> bool:
+    """Does this interpreter count through instrumented code (prepared in prepare)?"""
+    return not hasattr(sys, "monitoring")
+
+
+class Coverage:
+    """Counts calls and exceptions of one release's changed functions; one per loader.
+
+    ``start`` after finish, ``stop`` at make_permanent, rollback or the next
+    finish; ``report`` any time (after ``stop`` it keeps the last counts,
+    ``active`` false).  Thread-safe for start/stop/report; the counting itself
+    runs lock-free in the calling threads (a lost increment under a data race
+    is acceptable for a health signal; no lock may sit on the request path).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._release = ""
+        self._targets: list[ChangedFunction] = []
+        self._backend: _Monitoring | _Prologue | None = None
+        self._final: tuple[FunctionCoverage, ...] = ()
+        self._backend_name = "sys.monitoring" if hasattr(sys, "monitoring") else "prologue"
+        self.error = ""  # why counting could not start, if it could not
+
+    def start(
+        self,
+        release: str,
+        targets: Sequence[ChangedFunction],
+        instrumented: Mapping[str, Instrumented] | None = None,
+    ) -> None:
+        with self._lock:
+            self._stop_locked()
+            self._release, self._targets, self._final, self.error = release, list(targets), (), ""
+            if not targets:
+                return
+            backend = _backend(instrumented or {})
+            try:
+                backend.start(self._targets)
+            except (RuntimeError, ValueError) as exc:
+                backend.stop()
+                self.error = f"changed-code coverage off: {exc}"
+                return
+            self._backend = backend
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if self._backend is not None:
+            self._final = self._collect(self._backend)
+            self._backend.stop()
+            self._backend = None
+
+    def _collect(self, backend: _Monitoring | _Prologue) -> tuple[FunctionCoverage, ...]:
+        out = []
+        for t in self._targets:
+            calls, raised = backend.counts(t)
+            out.append(FunctionCoverage(t.name, t.kind, calls, raised))
+        return tuple(out)
+
+    @property
+    def active(self) -> bool:
+        return self._backend is not None
+
+    def report(self) -> CoverageReport:
+        with self._lock:
+            backend = self._backend
+            functions = self._collect(backend) if backend is not None else self._final
+            if backend is None and not functions and self._targets:
+                functions = tuple(FunctionCoverage(t.name, t.kind, 0, 0) for t in self._targets)
+            return CoverageReport(self._release, backend is not None, self._backend_name, functions)
+
+
+def prometheus_lines(report: CoverageReport, labels: Mapping[str, str]) -> str:
+    """Prometheus text for a coverage report; ``labels`` (e.g. node) go on every sample."""
+
+    def lbl(more: Mapping[str, str]) -> str:
+        return _labels({**labels, **more})
+
+    out = [
+        "# HELP hotfleet_changed_code_active 1 while the changed functions of the provisional release are counted.",
+        "# TYPE hotfleet_changed_code_active gauge",
+        f"hotfleet_changed_code_active{lbl({'release': report.release})} {int(report.active)}",
+        "# HELP hotfleet_changed_code_functions Functions the current release changed or added.",
+        "# TYPE hotfleet_changed_code_functions gauge",
+        f"hotfleet_changed_code_functions{lbl({})} {len(report.functions)}",
+        "# HELP hotfleet_changed_code_calls_total Calls of a changed function since finish.",
+        "# TYPE hotfleet_changed_code_calls_total counter",
+    ]
+    out += [
+        f"hotfleet_changed_code_calls_total{lbl({'function': f.name, 'kind': f.kind})} {f.calls}"
+        for f in report.functions
+    ]
+    out += [
+        "# HELP hotfleet_changed_code_raised_total Calls of a changed function that ended in an exception.",
+        "# TYPE hotfleet_changed_code_raised_total counter",
+    ]
+    out += [
+        f"hotfleet_changed_code_raised_total{lbl({'function': f.name, 'kind': f.kind})} {f.raised}"
+        for f in report.functions
+    ]
+    return "\n".join(out) + "\n"
+
+
+def health_fields(report: CoverageReport, host: HostCpu) -> dict[str, Any]:
+    """The HealthReply fields of changed-code coverage and host CPU (keyword arguments).
+
+    The stubs are imported here, not at the top: the loader imports this
+    module and must not need protobuf (a bare interpreter runs it).
+    """
+    from hotfleet._proto.hotfleet.v1 import agent_pb2
+
+    return {
+        "host_cpu_busy_s": host.busy_s,
+        "host_cpu_total_s": host.total_s,
+        "host_cpu_steal_s": host.steal_s,
+        "changed_code": [
+            agent_pb2.ChangedFunction(name=f.name, kind=f.kind, calls=f.calls, raised=f.raised)
+            for f in report.functions
+        ],
+        "changed_code_active": report.active,
+        "changed_code_release": report.release,
+    }

@@ -1,0 +1,135 @@
+"""Changed-code coverage: the loader counts calls and exceptions of what a release changed.
+
+Runs under whatever interpreter runs pytest (3.11: counting twins of the code;
+3.12+: ``sys.monitoring``), and spawns python3.12 / python3.13 when they are
+installed to run the same scenario on their backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from node_agent.coverage import changed_functions
+from tests.codebase import Codebase
+from tests.coverage_scenario import BOOT, V2, check, scenario
+
+
+def test_changed_code_counted_under_this_interpreter(cb: Codebase) -> None:
+    out = scenario(cb)
+    check(out)
+    assert out["backend"] == ("sys.monitoring" if sys.version_info >= (3, 12) else "prologue")
+
+
+def test_counting_off_after_rollback_and_old_code_back(cb: Codebase) -> None:
+    mods = cb.boot(BOOT)
+    price = mods["svc"].price
+    plain = price.__code__
+    cb.upgrade("2", V2)
+    price(1)
+    cb.loader.rollback()
+    assert price(2) == 4 and price.__code__ is plain  # the original code object itself
+    report = cb.loader.coverage.report()
+    assert not report.active and cb.loader.changed_code() == []
+    assert {f.name.split(".", 1)[1]: f.calls for f in report.functions}["svc:price"] == 1
+
+
+def test_tracebacks_and_identity_unchanged_while_counting(cb: Codebase) -> None:
+    mods = cb.boot(BOOT)
+    price = mods["svc"].price
+    cb.upgrade("2", V2)
+    try:
+        price(-5)
+    except ValueError as exc:
+        tb = exc.__traceback__
+        assert tb is not None
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        line = textwrap.dedent(V2["svc"]).splitlines()[tb.tb_lineno - 1]
+        assert "raise ValueError" in line  # the raising line, not the counter's
+    assert price.__name__ == "price" and price.__qualname__ == "price"
+
+
+def test_reformatting_alone_is_not_a_change() -> None:
+    import types
+
+    from node_agent._patch import SetCode
+
+    def code_of(source: str) -> types.CodeType:
+        module = compile(source, "<t>", "exec")
+        return next(c for c in module.co_consts if isinstance(c, types.CodeType))
+
+    before = code_of("def f(x):\n    return x + 1\n")
+    moved = types.FunctionType(
+        code_of("\n\ndef f(x):\n    return x+1  # same\n"), {"__name__": "m"}
+    )
+    assert changed_functions([SetCode(moved, before, None, None)]) == []  # other lines only
+    edited = types.FunctionType(code_of("def f(x):\n    return x + 2\n"), {"__name__": "m"})
+    assert [c.name for c in changed_functions([SetCode(edited, before, None, None)])] == ["m:f"]
+
+
+_SPAWN = """
+import json, sys, types
+sys.path.insert(0, {repo!r})
+# node_agent's package imports the agent (grpc, etcd); the loader needs none of it,
+# so a bare interpreter runs the scenario with the package's __init__ left out
+pkg = types.ModuleType("node_agent")
+pkg.__path__ = [{repo!r} + "/node_agent"]
+sys.modules["node_agent"] = pkg
+import node_agent.loader
+pkg.Loader = node_agent.loader.Loader
+from pathlib import Path
+from tests.codebase import Codebase
+from tests.coverage_scenario import check, scenario
+cb = Codebase(Path({root!r}))
+try:
+    out = scenario(cb)
+    check(out)
+    print(json.dumps(out))
+finally:
+    cb.close()
+"""
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_changed_code_counted_under_other_interpreters(version: str, tmp_path: Path) -> None:
+    """The same scenario under python3.12 / python3.13 (a venv with hotfleet, or skip)."""
+    if sys.version_info[:2] == tuple(int(p) for p in version.split(".")):
+        pytest.skip(f"python{version} runs this test session already")
+    exe = _interpreter(version)
+    if exe is None:
+        pytest.skip(f"python{version} is not installed (looked on PATH and in pyenv)")
+    repo = str(Path(__file__).resolve().parent.parent)
+    script = _SPAWN.format(repo=repo, root=str(tmp_path))
+    proc = subprocess.run(
+        [exe, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "sys.monitoring"
+    check(out)
+
+
+def _interpreter(version: str) -> str | None:
+    """A working python{version}: pyenv's newest build of it, else one on PATH.
+
+    A pyenv shim on PATH exists for every installed version but fails unless
+    that version is selected, so each candidate is run once.
+    """
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [str(p) for p in sorted(root.glob(f"{version}.*/bin/python{version}"))][::-1]
+    found = shutil.which(f"python{version}")
+    if found:
+        candidates.append(found)
+    for exe in candidates:
+        probe = subprocess.run([exe, "-c", "pass"], capture_output=True, timeout=60, check=False)
+        if probe.returncode == 0:
+            return exe
+    return None
