@@ -200,6 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also judge rollouts on Prometheus queries from this server",
     )
     parser.add_argument(
+        "--metrics-listen",
+        default=os.environ.get("HOTFLEET_METRICS_LISTEN") or None,
+        metavar="HOST:PORT",
+        help="serve this coordinator's own Prometheus metrics at http://HOST:PORT/metrics "
+        "(rollouts by outcome, phase durations, rollbacks, leader changes); port 0 picks one",
+    )
+    parser.add_argument(
         "--prometheus-check", action="append", default=[], metavar="name=N,max=X,query=Q",
         help="a PromQL check that must stay within min/max during the window (repeatable)",
     )  # fmt: skip
@@ -264,13 +271,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             coordinator.stop()
             return 2
         coordinator.engine.prometheus = PrometheusProvider(args.prometheus, checks)
+    metrics = None
+    if args.metrics_listen:
+        from coordinator.telemetry import MetricsServer
+
+        engine = coordinator.engine
+        try:
+            metrics = MetricsServer(
+                args.metrics_listen, engine.is_leader, lambda: engine.rollouts(limit=20)
+            )
+        except (OSError, ValueError) as exc:
+            print(
+                f"hotfleet-coordinator: --metrics-listen {args.metrics_listen}: {exc}",
+                file=sys.stderr,
+            )
+            coordinator.stop()
+            return 2
+        metrics.start()
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
     coordinator.start()
-    print(f"hotfleet-coordinator ready address={coordinator.address} pid={os.getpid()}", flush=True)
+    ready = f"hotfleet-coordinator ready address={coordinator.address} pid={os.getpid()}"
+    print(ready + (f" metrics={metrics.address}" if metrics else ""), flush=True)
     stopped.wait()
     log.info("stopping")
+    if metrics is not None:
+        metrics.stop()
     coordinator.stop()
     return 0
 
