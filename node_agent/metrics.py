@@ -36,6 +36,7 @@ __all__ = [
     "HealthSnapshot",
     "HostCpu",
     "Metrics",
+    "PrometheusCollector",
     "host_cpu",
     "process_cpu_s",
     "process_rss_bytes",
@@ -327,3 +328,89 @@ def _num(value: float) -> str:
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
         return str(int(value))
     return repr(float(value))
+
+
+class PrometheusCollector:
+    """The agent's metrics inside an application's own ``prometheus_client`` registry.
+
+    An app that already exposes ``/metrics`` with ``prometheus_client`` wants
+    one scrape target, not a second one at the agent's ``/-/metrics``::
+
+        from prometheus_client import REGISTRY
+        from node_agent.metrics import PrometheusCollector
+
+        REGISTRY.register(PrometheusCollector(agent.metrics, {"node": agent.node_id}))
+
+    Each scrape reads one consistent snapshot.  The worker's CPU and memory
+    are ``hotfleet_worker_*`` here, never ``process_*``: the registry's own
+    ``ProcessCollector`` owns those names and a duplicate would be refused at
+    registration.  ``prometheus_client`` is optional (``pip install
+    'hotfleet[prometheus]'``); without it constructing this says so.
+    """
+
+    def __init__(self, metrics: Metrics, labels: Mapping[str, str] | None = None) -> None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "PrometheusCollector needs prometheus_client: pip install 'hotfleet[prometheus]' "
+                "(or read the agent's own text at /-/metrics)"
+            ) from exc
+        self.metrics = metrics
+        self.labels = dict(labels or {})
+
+    def collect(self) -> Any:
+        """One family per metric, with HELP and the right type (prometheus_client API)."""
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        s = self.metrics.snapshot()
+        names, values = list(self.labels), list(self.labels.values())
+
+        def counter(name: str, help_: str, value: float) -> Any:
+            family = CounterMetricFamily(name, help_, labels=names)
+            family.add_metric(values, value)
+            return family
+
+        def gauge(name: str, help_: str, value: float) -> Any:
+            family = GaugeMetricFamily(name, help_, labels=names)
+            family.add_metric(values, value)
+            return family
+
+        yield counter("hotfleet_requests", "Requests through the drain guard.", s.requests)
+        yield counter(
+            "hotfleet_request_errors", "Guarded requests that raised or answered 5xx.", s.errors
+        )
+        histogram = HistogramMetricFamily(
+            "hotfleet_request_duration_seconds",
+            "Latency of guarded requests, including any wait at a held gate.",
+            labels=names,
+        )
+        buckets, running = [], 0
+        for bound, count in zip((*s.latency_bounds_s, math.inf), s.latency_counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if math.isinf(bound) else repr(float(bound)), running))
+        histogram.add_metric(values, buckets, sum_value=s.latency_sum_s)
+        yield histogram
+        yield counter(
+            "hotfleet_uncaught_exceptions", "Exceptions that escaped every handler.", s.uncaught
+        )
+        yield counter(
+            "hotfleet_worker_cpu_seconds", "User and system CPU time of the worker.", s.cpu_s
+        )
+        yield gauge(
+            "hotfleet_worker_resident_memory_bytes", "Resident set size of the worker.", s.rss_bytes
+        )
+        yield gauge("hotfleet_uptime_seconds", "Seconds since the agent started.", s.uptime_s)
+        if s.gauges:
+            app = GaugeMetricFamily(
+                "hotfleet_app_gauge",
+                "Application-defined gauges (agent.set_gauge).",
+                labels=[*names, "name"],
+            )
+            for key, value in sorted(s.gauges.items()):
+                app.add_metric([*values, key], value)
+            yield app
