@@ -25,6 +25,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "2PC of a 20-module release on N agent processes: end to end, commit skew; "
         "baseline node by node",
     ),
+    "faults": (
+        "bench_faults",
+        "fault campaign: rollouts under SIGKILL/SIGSTOP of agents, leader kills and etcd "
+        "restarts, checked for atomicity, convergence, lost commits and bounded time",
+    ),
     "isolation": (
         "bench_isolation",
         "prepare CPU and wall time with the staging process vs the in-process prepare of a "
