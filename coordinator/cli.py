@@ -561,7 +561,7 @@ def _require_ref(ref: str) -> None:
 
 
 def push_request(
-    path: str, sign_key: str | None = None
+    path: str, sign_key: str | None = None, fleet: str | None = None
 ) -> tuple[coordinator_pb2.PushReleaseRequest, str]:
     """Read a bundle (and sign it) and build the push; refuses locally what cannot be sent."""
     from hotfleet.errors import HotfleetError
@@ -609,10 +609,15 @@ def push_request(
         ],
     )
     if sign_key:
-        from hotfleet.signing import load_private_key, sign_release
+        from hotfleet.signing import DEFAULT_FLEET, load_private_key, sign_release
 
         try:
-            signature_hex, signer = sign_release(release.digest, load_private_key(sign_key))
+            signature_hex, signer = sign_release(
+                release.digest,
+                load_private_key(sign_key),
+                release=release.label,
+                fleet=fleet or DEFAULT_FLEET,
+            )
         except (OSError, ValueError) as exc:
             raise CoordctlError(f"cannot sign with {sign_key}: {exc}", EXIT_USAGE, "usage") from exc
         request.release.signature = bytes.fromhex(signature_hex)
@@ -645,7 +650,10 @@ def _error_dict(e: Any) -> dict[str, Any]:
 
 
 def push(ctx: Ctx, path: str) -> dict[str, Any]:
-    request, label = push_request(path, getattr(ctx.args, "sign_key", None))
+    args = ctx.args
+    request, label = push_request(
+        path, getattr(args, "sign_key", None), getattr(args, "fleet", None)
+    )
     entry = ctx.one("PushRelease", request, timeout=PUSH_TIMEOUT_S)
     ctx.say(
         f"pushed {entry.get('label', label)}  digest {render.short(entry.get('digest'))}  "
@@ -678,6 +686,7 @@ def _options(args: argparse.Namespace) -> coordinator_pb2.RolloutOptions:
         timeout_s=getattr(args, "timeout", None) or 0.0,
         concurrency=getattr(args, "concurrency", None) or 0,
         force=bool(getattr(args, "force", False)),
+        allow_downgrade=bool(getattr(args, "allow_downgrade", False)),
         window_s=window or 0.0,
         has_window_s=window is not None,
         waves=_waves(args),
@@ -994,6 +1003,13 @@ def _add_sign_key(parser: argparse.ArgumentParser) -> None:
         "keygen DIR` makes one; env HOTFLEET_SIGN_KEY). Agents outside dev mode refuse "
         "unsigned releases",
     )
+    parser.add_argument(
+        "--fleet",
+        default=os.environ.get("HOTFLEET_FLEET") or None,
+        metavar="ID",
+        help="fleet id the signature names (env HOTFLEET_FLEET; default 'default'); agents of "
+        "another fleet refuse the release",
+    )
 
 
 def _add_rollout_options(parser: argparse.ArgumentParser) -> None:
@@ -1098,6 +1114,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dry-run", action="store_true", help="prepare everywhere, report, abort (implies --wait)"
+    )
+    p.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="go ahead although the release is older than what some node runs (recorded)",
     )
     p.add_argument(
         "--window", type=duration_arg, metavar="D",

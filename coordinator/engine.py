@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -105,6 +106,7 @@ class RolloutOptions:
     window_s: float | None = None  # rollback window; None = the policy's; 0 = permanent at once
     health: dict[str, Any] = field(default_factory=dict)  # analysis policy overrides (flags)
     waves: list[str] = field(default_factory=list)  # cumulative sizes: ["1", "25%", "100%"]
+    allow_downgrade: bool = False  # asked for explicitly, recorded with the rollout
 
 
 @dataclass
@@ -250,7 +252,9 @@ class Engine:
                 "not_found",
                 f"release {ref} was never pushed; push it with `coordctl release push PATH`",
             )
-        return ReleaseEntry(**json.loads(raw))
+        entry = ReleaseEntry(**json.loads(raw))
+        _check_entry(ref, entry)
+        return entry
 
     def rollout(self, rollout_id: str | None = None) -> Rollout:
         if rollout_id:
@@ -521,7 +525,30 @@ class Engine:
             entry_manifest_health(entry), options
         )  # refuse a bad policy before anything starts
         self._refuse_unknown(target, options)
+        if not options.allow_downgrade:
+            self._refuse_downgrade(entry)
         return self._start("upgrade", entry, target, options, lead)
+
+    def _refuse_downgrade(self, entry: ReleaseEntry) -> None:
+        """An upgrade never takes a node to an older version unless asked (``--allow-downgrade``).
+
+        An old release stays validly signed for ever; without this rule anyone
+        who may push could replay it (a known-bad build) as an "upgrade".
+        """
+        older = {
+            n.node_id: n.current_release
+            for n in self.nodes()
+            if n.current_release.partition("@")[0] == entry.name
+            and _version_key(entry.version) < _version_key(n.current_release.partition("@")[2])
+        }
+        if older:
+            runs = ", ".join(f"{node} runs {label}" for node, label in sorted(older.items()))
+            raise Refused(
+                "downgrade",
+                f"{entry.label} is older than what the fleet runs ({runs}): a downgrade must be "
+                "asked for with --allow-downgrade (recorded in the rollout), or use "
+                "`coordctl rollback --to VERSION`",
+            )
 
     def _refuse_unknown(self, target: Target, options: RolloutOptions) -> None:
         """A named node that is not registered is refused up front, as an unmatched selector is.
@@ -1401,3 +1428,49 @@ def _assign_waves(rollout: Rollout, spec: list[str]) -> int:
     for name in names[done:]:
         rollout.nodes[name].wave = wave
     return wave + (1 if done < total else 0)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """The leading dotted numbers of ``version`` (``2.1.0-bad`` -> ``(2, 1, 0)``).
+
+    Enough to tell an older release from a newer one of the same name;
+    versions that differ only after the numbers compare equal, which is
+    never called a downgrade.
+    """
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def _check_entry(ref: str, entry: ReleaseEntry) -> None:
+    """Refuse a store entry that is not the release ``ref`` names (a swapped or edited entry).
+
+    The entry's label, name and version, its manifest's name and version, and
+    the digest recomputed from the manifest must all agree with the key it
+    was read under; otherwise ``upgrade NAME@NEW`` could install an old
+    (validly signed) release while every record says NEW.
+    """
+    name, _, version = ref.partition("@")
+    manifest = entry.manifest if isinstance(entry.manifest, dict) else {}
+    claims = {
+        "label": (entry.label, ref),
+        "name": (entry.name, name),
+        "version": (entry.version, version),
+        "manifest name": (manifest.get("name"), name),
+        "manifest version": (manifest.get("version"), version),
+    }
+    wrong = [f"{what} {got!r}" for what, (got, want) in claims.items() if got != want]
+    if not wrong:
+        try:
+            rebuilt = Release.from_manifest(manifest, lambda _digest: b"").digest
+        except HotfleetError as exc:
+            wrong.append(f"manifest does not rebuild ({exc})")
+        else:
+            if rebuilt != entry.digest:
+                wrong.append(f"digest {entry.digest} while the manifest's is {rebuilt}")
+    if wrong:
+        raise Refused(
+            "invalid",
+            f"the store entry for {ref} is not {ref}: {'; '.join(wrong)}; refusing to use it "
+            "(someone wrote it outside `coordctl release push`; push the release again under "
+            "a new version)",
+        )

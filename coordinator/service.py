@@ -291,7 +291,10 @@ def _options(message: coordinator_pb2.RolloutOptions) -> RolloutOptions:
     from coordinator.engine import RolloutOptions
 
     options = RolloutOptions(
-        dry_run=message.dry_run, allow_missing=message.allow_missing, force=message.force
+        dry_run=message.dry_run,
+        allow_missing=message.allow_missing,
+        force=message.force,
+        allow_downgrade=message.allow_downgrade,
     )
     if message.timeout_s < 0 or message.window_s < 0:
         raise _invalid("timeout and window must not be negative")

@@ -1,9 +1,22 @@
-"""Release signing: ed25519 signatures over a release's digest.
+"""Release signing: ed25519 signatures over a statement naming fleet, release and digest.
 
-A release's digest (:attr:`hotfleet.release.Release.digest`) already covers
-every module's content digest, its name and path, version, ``extra``,
-``depends``, smoke checks and health policy, so signing that one string signs
-the whole release.  The signed message is the digest's ASCII hex string.
+A release's digest (:attr:`hotfleet.release.Release.digest`) covers every
+module's content digest, its name and path, version, ``extra``, ``depends``,
+smoke checks and health policy.  What is signed is a statement that binds it
+to what it means (:func:`release_statement`)::
+
+    hotfleet-release-signature v2
+    fleet: <fleet id>
+    release: <name>@<version>
+    digest: <release digest>
+
+so a signature is valid only for that name and version in that fleet: a
+release signed for the staging fleet does not verify in production, and an
+old signed release cannot be passed off under another version's name.
+(Replaying an old release *as itself* is a downgrade, which the coordinator
+refuses unless asked; see ``coordctl upgrade --allow-downgrade``.)
+The fleet id is a name the operator chooses per fleet (``--fleet`` /
+``HOTFLEET_FLEET``, default :data:`DEFAULT_FLEET`).
 
 Keys are PEM files: the private key PKCS#8 (unencrypted, mode 0600), the
 public key SubjectPublicKeyInfo.  A key is named by its *key id*: the first
@@ -14,7 +27,7 @@ trusted keys knows which one to check.
 ::
 
     python -m hotfleet.signing keygen DIR          # DIR/release-signing.key + .pub
-    python -m hotfleet.signing sign --key K BUNDLE # digest, signature, signer as JSON
+    python -m hotfleet.signing sign --key K [--fleet F] BUNDLE  # signature, signer as JSON
 """
 
 from __future__ import annotations
@@ -35,6 +48,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 
 __all__ = [
+    "DEFAULT_FLEET",
+    "FLEET_ENV",
     "PRIVATE_KEY_NAME",
     "PUBLIC_KEY_NAME",
     "SignatureError",
@@ -43,6 +58,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "load_public_keys",
+    "release_statement",
     "sign_release",
     "verify_release",
 ]
@@ -50,6 +66,9 @@ __all__ = [
 PRIVATE_KEY_NAME = "release-signing.key"
 PUBLIC_KEY_NAME = "release-signing.pub"
 _KEY_ID_LEN = 16
+DEFAULT_FLEET = "default"
+FLEET_ENV = "HOTFLEET_FLEET"
+_STATEMENT_HEADER = "hotfleet-release-signature v2"
 
 PathLike = str | os.PathLike[str]
 
@@ -167,12 +186,25 @@ def load_public_keys(paths: Iterable[PathLike]) -> dict[str, Ed25519PublicKey]:
     return {key_id(key): key for key in map(load_public_key, paths)}
 
 
-def sign_release(release_digest: str, private_key: Ed25519PrivateKey) -> tuple[str, str]:
-    """``(signature_hex, key_id)`` over ``release_digest``."""
-    if not release_digest:
-        raise ValueError("cannot sign an empty release digest")
-    signature = private_key.sign(release_digest.encode("ascii"))
-    return signature.hex(), key_id(private_key.public_key())
+def release_statement(release_digest: str, *, release: str, fleet: str) -> bytes:
+    """The bytes a release signature covers: fleet, ``name@version`` and digest.
+
+    Each field is one line, so no value can smuggle in another field; a
+    field that is empty or holds a line break is refused.
+    """
+    for what, value in (("digest", release_digest), ("release", release), ("fleet", fleet)):
+        if not value or any(c in value for c in "\r\n"):
+            raise ValueError(f"cannot sign a release statement with {what} {value!r}")
+    text = f"{_STATEMENT_HEADER}\nfleet: {fleet}\nrelease: {release}\ndigest: {release_digest}\n"
+    return text.encode("utf-8")
+
+
+def sign_release(
+    release_digest: str, private_key: Ed25519PrivateKey, *, release: str, fleet: str
+) -> tuple[str, str]:
+    """``(signature_hex, key_id)`` over :func:`release_statement`."""
+    statement = release_statement(release_digest, release=release, fleet=fleet)
+    return private_key.sign(statement).hex(), key_id(private_key.public_key())
 
 
 def _refuse(reason: Reason, detail: str) -> SignatureError:
@@ -184,13 +216,17 @@ def verify_release(
     signature_hex: str,
     signer_key_id: str,
     trusted: Mapping[str, Ed25519PublicKey],
+    *,
+    release: str,
+    fleet: str,
 ) -> None:
-    """Return if ``signature_hex`` is a valid signature of a trusted key; raise otherwise.
+    """Return if ``signature_hex`` is a trusted key's signature of this release; raise otherwise.
 
     Raises :class:`SignatureError` (a :class:`HotfleetError`) with one
     ``*`` entry: ``unsigned`` when there is no signature, ``bad_signature``
     when the signer is unknown or untrusted, the signature malformed, or it
-    does not verify over ``release_digest``.
+    does not verify over :func:`release_statement` of ``release_digest``,
+    ``release`` (``name@version``) and ``fleet``.
     """
     if not signature_hex:
         raise _refuse(Reason.UNSIGNED, f"release {release_digest} carries no signature")
@@ -212,11 +248,13 @@ def verify_release(
             Reason.BAD_SIGNATURE, f"an ed25519 signature is 64 bytes, got {len(signature)}"
         )
     try:
-        key.verify(signature, release_digest.encode("ascii"))
-    except (InvalidSignature, UnicodeEncodeError):
+        key.verify(signature, release_statement(release_digest, release=release, fleet=fleet))
+    except (InvalidSignature, ValueError):
         raise _refuse(
             Reason.BAD_SIGNATURE,
-            f"signature by key {signer_key_id} does not match release digest {release_digest}",
+            f"signature by key {signer_key_id} is not one of release {release} with digest"
+            f" {release_digest} in fleet {fleet!r} (signed for another release, version,"
+            " fleet or content)",
         ) from None
 
 
@@ -244,12 +282,15 @@ def _sign(args: argparse.Namespace) -> int:
     from hotfleet.release import Release
 
     release = Release.from_path(args.bundle)
-    signature, kid = sign_release(release.digest, load_private_key(args.key))
+    signature, kid = sign_release(
+        release.digest, load_private_key(args.key), release=release.label, fleet=args.fleet
+    )
     print(
         json.dumps(
             {
                 "release": release.label,
                 "digest": release.digest,
+                "fleet": args.fleet,
                 "signature": signature,
                 "signer": kid,
             }
@@ -270,6 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     keygen.set_defaults(run=_keygen)
     sign = sub.add_parser("sign", help="sign a release bundle; prints digest, signature, signer")
     sign.add_argument("--key", required=True, help="private key (PEM)")
+    sign.add_argument(
+        "--fleet",
+        default=os.environ.get(FLEET_ENV) or DEFAULT_FLEET,
+        help=f"fleet id the signature is valid in (${FLEET_ENV}, default {DEFAULT_FLEET!r})",
+    )
     sign.add_argument("bundle", metavar="BUNDLE", help="release directory or archive")
     sign.set_defaults(run=_sign)
     args = parser.parse_args(argv)

@@ -107,7 +107,7 @@ from hotfleet.fencing import LeaderEpochs
 from hotfleet.keys import DEFAULT_PREFIX, Keys
 from hotfleet.limits import MAX_MODULES, MAX_PREPARE_MESSAGE_BYTES, loads_json
 from hotfleet.release import Release, is_module_name
-from hotfleet.signing import load_public_keys, verify_release
+from hotfleet.signing import DEFAULT_FLEET, load_public_keys, verify_release
 from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
 from hotfleet.tls import TLSFiles, agent_guard
 from hotfleet.wire import errors_to_proto, manifest_from_proto
@@ -210,6 +210,7 @@ class Agent:
         ready_timeout: float = 15.0,
         grpc_workers: int = 8,
         loader: Loader | None = None,
+        fleet: str = DEFAULT_FLEET,
     ) -> None:
         if not node_id or "/" in node_id:
             raise ValueError(f"node id must be non-empty and contain no '/': {node_id!r}")
@@ -236,6 +237,7 @@ class Agent:
         if etcd is not None:
             parse_endpoints(etcd)  # fail on a bad URL now, not in a background thread
         self.node_id = node_id
+        self.fleet = fleet  # release signatures must name it (hotfleet.signing)
         self.keys = Keys(prefix)
         self.prefix = self.keys.prefix
         self.labels = dict(labels or {})
@@ -670,6 +672,12 @@ class Agent:
                 self._reconciled = True
                 self._settle()
                 return
+            try:  # before the record is believed, even as a mere label of the boot code
+                _check_permanent_manifest(manifest, target)
+                self.check_signature(target.digest, signature, signer, target.label)
+            except HotfleetError as exc:
+                self._reconcile_failed(target, exc.errors)
+                return
             if self.loader.permanent_release == target or self._boot_code_is(manifest):
                 self.loader.current_release = self.loader.current_release or target
                 self.loader.permanent_release = target
@@ -680,7 +688,6 @@ class Agent:
             self._state = "reconciling"
             log.info("reconciling boot code to the permanent release %s", target.label)
             try:
-                self.check_signature(target.digest, signature, signer, target.label)
                 release = self.fetch_release(manifest)
                 if release.digest != target.digest:
                     raise HotfleetError(
@@ -851,7 +858,9 @@ class Agent:
             )
             return
         try:
-            verify_release(digest, signature_hex, signer, self.trusted_keys)
+            verify_release(
+                digest, signature_hex, signer, self.trusted_keys, release=label, fleet=self.fleet
+            )
         except HotfleetError as exc:
             log.error(
                 "node %s refuses release %s: %s",
@@ -1439,6 +1448,21 @@ class _DecisionWatch:
                     decision,
                     self.key,
                 )
+
+
+def _check_permanent_manifest(manifest: Mapping[str, Any], target: ReleaseInfo) -> None:
+    """Refuse a permanent record that is empty or whose manifest is not the digest it names.
+
+    The record's signature covers its digest; this ties the manifest (what a
+    booting node compares its code with, module by module) to that digest,
+    and an empty module list would make any boot code "be" the release.
+    """
+    if not manifest.get("modules"):
+        raise HotfleetError([_err("*", f"the permanent record of {target.label} lists no modules")])
+    rebuilt = Release.from_manifest(manifest, lambda _digest: b"").digest
+    if rebuilt != target.digest:
+        detail = f"the permanent record names digest {target.digest} but its manifest is {rebuilt}"
+        raise HotfleetError([_err("*", detail, Reason.DIGEST_MISMATCH)])
 
 
 def _join(host: str, port: int) -> str:

@@ -37,7 +37,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.keys import DEFAULT_PREFIX
-from hotfleet.signing import load_public_keys
+from hotfleet.signing import DEFAULT_FLEET, FLEET_ENV, load_public_keys
 from node_agent.agent import Agent, TLSFiles
 
 log = logging.getLogger("node_agent")
@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "required outside --dev)",
     )
     p.add_argument(
+        "--fleet",
+        default=os.environ.get(FLEET_ENV) or DEFAULT_FLEET,
+        help="fleet id release signatures must name (also $HOTFLEET_FLEET; "
+        f"default {DEFAULT_FLEET!r}): a release signed for another fleet is refused",
+    )
+    p.add_argument(
         "--dev",
         action="store_true",
         default=None,  # then HOTFLEET_DEV, parsed strictly in main()
@@ -231,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dev=args.dev,
         tls=tls,
         trusted_keys=trusted_keys,
+        fleet=args.fleet,
         lease_ttl=args.lease_ttl,
         cache_dir=args.cache_dir,
         drain_timeout=args.drain_timeout,

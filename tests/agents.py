@@ -29,7 +29,7 @@ from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
 from hotfleet.pki import DevPki, make_dev_pki
 from hotfleet.release import Release
-from hotfleet.signing import sign_release
+from hotfleet.signing import DEFAULT_FLEET, sign_release
 from hotfleet.store import ContentStore, EtcdBlobBackend
 from hotfleet.tls import Role
 from hotfleet.wire import release_to_proto
@@ -58,7 +58,7 @@ def publish(
         store.put(module.source)
     manifest = release_to_proto(rel)
     if key is not None:
-        signature, signer = sign_release(rel.digest, key)
+        signature, signer = sign_release(rel.digest, key, release=rel.label, fleet=DEFAULT_FLEET)
         manifest.signature, manifest.signer = bytes.fromhex(signature), signer
     return manifest
 

@@ -25,7 +25,7 @@ from hotfleet._proto.hotfleet.v1 import agent_pb2, common_pb2
 from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
 from hotfleet.keys import Keys
-from hotfleet.signing import generate_keypair, load_private_key, sign_release
+from hotfleet.signing import DEFAULT_FLEET, generate_keypair, load_private_key, sign_release
 from node_agent.agent import COMMIT_GRACE_S, COMMIT_SETTLE_S, DECISION_POLL_S, permanent_record
 from tests.agents import (
     ROOT,
@@ -146,7 +146,9 @@ def test_secure_agent_prepares_only_releases_signed_by_a_trusted_key(
     for name, key in (("rogue", rogue_key), ("tampered", fleet_key)):
         bad = publish(etcd_client, etcd_prefix, v2, key=key)
         if name == "tampered":  # a signature of another release
-            sig, _ = sign_release(release("shop-2.1.0-bad").digest, key)
+            sig, _ = sign_release(
+                release("shop-2.1.0-bad").digest, key, release=v2.label, fleet=DEFAULT_FLEET
+            )
             bad.signature = bytes.fromhex(sig)
         reply = prepare(agent, bad, f"r-{name}", leadership.epoch)
         assert not reply.ok, name
@@ -162,7 +164,7 @@ def test_secure_agent_prepares_only_releases_signed_by_a_trusted_key(
     assert done.ok and done.release == "shop@2.0.0" and version(agent) == "2"
 
     # A signed permanent record is reconciled to by a node that starts afterwards.
-    sig, signer = sign_release(v2.digest, fleet_key)
+    sig, signer = sign_release(v2.digest, fleet_key, release=v2.label, fleet=DEFAULT_FLEET)
     etcd_client.put(Keys(etcd_prefix).permanent, permanent_record(v2, sig, signer))
     other = agents.start("n-sec2", **secure)  # type: ignore[arg-type]
     assert other.status().current_release == "shop@2.0.0" and version(other) == "2"

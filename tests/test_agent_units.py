@@ -149,7 +149,9 @@ def test_highest_epoch_survives_a_new_agent_on_the_same_cache_dir(tmp_path: Path
 
 def test_signature_policy_in_and_outside_dev_mode(tmp_path: Path, signing_key: Path) -> None:
     digest = Release.from_path(RELEASES / "shop-2.0.0").digest
-    signature, signer = sign_release(digest, load_private_key(signing_key / "k.key"))
+    signature, signer = sign_release(
+        digest, load_private_key(signing_key / "k.key"), release="shop@2.0.0", fleet="default"
+    )
     pub = signing_key / "k.pub"
     pki = make_pki(tmp_path / "pki")
     tls = TLSFiles(str(pki.agent_cert), str(pki.agent_key), str(pki.ca))
@@ -172,3 +174,9 @@ def test_signature_policy_in_and_outside_dev_mode(tmp_path: Path, signing_key: P
     secure.check_signature(digest, signature, signer, "shop@2.0.0")
     assert refusal(secure, "", "") == [Reason.UNSIGNED]
     assert refusal(secure, signature, "0123456789abcdef") == [Reason.BAD_SIGNATURE]
+    # the signature names shop@2.0.0 in fleet "default": nothing else
+    with pytest.raises(HotfleetError):
+        secure.check_signature(digest, signature, signer, "shop@2.5.0")
+    other_fleet = Agent("s2", [tmp_path], None, tls=tls, trusted_keys=[pub], fleet="prod")
+    with pytest.raises(HotfleetError):
+        other_fleet.check_signature(digest, signature, signer, "shop@2.0.0")

@@ -8,6 +8,7 @@ word on the leader's epoch stands between the caller and a code reload.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,21 @@ from coordinator.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
 from coordinator.election import Leadership
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
 from hotfleet.etcd_client import EtcdClient
+from hotfleet.keys import Keys
 from hotfleet.signing import generate_keypair
 from hotfleet.tls import Role
-from tests.agents import RELEASES, AgentProcess, Agents, Pki, make_pki, wait_for
-from tests.coordinators import Coordinators, coordctl
+from node_agent.agent import permanent_record
+from tests.agents import (
+    RELEASES,
+    AgentProcess,
+    Agents,
+    Pki,
+    make_pki,
+    publish,
+    release,
+    wait_for,
+)
+from tests.coordinators import CoordinatorProcess, Coordinators, coordctl, versions
 
 pytestmark = pytest.mark.integration
 
@@ -180,3 +192,94 @@ def test_an_epoch_is_obeyed_only_if_etcd_says_it_leads(
         return False
 
     wait_for(refused, timeout=10, interval=0.2)
+
+
+def _secure_cluster(
+    agents: Agents, coordinators: Coordinators, tmp_path: Path, node_id: str
+) -> tuple[Pki, AgentProcess, CoordinatorProcess, list[str]]:
+    """One secure agent, one coordinator over mutual TLS, operator arguments for coordctl."""
+    pki = make_pki(tmp_path / "pki")
+    node = _secure_agent(agents, pki, tmp_path, node_id)
+    daemon = coordinators.start("auth", tls=pki)
+    operator = pki.tls_args(Role.OPERATOR)
+
+    def registered() -> bool:
+        out = coordctl(daemon, *operator, "-o", "json", "nodes")
+        return out.code == EXIT_OK and len(out.json()["items"]) == 1
+
+    wait_for(registered, timeout=20, interval=0.2)
+    key = str(tmp_path / "keys" / "fleet.key")
+    for name in ("shop-2.0.0", "shop-2.1.0-bad"):
+        pushed = coordctl(
+            daemon, *operator, "release", "push", str(RELEASES / name), "--sign-key", key
+        )
+        assert pushed.code == EXIT_OK, pushed
+    return pki, node, daemon, operator
+
+
+def test_a_swapped_store_entry_is_refused_and_an_old_release_is_no_upgrade(
+    agents: Agents,
+    coordinators: Coordinators,
+    etcd_client: EtcdClient,
+    etcd_prefix: str,
+    tmp_path: Path,
+) -> None:
+    _, node, daemon, operator = _secure_cluster(agents, coordinators, tmp_path, "n-store")
+    keys = Keys(etcd_prefix)
+    genuine, _ = etcd_client.get(keys.release("shop", "2.0.0"))
+    swapped, _ = etcd_client.get(keys.release("shop", "2.1.0-bad"))
+    assert genuine is not None and swapped is not None
+
+    # etcd write access: the 2.0.0 entry now holds the (validly signed) 2.1.0-bad
+    etcd_client.put(keys.release("shop", "2.0.0"), swapped)
+    up = ("upgrade", "--all", "--wait", "--window", "0", "--release")
+    refused = coordctl(daemon, *operator, *up, "shop@2.0.0")
+    assert refused.code == EXIT_REFUSED, refused
+    assert "store entry for shop@2.0.0 is not shop@2.0.0" in refused.err, refused
+    assert "2.1.0-bad" in refused.err, refused
+    assert (
+        node.status().current_release == ""
+        and not coordctl(daemon, *operator, "-o", "json", "rollouts").json()["items"]
+    )
+    etcd_client.put(keys.release("shop", "2.0.0"), genuine)
+
+    # the fleet moves to 2.1.0-bad; the older 2.0.0 is validly signed but no upgrade
+    assert coordctl(daemon, *operator, *up, "shop@2.1.0-bad").code == EXIT_OK
+    assert node.status().current_release == "shop@2.1.0-bad"
+    replay = coordctl(daemon, *operator, *up, "shop@2.0.0")
+    assert replay.code == EXIT_REFUSED, replay
+    assert "older than what the fleet runs" in replay.err and "n-store" in replay.err, replay
+    assert node.status().current_release == "shop@2.1.0-bad"
+
+    # asked for explicitly, it goes ahead and the rollout says it was asked for
+    down = coordctl(daemon, *operator, *up, "shop@2.0.0", "--allow-downgrade")
+    assert down.code == EXIT_OK, down
+    assert node.status().current_release == "shop@2.0.0"
+    records = [
+        json.loads(raw)
+        for raw, meta in etcd_client.get_prefix(keys.rollouts)
+        if not meta.key.decode().endswith("/decision")
+    ]
+    flags = {r["release"]: r["options"].get("allow_downgrade") for r in records}
+    assert flags == {"shop@2.1.0-bad": False, "shop@2.0.0": True}, flags
+
+
+def test_a_forged_permanent_record_is_not_believed(
+    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    keys = Keys(etcd_prefix)
+    v2 = release("shop-2.0.0")
+    publish(etcd_client, etcd_prefix, v2)
+    empty = {"name": "shop", "version": "9.9.9", "modules": []}
+    forged = {
+        "empty": {"release": "shop@9.9.9", "digest": "0" * 64, "manifest": empty},
+        "unsigned": json.loads(permanent_record(v2)),
+    }
+    for name, record in forged.items():
+        etcd_client.put(keys.permanent, json.dumps(record))
+        node = _secure_agent(agents, pki, tmp_path, f"n-{name}")
+        status = node.status()
+        assert (status.current_release, status.permanent_release) == ("", ""), name
+        assert status.state == "reconcile_failed", (name, status.state)
+        assert versions([node]) == {"1"}, name

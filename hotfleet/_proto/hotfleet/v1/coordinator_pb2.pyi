@@ -25,7 +25,7 @@ class Target(_message.Message):
     def __init__(self, all: _Optional[bool] = ..., nodes: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RolloutOptions(_message.Message):
-    __slots__ = ("dry_run", "allow_missing", "timeout_s", "concurrency", "force", "window_s", "has_window_s", "waves", "health")
+    __slots__ = ("dry_run", "allow_missing", "timeout_s", "concurrency", "force", "window_s", "has_window_s", "waves", "health", "allow_downgrade")
     class HealthEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class RolloutOptions(_message.Message):
     HAS_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     WAVES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
     dry_run: bool
     allow_missing: bool
     timeout_s: float
@@ -51,7 +52,8 @@ class RolloutOptions(_message.Message):
     has_window_s: bool
     waves: _containers.RepeatedScalarFieldContainer[str]
     health: _containers.ScalarMap[str, str]
-    def __init__(self, dry_run: _Optional[bool] = ..., allow_missing: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., concurrency: _Optional[int] = ..., force: _Optional[bool] = ..., window_s: _Optional[float] = ..., has_window_s: _Optional[bool] = ..., waves: _Optional[_Iterable[str]] = ..., health: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    allow_downgrade: bool
+    def __init__(self, dry_run: _Optional[bool] = ..., allow_missing: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., concurrency: _Optional[int] = ..., force: _Optional[bool] = ..., window_s: _Optional[float] = ..., has_window_s: _Optional[bool] = ..., waves: _Optional[_Iterable[str]] = ..., health: _Optional[_Mapping[str, str]] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
