@@ -64,17 +64,22 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def stop_cluster(directory: Path) -> None:
+    """Whatever a test's dev cluster left running: ``dev down``, then SIGKILL to the rest."""
+    with contextlib.suppress(Exception):
+        devcluster.down(directory, out=io.StringIO(), timeout=5)
+    for pid in processes_mentioning(str(directory)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def dev_dir(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "dev"
     try:
         yield directory
     finally:
-        with contextlib.suppress(Exception):
-            devcluster.down(directory, out=io.StringIO(), timeout=5)
-        for pid in processes_mentioning(str(directory)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_cluster(directory)
 
 
 @pytest.fixture

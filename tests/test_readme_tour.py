@@ -10,11 +10,8 @@ after a failure is stopped here.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from coordinator import devcluster
-from tests.test_devcluster import processes_mentioning
+from tests.test_devcluster import stop_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BUDGET_S = 90.0
+BUDGET_S = 120.0  # 36 s on an idle 2-core machine; room for a parallel test run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -84,11 +81,7 @@ def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
                 "\n".join(log) + f"\n--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr}"
             )
     finally:
-        with contextlib.suppress(Exception):
-            devcluster.down(dev_dir, out=io.StringIO(), timeout=5)
-        for pid in processes_mentioning(str(dev_dir)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_cluster(dev_dir)
     elapsed = time.monotonic() - started
     print("\n".join(log))
     assert elapsed < BUDGET_S, "\n".join(log)
