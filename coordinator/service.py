@@ -39,6 +39,7 @@ import grpc
 from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hotfleet.errors import HotfleetError, ModuleError, Reason
+from hotfleet.limits import MAX_MODULES
 from hotfleet.release import Release
 from hotfleet.tls import TLSFiles, coordinator_guard
 from hotfleet.wire import manifest_from_proto
@@ -315,6 +316,11 @@ def release_from_push(request: coordinator_pb2.PushReleaseRequest) -> Release:
         manifest = manifest_from_proto(request.release)
     except ValueError as exc:
         raise _invalid(f"release manifest has malformed JSON fields: {exc}") from exc
+    if len(request.sources) > MAX_MODULES:
+        raise _invalid(
+            f"the push carries {len(request.sources)} sources, more than the {MAX_MODULES}"
+            " modules a release may hold"
+        )
     manifest["problems"] = [
         {"module": p.module, "reason": p.reason, "detail": p.detail} for p in request.problems
     ]

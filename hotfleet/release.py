@@ -82,6 +82,8 @@ _UNREADABLE = (
     tarfile.TarError,
     zipfile.BadZipFile,
     zlib.error,
+    UnicodeError,  # tar member names and pax headers in no known encoding
+    struct.error,  # truncated zip64 extra fields
 )
 
 
@@ -672,14 +674,21 @@ def _manifest_problem(raw: Any) -> ModuleError:
 
 
 # -- reading bundles ---------------------------------------------------------
+def _base_name(path: str) -> str:
+    """The last component, as :func:`_member_parts` will see it (``a/b.py/`` is ``b.py``)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return parts[-1] if parts else ""
+
+
 def _limit_for(path: str) -> int:
     """Bytes one file may hold: release.toml (by its base name) or a module."""
-    return MAX_MANIFEST_BYTES if path.rpartition("/")[2] == MANIFEST else MAX_FILE_BYTES
+    return MAX_MANIFEST_BYTES if _base_name(path) == MANIFEST else MAX_FILE_BYTES
 
 
 def _wanted(path: str) -> bool:
     """Whether a member may be release.toml or a module, so is worth reading at all."""
-    return path.endswith(".py") or path.rpartition("/")[2] == MANIFEST
+    base = _base_name(path)
+    return base.endswith(".py") or base == MANIFEST
 
 
 @dataclass(frozen=True)
@@ -860,7 +869,7 @@ def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int
 
 def _zip_entries(archive: zipfile.ZipFile) -> Iterator[_Entry]:
     for info in archive.infolist():
-        if info.is_dir():
+        if info.filename.endswith("/"):  # not is_dir(): a corrupt entry may have no name
             yield _Entry(info.filename, None, "directory")
         elif stat.S_ISLNK(info.external_attr >> 16):
             yield _Entry(info.filename, None, "symlink")

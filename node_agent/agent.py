@@ -660,7 +660,8 @@ class Agent:
             return
         with self._op_lock:
             try:
-                record = loads_json(raw, self.keys.permanent)
+                # a record holds a whole manifest: bounded like a Prepare, not a field
+                record = loads_json(raw, self.keys.permanent, MAX_PREPARE_MESSAGE_BYTES)
                 manifest = record["manifest"]
                 if not isinstance(manifest, Mapping):
                     raise TypeError(f"'manifest' is {type(manifest).__name__}, not an object")

@@ -26,8 +26,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotfleet._proto.hotfleet.v1 import agent_pb2, common_pb2
-from hotfleet.errors import ReleaseError
+from coordinator.service import release_from_push
+from hotfleet._proto.hotfleet.v1 import agent_pb2, common_pb2, coordinator_pb2
+from hotfleet.errors import HotfleetError, ReleaseError
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
 from hotfleet.limits import loads_json, loads_toml
@@ -37,7 +38,7 @@ from node_agent import Agent
 from node_agent.agent import SourcesUnavailable
 
 FAST = settings(
-    max_examples=60,
+    max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "60")),
     deadline=2000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -260,7 +261,7 @@ def test_mutated_manifests_are_accepted_or_release_errors(data: st.DataObject) -
         manifest = data.draw(json_values)  # not even an object
     fetch = data.draw(st.sampled_from(["store", "empty"]))
     try:
-        Release.from_manifest(manifest, SOURCES.get if fetch == "store" else lambda _d: b"")  # type: ignore[arg-type]
+        Release.from_manifest(manifest, lambda d: SOURCES.get(d, b"") if fetch == "store" else b"")
     except ReleaseError as exc:
         assert exc.errors
 
@@ -303,7 +304,7 @@ def test_wire_manifests_decode_or_raise_value_errors(wire: common_pb2.ReleaseMan
     except ValueError:
         return
     try:
-        Release.from_manifest(manifest, SOURCES.get)  # type: ignore[arg-type]
+        Release.from_manifest(manifest, lambda digest: SOURCES.get(digest, b""))
     except ReleaseError as exc:
         assert exc.errors
 
@@ -324,6 +325,25 @@ def test_prepare_requests_always_get_a_reply(
     reply = offline_agent.prepare(request)
     assert not reply.ok
     assert reply.errors and all(e.reason and e.detail for e in reply.errors)
+
+
+sources = st.dictionaries(
+    st.sampled_from(sorted(SOURCES)) | st.text(max_size=70), st.binary(max_size=24), max_size=4
+)
+
+
+@FAST
+@given(wire=wire_manifests(), carried=sources, keep=st.booleans())
+def test_pushes_rebuild_a_release_or_are_refused_invalid(
+    wire: common_pb2.ReleaseManifest, carried: dict[str, bytes], keep: bool
+) -> None:
+    """What the coordinator's PushRelease does with a request: never a non-project error."""
+    request = coordinator_pb2.PushReleaseRequest(release=wire)
+    request.sources.update({**(SOURCES if keep else {}), **carried})
+    try:
+        release_from_push(request)
+    except HotfleetError as exc:
+        assert getattr(exc, "code", "") == "invalid" and exc.errors
 
 
 # -- the permanent record in etcd --------------------------------------------------
