@@ -804,3 +804,27 @@ def test_completion_scripts_complete_verbs_flags_and_choices(tmp_path: Path) -> 
         assert "upgrade" in out.getvalue() and "--dry-run" in out.getvalue().replace(
             "-l dry-run", "--dry-run"
         )
+
+
+def test_watch_progress_shows_wave_countdown_and_pause() -> None:
+    base: dict[str, Any] = {
+        "id": "r1",
+        "kind": "upgrade",
+        "release": "shop@2.0.0",
+        "targets": NODES,
+        "waves": 2,
+        "wave": 0,
+        "phase": "provisional",
+        "nodes": {n: {"vote": "yes", "finished": n == "n1"} for n in NODES},
+        "analysis": {"overall": "pass", "action": "wait", "elapsed_s": 3.5, "window_s": 10.0},
+    }
+    assert "wave 1 of 2" in render.summary(base) and "analysis: 6.50s left" in render.summary(base)
+    out = io.StringIO()
+    progress = render.Progress(out, style=render.PLAIN)
+    progress.update(base)
+    progress.update({**base, "wave": 1})
+    paused = {"overall": "inconclusive", "action": "pause", "reason": "no data"}
+    progress.update({**base, "wave": 1, "analysis": paused})
+    text = out.getvalue()
+    assert "wave 2 of 2" in text and "paused: waiting for `coordctl promote`" in text, text
+    assert "paused" in render.summary({**base, "analysis": paused})
