@@ -708,6 +708,11 @@ def up(
     say = _Say(out or sys.stdout)
     if nodes < 1:
         raise DevClusterError("--nodes must be at least 1")
+    if not (EXAMPLES / "shop" / "shop" / "app.py").is_file():  # before anything starts
+        raise DevClusterError(
+            f"the example shop is not at {EXAMPLES / 'shop'}: reinstall hotfleet (the wheel "
+            "ships it as package data; a checkout has it in examples/)"
+        )
     path = resolve_dir(directory)
     with _locked(path):
         existing = load(path)

@@ -322,3 +322,15 @@ def test_up_next_to_another_cluster_prints_hints_for_itself(dev_dir: Path, tmp_p
     )
     assert ran.returncode == 0, ran.stdout + ran.stderr  # not the cluster ./.hotfleet-dev names
     assert "node-1" in ran.stdout
+
+
+def test_without_the_example_shop_nothing_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(devcluster, "EXAMPLES", tmp_path / "no-examples")
+    directory = tmp_path / "dev"
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["dev", "up", "--dir", str(directory)], out=out, err=err) == 1
+    assert "the example shop is not at" in err.getvalue() and "reinstall" in err.getvalue()
+    assert not (directory / "cluster.json").exists()
+    assert processes_mentioning(str(directory)) == []  # not even etcd was started
