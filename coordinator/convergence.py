@@ -62,6 +62,10 @@ class Desired:
     permanent: bool  # make it what the node boots into
 
 
+def _errors(wire: Any) -> str:
+    return "; ".join(f"{e.module}: {e.reason.value}: {e.detail}" for e in errors_from_proto(wire))
+
+
 def _loads(raw: bytes | None) -> dict[str, Any] | None:
     if raw is None:
         return None
@@ -214,22 +218,16 @@ class Convergence:
                 timeout=60,
             )
             if not reply.ok:
-                errors = "; ".join(
-                    f"{e.module}: {e.reason.value}: {e.detail}"
-                    for e in errors_from_proto(reply.errors)
-                )
-                self._failed(node.node_id, d.label, f"refused {d.label}: {errors}", rid)
+                why = f"refused {d.label}: {_errors(reply.errors)}"
+                self._failed(node.node_id, d.label, why, rid)
                 return
             engine._decide(lead, rid, "commit")  # the agent finishes from etcd if we die now
             done = stub.Finish(
                 agent_pb2.FinishRequest(rollout_id=rid, epoch=lead.epoch), timeout=60
             )
             if not done.ok:
-                errors = "; ".join(
-                    f"{e.module}: {e.reason.value}: {e.detail}"
-                    for e in errors_from_proto(done.errors)
-                )
-                self._failed(node.node_id, d.label, f"finish of {d.label} failed: {errors}", rid)
+                why = f"finish of {d.label} failed: {_errors(done.errors)}"
+                self._failed(node.node_id, d.label, why, rid)
                 return
             if d.permanent:
                 stub.MakePermanent(
