@@ -66,6 +66,7 @@ need a latency sum for ``latency_mean``; :class:`Snapshot` accepts one).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 import math
 import statistics
@@ -77,9 +78,12 @@ from coordinator.policy import AnalysisPolicy
 
 __all__ = [
     "DEFAULT_LATENCY_BOUNDS_S",
+    "RESUMES",
+    "ChangedCode",
     "Event",
     "EventKind",
     "Finding",
+    "FunctionRuns",
     "Judge",
     "MannWhitneyResult",
     "NodeSeries",
@@ -90,6 +94,7 @@ __all__ = [
     "histogram_quantile",
     "hodges_lehmann",
     "mann_whitney_u",
+    "paused_record",
     "samples_from_snapshots",
     "wilson_interval",
 ]
@@ -313,6 +318,9 @@ class Snapshot:
     uptime_s: float = 0.0
     release: str = ""
     latency_sum_s: float | None = None
+    host_busy_s: float = 0.0
+    host_total_s: float = 0.0
+    changed: ChangedCode | None = None
 
     @classmethod
     def from_reply(cls, reply: Any, t: float) -> Snapshot:
@@ -331,6 +339,42 @@ class Snapshot:
             uptime_s=float(reply.uptime_s),
             release=str(reply.release),
             latency_sum_s=None if total is None else float(total),
+            host_busy_s=float(getattr(reply, "host_cpu_busy_s", 0.0) or 0.0),
+            host_total_s=float(getattr(reply, "host_cpu_total_s", 0.0) or 0.0),
+            changed=ChangedCode.from_reply(reply),
+        )
+
+
+@dataclass(frozen=True)
+class FunctionRuns:
+    """One changed function's counts on one node since the release's finish."""
+
+    name: str  # module:qualname
+    kind: str  # changed | added
+    calls: int
+    raised: int
+
+
+@dataclass(frozen=True)
+class ChangedCode:
+    """A node's changed-code coverage: cumulative since the finish of ``release``."""
+
+    release: str
+    active: bool
+    functions: tuple[FunctionRuns, ...] = ()
+
+    @classmethod
+    def from_reply(cls, reply: Any) -> ChangedCode | None:
+        release = str(getattr(reply, "changed_code_release", "") or "")
+        if not release:
+            return None
+        return cls(
+            release,
+            bool(getattr(reply, "changed_code_active", False)),
+            tuple(
+                FunctionRuns(str(f.name), str(f.kind), int(f.calls), int(f.raised))
+                for f in getattr(reply, "changed_code", ())
+            ),
         )
 
 
@@ -350,6 +394,8 @@ class Sample:
     rss_bytes: int = 0
     release: str = ""
     latency_sum_s: float | None = None
+    host_busy_s: float = 0.0  # host CPU busy during the interval (all cores), seconds
+    host_total_s: float = 0.0  # host CPU available during the interval (all cores), seconds
 
     @property
     def error_rate(self) -> float | None:
@@ -378,6 +424,11 @@ class Sample:
     @property
     def cpu_util(self) -> float | None:
         return self.cpu_s / self.duration_s if self.duration_s > 0 else None
+
+    @property
+    def host_cpu_busy(self) -> float | None:
+        """Fraction of the host's CPU (all cores) busy in the interval; None if unknown."""
+        return self.host_busy_s / self.host_total_s if self.host_total_s > 0 else None
 
     def metric(self, name: str) -> float | None:
         value = getattr(self, name)
@@ -495,6 +546,8 @@ class NodeSeries:
             rss_bytes=snap.rss_bytes,
             release=snap.release,
             latency_sum_s=total,
+            host_busy_s=max(0.0, snap.host_busy_s - prev.host_busy_s),
+            host_total_s=max(0.0, snap.host_total_s - prev.host_total_s),
         )
         self.samples.append(sample)
         return sample
@@ -560,6 +613,8 @@ class Verdict:
     overall: Outcome
     reason: str
     findings: tuple[Finding, ...] = ()
+    #: changed-code coverage of the window (see :meth:`Judge._changed_code`)
+    changed_code: Mapping[str, Any] | None = None
 
     @property
     def failures(self) -> list[Finding]:
@@ -594,7 +649,27 @@ class Verdict:
             "reason": self.reason,
             "nodes": {k: v.value for k, v in sorted(self.nodes.items())},
             "findings": [f.to_json() for f in self.findings],
+            **({"changed_code": dict(self.changed_code)} if self.changed_code else {}),
         }
+
+
+#: What resumes a paused rollout (shown by ``coordctl status`` and ``rollouts``).
+RESUMES = (
+    "`coordctl promote` makes it permanent, `coordctl rollback` takes it back; it resumes by "
+    "itself if the window becomes conclusive and healthy, and a clear regression (thresholds, "
+    "crashes, changed code failing) still rolls it back automatically"
+)
+
+
+def paused_record(verdict: Verdict, since: float) -> dict[str, Any]:
+    """The ``analysis.paused`` entry of a rollout record: since when, why, what resumes it."""
+    unsure = verdict.inconclusive
+    return {
+        "since": since,
+        "reason": verdict.reason,
+        "waiting_on": sorted({f"{f.node}: {f.metric}" if f.node else f.metric for f in unsure}),
+        "resumes": RESUMES,
+    }
 
 
 # ================================================================== judge
@@ -651,13 +726,17 @@ class Judge:
         current: Mapping[str, Sequence[Sample]],
         events: Iterable[Event] = (),
         peers: Mapping[str, Sequence[Sample]] | None = None,
+        changed: Mapping[str, ChangedCode] | None = None,
+        release: str = "",
     ) -> Verdict:
         """Judge every node of ``current`` (the upgraded nodes).
 
         ``baseline``: each node's samples before the upgrade.  ``events``:
         crashes, lease losses, smoke failures of the window.  ``peers``: for a
         wave, samples of the not-yet-upgraded nodes over the same period,
-        pooled as a second reference group.
+        pooled as a second reference group (latency is judged against them
+        instead of the baseline).  ``changed``: each upgraded node's latest
+        changed-code coverage; only reports of ``release`` (if given) count.
         """
         findings: list[Finding] = []
         by_node: dict[str, list[Event]] = {}
@@ -675,12 +754,22 @@ class Judge:
                 Finding("", "samples", None, None, "data", None, None, Outcome.INCONCLUSIVE,
                         "no upgraded node has reported health samples")
             )  # fmt: skip
-        return self._verdict(findings)
+        coverage: dict[str, Any] | None = None
+        if changed is not None:
+            mine = {
+                n: c
+                for n, c in changed.items()
+                if n in current and (not release or c.release == release)
+            }
+            more, coverage = self._changed_code(mine, release)
+            findings += more
+        verdict = self._verdict(findings)
+        return dataclasses.replace(verdict, changed_code=coverage) if coverage else verdict
 
     def _verdict(self, findings: list[Finding]) -> Verdict:
         fails = [f for f in findings if f.verdict is Outcome.FAIL]
         if fails:
-            order = {"event": 0, "threshold": 1, "threshold_window": 1}
+            order = {"event": 0, "threshold": 1, "threshold_window": 1, "changed_code": 1}
             first = min(fails, key=lambda f: order.get(f.test, 2))
             more = len(fails) - 1
             others = sorted({f.node for f in fails if f is not first and f.node})
@@ -753,20 +842,162 @@ class Judge:
                         f"had >= {p.min_requests} requests ({total} requests in {len(base)} samples)",
                         samples=len(good_base))
             )  # fmt: skip
+        good_peers = [s for s in peer_pool if s.requests >= p.min_requests]
+        # Latency against the nodes still on the old release when there are
+        # enough of them: same moment, same host load; the baseline is not.
+        by_peers = p.latency_vs_peers and len(good_peers) >= p.min_samples
         out += self._error_rate(node, base, cur, base_ok, enough)
-        out += self._latency(node, good_base, cur, base_ok, enough)
+        if by_peers:
+            out += self._latency(node, good_peers, cur, True, enough, "peers")
+        else:
+            out += self._latency(node, good_base, cur, base_ok, enough, "baseline")
         out += self._uncaught(node, base, cur)
         out += self._gauges(node, cur, enough)
         for metric in p.judge_metrics:
-            out.append(self._compare(node, metric, good_base, good_cur, "mann_whitney", "baseline"))
+            if not (by_peers and metric.startswith("latency")):
+                out.append(
+                    self._compare(node, metric, good_base, good_cur, "mann_whitney", "baseline")
+                )
             if peer_pool:
-                good_peers = [s for s in peer_pool if s.requests >= p.min_requests]
                 out.append(
                     self._compare(
                         node, metric, good_peers, good_cur, "mann_whitney_vs_peers", "peers"
                     )
                 )
+        contention = self._contention(base, cur)
+        if contention:
+            out = [
+                dataclasses.replace(
+                    f,
+                    verdict=Outcome.INCONCLUSIVE,
+                    message=f"{f.message}; not a failure: {contention}",
+                )
+                if f.verdict is Outcome.FAIL and f.metric.startswith("latency")
+                else f
+                for f in out
+            ]
         return out
+
+    # --------------------------------------------------------- contention
+    def _contention(self, base: list[Sample], cur: list[Sample]) -> str:
+        """Why this node's latency cannot be blamed on the release, or "".
+
+        A host whose CPU was saturated for at least half of the window (the
+        deploy preparing everywhere at once, a neighbour, a hypervisor) slows
+        every request that waits for a core.  The release is to blame only if
+        the worker itself does more work per request: its CPU seconds per
+        request rose beyond ``cpu_per_request_tolerance``.  Otherwise the
+        latency evidence is contention: INCONCLUSIVE, not FAIL.
+        """
+        p = self.policy
+        if p.cpu_saturation is None:
+            return ""
+        busy = [b for b in (s.host_cpu_busy for s in cur) if b is not None]
+        saturated = sum(1 for b in busy if b >= p.cpu_saturation)
+        if not busy or saturated * 2 < len(busy):
+            return ""
+        base_req, cur_req = sum(s.requests for s in base), sum(s.requests for s in cur)
+        if base_req <= 0 or cur_req <= 0:
+            return ""
+        base_cpr = sum(s.cpu_s for s in base) / base_req
+        cur_cpr = sum(s.cpu_s for s in cur) / cur_req
+        if cur_cpr > base_cpr * (1.0 + p.cpu_per_request_tolerance):
+            return ""
+        return (
+            f"host CPU saturated (>= {p.cpu_saturation:.0%} busy) in {saturated} of {len(busy)} "
+            f"samples (median {statistics.median(busy):.0%}) while the worker's CPU per request "
+            f"stayed at {cur_cpr * 1e3:.2f} ms (baseline {base_cpr * 1e3:.2f} ms): "
+            "contention, not the release"
+        )
+
+    # ------------------------------------------------------- changed code
+    def _changed_code(
+        self, reports: Mapping[str, ChangedCode], release: str
+    ) -> tuple[list[Finding], dict[str, Any] | None]:
+        """Did the release's changed functions run, and do they raise on most calls?
+
+        Counts are pooled over the upgraded nodes per function (a function on
+        5 % of the traffic is judged on the fleet's calls, not one node's
+        trickle); the error ratio of the changed code itself is judged on
+        the lower bound of its Wilson interval against
+        ``changed_code_max_error_rate``.  The minimum-coverage knobs make a
+        window that did not exercise the new code INCONCLUSIVE.
+        """
+        p = self.policy
+        need = p.changed_code_min_ran > 0 or p.changed_code_min_calls > 0
+        if not reports:
+            if not need:
+                return [], None
+            return [
+                Finding("", "changed_code", None, None, "changed_code", None, None,
+                        Outcome.INCONCLUSIVE,
+                        f"no upgraded node reported changed-code coverage of {release or 'the release'}")
+            ], None  # fmt: skip
+        totals: dict[str, list[Any]] = {}  # name -> [kind, calls, raised, {node: (calls, raised)}]
+        for node, report in sorted(reports.items()):
+            for f in report.functions:
+                entry = totals.setdefault(f.name, [f.kind, 0, 0, {}])
+                entry[1] += f.calls
+                entry[2] += f.raised
+                entry[3][node] = (f.calls, f.raised)
+        out: list[Finding] = []
+        confidence = 1.0 - p.alpha
+        for name, (_kind, calls, raised, per_node) in sorted(totals.items()):
+            if p.changed_code_max_error_rate is None or calls <= 0 or raised <= 0:
+                continue
+            lo, _ = wilson_interval(raised, calls, confidence)
+            if lo <= p.changed_code_max_error_rate:
+                continue
+            worst = max(per_node, key=lambda n: (per_node[n][1], n))
+            where = ", ".join(f"{n} {r}/{c}" for n, (c, r) in sorted(per_node.items()) if r)
+            out.append(
+                Finding(worst, f"changed:{name}", raised / calls, p.changed_code_max_error_rate,
+                        "changed_code", None, None, Outcome.FAIL,
+                        f"changed function {name} raised on {raised} of {calls} calls "
+                        f"({raised / calls:.0%}; {confidence:.0%} lower bound {lo:.2f}) > bound "
+                        f"{p.changed_code_max_error_rate:g} ({where})", samples=calls)
+            )  # fmt: skip
+        n = len(totals)
+        ran = sorted(k for k, v in totals.items() if v[1] > 0)
+        never = sorted(k for k, v in totals.items() if v[1] == 0)
+        raising = sorted(k for k, v in totals.items() if v[2] > 0)
+        calls_all = sum(v[1] for v in totals.values())
+        raised_all = sum(v[2] for v in totals.values())
+        summary = {
+            "release": release,
+            "functions": n,
+            "ran": len(ran),
+            "calls": calls_all,
+            "raised": raised_all,
+            "never_ran": never,
+            "raising": [
+                {"name": k, "calls": totals[k][1], "raised": totals[k][2]} for k in raising
+            ],
+            "nodes": sorted(reports),
+        }
+        share = len(ran) / n if n else 1.0
+        short = []
+        if share < p.changed_code_min_ran:
+            short.append(f"{len(ran)} of {n} ran, policy needs {p.changed_code_min_ran:.0%}")
+        if calls_all < p.changed_code_min_calls:
+            short.append(f"{calls_all} calls, policy needs {p.changed_code_min_calls}")
+        text = (
+            f"changed code: {len(ran)} of {n} functions ran ({calls_all} calls, {raised_all} raised"
+            + (f", error ratio {raised_all / calls_all:.2g}" if calls_all else "")
+            + ")"
+            + (
+                f"; never ran: {', '.join(never[:5])}{' ...' if len(never) > 5 else ''}"
+                if never
+                else ""
+            )
+        )
+        out.append(
+            Finding("", "changed_code", share, p.changed_code_min_ran or None, "changed_code",
+                    None, None, Outcome.INCONCLUSIVE if short else Outcome.PASS,
+                    text + (f" (too little to pass: {'; '.join(short)})" if short else ""),
+                    samples=calls_all)
+        )  # fmt: skip
+        return out, summary
 
     # -------------------------------------------------------- error rate
     def _error_rate(
@@ -826,7 +1057,13 @@ class Judge:
 
     # ------------------------------------------------------------ latency
     def _latency(
-        self, node: str, good_base: list[Sample], cur: list[Sample], base_ok: bool, enough: bool
+        self,
+        node: str,
+        good_base: list[Sample],
+        cur: list[Sample],
+        base_ok: bool,
+        enough: bool,
+        against: str = "baseline",
     ) -> list[Finding]:
         p = self.policy
         pooled = _pool(good_base) if base_ok else None
@@ -844,9 +1081,9 @@ class Judge:
             if ratio is not None and base_q is not None:
                 rel = max(base_q * ratio, base_q + floor)
                 how = (
-                    f" (baseline {base_q:.3f} s x {ratio:g})"
+                    f" ({against} {base_q:.3f} s x {ratio:g})"
                     if base_q * ratio >= base_q + floor
-                    else f" (baseline {base_q:.3f} s + {floor:g} s)"
+                    else f" ({against} {base_q:.3f} s + {floor:g} s)"
                 )
                 bounds.append((rel, how))
             if not bounds:
@@ -954,9 +1191,48 @@ class Judge:
         test: str, against: str,
     ) -> Finding:  # fmt: skip
         p = self.policy
+        if metric == "latency_p99":
+            # a p99 of a 15-request sample is its slowest request: compare p99s of
+            # consecutive samples merged to >= min_requests_p99 requests instead
+            return self._compare_tail(node, metric, ref_samples, cur_samples, test, against)
         ref = [v for v in (s.metric(metric) for s in ref_samples) if v is not None]
         obs = [v for v in (s.metric(metric) for s in cur_samples) if v is not None]
-        if len(ref) < p.min_samples or len(obs) < p.judge_min_samples:
+        return self._compare_values(node, metric, ref, obs, test, against, p.min_samples)
+
+    def _compare_tail(
+        self, node: str, metric: str, ref_samples: list[Sample], cur_samples: list[Sample],
+        test: str, against: str,
+    ) -> Finding:  # fmt: skip
+        """The p99 judge over chunks of >= ``min_requests_p99`` requests.
+
+        Fewer chunks than the test needs on a node with enough traffic is a
+        pass left to the p99 threshold (which judges the same chunks), not a
+        pause: at 30 requests/s a 10 s window holds 6 such chunks.
+        """
+        p = self.policy
+        ref = [
+            v for v in _chunked_quantiles(ref_samples, 0.99, p.min_requests_p99) if v is not None
+        ]
+        obs = [
+            v for v in _chunked_quantiles(cur_samples, 0.99, p.min_requests_p99) if v is not None
+        ]
+        enough = sum(1 for s in cur_samples if s.requests >= p.min_requests) >= p.min_samples
+        if (len(ref) < p.judge_min_samples or len(obs) < p.judge_min_samples) and enough:
+            return Finding(
+                node, metric, statistics.median(obs) if obs else None, None, test, None, None,
+                Outcome.PASS,
+                f"{node} {metric} vs {against}: {len(obs)} vs {len(ref)} chunks of >= "
+                f"{p.min_requests_p99} requests, too few for Mann-Whitney; left to the p99 bound",
+                samples=len(obs),
+            )  # fmt: skip
+        return self._compare_values(node, metric, ref, obs, test, against, p.judge_min_samples)
+
+    def _compare_values(
+        self, node: str, metric: str, ref: list[float], obs: list[float], test: str,
+        against: str, pass_samples: int,
+    ) -> Finding:  # fmt: skip
+        p = self.policy
+        if len(ref) < pass_samples or len(obs) < p.judge_min_samples:
             return Finding(
                 node,
                 metric,
@@ -967,7 +1243,7 @@ class Judge:
                 None,
                 Outcome.INCONCLUSIVE,
                 f"{node} {metric} vs {against}: too few samples for Mann-Whitney "
-                f"({len(obs)} vs {len(ref)}; need {p.judge_min_samples} and {p.min_samples})",
+                f"({len(obs)} vs {len(ref)}; need {p.judge_min_samples} and {pass_samples})",
                 samples=len(obs),
             )
         failed, res, shift, tol = self._test(metric, ref, obs)
@@ -998,7 +1274,7 @@ class Judge:
         )
         if failed:
             verdict = Outcome.FAIL
-        elif len(obs) < p.min_samples:
+        elif len(obs) < pass_samples:
             verdict, msg = Outcome.INCONCLUSIVE, msg + " (too few samples to pass)"
         else:
             verdict = Outcome.PASS

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from coordinator.analysis import Judge, Outcome
+from coordinator.analysis import RESUMES, Judge, Outcome, paused_record
 from coordinator.convergence import Convergence
 from coordinator.election import Leadership
 from coordinator.fleet import AgentPool, NodeInfo, Target, read_nodes, select
@@ -1170,7 +1170,14 @@ class Engine:
         return policy
 
     def _analyse(self, lead: Leadership, rollout: Rollout, policy: AnalysisPolicy) -> str:
-        """The rollback window: judge every upgraded node until it passes, fails or ends unsure."""
+        """The rollback window: judge every upgraded node until it passes, fails or ends unsure.
+
+        Paused is not unguarded: an inconclusive window pauses (waiting for
+        ``coordctl promote``/``rollback``) but the judge keeps sampling, so a
+        regression that shows later (thresholds, crashes, changed code
+        failing) still rolls back by itself, and a window that becomes
+        conclusive and healthy resumes to permanent.
+        """
         sampler = self.sampler
         upgraded = sorted(n.node for n in rollout.nodes.values() if n.finished)
         waiting = sorted(n.node for n in rollout.nodes.values() if n.wave > rollout.wave)
@@ -1183,6 +1190,7 @@ class Engine:
             checks, [members[n] for n in upgraded if n in members], policy.smoke_timeout_s
         )
         judge = Judge(policy)
+        paused_at: float | None = None
         while True:
             self._stopping.wait(policy.interval_s)
             if self._stopping.is_set() or sampler is None:
@@ -1196,19 +1204,32 @@ class Engine:
             if self.prometheus is not None:
                 window_events += self.prometheus.events()
             peers = sampler.samples(waiting, start)[0] if waiting else None
-            verdict = judge.evaluate(baseline, current, window_events, peers=peers)
+            verdict = judge.evaluate(
+                baseline,
+                current,
+                window_events,
+                peers=peers,
+                changed=sampler.changed_code(upgraded, start),
+                release=rollout.release,
+            )
             elapsed = time.time() - start
             action = verdict.action(policy, window_over=elapsed >= policy.window_s)
+            before = rollout.analysis
             rollout.analysis = {
                 **verdict.to_json(),
                 "elapsed_s": round(elapsed, 3),
                 "window_s": policy.window_s,
                 "action": action,
             }
+            if action == "pause":
+                paused_at = paused_at or time.time()
+                rollout.analysis["paused"] = paused_record(verdict, paused_at)
             if action == "wait":
                 self._save(lead, rollout)
                 continue
             if action == "promote":
+                if paused_at is not None:
+                    rollout.analysis["resumed"] = f"judge passed after a pause: {verdict.reason}"
                 self._save(lead, rollout)
             elif action == "rollback":
                 failed = verdict.overall is Outcome.FAIL
@@ -1218,11 +1239,12 @@ class Engine:
                 log.warning("rollout %s: %s; rolling the fleet back", rollout.id, rollout.reason)
                 self._rollback_of(lead, rollout, upgraded, why)
             else:
-                rollout.reason = (
-                    f"{verdict.reason}; paused: promote with `coordctl promote` "
-                    "or roll back with `coordctl rollback`"
-                )
-                self._save(lead, rollout)
+                rollout.reason = f"{verdict.reason}; paused: {RESUMES}"
+                # saved when what the operator reads changes, not every sample; the
+                # save is compare-and-swap: an operator's promote/rollback meanwhile wins
+                if not before or before.get("reason") != verdict.reason or "paused" not in before:
+                    self._save(lead, rollout)
+                continue  # still guarded: sampled and judged until promoted or rolled back
             return action
 
     def _rollback_of(self, lead: Leadership, rollout: Rollout, nodes: list[str], why: str) -> None:

@@ -22,7 +22,14 @@ from typing import Any
 
 import grpc
 
-from coordinator.analysis import Event, EventKind, Sample, Snapshot, samples_from_snapshots
+from coordinator.analysis import (
+    ChangedCode,
+    Event,
+    EventKind,
+    Sample,
+    Snapshot,
+    samples_from_snapshots,
+)
 from coordinator.fleet import AgentPool, NodeInfo
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 
@@ -145,6 +152,22 @@ class HealthSampler:
             out[node], evs = samples_from_snapshots(node, snaps)
             events.extend(evs)
         return out, events
+
+    def changed_code(self, nodes: Sequence[str], since: float) -> dict[str, ChangedCode]:
+        """Per node, its latest changed-code coverage reported at or after ``since``.
+
+        The agents' counts are cumulative since their finish, so the newest
+        report is the whole window; no differencing needed.
+        """
+        out: dict[str, ChangedCode] = {}
+        with self._lock:
+            for node in nodes:
+                history = self._history.get(node)
+                if history:
+                    last = history[-1]
+                    if last.t >= since and last.changed is not None:
+                        out[node] = last.changed
+        return out
 
     def lost(
         self, nodes: Sequence[str], since: float, current: Mapping[str, NodeInfo]

@@ -150,6 +150,38 @@ class AnalysisPolicy:
     #: Seconds every smoke check may take on a node; a timeout is a failure.
     smoke_timeout_s: float = 5.0
 
+    # ------------------------------------------------------- changed code
+    #: Bound on the share of a changed (or added) function's calls that raise,
+    #: pooled over the upgraded nodes and judged on the lower bound of its
+    #: (1 - alpha) Wilson interval, so 3 raising calls of 3 already prove it
+    #: and 1 of 10 never does.  0.2: a function failing half its calls is a
+    #: regression even when it serves 5 % of requests and the app's overall
+    #: error rate stays under its own bound; code that raises as control flow
+    #: on purpose (validators) sets this higher or ``none``.
+    changed_code_max_error_rate: float | None = 0.2
+    #: Share of the changed functions that must have run at least once (on
+    #: any upgraded node) before the window may pass; below it the window is
+    #: INCONCLUSIVE (pause), never a silent pass.  0: not required.
+    changed_code_min_ran: float = 0.0
+    #: Calls of changed code (all functions, all nodes) the window needs to pass.
+    changed_code_min_calls: int = 0
+
+    # ---------------------------------------------------------- contention
+    #: Judge latency against the nodes still on the old release (waves), when
+    #: they have ``min_samples`` conclusive samples, instead of the baseline:
+    #: they share the host's contention of the same moment, the baseline does not.
+    latency_vs_peers: bool = True
+    #: Host CPU busy share (all cores, steal included) at or above which a
+    #: sample counts as saturated.  A node saturated in at least half of the
+    #: window while its own CPU per request stayed within
+    #: ``cpu_per_request_tolerance`` of the baseline was slowed down by others
+    #: (the deploy, a neighbour), not by the release: its latency findings are
+    #: INCONCLUSIVE, never FAIL.  ``none`` disables.
+    cpu_saturation: float | None = 0.9
+    #: Relative rise of the worker's CPU seconds per request that marks the
+    #: release itself as doing more work (a CPU regression is never excused).
+    cpu_per_request_tolerance: float = 0.5
+
     def __post_init__(self) -> None:
         _check(self)
 
@@ -197,7 +229,16 @@ class AnalysisPolicy:
 # ---------------------------------------------------------------- validation
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_RATES = {"max_error_rate", "max_error_rate_increase", "alpha", "tolerance"}
+_RATES = {
+    "max_error_rate",
+    "max_error_rate_increase",
+    "alpha",
+    "tolerance",
+    "changed_code_max_error_rate",
+    "changed_code_min_ran",
+    "cpu_saturation",
+    "cpu_per_request_tolerance",
+}
 
 
 def _plain(value: Any) -> Any:
@@ -349,6 +390,20 @@ def _check(p: AnalysisPolicy) -> None:
         "failure_limit",
     ):
         need(getattr(p, key) >= 1, key, "must be >= 1")
+    need(p.changed_code_min_calls >= 0, "changed_code_min_calls", "must be >= 0")
+    need(
+        finite(p.changed_code_min_ran) and 0 <= p.changed_code_min_ran <= 1,
+        "changed_code_min_ran",
+        "must be in [0, 1]",
+    )
+    for key in ("changed_code_max_error_rate", "cpu_saturation"):
+        v = getattr(p, key)
+        need(v is None or (finite(v) and 0 < v <= 1), key, "must be in (0, 1] or none")
+    need(
+        finite(p.cpu_per_request_tolerance) and p.cpu_per_request_tolerance >= 0,
+        "cpu_per_request_tolerance",
+        "must be >= 0",
+    )
     need(p.max_uncaught >= 0, "max_uncaught", "must be >= 0")
     need(
         p.judge_min_samples <= p.min_samples,

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
+from coordinator.render_analysis import analysis_extras, paused_line, shown_phase
+
 __all__ = [
     "Progress",
     "Style",
@@ -178,7 +180,11 @@ def nodes_table(
     wide: bool = False,
     no_headers: bool = False,
 ) -> str:
-    """One row per node; ``wide`` adds the HTTP address, pid and the epoch it has seen."""
+    """One row per node; ``wide`` adds the HTTP address, pid and the epoch it has seen.
+
+    SYNC says whether the node runs what the fleet wants of it (the leader's
+    convergence loop): ``ok``, ``catching up``, or the release it should run.
+    """
     rows = []
     for n in nodes:
         state = str(n.get("state", ""))
@@ -186,6 +192,7 @@ def nodes_table(
             n.get("node_id", ""),
             style.yellow(state) if state not in ("ready", "idle") else state,
             n.get("current_release") or "-",
+            _sync(n, style),
             n.get("permanent_release") or "-",
             n.get("previous_release") or "-",
             n.get("address") or "-",
@@ -193,12 +200,23 @@ def nodes_table(
         if wide:
             row += [n.get("http_address") or "-", n.get("pid") or "-", n.get("epoch_seen") or 0]
         rows.append([*row, age(n.get("started_at")), _labels(n.get("labels"))])
-    headers = ["NODE", "STATE", "RELEASE", "PERMANENT", "PREVIOUS", "ADDRESS"]
+    headers = ["NODE", "STATE", "RELEASE", "SYNC", "PERMANENT", "PREVIOUS", "ADDRESS"]
     if wide:
         headers += ["HTTP", "PID", "EPOCH"]
     return table(
         [*headers, "UP", "LABELS"], rows, empty="no nodes registered", no_headers=no_headers
     )
+
+
+def _sync(node: Mapping[str, Any], style: Style) -> str:
+    convergence = node.get("convergence") or ""
+    if convergence == "converged":
+        return "ok"
+    if convergence == "catching_up":
+        return style.yellow("catching up")
+    if convergence == "drifting":
+        return style.yellow(f"wants {node.get('desired_release') or 'boot code'}")
+    return "-"
 
 
 def releases_table(releases: Sequence[Mapping[str, Any]], *, no_headers: bool = False) -> str:
@@ -269,7 +287,7 @@ def rollouts_table(
             r.get("id", ""),
             r.get("kind", ""),
             r.get("release", ""),
-            style.phase(str(r.get("phase", ""))),
+            style.phase(shown_phase(r)),
             len(r.get("targets") or ()),
             age(r.get("created_at")),
             duration(r.get("duration_s")),
@@ -281,7 +299,7 @@ def rollouts_table(
                 r.get("leader") or "-",
                 r.get("epoch") or 0,
             ]
-        rows.append([*row, _one_line(r.get("reason") or "")])
+        rows.append([*row, paused_line(r) or _one_line(r.get("reason") or "")])
     headers = ["ROLLOUT", "KIND", "RELEASE", "PHASE", "NODES", "AGE", "DURATION"]
     if wide:
         headers += ["WAVES", "SKEW", "LEADER", "EPOCH"]
@@ -418,7 +436,7 @@ def rollout_detail(rollout: Mapping[str, Any], style: Style = PLAIN) -> str:
         lines.insert(3, f"Waves:    {int(rollout.get('wave') or 0) + 1} of {rollout['waves']}")
     analysis = rollout.get("analysis") or {}
     if analysis:
-        lines += ["", analysis_table(analysis, style)]
+        lines += ["", analysis_table(analysis, style), *analysis_extras(analysis)]
     if errors:
         lines += ["", style.bold(f"{len(errors)} error(s):"), errors_table(errors, style)]
     return "\n".join(lines)
@@ -641,7 +659,7 @@ def summary(rollout: Mapping[str, Any]) -> str:
     analysis = rollout.get("analysis") or {}
     if rollout.get("phase") == "provisional" and analysis:
         if analysis.get("action") == "pause":
-            text += ", paused (promote or rollback)"
+            text += f", {paused_line(rollout)}"
         else:
             left = float(analysis.get("window_s") or 0) - float(analysis.get("elapsed_s") or 0)
             text += f", analysis: {duration(max(left, 0.0))} left"

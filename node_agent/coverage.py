@@ -44,6 +44,12 @@ __all__ = [
     "prometheus_lines",
 ]
 
+#: Calls after which a function is no longer counted (its counts freeze): a
+#: hot function reaches it within a second of the window and then costs
+#: nothing at all; the judge's error ratio of the changed code rests on the
+#: first CALLS_CAP calls of each function, far more than its Wilson bound needs.
+CALLS_CAP = 2000
+
 _TOOL_IDS = (4, 3)  # 1 is coverage.py's, 2 profilers', 0 debuggers', 5 optimizers'
 _TOOL_NAME = "hotfleet-coverage"
 
@@ -220,6 +226,14 @@ class _Monitoring:
     def counts(self, target: ChangedFunction) -> tuple[int, int]:
         return self.calls.get(target.code, 0), self.raised.get(target.code, 0)
 
+    def retire(self, target: ChangedFunction) -> None:
+        """Stop counting one function: its PY_START off, its unwinds no longer looked up."""
+        if self.tool is None:
+            return
+        mon: Any = getattr(sys, "monitoring")  # noqa: B009
+        mon.set_local_events(self.tool, target.code, mon.events.NO_EVENTS)
+        self.raised.pop(target.code, None)  # the PY_UNWIND callback skips it from now on
+
     def stop(self) -> None:
         if self.tool is None:
             return
@@ -271,6 +285,13 @@ class _Prologue:
         calls, raised, slot = hit
         return calls[slot], raised[slot]
 
+    def retire(self, target: ChangedFunction) -> None:
+        """Stop counting one function: the plain code goes back into its function objects."""
+        for fn in target.functions:
+            for f, plain, twin in self.swapped:
+                if f is fn and fn.__code__ is twin:
+                    fn.__code__ = plain
+
     def stop(self) -> None:
         for fn, plain, twin in self.swapped:
             if fn.__code__ is twin:
@@ -292,12 +313,17 @@ class Coverage:
 
     ``start`` after finish, ``stop`` at make_permanent, rollback or the next
     finish; ``report`` any time (after ``stop`` it keeps the last counts,
-    ``active`` false).  Thread-safe for start/stop/report; the counting itself
+    ``active`` false).  Each report retires the functions that reached ``cap``
+    calls (see :data:`CALLS_CAP`); the Health RPC reports every interval, so a
+    hot path stops paying for counting within a second.  Thread-safe for
+    start/stop/report; the counting itself
     runs lock-free in the calling threads (a lost increment under a data race
     is acceptable for a health signal; no lock may sit on the request path).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = CALLS_CAP) -> None:
+        self.cap = cap
+        self._retired: dict[int, tuple[int, int]] = {}  # id(code) -> counts when retired
         self._lock = threading.Lock()
         self._release = ""
         self._targets: list[ChangedFunction] = []
@@ -315,6 +341,7 @@ class Coverage:
         with self._lock:
             self._stop_locked()
             self._release, self._targets, self._final, self.error = release, list(targets), (), ""
+            self._retired = {}
             if not targets:
                 return
             backend = _backend(instrumented or {})
@@ -339,7 +366,14 @@ class Coverage:
     def _collect(self, backend: _Monitoring | _Prologue) -> tuple[FunctionCoverage, ...]:
         out = []
         for t in self._targets:
-            calls, raised = backend.counts(t)
+            frozen = self._retired.get(id(t.code))
+            if frozen is None:
+                calls, raised = backend.counts(t)
+                if calls >= self.cap:  # enough evidence: this function stops costing anything
+                    backend.retire(t)
+                    self._retired[id(t.code)] = (calls, raised)
+            else:
+                calls, raised = frozen
             out.append(FunctionCoverage(t.name, t.kind, calls, raised))
         return tuple(out)
 

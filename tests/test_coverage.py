@@ -133,3 +133,27 @@ def _interpreter(version: str) -> str | None:
         if probe.returncode == 0:
             return exe
     return None
+
+
+def test_a_function_stops_costing_once_it_has_enough_calls(cb: Codebase) -> None:
+    """Past ``cap`` calls its counts freeze and its plain code (or no event) runs again."""
+    mods = cb.boot(BOOT)
+    price = mods["svc"].price
+    cb.loader.coverage.cap = 5
+    cb.upgrade("2", V2)
+    for x in range(3):
+        price(x)
+    counts = {f.name.split(".", 1)[1]: f.calls for f in cb.loader.coverage.report().functions}
+    assert counts["svc:price"] == 3
+    for x in range(7):
+        price(x)
+    assert {f.name.split(".", 1)[1]: f.calls for f in cb.loader.coverage.report().functions}[
+        "svc:price"
+    ] == 10  # reached the cap: retired at this report
+    for x in range(5):
+        price(x)
+    after = {f.name.split(".", 1)[1]: f.calls for f in cb.loader.coverage.report().functions}
+    assert after["svc:price"] == 10  # frozen: no longer counted
+    assert cb.loader.coverage.active  # the other functions still are
+    if sys.version_info < (3, 12):
+        assert "__hotfleet_calls__" not in price.__code__.co_names  # the plain code is back
