@@ -262,8 +262,24 @@ class Campaign:
                     f"{name}: {len(failed)} failed request(s) on a node no fault hit "
                     f"(first: {failed[0]})"
                 )
+        self._settle()
         r.seconds = time.monotonic() - started
         return r
+
+    def _settle(self) -> None:
+        """Before the next round: one leader that stays the leader (a fault's after-effects,
+        such as a lease that expires after an etcd restart, belong to this round)."""
+        deadline = time.monotonic() + CONVERGE_BOUND_S
+        previous = None
+        while time.monotonic() < deadline:
+            try:
+                leader = self.coordinators.leader(timeout=10)
+            except AssertionError:
+                continue
+            if leader is previous:
+                return
+            previous = leader
+            time.sleep(1.0)
 
     # --------------------------------------------------------------- faults
     def _inject(self, r: Round, healed: threading.Event) -> None:
