@@ -92,8 +92,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_ROLLED_BACK: "rolled back: the release went out and was taken back out",
     EXIT_UNREACHABLE: "coordinator unreachable, no leader, or timed out waiting "
     "(the rollout may go on: see `coordctl status`)",
-    EXIT_PAUSED: "paused: the analysis could not judge the release (too little data); "
-    "it waits for `coordctl promote` or `coordctl rollback`",
+    EXIT_PAUSED: "paused: the analysis could not judge the release yet (too little data); "
+    "it resumes by itself once it can, or `coordctl promote` / `coordctl rollback`",
 }
 
 RPC_TIMEOUT_S = 15.0
