@@ -28,7 +28,21 @@ than its analysis interval.
 (b) **False rollbacks**: ``--upgrades`` good upgrades under the same load,
 alternating ``shop-2.0.0`` <-> ``shop-1.0.0``, each with the window; a
 rollout ending ``rolled_back`` is a false rollback (target 0); one paused as
-inconclusive is counted apart and promoted.
+inconclusive is counted apart and promoted.  With ``--hogs N`` (default 2)
+N processes spin on the CPU during the good upgrades: a deploy lands on a
+busy host, and the judge must not read that contention as a regression.
+
+(c) **Changed code failing quietly** (issue 14): ``shop@2.6.0-half``, whose
+new ``volume_discount`` helper raises on 50 % of its calls on the bulk-order
+path, which carries 5 % of the traffic (a second load generator at 5 % of
+``--rate`` on ``qty=12``); ``quote`` falls back to the flat discount, so no
+request fails and the app's error rate does not move.  *detect* = first
+node's finish -> rollback rollout recorded (target <= 3 s).
+
+(d) **Coverage cost**: the loader benchmark's request loop with the counting
+on and off in alternating blocks (``_knows.coverage_overhead``), p50 per
+request, with the agent's call cap (a function past it stops being counted)
+and uncapped (the raw per-call cost).  Target <= 3 % at p50.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from typing import Any
 
 import _common
 import _fleet
+import _knows
 
 from coordinator.engine import RolloutOptions, Target
 from coordinator.model import Phase, Rollout
@@ -51,6 +66,8 @@ BAD = "shop@2.1.0-bad"
 GOOD = ("shop@2.0.0", "shop@1.0.0")
 KEY = {"shop@2.0.0": _fleet.V2, "shop@1.0.0": _fleet.V1, "": _fleet.V1}
 QUICK_HEALTH = {"min_samples": 4, "baseline_s": 4}
+HALF = "shop@2.6.0-half"
+BULK_PATH = "/price?sku=apple&qty=12"
 
 
 # ------------------------------------------------------------------ helpers
@@ -257,6 +274,41 @@ def bad_run(
     }
 
 
+# ----------------------------------------------- (c) changed code failing
+def partial_run(
+    fleet: _fleet.Fleet, options: RolloutOptions, window_timeout: float
+) -> dict[str, Any]:
+    leader = fleet.leader
+    assert leader is not None
+    started = leader.engine.upgrade(HALF, Target(all=True), options)
+    done = leader.wait(started.id, timeout=window_timeout)
+    if done.phase is not Phase.ROLLED_BACK:
+        raise RuntimeError(f"{HALF} ended {done.phase.value}, not rolled back: {done.reason}")
+    deadline = time.monotonic() + 30
+    rb = None
+    while time.monotonic() < deadline:
+        rb = rollback_of(fleet, done.id)
+        if rb is not None and rb.phase is Phase.PERMANENT:
+            break
+        time.sleep(0.05)
+    if rb is None or rb.phase is not Phase.PERMANENT:
+        raise RuntimeError(f"no finished rollback rollout for {done.id}")
+    first_finish = min(n.finished_at for n in done.nodes.values() if n.finished)
+    rb_finish = [n.finished_at for n in rb.nodes.values() if n.finished]
+    coverage = done.analysis.get("changed_code") or {}
+    return {
+        "upgrade": done.id,
+        "reason": done.reason,
+        "detect_s": rb.created_at - first_finish,
+        "to_rollback_finished_s": max(rb_finish) - first_finish,
+        "error_rate_failed": any(
+            f["metric"] == "error_rate" and f["verdict"] == "fail"
+            for f in done.analysis.get("findings", [])
+        ),
+        "changed_code": {k: coverage.get(k) for k in ("functions", "ran", "calls", "raised")},
+    }
+
+
 # ------------------------------------------------------- (b) good upgrades
 def good_run(
     fleet: _fleet.Fleet, label: str, options: RolloutOptions, window_timeout: float
@@ -289,11 +341,41 @@ def good_run(
     }
 
 
+def good_upgrades(
+    fleet: _fleet.Fleet,
+    upgrades: int,
+    options_kw: dict[str, Any],
+    window_timeout: float,
+    say: Any,
+) -> list[dict[str, Any]]:
+    """``upgrades`` good upgrades, alternating 2.0.0 <-> 1.0.0, each judged by the window."""
+    good: list[dict[str, Any]] = []
+    current = ""  # the boot code (= shop 1.0.0)
+    for k in range(upgrades):
+        label = GOOD[0] if current != GOOD[0] else GOOD[1]
+        # every other upgrade goes back to 1.0.0: an explicit downgrade
+        opts = RolloutOptions(**{**options_kw, "allow_downgrade": True})
+        res = good_run(fleet, label, opts, window_timeout)
+        if res["outcome"] in ("permanent", "paused"):
+            current = label
+        want = KEY[current]
+        versions = fleet.versions()
+        res["versions_ok"] = all(v == want for v in versions.values())
+        good.append(res)
+        say(
+            f"good upgrade {k + 1}/{upgrades} -> {label}: {res['outcome']} "
+            f"({res['duration_s']:.1f} s){'' if res['versions_ok'] else ' VERSIONS WRONG'}"
+            + (f"; {res['reason'][:160]}" if res["outcome"] != "permanent" else "")
+        )
+    return good
+
+
 # ---------------------------------------------------------------------- run
 def run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     n = args.nodes or (3 if args.quick else 20)
     bad_runs = args.bad_runs if args.bad_runs is not None else (1 if args.quick else 3)
-    upgrades = args.upgrades if args.upgrades is not None else (3 if args.quick else 20)
+    upgrades = args.upgrades if args.upgrades is not None else (3 if args.quick else 50)
+    partial_runs = args.partial_runs if args.partial_runs is not None else (1 if args.quick else 3)
     health: dict[str, Any] = {"interval_s": args.interval}
     if args.quick:
         health.update(QUICK_HEALTH)
@@ -327,6 +409,7 @@ def run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
         out["startup_s"] = fleet.startup_s
         for name in ("shop-1.0.0", "shop-2.0.0", "shop-2.1.0-bad"):
             leader.engine.push_release(Release.from_path(_fleet.RELEASES / name))
+        leader.engine.push_release(_knows.partial_release("2.6.0-half", 0.5))
         procs = args.load_processes or (1 if n <= 4 else 2)
         loads = _fleet.start_load(fleet.agents, args.rate, procs)
         try:
@@ -350,23 +433,35 @@ def run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
                     f"{res['start_kind']} (detect {res['detect_s']:.2f} s, rollback 2PC "
                     f"{res['rollback_2pc_s']:.2f} s); {res['reason'][:100]}"
                 )
-            good: list[dict[str, Any]] = []
-            current = ""  # the boot code (= shop 1.0.0)
-            if bad_runs:
+            partial: list[dict[str, Any]] = []
+            targets = [(a.node_id, a.http_address) for a in fleet.agents]
+            bulk = (
+                _fleet.LoadProcess(targets, args.rate * 0.05, BULK_PATH) if partial_runs else None
+            )
+            try:
+                for k in range(partial_runs):
+                    wait_healthy_baseline(fleet, policy, clean_since=last_end)
+                    res = partial_run(fleet, RolloutOptions(**options_kw), window_timeout)
+                    last_end = time.time()
+                    partial.append(res)
+                    say(
+                        f"changed code failing run {k + 1}/{partial_runs}: rollback recorded "
+                        f"{res['detect_s']:.2f} s after the first finish; {res['reason'][:120]}"
+                    )
+            finally:
+                if bulk is not None:
+                    bulk.stop()
+                    bulk.close()
+            if bad_runs or partial_runs:
                 wait_healthy_baseline(fleet, policy, clean_since=last_end)
-            for k in range(upgrades):
-                label = GOOD[0] if current != GOOD[0] else GOOD[1]
-                res = good_run(fleet, label, RolloutOptions(**options_kw), window_timeout)
-                if res["outcome"] in ("permanent", "paused"):
-                    current = label
-                want = KEY[current]
-                versions = fleet.versions()
-                res["versions_ok"] = all(v == want for v in versions.values())
-                good.append(res)
-                say(
-                    f"good upgrade {k + 1}/{upgrades} -> {label}: {res['outcome']} "
-                    f"({res['duration_s']:.1f} s){'' if res['versions_ok'] else ' VERSIONS WRONG'}"
-                )
+            hog = _knows.CpuHog(args.hogs) if args.hogs else None
+            if hog is not None:
+                say(f"{args.hogs} CPU hog process(es) competing with the fleet")
+            try:
+                good = good_upgrades(fleet, upgrades, options_kw, window_timeout, say)
+            finally:
+                if hog is not None:
+                    hog.stop()
         finally:
             summaries = [p.stop() for p in loads]
             for p in loads:
@@ -383,6 +478,9 @@ def run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
         "mixed_responses": sum(st["mixed"] for st in per_node.values()),
     }
     out["bad_runs"] = bad
+    out["partial_runs"] = partial
+    out["partial_detect_s"] = _common.summary([r["detect_s"] for r in partial])
+    out["hogs"] = args.hogs
     out["good_upgrades"] = good
     times = [r["to_all_v1_s"] for r in bad]
     out["to_all_v1_s"] = _common.summary(times)
@@ -395,9 +493,18 @@ def run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     out["targets"] = {
         "rollback_max_3s": (max(times) <= TARGET_S) if times else None,
         "no_false_rollback": (out["false_rollbacks"] == 0) if good else None,
+        "changed_code_detect_3s": (max(r["detect_s"] for r in partial) <= TARGET_S)
+        if partial
+        else None,
         "no_failures_but_the_releases": out["load"]["other_failures"] == 0
         and out["load"]["mixed_responses"] == 0,
     }
+    if args.coverage_blocks:
+        say("coverage cost: the loader benchmark's request loop, counting on/off")
+        capped = _knows.coverage_overhead(args.coverage_blocks, 2000)
+        raw = _knows.coverage_overhead(args.coverage_blocks, 2000, cap=10**12)
+        out["coverage_cost"] = {"capped": capped, "uncapped": raw}
+        out["targets"]["coverage_p50_3pct"] = capped["overhead_p50_paired_pct"] <= 3.0
     return out
 
 
@@ -441,8 +548,22 @@ def print_report(res: dict[str, Any]) -> None:
         "  anchors: Flagger detects after interval (default 60 s) x threshold failed checks; "
         "Argo Rollouts no faster than its analysis interval"
     )
+    for k, b in enumerate(r.get("partial_runs") or [], 1):
+        print(
+            f"  changed code failing run {k}: rollback recorded {b['detect_s']:.2f} s after the "
+            f"first finish (error_rate failed: {b['error_rate_failed']}); {b['reason'][:140]}"
+        )
+    cost = r.get("coverage_cost")
+    if cost:
+        for kind, c in cost.items():
+            print(
+                f"  coverage cost ({kind}, {c['backend']}, cap {c['cap']}): p50 "
+                f"{c['p50_us_on']:.1f} vs {c['p50_us_off']:.1f} us per request, paired "
+                f"{c['overhead_p50_paired_pct']:+.1f} % ({c['functions_counted']} functions, "
+                f"{c['functions_retired']} retired)"
+            )
     print(
-        f"good upgrades: {len(r['good_upgrades'])}: "
+        f"good upgrades ({r.get('hogs', 0)} CPU hogs): {len(r['good_upgrades'])}: "
         + ", ".join(f"{o} {c}" for o, c in r["good_outcomes"].items())
         + f"; false-rollback rate {r['false_rollbacks']}/{len(r['good_upgrades'])}"
     )
@@ -470,6 +591,8 @@ MD_HEADER = [
     "detect s p50",
     "rollback 2PC s p50",
     "false rollbacks",
+    "changed code 50 % on 5 %: detect s p50/max",
+    "coverage cost p50 (capped / uncapped)",
     "other failures / mixed",
     "targets",
 ]
@@ -480,7 +603,12 @@ MD_PREAMBLE = (
     "finish of `shop-2.1.0-bad` to every node answering `GET /` with v1 again (target ≤ 3 s; "
     "Flagger: interval 60 s x threshold; Argo: its analysis interval). *false rollbacks*: "
     "good upgrades (shop 2.0.0 ↔ 1.0.0, same window and load) that ended `rolled_back` "
-    "(target 0; paused-as-inconclusive counted apart)."
+    "(target 0; paused-as-inconclusive counted apart), from this table's rows on with CPU hogs "
+    "competing with the fleet. *changed code 50 % on 5 %*: `shop@2.6.0-half`, whose new helper "
+    "raises on half its calls on a path carrying 5 % of the traffic, caught by its caller (no "
+    "request fails): first finish → rollback recorded (target ≤ 3 s). *coverage cost*: the "
+    "loader benchmark's request loop, counting on vs off in ABBA blocks, median of paired p50 "
+    "ratios, with the agent's call cap and uncapped (target ≤ 3 %)."
 )
 
 
@@ -501,7 +629,14 @@ def markdown_row(res: dict[str, Any]) -> list[str]:
         _s(r["detect_s"], "p50"),
         _s(r["rollback_2pc_s"], "p50"),
         f"{r['false_rollbacks']}/{len(r['good_upgrades'])}"
-        + (f" ({paused} paused)" if paused else ""),
+        + (f" ({paused} paused)" if paused else "")
+        + (f", {r['hogs']} CPU hogs" if r.get("hogs") else ""),
+        f"{_s(r['partial_detect_s'], 'p50')} / {_s(r['partial_detect_s'], 'max')}"
+        if r.get("partial_runs")
+        else "n/a",
+        " / ".join(f"{c['overhead_p50_paired_pct']:+.1f} %" for c in r["coverage_cost"].values())
+        if r.get("coverage_cost")
+        else "n/a",
         f"{r['load']['other_failures']} / {r['load']['mixed_responses']}",
         ", ".join(f"{k} {_ok(v).lower()}" for k, v in r["targets"].items()),
     ]
@@ -517,7 +652,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="health sampling interval, s (the leader's sampler and the judge; default 0.5)",
     )
     parser.add_argument(
-        "--upgrades", type=int, default=None, help="good upgrades (default 20; 3 quick)"
+        "--upgrades", type=int, default=None, help="good upgrades (default 50; 3 quick)"
     )
     parser.add_argument(
         "--bad-runs", type=int, default=None, help="bad-release runs (default 3; 1 quick)"
@@ -542,6 +677,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load generator processes (default 2; 1 for <= 4 nodes)",
     )
     parser.add_argument("--lease-ttl", type=int, default=3, help="agent lease TTL, s (default 3)")
+    parser.add_argument(
+        "--hogs", type=int, default=2, help="CPU hog processes during the good upgrades (default 2)"
+    )
+    parser.add_argument(
+        "--partial-runs",
+        type=int,
+        default=None,
+        help="runs of a changed function failing 50%% on 5%% of traffic (default 3; 1 quick)",
+    )
+    parser.add_argument(
+        "--coverage-blocks",
+        type=int,
+        default=12,
+        help="on/off block pairs of the coverage-cost measure (0 skips it; default 12)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -48,7 +48,7 @@ __all__ = [
 #: hot function reaches it within a second of the window and then costs
 #: nothing at all; the judge's error ratio of the changed code rests on the
 #: first CALLS_CAP calls of each function, far more than its Wilson bound needs.
-CALLS_CAP = 2000
+CALLS_CAP = 500
 
 _TOOL_IDS = (4, 3)  # 1 is coverage.py's, 2 profilers', 0 debuggers', 5 optimizers'
 _TOOL_NAME = "hotfleet-coverage"
