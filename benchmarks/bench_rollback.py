@@ -325,8 +325,10 @@ def good_run(
         timeout=window_timeout,
     )
     outcome = done.phase.value
+    paused_reason = ""
     if done.phase is Phase.PROVISIONAL:  # inconclusive: paused for the operator
         outcome = "paused"
+        paused_reason = done.reason
         leader.engine.promote(done.id)
         done = leader.wait(done.id, timeout=60)
     finishes = [n.finished_at for n in done.nodes.values() if n.finished]
@@ -334,7 +336,7 @@ def good_run(
         "id": done.id,
         "release": label,
         "outcome": outcome,
-        "reason": done.reason,
+        "reason": paused_reason or done.reason,
         "overall": done.analysis.get("overall"),
         "upgrade_e2e_s": (max(finishes) - done.created_at) if finishes else None,
         "duration_s": done.duration_s,
