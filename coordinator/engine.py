@@ -48,7 +48,7 @@ from coordinator.health import HealthSampler, run_smoke_checks
 from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.policy import AnalysisPolicy, PolicyError
 from coordinator.prometheus import PrometheusProvider
-from hotfleet import transient
+from hotfleet import decisions, transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
@@ -959,16 +959,47 @@ class Engine:
                 )
 
     def _decide(self, lead: Leadership, rollout_id: str, wanted: str) -> str:
-        """Write the decision once (the commit point) and return the one that stands."""
+        """Write the decision once (the commit point) and return the one that stands.
+
+        The record carries our epoch (:mod:`hotfleet.decisions`).  One already
+        there stands only if a leader wrote it (verified against etcd); a
+        forged one is replaced by ours, fenced and only if it is unchanged,
+        so nobody with mere write access to etcd decides a rollout.
+        """
         key = self.keys.decision(rollout_id)
         tx = self.client.transactions
-        ok, _ = _retry(lambda: lead.transaction([tx.put(key, wanted)], [tx.version(key) == 0]))
+        value = decisions.encode(wanted, lead.epoch)
+        ok, _ = _retry(lambda: lead.transaction([tx.put(key, value)], [tx.version(key) == 0]))
         if ok:
             return wanted
-        raw, _ = self._get(key)
-        if raw is None:
-            raise _Deposed()
-        return raw.decode()
+        for _attempt in range(3):
+            raw, meta = self._get(key)
+            if raw is None:
+                raise _Deposed()
+            stands = self._decision_that_stands(rollout_id, raw, int(meta.mod_revision), wanted)
+            if stands:
+                return stands
+            fenced = functools.partial(
+                lead.transaction, [tx.put(key, value)], [tx.mod(key) == meta.mod_revision]
+            )
+            if _retry(fenced)[0]:
+                return wanted
+        raise _Deposed()
+
+    def _decision_that_stands(self, rollout_id: str, raw: bytes, revision: int, wanted: str) -> str:
+        """The decision in ``raw`` if a leader wrote it, "" if it is forged (logged)."""
+        try:
+            verify = functools.partial(decisions.verify, self.client, self.keys, raw, revision)
+            return _retry(verify).decision
+        except decisions.ForgedDecision as exc:
+            log.error(
+                "rollout %s: the decision record was not written by a leader (%s); "
+                "replacing it with this leader's %r",
+                rollout_id,
+                exc,
+                wanted,
+            )
+            return ""
 
     def _finish_all(self, lead: Leadership, rollout: Rollout, options: RolloutOptions) -> bool:
         """Drive Finish to every yes voter; True if all of them switched.

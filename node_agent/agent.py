@@ -50,8 +50,11 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``; every key is built by
     signature is verified as for a Prepare (below) before anything is loaded.
 
 ``<prefix>rollouts/<id>/decision``
-    ``commit`` or ``abort``, written once by the coordinator: the 2PC commit
-    point.  While a rollout is prepared here, a thread the agent owns polls
+    ``{"decision": "commit"|"abort", "epoch": N}``, written once by the
+    leading coordinator in a transaction fenced by its leader key: the 2PC
+    commit point (:mod:`hotfleet.decisions`).  A record is believed only if
+    epoch ``N`` led when it was written (etcd's history of the election); a
+    forged one is logged and ignored.  While a rollout is prepared here, a thread the agent owns polls
     its decision key every 0.5 s and acts on it by itself (finish on
     ``commit``, drop on ``abort``), through the same code paths as the Finish
     and Abort RPCs and idempotent with them; so a prepared node never depends
@@ -63,11 +66,15 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``; every key is built by
     its sources in ``cache_dir``, so it can prepare it again (a retry, a
     rollback to it) while etcd is down.
 
-Fencing: every mutating RPC carries the coordinator's epoch; one lower than
-the highest seen is refused with ``FAILED_PRECONDITION``.  The highest epoch
-is persisted (atomic write) in ``cache_dir`` as
-``epoch-<node_id>-<hash of prefix>.json`` = ``{"epoch": 7}`` and loaded at
-start, so a restarted agent keeps fencing a deposed leader.
+Fencing: every mutating RPC carries the coordinator's epoch, and only the
+current leader's epoch as etcd says (the create revision of the lowest key
+under ``<prefix>election/``, read by the agent and cached for a second) is
+obeyed; anything else is refused with ``FAILED_PRECONDITION`` (see
+:meth:`Agent.fence`).  The highest *verified* epoch is persisted (atomic
+write) in ``cache_dir`` as ``epoch-<node_id>-<hash of prefix>.json`` =
+``{"epoch": 7}`` and is what the agent obeys while etcd is unreachable.
+Authority: with TLS, mutating RPCs are taken only from certificates with the
+``coordinator`` role (:mod:`hotfleet.tls`).
 
 Signing: outside dev mode the agent needs at least one trusted ed25519 key
 (``trusted_keys``, ``node-agent --trust-key``) and refuses to start without
@@ -100,6 +107,7 @@ import etcd3.exceptions
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from hotfleet import decisions
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
@@ -898,9 +906,14 @@ class Agent:
         label = f"{wire.name}@{wire.version}"
         try:
             manifest = manifest_from_proto(wire)
-            if wire.digest:  # refuse before fetching anything
-                self.check_signature(wire.digest, wire.signature.hex(), wire.signer, label)
-            release = self.fetch_release(manifest)
+            # the signature is checked on the release as declared, before any fetch:
+            # an unsigned or forged release costs no source transfer
+            release = self.fetch_release(
+                manifest,
+                verify=lambda declared: self.check_signature(
+                    wire.digest or declared.digest, wire.signature.hex(), wire.signer, label
+                ),
+            )
             if wire.digest and wire.digest != release.digest:
                 # Release.from_manifest refuses this already; never sign off on it here
                 raise HotfleetError(
@@ -912,8 +925,6 @@ class Agent:
                         )
                     ]
                 )
-            if not wire.digest:
-                self.check_signature(release.digest, wire.signature.hex(), wire.signer, label)
         except HotfleetError as exc:
             return self._prepare_reply(False, started, exc.errors)
         except ValueError as exc:
@@ -1419,7 +1430,18 @@ class _DecisionWatch:
         odd = ""
         while not self.stopped.wait(self.interval):
             try:
-                raw, _ = self.agent._client().get(self.key)
+                decision = self._read()
+            except decisions.ForgedDecision as exc:
+                if str(exc) != odd:
+                    odd = str(exc)
+                    log.error(
+                        "rollout %s: not acting on the decision record at %s: %s; still "
+                        "waiting for the coordinator",
+                        self.rollout_id,
+                        self.key,
+                        exc,
+                    )
+                continue
             except Exception as exc:
                 if not failing:
                     log.warning(
@@ -1435,20 +1457,21 @@ class _DecisionWatch:
             if failing:
                 log.info("rollout %s: decision key readable again", self.rollout_id)
                 failing = False
-            if raw is None:
-                continue
-            decision = raw.decode("utf-8", "replace").strip()
-            if self.agent.apply_decision(self.rollout_id, decision, self):
+            if decision is not None and self.agent.apply_decision(self.rollout_id, decision, self):
                 return
-            if decision != odd:
-                odd = decision
-                log.error(
-                    "rollout %s: unknown decision %r at %s (expected commit or abort); "
-                    "still waiting",
-                    self.rollout_id,
-                    decision,
-                    self.key,
-                )
+
+    def _read(self) -> str | None:
+        """The decision a leader wrote for this rollout, None while there is none.
+
+        Raises :class:`hotfleet.decisions.ForgedDecision` for a record no
+        leader wrote (checked against etcd's history of the election), and
+        whatever etcd raises while it cannot be read or verified.
+        """
+        client = self.agent._client()
+        raw, meta = client.get(self.key)
+        if raw is None:
+            return None
+        return decisions.verify(client, self.agent.keys, raw, int(meta.mod_revision)).decision
 
 
 def _check_permanent_manifest(manifest: Mapping[str, Any], target: ReleaseInfo) -> None:

@@ -24,7 +24,9 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.election import Leadership
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from hotfleet.decisions import encode
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
 from hotfleet.pki import DevPki, make_dev_pki
@@ -61,6 +63,18 @@ def publish(
         signature, signer = sign_release(rel.digest, key, release=rel.label, fleet=DEFAULT_FLEET)
         manifest.signature, manifest.signer = bytes.fromhex(signature), signer
     return manifest
+
+
+def decide(
+    client: EtcdClient, prefix: str, lead: Leadership, rollout_id: str, decision: str
+) -> None:
+    """Write a rollout's decision as the coordinator leading with ``lead`` does.
+
+    Fenced by the leader key and carrying its epoch (:mod:`hotfleet.decisions`):
+    the only kind of decision record agents act on.
+    """
+    put = client.transactions.put(Keys(prefix).decision(rollout_id), encode(decision, lead.epoch))
+    assert lead.guarded_txn([put]), f"{lead} no longer leads"
 
 
 @dataclass(frozen=True)

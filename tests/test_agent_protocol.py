@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.election import Leadership
+from coordinator.election import Election, Leadership, Session
 from hotfleet._proto.hotfleet.v1 import agent_pb2, common_pb2
 from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
@@ -32,6 +32,7 @@ from tests.agents import (
     SHOP_MODULES,
     AgentProcess,
     Agents,
+    decide,
     make_pki,
     publish,
     read_member,
@@ -59,29 +60,33 @@ def prepare(
 
 
 def test_prepared_agent_acts_on_the_decision_in_etcd_by_itself(
-    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str
+    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str, leadership: Leadership
 ) -> None:
-    keys = Keys(etcd_prefix)
+    epoch = leadership.epoch
+
+    def put(rollout_id: str, decision: str) -> None:
+        decide(etcd_client, etcd_prefix, leadership, rollout_id, decision)
+
     agent = agents.start("n-dec")
     manifest = publish(etcd_client, etcd_prefix, release("shop-2.0.0"))
 
     # abort: the prepared release is dropped, nothing switches.
-    assert prepare(agent, manifest, "r-abort").ok
-    etcd_client.put(keys.decision("r-abort"), "abort")
+    assert prepare(agent, manifest, "r-abort", epoch).ok
+    put("r-abort", "abort")
     wait_for(lambda: agent.status().state == "idle", timeout=5)
     assert agent.status().prepared_rollout == "" and version(agent) == "1"
 
     # A newer prepare supersedes an older one, whose decision then means nothing here.
-    assert prepare(agent, manifest, "r-old").ok
-    assert prepare(agent, manifest, "r-new").ok
-    etcd_client.put(keys.decision("r-old"), "commit")
+    assert prepare(agent, manifest, "r-old", epoch).ok
+    assert prepare(agent, manifest, "r-new", epoch).ok
+    put("r-old", "commit")
     # a non-event: it must not happen within the time the decision watch would take to act
     time.sleep(2 * DECISION_POLL_S + COMMIT_GRACE_S)
     assert agent.status().prepared_rollout == "r-new" and version(agent) == "1"
     assert "dropping prepared rollout r-old" in agent.log()
 
     # commit: the agent finishes by itself; a late Finish RPC is a replay.
-    etcd_client.put(keys.decision("r-new"), "commit")
+    put("r-new", "commit")
     wait_for(lambda: version(agent) == "2", timeout=5)
     status = agent.status()
     assert (status.state, status.current_release, status.prepared_rollout) == (
@@ -89,7 +94,7 @@ def test_prepared_agent_acts_on_the_decision_in_etcd_by_itself(
         "shop@2.0.0",
         "",
     )
-    late = agent.stub.Finish(agent_pb2.FinishRequest(rollout_id="r-new", epoch=1), timeout=10)
+    late = agent.stub.Finish(agent_pb2.FinishRequest(rollout_id="r-new", epoch=epoch), timeout=10)
     assert late.ok and late.already_finished and late.release == "shop@2.0.0"
     log = agent.log()
     assert "decision 'commit' found in etcd" in log and "finished by the agent itself" in log
@@ -195,8 +200,10 @@ def test_decision_poll_rides_out_an_etcd_outage(tmp_path: Path, etcd_server: Etc
         etcd_server.kill()
         wait_for(lambda: "cannot read decision" in agent.log(), timeout=10)
         etcd_server.start()
-        client.put(Keys(prefix).decision("r-out"), "commit")
-        wait_for(lambda: version(agent) == "2", timeout=15)
+        with Session(client, ttl=10) as session:
+            lead = Election(client, Keys(prefix).election, session).campaign("t", timeout=10)
+            decide(client, prefix, lead, "r-out", "commit")
+            wait_for(lambda: version(agent) == "2", timeout=15)
         assert "decision key readable again" in agent.log()
     finally:
         fleet.close()

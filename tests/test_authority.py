@@ -9,6 +9,8 @@ word on the leader's epoch stands between the caller and a code reload.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,11 @@ import pytest
 
 from coordinator.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
 from coordinator.election import Leadership
+from hotfleet import decisions
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
-from hotfleet.signing import generate_keypair
+from hotfleet.signing import generate_keypair, load_private_key
 from hotfleet.tls import Role
 from node_agent.agent import permanent_record
 from tests.agents import (
@@ -29,6 +32,7 @@ from tests.agents import (
     AgentProcess,
     Agents,
     Pki,
+    decide,
     make_pki,
     publish,
     release,
@@ -283,3 +287,79 @@ def test_a_forged_permanent_record_is_not_believed(
         assert (status.current_release, status.permanent_release) == ("", ""), name
         assert status.state == "reconcile_failed", (name, status.state)
         assert versions([node]) == {"1"}, name
+
+
+def test_a_decision_no_leader_wrote_is_not_acted_on(
+    agents: Agents,
+    etcd_client: EtcdClient,
+    etcd_prefix: str,
+    tmp_path: Path,
+    leadership: Leadership,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    node = _secure_agent(agents, pki, tmp_path, "n-decide")
+    key = load_private_key(tmp_path / "keys" / "fleet.key")
+    manifest = publish(etcd_client, etcd_prefix, release("shop-2.0.0"), key=key)
+    prepare = agent_pb2.PrepareRequest(rollout_id="r-x", epoch=leadership.epoch, release=manifest)
+    assert node.stub.Prepare(prepare, timeout=30).ok
+    decision_key = Keys(etcd_prefix).decision("r-x")
+    forged = {
+        "no epoch": b"commit",
+        "an epoch that never led": decisions.encode("commit", leadership.epoch + 1000).encode(),
+        "an older epoch": decisions.encode("commit", leadership.epoch - 1).encode(),
+    }
+
+    def refusals() -> int:
+        return node.log().count("not acting on the decision record")
+
+    for what, value in forged.items():
+        before = refusals()
+        etcd_client.put(decision_key, value)
+        wait_for(lambda n=before: refusals() > n, timeout=10)
+        assert node.status().prepared_rollout == "r-x", what
+    assert versions([node]) == {"1"}
+    assert "claims epoch" in node.log() and "is not a decision record" in node.log()
+    # the leader's own decision, fenced and with its epoch, is acted on
+    etcd_client.delete(decision_key)
+    decide(etcd_client, etcd_prefix, leadership, "r-x", "abort")
+    wait_for(lambda: node.status().prepared_rollout == "", timeout=10)
+    assert versions([node]) == {"1"}
+
+
+def test_a_leader_does_not_commit_on_a_decision_it_did_not_write(
+    agents: Agents, coordinators: Coordinators, etcd_client: EtcdClient, etcd_prefix: str
+) -> None:
+    """The finding: a forged ``commit`` made a --dry-run rollout switch a node."""
+    node = agents.start("n-dry")
+    daemon = coordinators.start("paused", fault="pause:before_decision", lease_ttl=30)
+    daemon.wait_leader()
+    wait_for(lambda: coordctl(daemon, "-o", "json", "nodes").json()["items"], timeout=20)
+    assert coordctl(daemon, "release", "push", str(RELEASES / "shop-2.0.0")).code == EXIT_OK
+    results: list[Any] = []
+    run = threading.Thread(
+        target=lambda: results.append(
+            coordctl(daemon, "upgrade", "--all", "--release", "shop@2.0.0", "--dry-run")
+        )
+    )
+    run.start()
+    try:
+        wait_for(lambda: daemon.stopped, timeout=30)  # prepared, about to decide
+        active, _ = etcd_client.get(Keys(etcd_prefix).active)
+        assert active is not None
+        rid = active.decode()
+        etcd_client.put(Keys(etcd_prefix).decision(rid), b"commit")
+    finally:
+        daemon.signal(signal.SIGCONT)
+        run.join(90)
+    (dry,) = results
+    assert dry.code == EXIT_OK and "dry_run" in dry.out + dry.err, dry
+    assert versions([node]) == {"1"} and node.status().prepared_rollout == ""
+    assert "was not written by a leader" in daemon.log()
+    # no leader's commit stands for this rollout
+    raw, meta = etcd_client.get(Keys(etcd_prefix).decision(rid))
+    assert raw is not None
+    try:
+        stands = decisions.verify(etcd_client, Keys(etcd_prefix), raw, int(meta.mod_revision))
+    except decisions.ForgedDecision:
+        return
+    assert stands.decision == "abort", raw

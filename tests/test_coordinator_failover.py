@@ -22,12 +22,20 @@ from coordinator.daemon import advertised_address
 from coordinator.engine import Target
 from coordinator.model import Phase, Rollout, Vote
 from hotfleet._proto.hotfleet.v1 import agent_pb2
+from hotfleet.decisions import parse
 from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
 from hotfleet.keys import Keys
 from tests.agents import RELEASES, Agents, release, wait_for
 from tests.coordinators import CoordinatorProcess, Coordinators, coordctl, start_nodes, versions
 from tests.fleet import Leader, opts
+
+
+def decision_of(raw: bytes | None) -> str:
+    """What a decision record says (its epoch is checked by agents and leaders)."""
+    assert raw is not None, "no decision recorded"
+    return parse(raw).decision
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -100,7 +108,7 @@ def test_leader_killed_before_decision_new_leader_presumes_abort(
     # the abort is the new leader's presumption, not a refusal: nobody voted no
     votes = {n.vote for n in done.nodes.values()}
     assert votes == ({Vote.YES} if point == "before_decision" else {Vote.PENDING})
-    assert etcd_client.get(Keys(etcd_prefix).decision(rid))[0] == b"abort"
+    assert decision_of(etcd_client.get(Keys(etcd_prefix).decision(rid))[0]) == "abort"
     assert versions(nodes) == {"1"}
     wait_for(lambda: all(n.status().prepared_rollout == "" for n in nodes), timeout=10)
     assert etcd_client.get(Keys(etcd_prefix).active)[0] is None  # the cluster is free again
@@ -122,7 +130,7 @@ def test_leader_killed_after_decision_new_leader_completes(
     a, b = leader_and_standby(coordinators, fault=f"crash:{point}")
     rid = start_upgrade(a, etcd_client, etcd_prefix)
     assert a.wait() == -signal.SIGKILL, a.log()
-    assert etcd_client.get(Keys(etcd_prefix).decision(rid))[0] == b"commit"
+    assert decision_of(etcd_client.get(Keys(etcd_prefix).decision(rid))[0]) == "commit"
     b.wait_leader()
     done = ended(etcd_client, etcd_prefix, rid)
     assert done.phase is Phase.PERMANENT and done.decision == "commit", done.reason
@@ -197,7 +205,7 @@ def test_etcd_restart_mid_rollout_ends_in_one_outcome(
         wait_for(lambda: versions(nodes) == {expected}, timeout=20)
         wait_for(lambda: all(n.status().prepared_rollout == "" for n in nodes), timeout=20)
         decision, _ = client.get(Keys(prefix).decision(rid))
-        assert decision == (b"commit" if expected == "2" else b"abort")
+        assert decision_of(decision) == ("commit" if expected == "2" else "abort")
         assert client.get(Keys(prefix).active)[0] is None
         # the control plane survived too: whoever leads now, the other takes over from it
         leader = coordinators.leader()

@@ -1,0 +1,95 @@
+"""The 2PC decision record: written by a leader, believed only if a leader wrote it.
+
+``<prefix>rollouts/<id>/decision`` is the commit point of a rollout.  Agents
+act on it by themselves (a prepared node never waits for a dead
+coordinator) and a new leader re-drives what it says, so whoever can write
+that key could otherwise switch code on every prepared node.  A decision
+therefore carries the epoch of the leader that wrote it::
+
+    {"decision": "commit", "epoch": 4711}
+
+and the leader writes it in a transaction guarded by its leader key
+(:meth:`coordinator.election.Leadership.transaction`).  A reader believes it
+only if, at the revision the decision was written, the election prefix
+names exactly that epoch as the leader (:func:`hotfleet.fencing.leader_epoch_at`).
+A value without an epoch, with an epoch that never led, or written while no
+leader held that epoch is *forged*: agents do not act on it and a leader
+replaces it with its own decision.
+
+This is defence in depth: etcd's roles (agents cannot write decisions) are
+the boundary; the epoch check stops a client that merely has write access
+to the prefix from committing a rollout nobody decided.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from hotfleet.etcd_client import EtcdClient
+from hotfleet.fencing import leader_epoch_at
+from hotfleet.keys import Keys
+
+__all__ = ["ABORT", "COMMIT", "DECISIONS", "Decision", "ForgedDecision", "encode", "parse", "verify"]
+
+COMMIT = "commit"
+ABORT = "abort"
+DECISIONS = frozenset({COMMIT, ABORT})
+_MAX_BYTES = 1024
+
+
+class ForgedDecision(ValueError):
+    """A decision record no leader wrote; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A verified decision: what was decided and by which leader epoch."""
+
+    decision: str
+    epoch: int
+
+
+def encode(decision: str, epoch: int) -> str:
+    """The record a leader of ``epoch`` writes for ``decision``."""
+    if decision not in DECISIONS:
+        raise ValueError(f"a decision is {' or '.join(sorted(DECISIONS))}, not {decision!r}")
+    if epoch <= 0:
+        raise ValueError(f"a decision needs the leader's epoch, got {epoch}")
+    return json.dumps({"decision": decision, "epoch": epoch}, separators=(",", ":"))
+
+
+def parse(raw: bytes) -> Decision:
+    """The claim a record makes (unverified); :class:`ForgedDecision` if it is not one."""
+    if len(raw) > _MAX_BYTES:
+        raise ForgedDecision(f"{len(raw)} bytes, not a decision record")
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        text = raw[:40].decode("utf-8", "replace")
+        raise ForgedDecision(f"{text!r} is not a decision record with a leader epoch") from None
+    if not isinstance(record, dict):
+        raise ForgedDecision(f"a decision record is a JSON object, not {type(record).__name__}")
+    decision, epoch = record.get("decision"), record.get("epoch")
+    if decision not in DECISIONS:
+        raise ForgedDecision(f"decision {decision!r} is neither commit nor abort")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch <= 0:
+        raise ForgedDecision(f"epoch {epoch!r} is not a leader epoch")
+    return Decision(str(decision), epoch)
+
+
+def verify(client: EtcdClient, keys: Keys, raw: bytes, mod_revision: int) -> Decision:
+    """The decision in ``raw`` (read at ``mod_revision``) if the leader it names wrote it.
+
+    Raises :class:`ForgedDecision` when it was not; etcd errors (unreachable,
+    the revision compacted away) propagate: unverifiable is never verified.
+    """
+    claim = parse(raw)
+    leader = leader_epoch_at(client, keys, mod_revision)
+    if leader != claim.epoch:
+        who = f"epoch {leader} led" if leader is not None else "no coordinator led"
+        raise ForgedDecision(
+            f"{claim.decision!r} claims epoch {claim.epoch}, but {who} when it was written"
+            f" (revision {mod_revision})"
+        )
+    return claim
