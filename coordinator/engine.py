@@ -75,6 +75,7 @@ COMMIT_LEAD_S = 0.05  # how far ahead the commit instant is set ...
 TXN_OPS = 100  # writes per etcd transaction (etcd refuses more than 128 by default)
 ROLLOUT_HISTORY = 100  # rollout records kept (oldest terminal ones are removed)
 HISTORY_PAGE = 64  # keys per read of the history
+AMEND_ATTEMPTS = 20  # compare-and-swap rounds against a record's own driver
 ETCD_RETRY_S = 30.0  # how long an etcd outage is ridden out (transient errors only)
 ALL_NODES = Target(all=True).describe()  # how a rollout for the whole fleet records its target
 COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
@@ -94,6 +95,10 @@ class Refused(HotfleetError):
 
 class _Deposed(Exception):
     """This coordinator lost leadership mid-rollout: stop touching anything."""
+
+
+class _Superseded(Exception):
+    """Someone else wrote the rollout record since this copy was read: stop driving it."""
 
 
 @dataclass
@@ -154,6 +159,7 @@ class Engine:
         self._leadership: Leadership | None = None
         self._lock = threading.RLock()
         self._drivers: list[threading.Thread] = []
+        self._driving: dict[str, threading.Thread] = {}  # rollout id -> its live driver
         self._stopping = threading.Event()
         self.hooks: dict[str, Callable[[Rollout], None]] = {}  # test and fault-injection points
         # held while a rollout starts and while a node is caught up: never both at once
@@ -258,10 +264,10 @@ class Engine:
 
     def rollout(self, rollout_id: str | None = None) -> Rollout:
         if rollout_id:
-            raw, _ = self._get(self.keys.rollout(rollout_id))
+            raw, meta = self._get(self.keys.rollout(rollout_id))
             if raw is None:
                 raise Refused("not_found", f"no rollout {rollout_id}")
-            return Rollout.loads(raw)
+            return Rollout.loads(raw, int(meta.mod_revision))
         newest = self.rollouts(limit=1)
         if not newest:
             raise Refused("not_found", "no rollout has run in this cluster yet")
@@ -280,7 +286,7 @@ class Engine:
             page = _retry(functools.partial(self._history_page, start, end))
             for raw, meta in page:
                 if not meta.key.decode().endswith("/decision") and len(out) < limit:
-                    out.append(Rollout.loads(raw))
+                    out.append(Rollout.loads(raw, int(meta.mod_revision)))
             if len(page) < HISTORY_PAGE:
                 break
             end = page[-1][1].key.decode()  # the next page ends before the oldest key read
@@ -632,15 +638,21 @@ class Engine:
         return self.rollout(rollout.id)
 
     def promote(self, rollout_id: str | None = None) -> Rollout:
+        """Make a provisional rollout permanent now (its analysis loop stops on its next write)."""
         lead = self._require_leader()
-        rollout = self.rollout(rollout_id)
-        if rollout.phase is not Phase.PROVISIONAL:
-            raise Refused(
-                "invalid",
-                f"rollout {rollout.id} is {rollout.phase.value}, only a provisional rollout can be promoted",
-            )
-        self._make_permanent(lead, rollout, "promoted by the operator")
-        return self.rollout(rollout.id)
+        for _ in range(AMEND_ATTEMPTS):
+            rollout = self.rollout(rollout_id)
+            if rollout.phase is not Phase.PROVISIONAL:
+                raise Refused(
+                    "invalid",
+                    f"rollout {rollout.id} is {rollout.phase.value}, only a provisional rollout can be promoted",
+                )
+            try:
+                self._make_permanent(lead, rollout, "promoted by the operator")
+            except _Superseded:
+                continue  # its driver wrote the record meanwhile: read it again
+            return self.rollout(rollout.id)
+        raise Refused("busy", f"rollout {rollout_id} changes too fast to promote; retry")
 
     # -------------------------------------------------------------- internals
     def _current_release_name(self) -> str:
@@ -704,101 +716,112 @@ class Engine:
     ) -> Rollout:
         """Record a rollout, claim ``active`` and spawn its driver (never under a catch-up)."""
         with self._rollout_gate:
-            return self._start_ungated(
-                kind, entry, target, options, lead, from_memory=from_memory, reverts=reverts
+            nodes, missing = select(self.nodes(), target)
+            if not nodes and not missing:
+                raise Refused("no_targets", f"no registered node matches {target.describe()}")
+            rollout = Rollout(
+                _new_id(),
+                kind,
+                entry.label,
+                entry.digest,
+                sorted([n.node_id for n in nodes] + missing),
+                options={
+                    **asdict(options),
+                    "target": target.describe(),
+                    "from_memory": from_memory,
+                    "reverts": reverts,
+                    "previous_permanent": self._permanent_raw(),
+                },
+                epoch=lead.epoch,
+                leader=self.address,
+                nodes={n.node_id: NodeResult(n.node_id, n.address) for n in nodes},
+                previous={n.node_id: n.current_release for n in nodes},
             )
-
-    def _start_ungated(
-        self,
-        kind: str,
-        entry: ReleaseEntry,
-        target: Target,
-        options: RolloutOptions,
-        lead: Leadership,
-        *,
-        from_memory: bool,
-        reverts: str,
-    ) -> Rollout:
-        nodes, missing = select(self.nodes(), target)
-        if not nodes and not missing:
-            raise Refused("no_targets", f"no registered node matches {target.describe()}")
-        rollout = Rollout(
-            _new_id(),
-            kind,
-            entry.label,
-            entry.digest,
-            sorted([n.node_id for n in nodes] + missing),
-            options={
-                **asdict(options),
-                "target": target.describe(),
-                "from_memory": from_memory,
-                "reverts": reverts,
-                "previous_permanent": self._permanent_raw(),
-            },
-            epoch=lead.epoch,
-            leader=self.address,
-            nodes={n.node_id: NodeResult(n.node_id, n.address) for n in nodes},
-            previous={n.node_id: n.current_release for n in nodes},
-        )
-        rollout.waves = _assign_waves(rollout, options.waves)
-        for name in missing:
-            rollout.nodes[name] = NodeResult(
-                name, vote=Vote.UNREACHABLE, detail="not registered (down or unknown)"
-            )
-        tx = self.client.transactions
-        ok, _ = lead.transaction(
-            [
-                tx.put(self.keys.active, rollout.id),
-                tx.put(self.keys.rollout(rollout.id), rollout.dumps()),
-            ],
-            [tx.value(self.keys.active) == reverts]
-            if reverts and self._active_id() == reverts
-            else [tx.version(self.keys.active) == 0],
-        )
-        if not ok:
-            if not lead.is_valid():
-                raise Refused(
-                    "not_leader",
-                    "leadership was lost while starting the rollout",
-                    leader=self.leader_address(),
+            rollout.waves = _assign_waves(rollout, options.waves)
+            for name in missing:
+                rollout.nodes[name] = NodeResult(
+                    name, vote=Vote.UNREACHABLE, detail="not registered (down or unknown)"
                 )
-            raise Refused(
-                "busy",
-                f"rollout {self._active_id()} is in progress; one rollout at a time per cluster (watch it with `coordctl status`, or `coordctl abort`)",
+            tx = self.client.transactions
+            ok, created = lead.transaction(
+                [
+                    tx.put(self.keys.active, rollout.id),
+                    tx.put(self.keys.rollout(rollout.id), rollout.dumps()),
+                ],
+                [tx.value(self.keys.active) == reverts]
+                if reverts and self._active_id() == reverts
+                else [tx.version(self.keys.active) == 0],
             )
-        log.info(
-            "rollout %s: %s %s on %s", rollout.id, kind, entry.label, ", ".join(rollout.targets)
-        )
-        manifest = dict(entry.manifest)
-        self._spawn(
-            lambda: self._drive(lead, rollout, manifest, entry, options), f"rollout-{rollout.id}"
-        )
-        return rollout
+            if not ok:
+                if not lead.is_valid():
+                    raise Refused(
+                        "not_leader",
+                        "leadership was lost while starting the rollout",
+                        leader=self.leader_address(),
+                    )
+                raise Refused(
+                    "busy",
+                    f"rollout {self._active_id()} is in progress; one rollout at a time per cluster (watch it with `coordctl status`, or `coordctl abort`)",
+                )
+            rollout.revision = int(created[1].response_put.header.revision)
+            log.info(
+                "rollout %s: %s %s on %s", rollout.id, kind, entry.label, ", ".join(rollout.targets)
+            )
+            manifest = dict(entry.manifest)
+            self._spawn(
+                lambda: self._drive(lead, rollout, manifest, entry, options),
+                f"rollout-{rollout.id}",
+                rollout.id,
+            )
+            return rollout
 
-    def _spawn(self, fn: Callable[[], None], name: str) -> None:
+    def _spawn(self, fn: Callable[[], None], name: str, rollout_id: str = "") -> None:
+        """Run ``fn`` on a thread the engine owns; ``rollout_id``: the rollout it drives."""
+
         def run() -> None:
+            failed = False
             try:
                 fn()
             except _Deposed:
                 log.warning("%s: stopped, this coordinator is no longer the leader", name)
+            except _Superseded as exc:
+                log.info("%s: stopped, rollout %s was changed by another writer", name, exc)
             except Exception:
                 log.exception("%s failed", name)
-                if self.is_leader() and not self._stopping.wait(1.0):
-                    self._spawn(self._recover, "recover")  # settle what the driver left
+                failed = True
+            finally:
+                with self._lock:
+                    if self._driving.get(rollout_id) is threading.current_thread():
+                        del self._driving[rollout_id]
+            if failed and self.is_leader() and not self._stopping.wait(1.0):
+                self._spawn(self._recover, "recover")  # settle what the driver left
 
         t = threading.Thread(target=run, name=f"hotfleet-{name}", daemon=True)
-        self._drivers = [d for d in self._drivers if d.is_alive()] + [t]
+        with self._lock:
+            self._drivers = [d for d in self._drivers if d.is_alive()] + [t]
+            if rollout_id:
+                self._driving[rollout_id] = t
         t.start()
 
     def _save(self, lead: Leadership, rollout: Rollout, *extra_ops: Any) -> None:
+        """Write the record, fenced, if nobody wrote it since this copy was read or written.
+
+        One writer at a time: an operator's promote or a rollback that ends
+        the rollout and a driver still analysing it cannot overwrite each
+        other; whoever loses raises :class:`_Superseded` and stops.
+        """
         rollout.epoch = lead.epoch
+        key = self.keys.rollout(rollout.id)
         tx = self.client.transactions
-        if not _retry(
-            lambda: lead.guarded_txn(
-                [tx.put(self.keys.rollout(rollout.id), rollout.dumps()), *extra_ops]
-            )
-        ):
+        compare = [tx.mod(key) == rollout.revision] if rollout.revision else []
+        ok, responses = _retry(
+            lambda: lead.transaction([tx.put(key, rollout.dumps()), *extra_ops], compare)
+        )
+        if not ok:
+            if compare and lead.is_valid():
+                raise _Superseded(rollout.id)
             raise _Deposed()
+        rollout.revision = int(responses[0].response_put.header.revision)
         if rollout.phase.terminal:
             self._trim_history(lead)
 
@@ -1054,10 +1077,19 @@ class Engine:
         self._parallel(finish, members, max(options.concurrency, len(members)))
         rollout.finished_at = time.time()
         failed = [n for n in members if n.vote is Vote.YES and not n.finished]
-        if failed:
+        if failed and rollout.kind != "rollback":
             self._hook("after_finish", rollout)
             self._finish_failed(lead, rollout, failed)
             return False
+        if failed:
+            # The way back has no way back: a rollback completes, and the nodes it
+            # missed are brought to the release it restores by the convergence loop
+            # (once it ends, that release is their target again).
+            log.warning(
+                "rollout %s: %s did not switch back; the convergence loop catches them up",
+                rollout.id,
+                ", ".join(n.node for n in failed),
+            )
         rollout.phase = Phase.PROVISIONAL
         rollout.reason = f"finished on {sum(n.finished for n in rollout.nodes.values())} node(s)"
         self._save(lead, rollout, *self._current_ops(rollout))
@@ -1183,14 +1215,33 @@ class Engine:
             self._set_desired(lead, dict.fromkeys(switched, entry.label))
         self._save(lead, rollout, *ops)
         if reverted:
-            old = self.rollout(reverted)
-            old.phase, old.reason, old.ended_at = (
-                Phase.ROLLED_BACK,
-                f"rolled back by {rollout.id}: {rollout.options.get('health', {}).get('why') or 'operator request'}",
-                time.time(),
-            )
-            self._save(lead, old)
+            why = rollout.options.get("health", {}).get("why") or "operator request"
+
+            def rolled_back(old: Rollout) -> bool:
+                old.phase, old.reason = Phase.ROLLED_BACK, f"rolled back by {rollout.id}: {why}"
+                old.ended_at = time.time()
+                return True
+
+            self._amend(lead, reverted, rolled_back)
         log.info("rollout %s: %s permanent", rollout.id, rollout.release)
+
+    def _amend(self, lead: Leadership, rollout_id: str, change: Callable[[Rollout], bool]) -> None:
+        """Read-modify-write another rollout's record (compare-and-swap, retried).
+
+        Its own driver may be writing it at the same time (an analysis loop);
+        the loser of each round re-reads.  ``change`` returns False when there
+        is nothing to write after all.
+        """
+        for _ in range(AMEND_ATTEMPTS):
+            record = self.rollout(rollout_id)
+            if not change(record):
+                return
+            try:
+                self._save(lead, record)
+                return
+            except _Superseded:
+                continue
+        raise _Superseded(rollout_id)
 
     def _policy(self, release_health: dict[str, Any], options: RolloutOptions) -> AnalysisPolicy:
         """Defaults, then the release's ``[health]``, then the operator's flags."""
@@ -1349,15 +1400,18 @@ class Engine:
         upgrade turns provisional with the reason, so the operator sees the
         split and can roll back or promote (nothing is left pending for ever).
         """
-        old = self.rollout(reverted)
-        if old.phase is not Phase.COMMITTED:
-            return
-        old.phase = Phase.PROVISIONAL
-        old.reason = (
-            f"{old.reason}; the automatic rollback {rollback.id} aborted ({rollback.reason}): "
-            "the fleet is split, see `coordctl nodes`; retry with `coordctl rollback`"
-        )
-        self._save(lead, old)
+
+        def split(old: Rollout) -> bool:
+            if old.phase is not Phase.COMMITTED:
+                return False
+            old.phase = Phase.PROVISIONAL
+            old.reason = (
+                f"{old.reason}; the automatic rollback {rollback.id} aborted ({rollback.reason}): "
+                "the fleet is split, see `coordctl nodes`; retry with `coordctl rollback`"
+            )
+            return True
+
+        self._amend(lead, reverted, split)
 
     def _address_of(self, result: NodeResult) -> str:
         """Agents may restart on another port: prefer the live membership record."""
@@ -1387,6 +1441,12 @@ class Engine:
         rid = self._active_id()
         if not rid:
             return
+        with self._lock:
+            driver = self._driving.get(rid)
+        if driver is not None and driver.is_alive():
+            return  # a live driver owns it: recovery never re-enters its rollout
+        with self._lock:
+            self._driving[rid] = threading.current_thread()  # this thread drives it now
         try:
             rollout = self.rollout(rid)
         except Refused:

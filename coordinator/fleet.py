@@ -31,11 +31,11 @@ class NodeInfo:
     state: str = ""
     epoch_seen: int = 0
     pid: int = 0
+    started_at: float = 0.0
     # filled in by the engine (coordinator.convergence), not by the agent
     desired_release: str = ""
     convergence: str = ""  # converged | catching_up | drifting
     convergence_detail: str = ""
-    started_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -96,6 +96,9 @@ class Rollout:
     decided_at: float = 0.0
     finished_at: float = 0.0
     ended_at: float = 0.0
+    # etcd mod revision of the record this copy was read as or last written as: every
+    # write compares it (one writer at a time, no lost update); not stored in the value
+    revision: int = 0
 
     # ------------------------------------------------------------ summaries
     @property
@@ -127,11 +130,14 @@ class Rollout:
         return d
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True)
+        d = self.to_json()
+        d.pop("revision")
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def loads(cls, raw: bytes | str) -> Rollout:
+    def loads(cls, raw: bytes | str, revision: int = 0) -> Rollout:
         d = json.loads(raw)
+        d["revision"] = revision or int(d.get("revision") or 0)
         d.pop("commit_skew_s", None)
         d.pop("duration_s", None)
         d["phase"] = Phase(d["phase"])

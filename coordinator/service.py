@@ -180,15 +180,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     # ---------------------------------------------------------------- reads
     @_rpc
     def Nodes(self, request: Any, context: grpc.ServicerContext) -> coordinator_pb2.RecordsReply:
-        return self._many(self.engine.nodes())
-
-    @_rpc
-    def RemoveRelease(
-        self, request: coordinator_pb2.RemoveReleaseRequest, context: grpc.ServicerContext
-    ) -> coordinator_pb2.RecordReply:
-        _check_ref(request.ref)
-        collected = self.engine.remove_release(request.ref)
-        return self._one({"release": request.ref, "collected": collected})
+        return self._many(self.engine.fleet())
 
     @_rpc
     def ListReleases(
@@ -202,6 +194,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.RecordReply:
         _check_ref(request.ref)
         return self._one(self.engine.release(request.ref))
+
+    @_rpc
+    def RemoveRelease(
+        self, request: coordinator_pb2.RemoveReleaseRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        _check_ref(request.ref)
+        collected = self.engine.remove_release(request.ref)
+        return self._one({"release": request.ref, "collected": collected})
 
     @_rpc
     def GetRollout(
@@ -316,14 +316,14 @@ def release_from_push(request: coordinator_pb2.PushReleaseRequest) -> Release:
         manifest = manifest_from_proto(request.release)
     except ValueError as exc:
         raise _invalid(f"release manifest has malformed JSON fields: {exc}") from exc
+    manifest["problems"] = [
+        {"module": p.module, "reason": p.reason, "detail": p.detail} for p in request.problems
+    ]
     if len(request.sources) > MAX_MODULES:
         raise _invalid(
             f"the push carries {len(request.sources)} sources, more than the {MAX_MODULES}"
             " modules a release may hold"
         )
-    manifest["problems"] = [
-        {"module": p.module, "reason": p.reason, "detail": p.detail} for p in request.problems
-    ]
     sources = dict(request.sources)
     missing = sorted({m["digest"] for m in manifest["modules"]} - sources.keys())
     if missing:

@@ -665,7 +665,7 @@ def test_json_and_yaml_documents_carry_a_schema_version(
 def test_wide_no_headers_and_label_selector(leader: tuple[FakeEngine, str]) -> None:
     engine, address = leader
     code, out, _ = run(address, "nodes", "-o", "wide")
-    assert code == cli.EXIT_OK and out.splitlines()[0].split()[6:9] == ["HTTP", "PID", "EPOCH"]
+    assert code == cli.EXIT_OK and out.splitlines()[0].split()[7:10] == ["HTTP", "PID", "EPOCH"]
     code, out, _ = run(address, "nodes", "--no-headers")
     assert [line.split()[0] for line in out.splitlines()] == NODES
     code, out, _ = run(address, "nodes", "-l", "zone=eu", "--no-headers")
