@@ -131,6 +131,17 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+def _after_fork_in_child() -> None:
+    # The forking thread is alone in the child: the watchdog's lock may have been
+    # held by the parent's watchdog thread at the instant of the fork.
+    _WATCHDOG.cond = threading.Condition()
+    _WATCHDOG.armed = {}
+    _WATCHDOG.thread = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def start_watchdog() -> None:
     """Start the watchdog thread now, so that no hold ever pays for starting it."""
     _WATCHDOG.start()

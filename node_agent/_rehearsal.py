@@ -133,6 +133,8 @@ def rehearse(
     out = Outcome()
     chunks: list[bytes] = []
     deadline = started + timeout
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN | select.POLLHUP)
     try:
         while True:
             if cancel is not None and cancel.is_set():
@@ -142,8 +144,8 @@ def rehearse(
             if left <= 0:
                 out.timed_out = True
                 break
-            ready, _, _ = select.select([read_fd], [], [], min(left, _POLL_S))
-            if ready:
+            # poll, not select: a busy worker's descriptors may be numbered past 1024
+            if poller.poll(min(left, _POLL_S) * 1000):
                 chunk = os.read(read_fd, 65536)
                 if not chunk:
                     break  # the child closed the pipe: its report is complete

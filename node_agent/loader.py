@@ -783,12 +783,12 @@ class Loader:
 
     @staticmethod
     def _install(new: NewModule, journal: list[Op]) -> None:
-        if new.name in sys.modules:  # imported already, by a module earlier in the order
-            return
+        """Run a new module's body (unless an import earlier in the switch did) and journal it."""
         try:
-            importlib.import_module(new.name)
+            if new.name not in sys.modules:
+                importlib.import_module(new.name)
         finally:
-            if new.name in sys.modules:
+            if new.name in sys.modules:  # whoever imported it: undo removes it
                 journal.append(InstallModule(new.name, None))
             else:
                 register_source(new.filename, new.source)

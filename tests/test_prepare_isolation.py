@@ -338,3 +338,27 @@ def test_statement_that_raises_half_way_at_finish_is_fully_undone(cb: Codebase) 
         cb.loader.finish(prepared)
     assert err.value.restored and "live only" in err.value.errors[0].detail
     assert mods["m"].A == 1
+
+
+def test_new_modules_in_an_import_cycle_are_all_removed_when_finish_fails(cb: Codebase) -> None:
+    import sys
+
+    v1 = f"import os\nBOOT_PID = {os.getpid()}\nX = 1\n"
+    mods = cb.boot({"reg": REG, "m": v1})
+    release = cb.release(
+        "2",
+        {
+            "ca": "from . import cb\nA = 1\n",
+            "cb": "from . import ca\nB = 2\n",
+            "m": v1.replace(
+                "X = 1",
+                "from . import ca\nX = 2\nif os.getpid() == BOOT_PID:\n    raise RuntimeError('live only')",
+            ),
+        },
+    )
+    prepared = cb.loader.prepare(release)  # the staging process ran all of it cleanly
+    with pytest.raises(FinishError) as err:
+        cb.loader.finish(prepared)
+    assert err.value.restored
+    assert f"{cb.pkg}.ca" not in sys.modules and f"{cb.pkg}.cb" not in sys.modules
+    assert mods["m"].X == 1 and not hasattr(mods["m"], "ca")
