@@ -94,7 +94,15 @@ def test_upgrade_status_and_reads_through_the_standby(
     # back to 1.0.0 on n1 only: the fleet drifts, and coordctl says where
     assert coordctl(standby, "release", "push", str(RELEASES / "shop-1.0.0")).code == EXIT_OK
     one = coordctl(
-        standby, "upgrade", "--nodes", "n1", "--release", "shop@1.0.0", "--wait", *NO_WINDOW
+        standby,
+        "upgrade",
+        "--nodes",
+        "n1",
+        "--release",
+        "shop@1.0.0",
+        "--allow-downgrade",  # an older version than n1 runs: asked for explicitly
+        "--wait",
+        *NO_WINDOW,
     )
     assert one.code == EXIT_OK, one
     assert versions(nodes[:1]) == {"1"} and versions(nodes[1:]) == {"2"}
