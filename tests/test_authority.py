@@ -19,10 +19,11 @@ import grpc
 import pytest
 
 from coordinator.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
-from coordinator.election import Leadership
+from coordinator.election import Election, Leadership, Session
 from hotfleet import decisions
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
-from hotfleet.etcd_client import EtcdClient
+from hotfleet.etcd_client import EtcdClient, connect
+from hotfleet.etcd_server import EtcdServer
 from hotfleet.keys import Keys
 from hotfleet.signing import generate_keypair, load_private_key
 from hotfleet.tls import Role
@@ -363,3 +364,34 @@ def test_a_leader_does_not_commit_on_a_decision_it_did_not_write(
     except decisions.ForgedDecision:
         return
     assert stands.decision == "abort", raw
+
+
+def test_with_etcd_down_only_the_last_verified_leader_is_obeyed(
+    tmp_path: Path, etcd_server: EtcdServer
+) -> None:
+    prefix = "/authority-outage/"
+    fleet = Agents(tmp_path, etcd_server.endpoint, prefix)
+    client = connect(etcd_server.endpoint)
+    try:
+        pki = make_pki(tmp_path / "pki")
+        node = _secure_agent(fleet, pki, tmp_path, "n-outage")
+        with Session(client, ttl=30) as session:
+            lead = Election(client, Keys(prefix).election, session).campaign("t", timeout=10)
+
+            def abort(epoch: int) -> Any:
+                request = agent_pb2.AbortRequest(rollout_id="r", epoch=epoch)
+                return node.stub.Abort(request, timeout=10)
+
+            assert abort(lead.epoch).ok  # verified against etcd, remembered
+            etcd_server.kill()
+            assert abort(lead.epoch).ok  # the leader etcd confirmed keeps being obeyed
+            for claim in (lead.epoch + 1, MAX_EPOCH):
+                with pytest.raises(grpc.RpcError) as info:
+                    abort(claim)
+                assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+                assert f"cannot verify epoch {claim} against etcd" in (info.value.details() or "")
+            assert node.status().epoch_seen == lead.epoch
+            etcd_server.start()
+    finally:
+        fleet.close()
+        client.close()
