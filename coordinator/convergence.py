@@ -194,9 +194,11 @@ class Convergence:
         if not rid:
             return True
         try:
-            return self.engine.rollout(rid).phase is Phase.PROVISIONAL
+            rollout = self.engine.rollout(rid)
         except Exception:
             return False
+        # a rollback's brief provisional phase is no window: it is on its way to permanent
+        return rollout.phase is Phase.PROVISIONAL and rollout.kind != "rollback"
 
     def _catch_up(self, node: NodeInfo, d: Desired) -> None:
         engine = self.engine

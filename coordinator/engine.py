@@ -743,10 +743,13 @@ class Engine:
                     name, vote=Vote.UNREACHABLE, detail="not registered (down or unknown)"
                 )
             tx = self.client.transactions
+            # a rollback makes the release it restores the target again from its start
+            undesired = [tx.delete(self.keys.current)] if kind == "rollback" else []
             ok, created = lead.transaction(
                 [
                     tx.put(self.keys.active, rollout.id),
                     tx.put(self.keys.rollout(rollout.id), rollout.dumps()),
+                    *undesired,
                 ],
                 [tx.value(self.keys.active) == reverts]
                 if reverts and self._active_id() == reverts

@@ -228,3 +228,22 @@ def test_a_node_killed_during_the_rollback_still_ends_rolled_back_and_converges(
     leader.engine.hooks.clear()
     nodes[1] = agents.start("n2", code_path=nodes[1].code_path)
     wait_for(lambda: versions(nodes) == {"1"}, timeout=30)
+
+
+def test_the_convergence_loop_never_pulls_nodes_back_during_a_rollback(
+    agents: Agents, leader: Leader
+) -> None:
+    """Between a rollback's finish and its permanent record the loop must stay out."""
+    nodes = start_fleet(agents, 2)
+    leader.engine.push_release(release("shop-2.0.0"))
+    _provisional(leader, "shop@2.0.0")
+    tried: list[list[str]] = []
+
+    def converge_now(rollout: Rollout) -> None:
+        if rollout.kind == "rollback":
+            tried.append(leader.engine.convergence.converge_once())
+
+    leader.engine.hooks["after_finish"] = converge_now
+    back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
+    assert back.phase is Phase.PERMANENT and tried == [[]]
+    assert versions(nodes) == {"1"}
