@@ -85,6 +85,8 @@ class Convergence:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed_at: dict[str, float] = {}
+        # told of every catch-up's outcome ("ok" | "failed"), e.g. the coordinator's metrics
+        self.on_catch_up: Callable[[str], None] = lambda _outcome: None
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -245,11 +247,13 @@ class Convergence:
             return
         self._failed_at.pop(node.node_id, None)
         self._record(node.node_id, d.label, "ok", f"caught up to {d.label}", rid)
+        self.on_catch_up("ok")
         log.warning("catch-up %s: %s now runs %s", rid, node.node_id, d.label)
 
     def _failed(self, node: str, label: str, detail: str, rid: str) -> None:
         self._failed_at[node] = time.monotonic()
         self._record(node, label, "failed", detail, rid)
+        self.on_catch_up("failed")
         log.error("catch-up %s: %s cannot load %s: %s", rid, node, label, detail)
 
     def _record(self, node: str, label: str, outcome: str, detail: str, rid: str) -> None:

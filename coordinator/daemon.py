@@ -287,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             coordinator.stop()
             return 2
+        engine.convergence.on_catch_up = metrics.metrics.count_catch_up
         metrics.start()
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -63,6 +63,7 @@ class CoordinatorMetrics:
         self.phases: dict[str, _Histogram] = {}
         self.leader = False
         self.leader_changes = 0
+        self.catch_ups: dict[str, int] = {}  # outcome -> count (coordinator.convergence)
         self._seen: dict[str, None] = {}  # insertion-ordered set of ended rollout ids
 
     # ---------------------------------------------------------------- feeding
@@ -71,6 +72,11 @@ class CoordinatorMetrics:
             if leading != self.leader:
                 self.leader_changes += 1
             self.leader = leading
+
+    def count_catch_up(self, outcome: str) -> None:
+        """One node caught up by the convergence loop (``ok``) or not (``failed``)."""
+        with self._lock:
+            self.catch_ups[outcome] = self.catch_ups.get(outcome, 0) + 1
 
     def remember(self, rollouts: Sequence[Rollout]) -> None:
         """Ended rollouts that were there before: never counted."""
@@ -160,6 +166,14 @@ class CoordinatorMetrics:
                         running,
                     )
                 )
+            family(
+                "hotfleet_coordinator_catch_ups_total",
+                "counter",
+                "Nodes the convergence loop brought to their desired release, by outcome.",
+            )
+            for outcome in ("ok", "failed"):
+                n = self.catch_ups.get(outcome, 0)
+                out.append(_sample("hotfleet_coordinator_catch_ups_total", {"outcome": outcome}, n))
             family(
                 "hotfleet_coordinator_leader",
                 "gauge",

@@ -39,6 +39,10 @@ def level_arg(text: str) -> str:
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: the fields a log pipeline needs, nothing more."""
 
+    def __init__(self, node: str = "") -> None:
+        super().__init__()
+        self.node = node
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -48,6 +52,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,
         }
+        if self.node:
+            data["node"] = self.node
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False)
@@ -70,8 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def configure(level: str, fmt: str = "text") -> None:
-    """Route the root logger to stderr at ``level`` in ``fmt`` (replacing earlier handlers)."""
+def configure(level: str, fmt: str = "text", node: str = "") -> None:
+    """Route the root logger to stderr at ``level`` in ``fmt`` (replacing earlier handlers).
+
+    ``node``: a node agent's id, in every line (``[n1]`` in text, ``"node"`` in JSON).
+    """
+    text = TEXT_FORMAT.replace("%(message)s", f"[{node}] %(message)s") if node else TEXT_FORMAT
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter(node) if fmt == "json" else logging.Formatter(text))
     logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -35,6 +35,7 @@ from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+from hotfleet import logsetup
 from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.keys import DEFAULT_PREFIX
 from hotfleet.signing import DEFAULT_FLEET, FLEET_ENV, load_public_keys
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,  # then HOTFLEET_DEV, parsed strictly in main()
         help="insecure development mode: gRPC without TLS or authentication (also HOTFLEET_DEV=1)",
     )
-    p.add_argument("--log-level", default=os.environ.get("HOTFLEET_LOG_LEVEL", "INFO"))
+    logsetup.add_arguments(p)
     return p
 
 
@@ -178,11 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.etcd_password = etcd_password(args.etcd, args.etcd_password, args.etcd_password_file)
     except ConfigError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [" + args.node_id + "] %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(args.log_level, args.log_format, node=args.node_id)
     tls_given = [args.tls_cert, args.tls_key, args.tls_ca]
     if any(tls_given) and not all(tls_given):
         parser.error("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")

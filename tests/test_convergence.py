@@ -56,6 +56,10 @@ def test_node_restarted_inside_the_window_boots_the_fleets_current_release(
 def test_leader_catches_up_a_node_that_drifted_inside_the_window(
     agents: Agents, leader: Leader
 ) -> None:
+    from coordinator.telemetry import CoordinatorMetrics
+
+    metrics = CoordinatorMetrics()
+    leader.engine.convergence.on_catch_up = metrics.count_catch_up
     nodes = start_fleet(agents, 2)
     leader.engine.push_release(release("shop-2.0.0"))
     _provisional(leader, "shop@2.0.0")
@@ -70,6 +74,7 @@ def test_leader_catches_up_a_node_that_drifted_inside_the_window(
     assert fleet["n2"][:2] == ("shop@2.0.0", "shop@2.0.0")
     raw, _ = leader.client.get(leader.keys.catchup("n2"))
     assert raw is not None and b'"outcome": "ok"' in raw
+    assert 'hotfleet_coordinator_catch_ups_total{outcome="ok"} 1' in metrics.render()
 
 
 def test_crash_inside_the_window_then_rollback_converges_every_node(

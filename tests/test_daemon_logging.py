@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hotfleet.logsetup import level_arg
-from tests.agents import ROOT, wait_for
+from tests.agents import ROOT, Agents, wait_for
 from tests.coordinators import CoordinatorProcess, _env
 from tests.processes import spawn
 
@@ -64,3 +64,14 @@ def test_a_bad_log_level_is_a_usage_error_naming_the_levels() -> None:
     assert "unknown log level 'chatty'" in done.stderr and "debug, info" in done.stderr
     assert "Traceback" not in done.stderr
     assert [level_arg(x) for x in ("debug", "Info", "warn")] == ["DEBUG", "INFO", "WARNING"]
+
+
+def test_node_agent_logs_json_lines_naming_its_node(agents: Agents) -> None:
+    agent = agents.start(
+        "n-json", env={"HOTFLEET_LOG_FORMAT": "json", "HOTFLEET_LOG_LEVEL": "info"}
+    )
+    records = [json.loads(line) for line in agent.log().splitlines() if line.startswith("{")]
+    assert records, agent.log()
+    assert {r["node"] for r in records} == {"n-json"}
+    assert any("gRPC NodeAgent on" in r["message"] for r in records)
+    assert {r["level"] for r in records} <= {"info", "warning", "error"}
