@@ -355,8 +355,8 @@ def test_a_leader_does_not_commit_on_a_decision_it_did_not_write(
     (dry,) = results
     assert dry.code == EXIT_OK and "dry_run" in dry.out + dry.err, dry
     assert versions([node]) == {"1"} and node.status().prepared_rollout == ""
-    assert "was not written by a leader" in daemon.log()
-    # no leader's commit stands for this rollout
+    # no leader's commit stands for this rollout (whether the leader met the forged
+    # record and replaced it, or the forged write came in after its abort)
     raw, meta = etcd_client.get(Keys(etcd_prefix).decision(rid))
     assert raw is not None
     try:
