@@ -96,10 +96,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,9 +120,16 @@ from hotfleet.wire import errors_to_proto, manifest_from_proto
 from node_agent.coverage import health_fields, prometheus_lines
 from node_agent.drain import WSGIMiddleware
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
-from node_agent.loader import PREPARE_TIMEOUT_S, FinishReport, Loader, Prepared, ReleaseInfo
+from node_agent.loader import PREPARE_TIMEOUT_S, Loader, ReleaseInfo
 from node_agent.membership import Membership
 from node_agent.metrics import Metrics
+from node_agent.participant import (
+    Participant,
+    PrepareCall,
+    State,
+    label,
+    refusal,
+)
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -134,7 +139,6 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_PREFIX", "Agent", "SourcesUnavailable", "TLSFiles", "permanent_record"]
 
 METRICS_PATH = "/-/metrics"
-_REMEMBERED_ROLLOUTS = 64
 DECISION_POLL_S = 0.5  # only matters when the coordinator died: keep etcd and CPU load low
 
 
@@ -160,34 +164,8 @@ class SourcesUnavailable(HotfleetError):
     """Some module sources could not be fetched (etcd unreachable); worth retrying."""
 
 
-@dataclass
-class _RollbackPlan:
-    """A prepared fleet-wide rollback: finishing it is the loader's one-step rollback.
-
-    ``noop``: this node already runs the target (it never switched, or its
-    finish failed and restored it), so it votes yes and finishing does nothing.
-    """
-
-    target: str
-    noop: bool = False
-
-
-@dataclass
-class _Staged:
-    rollout_id: str
-    digest: str
-    label: str
-    prepared: Prepared | _RollbackPlan
-    reply: agent_pb2.PrepareReply
-    watch: _DecisionWatch | None = None
-
-
-def _label(info: ReleaseInfo | None) -> str:
-    return info.label if info is not None else ""
-
-
-def _err(module: str, detail: str, reason: Reason = Reason.BAD_RELEASE) -> ModuleError:
-    return ModuleError(module, reason, detail)
+_label = label
+_err = refusal
 
 
 class Agent:
@@ -271,18 +249,21 @@ class Agent:
         self.started_at = time.time()
         self.address = ""  # gRPC host:port once started
 
-        self._op_lock = threading.RLock()  # serializes every mutating operation
-        self._preparing = ""  # the rollout whose prepare holds the op lock (Abort cancels it)
-        self._state = "starting"
+        # the 2PC participant: every mutating operation goes through it, under its lock
+        self.participant = Participant(
+            self.loader,
+            node_id=node_id,
+            watch=self._decision_watch if etcd is not None else None,
+            on_state=self._publish,
+            on_committed=self._cache_sources,
+        )
+        self._op_lock = self.participant.lock
         self._epoch_lock = threading.Lock()
         self._epoch = self._load_epoch()
         # the leader's epoch as etcd says (None: no etcd, only a monotonic fence)
         self._leader_epochs = LeaderEpochs(self._client, self.keys) if etcd is not None else None
         self._watches: set[_DecisionWatch] = set()
         self._watch_lock = threading.Lock()
-        self._staged: _Staged | None = None
-        self._finished: OrderedDict[str, agent_pb2.FinishReply] = OrderedDict()
-        self._rolled_back: OrderedDict[str, agent_pb2.RollbackReply] = OrderedDict()
         self._reconciled = etcd is None
         self.reconcile_errors: list[ModuleError] = []
         self._data_client: EtcdClient | None = None
@@ -336,7 +317,7 @@ class Agent:
                 self.address,
             )
         if self.membership is None:
-            self._set_state("idle")
+            self.participant.settle()
             return
         self.membership.start()
         if not self.membership.wait_first_attempt(self.ready_timeout):
@@ -354,8 +335,7 @@ class Agent:
         A prepare in progress is cancelled (its staging process killed), so a
         stuck release never keeps a stopping agent alive.
         """
-        self._state = "stopping"
-        self.loader.cancel_prepare()
+        self.participant.stop()
         if self.membership is not None:
             self.membership.stop(revoke=True)
         if self._server is not None:
@@ -413,24 +393,21 @@ class Agent:
     def state(self) -> str:
         """What Status reports: the agent's state, or ``etcd_unreachable`` while cut off."""
         cut_off = self.membership is not None and not self.membership.connected
-        if cut_off and self._state not in ("stopping", "reconciling"):
+        state = self.participant.state
+        if cut_off and state not in (State.STOPPING, State.RECONCILING):
             return "etcd_unreachable"
-        return self._state
+        return str(state)
 
     @property
     def epoch_seen(self) -> int:
         return self._epoch
 
-    def _set_state(self, state: str) -> None:
-        self._state = state
+    def _publish(self) -> None:
         if self.membership is not None:
             self.membership.publish()
 
     def _settle(self) -> None:
-        """Back to a resting state after an operation, and publish it."""
-        if self._state == "stopping":
-            return
-        self._set_state("prepared" if self._staged is not None else "idle")
+        self.participant.settle()
 
     def membership_record(self) -> dict[str, Any]:
         snap = self.metrics.snapshot()
@@ -443,8 +420,8 @@ class Agent:
             "current_release": _label(loader.current_release),
             "previous_release": _label(loader.previous_release),
             "permanent_release": _label(loader.permanent_release),
-            "state": self._state,
-            "prepared_rollout": self._staged.rollout_id if self._staged else "",
+            "state": str(self.participant.state),
+            "prepared_rollout": self.participant.prepared_rollout,
             "epoch_seen": self._epoch,
             "pid": os.getpid(),
             "started_at": self.started_at,
@@ -581,7 +558,7 @@ class Agent:
         if self._reconciled:
             return
         self._reconcile_permanent(client)
-        if self._reconciled and self._state != "reconcile_failed":
+        if self._reconciled and self.participant.state is not State.RECONCILE_FAILED:
             self._reconcile_current(client)
 
     def _reconcile_current(self, client: EtcdClient) -> None:
@@ -603,7 +580,7 @@ class Agent:
                 return
             if self.loader.current_release == target:
                 return
-            self._state = "reconciling"
+            self.participant.set_state(State.RECONCILING, publish=False)
             log.info("loading %s, the release of the rollout in its window", target.label)
             try:
                 self.check_signature(
@@ -694,7 +671,7 @@ class Agent:
                 self._reconciled = True
                 self._settle()
                 return
-            self._state = "reconciling"
+            self.participant.set_state(State.RECONCILING, publish=False)
             log.info("reconciling boot code to the permanent release %s", target.label)
             try:
                 release = self.fetch_release(manifest)
@@ -710,7 +687,7 @@ class Agent:
                         ]
                     )
             except SourcesUnavailable:
-                self._state = "starting"
+                self.participant.set_state(State.STARTING, publish=False)
                 raise  # etcd trouble: the membership thread retries with backoff
             except HotfleetError as exc:
                 self._reconcile_failed(target, exc.errors)
@@ -734,7 +711,7 @@ class Agent:
             "; ".join(map(str, self.reconcile_errors)),
         )
         self._reconciled = True
-        self._state = "reconcile_failed"
+        self.participant.set_state(State.RECONCILE_FAILED, publish=False)
 
     def _boot_code_is(self, manifest: Mapping[str, Any]) -> bool:
         """Whether the boot code already is ``manifest`` (unchecked input: anything odd is no)."""
@@ -880,428 +857,115 @@ class Agent:
             raise
 
     # ----------------------------------------------------------- operations
+    # Each RPC is translated to the participant's wire-free call and back;
+    # the protocol itself lives in :mod:`node_agent.participant`.
     def prepare(self, request: agent_pb2.PrepareRequest) -> agent_pb2.PrepareReply:
-        started = time.perf_counter()
-        rid = request.rollout_id
-        with self._op_lock:
-            staged = self._staged
-            if (
-                staged is not None
-                and staged.rollout_id == rid
-                and staged.digest == request.release.digest
-            ):
-                return staged.reply  # idempotent replay
-            if rid and rid in self._finished:
-                return self._prepare_reply(True, started)
-            if request.rollback_target:
-                return self._prepare_rollback(request, started)
-            return self._prepare_release(request, started)
+        wire = request.release
+        want = f"{wire.name}@{wire.version}" if wire.name else ""
+        call = PrepareCall(
+            rollout_id=request.rollout_id,
+            digest=wire.digest,
+            obtain=lambda: self._obtain(request),
+            label=want,
+            rollback=request.rollback_target,
+            has_sources=bool(wire.modules),
+            force=request.force,
+        )
+        vote = self.participant.prepare(call)
+        return agent_pb2.PrepareReply(
+            ok=vote.ok,
+            errors=errors_to_proto(vote.errors, self.node_id),
+            prepare_s=vote.prepare_s,
+            changes=[
+                common_pb2.ModuleChange(module=c.module, kind=c.kind, detail=c.detail)
+                for c in vote.changes
+            ],
+            warnings=list(vote.warnings),
+            epoch_seen=self._epoch,
+            current_release=vote.current_release,
+        )
 
-    def _prepare_release(
-        self, request: agent_pb2.PrepareRequest, started: float
-    ) -> agent_pb2.PrepareReply:
-        """Fetch, verify and prepare the release the request names (op lock held)."""
-        rid = request.rollout_id
+    def _obtain(self, request: agent_pb2.PrepareRequest) -> Release:
+        """Fetch and verify the release a Prepare names (signature first, before any fetch)."""
         wire = request.release
         label = f"{wire.name}@{wire.version}"
-        try:
-            manifest = manifest_from_proto(wire)
-            # the signature is checked on the release as declared, before any fetch:
-            # an unsigned or forged release costs no source transfer
-            release = self.fetch_release(
-                manifest,
-                verify=lambda declared: self.check_signature(
-                    wire.digest or declared.digest, wire.signature.hex(), wire.signer, label
-                ),
-            )
-            if wire.digest and wire.digest != release.digest:
-                # Release.from_manifest refuses this already; never sign off on it here
-                raise HotfleetError(
-                    [
-                        _err(
-                            "*",
-                            f"manifest digest {wire.digest} != content digest {release.digest}",
-                            Reason.DIGEST_MISMATCH,
-                        )
-                    ]
-                )
-        except HotfleetError as exc:
-            return self._prepare_reply(False, started, exc.errors)
-        except ValueError as exc:
-            return self._prepare_reply(
-                False, started, [_err(request.release.name or "*", f"bad manifest: {exc}")]
-            )
-        self._drop_staged(f"superseded by rollout {rid!r}")
-        fetched = time.perf_counter()
-        cpu0 = time.thread_time()
-        self._preparing = rid
-        self._set_state("preparing")
-        try:
-            prepared = self.loader.prepare(release, force=request.force)
-        except PrepareError as exc:
-            self._settle()
-            return self._prepare_reply(False, started, exc.errors)
-        finally:
-            self._preparing = ""
-        log.info(
-            "rollout %s: prepared %s (sources %.0f ms, loader %.0f ms, of which %.0f ms CPU "
-            "here and %.0f ms in the staging process)",
-            rid,
-            release.label,
-            (fetched - started) * 1e3,
-            (time.perf_counter() - fetched) * 1e3,
-            (time.thread_time() - cpu0) * 1e3,
-            prepared.rehearsal_cpu_s * 1e3,
+        manifest = manifest_from_proto(wire)
+        release = self.fetch_release(
+            manifest,
+            verify=lambda declared: self.check_signature(
+                wire.digest or declared.digest, wire.signature.hex(), wire.signer, label
+            ),
         )
-        reply = self._prepare_reply(
-            True,
-            started,
-            changes=[
-                common_pb2.ModuleChange(module=c.module, kind=c.kind, detail="; ".join(c.details))
-                for c in prepared.changes
-            ],
-            warnings=prepared.warnings,
-        )
-        self._stage(_Staged(rid, release.digest, release.label, prepared, reply))
-        return reply
+        if wire.digest and wire.digest != release.digest:
+            # Release.from_manifest refuses this already; never sign off on it here
+            detail = f"manifest digest {wire.digest} != content digest {release.digest}"
+            raise HotfleetError([_err("*", detail, Reason.DIGEST_MISMATCH)])
+        return release
 
-    def _prepare_rollback(
-        self, request: agent_pb2.PrepareRequest, started: float
-    ) -> agent_pb2.PrepareReply:
-        previous = self.loader.previous_release
-        want = f"{request.release.name}@{request.release.version}" if request.release.name else ""
-        current = _label(self.loader.current_release)
-        if want == current and (want or not self.loader.can_rollback):
-            # already where the fleet goes back to: a yes vote that changes nothing
-            self._drop_staged(f"superseded by rollback rollout {request.rollout_id!r}")
-            reply = self._prepare_reply(True, started)
-            plan = _RollbackPlan(want, noop=True)
-            self._stage(_Staged(request.rollout_id, request.release.digest, want, plan, reply))
-            return reply
-        from_memory = self.loader.can_rollback and (not want or want == _label(previous))
-        if not from_memory and want and request.release.modules:
-            # No backup of the target in memory (this process restarted or joined
-            # after the upgrade): the previous release is loaded from the store,
-            # verified like any other release.
-            log.info(
-                "rollback %s: %s is not held in memory, loading it from the store",
-                request.rollout_id,
-                want,
-            )
-            return self._prepare_release(request, started)
-        if not self.loader.can_rollback:
-            return self._prepare_reply(
-                False,
-                started,
-                [
-                    _err(
-                        "*",
-                        f"no previous release is held in memory and the rollback names "
-                        f"{want or 'the boot code'}, which the store cannot provide",
-                    )
-                ],
-            )
-        if want and want != _label(previous):
-            return self._prepare_reply(
-                False,
-                started,
-                [
-                    _err(
-                        "*",
-                        f"rollback target {want} is not the previous release {_label(previous) or '(boot code)'}",
-                    )
-                ],
-            )
-        self._drop_staged(f"superseded by rollback rollout {request.rollout_id!r}")
-        reply = self._prepare_reply(True, started)
-        self._stage(
-            _Staged(request.rollout_id, request.release.digest, want, _RollbackPlan(want), reply)
-        )
-        return reply
-
-    def _prepare_reply(
-        self,
-        ok: bool,
-        started: float,
-        errors: Iterable[ModuleError] = (),
-        changes: Iterable[common_pb2.ModuleChange] = (),
-        warnings: Iterable[str] = (),
-    ) -> agent_pb2.PrepareReply:
-        return agent_pb2.PrepareReply(
-            ok=ok,
-            errors=errors_to_proto(errors, self.node_id),
-            prepare_s=time.perf_counter() - started,
-            changes=list(changes),
-            warnings=list(warnings),
-            epoch_seen=self._epoch,
-            current_release=_label(self.loader.current_release),
-        )
-
-    # --------------------------------------------- the prepared rollout
-    def _stage(self, staged: _Staged) -> None:
-        """Hold ``staged`` as the prepared rollout and watch its decision key (op lock held)."""
-        self._staged = staged
-        if self.etcd_endpoints is not None and staged.rollout_id and self._state != "stopping":
-            staged.watch = _DecisionWatch(self, staged.rollout_id)
-            with self._watch_lock:
-                self._watches.add(staged.watch)
-            staged.watch.start()
-        self._settle()
-
-    def _take_staged(self) -> _Staged | None:
-        """Stop holding the prepared rollout (op lock held); its decision watch ends."""
-        staged, self._staged = self._staged, None
-        if staged is not None and staged.watch is not None:
-            staged.watch.stop()  # not joined: this may be the watch's own thread
-        return staged
-
-    def _drop_staged(self, why: str = "") -> None:
-        staged = self._take_staged()
-        if staged is None:
-            return
-        if why:
-            log.warning(
-                "dropping prepared rollout %s (%s): %s", staged.rollout_id, staged.label, why
-            )
-        if isinstance(staged.prepared, Prepared):
-            self.loader.abort(staged.prepared)
+    def _decision_watch(self, rollout_id: str) -> _DecisionWatch:
+        watch = _DecisionWatch(self, rollout_id)
+        with self._watch_lock:
+            self._watches.add(watch)
+        return watch
 
     def _watch_ended(self, watch: _DecisionWatch) -> None:
         with self._watch_lock:
             self._watches.discard(watch)
 
     def apply_decision(
-        self, rollout_id: str, decision: str, watch: _DecisionWatch | None = None
+        self,
+        rollout_id: str,
+        decision: str,
+        watch: _DecisionWatch | None = None,
+        participants: Sequence[str] | None = None,
     ) -> bool:
-        """Act on a rollout's durable decision read from etcd; True once nothing is left to do.
+        """Act on a rollout's durable decision read from etcd (see :meth:`Participant.apply_decision`).
 
-        ``commit`` finishes the prepared rollout through :meth:`finish`,
-        ``abort`` drops it through :meth:`abort`; both are idempotent with the
-        coordinator's own Finish/Abort RPCs (the op lock serializes them and
-        finished rollouts are remembered).
+        ``participants``: the nodes the decision names (None: an older record
+        naming none, which binds every prepared node).
         """
-        with self._op_lock:
-            staged = self._staged
-            if (
-                self._state == "stopping"
-                or staged is None
-                or staged.rollout_id != rollout_id
-                or (watch is not None and (watch.stopped.is_set() or staged.watch is not watch))
-            ):
-                return True  # finished, aborted or superseded meanwhile
-            if decision == "commit" and watch is not None and not watch.grace_over():
-                return False  # the coordinator's Finish (with its commit instant) is on its way
-            if decision == "commit":
-                log.warning(
-                    "rollout %s: decision 'commit' found in etcd; finishing %s here without "
-                    "waiting for the coordinator",
-                    rollout_id,
-                    staged.label,
-                )
-                reply = self.finish(agent_pb2.FinishRequest(rollout_id=rollout_id))
-                if reply.ok:
-                    log.warning(
-                        "rollout %s: finished by the agent itself on the durable commit; now %s",
-                        rollout_id,
-                        reply.release,
-                    )
-                else:
-                    log.error(
-                        "rollout %s: self-driven finish failed: %s",
-                        rollout_id,
-                        "; ".join(f"{e.module}: {e.reason}: {e.detail}" for e in reply.errors),
-                    )
-                return True
-            if decision == "abort":
-                log.warning(
-                    "rollout %s: decision 'abort' found in etcd; dropping the prepared %s "
-                    "without waiting for the coordinator",
-                    rollout_id,
-                    staged.label,
-                )
-                self.abort(agent_pb2.AbortRequest(rollout_id=rollout_id))
-                return True
-            return False
+        included = participants is None or self.node_id in participants
+        return self.participant.apply_decision(rollout_id, decision, watch, included=included)
 
     def finish(self, request: agent_pb2.FinishRequest) -> agent_pb2.FinishReply:
-        rid = request.rollout_id
-        delay = request.commit_at - time.time() if request.commit_at else 0.0
-        if 0 < delay <= MAX_COMMIT_DELAY_S:
-            time.sleep(delay)  # a scheduled commit: every node switches at the same instant
-        with self._op_lock:
-            if rid in self._finished:
-                done = agent_pb2.FinishReply()
-                done.CopyFrom(self._finished[rid])
-                done.already_finished = True
-                done.epoch_seen = self._epoch
-                return done
-            staged = self._staged
-            if staged is None or staged.rollout_id != rid:
-                what = f"rollout {staged.rollout_id!r}" if staged else "nothing"
-                return self._finish_reply(
-                    False,
-                    errors=[_err("*", f"rollout {rid!r} is not prepared here ({what} is)")],
-                )
-            self._state = "finishing"
-            self._take_staged()
-            try:
-                if isinstance(staged.prepared, _RollbackPlan) and staged.prepared.noop:
-                    report = FinishReport(self.loader.current_release, 0.0, True, 0, 0)
-                elif isinstance(staged.prepared, _RollbackPlan):
-                    report = self.loader.rollback()
-                else:
-                    report = self.loader.finish(staged.prepared)
-            except FinishError as exc:
-                self._settle()
-                return self._finish_reply(False, errors=exc.errors, restored=exc.restored)
-            except LoaderStateError as exc:
-                self._settle()
-                return self._finish_reply(False, errors=exc.errors)
-            reply = self._finish_reply(True, report=report)
-            _remember(self._finished, rid, reply)
-            self._settle()
-        if request.commit_at:
-            # The reply and its log line wait until the fleet has switched: on a host
-            # that packs many agents, the nodes that switched first must not take CPU
-            # from those still switching (the commit skew).  The switch is done; only
-            # the acknowledgement waits, outside the op lock.
-            time.sleep(
-                max(0.0, min(request.commit_at + COMMIT_SETTLE_S - time.time(), COMMIT_SETTLE_S))
-            )
-        if isinstance(staged.prepared, Prepared):
-            self._cache_sources(staged.prepared.release)
-        log.info(
-            "rollout %s finished: now %s (pause %.2f ms)", rid, reply.release, report.pause_s * 1000
-        )
-        return reply
-
-    def _finish_reply(
-        self,
-        ok: bool,
-        *,
-        errors: Iterable[ModuleError] = (),
-        restored: bool = False,
-        report: FinishReport | None = None,
-    ) -> agent_pb2.FinishReply:
+        outcome = self.participant.finish(request.rollout_id, request.commit_at)
         return agent_pb2.FinishReply(
-            ok=ok,
-            errors=errors_to_proto(errors, self.node_id),
-            restored=restored,
-            pause_s=report.pause_s if report else 0.0,
-            release=_label(self.loader.current_release),
-            warnings=list(report.warnings) if report else [],
+            ok=outcome.ok,
+            errors=errors_to_proto(outcome.errors, self.node_id),
+            restored=outcome.restored,
+            pause_s=outcome.pause_s,
+            release=outcome.release,
+            warnings=list(outcome.warnings),
+            already_finished=outcome.already,
             epoch_seen=self._epoch,
-            finished_at=(report.switched_at or time.time()) if report else 0.0,
+            finished_at=outcome.finished_at,
         )
 
     def abort(self, request: agent_pb2.AbortRequest) -> agent_pb2.AbortReply:
-        if request.rollout_id and self._preparing == request.rollout_id:
-            # never wait behind the prepare being aborted: kill its staging process
-            self.loader.cancel_prepare()
-        with self._op_lock:
-            dropped = self._staged is not None and self._staged.rollout_id == request.rollout_id
-            if dropped:
-                self._drop_staged()
-                self._settle()
-                log.info("rollout %s aborted: prepared release dropped", request.rollout_id)
-            return agent_pb2.AbortReply(ok=True, dropped=dropped, epoch_seen=self._epoch)
+        dropped = self.participant.abort(request.rollout_id)
+        return agent_pb2.AbortReply(ok=True, dropped=dropped, epoch_seen=self._epoch)
 
     def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.RollbackReply:
-        rid = request.rollout_id
-        with self._op_lock:
-            if rid and rid in self._rolled_back:
-                done = agent_pb2.RollbackReply()
-                done.CopyFrom(self._rolled_back[rid])
-                done.epoch_seen = self._epoch
-                return done
-            previous = _label(self.loader.previous_release)
-            if not self.loader.can_rollback:
-                return self._rollback_reply(
-                    False, errors=[_err("*", "no previous release is held in memory")]
-                )
-            if request.expected_release and request.expected_release != previous:
-                return self._rollback_reply(
-                    False,
-                    errors=[
-                        _err(
-                            "*",
-                            f"expected to return to {request.expected_release}, "
-                            f"but the previous release is {previous or '(boot code)'}",
-                        )
-                    ],
-                )
-            self._drop_staged(f"rollback {rid!r} takes precedence")
-            self._state = "rolling_back"
-            try:
-                report = self.loader.rollback()
-            except (FinishError, LoaderStateError) as exc:
-                self._settle()
-                return self._rollback_reply(False, errors=exc.errors)
-            reply = self._rollback_reply(True, report=report)
-            if rid:
-                _remember(self._rolled_back, rid, reply)
-            self._settle()
-            log.info(
-                "rolled back to %s (pause %.2f ms)",
-                reply.release or "the boot code",
-                report.pause_s * 1000,
-            )
-            return reply
-
-    def _rollback_reply(
-        self,
-        ok: bool,
-        *,
-        errors: Iterable[ModuleError] = (),
-        report: FinishReport | None = None,
-    ) -> agent_pb2.RollbackReply:
+        outcome = self.participant.rollback(request.rollout_id, request.expected_release)
         return agent_pb2.RollbackReply(
-            ok=ok,
-            errors=errors_to_proto(errors, self.node_id),
-            pause_s=report.pause_s if report else 0.0,
-            release=_label(self.loader.current_release),
-            warnings=list(report.warnings) if report else [],
+            ok=outcome.ok,
+            errors=errors_to_proto(outcome.errors, self.node_id),
+            pause_s=outcome.pause_s,
+            release=outcome.release,
+            warnings=list(outcome.warnings),
             epoch_seen=self._epoch,
         )
 
     def make_permanent(
         self, request: agent_pb2.MakePermanentRequest
     ) -> agent_pb2.MakePermanentReply:
-        with self._op_lock:
-            current = _label(self.loader.current_release)
-            if request.release and request.release != current:
-                return agent_pb2.MakePermanentReply(
-                    ok=False,
-                    errors=errors_to_proto(
-                        [
-                            _err(
-                                "*",
-                                f"{request.release} is not current here ({current or 'boot code'} is)",
-                            )
-                        ],
-                        self.node_id,
-                    ),
-                    permanent_release=_label(self.loader.permanent_release),
-                    epoch_seen=self._epoch,
-                )
-            try:
-                self.loader.make_permanent()
-            except OSError as exc:
-                return agent_pb2.MakePermanentReply(
-                    ok=False,
-                    errors=errors_to_proto(
-                        [_err("*", f"cannot write the release to the code path: {exc}")],
-                        self.node_id,
-                    ),
-                    permanent_release=_label(self.loader.permanent_release),
-                    epoch_seen=self._epoch,
-                )
-            self._settle()
-            return agent_pb2.MakePermanentReply(
-                ok=True,
-                permanent_release=_label(self.loader.permanent_release),
-                epoch_seen=self._epoch,
-            )
+        done = self.participant.make_permanent(request.release)
+        return agent_pb2.MakePermanentReply(
+            ok=done.ok,
+            errors=errors_to_proto(done.errors, self.node_id),
+            permanent_release=done.permanent_release,
+            epoch_seen=self._epoch,
+        )
 
     def status(self) -> agent_pb2.StatusReply:
         return agent_pb2.StatusReply(
@@ -1312,7 +976,7 @@ class Agent:
             permanent_release=_label(self.loader.permanent_release),
             labels=self.labels,
             epoch_seen=self._epoch,
-            prepared_rollout=self._staged.rollout_id if self._staged else "",
+            prepared_rollout=self.participant.prepared_rollout,
         )
 
     def module_status(self, modules: Sequence[str]) -> agent_pb2.ModuleStatusReply:
@@ -1370,9 +1034,7 @@ class Agent:
         return host
 
 
-MAX_COMMIT_DELAY_S = 10.0  # a commit instant further away than this is not waited for
 COMMIT_GRACE_S = 1.0  # how long the decision watch leaves the switch to the coordinator
-COMMIT_SETTLE_S = 0.1  # a scheduled commit is acknowledged this long after its instant
 
 
 class _DecisionWatch:
@@ -1491,12 +1153,6 @@ def _check_permanent_manifest(manifest: Mapping[str, Any], target: ReleaseInfo) 
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
-    cache[key] = value
-    while len(cache) > _REMEMBERED_ROLLOUTS:
-        cache.popitem(last=False)
 
 
 class _Servicer(agent_pb2_grpc.NodeAgentServicer):

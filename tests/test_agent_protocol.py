@@ -26,7 +26,8 @@ from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
 from hotfleet.keys import Keys
 from hotfleet.signing import DEFAULT_FLEET, generate_keypair, load_private_key, sign_release
-from node_agent.agent import COMMIT_GRACE_S, COMMIT_SETTLE_S, DECISION_POLL_S, permanent_record
+from node_agent.agent import COMMIT_GRACE_S, DECISION_POLL_S, permanent_record
+from node_agent.participant import COMMIT_SETTLE_S
 from tests.agents import (
     ROOT,
     SHOP_MODULES,
@@ -97,7 +98,7 @@ def test_prepared_agent_acts_on_the_decision_in_etcd_by_itself(
     late = agent.stub.Finish(agent_pb2.FinishRequest(rollout_id="r-new", epoch=epoch), timeout=10)
     assert late.ok and late.already_finished and late.release == "shop@2.0.0"
     log = agent.log()
-    assert "decision 'commit' found in etcd" in log and "finished by the agent itself" in log
+    assert "decision 'commit' found in etcd" in log and "finished by the node itself" in log
     assert "decision 'abort' found in etcd" in log
 
 

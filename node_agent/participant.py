@@ -1,0 +1,666 @@
+"""The node's half of the two-phase commit, as a state machine that knows no wire.
+
+Why a module of its own: the promise hotfleet prints (*a node that votes yes
+has changed nothing and switches when told; a no vote, an abort or a dry run
+leaves it as it was*) is decided here, and nowhere else.  Keeping it free of
+gRPC, protobuf and etcd lets the same participant serve the real agent
+(:class:`node_agent.agent.Agent` translates its RPCs), the simulated agents
+of the scale benchmark (code that only sleeps) and the coordinator's
+deterministic protocol tests (an in-process transport), so those can never
+drift from what a production node does.
+
+State machine (``State``; every transition happens under :attr:`Participant.lock`)::
+
+    STARTING --reconcile--> RECONCILING --> IDLE | RECONCILE_FAILED
+    IDLE --prepare--> PREPARING --yes--> PREPARED --finish--> FINISHING --> IDLE
+                                  \\--no--> IDLE       \\--abort / decision abort--> IDLE
+    IDLE | PREPARED --rollback--> ROLLING_BACK --> IDLE
+    any --stop--> STOPPING (final)
+
+One rollout is prepared at a time: a new prepare (or a rollback) supersedes
+the one held.  Every operation is idempotent per rollout id: a replayed
+prepare returns the same vote, a replayed finish or rollback the same
+outcome (the last 64 are remembered), so a coordinator may retry any step
+after any failure.
+
+What the participant drives is a :class:`Code` (the :class:`~node_agent.loader.Loader`
+in an agent): prepare stages without running release code, finish switches,
+abort drops the staged plan, rollback restores the in-memory backup.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from hotfleet.errors import HotfleetError, ModuleError, Reason
+from node_agent.errors import FinishError, LoaderStateError, PrepareError
+from node_agent.loader import FinishReport, ReleaseInfo
+
+__all__ = [
+    "Change",
+    "Code",
+    "DecisionWatch",
+    "Outcome",
+    "Participant",
+    "Permanence",
+    "PrepareCall",
+    "State",
+    "Vote",
+]
+
+log = logging.getLogger(__name__)
+
+REMEMBERED_ROLLOUTS = 64
+MAX_COMMIT_DELAY_S = 10.0  # a commit instant further away than this is not waited for
+COMMIT_SETTLE_S = 0.1  # a scheduled commit is acknowledged this long after its instant
+
+
+class State(enum.StrEnum):
+    """What the node is doing; reported as-is in Status and membership."""
+
+    STARTING = "starting"
+    RECONCILING = "reconciling"
+    RECONCILE_FAILED = "reconcile_failed"
+    IDLE = "idle"
+    PREPARING = "preparing"
+    PREPARED = "prepared"
+    FINISHING = "finishing"
+    ROLLING_BACK = "rolling_back"
+    STOPPING = "stopping"
+
+
+class Plan(Protocol):
+    """A staged release, as :meth:`Code.prepare` returns it."""
+
+    @property
+    def changes(self) -> Sequence[Any]: ...  # each has .module, .kind, .details
+
+    @property
+    def warnings(self) -> Sequence[str]: ...
+
+
+class Code(Protocol):
+    """The code a participant switches (the loader, or a simulation of it)."""
+
+    @property
+    def current_release(self) -> ReleaseInfo | None: ...
+
+    @property
+    def previous_release(self) -> ReleaseInfo | None: ...
+
+    @property
+    def permanent_release(self) -> ReleaseInfo | None: ...
+
+    @property
+    def can_rollback(self) -> bool: ...
+
+    def prepare(self, release: Any, *, force: bool = False) -> Any: ...
+
+    def finish(self, prepared: Any) -> FinishReport: ...
+
+    def abort(self, prepared: Any) -> None: ...
+
+    def rollback(self) -> FinishReport: ...
+
+    def make_permanent(self) -> None: ...
+
+    def cancel_prepare(self) -> None: ...
+
+
+class DecisionWatch(Protocol):
+    """Something that reads the rollout's decision while it is prepared (the agent's etcd poll)."""
+
+    stopped: threading.Event
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def grace_over(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """How prepare classified one module (what the vote reports)."""
+
+    module: str
+    kind: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PrepareCall:
+    """A Prepare, as the participant needs it.
+
+    ``obtain`` fetches and verifies the release (signature first); it raises
+    :class:`HotfleetError` or ``ValueError`` to refuse it, and is called only
+    when the release must really be staged (never for a replay).
+    """
+
+    rollout_id: str
+    digest: str
+    obtain: Callable[[], Any]
+    label: str = ""  # name@version the coordinator names ("" for the boot code)
+    rollback: bool = False  # a fleet rollback: the target may be in memory
+    has_sources: bool = True  # the request carries a manifest the store can provide
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Vote:
+    ok: bool
+    errors: tuple[ModuleError, ...] = ()
+    changes: tuple[Change, ...] = ()
+    warnings: tuple[str, ...] = ()
+    prepare_s: float = 0.0
+    current_release: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finish or rollback did here."""
+
+    ok: bool
+    errors: tuple[ModuleError, ...] = ()
+    restored: bool = False  # a failed switch put the previous version back
+    pause_s: float = 0.0
+    release: str = ""  # what the node runs now
+    warnings: tuple[str, ...] = ()
+    finished_at: float = 0.0
+    already: bool = False  # a replay of a finish done before
+    drained: bool = True
+    still_in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class Permanence:
+    ok: bool
+    permanent_release: str
+    errors: tuple[ModuleError, ...] = ()
+
+
+@dataclass
+class _RollbackPlan:
+    """A prepared fleet-wide rollback: finishing it is the code's one-step rollback.
+
+    ``noop``: this node already runs the target (it never switched, or its
+    finish failed and restored it), so it votes yes and finishing does nothing.
+    """
+
+    target: str
+    noop: bool = False
+
+
+@dataclass
+class _Staged:
+    rollout_id: str
+    digest: str
+    label: str
+    plan: Any  # the Code's prepared plan, or a _RollbackPlan
+    vote: Vote
+    release: Any = None  # what obtain() returned (committed releases are cached)
+    watch: DecisionWatch | None = None
+
+
+@dataclass
+class _Memory:
+    """Outcomes by rollout id, the newest ``REMEMBERED_ROLLOUTS`` kept (idempotent replays)."""
+
+    items: OrderedDict[str, Outcome] = field(default_factory=OrderedDict)
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self.items
+
+    def get(self, rid: str) -> Outcome | None:
+        return self.items.get(rid)
+
+    def keep(self, rid: str, outcome: Outcome) -> None:
+        self.items[rid] = outcome
+        while len(self.items) > REMEMBERED_ROLLOUTS:
+            self.items.popitem(last=False)
+
+
+def label(info: ReleaseInfo | None) -> str:
+    """``name@version`` of a release, "" for the boot code."""
+    return info.label if info is not None else ""
+
+
+def refusal(module: str, detail: str, reason: Reason = Reason.BAD_RELEASE) -> ModuleError:
+    return ModuleError(module, reason, detail)
+
+
+class Participant:
+    """One node's 2PC participant; see the module docstring for its states.
+
+    ``watch(rollout_id)`` (optional) makes the decision watch of a prepared
+    rollout, started when it is staged and stopped when it ends;
+    ``on_state`` is called after every state change (the agent republishes
+    its membership record); ``on_committed(release)`` after a release is
+    switched to (the agent caches its sources).
+    """
+
+    def __init__(
+        self,
+        code: Code,
+        *,
+        node_id: str = "",
+        watch: Callable[[str], DecisionWatch] | None = None,
+        on_state: Callable[[], None] | None = None,
+        on_committed: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.code = code
+        self.node_id = node_id
+        self.lock = threading.RLock()  # serializes every mutating operation
+        self._watch = watch
+        self._on_state = on_state or (lambda: None)
+        self._on_committed = on_committed or (lambda _release: None)
+        self._state = State.STARTING
+        self._preparing = ""  # the rollout whose prepare holds the lock (Abort cancels it)
+        self._staged: _Staged | None = None
+        self._finished = _Memory()
+        self._rolled_back = _Memory()
+
+    # ---------------------------------------------------------------- state
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def prepared_rollout(self) -> str:
+        staged = self._staged
+        return staged.rollout_id if staged is not None else ""
+
+    def set_state(self, state: State, *, publish: bool = True) -> None:
+        """Enter ``state`` (never leaving STOPPING) and publish it.
+
+        ``publish=False`` for the transient states entered right before a
+        switch: a membership write (an etcd round trip) there would delay the
+        switch and, on a packed host, the fleet's commit skew.
+        """
+        with self.lock:
+            if self._state is State.STOPPING:
+                return
+            self._state = state
+        if publish:
+            self._on_state()
+
+    def settle(self) -> None:
+        """Back to the resting state after an operation: PREPARED if one is held, else IDLE."""
+        self.set_state(State.PREPARED if self._staged is not None else State.IDLE)
+
+    def stop(self) -> None:
+        """Enter STOPPING for good; a prepare in progress is cancelled, watches end.
+
+        Deliberately not under the lock: a stuck prepare holds it, and
+        stopping must never wait behind the operation it cancels.
+        """
+        self._state = State.STOPPING
+        self.code.cancel_prepare()
+        staged = self._staged
+        if staged is not None and staged.watch is not None:
+            staged.watch.stop()
+
+    # -------------------------------------------------------------- prepare
+    def prepare(self, call: PrepareCall) -> Vote:
+        started = time.perf_counter()
+        with self.lock:
+            staged = self._staged
+            if (
+                staged is not None
+                and staged.rollout_id == call.rollout_id
+                and staged.digest == call.digest
+            ):
+                return staged.vote  # idempotent replay
+            if call.rollout_id and call.rollout_id in self._finished:
+                return self._vote(True, started)
+            if call.rollback:
+                return self._prepare_rollback(call, started)
+            return self._prepare_release(call, started)
+
+    def _prepare_release(self, call: PrepareCall, started: float) -> Vote:
+        try:
+            release = call.obtain()
+        except HotfleetError as exc:
+            return self._vote(False, started, exc.errors)
+        except ValueError as exc:
+            return self._vote(False, started, [refusal(call.label or "*", f"bad manifest: {exc}")])
+        self._drop_staged(f"superseded by rollout {call.rollout_id!r}")
+        obtained = time.perf_counter()
+        cpu0 = time.thread_time()
+        self._preparing = call.rollout_id
+        self.set_state(State.PREPARING)
+        try:
+            plan = self.code.prepare(release, force=call.force)
+        except PrepareError as exc:
+            self.settle()
+            return self._vote(False, started, exc.errors)
+        finally:
+            self._preparing = ""
+        log.info(
+            "rollout %s: prepared %s (sources %.0f ms, code %.0f ms, of which %.0f ms CPU "
+            "here and %.0f ms in the staging process)",
+            call.rollout_id,
+            call.label or getattr(release, "label", "?"),
+            (obtained - started) * 1e3,
+            (time.perf_counter() - obtained) * 1e3,
+            (time.thread_time() - cpu0) * 1e3,
+            getattr(plan, "rehearsal_cpu_s", 0.0) * 1e3,
+        )
+        vote = self._vote(
+            True,
+            started,
+            changes=[Change(c.module, c.kind, "; ".join(c.details)) for c in plan.changes],
+            warnings=plan.warnings,
+        )
+        digest = getattr(release, "digest", call.digest)
+        self._stage(_Staged(call.rollout_id, digest, call.label, plan, vote, release))
+        return vote
+
+    def _prepare_rollback(self, call: PrepareCall, started: float) -> Vote:
+        code = self.code
+        want, current, previous = call.label, label(code.current_release), code.previous_release
+        if want == current and (want or not code.can_rollback):
+            # already where the fleet goes back to: a yes vote that changes nothing
+            return self._stage_rollback(call, started, _RollbackPlan(want, noop=True))
+        from_memory = code.can_rollback and (not want or want == label(previous))
+        if not from_memory and want and call.has_sources:
+            # No backup of the target in memory (this process restarted or joined
+            # after the upgrade): the previous release is loaded from the store,
+            # verified like any other release.
+            log.info(
+                "rollback %s: %s is not held in memory, loading it from the store",
+                call.rollout_id,
+                want,
+            )
+            return self._prepare_release(call, started)
+        if not code.can_rollback:
+            detail = (
+                f"no previous release is held in memory and the rollback names "
+                f"{want or 'the boot code'}, which the store cannot provide"
+            )
+            return self._vote(False, started, [refusal("*", detail)])
+        if want and want != label(previous):
+            detail = (
+                f"rollback target {want} is not the previous release "
+                f"{label(previous) or '(boot code)'}"
+            )
+            return self._vote(False, started, [refusal("*", detail)])
+        return self._stage_rollback(call, started, _RollbackPlan(want))
+
+    def _stage_rollback(self, call: PrepareCall, started: float, plan: _RollbackPlan) -> Vote:
+        self._drop_staged(f"superseded by rollback rollout {call.rollout_id!r}")
+        vote = self._vote(True, started)
+        self._stage(_Staged(call.rollout_id, call.digest, plan.target, plan, vote))
+        return vote
+
+    def _vote(
+        self,
+        ok: bool,
+        started: float,
+        errors: Sequence[ModuleError] = (),
+        changes: Sequence[Change] = (),
+        warnings: Sequence[str] = (),
+    ) -> Vote:
+        return Vote(
+            ok,
+            tuple(errors),
+            tuple(changes),
+            tuple(warnings),
+            time.perf_counter() - started,
+            label(self.code.current_release),
+        )
+
+    # ------------------------------------------------------ the staged plan
+    def _stage(self, staged: _Staged) -> None:
+        """Hold ``staged`` as the prepared rollout and watch its decision (lock held)."""
+        self._staged = staged
+        if self._watch is not None and staged.rollout_id and self._state is not State.STOPPING:
+            staged.watch = self._watch(staged.rollout_id)
+            staged.watch.start()
+        self.settle()
+
+    def _take_staged(self) -> _Staged | None:
+        """Stop holding the prepared rollout (lock held); its decision watch ends."""
+        staged, self._staged = self._staged, None
+        if staged is not None and staged.watch is not None:
+            staged.watch.stop()  # not joined: this may be the watch's own thread
+        return staged
+
+    def _drop_staged(self, why: str = "") -> None:
+        staged = self._take_staged()
+        if staged is None:
+            return
+        if why:
+            log.warning(
+                "dropping prepared rollout %s (%s): %s", staged.rollout_id, staged.label, why
+            )
+        if not isinstance(staged.plan, _RollbackPlan):
+            self.code.abort(staged.plan)
+
+    # --------------------------------------------------------------- finish
+    def finish(self, rollout_id: str, commit_at: float = 0.0) -> Outcome:
+        """Switch to the prepared rollout, at ``commit_at`` (unix time) if one is given.
+
+        A scheduled commit makes every node switch at one instant; the
+        acknowledgement then waits until just after it, outside the lock, so
+        nodes that switched first do not take CPU from those still switching
+        on a host that packs several of them.
+        """
+        delay = commit_at - time.time() if commit_at else 0.0
+        if 0 < delay <= MAX_COMMIT_DELAY_S:
+            time.sleep(delay)
+        with self.lock:
+            done = self._finished.get(rollout_id)
+            if done is not None:
+                return _replayed(done)
+            staged = self._staged
+            if staged is None or staged.rollout_id != rollout_id:
+                what = f"rollout {staged.rollout_id!r}" if staged else "nothing"
+                detail = f"rollout {rollout_id!r} is not prepared here ({what} is)"
+                return self._outcome(False, errors=[refusal("*", detail)])
+            self.set_state(State.FINISHING, publish=False)
+            self._take_staged()
+            try:
+                report = self._switch(staged.plan)
+            except FinishError as exc:
+                self.settle()
+                return self._outcome(False, errors=exc.errors, restored=exc.restored)
+            except LoaderStateError as exc:
+                self.settle()
+                return self._outcome(False, errors=exc.errors)
+            outcome = self._outcome(True, report=report)
+            self._finished.keep(rollout_id, outcome)
+            self.settle()
+        if commit_at:
+            wait = min(commit_at + COMMIT_SETTLE_S - time.time(), COMMIT_SETTLE_S)
+            time.sleep(max(0.0, wait))
+        if staged.release is not None:
+            self._on_committed(staged.release)
+        log.info(
+            "rollout %s finished: now %s (pause %.2f ms)",
+            rollout_id,
+            outcome.release,
+            outcome.pause_s * 1000,
+        )
+        return outcome
+
+    def _switch(self, plan: Any) -> FinishReport:
+        if isinstance(plan, _RollbackPlan) and plan.noop:
+            return FinishReport(self.code.current_release, 0.0, True, 0, 0)
+        if isinstance(plan, _RollbackPlan):
+            return self.code.rollback()
+        return self.code.finish(plan)
+
+    def _outcome(
+        self,
+        ok: bool,
+        *,
+        errors: Sequence[ModuleError] = (),
+        restored: bool = False,
+        report: FinishReport | None = None,
+    ) -> Outcome:
+        if report is None:
+            return Outcome(ok, tuple(errors), restored, release=label(self.code.current_release))
+        return Outcome(
+            ok,
+            tuple(errors),
+            restored,
+            report.pause_s,
+            label(self.code.current_release),
+            tuple(report.warnings),
+            report.switched_at or time.time(),
+            drained=report.drained,
+            still_in_flight=report.still_in_flight,
+        )
+
+    # ---------------------------------------------------------------- abort
+    def abort(self, rollout_id: str) -> bool:
+        """Drop the prepared ``rollout_id`` (or cancel its prepare); True if one was dropped."""
+        if rollout_id and self._preparing == rollout_id:
+            # never wait behind the prepare being aborted: kill its staging process
+            self.code.cancel_prepare()
+        with self.lock:
+            staged = self._staged
+            if staged is None or staged.rollout_id != rollout_id:
+                return False
+            self._drop_staged()
+            self.settle()
+            log.info("rollout %s aborted: prepared release dropped", rollout_id)
+            return True
+
+    # ------------------------------------------------------------- rollback
+    def rollback(self, rollout_id: str, expected: str = "") -> Outcome:
+        """Go back to the previous release held in memory (one step, no prepare)."""
+        with self.lock:
+            done = self._rolled_back.get(rollout_id) if rollout_id else None
+            if done is not None:
+                return done
+            previous = label(self.code.previous_release)
+            if not self.code.can_rollback:
+                return self._outcome(
+                    False, errors=[refusal("*", "no previous release is held in memory")]
+                )
+            if expected and expected != previous:
+                detail = (
+                    f"expected to return to {expected}, but the previous release is "
+                    f"{previous or '(boot code)'}"
+                )
+                return self._outcome(False, errors=[refusal("*", detail)])
+            self._drop_staged(f"rollback {rollout_id!r} takes precedence")
+            self.set_state(State.ROLLING_BACK, publish=False)
+            try:
+                report = self.code.rollback()
+            except (FinishError, LoaderStateError) as exc:
+                self.settle()
+                return self._outcome(False, errors=exc.errors)
+            outcome = self._outcome(True, report=report)
+            if rollout_id:
+                self._rolled_back.keep(rollout_id, outcome)
+            self.settle()
+        log.info(
+            "rolled back to %s (pause %.2f ms)",
+            outcome.release or "the boot code",
+            outcome.pause_s * 1000,
+        )
+        return outcome
+
+    # ------------------------------------------------------------ permanent
+    def make_permanent(self, release: str = "") -> Permanence:
+        """Make the current release the one this node boots into; ``release`` must be current."""
+        with self.lock:
+            current = label(self.code.current_release)
+            if release and release != current:
+                detail = f"{release} is not current here ({current or 'boot code'} is)"
+                return self._permanence(False, [refusal("*", detail)])
+            try:
+                self.code.make_permanent()
+            except OSError as exc:
+                detail = f"cannot write the release to the code path: {exc}"
+                return self._permanence(False, [refusal("*", detail)])
+            self.settle()
+            return self._permanence(True)
+
+    def _permanence(self, ok: bool, errors: Sequence[ModuleError] = ()) -> Permanence:
+        return Permanence(ok, label(self.code.permanent_release), tuple(errors))
+
+    # ------------------------------------------------------------ decisions
+    def apply_decision(
+        self,
+        rollout_id: str,
+        decision: str,
+        watch: DecisionWatch | None = None,
+        *,
+        included: bool = True,
+    ) -> bool:
+        """Act on a rollout's durable decision; True once nothing is left to do.
+
+        ``commit`` finishes the prepared rollout through :meth:`finish`,
+        ``abort`` drops it through :meth:`abort`; both are idempotent with the
+        coordinator's own Finish/Abort.  ``included`` is False when the
+        decision does not name this node among its participants (it voted too
+        late, or was left out under ``--allow-missing``): such a node never
+        commits on it; it drops what it prepared and is caught up later by
+        the coordinator's convergence loop.
+        """
+        with self.lock:
+            staged = self._staged
+            if (
+                self._state is State.STOPPING
+                or staged is None
+                or staged.rollout_id != rollout_id
+                or (watch is not None and (watch.stopped.is_set() or staged.watch is not watch))
+            ):
+                return True  # finished, aborted or superseded meanwhile
+            if decision == "commit" and not included:
+                log.warning(
+                    "rollout %s: committed without this node (not among the decision's "
+                    "participants); dropping the prepared %s",
+                    rollout_id,
+                    staged.label,
+                )
+                self.abort(rollout_id)
+                return True
+            if decision == "commit" and watch is not None and not watch.grace_over():
+                return False  # the coordinator's Finish (with its commit instant) is on its way
+            if decision == "commit":
+                log.warning(
+                    "rollout %s: decision 'commit' found in etcd; finishing %s here without "
+                    "waiting for the coordinator",
+                    rollout_id,
+                    staged.label,
+                )
+                outcome = self.finish(rollout_id)
+                if outcome.ok:
+                    log.warning(
+                        "rollout %s: finished by the node itself on the durable commit; now %s",
+                        rollout_id,
+                        outcome.release,
+                    )
+                else:
+                    log.error(
+                        "rollout %s: self-driven finish failed: %s",
+                        rollout_id,
+                        "; ".join(map(str, outcome.errors)),
+                    )
+                return True
+            if decision == "abort":
+                log.warning(
+                    "rollout %s: decision 'abort' found in etcd; dropping the prepared %s "
+                    "without waiting for the coordinator",
+                    rollout_id,
+                    staged.label,
+                )
+                self.abort(rollout_id)
+                return True
+            return False
+
+
+def _replayed(done: Outcome) -> Outcome:
+    return replace(done, already=True)
