@@ -156,14 +156,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="hotfleet-coordinator", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     parser.add_argument("--etcd", default=os.environ.get("HOTFLEET_ETCD", "http://127.0.0.1:2379"))
-    parser.add_argument("--etcd-ca", help="CA for https etcd endpoints")
-    parser.add_argument("--etcd-cert", help="client certificate for etcd")
-    parser.add_argument("--etcd-key", help="client key for etcd")
-    parser.add_argument("--etcd-user", default=os.environ.get("HOTFLEET_ETCD_USER"))
     parser.add_argument(
-        "--etcd-password",
-        default=None,
-        help="etcd password (https endpoints only; better HOTFLEET_ETCD_PASSWORD or a file)",
+        "--etcd-ca",
+        default=os.environ.get("HOTFLEET_ETCD_CA") or None,
+        help="CA for https etcd endpoints (env HOTFLEET_ETCD_CA)",
+    )
+    parser.add_argument(
+        "--etcd-cert",
+        default=os.environ.get("HOTFLEET_ETCD_CERT") or None,
+        help="client certificate for etcd (env HOTFLEET_ETCD_CERT)",
+    )
+    parser.add_argument(
+        "--etcd-key",
+        default=os.environ.get("HOTFLEET_ETCD_KEY") or None,
+        help="client key for etcd (env HOTFLEET_ETCD_KEY)",
+    )
+    parser.add_argument(
+        "--etcd-user",
+        default=os.environ.get("HOTFLEET_ETCD_USER") or None,
+        help="etcd user (env HOTFLEET_ETCD_USER); its password comes from "
+        "--etcd-password-file or HOTFLEET_ETCD_PASSWORD[_FILE], never from the command line",
     )
     parser.add_argument(
         "--etcd-password-file",
@@ -214,7 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.dev = args.dev or env_flag("HOTFLEET_DEV")
-        args.etcd_password = etcd_password(args.etcd, args.etcd_password, args.etcd_password_file)
+        etcd_secret = etcd_password(args.etcd, None, args.etcd_password_file)
+        if (etcd_secret is None) != (args.etcd_user is None):
+            raise ConfigError(
+                "etcd auth needs both --etcd-user (HOTFLEET_ETCD_USER) and a password "
+                "(--etcd-password-file, HOTFLEET_ETCD_PASSWORD or HOTFLEET_ETCD_PASSWORD_FILE)"
+            )
     except ConfigError as exc:
         parser.error(str(exc))
     configure_logging(args.log_level, args.log_format)
@@ -256,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cert_cert": args.etcd_cert,
                 "cert_key": args.etcd_key,
                 "user": args.etcd_user,
-                "password": args.etcd_password,
+                "password": etcd_secret,
             },
         )
     except (EtcdConnectError, ValueError) as exc:

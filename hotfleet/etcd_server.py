@@ -11,6 +11,12 @@ picked and its data directory, so a test can ``kill()`` etcd and ``start()``
 it again at the same address with the same data, the way a crashed member
 comes back.  Every server still running at interpreter exit is killed, so an
 interrupted test session leaves no etcd behind.
+
+With ``tls`` the server takes https client connections only and requires a
+client certificate from the CA (``--client-cert-auth``); ``auth_token_ttl``
+sets how long etcd keeps an unused simple auth token (``--auth-token-ttl``,
+default 300 s), so tests can see tokens expire.  Enabling auth itself is
+an etcd request (:mod:`hotfleet.etcd_auth`), kept in the data directory.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ import socket
 import subprocess
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
+
+import grpc
 
 from hotfleet.etcd_client import open_client
 
@@ -95,8 +104,35 @@ def free_ports(host: str, count: int) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """PEM files for an https etcd: its server certificate and key, the CA of its clients,
+    and the client certificate the server's own health probe presents."""
+
+    cert: str
+    key: str
+    ca: str
+    client_cert: str
+    client_key: str
+
+    def client_options(self) -> dict[str, str]:
+        """``open_client``/``connect`` keyword arguments for a client of this server."""
+        return {"ca_cert": self.ca, "cert_cert": self.client_cert, "cert_key": self.client_key}
+
+
+# What an etcd with auth enabled answers a probe that has no credentials:
+# it answered, so it serves.
+_AUTH_REFUSALS = ("user name is empty", "permission denied", "invalid auth token")
+
+
+def _auth_refusal(exc: BaseException) -> bool:
+    if not isinstance(exc, grpc.RpcError) or not hasattr(exc, "details"):
+        return False
+    return any(text in (exc.details() or "") for text in _AUTH_REFUSALS)
 
 
 # Servers still running, killed at interpreter exit; weak so that the registry
@@ -122,6 +158,8 @@ class EtcdServer:
         peer_port: int = 0,
         name: str = "hotfleet-dev",
         log_path: Path | None = None,
+        tls: EtcdTLS | None = None,
+        auth_token_ttl: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -130,6 +168,8 @@ class EtcdServer:
         self.log_path = log_path or self.data_dir.with_name(self.data_dir.name + ".log")
         self._client_port = client_port
         self._peer_port = peer_port
+        self.tls = tls
+        self.auth_token_ttl = auth_token_ttl
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -138,7 +178,15 @@ class EtcdServer:
         """Client URL; fixed from the first start on, across restarts."""
         if not self._client_port:
             raise RuntimeError("EtcdServer has no port yet: call start() first")
-        return _url(self.host, self._client_port)
+        return _url(self.host, self._client_port, self._scheme)
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def client_options(self) -> dict[str, Any]:
+        """TLS keyword arguments for ``open_client``/``connect`` (empty without TLS)."""
+        return self.tls.client_options() if self.tls is not None else {}
 
     @property
     def pid(self) -> int | None:
@@ -170,8 +218,18 @@ class EtcdServer:
                     raise
 
     def _command(self, binary: str) -> list[str]:
-        client_url = _url(self.host, self._client_port)
+        client_url = _url(self.host, self._client_port, self._scheme)
         peer_url = _url(self.host, self._peer_port)
+        extra: list[str] = []
+        if self.tls is not None:
+            extra += [
+                f"--cert-file={self.tls.cert}",
+                f"--key-file={self.tls.key}",
+                f"--trusted-ca-file={self.tls.ca}",
+                "--client-cert-auth",
+            ]
+        if self.auth_token_ttl is not None:
+            extra += ["--auth-token=simple", f"--auth-token-ttl={self.auth_token_ttl}"]
         return [
             binary,
             f"--name={self.name}",
@@ -187,6 +245,7 @@ class EtcdServer:
             "--heartbeat-interval=50",
             "--election-timeout=250",
             "--log-outputs=stderr",
+            *extra,
         ]
 
     def _spawn_and_wait(self, binary: str, timeout: float) -> None:
@@ -221,7 +280,7 @@ class EtcdServer:
         """Poll with a quorum read: it only succeeds once a leader serves requests."""
         assert self._proc is not None
         deadline = time.monotonic() + timeout
-        client = open_client(self.endpoint, timeout=1)
+        client = open_client(self.endpoint, timeout=1, **self.client_options())
         try:
             while True:
                 if self._proc.poll() is not None:
@@ -229,7 +288,13 @@ class EtcdServer:
                         f"etcd exited with code {self._proc.returncode} during startup"
                     )
                 try:
-                    client.get(_HEALTH_KEY)
+                    try:
+                        client.get(_HEALTH_KEY)
+                    except grpc.RpcError as exc:
+                        # Auth is on (a restart): a refusal still says it serves, once
+                        # it has a leader.
+                        if not _auth_refusal(exc) or not client.status().leader:
+                            raise
                     return
                 except Exception:
                     if time.monotonic() > deadline:
@@ -291,5 +356,5 @@ class EtcdServer:
         self.stop()
 
     def __repr__(self) -> str:
-        where = _url(self.host, self._client_port) if self._client_port else "unstarted"
+        where = self.endpoint if self._client_port else "unstarted"
         return f"EtcdServer({where}, pid={self.pid}, data_dir={str(self.data_dir)!r})"

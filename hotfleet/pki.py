@@ -39,7 +39,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hotfleet.signing import _key_directory, _write_new
 from hotfleet.tls import Role, TLSFiles
 
-__all__ = ["DEFAULT_HOSTS", "DevPki", "issue", "make_ca", "make_dev_pki"]
+__all__ = ["DEFAULT_HOSTS", "DevPki", "issue", "issue_etcd_server", "make_ca", "make_dev_pki"]
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 _VALID = datetime.timedelta(days=365)
@@ -159,6 +159,41 @@ def issue(
         .sign(ca_key, hashes.SHA256())
     )
     stem = stem or role.value
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+    _write_new(key_path, _pem_key(key), 0o600)
+    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert_path, key_path
+
+
+def issue_etcd_server(
+    directory: Path, hosts: Sequence[str] = DEFAULT_HOSTS, *, stem: str = "etcd"
+) -> tuple[Path, Path]:
+    """An etcd server certificate from the CA in ``directory``: ``(cert, key)`` paths.
+
+    It carries no hotfleet role (etcd must never be able to drive the fleet
+    with it), only ``hosts`` as SAN entries, for server and client use (the
+    embedded etcd's own health probe presents it).
+    """
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{directory / 'ca.key'}: not an EC key")
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"hotfleet {stem}"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now + _VALID)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([_host(h) for h in hosts]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
     _write_new(key_path, _pem_key(key), 0o600)
     _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
