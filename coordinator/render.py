@@ -184,7 +184,13 @@ def nodes_table(
 
     SYNC says whether the node runs what the fleet wants of it (the leader's
     convergence loop): ``ok``, ``catching up``, or the release it should run.
+    When nodes carry a ``host`` label (several workers per host, e.g. under
+    gunicorn: :mod:`node_agent.gunicorn`), a HOST column comes first and the
+    rows are grouped by host.
     """
+    by_host = any(_host(n) for n in nodes)
+    if by_host:
+        nodes = sorted(nodes, key=lambda n: (_host(n), str(n.get("node_id", ""))))
     rows = []
     for n in nodes:
         state = str(n.get("state", ""))
@@ -199,13 +205,21 @@ def nodes_table(
         ]
         if wide:
             row += [n.get("http_address") or "-", n.get("pid") or "-", n.get("epoch_seen") or 0]
-        rows.append([*row, age(n.get("started_at")), _labels(n.get("labels"))])
+        row = [*row, age(n.get("started_at")), _labels(n.get("labels"))]
+        rows.append([_host(n) or "-", *row] if by_host else row)
     headers = ["NODE", "STATE", "RELEASE", "SYNC", "PERMANENT", "PREVIOUS", "ADDRESS"]
     if wide:
         headers += ["HTTP", "PID", "EPOCH"]
+    if by_host:
+        headers = ["HOST", *headers]
     return table(
         [*headers, "UP", "LABELS"], rows, empty="no nodes registered", no_headers=no_headers
     )
+
+
+def _host(node: Mapping[str, Any]) -> str:
+    labels = node.get("labels")
+    return str(labels.get("host") or "") if isinstance(labels, Mapping) else ""
 
 
 def _sync(node: Mapping[str, Any], style: Style) -> str:

@@ -6,6 +6,9 @@ Public API (kept small on purpose):
 * :class:`DrainBarrier`, :class:`WSGIMiddleware`, :class:`ASGIMiddleware` —
   mark guarded work so a finish is atomic for it;
 * :func:`register` — stateful objects migrated by ``code_change``;
+* :func:`supervise` / :func:`asupervise` — background threads and asyncio tasks
+  stopped at a safe point and restarted on the new code at every switch
+  (:mod:`node_agent.supervision`);
 * the errors :class:`PrepareError`, :class:`FinishError`, :class:`LoaderStateError`;
 * :class:`Agent` (in :mod:`node_agent.agent`) — the whole node agent embedded in
   an app: loader, gRPC server, etcd membership, metrics.  Imported lazily, so
@@ -35,6 +38,7 @@ from node_agent.loader import (
     ReleaseInfo,
 )
 from node_agent.stateful import register, unregister
+from node_agent.supervision import asupervise, supervise
 
 if TYPE_CHECKING:
     from node_agent.agent import Agent
@@ -64,6 +68,8 @@ __all__ = [
     "PreparedState",
     "ReleaseInfo",
     "WSGIMiddleware",
+    "asupervise",
     "register",
+    "supervise",
     "unregister",
 ]

@@ -130,6 +130,7 @@ from node_agent.participant import (
     label,
     refusal,
 )
+from node_agent.supervision import SupervisedLoader
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -237,7 +238,7 @@ class Agent:
         self.etcd_options = dict(etcd_options or {})
         self.ready_timeout = ready_timeout
         self.grpc_workers = grpc_workers
-        self.loader = loader or Loader(
+        self.loader = loader or SupervisedLoader(
             code_paths, drain_timeout=drain_timeout, prepare_timeout=prepare_timeout
         )
         self.metrics = Metrics()
@@ -379,6 +380,29 @@ class Agent:
             return guarded(environ, start_response)
 
         return agent_app
+
+    def asgi(self, app: Any) -> Any:
+        """``app`` (ASGI) behind the drain guard, with request metrics and ``/-/metrics``.
+
+        Websockets and streaming responses are guarded for their whole life;
+        a finish waits for them at most the drain timeout and then says how
+        many were left in flight (:mod:`node_agent.asgi`).
+        """
+        from node_agent.asgi import agent_asgi
+
+        return agent_asgi(self, app)
+
+    async def start_async(self) -> None:
+        """:meth:`start` for an event loop: runs on a worker thread, the loop keeps serving."""
+        import asyncio
+
+        await asyncio.to_thread(self.start)
+
+    async def stop_async(self, grace: float = 1.0) -> None:
+        """:meth:`stop` for an event loop (on a worker thread)."""
+        import asyncio
+
+        await asyncio.to_thread(self.stop, grace)
 
     def set_gauge(self, name: str, value: float) -> None:
         """An application-defined health gauge (Health RPC and Prometheus)."""
