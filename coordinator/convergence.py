@@ -225,7 +225,7 @@ class Convergence:
                 why = f"refused {d.label}: {_errors(reply.errors)}"
                 self._failed(node.node_id, d.label, why, rid)
                 return
-            engine._decide(lead, rid, "commit")  # the agent finishes from etcd if we die now
+            engine._decide(lead, rid, "commit", [node.node_id])  # it finishes from etcd if we die
             done = stub.Finish(
                 agent_pb2.FinishRequest(rollout_id=rid, epoch=lead.epoch), timeout=60
             )

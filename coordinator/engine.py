@@ -878,7 +878,11 @@ class Engine:
         voters = [n for n in members if n.vote is not Vote.UNREACHABLE or not options.allow_missing]
         yes = all(n.vote is Vote.YES for n in voters) and any(n.vote is Vote.YES for n in voters)
         wanted = "commit" if yes and not options.dry_run else "abort"
-        decision = self._decide(lead, self._wave_id(rollout), wanted)
+        # the commit binds the yes voters alone: a node whose vote arrives too late,
+        # or one left out under --allow-missing, never acts on it (the convergence
+        # loop catches it up instead)
+        bound = [n.node for n in members if n.vote is Vote.YES]
+        decision = self._decide(lead, self._wave_id(rollout), wanted, bound)
         rollout.decision, rollout.decided_at = decision, time.time()
         if decision != "commit":
             rollout.phase = Phase.ABORTING
@@ -984,7 +988,9 @@ class Engine:
                     )
                 )
 
-    def _decide(self, lead: Leadership, rollout_id: str, wanted: str) -> str:
+    def _decide(
+        self, lead: Leadership, rollout_id: str, wanted: str, participants: list[str] | None = None
+    ) -> str:
         """Write the decision once (the commit point) and return the one that stands.
 
         The record carries our epoch (:mod:`hotfleet.decisions`).  One already
@@ -994,7 +1000,7 @@ class Engine:
         """
         key = self.keys.decision(rollout_id)
         tx = self.client.transactions
-        value = decisions.encode(wanted, lead.epoch)
+        value = decisions.encode(wanted, lead.epoch, participants)
         ok, _ = _retry(lambda: lead.transaction([tx.put(key, value)], [tx.version(key) == 0]))
         if ok:
             return wanted

@@ -6,7 +6,14 @@ coordinator) and a new leader re-drives what it says, so whoever can write
 that key could otherwise switch code on every prepared node.  A decision
 therefore carries the epoch of the leader that wrote it::
 
-    {"decision": "commit", "epoch": 4711}
+    {"decision": "commit", "epoch": 4711, "participants": ["n1", "n2"]}
+
+``participants`` names the nodes bound by a commit (those that voted yes):
+a node outside it (one whose prepare finished after the vote was counted,
+or one left out under ``--allow-missing``) never commits on the record; it
+drops what it prepared and the coordinator's convergence loop catches it up.
+A record without the field (written before it existed) binds every
+prepared node.
 
 and the leader writes it in a transaction guarded by its leader key
 (:meth:`coordinator.election.Leadership.transaction`).  A reader believes it
@@ -24,6 +31,7 @@ to the prefix from committing a rollout nobody decided.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hotfleet.etcd_client import EtcdClient
@@ -35,7 +43,7 @@ __all__ = ["ABORT", "COMMIT", "DECISIONS", "Decision", "ForgedDecision", "encode
 COMMIT = "commit"
 ABORT = "abort"
 DECISIONS = frozenset({COMMIT, ABORT})
-_MAX_BYTES = 1024
+_MAX_BYTES = 512 * 1024  # a participant list of a few thousand node ids
 
 
 class ForgedDecision(ValueError):
@@ -48,15 +56,23 @@ class Decision:
 
     decision: str
     epoch: int
+    participants: tuple[str, ...] | None = None  # None: the record names none
+
+    def binds(self, node_id: str) -> bool:
+        """Whether this decision applies to ``node_id``."""
+        return self.participants is None or node_id in self.participants
 
 
-def encode(decision: str, epoch: int) -> str:
-    """The record a leader of ``epoch`` writes for ``decision``."""
+def encode(decision: str, epoch: int, participants: Sequence[str] | None = None) -> str:
+    """The record a leader of ``epoch`` writes for ``decision`` binding ``participants``."""
     if decision not in DECISIONS:
         raise ValueError(f"a decision is {' or '.join(sorted(DECISIONS))}, not {decision!r}")
     if epoch <= 0:
         raise ValueError(f"a decision needs the leader's epoch, got {epoch}")
-    return json.dumps({"decision": decision, "epoch": epoch}, separators=(",", ":"))
+    record: dict[str, object] = {"decision": decision, "epoch": epoch}
+    if participants is not None:
+        record["participants"] = sorted(participants)
+    return json.dumps(record, separators=(",", ":"))
 
 
 def parse(raw: bytes) -> Decision:
@@ -75,7 +91,12 @@ def parse(raw: bytes) -> Decision:
         raise ForgedDecision(f"decision {decision!r} is neither commit nor abort")
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch <= 0:
         raise ForgedDecision(f"epoch {epoch!r} is not a leader epoch")
-    return Decision(str(decision), epoch)
+    named = record.get("participants")
+    if named is not None and (
+        not isinstance(named, list) or not all(isinstance(n, str) for n in named)
+    ):
+        raise ForgedDecision("'participants' is not a list of node ids")
+    return Decision(str(decision), epoch, tuple(named) if named is not None else None)
 
 
 def verify(client: EtcdClient, keys: Keys, raw: bytes, mod_revision: int) -> Decision:

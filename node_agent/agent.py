@@ -1143,10 +1143,12 @@ class _DecisionWatch:
             if failing:
                 log.info("rollout %s: decision key readable again", self.rollout_id)
                 failing = False
-            if decision is not None and self.agent.apply_decision(self.rollout_id, decision, self):
+            if decision is not None and self.agent.apply_decision(
+                self.rollout_id, decision.decision, self, decision.participants
+            ):
                 return
 
-    def _read(self) -> str | None:
+    def _read(self) -> decisions.Decision | None:
         """The decision a leader wrote for this rollout, None while there is none.
 
         Raises :class:`hotfleet.decisions.ForgedDecision` for a record no
@@ -1157,7 +1159,7 @@ class _DecisionWatch:
         raw, meta = client.get(self.key)
         if raw is None:
             return None
-        return decisions.verify(client, self.agent.keys, raw, int(meta.mod_revision)).decision
+        return decisions.verify(client, self.agent.keys, raw, int(meta.mod_revision))
 
 
 def _check_permanent_manifest(manifest: Mapping[str, Any], target: ReleaseInfo) -> None:

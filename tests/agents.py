@@ -66,14 +66,20 @@ def publish(
 
 
 def decide(
-    client: EtcdClient, prefix: str, lead: Leadership, rollout_id: str, decision: str
+    client: EtcdClient,
+    prefix: str,
+    lead: Leadership,
+    rollout_id: str,
+    decision: str,
+    participants: list[str] | None = None,
 ) -> None:
     """Write a rollout's decision as the coordinator leading with ``lead`` does.
 
     Fenced by the leader key and carrying its epoch (:mod:`hotfleet.decisions`):
     the only kind of decision record agents act on.
     """
-    put = client.transactions.put(Keys(prefix).decision(rollout_id), encode(decision, lead.epoch))
+    value = encode(decision, lead.epoch, participants)
+    put = client.transactions.put(Keys(prefix).decision(rollout_id), value)
     assert lead.guarded_txn([put]), f"{lead} no longer leads"
 
 

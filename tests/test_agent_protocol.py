@@ -102,6 +102,26 @@ def test_prepared_agent_acts_on_the_decision_in_etcd_by_itself(
     assert "decision 'abort' found in etcd" in log
 
 
+def test_a_commit_that_does_not_name_the_node_is_never_acted_on(
+    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str, leadership: Leadership
+) -> None:
+    """A node whose yes vote was not counted (it answered after the vote was
+    taken, or was left out under --allow-missing) drops what it prepared when
+    the decision commits without it; it is caught up later, never by itself."""
+    agent = agents.start("n-late")
+    manifest = publish(etcd_client, etcd_prefix, release("shop-2.0.0"))
+    assert prepare(agent, manifest, "r-without", leadership.epoch).ok
+    decide(etcd_client, etcd_prefix, leadership, "r-without", "commit", ["n-other"])
+    wait_for(lambda: agent.status().prepared_rollout == "", timeout=5)
+    assert agent.status().state == "idle" and version(agent) == "1"
+    assert "not among the decision's participants" in agent.log()
+
+    # the same node named in the next decision commits on it by itself
+    assert prepare(agent, manifest, "r-with", leadership.epoch).ok
+    decide(etcd_client, etcd_prefix, leadership, "r-with", "commit", ["n-late", "n-other"])
+    wait_for(lambda: version(agent) == "2", timeout=5 + COMMIT_GRACE_S)
+
+
 def test_restarted_agent_keeps_fencing_a_deposed_leader(agents: Agents) -> None:
     first = agents.start("n-fence")
     assert first.stub.Abort(agent_pb2.AbortRequest(rollout_id="r", epoch=9), timeout=5).ok
