@@ -947,6 +947,8 @@ def _add_globals(parser: argparse.ArgumentParser, *, sub: bool) -> None:
         return argparse.SUPPRESS if sub else value
 
     env = os.environ.get
+    # A `dev up --secure` cluster: its operator certificate, unless told otherwise.
+    dev = _dev_security() if not env("HOTFLEET_COORDINATOR") else {}
     g = parser.add_argument_group("connection and output")
     g.add_argument(
         "--coordinator",
@@ -971,11 +973,20 @@ def _add_globals(parser: argparse.ArgumentParser, *, sub: bool) -> None:
         help="tables without their header line (for scripts)",
     )
     g.add_argument(
-        "--tls-cert", default=default(env("HOTFLEET_TLS_CERT")), help="client certificate (PEM)"
+        "--tls-cert",
+        default=default(env("HOTFLEET_TLS_CERT") or dev.get("tls_cert")),
+        help="client certificate (PEM; env HOTFLEET_TLS_CERT, else the operator's of a "
+        "`dev up --secure` cluster)",
     )
-    g.add_argument("--tls-key", default=default(env("HOTFLEET_TLS_KEY")), help="client key (PEM)")
     g.add_argument(
-        "--tls-ca", default=default(env("HOTFLEET_TLS_CA")), help="CA of the coordinator (PEM)"
+        "--tls-key",
+        default=default(env("HOTFLEET_TLS_KEY") or dev.get("tls_key")),
+        help="client key (PEM)",
+    )
+    g.add_argument(
+        "--tls-ca",
+        default=default(env("HOTFLEET_TLS_CA") or dev.get("tls_ca")),
+        help="CA of the coordinator (PEM)",
     )
     g.add_argument(
         "--dev",
@@ -997,7 +1008,9 @@ def _add_target(parser: argparse.ArgumentParser, *, required: bool) -> None:
 def _add_sign_key(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sign-key",
-        default=os.environ.get("HOTFLEET_SIGN_KEY") or None,
+        default=os.environ.get("HOTFLEET_SIGN_KEY")
+        or (_dev_security().get("sign_key") if not os.environ.get("HOTFLEET_COORDINATOR") else None)
+        or None,
         metavar="FILE",
         help="sign the bundle with this ed25519 private key (PEM; `python -m hotfleet.signing "
         "keygen DIR` makes one; env HOTFLEET_SIGN_KEY). Agents outside dev mode refuse "
@@ -1199,6 +1212,13 @@ def build_parser() -> argparse.ArgumentParser:
         "shell", choices=completion.SHELLS, help="e.g. source <(coordctl completion bash)"
     )
     return parser
+
+
+def _dev_security() -> dict[str, str]:
+    """The operator certificate and signing key of a `coordctl dev up --secure` cluster."""
+    from coordinator.devcluster import default_security
+
+    return default_security()
 
 
 def _dev_coordinator() -> str | None:

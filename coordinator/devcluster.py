@@ -21,6 +21,16 @@ their recorded command lines.
 ``coordctl``'s default ``--coordinator`` comes from ``DIR/cluster.json``
 when it exists (:func:`default_coordinator`), so the commands work whatever
 port the coordinator got.
+
+``dev up --secure`` starts the same cluster with nothing insecure: a dev CA
+and role certificates in ``DIR/pki`` (:mod:`hotfleet.pki`), mutual TLS
+between coordctl, the coordinator and the agents, a release-signing key in
+``DIR/keys`` (agents trust only it; coordctl signs with it), and etcd on
+https with client certificates and auth on, each process with its own
+least-privilege etcd user (:mod:`hotfleet.etcd_auth`), passwords in
+``DIR/secrets/<user>.password`` (0600).  coordctl finds the operator
+certificate and the signing key through ``cluster.json``
+(:func:`default_security`), as it finds the coordinator.
 """
 
 from __future__ import annotations
@@ -177,6 +187,33 @@ class Cluster:
     members: list[Member] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     version: int = STATE_VERSION
+    secure: bool = False  # `dev up --secure`: DIR/pki, DIR/keys, DIR/secrets
+
+    @property
+    def pki(self) -> Path:
+        return Path(self.dir) / "pki"
+
+    @property
+    def secrets(self) -> Path:
+        return Path(self.dir) / "secrets"
+
+    @property
+    def sign_key(self) -> Path:
+        return Path(self.dir) / "keys" / "release-signing.key"
+
+    def etcd_options(self) -> dict[str, Any]:
+        """``open_client`` keyword arguments for this cluster's etcd (as the coordinator user)."""
+        if not self.secure:
+            return {}
+        from hotfleet.config import secret
+        from hotfleet.etcd_auth import COORDINATOR_USER
+
+        password_file = self.secrets / f"{COORDINATOR_USER}.password"
+        return {
+            **_etcd_tls(self.pki),
+            "user": COORDINATOR_USER,
+            "password": secret("HOTFLEET_ETCD_PASSWORD", {}, file=str(password_file)),
+        }
 
     @property
     def path(self) -> Path:
@@ -227,6 +264,29 @@ def default_coordinator(directory: str | os.PathLike[str] | None = None) -> str 
     """The coordinator address recorded by ``coordctl dev up``, if a cluster state exists."""
     cluster = load(directory)
     return cluster.coordinator if cluster is not None and cluster.coordinator else None
+
+
+def default_security(directory: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """coordctl's credentials for a ``dev up --secure`` cluster: ``tls_cert``, ``tls_key``,
+    ``tls_ca`` (the operator's) and ``sign_key``; empty for any other cluster."""
+    cluster = load(directory)
+    if cluster is None or not cluster.secure:
+        return {}
+    return {
+        "tls_cert": str(cluster.pki / "operator.pem"),
+        "tls_key": str(cluster.pki / "operator.key"),
+        "tls_ca": str(cluster.pki / "ca.pem"),
+        "sign_key": str(cluster.sign_key),
+    }
+
+
+def _etcd_tls(pki: Path) -> dict[str, str]:
+    """TLS files a client of the secure dev etcd presents (the coordinator's certificate)."""
+    return {
+        "ca_cert": str(pki / "ca.pem"),
+        "cert_cert": str(pki / "coordinator.pem"),
+        "cert_key": str(pki / "coordinator.key"),
+    }
 
 
 @contextlib.contextmanager
@@ -308,8 +368,8 @@ def _environment(extra: dict[str, str]) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join(dict.fromkeys(python_path)),
         PYTHONUNBUFFERED="1",
         HOTFLEET_DEV="1",
-        **extra,
     )
+    env.update(extra)  # a secure cluster's members say HOTFLEET_DEV=0
     env.pop("HOTFLEET_COORDINATOR", None)
     env.pop("HOTFLEET_FAULT", None)
     return env
@@ -380,11 +440,14 @@ def _log_size(path: str) -> int:
         return 0
 
 
-def _etcd_ready(endpoint: str) -> Callable[[str], bool]:
+def _etcd_ready(endpoint: str, options: dict[str, Any]) -> Callable[[str], bool]:
     from hotfleet.etcd_client import open_client
 
     def check(_line: str) -> bool:
-        client = open_client(endpoint, timeout=1)
+        try:
+            client = open_client(endpoint, timeout=1, **options)
+        except Exception:
+            return False
         try:
             client.get("/hotfleet/.health")
             return True
@@ -396,12 +459,25 @@ def _etcd_ready(endpoint: str) -> Callable[[str], bool]:
     return check
 
 
-def _etcd_member(directory: Path, client_port: int, peer_port: int) -> Member:
+def _etcd_member(
+    directory: Path, client_port: int, peer_port: int, *, secure: bool = False
+) -> Member:
     from hotfleet.etcd_server import find_etcd_binary
 
     binary = find_etcd_binary()
-    client_url = f"http://{LOOPBACK}:{client_port}"
+    client_url = f"{'https' if secure else 'http'}://{LOOPBACK}:{client_port}"
     peer_url = f"http://{LOOPBACK}:{peer_port}"
+    pki = directory / "pki"
+    tls = (
+        [
+            f"--cert-file={pki / 'etcd.pem'}",
+            f"--key-file={pki / 'etcd.key'}",
+            f"--trusted-ca-file={pki / 'ca.pem'}",
+            "--client-cert-auth",
+        ]
+        if secure
+        else []
+    )
     return Member(
         name="etcd",
         role="etcd",
@@ -418,14 +494,33 @@ def _etcd_member(directory: Path, client_port: int, peer_port: int) -> Member:
             "--heartbeat-interval=50",
             "--election-timeout=250",
             "--log-outputs=stderr",
+            *tls,
         ],
         log=str(directory / "logs" / "etcd.log"),
         address=client_url,
     )
 
 
-def _coordinator_member(directory: Path, etcd: str, port: int) -> Member:
+def _secure_flags(directory: Path, role: str, etcd_user: str) -> list[str]:
+    """mTLS with ``role``'s certificate, and etcd over TLS as ``etcd_user``."""
+    pki = directory / "pki"
+    return [
+        "--tls-cert", str(pki / f"{role}.pem"),
+        "--tls-key", str(pki / f"{role}.key"),
+        "--tls-ca", str(pki / "ca.pem"),
+        "--etcd-ca", str(pki / "ca.pem"),
+        "--etcd-cert", str(pki / f"{role}.pem"),
+        "--etcd-key", str(pki / f"{role}.key"),
+        "--etcd-user", etcd_user,
+        "--etcd-password-file", str(directory / "secrets" / f"{etcd_user}.password"),
+    ]  # fmt: skip
+
+
+def _coordinator_member(directory: Path, etcd: str, port: int, *, secure: bool = False) -> Member:
+    from hotfleet.etcd_auth import COORDINATOR_USER
+
     address = f"{LOOPBACK}:{port}"
+    security = _secure_flags(directory, "coordinator", COORDINATOR_USER) if secure else ["--dev"]
     return Member(
         name="coordinator",
         role="coordinator",
@@ -433,20 +528,29 @@ def _coordinator_member(directory: Path, etcd: str, port: int) -> Member:
             sys.executable,
             "-m",
             "coordinator.daemon",
-            "--dev",
+            *security,
             "--listen",
             address,
             "--etcd",
             etcd,
         ],
+        env={"HOTFLEET_DEV": "0"} if secure else {},
         log=str(directory / "logs" / "coordinator.log"),
         address=address,
         ready_line="hotfleet-coordinator ready",
     )
 
 
-def _agent_member(directory: Path, index: int, etcd: str, http_port: int) -> Member:
+def _agent_member(
+    directory: Path, index: int, etcd: str, http_port: int, *, secure: bool = False
+) -> Member:
+    from hotfleet.etcd_auth import node_user
+
     name = f"node-{index}"
+    security = ["--dev"]
+    if secure:
+        security = _secure_flags(directory, "agent", node_user(name))
+        security += ["--trust-key", str(directory / "keys" / "release-signing.pub")]
     zone = ZONES[(index - 1) % len(ZONES)]
     node_dir = directory / "nodes" / name
     http = f"{LOOPBACK}:{http_port}"
@@ -457,7 +561,7 @@ def _agent_member(directory: Path, index: int, etcd: str, http_port: int) -> Mem
             sys.executable,
             "-m",
             "node_agent.cli",
-            "--dev",
+            *security,
             "--node-id",
             name,
             "--code-path",
@@ -480,7 +584,7 @@ def _agent_member(directory: Path, index: int, etcd: str, http_port: int) -> Mem
         labels={"zone": zone},
         # The example shop reads its zone's tax table from SHOP_ZONE (see
         # examples/README.md: shop-2.2.0-nodecfg fails on ap-south only).
-        env={"SHOP_ZONE": zone},
+        env={"SHOP_ZONE": zone, **({"HOTFLEET_DEV": "0"} if secure else {})},
         ready_line="node-agent ready",
     )
 
@@ -551,7 +655,11 @@ def _start_members(
     for member in members:
         spawn(member)
     cluster.save()
-    checks = {m.name: _etcd_ready(m.address) for m in members if m.role == "etcd"}
+    # Before auth is on (a fresh cluster) TLS is enough; after, the coordinator's user.
+    options = cluster.etcd_options() if (Path(cluster.dir) / "secrets").is_dir() else {}
+    if cluster.secure and not options:
+        options = _etcd_tls(cluster.pki)
+    checks = {m.name: _etcd_ready(m.address, options) for m in members if m.role == "etcd"}
     deadline = time.monotonic() + READY_TIMEOUT_S
     while pending:
         _reap()
@@ -639,7 +747,9 @@ def _move_port(member: Member, taken: set[int]) -> None:
         taken.add(client)
         peer = free_port(avoid=taken)
         taken.add(peer)
-        fresh = _etcd_member(Path(member.log).parents[1], client, peer)
+        fresh = _etcd_member(
+            Path(member.log).parents[1], client, peer, secure=member.address.startswith("https:")
+        )
         member.cmd, member.address = fresh.cmd, fresh.address
 
 
@@ -653,7 +763,7 @@ def _wait_cluster(cluster: Cluster, say: _Say, timeout: float = READY_TIMEOUT_S)
     wanted = {m.name for m in cluster.agents}
     pids = {m.name: m.pid for m in cluster.agents}
     deadline = time.monotonic() + timeout
-    client = open_client(cluster.etcd, timeout=2)
+    client = open_client(cluster.etcd, timeout=2, **cluster.etcd_options())
     leads = False
     registered: set[str] = set()
     try:
@@ -712,12 +822,15 @@ def up(
     out: TextIO | None = None,
     describe_it: bool = True,
     traffic: float = 0.0,
+    secure: bool = False,
 ) -> Cluster:
     """Start a dev cluster (or report the one that is up); return its record.
 
     ``describe_it``: end with where everything is and what to do next.
     ``traffic``: requests per second a background process sends to each node
     (:mod:`coordinator.traffic`; 0 = none), started with a fresh cluster.
+    ``secure``: a fresh cluster with mTLS, signed releases, etcd TLS and auth
+    (see the module docstring); needs the embedded etcd.
 
     Raises :class:`DevClusterError` with what to do next.  A failed start
     stops whatever it started (logs stay in ``DIR/logs``).
@@ -725,6 +838,11 @@ def up(
     say = _Say(out or sys.stdout)
     if nodes < 1:
         raise DevClusterError("--nodes must be at least 1")
+    if secure and etcd is not None:
+        raise DevClusterError(
+            "--secure provisions etcd's users, TLS and auth itself: it needs the embedded "
+            "etcd (drop --etcd), or configure your etcd by hand (README: threat model)"
+        )
     if not (EXAMPLES / "shop" / "shop" / "app.py").is_file():  # before anything starts
         raise DevClusterError(
             f"the example shop is not at {EXAMPLES / 'shop'}: reinstall hotfleet (the wheel "
@@ -743,31 +861,76 @@ def up(
                 + "` again"
             )
         else:
-            cluster = _fresh(path, say, nodes=nodes, etcd=etcd, traffic=traffic)
+            cluster = _fresh(path, say, nodes=nodes, etcd=etcd, traffic=traffic, secure=secure)
     if describe_it:
         say()
         say(describe(cluster, style=say.style))
     return cluster
 
 
-def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None, traffic: float = 0.0) -> Cluster:
-    cluster = Cluster(dir=str(path), embedded_etcd=etcd is None)
+def _make_credentials(cluster: Cluster, say: _Say) -> None:
+    """DIR/pki (CA, role and etcd certificates) and DIR/keys (release signing)."""
+    from hotfleet.pki import issue_etcd_server, make_dev_pki
+    from hotfleet.signing import generate_keypair
+
+    make_dev_pki(cluster.pki)
+    issue_etcd_server(cluster.pki)
+    generate_keypair(cluster.sign_key, cluster.sign_key.with_suffix(".pub"))
+    say.step(f"pki          dev CA and role certificates in {_relative(str(cluster.pki))}")
+
+
+def _provision_etcd(cluster: Cluster, nodes: int, say: _Say) -> None:
+    """Least-privilege etcd users for the coordinator and each node; auth on."""
+    from hotfleet.etcd_auth import provision, write_password_files
+    from hotfleet.etcd_client import connect
+
+    client = connect(cluster.etcd, timeout=5, **_etcd_tls(cluster.pki))
+    try:
+        made = provision(client, cluster.prefix, nodes=[f"node-{i}" for i in range(1, nodes + 1)])
+    finally:
+        client.close()
+    write_password_files(made, cluster.secrets)
+    say.step(
+        f"etcd         auth on: {len(made.passwords)} users, passwords (0600) in "
+        f"{_relative(str(cluster.secrets))}"
+    )
+
+
+def _fresh(
+    path: Path,
+    say: _Say,
+    *,
+    nodes: int,
+    etcd: str | None,
+    traffic: float = 0.0,
+    secure: bool = False,
+) -> Cluster:
+    cluster = Cluster(dir=str(path), embedded_etcd=etcd is None, secure=secure)
     say(say.style.bold(f"Starting a hotfleet dev cluster in {path}") + f" ({nodes} node(s))")
-    say(say.style.yellow("DEV MODE: plaintext, unauthenticated gRPC on 127.0.0.1 only"))
+    if secure:
+        say("SECURE: mutual TLS with role certificates, signed releases, etcd TLS + auth")
+    else:
+        say(say.style.yellow("DEV MODE: plaintext, unauthenticated gRPC on 127.0.0.1 only"))
     taken: set[int] = set()
     try:
+        if secure:
+            _make_credentials(cluster, say)
         if etcd is None:
             client_port, peer_port = _pick(ETCD_PORTS[0], taken), _pick(ETCD_PORTS[1], taken)
-            member = _etcd_member(path, client_port, peer_port)
+            member = _etcd_member(path, client_port, peer_port, secure=secure)
             cluster.members.append(member)
             cluster.etcd = member.address
             _start_members(cluster, [member], say, taken, retry_port=True)
             cluster.etcd = member.address
+            if secure:
+                _provision_etcd(cluster, nodes, say)
         else:
             _check_etcd(etcd)
             cluster.etcd = etcd
             say.step(f"etcd         using  {etcd}")
-        member = _coordinator_member(path, cluster.etcd, _pick(COORDINATOR_PORT, taken))
+        member = _coordinator_member(
+            path, cluster.etcd, _pick(COORDINATOR_PORT, taken), secure=secure
+        )
         cluster.members.append(member)
         cluster.coordinator = member.address
         _start_members(cluster, [member], say, taken, retry_port=True)
@@ -782,7 +945,9 @@ def _fresh(path: Path, say: _Say, *, nodes: int, etcd: str | None, traffic: floa
             )
         cluster.save()
         agents = [
-            _agent_member(path, i, cluster.etcd, _pick(FIRST_HTTP_PORT + i - 1, taken))
+            _agent_member(
+                path, i, cluster.etcd, _pick(FIRST_HTTP_PORT + i - 1, taken), secure=secure
+            )
             for i in range(1, nodes + 1)
         ]
         cluster.members.extend(agents)
@@ -897,6 +1062,15 @@ def describe(cluster: Cluster, *, style: Style | None = None) -> str:
         lines.append(
             f"Not the default cluster: every command below names it (or: export {env.strip()})"
         )
+    if cluster.secure:
+        lines.append(
+            "Secure: coordctl presents "
+            + _relative(str(cluster.pki / "operator.pem"))
+            + " and signs releases with "
+            + _relative(str(cluster.sign_key))
+            + " (found through cluster.json); etcd users' passwords are in "
+            + _relative(str(cluster.secrets))
+        )
     lines.append(s.bold("Try it:"))
     if cluster.agents:
         first = cluster.agents[0]
@@ -986,7 +1160,9 @@ def _stop_members(
 
 
 def _remove_state(path: Path, *, keep_logs: bool) -> None:
-    for name in (STATE_FILE, STATE_FILE + ".tmp", "etcd-data", "nodes", ".lock"):
+    for name in (
+        STATE_FILE, STATE_FILE + ".tmp", "etcd-data", "nodes", "pki", "keys", "secrets", ".lock",
+    ):  # fmt: skip
         target = path / name
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
@@ -1069,6 +1245,13 @@ def add_commands(commands: Any, command: Callable[..., Any]) -> None:
         help="use this running etcd instead of starting the embedded one",
     )
     p.add_argument(
+        "--secure",
+        action="store_true",
+        help="nothing insecure: a dev CA and role certificates (mutual TLS everywhere), "
+        "signed releases, etcd with TLS, auth and a least-privilege user per process; "
+        "coordctl finds the operator certificate and signing key in DIR",
+    )
+    p.add_argument(
         "--traffic",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -1133,6 +1316,7 @@ def _cmd_up(ctx: Any) -> int:
             etcd=args.etcd,
             out=human,
             traffic=args.traffic_rate if args.traffic else 0.0,
+            secure=args.secure,
         )
     except DevClusterError as exc:
         print(f"coordctl: dev up: {exc}", file=ctx.err, flush=True)
