@@ -43,11 +43,12 @@ import grpc
 from coordinator.analysis import RESUMES, Judge, Outcome, paused_record
 from coordinator.convergence import Convergence
 from coordinator.election import Leadership
-from coordinator.fleet import AgentPool, NodeInfo, Target, read_nodes, select
+from coordinator.fleet import NodeInfo, Target, read_nodes, select
 from coordinator.health import HealthSampler, run_smoke_checks
 from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.policy import AnalysisPolicy, PolicyError
 from coordinator.prometheus import PrometheusProvider
+from coordinator.transport import Transport
 from hotfleet import decisions, transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.errors import HotfleetError, ModuleError, Reason
@@ -145,7 +146,7 @@ class Engine:
         self,
         client: EtcdClient,
         keys: Keys,
-        agents: AgentPool,
+        agents: Transport,
         *,
         address: str = "",
         name: str = "",

@@ -30,7 +30,8 @@ from coordinator.analysis import (
     Snapshot,
     samples_from_snapshots,
 )
-from coordinator.fleet import AgentPool, NodeInfo
+from coordinator.fleet import NodeInfo
+from coordinator.transport import Transport
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 
 log = logging.getLogger("hotfleet.coordinator")
@@ -44,7 +45,7 @@ class HealthSampler:
     def __init__(
         self,
         nodes: Callable[[], list[NodeInfo]],
-        agents: AgentPool,
+        agents: Transport,
         *,
         interval_s: float = 0.5,
         keep_s: float = 300.0,

@@ -105,8 +105,7 @@ import etcd3.exceptions
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from hotfleet import decisions
-from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
 from hotfleet.fencing import LeaderEpochs
@@ -116,20 +115,19 @@ from hotfleet.release import Release, is_module_name
 from hotfleet.signing import DEFAULT_FLEET, load_public_keys, verify_release
 from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
 from hotfleet.tls import TLSFiles, agent_guard
-from hotfleet.wire import errors_to_proto, manifest_from_proto
+from hotfleet.wire import manifest_from_proto
 from node_agent.coverage import health_fields, prometheus_lines
+from node_agent.decision_watch import (
+    DecisionWatch,
+    DecisionWatches,
+)
 from node_agent.drain import WSGIMiddleware
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
 from node_agent.loader import PREPARE_TIMEOUT_S, Loader, ReleaseInfo
 from node_agent.membership import Membership
 from node_agent.metrics import Metrics
-from node_agent.participant import (
-    Participant,
-    PrepareCall,
-    State,
-    label,
-    refusal,
-)
+from node_agent.participant import Participant, State, label, refusal
+from node_agent.participant_wire import WireParticipant
 from node_agent.supervision import SupervisedLoader
 
 if TYPE_CHECKING:
@@ -140,7 +138,6 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_PREFIX", "Agent", "SourcesUnavailable", "TLSFiles", "permanent_record"]
 
 METRICS_PATH = "/-/metrics"
-DECISION_POLL_S = 0.5  # only matters when the coordinator died: keep etcd and CPU load low
 
 
 def permanent_record(release: Release, signature: str = "", signer: str = "") -> str:
@@ -250,21 +247,27 @@ class Agent:
         self.started_at = time.time()
         self.address = ""  # gRPC host:port once started
 
+        # a prepared rollout's decision is read from etcd too: a prepared node
+        # never waits for a dead coordinator
+        self._watches = (
+            DecisionWatches(self.keys, self._client, self.apply_decision)
+            if etcd is not None
+            else None
+        )
         # the 2PC participant: every mutating operation goes through it, under its lock
         self.participant = Participant(
             self.loader,
             node_id=node_id,
-            watch=self._decision_watch if etcd is not None else None,
+            watch=self._watches,
             on_state=self._publish,
             on_committed=self._cache_sources,
         )
         self._op_lock = self.participant.lock
+        self._wire = WireParticipant(self.participant, node_id, self._obtain, lambda: self._epoch)
         self._epoch_lock = threading.Lock()
         self._epoch = self._load_epoch()
         # the leader's epoch as etcd says (None: no etcd, only a monotonic fence)
         self._leader_epochs = LeaderEpochs(self._client, self.keys) if etcd is not None else None
-        self._watches: set[_DecisionWatch] = set()
-        self._watch_lock = threading.Lock()
         self._reconciled = etcd is None
         self.reconcile_errors: list[ModuleError] = []
         self._data_client: EtcdClient | None = None
@@ -342,12 +345,8 @@ class Agent:
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
             self._server = None
-        with self._watch_lock:
-            watches = list(self._watches)
-        for watch in watches:
-            watch.stop()
-        for watch in watches:
-            watch.join(self.etcd_timeout + 1.0)
+        if self._watches is not None:
+            self._watches.stop(self.etcd_timeout + 1.0)
         with self._data_lock:
             if self._data_client is not None:
                 self._data_client.close()
@@ -881,33 +880,11 @@ class Agent:
             raise
 
     # ----------------------------------------------------------- operations
-    # Each RPC is translated to the participant's wire-free call and back;
-    # the protocol itself lives in :mod:`node_agent.participant`.
+    # Each RPC is translated to the participant's wire-free call and back
+    # (node_agent.participant_wire); the protocol itself lives in
+    # node_agent.participant.
     def prepare(self, request: agent_pb2.PrepareRequest) -> agent_pb2.PrepareReply:
-        wire = request.release
-        want = f"{wire.name}@{wire.version}" if wire.name else ""
-        call = PrepareCall(
-            rollout_id=request.rollout_id,
-            digest=wire.digest,
-            obtain=lambda: self._obtain(request),
-            label=want,
-            rollback=request.rollback_target,
-            has_sources=bool(wire.modules),
-            force=request.force,
-        )
-        vote = self.participant.prepare(call)
-        return agent_pb2.PrepareReply(
-            ok=vote.ok,
-            errors=errors_to_proto(vote.errors, self.node_id),
-            prepare_s=vote.prepare_s,
-            changes=[
-                common_pb2.ModuleChange(module=c.module, kind=c.kind, detail=c.detail)
-                for c in vote.changes
-            ],
-            warnings=list(vote.warnings),
-            epoch_seen=self._epoch,
-            current_release=vote.current_release,
-        )
+        return self._wire.prepare(request)
 
     def _obtain(self, request: agent_pb2.PrepareRequest) -> Release:
         """Fetch and verify the release a Prepare names (signature first, before any fetch)."""
@@ -926,21 +903,11 @@ class Agent:
             raise HotfleetError([_err("*", detail, Reason.DIGEST_MISMATCH)])
         return release
 
-    def _decision_watch(self, rollout_id: str) -> _DecisionWatch:
-        watch = _DecisionWatch(self, rollout_id)
-        with self._watch_lock:
-            self._watches.add(watch)
-        return watch
-
-    def _watch_ended(self, watch: _DecisionWatch) -> None:
-        with self._watch_lock:
-            self._watches.discard(watch)
-
     def apply_decision(
         self,
         rollout_id: str,
         decision: str,
-        watch: _DecisionWatch | None = None,
+        watch: DecisionWatch | None = None,
         participants: Sequence[str] | None = None,
     ) -> bool:
         """Act on a rollout's durable decision read from etcd (see :meth:`Participant.apply_decision`).
@@ -952,44 +919,18 @@ class Agent:
         return self.participant.apply_decision(rollout_id, decision, watch, included=included)
 
     def finish(self, request: agent_pb2.FinishRequest) -> agent_pb2.FinishReply:
-        outcome = self.participant.finish(request.rollout_id, request.commit_at)
-        return agent_pb2.FinishReply(
-            ok=outcome.ok,
-            errors=errors_to_proto(outcome.errors, self.node_id),
-            restored=outcome.restored,
-            pause_s=outcome.pause_s,
-            release=outcome.release,
-            warnings=list(outcome.warnings),
-            already_finished=outcome.already,
-            epoch_seen=self._epoch,
-            finished_at=outcome.finished_at,
-        )
+        return self._wire.finish(request)
 
     def abort(self, request: agent_pb2.AbortRequest) -> agent_pb2.AbortReply:
-        dropped = self.participant.abort(request.rollout_id)
-        return agent_pb2.AbortReply(ok=True, dropped=dropped, epoch_seen=self._epoch)
+        return self._wire.abort(request)
 
     def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.RollbackReply:
-        outcome = self.participant.rollback(request.rollout_id, request.expected_release)
-        return agent_pb2.RollbackReply(
-            ok=outcome.ok,
-            errors=errors_to_proto(outcome.errors, self.node_id),
-            pause_s=outcome.pause_s,
-            release=outcome.release,
-            warnings=list(outcome.warnings),
-            epoch_seen=self._epoch,
-        )
+        return self._wire.rollback(request)
 
     def make_permanent(
         self, request: agent_pb2.MakePermanentRequest
     ) -> agent_pb2.MakePermanentReply:
-        done = self.participant.make_permanent(request.release)
-        return agent_pb2.MakePermanentReply(
-            ok=done.ok,
-            errors=errors_to_proto(done.errors, self.node_id),
-            permanent_release=done.permanent_release,
-            epoch_seen=self._epoch,
-        )
+        return self._wire.make_permanent(request)
 
     def status(self) -> agent_pb2.StatusReply:
         return agent_pb2.StatusReply(
@@ -1056,110 +997,6 @@ class Agent:
         if host in ("0.0.0.0", "::", ""):
             return socket.getfqdn()
         return host
-
-
-COMMIT_GRACE_S = 1.0  # how long the decision watch leaves the switch to the coordinator
-
-
-class _DecisionWatch:
-    """Polls one prepared rollout's decision key and has the agent act on it.
-
-    Started when the rollout is prepared, stopped when it is finished,
-    aborted or superseded (by whoever: an RPC or this watch) and joined when
-    the agent stops.  etcd errors are retried at the same pace; the client
-    from :mod:`hotfleet.etcd_client` never locks an endpoint out.
-    """
-
-    def __init__(self, agent: Agent, rollout_id: str, interval: float = DECISION_POLL_S) -> None:
-        self.agent = agent
-        self.rollout_id = rollout_id
-        self.interval = interval
-        self.key = agent.keys.decision(rollout_id)
-        self.stopped = threading.Event()
-        self._commit_seen = 0.0
-        self._thread = threading.Thread(
-            target=self._run, name=f"hotfleet-decision {rollout_id}", daemon=True
-        )
-
-    def grace_over(self) -> bool:
-        """Finish by ourselves only if the coordinator has not within a grace period.
-
-        The coordinator's Finish carries the fleet's common commit instant; a
-        node that switched on its own the moment it read the decision would
-        spread the commit over the polling period.
-        """
-        now = time.monotonic()
-        if not self._commit_seen:
-            self._commit_seen = now
-        return now - self._commit_seen >= COMMIT_GRACE_S
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-    def join(self, timeout: float) -> None:
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        try:
-            self._poll()
-        except Exception:  # a bug here must not go unnoticed, nor kill the worker
-            log.exception("rollout %s: decision watch crashed", self.rollout_id)
-        finally:
-            self.agent._watch_ended(self)
-
-    def _poll(self) -> None:
-        failing = False
-        odd = ""
-        while not self.stopped.wait(self.interval):
-            try:
-                decision = self._read()
-            except decisions.ForgedDecision as exc:
-                if str(exc) != odd:
-                    odd = str(exc)
-                    log.error(
-                        "rollout %s: not acting on the decision record at %s: %s; still "
-                        "waiting for the coordinator",
-                        self.rollout_id,
-                        self.key,
-                        exc,
-                    )
-                continue
-            except Exception as exc:
-                if not failing:
-                    log.warning(
-                        "rollout %s: cannot read decision %s (%s: %s); retrying every %.1fs",
-                        self.rollout_id,
-                        self.key,
-                        type(exc).__name__,
-                        exc,
-                        self.interval,
-                    )
-                failing = True
-                continue
-            if failing:
-                log.info("rollout %s: decision key readable again", self.rollout_id)
-                failing = False
-            if decision is not None and self.agent.apply_decision(
-                self.rollout_id, decision.decision, self, decision.participants
-            ):
-                return
-
-    def _read(self) -> decisions.Decision | None:
-        """The decision a leader wrote for this rollout, None while there is none.
-
-        Raises :class:`hotfleet.decisions.ForgedDecision` for a record no
-        leader wrote (checked against etcd's history of the election), and
-        whatever etcd raises while it cannot be read or verified.
-        """
-        client = self.agent._client()
-        raw, meta = client.get(self.key)
-        if raw is None:
-            return None
-        return decisions.verify(client, self.agent.keys, raw, int(meta.mod_revision))
 
 
 def _check_permanent_manifest(manifest: Mapping[str, Any], target: ReleaseInfo) -> None:

@@ -26,7 +26,8 @@ from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
 from hotfleet.keys import Keys
 from hotfleet.signing import DEFAULT_FLEET, generate_keypair, load_private_key, sign_release
-from node_agent.agent import COMMIT_GRACE_S, DECISION_POLL_S, permanent_record
+from node_agent.agent import permanent_record
+from node_agent.decision_watch import COMMIT_GRACE_S, DECISION_POLL_S
 from node_agent.participant import COMMIT_SETTLE_S
 from tests.agents import (
     ROOT,
