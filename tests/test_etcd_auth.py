@@ -294,3 +294,26 @@ def test_a_fleet_upgrades_with_etcd_auth_on(cluster: Cluster, tmp_path: Path) ->
     finally:
         agents.close()
         coordinators.close()
+
+
+def test_provision_command_writes_private_password_files(tmp_path: Path) -> None:
+    with EtcdServer(tmp_path / "etcd-data") as server:
+        out = tmp_path / "secrets"
+        run = subprocess.run(
+            [sys.executable, "-m", "hotfleet.etcd_auth", "provision", "--etcd", server.endpoint,
+             "--node", "n1", "--out", str(out)],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert run.returncode == 0, run
+        files = json.loads(run.stdout)
+        assert set(files) == {ROOT, COORDINATOR_USER, node_user("n1")}
+        for path in files.values():
+            assert (Path(path).stat().st_mode & 0o777) == 0o600
+        # auth is on now: without a user etcd refuses
+        anonymous = connect(server.endpoint)
+        try:
+            with pytest.raises(grpc.RpcError, match="user name is empty"):
+                anonymous.get("/hotfleet/releases/permanent")
+        finally:
+            anonymous.close()
