@@ -29,8 +29,10 @@ What the hooks do:
   rollout's rollback window that names this node, to that provisional
   release: a worker recycled mid-window serves what its peers serve before
   its first request.
-* **worker** (``worker_exit``): deregisters at once (revokes the lease) and
-  stops the agent.
+* **worker** (``worker_exit``): stops the agent, leaving its membership key
+  to the lease: the successor in the same slot takes the key over, so a
+  recycled worker does not read as a node gone down; a worker not replaced
+  leaves the fleet when its lease expires (``HOTFLEET_LEASE_TTL``).
 
 gunicorn's own graceful reload (``HUP``) starts new workers before the old
 ones leave, so those take new slots; the old slots come back with the next
@@ -39,6 +41,7 @@ recycling.  ``coordctl nodes`` groups workers by their ``host`` label.
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import logging
 import os
@@ -49,6 +52,7 @@ __all__ = ["child_exit", "nworkers_changed", "post_worker_init", "pre_fork", "wo
 log = logging.getLogger("node_agent.gunicorn")
 
 _SLOT_ATTR = "hotfleet_slot"
+EXIT_DEADLINE_S = 15.0
 _agent: Any = None  # this worker's Agent (only ever set in a worker process)
 
 
@@ -142,8 +146,18 @@ def post_worker_init(worker: Any) -> None:
 def worker_exit(server: Any, worker: Any) -> None:
     """Worker, on its way out: deregister at once and stop the agent."""
     agent = getattr(worker, "hotfleet_agent", None)
-    if agent is not None:
-        agent.stop()
+    if agent is None:
+        return
+    # A worker that cannot finish exiting would hold its slot for ever: past EXIT_DEADLINE_S
+    # every thread's stack goes to the log and the process ends.
+    faulthandler.dump_traceback_later(EXIT_DEADLINE_S, exit=True)
+    if agent.membership is not None:
+        # The membership key is left to its lease: the successor in this slot (same node
+        # id) replaces it within seconds, so a recycled worker is not a node that went
+        # down (which inside a rollback window rolls the fleet back).  A worker that is
+        # not replaced disappears when the lease expires (HOTFLEET_LEASE_TTL).
+        agent.membership.stop(revoke=False)
+    agent.stop()
 
 
 def current_agent() -> Any:

@@ -479,4 +479,5 @@ def _with_drain_warning(report: FinishReport, timeout: float) -> FinishReport:
         "(e.g. a long stream or an open websocket) were still in flight and keep their old "
         "code until they end"
     )
+    log.warning("%s", note)
     return replace(report, warnings=(*report.warnings, note))
