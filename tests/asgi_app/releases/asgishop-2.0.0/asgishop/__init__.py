@@ -1,0 +1,1 @@
+"""A small ASGI app for the uvicorn tests (tests/test_uvicorn.py)."""
