@@ -68,6 +68,49 @@ class SetCode(Op):
         return (self.code,)
 
 
+def stage_inverses(ops: Sequence[Op]) -> list[SetCode | None]:
+    """The inverse of every :class:`SetCode` in ``ops`` (``None`` for other ops), built now.
+
+    Built before the hold, so that the switch allocates nothing for the bulk
+    of its edits (see :func:`apply_staged`).
+    """
+    return [
+        SetCode(f, f.__code__, f.__defaults__, f.__kwdefaults__, f.__doc__)
+        if type(op) is SetCode and (f := op.func) is not None
+        else None
+        for op in ops
+    ]
+
+
+def apply_staged(ops: Sequence[Op], inverses: Sequence[SetCode | None], journal: list[Op]) -> None:
+    """Apply ``ops`` in order, journaling the inverses staged by :func:`stage_inverses`.
+
+    A staged inverse is used only if the function still has the code and
+    defaults it was staged with; otherwise (something swapped them since)
+    it is taken afresh, as :meth:`SetCode.apply` does.
+    """
+    for op, inv in zip(ops, inverses, strict=True):
+        if inv is None:
+            journal.append(op.apply())
+            continue
+        assert isinstance(op, SetCode)
+        f = op.func
+        if (
+            f.__code__ is not inv.code
+            or f.__defaults__ is not inv.defaults
+            or f.__kwdefaults__ is not inv.kwdefaults
+            or f.__doc__ is not inv.doc
+        ):
+            journal.append(op.apply())
+            continue
+        f.__code__ = op.code
+        f.__defaults__ = op.defaults
+        f.__kwdefaults__ = op.kwdefaults
+        if op.doc is not MISSING:
+            f.__doc__ = op.doc
+        journal.append(inv)
+
+
 @dataclass(slots=True)
 class SetDefaults(Op):
     """Evaluate a patched function's changed default values, in the switch.

@@ -37,6 +37,8 @@ _ATOMIC = (
     types.ModuleType,
     types.CodeType,
 )
+# immutable values a copy may share (exact types: a subclass may carry mutable state)
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _UNCOPYABLE = (socket.socket, io.IOBase, threading.Thread)
 _WALK_BUDGET = 200_000  # objects; state graphs beyond this are left to deepcopy alone
 
@@ -128,6 +130,8 @@ def copy_state(
     (the dry run), else share them (the real migration).  Raises
     :class:`StateNotCopyable` if ``deepcopy`` still fails.
     """
+    if all(type(v) in _PLAIN for v in state.values()):
+        return dict(state), []  # nothing shared, nothing to replace: the usual small state
     memo: dict[int, Any] = {}
     notes: list[str] = []
     for key, value in state.items():

@@ -52,9 +52,19 @@ from node_agent._deadline import (
     reset,
     start_watchdog,
 )
-from node_agent._functions import Codes, scan_heap
+from node_agent._functions import Codes, functions_in, scan_heap
 from node_agent._install import NewModule, register_source, release_importable
-from node_agent._patch import MISSING, InstallModule, Op, SetCode, SetItem, SetState, undo
+from node_agent._patch import (
+    MISSING,
+    InstallModule,
+    Op,
+    SetCode,
+    SetItem,
+    SetState,
+    apply_staged,
+    stage_inverses,
+    undo,
+)
 from node_agent._prologue import Instrumented, instrument_module
 from node_agent._rehearsal import rehearse
 from node_agent._statecopy import StateNotCopyable, copy_state, fresh_locks_in_place
@@ -675,6 +685,11 @@ class Loader:
             self.coverage.stop()
             # Everything that wakes a thread or faults a page happens before the hold.
             worker = self._migration_worker() if prepared._migrations else None
+            if worker is not None:  # its first run after the staging fork faults pages
+                worker.run_all([_warm_migration], self.migration_timeout)
+            # the journal of the code swaps is built here, not in the hold (and after
+            # coverage.stop(), which puts the plain code back)
+            staged = {name: stage_inverses(plan.ops) for name, plan in prepared._plans.items()}
             _prefault(prepared)
             token = arm(self.drain_timeout + self.switch_timeout)
             try:
@@ -682,7 +697,7 @@ class Loader:
                     t0 = time.perf_counter()
                     reset(token, self.switch_timeout)
                     try:
-                        self._switch(prepared, journal)
+                        self._switch(prepared, journal, staged)
                         disarm(token)
                         switched_at = time.time()
                         migrated = self._migrate(prepared._migrations, self._vsn(), journal, worker)
@@ -746,7 +761,12 @@ class Loader:
                 ]
             )
 
-    def _switch(self, prepared: Prepared, journal: list[Op]) -> None:
+    def _switch(
+        self,
+        prepared: Prepared,
+        journal: list[Op],
+        staged: dict[str, list[SetCode | None]] | None = None,
+    ) -> None:
         """The swap itself, module by module in dependency order.
 
         Precomputed edits, then the module's changed statements (the only
@@ -762,7 +782,9 @@ class Loader:
                         if name in prepared._new:
                             self._install(prepared._new[name], journal)
                         elif name in prepared._plans:
-                            self._apply_plan(prepared._plans[name], journal, changed)
+                            plan = prepared._plans[name]
+                            inverses = staged.get(name) if staged is not None else None
+                            self._apply_plan(plan, journal, changed, inverses)
                     except Refused as exc:
                         raise _SwitchFailed(ModuleError(name, exc.reason, exc.detail)) from None
                     except Overrun:
@@ -795,10 +817,13 @@ class Loader:
 
     @staticmethod
     def _apply_plan(
-        plan: ModulePlan, journal: list[Op], changed: list[tuple[str, str, Any]]
+        plan: ModulePlan,
+        journal: list[Op],
+        changed: list[tuple[str, str, Any]],
+        inverses: list[SetCode | None] | None = None,
     ) -> None:
-        for op in plan.ops:
-            journal.append(op.apply())
+        # the inverses of the code swaps were built before the hold (see finish)
+        apply_staged(plan.ops, stage_inverses(plan.ops) if inverses is None else inverses, journal)
         g = plan.module.__dict__
         for st in plan.statements:
             # only the names the statement can bind are compared (the pause must not
@@ -1125,23 +1150,111 @@ def _prefault(prepared: Prepared) -> None:
     """Touch, before the hold, the memory the switch will write.
 
     After the staging fork every page of this process is copy-on-write: the
-    first write to each costs a page fault (hundreds in a switch, ~1 ms).
-    Loading an object onto Python's stack writes its reference count, which
-    takes the fault here, outside the hold; module dict entries the
-    statements rebind are written with their own value.
+    first write to each costs a page fault (~2 µs in a VM; ~200 of them in the
+    benchmark's switch, measured per step with ``RUSAGE_THREAD``).  In
+    CPython a read that takes a reference writes the object's reference
+    count, so reading here what the switch will read or replace moves the
+    fault out of the hold.  Measured sources, largest first: the type
+    cache clear (the cache array and every cached name's reference count,
+    ~110 faults: cleared here once, so the clear in the hold writes private
+    pages), the classes a statement merges into (their members and code),
+    the functions whose code, defaults and docstring are replaced, module
+    dict entries the statements rebind, the state of migrated objects.
     """
+    if hasattr(sys, "_clear_type_cache"):
+        sys._clear_type_cache()
+    _warm_switch_code()
     for plan in prepared._plans.values():
         for op in (*plan.ops, *plan.late_ops):
             for name in getattr(type(op), "__slots__", ()):
                 getattr(op, name)
+            func = getattr(op, "func", None)
+            if isinstance(func, types.FunctionType):
+                _touch_function(func)
         g = plan.module.__dict__
         for st in plan.statements:
             _touch_code(st.code)
             for key in st.binds or ():
                 if key in g:
                     g[key] = g[key]
+            if st.merge_class is not None:
+                _touch_class(st.merge_class)
     for new in prepared._new.values():
         _touch_code(new.code)
+    for bindings in prepared._bindings.values():
+        for b in bindings:
+            b.holder.get(b.local)
+    for m in prepared._migrations:
+        d = getattr(m.obj, "__dict__", None)
+        if isinstance(d, dict):
+            for value in list(d.values()):
+                del value
+
+
+class _WarmOld:
+    """Merged into by :func:`_warm_switch_code`: runs the merge's own code before a hold."""
+
+    def method(self) -> int:
+        return 1
+
+    @property
+    def prop(self) -> int:
+        return 1
+
+
+class _WarmNew:
+    def method(self) -> int:
+        return 2
+
+    @property
+    def prop(self) -> int:
+        return 2
+
+    @staticmethod
+    def added() -> int:
+        return 3
+
+
+def _warm_switch_code() -> None:
+    """Run the switch's own functions once on throw-away objects, outside the hold.
+
+    Calling a function writes its function and code objects (reference
+    counts, the frame stack): after the staging fork, the first call of each
+    costs page faults.  The edits are applied and undone on private objects.
+    """
+    journal: list[Op] = []
+    ops: list[Op] = []
+    merge_class(_WarmOld, _WarmNew, ops)
+    journal.extend(op.apply() for op in ops)
+    scratch: dict[str, Any] = {"x": 1}
+    journal.append(SetItem(scratch, "x", 2).apply())
+    f = _WarmOld.__dict__["method"]
+    assert isinstance(f, types.FunctionType)
+    code_ops: list[Op] = [SetCode(f, _WarmNew.method.__code__, None, None)]
+    apply_staged(code_ops, stage_inverses(code_ops), journal)
+    undo(journal)
+
+
+def _warm_migration() -> Any:
+    """A throw-away migration on the worker, before the hold (see :func:`_warm_switch_code`)."""
+    state, _ = copy_state({"n": [1], "lock": threading.Lock()}, "warm-up", stand_ins=False)
+    return SetState(_WarmOld(), state).apply()
+
+
+def _touch_function(f: types.FunctionType) -> None:
+    f.__code__, f.__defaults__, f.__kwdefaults__, f.__doc__, f.__closure__  # noqa: B018
+
+
+def _touch_class(cls: type, depth: int = 0) -> None:
+    """What :func:`~node_agent._update.merge_class` reads: members, their functions and code."""
+    for value in list(cls.__dict__.values()):
+        if isinstance(value, type):
+            if depth < 4:
+                _touch_class(value, depth + 1)
+            continue
+        for f in functions_in(value):
+            _touch_function(f)
+            f.__code__.co_qualname, f.__code__.co_freevars  # noqa: B018
 
 
 def _touch_code(code: types.CodeType) -> None:
