@@ -180,9 +180,15 @@ class Convergence:
                 d = want(node.node_id)
                 if node.current_release == d.label or node.state not in RESTING:
                     continue
-                if d.record is None or not d.record.get("manifest"):
-                    continue  # the boot code is wanted: nothing in the store to load
                 if time.monotonic() - self._failed_at.get(node.node_id, -1e9) < RETRY_AFTER_S:
+                    continue
+                if d.record is None or not d.record.get("manifest"):
+                    # the boot code is wanted: nothing in the store to load, but a node
+                    # that switched away from it holds it in memory as its backup
+                    if node.previous_release != d.label:
+                        continue
+                    tried.append(node.node_id)
+                    self._roll_back(node, d)
                     continue
                 tried.append(node.node_id)
                 self._catch_up(node, d)
@@ -249,6 +255,40 @@ class Convergence:
         self._record(node.node_id, d.label, "ok", f"caught up to {d.label}", rid)
         self.on_catch_up("ok")
         log.warning("catch-up %s: %s now runs %s", rid, node.node_id, d.label)
+
+    def _roll_back(self, node: NodeInfo, d: Desired) -> None:
+        """Bring ``node`` back to the boot code it holds in memory (a one-node Rollback)."""
+        lead = self.engine._require_leader()
+        rid = f"catchup-{node.node_id}-{int(time.time() * 1000)}"
+        want = d.label or "the boot code"
+        self._record(node.node_id, d.label, "running", f"rolling back to {want}", rid)
+        log.info(
+            "catch-up %s: %s runs %r, rolling back to %s",
+            rid,
+            node.node_id,
+            node.current_release,
+            want,
+        )
+        try:
+            reply = self.engine.agents.stub(node.address).Rollback(
+                agent_pb2.RollbackRequest(
+                    rollout_id=rid, epoch=lead.epoch, expected_release=d.label
+                ),
+                timeout=60,
+            )
+        except grpc.RpcError as exc:
+            detail = f"unreachable: {exc.code().name}: {exc.details()}"
+            self._failed(node.node_id, d.label, detail, rid)
+            return
+        if not reply.ok:
+            self._failed(
+                node.node_id, d.label, f"cannot go back to {want}: {_errors(reply.errors)}", rid
+            )
+            return
+        self._failed_at.pop(node.node_id, None)
+        self._record(node.node_id, d.label, "ok", f"rolled back to {want}", rid)
+        self.on_catch_up("ok")
+        log.warning("catch-up %s: %s now runs %s", rid, node.node_id, want)
 
     def _failed(self, node: str, label: str, detail: str, rid: str) -> None:
         self._failed_at[node] = time.monotonic()

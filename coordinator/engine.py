@@ -1223,6 +1223,7 @@ class Engine:
             self._set_desired(lead, {k.rpartition("/")[2]: None for k in stale})
         elif entry.manifest:  # some nodes only: their own permanent release
             self._set_desired(lead, dict.fromkeys(switched, entry.label))
+        self._hook("before_permanent", rollout)
         self._save(lead, rollout, *ops)
         if reverted:
             why = rollout.options.get("health", {}).get("why") or "operator request"

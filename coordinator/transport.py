@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
@@ -89,12 +89,15 @@ class Fault:
 
     ``then`` runs when the fault fires (e.g. restart the node), with the
     node's address; a fault fires ``times`` times, then the call goes through.
+    ``match(request)``, when given, limits it to the requests it accepts
+    (e.g. only a rollback's Prepare).
     """
 
     rpc: str  # "Prepare", "Finish", ...
     when: str = "before"
     times: int = 1
     then: Callable[[str], None] | None = None
+    match: Callable[[Any], bool] | None = None
 
 
 _MUTATING = {
@@ -140,21 +143,22 @@ class InProcessTransport:
             self._nodes.clear()
             self._faults.clear()
 
-    def _fault(self, address: str, rpc: str, when: str) -> Fault | None:
+    def _fault(self, address: str, rpc: str, when: str, request: Any) -> Fault | None:
         with self._lock:
             for i, fault in enumerate(self._faults.get(address, [])):
-                if fault.rpc == rpc and fault.when == when:
-                    if fault.times <= 1:
-                        del self._faults[address][i]
-                    else:
-                        self._faults[address][i] = Fault(
-                            fault.rpc, fault.when, fault.times - 1, fault.then
-                        )
-                    return fault
+                if fault.rpc != rpc or fault.when != when:
+                    continue
+                if fault.match is not None and not fault.match(request):
+                    continue
+                if fault.times <= 1:
+                    del self._faults[address][i]
+                else:
+                    self._faults[address][i] = replace(fault, times=fault.times - 1)
+                return fault
         return None
 
-    def _fire(self, address: str, rpc: str, when: str) -> None:
-        fault = self._fault(address, rpc, when)
+    def _fire(self, address: str, rpc: str, when: str, request: Any) -> None:
+        fault = self._fault(address, rpc, when, request)
         if fault is None:
             return
         if fault.then is not None:
@@ -162,7 +166,7 @@ class InProcessTransport:
         raise TransportError(grpc.StatusCode.UNAVAILABLE, f"injected: {rpc} {when} at {address}")
 
     def call(self, address: str, rpc: str, request: Any) -> Any:
-        self._fire(address, rpc, "before")
+        self._fire(address, rpc, "before", request)
         with self._lock:
             node = self._nodes.get(address)
         if node is None:
@@ -180,7 +184,7 @@ class InProcessTransport:
             reply = node.health()
         else:
             raise TransportError(grpc.StatusCode.UNIMPLEMENTED, f"{rpc} is not served in process")
-        self._fire(address, rpc, "after")
+        self._fire(address, rpc, "after", request)
         return reply
 
 

@@ -19,6 +19,7 @@ from coordinator.election import Election, Session
 from coordinator.engine import Engine, RolloutOptions
 from coordinator.fleet import AgentPool
 from coordinator.model import Rollout
+from coordinator.transport import Transport
 from hotfleet.etcd_client import connect
 from hotfleet.keys import Keys
 from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, wait_for
@@ -28,10 +29,17 @@ from tests.coordinators import Coordinators
 class Leader:
     """An engine that has won a real election (and can be deposed)."""
 
-    def __init__(self, endpoint: str, prefix: str, name: str = "leader-a") -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        prefix: str,
+        name: str = "leader-a",
+        transport: Transport | None = None,
+    ) -> None:
         self.client = connect(endpoint)
         self.keys = Keys(prefix)
-        self.engine = Engine(self.client, self.keys, AgentPool(), address=name)
+        self._owns_transport = transport is None  # a shared one outlives this leader
+        self.engine = Engine(self.client, self.keys, transport or AgentPool(), address=name)
         self.session = Session(self.client, ttl=3)
         self.lead = Election(self.client, self.keys.election, self.session).campaign(
             name, timeout=10
@@ -46,7 +54,8 @@ class Leader:
     def close(self) -> None:
         self.engine.close()
         self.session.close()
-        self.engine.agents.close()
+        if self._owns_transport:
+            self.engine.agents.close()
         self.client.close()
 
 
