@@ -21,11 +21,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 
 from coordinator.engine import Target
 from coordinator.model import Phase, Rollout
-from coordinator.transport import Fault
+from coordinator.transport import Fault, TransportError
+from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
 from tests.agents import release, wait_for
@@ -175,16 +177,15 @@ def test_a_deposed_leader_cannot_drive_a_node_that_obeys_its_successor(
     successor = Leader(etcd_endpoint, etcd_prefix, "leader-b", transport=sim.transport)
     try:
         assert successor.lead.epoch > old_epoch
-        sim.transport.stub("sim://n1").Status(None)
         # the successor's epoch reaches n1 with any call; the old one is refused after it
         successor.engine.agents.stub("sim://n1").Abort(_abort(successor.lead.epoch))
-        with pytest.raises(Exception, match="FAILED_PRECONDITION|lower than"):
+        with pytest.raises(TransportError) as refused:
             sim.transport.stub("sim://n1").Abort(_abort(old_epoch))
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "lower than" in refused.value.details()
     finally:
         successor.close()
 
 
-def _abort(epoch: int) -> object:
-    from hotfleet._proto.hotfleet.v1 import agent_pb2
-
+def _abort(epoch: int) -> agent_pb2.AbortRequest:
     return agent_pb2.AbortRequest(rollout_id="x", epoch=epoch)
