@@ -971,6 +971,7 @@ class Engine:
                 return
             result.prepare_s = time.perf_counter() - started
             result.vote = Vote.YES if reply.ok else Vote.NO
+            result.prepare_warnings = _kept_warnings(reply.warnings)
             if not rollout.options.get("from_memory"):
                 # what this node runs, from the node itself (its membership record may lag)
                 rollout.previous[result.node] = reply.current_release
@@ -1050,6 +1051,7 @@ class Engine:
         sampler = self.sampler
         if sampler is not None:
             sampler.resume_at(commit_at + COMMIT_QUIET_S)
+        decided = self._decided_releases(rollout)
 
         def finish(result: NodeResult) -> None:
             if result.finished or result.vote is not Vote.YES:
@@ -1071,7 +1073,26 @@ class Engine:
                         return
                     time.sleep(0.2)
                     continue
-                if reply.ok:
+                result.finish_warnings = _kept_warnings(reply.warnings)
+                result.drained, result.still_in_flight = (
+                    not reply.drain_timed_out,
+                    reply.still_in_flight,
+                )
+                if not result.drained:
+                    log.warning(
+                        "rollout %s: %s switched after its drain timed out, with %d request(s) "
+                        "still in flight on the old code",
+                        rollout.id,
+                        result.node,
+                        result.still_in_flight,
+                    )
+                wrong = _misreported(result.node, reply, decided(result.node)) if reply.ok else None
+                if wrong is not None:
+                    # a yes voter that switched to something else than what was decided:
+                    # not finished, so the fleet goes back (finish_failed)
+                    result.errors, result.detail = [wrong], wrong.detail
+                    log.error("rollout %s: %s", rollout.id, wrong)
+                elif reply.ok:
                     result.finished, result.pause_s, result.detail = True, reply.pause_s, ""
                     result.finished_at = reply.finished_at or time.time()  # the node's own instant
                 else:
@@ -1105,6 +1126,26 @@ class Engine:
         self._save(lead, rollout, *self._current_ops(rollout))
         self._hook("after_finish", rollout)
         return True
+
+    def _decided_releases(self, rollout: Rollout) -> Callable[[str], tuple[str, str] | None]:
+        """What each node must run once it finished ``rollout``: (label, digest); None: unknown.
+
+        An upgrade, or a rollback to a named release: the rollout's release
+        and the digest it was pushed with ("" for a stub entry: the label
+        alone is checked).  A rollback from memory that names no release
+        (nodes that ran different releases, or the boot code) returns each
+        node to what it ran before the rollout it reverts.
+        """
+        if rollout.release:
+            return lambda _node: (rollout.release, rollout.release_digest)
+        reverted = str(rollout.options.get("reverts") or "")
+        if rollout.kind != "rollback" or not reverted:
+            return lambda _node: None
+        try:
+            previous = self.rollout(reverted).previous
+        except Refused:
+            return lambda _node: None
+        return lambda node: (previous[node], "") if node in previous else None
 
     def _current_ops(self, rollout: Rollout) -> list[Any]:
         """Make the rollout's release the desired one of the nodes that switched to it.
@@ -1511,6 +1552,43 @@ def _abort_reason(rollout: Rollout) -> str:
         elif n.vote is Vote.PENDING:
             parts.append(f"{n.node}: no vote")
     return "aborted, nothing changed: " + ("; ".join(parts) if parts else "aborted by the operator")
+
+
+WARNINGS_KEPT = 20  # a node's warnings kept per phase in the rollout record
+WARNING_CHARS = 500
+
+
+def _kept_warnings(warnings: Iterable[str]) -> list[str]:
+    """A node's prepare or finish warnings as the record keeps them (bounded)."""
+    items = list(warnings)
+    kept = [
+        w if len(w) <= WARNING_CHARS else w[: WARNING_CHARS - 3] + "..."
+        for w in items[:WARNINGS_KEPT]
+    ]
+    if len(items) > WARNINGS_KEPT:
+        kept.append(f"... and {len(items) - WARNINGS_KEPT} more warning(s)")
+    return kept
+
+
+def _misreported(node: str, reply: Any, decided: tuple[str, str] | None) -> ModuleError | None:
+    """Why a node's FinishReply does not show the decided release, None if it does.
+
+    ``reply.release`` must be the decided label; ``reply.digest`` must be
+    the decided digest when both are known (an agent older than the field
+    sends none).
+    """
+    if decided is None:
+        return None
+    want, want_digest = decided
+    got, got_digest = reply.release, reply.digest
+    if got == want and (not want_digest or not got_digest or got_digest == want_digest):
+        return None
+    detail = (
+        f"node {node} reported {got or '(boot code)'} (digest {got_digest[:16] or 'none'}) "
+        f"after finish; decided {want or '(boot code)'} (digest {want_digest[:16] or 'any'})"
+    )
+    reason = Reason.DIGEST_MISMATCH if got == want else Reason.BAD_RELEASE
+    return ModuleError("*", reason, detail, node)
 
 
 def _rpc_detail(exc: grpc.RpcError) -> str:

@@ -56,6 +56,14 @@ class NodeResult:
     aborted: bool = False
     detail: str = ""  # transport errors, retries
     wave: int = 0  # which wave of the rollout the node belongs to
+    # what the node said beyond yes/no: non-fatal findings of its prepare (e.g. a
+    # loop outside hotfleet's supervision that keeps running old code) and of its
+    # finish, and whether the finish drained guarded work (False: the drain timed
+    # out and the swap went ahead with still_in_flight requests on the old code)
+    prepare_warnings: list[str] = field(default_factory=list)
+    finish_warnings: list[str] = field(default_factory=list)
+    drained: bool = True
+    still_in_flight: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

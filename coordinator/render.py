@@ -451,9 +451,34 @@ def rollout_detail(rollout: Mapping[str, Any], style: Style = PLAIN) -> str:
     analysis = rollout.get("analysis") or {}
     if analysis:
         lines += ["", analysis_table(analysis, style), *analysis_extras(analysis)]
+    notes = node_notes(nodes)
+    if notes:
+        lines += ["", style.bold("Notes:"), *(f"  {style.yellow(n)}" for n in notes)]
     if errors:
         lines += ["", style.bold(f"{len(errors)} error(s):"), errors_table(errors, style)]
     return "\n".join(lines)
+
+
+def drain_note(result: Mapping[str, Any]) -> str:
+    """Empty when the node's finish drained guarded work (or it did not finish)."""
+    if result.get("drained", True):
+        return ""
+    return (
+        f"drain timed out: {int(result.get('still_in_flight') or 0)} request(s) still in "
+        "flight finished on the old code"
+    )
+
+
+def node_notes(nodes: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What each node said beyond its vote and outcome: a timed-out drain, its warnings."""
+    out = []
+    for node, r in sorted(nodes.items()):
+        drain = drain_note(r)
+        if drain:
+            out.append(f"{node}: {drain}")
+        for phase in ("prepare", "finish"):
+            out += [f"{node}: {phase}: {w}" for w in r.get(f"{phase}_warnings") or ()]
+    return out
 
 
 def _num(value: Any) -> str:
@@ -618,8 +643,16 @@ class Progress:
                     )
                 if vote == "unreachable" and r.get("detail"):
                     self._emit(f"{stamp}     {_one_line(str(r['detail']), 200)}")
+                for w in r.get("prepare_warnings") or ():
+                    self._emit(f"{stamp}     {s.yellow('warning')}: {_one_line(str(w), 200)}")
             if state[1] and not before[1]:
-                self._emit(f"{stamp}   {node}: finished (paused {duration(r.get('pause_s'))})")
+                drain = drain_note(r)
+                self._emit(
+                    f"{stamp}   {node}: finished (paused {duration(r.get('pause_s'))}"
+                    + (f"; {s.yellow(drain)})" if drain else ")")
+                )
+                for w in r.get("finish_warnings") or ():
+                    self._emit(f"{stamp}     {s.yellow('warning')}: {_one_line(str(w), 200)}")
             if state[2] and not before[2]:
                 self._emit(f"{stamp}   {node}: aborted")
             self._seen[node] = state

@@ -177,6 +177,7 @@ class Outcome:
     already: bool = False  # a replay of a finish done before
     drained: bool = True
     still_in_flight: int = 0
+    digest: str = ""  # content digest of what the node runs now ("" for the boot code)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,11 @@ class _Memory:
 def label(info: ReleaseInfo | None) -> str:
     """``name@version`` of a release, "" for the boot code."""
     return info.label if info is not None else ""
+
+
+def digest_of(info: ReleaseInfo | None) -> str:
+    """Content digest of a release, "" for the boot code."""
+    return info.digest if info is not None else ""
 
 
 def refusal(module: str, detail: str, reason: Reason = Reason.BAD_RELEASE) -> ModuleError:
@@ -506,8 +512,11 @@ class Participant:
         restored: bool = False,
         report: FinishReport | None = None,
     ) -> Outcome:
+        current = self.code.current_release
         if report is None:
-            return Outcome(ok, tuple(errors), restored, release=label(self.code.current_release))
+            return Outcome(
+                ok, tuple(errors), restored, release=label(current), digest=digest_of(current)
+            )
         return Outcome(
             ok,
             tuple(errors),
@@ -518,6 +527,7 @@ class Participant:
             report.switched_at or time.time(),
             drained=report.drained,
             still_in_flight=report.still_in_flight,
+            digest=digest_of(current),
         )
 
     # ---------------------------------------------------------------- abort

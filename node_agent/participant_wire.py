@@ -74,6 +74,9 @@ class WireParticipant:
             already_finished=outcome.already,
             epoch_seen=self._epoch(),
             finished_at=outcome.finished_at,
+            drain_timed_out=not outcome.drained,
+            still_in_flight=outcome.still_in_flight,
+            digest=outcome.digest,
         )
 
     def abort(self, request: agent_pb2.AbortRequest) -> agent_pb2.AbortReply:

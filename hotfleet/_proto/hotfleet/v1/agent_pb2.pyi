@@ -50,7 +50,7 @@ class FinishRequest(_message.Message):
     def __init__(self, rollout_id: _Optional[str] = ..., epoch: _Optional[int] = ..., commit_at: _Optional[float] = ...) -> None: ...
 
 class FinishReply(_message.Message):
-    __slots__ = ("ok", "errors", "restored", "pause_s", "release", "warnings", "already_finished", "epoch_seen", "finished_at")
+    __slots__ = ("ok", "errors", "restored", "pause_s", "release", "warnings", "already_finished", "epoch_seen", "finished_at", "drain_timed_out", "still_in_flight", "digest")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,9 @@ class FinishReply(_message.Message):
     ALREADY_FINISHED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_SEEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    STILL_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     errors: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModuleError]
     restored: bool
@@ -69,7 +72,10 @@ class FinishReply(_message.Message):
     already_finished: bool
     epoch_seen: int
     finished_at: float
-    def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., restored: _Optional[bool] = ..., pause_s: _Optional[float] = ..., release: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., already_finished: _Optional[bool] = ..., epoch_seen: _Optional[int] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    drain_timed_out: bool
+    still_in_flight: int
+    digest: str
+    def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., restored: _Optional[bool] = ..., pause_s: _Optional[float] = ..., release: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., already_finished: _Optional[bool] = ..., epoch_seen: _Optional[int] = ..., finished_at: _Optional[float] = ..., drain_timed_out: _Optional[bool] = ..., still_in_flight: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("rollout_id", "epoch")
