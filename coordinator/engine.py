@@ -40,7 +40,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from coordinator.analysis import RESUMES, Judge, Outcome, paused_record
+from coordinator.analysis import RESUMES, Judge, Outcome, Sample, paused_record
+from coordinator.baseline import BaselineStore
 from coordinator.convergence import Convergence
 from coordinator.election import Leadership
 from coordinator.fleet import NodeInfo, Target, read_nodes, select
@@ -157,6 +158,7 @@ class Engine:
         self.address = address
         self.name = name or address
         self.store = ContentStore(EtcdBlobBackend(client, keys.blobs))
+        self.baselines = BaselineStore(client, keys)
         self._leadership: Leadership | None = None
         self._lock = threading.RLock()
         self._drivers: list[threading.Thread] = []
@@ -827,6 +829,7 @@ class Engine:
             raise _Deposed()
         rollout.revision = int(responses[0].response_put.header.revision)
         if rollout.phase.terminal:
+            self.baselines.drop(rollout.id)  # only a window needs one
             self._trim_history(lead)
 
     def _hook(self, point: str, rollout: Rollout) -> None:
@@ -1044,6 +1047,9 @@ class Engine:
         fleet is rolled back (:meth:`_finish_failed`).
         """
         deadline = time.monotonic() + max(options.timeout_s, 5.0)
+        # Agents may restart on another port: the live membership, read once for the wave
+        # (one paged range, not a read per node between the decision and the commit).
+        live = self._live_addresses()
         # Scheduled commit: every node switches at one instant, far enough ahead for the
         # Finish fan-out to reach them all, instead of whenever its RPC happens to land.
         members = self._members(rollout)
@@ -1059,9 +1065,10 @@ class Engine:
             request = agent_pb2.FinishRequest(
                 rollout_id=self._wave_id(rollout), epoch=lead.epoch, commit_at=commit_at
             )
+            result.address = live.get(result.node) or result.address
             while True:
                 try:
-                    reply = self.agents.stub(self._address_of(result)).Finish(
+                    reply = self.agents.stub(result.address).Finish(
                         request, timeout=max(1.0, deadline - time.monotonic())
                     )
                 except grpc.RpcError as exc:
@@ -1226,12 +1233,14 @@ class Engine:
 
     def _make_permanent(self, lead: Leadership, rollout: Rollout, reason: str) -> None:
         entry = self._entry_or_stub(rollout.release)
+        live = self._live_addresses()
 
         def permanent(result: NodeResult) -> None:
             if not result.finished:
                 return
+            result.address = live.get(result.node) or result.address
             try:
-                self.agents.stub(self._address_of(result)).MakePermanent(
+                self.agents.stub(result.address).MakePermanent(
                     agent_pb2.MakePermanentRequest(
                         rollout_id=rollout.id, epoch=lead.epoch, release=rollout.release
                     ),
@@ -1329,13 +1338,13 @@ class Engine:
         )
         judge = Judge(policy)
         paused_at: float | None = None
+        baseline = self._baseline(lead, rollout, upgraded, baseline_from)
         while True:
             self._stopping.wait(policy.interval_s)
             if self._stopping.is_set() or sampler is None:
                 return "stopped"
             if self.rollout(rollout.id).phase is not Phase.PROVISIONAL:
                 return "stopped"  # promoted, rolled back or aborted by the operator meanwhile
-            baseline, _ = sampler.samples(upgraded, baseline_from, rollout.created_at)
             current, crashes = sampler.samples(upgraded, start)
             members = {n.node_id: n for n in self.nodes()}
             window_events = events + crashes + sampler.lost(upgraded, start, members)
@@ -1384,6 +1393,30 @@ class Engine:
                     self._save(lead, rollout)
                 continue  # still guarded: sampled and judged until promoted or rolled back
             return action
+
+    def _baseline(
+        self, lead: Leadership, rollout: Rollout, nodes: list[str], since: float
+    ) -> dict[str, list[Sample]]:
+        """Each node's pre-rollout samples: this leader's own, else those persisted with the rollout.
+
+        What this leader sampled itself is written to etcd (once per node), so
+        a successor elected inside the window judges it against the same
+        baseline instead of pausing for want of one.
+        """
+        sampler = self.sampler
+        own = sampler.samples(nodes, since, rollout.created_at)[0] if sampler is not None else {}
+        stored = _retry(lambda: self.baselines.load(rollout.id, nodes))
+        fresh = {n: s for n, s in own.items() if s and n not in stored}
+        if fresh:
+            _retry(lambda: self.baselines.save(lead, rollout.id, fresh))
+        missing = [n for n in nodes if not own.get(n) and n in stored]
+        if missing:
+            log.info(
+                "rollout %s: judging %s against the baseline persisted with the rollout",
+                rollout.id,
+                ", ".join(missing),
+            )
+        return {n: own.get(n) or stored.get(n) or [] for n in nodes}
 
     def _rollback_of(self, lead: Leadership, rollout: Rollout, nodes: list[str], why: str) -> None:
         """Take ``nodes`` of a provisional ``rollout`` back to what they ran, from memory.
@@ -1464,6 +1497,10 @@ class Engine:
             return True
 
         self._amend(lead, reverted, split)
+
+    def _live_addresses(self) -> dict[str, str]:
+        """Every registered node's address, from one read of the membership."""
+        return {n.node_id: n.address for n in _retry(self.nodes) if n.address}
 
     def _address_of(self, result: NodeResult) -> str:
         """Agents may restart on another port: prefer the live membership record."""

@@ -15,6 +15,8 @@ with one range delete.  Agents and coordinators both build keys here.
 ``election/<lease>``                coordinator candidates (the lowest create revision leads)
 ``rollouts/<id>``                   a rollout record (JSON, written by the leader only)
 ``rollouts/<id>/decision``          ``commit`` | ``abort``: the 2PC commit point, written once
+``baselines/<id>/<node>``           the judge's pre-upgrade samples of a node (compressed JSON),
+                                    so a new leader judges the window; removed when it ends
 ``active``                          the id of the rollout in progress (one per cluster)
 """
 
@@ -86,6 +88,14 @@ class Keys:
 
     def decision(self, rollout_id: str) -> str:
         return f"{self.rollouts}{rollout_id}/decision"
+
+    @property
+    def baselines(self) -> str:
+        return f"{self.prefix}baselines/"
+
+    def baseline(self, rollout_id: str, node_id: str = "") -> str:
+        """The judge's baseline of one node for one rollout (``node_id=""``: the rollout's prefix)."""
+        return f"{self.baselines}{rollout_id}/{node_id}"
 
     @property
     def active(self) -> str:

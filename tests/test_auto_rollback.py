@@ -222,3 +222,41 @@ def test_healthy_waves_go_one_after_the_other_to_permanent(
     canary, rest = done.nodes["n1"], [done.nodes["n2"], done.nodes["n3"]]
     assert all(canary.finished_at < n.finished_at - 3 for n in rest)  # a full window in between
     assert versions(nodes) == {"2"}
+
+
+def test_a_leader_elected_inside_the_window_judges_it_against_the_persisted_baseline(
+    fleet: tuple[list[AgentProcess], Leader], etcd_endpoint: str, etcd_prefix: str
+) -> None:
+    """A failover mid-window must not blind the judge: the baseline travels with the rollout.
+
+    The first leader samples the baseline and opens the window, then dies;
+    its successor has no samples from before the rollout of its own.  It
+    must judge the window (here: healthy, so permanent), not pause it as
+    "too little traffic" for want of a baseline.
+    """
+    nodes, first = fleet
+    load = Load(nodes)
+    try:
+        wait_baseline(first, nodes)
+        started = upgrade(first, "shop@2.0.0", window=6)
+        wait_for(lambda: first.engine.rollout(started.id).phase is Phase.PROVISIONAL, timeout=30)
+
+        def stored() -> set[str]:
+            keys = first.client.get_prefix(first.keys.baseline(started.id), keys_only=True)
+            return {m.key.decode().rpartition("/")[2] for _, m in keys}
+
+        wait_for(lambda: stored() == {n.node_id for n in nodes}, timeout=10)
+        first.close()  # the leader dies inside the window; its lease goes with it
+        successor = Leader(etcd_endpoint, etcd_prefix, "leader-b")
+        try:
+            done = successor.wait(started.id, timeout=60)
+            left = list(successor.client.get_prefix(successor.keys.baseline(started.id)))
+        finally:
+            successor.close()
+        load.stop()
+    finally:
+        load.close()
+    assert done.phase is Phase.PERMANENT, done.reason
+    assert done.analysis["overall"] == "pass" and "paused" not in done.analysis, done.analysis
+    assert versions(nodes) == {"2"}
+    assert left == []  # a baseline lives as long as its window
