@@ -159,7 +159,8 @@ def new_build(release: Release, build: int) -> Release:
 def run_2pc(fleet: _fleet.Fleet, label: str, concurrency: int | None) -> dict[str, Any]:
     leader = fleet.leader
     assert leader is not None
-    opts = RolloutOptions(window_s=0.0, timeout_s=60.0)
+    # the runs alternate v2 <-> v1: every other one is a downgrade, asked for
+    opts = RolloutOptions(window_s=0.0, timeout_s=60.0, allow_downgrade=True)
     if concurrency:
         opts.concurrency = concurrency
     t_call = time.time()

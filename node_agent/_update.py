@@ -170,6 +170,9 @@ class Statement:
     merge_class: type | None = None  # the live class a redefinition is merged into
     name: str = ""
     binds: frozenset[str] | None = None  # names it may bind; None: compare the whole namespace
+    # ``NAME = <literal>``: (NAME, value) read off the tree in prepare (ast.literal_eval
+    # runs nothing); the switch binds it without executing a statement
+    literal: tuple[str, Any] | None = None
 
 
 @dataclass
@@ -250,6 +253,21 @@ def _same_defaults(
     return [_dump(e) for e in op] == [_dump(e) for e in np] and {
         k: _dump(e) for k, e in ok.items()
     } == {k: _dump(e) for k, e in nk.items()}
+
+
+def _literal_binding(stmt: ast.stmt) -> tuple[str, Any] | None:
+    """``(name, value)`` of ``name = <literal>`` (a constant, or containers of constants)."""
+    if not (
+        isinstance(stmt, ast.Assign)
+        and len(stmt.targets) == 1
+        and isinstance(stmt.targets[0], ast.Name)
+    ):
+        return None
+    try:
+        value = ast.literal_eval(stmt.value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return stmt.targets[0].id, value
 
 
 def _docstring(node: ast.AST) -> Any:
@@ -375,7 +393,9 @@ class ModulePlanner:
         code = compile(module_ast, self.filename, "exec", dont_inherit=True)
         name = getattr(stmt, "name", "")
         binds = None if _dynamic(stmt) else frozenset(bound_names([stmt]))
-        self.plan.statements.append(Statement(code, stmt.lineno, merge_class, name, binds))
+        self.plan.statements.append(
+            Statement(code, stmt.lineno, merge_class, name, binds, _literal_binding(stmt))
+        )
         self.plan.changes.append(f"{kind} {name or f'line {stmt.lineno}'}")
 
     def _plan_definition(self, stmt: ast.stmt, old: ast.stmt | None) -> None:

@@ -826,6 +826,13 @@ class Loader:
         apply_staged(plan.ops, stage_inverses(plan.ops) if inverses is None else inverses, journal)
         g = plan.module.__dict__
         for st in plan.statements:
+            if st.literal is not None:  # precomputed: nothing to execute
+                key, value = st.literal
+                old = g.get(key, MISSING)
+                g[key] = value
+                journal.append(SetItem(g, key, old))
+                changed.append((plan.module.__name__, key, old))
+                continue
             # only the names the statement can bind are compared (the pause must not
             # grow with the size of the module), the whole namespace when unsure
             before = dict(g) if st.binds is None else {k: g.get(k, MISSING) for k in st.binds}
