@@ -29,12 +29,14 @@ import functools
 import json
 import logging
 import math
+import queue
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -78,6 +80,7 @@ TXN_OPS = 100  # writes per etcd transaction (etcd refuses more than 128 by defa
 ROLLOUT_HISTORY = 100  # rollout records kept (oldest terminal ones are removed)
 HISTORY_PAGE = 64  # keys per read of the history
 AMEND_ATTEMPTS = 20  # compare-and-swap rounds against a record's own driver
+REQUEST_TIMEOUT_S = 60.0  # how long an operator's promote/rollback waits for the window's driver
 ETCD_RETRY_S = 30.0  # how long an etcd outage is ridden out (transient errors only)
 ALL_NODES = Target(all=True).describe()  # how a rollout for the whole fleet records its target
 COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
@@ -101,6 +104,19 @@ class _Deposed(Exception):
 
 class _Superseded(Exception):
     """Someone else wrote the rollout record since this copy was read: stop driving it."""
+
+
+class _WindowClosed(Exception):
+    """The window's driver ended before it took an operator request: act directly."""
+
+
+@dataclass
+class _Request:
+    """An operator's promote or rollback of a rollout in its window, for its driver to run."""
+
+    what: str
+    run: Callable[[Rollout], Rollout]
+    done: Future[Rollout] = field(default_factory=Future)
 
 
 @dataclass
@@ -163,6 +179,8 @@ class Engine:
         self._lock = threading.RLock()
         self._drivers: list[threading.Thread] = []
         self._driving: dict[str, threading.Thread] = {}  # rollout id -> its live driver
+        # rollout id -> operator requests its window's driver takes in order (single writer)
+        self._requests: dict[str, queue.SimpleQueue[_Request]] = {}
         self._stopping = threading.Event()
         self.hooks: dict[str, Callable[[Rollout], None]] = {}  # test and fault-injection points
         # held while a rollout starts and while a node is caught up: never both at once
@@ -613,9 +631,14 @@ class Engine:
                 if previous[0]
                 else ReleaseEntry("", "", "", "", 0.0, 0, False)
             )
-            return self._start(
-                "rollback", entry, target, options, lead, from_memory=True, reverts=last.id
-            )
+
+            def revert(_window: Rollout) -> Rollout:
+                return self._start(
+                    "rollback", entry, target, options, lead, from_memory=True, reverts=last.id
+                )
+
+            # taken by the window's driver if it has one: never raced with its judge
+            return self._through_driver(last.id, "rollback", revert) or revert(last)
         # permanent: the in-memory backup is gone; go back through the pushed release
         if not previous[0]:
             raise Refused(
@@ -643,8 +666,12 @@ class Engine:
     def promote(self, rollout_id: str | None = None) -> Rollout:
         """Make a provisional rollout permanent now (its analysis loop stops on its next write)."""
         lead = self._require_leader()
+        rid = rollout_id or self._active_id() or self.rollout().id
+        taken = self._through_driver(rid, "promote", lambda r: self._promote_now(lead, r))
+        if taken is not None:
+            return taken
         for _ in range(AMEND_ATTEMPTS):
-            rollout = self.rollout(rollout_id)
+            rollout = self.rollout(rid)
             if rollout.phase is not Phase.PROVISIONAL:
                 raise Refused(
                     "invalid",
@@ -656,6 +683,40 @@ class Engine:
                 continue  # its driver wrote the record meanwhile: read it again
             return self.rollout(rollout.id)
         raise Refused("busy", f"rollout {rollout_id} changes too fast to promote; retry")
+
+    def _promote_now(self, lead: Leadership, rollout: Rollout) -> Rollout:
+        """Promote, on the window's driver thread (its record is current there)."""
+        if rollout.phase is not Phase.PROVISIONAL:
+            raise Refused(
+                "invalid",
+                f"rollout {rollout.id} is {rollout.phase.value}, only a provisional rollout can be promoted",
+            )
+        self._make_permanent(lead, rollout, "promoted by the operator")
+        return self.rollout(rollout.id)
+
+    def _through_driver(
+        self, rollout_id: str, what: str, run: Callable[[Rollout], Rollout]
+    ) -> Rollout | None:
+        """Have the live driver of ``rollout_id``'s window run ``run``; None if it has none.
+
+        One writer per rollout record: while a window is judged, its driver
+        is the only thread that ends it, so an operator's promote and the
+        judge's automatic rollback are taken in order, never raced.
+        """
+        with self._lock:
+            inbox = self._requests.get(rollout_id)
+        if inbox is None:
+            return None
+        request = _Request(what, run)
+        inbox.put(request)
+        try:
+            return request.done.result(timeout=REQUEST_TIMEOUT_S)
+        except _WindowClosed:
+            return None  # the window ended meanwhile: the caller acts on the record as it is
+        except FutureTimeout:
+            raise Refused(
+                "busy", f"rollout {rollout_id}: its driver did not take the {what} in time; retry"
+            ) from None
 
     # -------------------------------------------------------------- internals
     def _current_release_name(self) -> str:
@@ -1325,10 +1386,8 @@ class Engine:
         failing) still rolls back by itself, and a window that becomes
         conclusive and healthy resumes to permanent.
         """
-        sampler = self.sampler
         upgraded = sorted(n.node for n in rollout.nodes.values() if n.finished)
         waiting = sorted(n.node for n in rollout.nodes.values() if n.wave > rollout.wave)
-        start = rollout.finished_at
         baseline_from = rollout.created_at - policy.baseline_s
         entry = self._entry_or_stub(rollout.release)
         members = {n.node_id: n for n in self.nodes()}
@@ -1337,10 +1396,59 @@ class Engine:
             checks, [members[n] for n in upgraded if n in members], policy.smoke_timeout_s
         )
         judge = Judge(policy)
-        paused_at: float | None = None
         baseline = self._baseline(lead, rollout, upgraded, baseline_from)
+        inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        with self._lock:
+            self._requests[rollout.id] = inbox
+        try:
+            return self._judge_window(
+                lead, rollout, policy, judge, baseline, inbox, upgraded, waiting, events
+            )
+        finally:
+            with self._lock:
+                self._requests.pop(rollout.id, None)
+            while not inbox.empty():  # whoever asked acts on the record as it is now
+                inbox.get_nowait().done.set_exception(_WindowClosed())
+
+    def _take_request(self, inbox: queue.SimpleQueue[_Request], wait_s: float) -> _Request | None:
+        """The next operator request, waiting up to ``wait_s`` (less if the engine stops)."""
+        deadline = time.monotonic() + wait_s
+        while not self._stopping.is_set():
+            try:
+                return inbox.get(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return None
+        return None
+
+    def _judge_window(
+        self,
+        lead: Leadership,
+        rollout: Rollout,
+        policy: AnalysisPolicy,
+        judge: Judge,
+        baseline: dict[str, list[Sample]],
+        inbox: queue.SimpleQueue[_Request],
+        upgraded: list[str],
+        waiting: list[str],
+        events: list[Any],
+    ) -> str:
+        sampler = self.sampler
+        start = rollout.finished_at
+        paused_at: float | None = None
         while True:
-            self._stopping.wait(policy.interval_s)
+            request = self._take_request(inbox, policy.interval_s)
+            if request is not None:
+                try:
+                    request.done.set_result(request.run(self.rollout(rollout.id)))
+                except Refused as exc:
+                    request.done.set_exception(exc)
+                    continue
+                except BaseException as exc:
+                    request.done.set_exception(exc)
+                    raise
+                log.info("rollout %s: %s taken from the operator", rollout.id, request.what)
+                return "stopped"
             if self._stopping.is_set() or sampler is None:
                 return "stopped"
             if self.rollout(rollout.id).phase is not Phase.PROVISIONAL:

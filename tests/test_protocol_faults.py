@@ -18,13 +18,14 @@ Each case asserts the invariants of the protocol, not a log line:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 
-from coordinator.engine import Target
+from coordinator.engine import RolloutOptions, Target
 from coordinator.model import Phase, Rollout
 from coordinator.transport import Fault, TransportError
 from hotfleet._proto.hotfleet.v1 import agent_pb2
@@ -189,3 +190,35 @@ def test_a_deposed_leader_cannot_drive_a_node_that_obeys_its_successor(
 
 def _abort(epoch: int) -> agent_pb2.AbortRequest:
     return agent_pb2.AbortRequest(rollout_id="x", epoch=epoch)
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+def test_an_operator_command_in_a_window_is_taken_by_the_windows_driver(
+    sim: SimFleet, lead: Leader, command: str
+) -> None:
+    """One writer per rollout record: the operator's thread never writes the window's record.
+
+    Its promote or rollback is a request the window's driver takes between
+    two judgements, so it can never race the judge's own promote or rollback.
+    """
+    writers: list[tuple[str, str]] = []
+    save = lead.engine._save
+
+    def spy(leadership: Any, rollout: Rollout, *ops: Any) -> None:
+        writers.append((rollout.id, threading.current_thread().name))
+        save(leadership, rollout, *ops)
+
+    lead.engine._save = spy  # type: ignore[method-assign]
+    options = RolloutOptions(window_s=120, health={"min_samples": 4})
+    rid = lead.engine.upgrade(NEW, Target(all=True), options).id
+    wait_for(lambda: rid in lead.engine._requests, timeout=10)  # the window is being judged
+    if command == "promote":
+        assert lead.engine.promote(rid).phase is Phase.PERMANENT
+    else:
+        back = lead.engine.rollback(Target(all=True), None, RolloutOptions())
+        assert back.kind == "rollback"
+    done = settled(sim, lead, rid)
+    assert done.phase is (Phase.PERMANENT if command == "promote" else Phase.ROLLED_BACK)
+    operator = threading.current_thread().name
+    assert writers and all(who != operator for rollout_id, who in writers if rollout_id == rid)
+    assert rid not in lead.engine._requests  # the window's inbox went with its driver
