@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import shlex
 from dataclasses import dataclass, field
-from typing import Any
 
-__all__ = ["SHELLS", "Level", "cmd_completion", "script", "tree"]
+__all__ = ["SHELLS", "Level", "script", "tree"]
 
 SHELLS = ("bash", "zsh", "fish")
 PROG = "coordctl"
@@ -176,9 +175,3 @@ def script(shell: str, parser: argparse.ArgumentParser) -> str:
     levels = tree(parser)
     return {"bash": _bash, "zsh": _zsh, "fish": _fish}[shell](levels)
 
-
-def cmd_completion(ctx: Any) -> int:
-    from coordinator.cli import build_parser
-
-    print(script(ctx.args.shell, build_parser()), file=ctx.out, end="", flush=True)
-    return 0

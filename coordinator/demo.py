@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from coordinator import devcluster, render
-from coordinator.cli import (
+from coordinator.client import (
     PUSH_TIMEOUT_S,
     Client,
     CoordctlError,
@@ -718,3 +718,39 @@ def _summary(story: Story, n: Numbers) -> None:
         story.note(f"rollback reason: {n.rollback_reason}")
     for problem in n.problems:
         story.bad(problem)
+
+
+# ---------------------------------------------------------------- coordctl demo
+def add_command(command: Callable[..., Any]) -> None:
+    """Add ``demo`` to coordctl's subcommands (``command`` is coordctl's own helper)."""
+    p = command(
+        "demo",
+        "the guided tour: upgrade the fleet under load, then watch a bad release roll back",
+        _cmd_demo,
+    )
+    devcluster.add_dir_flag(p)
+    p.add_argument("--nodes", type=int, default=3, metavar="N", help="node agents (default 3)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the dev cluster running afterwards (default: stop it, unless it was "
+        "already up)",
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="rollback window of the bad release (default 10)",
+    )
+
+
+def _cmd_demo(ctx: Any) -> int:
+    return run(
+        directory=ctx.args.dir,
+        nodes=ctx.args.nodes,
+        keep=ctx.args.keep,
+        window_s=ctx.args.window,
+        out=ctx.out,
+        err=ctx.err,
+    )

@@ -1212,8 +1212,19 @@ def status(directory: str | os.PathLike[str] | None = None) -> Cluster | None:
 
 
 # ---------------------------------------------------------------- coordctl wiring
+def add_dir_flag(p: Any) -> None:
+    """``--dir``: which dev cluster (shared by `dev` and `demo`)."""
+    p.add_argument(
+        "--dir",
+        default=None,
+        metavar="DIR",
+        help=f"where the cluster keeps its state, data and logs "
+        f"(env {DIR_ENV}, default ./{DEFAULT_DIR})",
+    )
+
+
 def add_commands(commands: Any, command: Callable[..., Any]) -> None:
-    """Add ``dev up|down|status`` and ``demo`` to coordctl's subcommands.
+    """Add ``dev up|down|status`` to coordctl's subcommands (``demo`` adds its own).
 
     ``command(name, help, func, parent)`` is coordctl's own helper: it adds
     the global flags and sets ``func(ctx)`` as the handler.
@@ -1226,17 +1237,8 @@ def add_commands(commands: Any, command: Callable[..., Any]) -> None:
     )
     actions = dev.add_subparsers(dest="dev_command", metavar="ACTION", required=True)
 
-    def dir_flag(p: Any) -> None:
-        p.add_argument(
-            "--dir",
-            default=None,
-            metavar="DIR",
-            help=f"where the cluster keeps its state, data and logs "
-            f"(env {DIR_ENV}, default ./{DEFAULT_DIR})",
-        )
-
     p = command("up", "start the dev cluster in the background (safe to repeat)", _cmd_up, actions)
-    dir_flag(p)
+    add_dir_flag(p)
     p.add_argument("--nodes", type=int, default=3, metavar="N", help="node agents (default 3)")
     p.add_argument(
         "--etcd",
@@ -1268,7 +1270,7 @@ def add_commands(commands: Any, command: Callable[..., Any]) -> None:
     p = command(
         "down", "stop exactly the processes `dev up` started, remove its data", _cmd_down, actions
     )
-    dir_flag(p)
+    add_dir_flag(p)
     p.add_argument(
         "--purge", action="store_true", help="remove the logs too (and DIR when it is empty)"
     )
@@ -1278,28 +1280,7 @@ def add_commands(commands: Any, command: Callable[..., Any]) -> None:
         _cmd_status,
         actions,
     )
-    dir_flag(p)
-
-    p = command(
-        "demo",
-        "the guided tour: upgrade the fleet under load, then watch a bad release roll back",
-        _cmd_demo,
-    )
-    dir_flag(p)
-    p.add_argument("--nodes", type=int, default=3, metavar="N", help="node agents (default 3)")
-    p.add_argument(
-        "--keep",
-        action="store_true",
-        help="leave the dev cluster running afterwards (default: stop it, unless it was "
-        "already up)",
-    )
-    p.add_argument(
-        "--window",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="rollback window of the bad release (default 10)",
-    )
+    add_dir_flag(p)
 
 
 def _emit_json(ctx: Any, data: Any) -> None:
@@ -1381,16 +1362,3 @@ def _cmd_status(ctx: Any) -> int:
     else:
         print(describe(cluster, style=ctx.style), file=ctx.out, flush=True)
     return 0 if all(s == "alive" for s in states.values()) else 1
-
-
-def _cmd_demo(ctx: Any) -> int:
-    from coordinator.demo import run
-
-    return run(
-        directory=ctx.args.dir,
-        nodes=ctx.args.nodes,
-        keep=ctx.args.keep,
-        window_s=ctx.args.window,
-        out=ctx.out,
-        err=ctx.err,
-    )

@@ -116,6 +116,7 @@ from hotfleet.signing import DEFAULT_FLEET, load_public_keys, verify_release
 from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
 from hotfleet.tls import TLSFiles, agent_guard
 from hotfleet.wire import manifest_from_proto
+from node_agent.asgi_guard import agent_asgi
 from node_agent.coverage import health_fields, prometheus_lines
 from node_agent.decision_watch import (
     DecisionWatch,
@@ -387,8 +388,6 @@ class Agent:
         a finish waits for them at most the drain timeout and then says how
         many were left in flight (:mod:`node_agent.asgi`).
         """
-        from node_agent.asgi import agent_asgi
-
         return agent_asgi(self, app)
 
     async def start_async(self) -> None:

@@ -39,10 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from node_agent.drain import ASGIMiddleware
+from node_agent.asgi_guard import ASGIApp, Message, Receive, Scope, Send, agent_asgi
 
 if TYPE_CHECKING:
     from node_agent.agent import Agent
@@ -52,40 +51,7 @@ __all__ = ["agent_asgi", "current_agent", "hotfleet_app"]
 
 log = logging.getLogger(__name__)
 
-METRICS_PATH = "/-/metrics"
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
 _agent: Agent | None = None  # the agent hotfleet_app started in this process
-
-
-def agent_asgi(agent: Agent, app: ASGIApp) -> ASGIApp:
-    """``app`` behind ``agent``'s drain guard, with request metrics and ``/-/metrics``."""
-    guarded = ASGIMiddleware(app, agent.loader.barrier, agent.metrics.observe)
-
-    async def agent_app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") == "http" and scope.get("path") == METRICS_PATH:
-            body = (await asyncio.to_thread(agent.prometheus)).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
-        await guarded(scope, receive, send)
-
-    agent_app.hotfleet_agent = agent  # type: ignore[attr-defined]
-    return agent_app
 
 
 def current_agent() -> Agent | None:
