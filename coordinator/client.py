@@ -19,6 +19,7 @@ import grpc
 
 from coordinator import render
 from hotfleet._proto.hotfleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from hotfleet.protocol import LEADER_KEY, REFUSAL_KEY, Refusal
 from hotfleet.tls import channel_credentials
 
 DEFAULT_COORDINATOR = "127.0.0.1:7600"
@@ -56,9 +57,6 @@ POLL_INTERVAL_S = 0.2
 WATCH_GRACE_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-REFUSAL_KEY = "hotfleet-refusal"
-LEADER_KEY = "hotfleet-leader"
-
 
 # ---------------------------------------------------------------- errors
 @dataclass
@@ -74,16 +72,12 @@ class CoordctlError(Exception):
         return self.message
 
 
-REFUSAL_EXIT = {
-    "busy": EXIT_REFUSED,
-    "not_found": EXIT_REFUSED,
-    "exists": EXIT_REFUSED,
-    "invalid": EXIT_REFUSED,
-    "no_targets": EXIT_REFUSED,
-    "quota": EXIT_REFUSED,
-    "not_leader": EXIT_UNREACHABLE,
-    "unavailable": EXIT_UNREACHABLE,
-}
+def refusal_exit(code: str) -> int:
+    """coordctl's exit code for a refusal: 6 when retrying may work as is, else 3."""
+    try:
+        return EXIT_UNREACHABLE if Refusal(code).retryable else EXIT_REFUSED
+    except ValueError:  # a code from a newer coordinator
+        return EXIT_REFUSED
 
 
 # ---------------------------------------------------------------- connection
@@ -201,7 +195,7 @@ class Client:
                 if refusal:
                     raise CoordctlError(
                         details_of(exc) or f"refused ({refusal})",
-                        REFUSAL_EXIT.get(refusal, EXIT_REFUSED),
+                        refusal_exit(refusal),
                         refusal,
                     ) from exc
                 if status is grpc.StatusCode.UNAVAILABLE:

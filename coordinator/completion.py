@@ -174,4 +174,3 @@ def script(shell: str, parser: argparse.ArgumentParser) -> str:
     """The completion script for ``shell`` covering every verb and flag of ``parser``."""
     levels = tree(parser)
     return {"bash": _bash, "zsh": _zsh, "fish": _fish}[shell](levels)
-

@@ -58,6 +58,7 @@ from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
 from hotfleet.limits import MAX_STORE_BYTES
+from hotfleet.protocol import Refusal
 from hotfleet.release import Release
 from hotfleet.store import (
     GC_MIN_AGE_S,
@@ -92,7 +93,7 @@ COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long aft
 class Refused(HotfleetError):
     """A request the coordinator will not start; nothing changed anywhere."""
 
-    def __init__(self, code: str, message: str, *, leader: str = "") -> None:
+    def __init__(self, code: Refusal, message: str, *, leader: str = "") -> None:
         super().__init__([ModuleError("*", Reason.BAD_RELEASE, message)], message)
         self.code = code
         self.leader = leader
@@ -228,7 +229,7 @@ class Engine:
         if lead is None or not lead.session.alive():
             leader = self.leader_address()
             raise Refused(
-                "not_leader",
+                Refusal.NOT_LEADER,
                 f"this coordinator ({self.address}) is not the leader"
                 + (
                     f"; the leader is {leader}"
@@ -272,11 +273,11 @@ class Engine:
     def release(self, ref: str) -> ReleaseEntry:
         name, sep, version = ref.partition("@")
         if not sep or not name or not version:
-            raise Refused("invalid", f"release reference {ref!r} is not NAME@VERSION")
+            raise Refused(Refusal.INVALID, f"release reference {ref!r} is not NAME@VERSION")
         raw, _ = self._get(self.keys.release(name, version))
         if raw is None:
             raise Refused(
-                "not_found",
+                Refusal.NOT_FOUND,
                 f"release {ref} was never pushed; push it with `coordctl release push PATH`",
             )
         entry = ReleaseEntry(**json.loads(raw))
@@ -287,11 +288,11 @@ class Engine:
         if rollout_id:
             raw, meta = self._get(self.keys.rollout(rollout_id))
             if raw is None:
-                raise Refused("not_found", f"no rollout {rollout_id}")
+                raise Refused(Refusal.NOT_FOUND, f"no rollout {rollout_id}")
             return Rollout.loads(raw, int(meta.mod_revision))
         newest = self.rollouts(limit=1)
         if not newest:
-            raise Refused("not_found", "no rollout has run in this cluster yet")
+            raise Refused(Refusal.NOT_FOUND, "no rollout has run in this cluster yet")
         return newest[0]
 
     def rollouts(self, limit: int = 50) -> list[Rollout]:
@@ -388,7 +389,7 @@ class Engine:
                 for m in reply.modules
             )
         if node and not rows:
-            raise Refused("not_found", f"node {node} is not registered")
+            raise Refused(Refusal.NOT_FOUND, f"node {node} is not registered")
         return rows
 
     # --------------------------------------------------------------- releases
@@ -396,13 +397,13 @@ class Engine:
         """Store the sources by digest and the manifest under name/version (idempotent)."""
         if release.problems:
             raise Refused(
-                "invalid", "release is malformed: " + "; ".join(map(str, release.problems))
+                Refusal.INVALID, "release is malformed: " + "; ".join(map(str, release.problems))
             )
         self._admit_push(release)
         for ms in release.modules:
             if not ms.digest_ok:
                 raise Refused(
-                    "invalid",
+                    Refusal.INVALID,
                     f"{ms.name}: digest_mismatch: {ms.path} does not match its declared sha256",
                 )
             self.store.put(ms.source)
@@ -429,7 +430,7 @@ class Engine:
             existing = self.release(release.label)
             if existing.digest != release.digest:
                 raise Refused(
-                    "exists",
+                    Refusal.EXISTS,
                     f"{release.label} was already pushed with different content (digest {existing.digest[:12]}…); bump the version",
                 )
             return existing
@@ -452,7 +453,7 @@ class Engine:
             admit(stored, blobs, quota=self.store_quota)
         except StoreFull as exc:
             details = "; ".join(e.detail for e in exc.errors)
-            raise Refused("quota", f"{release.label} not pushed: {details}") from exc
+            raise Refused(Refusal.QUOTA, f"{release.label} not pushed: {details}") from exc
 
     def _in_use(self) -> dict[str, str]:
         """Release labels that must stay in the store, each with why.
@@ -486,7 +487,7 @@ class Engine:
         except (ValueError, KeyError, TypeError) as exc:
             log.debug("unreadable permanent record: %s", exc)
         raise Refused(
-            "unavailable",
+            Refusal.UNAVAILABLE,
             f"{self.keys.permanent} is unreadable: no blob is collected while it may need them",
         )
 
@@ -500,7 +501,7 @@ class Engine:
         entry = self.release(ref)
         why = self._in_use().get(entry.label)
         if why:
-            raise Refused("busy", f"{entry.label} is in use ({why}); it stays in the store")
+            raise Refused(Refusal.BUSY, f"{entry.label} is in use ({why}); it stays in the store")
         self.client.delete(self.keys.release(entry.name, entry.version))
         log.info("release %s removed from the store", entry.label)
         return self.collect_blobs()
@@ -571,7 +572,7 @@ class Engine:
         if older:
             runs = ", ".join(f"{node} runs {label}" for node, label in sorted(older.items()))
             raise Refused(
-                "downgrade",
+                Refusal.DOWNGRADE,
                 f"{entry.label} is older than what the fleet runs ({runs}): a downgrade must be "
                 "asked for with --allow-downgrade (recorded in the rollout), or use "
                 "`coordctl rollback --to VERSION`",
@@ -591,7 +592,7 @@ class Engine:
         if missing:
             known = ", ".join(n.node_id for n in registered) or "none"
             raise Refused(
-                "no_targets",
+                Refusal.NO_TARGETS,
                 f"node(s) not registered (unknown, or down): {', '.join(missing)}; "
                 f"registered: {known} (--allow-missing goes ahead without them)",
             )
@@ -612,7 +613,7 @@ class Engine:
         last = self._last_applied()
         if last is None:
             raise Refused(
-                "not_found",
+                Refusal.NOT_FOUND,
                 "nothing to roll back: no change that is still in place has finished in this "
                 "cluster (see `coordctl rollouts`; --to VERSION picks a pushed release)",
             )
@@ -620,7 +621,7 @@ class Engine:
         if len(previous) != 1:
             ran = ", ".join(p or "boot code" for p in previous)
             raise Refused(
-                "invalid",
+                Refusal.INVALID,
                 f"nodes ran different releases before {last.release} ({ran}); use --to VERSION",
             )
         options.window_s = 0.0  # a rollback is not analysed: it is the way out
@@ -642,7 +643,7 @@ class Engine:
         # permanent: the in-memory backup is gone; go back through the pushed release
         if not previous[0]:
             raise Refused(
-                "invalid",
+                Refusal.INVALID,
                 f"{last.release} is permanent and the nodes ran unversioned boot code before it; "
                 "push the old code as a release and use --to VERSION",
             )
@@ -654,12 +655,15 @@ class Engine:
         lead = self._require_leader()
         rollout = self.rollout(rollout_id or self._active_id() or None)
         if rollout.phase.terminal:
-            raise Refused("invalid", f"rollout {rollout.id} already ended {rollout.phase.value}")
+            raise Refused(
+                Refusal.INVALID, f"rollout {rollout.id} already ended {rollout.phase.value}"
+            )
         if rollout.phase is Phase.PROVISIONAL:
             return self.rollback(Target(nodes=sorted(rollout.nodes)), None, RolloutOptions())
         if self._decide(lead, rollout.id, "abort") != "abort":
             raise Refused(
-                "invalid", f"rollout {rollout.id} is already committed; wait for it and roll back"
+                Refusal.INVALID,
+                f"rollout {rollout.id} is already committed; wait for it and roll back",
             )
         return self.rollout(rollout.id)
 
@@ -674,7 +678,7 @@ class Engine:
             rollout = self.rollout(rid)
             if rollout.phase is not Phase.PROVISIONAL:
                 raise Refused(
-                    "invalid",
+                    Refusal.INVALID,
                     f"rollout {rollout.id} is {rollout.phase.value}, only a provisional rollout can be promoted",
                 )
             try:
@@ -682,13 +686,13 @@ class Engine:
             except _Superseded:
                 continue  # its driver wrote the record meanwhile: read it again
             return self.rollout(rollout.id)
-        raise Refused("busy", f"rollout {rollout_id} changes too fast to promote; retry")
+        raise Refused(Refusal.BUSY, f"rollout {rollout_id} changes too fast to promote; retry")
 
     def _promote_now(self, lead: Leadership, rollout: Rollout) -> Rollout:
         """Promote, on the window's driver thread (its record is current there)."""
         if rollout.phase is not Phase.PROVISIONAL:
             raise Refused(
-                "invalid",
+                Refusal.INVALID,
                 f"rollout {rollout.id} is {rollout.phase.value}, only a provisional rollout can be promoted",
             )
         self._make_permanent(lead, rollout, "promoted by the operator")
@@ -715,7 +719,8 @@ class Engine:
             return None  # the window ended meanwhile: the caller acts on the record as it is
         except FutureTimeout:
             raise Refused(
-                "busy", f"rollout {rollout_id}: its driver did not take the {what} in time; retry"
+                Refusal.BUSY,
+                f"rollout {rollout_id}: its driver did not take the {what} in time; retry",
             ) from None
 
     # -------------------------------------------------------------- internals
@@ -723,7 +728,7 @@ class Engine:
         names = {n.current_release.partition("@")[0] for n in self.nodes() if n.current_release}
         if len(names) != 1:
             raise Refused(
-                "invalid",
+                Refusal.INVALID,
                 f"cannot tell which release to roll back: nodes run {sorted(names) or 'nothing known'}",
             )
         return names.pop()
@@ -782,7 +787,7 @@ class Engine:
         with self._rollout_gate:
             nodes, missing = select(self.nodes(), target)
             if not nodes and not missing:
-                raise Refused("no_targets", f"no registered node matches {target.describe()}")
+                raise Refused(Refusal.NO_TARGETS, f"no registered node matches {target.describe()}")
             rollout = Rollout(
                 _new_id(),
                 kind,
@@ -822,12 +827,12 @@ class Engine:
             if not ok:
                 if not lead.is_valid():
                     raise Refused(
-                        "not_leader",
+                        Refusal.NOT_LEADER,
                         "leadership was lost while starting the rollout",
                         leader=self.leader_address(),
                     )
                 raise Refused(
-                    "busy",
+                    Refusal.BUSY,
                     f"rollout {self._active_id()} is in progress; one rollout at a time per cluster (watch it with `coordctl status`, or `coordctl abort`)",
                 )
             rollout.revision = int(created[1].response_put.header.revision)
@@ -1374,7 +1379,7 @@ class Engine:
             if options.window_s:  # 0 means no window at all: never analysed
                 policy = AnalysisPolicy.from_mapping({"window_s": options.window_s}, base=policy)
         except PolicyError as exc:
-            raise Refused("invalid", f"health policy: {exc}") from exc
+            raise Refused(Refusal.INVALID, f"health policy: {exc}") from exc
         return policy
 
     def _analyse(self, lead: Leadership, rollout: Rollout, policy: AnalysisPolicy) -> str:
@@ -1768,7 +1773,7 @@ def _assign_waves(rollout: Rollout, spec: list[str]) -> int:
             size = math.ceil(float(item[:-1]) * total / 100) if item.endswith("%") else int(item)
         except ValueError:
             raise Refused(
-                "invalid", f"wave size {item!r} is neither a count nor a percentage"
+                Refusal.INVALID, f"wave size {item!r} is neither a count nor a percentage"
             ) from None
         size = min(total, max(size, done + 1))
         for name in names[done:size]:
@@ -1820,7 +1825,7 @@ def _check_entry(ref: str, entry: ReleaseEntry) -> None:
                 wrong.append(f"digest {entry.digest} while the manifest's is {rebuilt}")
     if wrong:
         raise Refused(
-            "invalid",
+            Refusal.INVALID,
             f"the store entry for {ref} is not {ref}: {'; '.join(wrong)}; refusing to use it "
             "(someone wrote it outside `coordctl release push`; push the release again under "
             "a new version)",

@@ -40,6 +40,7 @@ from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.limits import MAX_MODULES
+from hotfleet.protocol import LEADER_KEY, REFUSAL_KEY, Refusal
 from hotfleet.release import Release
 from hotfleet.tls import TLSFiles, coordinator_guard
 from hotfleet.wire import manifest_from_proto
@@ -50,26 +51,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("hotfleet.coordinator.service")
 
 __all__ = [
-    "LEADER_KEY",
     "MAX_MESSAGE_BYTES",
-    "REFUSAL_KEY",
-    "REFUSAL_STATUS",
     "CoordinatorServicer",
     "serve",
 ]
 
-REFUSAL_KEY = "hotfleet-refusal"
-LEADER_KEY = "hotfleet-leader"
-REFUSAL_STATUS: dict[str, grpc.StatusCode] = {
-    "busy": grpc.StatusCode.FAILED_PRECONDITION,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "exists": grpc.StatusCode.ALREADY_EXISTS,
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "no_targets": grpc.StatusCode.INVALID_ARGUMENT,
-    "not_leader": grpc.StatusCode.UNAVAILABLE,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "quota": grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 # A release push carries every source; keep well above any sane bundle.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's default limit on received metadata is 8 KiB, and the status message
@@ -89,12 +75,12 @@ def _clip(text: str) -> str:
     return text[: _MAX_MESSAGE_CHARS - 40] + f" … ({len(text)} characters, clipped)"
 
 
-def _refuse(context: grpc.ServicerContext, code: str, message: str, leader: str = "") -> None:
-    metadata: list[tuple[str, str]] = [(REFUSAL_KEY, code)]
-    if code == "not_leader":
+def _refuse(context: grpc.ServicerContext, code: Refusal, message: str, leader: str = "") -> None:
+    metadata: list[tuple[str, str]] = [(REFUSAL_KEY, str(code))]
+    if code is Refusal.NOT_LEADER:
         metadata.append((LEADER_KEY, leader))
     context.set_trailing_metadata(metadata)
-    context.abort(REFUSAL_STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION), _clip(message))
+    context.abort(code.status, _clip(message))
 
 
 def _retry_budget(context: grpc.ServicerContext) -> float:
@@ -109,7 +95,7 @@ def _refuse_cause(
     context: grpc.ServicerContext, address: str, method: str, exc: BaseException
 ) -> None:
     """An etcd (or agent) failure as a refusal naming it: unreachable, timed out, quota full."""
-    code = "quota" if transient.is_quota(exc) else "unavailable"
+    code = Refusal.QUOTA if transient.is_quota(exc) else Refusal.UNAVAILABLE
     _refuse(
         context,
         code,
@@ -128,10 +114,10 @@ def _rpc(method: Callable[..., R]) -> Callable[..., R]:
                 return method(self, request, context)
         except HotfleetError as exc:
             code = getattr(exc, "code", None)
-            if isinstance(code, str) and code:  # engine.Refused (duck-typed: no import cycle)
+            if isinstance(code, Refusal):  # engine.Refused
                 _refuse(context, code, str(exc), str(getattr(exc, "leader", "") or ""))
             else:
-                _refuse(context, "invalid", str(exc))
+                _refuse(context, Refusal.INVALID, str(exc))
             raise AssertionError("unreachable: context.abort raises") from exc
         except grpc.RpcError as exc:
             if context.code() is not None:

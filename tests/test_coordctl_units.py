@@ -36,6 +36,7 @@ from coordinator.fleet import NodeInfo
 from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.service import serve
 from hotfleet.errors import ModuleError, Reason
+from hotfleet.protocol import Refusal
 from hotfleet.release import Release
 
 NODES = ["n1", "n2", "n3"]
@@ -66,7 +67,7 @@ class FakeEngine:
     def _require_leader(self) -> None:
         if not self.leader:
             raise Refused(
-                "not_leader",
+                Refusal.NOT_LEADER,
                 f"this coordinator ({self.address}) is not the leader; the leader is {self.leader_at}",
                 leader=self.leader_at,
             )
@@ -94,7 +95,7 @@ class FakeEngine:
 
     def release(self, ref: str) -> ReleaseEntry:
         if ref not in self.entries:
-            raise Refused("not_found", f"release {ref} was never pushed")
+            raise Refused(Refusal.NOT_FOUND, f"release {ref} was never pushed")
         return self.entries[ref]
 
     def rollouts(self, limit: int = 50) -> list[Rollout]:
@@ -106,7 +107,7 @@ class FakeEngine:
                 [r for r in self.history if r.id == rollout_id] if rollout_id else self.history[-1:]
             )
             if not matches:
-                raise Refused("not_found", f"no rollout {rollout_id}")
+                raise Refused(Refusal.NOT_FOUND, f"no rollout {rollout_id}")
             rollout = matches[-1]
             self._advance(rollout)
             return Rollout.loads(rollout.dumps())
@@ -128,7 +129,7 @@ class FakeEngine:
                     }
                 )
         if node and node not in NODES:
-            raise Refused("not_found", f"node {node} is not registered")
+            raise Refused(Refusal.NOT_FOUND, f"node {node} is not registered")
         return [r for r in rows if not node or r["node"] == node]
 
     # -------------------------------------------------------------- writes
@@ -136,7 +137,9 @@ class FakeEngine:
         self._require_leader()
         existing = self.entries.get(release.label)
         if existing is not None and existing.digest != release.digest:
-            raise Refused("exists", f"{release.label} was already pushed with different content")
+            raise Refused(
+                Refusal.EXISTS, f"{release.label} was already pushed with different content"
+            )
         self.pushed.append(release)
         self.signatures.append((signature, signer))
         entry = ReleaseEntry(
@@ -167,7 +170,9 @@ class FakeEngine:
         self._require_leader()
         rollout = self.rollout(rollout_id)
         if rollout.phase.terminal:
-            raise Refused("invalid", f"rollout {rollout.id} already ended {rollout.phase.value}")
+            raise Refused(
+                Refusal.INVALID, f"rollout {rollout.id} already ended {rollout.phase.value}"
+            )
         with self.lock:
             stored = next(r for r in self.history if r.id == rollout.id)
             stored.options["script"] = "operator_abort"
@@ -177,7 +182,9 @@ class FakeEngine:
     def promote(self, rollout_id: str | None = None) -> Rollout:
         self._require_leader()
         rollout = self.rollout(rollout_id)
-        raise Refused("invalid", f"rollout {rollout.id} is {rollout.phase.value}, not provisional")
+        raise Refused(
+            Refusal.INVALID, f"rollout {rollout.id} is {rollout.phase.value}, not provisional"
+        )
 
     # -------------------------------------------------------------- the script
     def _start(
@@ -186,7 +193,7 @@ class FakeEngine:
         with self.lock:
             if self.history and not self.history[-1].phase.terminal:
                 raise Refused(
-                    "busy",
+                    Refusal.BUSY,
                     f"rollout {self.history[-1].id} is in progress; one at a time per cluster",
                 )
             nodes = target.nodes or [
@@ -195,7 +202,7 @@ class FakeEngine:
                 if not target.selector or (n != "n3") == (target.selector.get("zone") == "eu")
             ]
             if not nodes:
-                raise Refused("no_targets", "no registered node matches the target")
+                raise Refused(Refusal.NO_TARGETS, "no registered node matches the target")
             self.counter += 1
             script = "dry" if options.dry_run else label.split("@")[0]
             rollout = Rollout(
