@@ -18,6 +18,7 @@ and saves every worker a dependency.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import os
 import resource
@@ -59,6 +60,11 @@ LATENCY_BOUNDS_S: tuple[float, ...] = (
 )
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+log = logging.getLogger(__name__)
+
+# Every thread hotfleet starts is named with this prefix: its crash is ours.
+OWN_THREAD_PREFIX = "hotfleet-"
 
 
 def process_cpu_s() -> float:
@@ -138,6 +144,7 @@ class Metrics:
         self._counts = [0] * (len(self.bounds) + 1)
         self._sum = 0.0
         self._uncaught = 0
+        self.internal_errors = 0  # crashes of hotfleet's own threads (bugs, not the app's)
         self._gauges: dict[str, float] = {}
         self._started = time.monotonic()
         self._hooks: tuple[Any, Any, Any, Any] | None = None
@@ -164,6 +171,10 @@ class Metrics:
         with self._lock:
             self._uncaught += 1
 
+    def count_internal_error(self) -> None:
+        with self._lock:
+            self.internal_errors += 1
+
     def install_excepthooks(self) -> None:
         """Count exceptions that escape every handler; the previous hooks still run."""
         if self._hooks is not None:
@@ -177,7 +188,19 @@ class Metrics:
             prev_sys(kind, value, tb)
 
         def thread_hook(args: threading.ExceptHookArgs) -> None:
-            if not issubclass(args.exc_type, SystemExit):
+            if issubclass(args.exc_type, SystemExit):
+                pass
+            elif args.thread is not None and args.thread.name.startswith(OWN_THREAD_PREFIX):
+                # hotfleet's own thread crashed: a bug of ours, logged as one and
+                # counted apart, never an app error that could fail the judge
+                self.count_internal_error()
+                log.error(
+                    "hotfleet bug: thread %s crashed (%s: %s); please report it",
+                    args.thread.name,
+                    args.exc_type.__name__,
+                    args.exc_value,
+                )
+            else:
                 self.count_uncaught()
             prev_thread(args)
 
@@ -275,6 +298,12 @@ class Metrics:
             "counter",
             "Exceptions that escaped every handler.",
             [("", base, s.uncaught)],
+        )
+        metric(
+            "hotfleet_internal_errors_total",
+            "counter",
+            "Crashes of hotfleet's own threads (bugs in hotfleet, not the app).",
+            [("", base, self.internal_errors)],
         )
         metric(
             "hotfleet_host_cpu_seconds_total",
@@ -397,6 +426,11 @@ class PrometheusCollector:
         yield histogram
         yield counter(
             "hotfleet_uncaught_exceptions", "Exceptions that escaped every handler.", s.uncaught
+        )
+        yield counter(
+            "hotfleet_internal_errors",
+            "Crashes of hotfleet's own threads (bugs in hotfleet, not the app).",
+            self.metrics.internal_errors,
         )
         yield counter(
             "hotfleet_worker_cpu_seconds", "User and system CPU time of the worker.", s.cpu_s

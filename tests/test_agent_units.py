@@ -180,3 +180,25 @@ def test_signature_policy_in_and_outside_dev_mode(tmp_path: Path, signing_key: P
     other_fleet = Agent("s2", [tmp_path], None, tls=tls, trusted_keys=[pub], fleet="prod")
     with pytest.raises(HotfleetError):
         other_fleet.check_signature(digest, signature, signer, "shop@2.0.0")
+
+
+def test_a_crash_in_hotfleets_own_thread_is_a_bug_not_an_app_error() -> None:
+    """The judge must not fail a release because a hotfleet thread crashed."""
+    from node_agent.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.install_excepthooks()
+    try:
+
+        def boom() -> None:
+            raise RuntimeError("bug")
+
+        for name in ("hotfleet-membership x", "app-worker"):
+            t = threading.Thread(target=boom, name=name)
+            t.start()
+            t.join()
+    finally:
+        metrics.uninstall_excepthooks()
+    assert metrics.snapshot().uncaught == 1  # the app's thread only
+    assert metrics.internal_errors == 1
+    assert "hotfleet_internal_errors_total" in metrics.prometheus({"node": "n"})
