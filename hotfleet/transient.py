@@ -77,9 +77,13 @@ def status_code(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+class Outage(Exception):
+    """Mixin for project errors that mean "a dependency was unreachable": worth retrying."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: etcd or a peer unreachable or slow, nothing about the request itself."""
-    return status_code(exc) in TRANSIENT_CODES
+    return isinstance(exc, Outage) or status_code(exc) in TRANSIENT_CODES
 
 
 def is_quota(exc: BaseException) -> bool:

@@ -105,6 +105,7 @@ import etcd3.exceptions
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
@@ -159,7 +160,7 @@ def permanent_record(release: Release, signature: str = "", signer: str = "") ->
     return json.dumps(record, sort_keys=True)
 
 
-class SourcesUnavailable(HotfleetError):
+class SourcesUnavailable(HotfleetError, transient.Outage):
     """Some module sources could not be fetched (etcd unreachable); worth retrying."""
 
 

@@ -29,6 +29,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from hotfleet import transient
 from hotfleet.etcd_client import EtcdClient
 
 log = logging.getLogger(__name__)
@@ -153,12 +154,26 @@ class Membership:
     def _note_failure(self, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         self._fail(exc)
-        log.warning(
-            "etcd unreachable for membership of %s (attempt %d, retrying in %.1fs): %s",
+        wait = state.next_action.sleep if state.next_action else 0.0
+        if exc is None or transient.is_transient(exc):
+            log.warning(
+                "etcd unreachable for membership of %s (attempt %d, retrying in %.1fs): %s",
+                self.key,
+                state.attempt_number,
+                wait,
+                self.last_error,
+            )
+            return
+        # not an outage: a bug (ours or a malformed record we failed to refuse);
+        # still retried, but said for what it is, with its traceback
+        log.error(
+            "membership of %s failed with an error that is not an etcd outage (attempt %d, "
+            "retrying in %.1fs); please report it: %s",
             self.key,
             state.attempt_number,
-            state.next_action.sleep if state.next_action else 0.0,
+            wait,
             self.last_error,
+            exc_info=exc,
         )
 
     def _fail(self, exc: BaseException | None) -> None:
