@@ -276,12 +276,21 @@ def test_upgrade_and_rollback_under_load_fail_no_request(
     try:
         assert load.stdout is not None and load.stdin is not None
         assert load.stdout.readline().startswith("load started")
-        time.sleep(0.5)
+
+        def served(more: int) -> None:
+            """Until ``more`` requests went through on the current code (no fixed sleep)."""
+            now = agent.stub.Health(agent_pb2.HealthRequest()).requests
+            wait_for(
+                lambda: agent.stub.Health(agent_pb2.HealthRequest()).requests >= now + more,
+                timeout=20,
+            )
+
+        served(20)
         assert prepare(agent, manifest, "r-load").ok
         assert finish(agent, "r-load").ok
-        time.sleep(0.5)
+        served(20)
         assert agent.stub.Rollback(agent_pb2.RollbackRequest(rollout_id="rb", epoch=1)).ok
-        time.sleep(0.5)
+        served(20)
         load.stdin.close()
         result = json.loads(load.stdout.readline())
     finally:
@@ -317,7 +326,9 @@ def test_etcd_outage_keeps_serving_then_reregisters(
         wait_for(lambda: agent.status().state == "idle", timeout=15)
         member = wait_for(lambda: read_member(client, prefix, "n-etcd"), timeout=10)
         assert member["address"] == agent.grpc_address
-        time.sleep(2.5)  # longer than the TTL: the new lease is being kept alive
+        # a non-event (the new lease is kept alive) only shows over a stretch
+        # of time: longer than the TTL
+        time.sleep(2.5)
         assert read_member(client, prefix, "n-etcd") is not None
         assert "etcd unreachable" in agent.log() and "re-registered" in agent.log()
     finally:

@@ -94,6 +94,20 @@ def _our_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith(OUR_THREADS)}
 
 
+def _queued(client: Any, prefix: str, candidates: int) -> None:
+    """Until ``candidates`` keys stand in the election: the newest candidate is waiting.
+
+    Replaces a fixed sleep after starting a campaign: a candidate that must
+    wait has written its key, so from here on "still running" is a fact, not
+    a guess about how long a thread takes to start.
+    """
+    _wait_until(
+        lambda: len(list(client.get_prefix(prefix, keys_only=True))) >= candidates,
+        5,
+        f"{candidates} candidates queued",
+    )
+
+
 def _wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -124,7 +138,7 @@ def test_first_leads_second_waits_until_resign(fleet: Fleet, etcd_prefix: str) -
     assert lead_a.is_valid()
 
     waiting = Campaign(b, "b", timeout=10)
-    time.sleep(0.5)
+    _queued(fleet.clients[0], prefix, 2)
     assert waiting.running(), "second candidate must wait while the first leads"
     assert b.leader() == ("a", lead_a.epoch)
 
@@ -151,7 +165,7 @@ def test_revoked_lease_loses_leadership_and_fencing(fleet: Fleet, etcd_prefix: s
     tx = a.client.transactions
     assert lead_a.guarded_txn([tx.put(data, "a-1")])
     waiting = Campaign(b, "b", timeout=10)
-    time.sleep(0.3)
+    _queued(fleet.clients[0], prefix, 2)
     assert waiting.running()
 
     # Simulate expiry (GC pause, partition): etcd drops A's lease and leader key.
@@ -245,7 +259,7 @@ def test_observe_reports_leader_changes(fleet: Fleet, etcd_prefix: str) -> None:
         lead_a = a.campaign("a", timeout=5)
         _wait_until(lambda: seen[-1] == ("a", lead_a.epoch), 3, "a leads")
         waiting = Campaign(b, "b", timeout=10)
-        time.sleep(0.2)
+        _queued(fleet.clients[0], prefix, 2)
         a.resign()
         lead_b = waiting.join(5)
         _wait_until(lambda: seen[-1] == ("b", lead_b.epoch), 3, "b leads")
@@ -290,7 +304,7 @@ def test_sigkilled_leader_is_replaced_after_ttl(fleet: Fleet, etcd_prefix: str) 
         b = fleet.candidate(prefix, ttl=2)
         assert b.leader() == ("child", child_epoch)
         waiting = Campaign(b, "b", timeout=10)
-        time.sleep(0.3)
+        _queued(b.client, prefix, 2)
         assert waiting.running()
         killed_at = time.monotonic()
         proc.send_signal(signal.SIGKILL)
@@ -321,8 +335,10 @@ def test_etcd_restart_while_waiting(etcd_server: EtcdServer) -> None:
         b = fleet.candidate(prefix, ttl=5, client=fleet.client(timeout=1))
         lead_a = a.campaign("a", timeout=5)
         waiting = Campaign(b, "b", timeout=15)
-        time.sleep(0.3)
+        _queued(a.client, prefix, 2)
         etcd_server.kill()
+        # a non-event (the waiting candidate neither wins nor fails while etcd
+        # is down) can only be shown over a stretch of time
         time.sleep(1.0)
         assert waiting.running()
         etcd_server.start()
@@ -345,7 +361,7 @@ def test_etcd_gone_while_waiting_raises(etcd_server: EtcdServer) -> None:
         b = fleet.candidate(prefix, ttl=3, client=fleet.client(timeout=1))
         a.campaign("a", timeout=5)
         waiting = Campaign(b, "b", timeout=2)
-        time.sleep(0.3)
+        _queued(a.client, prefix, 2)
         etcd_server.kill()
         with pytest.raises((CampaignTimeout, SessionExpiredError)) as info:
             waiting.join(2 + 1 + 2)  # timeout + one RPC timeout + slack
