@@ -43,8 +43,10 @@ from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.wire import errors_from_proto, manifest_to_proto
 
 if TYPE_CHECKING:
+    from coordinator.election import Leadership
     from coordinator.engine import Engine
     from coordinator.fleet import NodeInfo
+    from coordinator.transport import AgentStub
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +184,10 @@ class Convergence:
                     continue
                 if time.monotonic() - self._failed_at.get(node.node_id, -1e9) < RETRY_AFTER_S:
                     continue
-                if d.record is None or not d.record.get("manifest"):
-                    # the boot code is wanted: nothing in the store to load, but a node
-                    # that switched away from it holds it in memory as its backup
-                    if node.previous_release != d.label:
-                        continue
-                    tried.append(node.node_id)
-                    self._roll_back(node, d)
+                from_store = d.record is not None and d.record.get("manifest")
+                # the boot code is wanted: nothing in the store to load, but a node
+                # that switched away from it holds it in memory as its backup
+                if not from_store and node.previous_release != d.label:
                     continue
                 tried.append(node.node_id)
                 self._catch_up(node, d)
@@ -209,86 +208,73 @@ class Convergence:
         return rollout.phase is Phase.PROVISIONAL and rollout.kind != "rollback"
 
     def _catch_up(self, node: NodeInfo, d: Desired) -> None:
-        engine = self.engine
-        lead = engine._require_leader()
-        assert d.record is not None
+        """Bring ``node`` to ``d``: load it from the store, or, for the boot code, roll back."""
+        if d.record is not None and d.record.get("manifest"):
+            self._attempt(node, d, f"loading {d.label}", f"caught up to {d.label}", self._load)
+        else:
+            want = d.label or "the boot code"
+            self._attempt(node, d, f"rolling back to {want}", f"rolled back to {want}", self._back)
+
+    def _attempt(
+        self,
+        node: NodeInfo,
+        d: Desired,
+        doing: str,
+        done: str,
+        steps: Callable[[AgentStub, Leadership, str, NodeInfo, Desired], str],
+    ) -> None:
+        """One recorded catch-up: ``steps`` returns "" on success, else why it failed."""
+        lead = self.engine._require_leader()
         rid = f"catchup-{node.node_id}-{int(time.time() * 1000)}"
-        self._record(node.node_id, d.label, "running", f"loading {d.label}", rid)
-        log.info(
-            "catch-up %s: %s runs %r, loading %s", rid, node.node_id, node.current_release, d.label
-        )
+        self._record(node.node_id, d.label, "running", doing, rid)
+        log.info("catch-up %s: %s runs %r, %s", rid, node.node_id, node.current_release, doing)
+        try:
+            why = steps(self.engine.agents.stub(node.address), lead, rid, node, d)
+        except grpc.RpcError as exc:
+            why = f"unreachable: {exc.code().name}: {exc.details()}"
+        if why:
+            self._failed(node.node_id, d.label, why, rid)
+            return
+        self._failed_at.pop(node.node_id, None)
+        self._record(node.node_id, d.label, "ok", done, rid)
+        self.on_catch_up("ok")
+        log.warning("catch-up %s: %s %s", rid, node.node_id, done)
+
+    def _load(self, stub: AgentStub, lead: Leadership, rid: str, node: NodeInfo, d: Desired) -> str:
+        """Prepare, decide (naming this node alone), finish, and make permanent if wanted."""
+        assert d.record is not None
         message = manifest_to_proto(dict(d.record["manifest"]))
         if d.record.get("signature"):
             message.signature = bytes.fromhex(str(d.record["signature"]))
             message.signer = str(d.record.get("signer") or "")
-        stub = engine.agents.stub(node.address)
-        try:
-            reply = stub.Prepare(
-                agent_pb2.PrepareRequest(rollout_id=rid, epoch=lead.epoch, release=message),
-                timeout=60,
-            )
-            if not reply.ok:
-                why = f"refused {d.label}: {_errors(reply.errors)}"
-                self._failed(node.node_id, d.label, why, rid)
-                return
-            engine._decide(lead, rid, "commit", [node.node_id])  # it finishes from etcd if we die
-            done = stub.Finish(
-                agent_pb2.FinishRequest(rollout_id=rid, epoch=lead.epoch), timeout=60
-            )
-            if not done.ok:
-                why = f"finish of {d.label} failed: {_errors(done.errors)}"
-                self._failed(node.node_id, d.label, why, rid)
-                return
-            if d.permanent:
-                stub.MakePermanent(
-                    agent_pb2.MakePermanentRequest(
-                        rollout_id=rid, epoch=lead.epoch, release=d.label
-                    ),
-                    timeout=30,
-                )
-        except grpc.RpcError as exc:
-            self._failed(
-                node.node_id, d.label, f"unreachable: {exc.code().name}: {exc.details()}", rid
-            )
-            return
-        self._failed_at.pop(node.node_id, None)
-        self._record(node.node_id, d.label, "ok", f"caught up to {d.label}", rid)
-        self.on_catch_up("ok")
-        log.warning("catch-up %s: %s now runs %s", rid, node.node_id, d.label)
-
-    def _roll_back(self, node: NodeInfo, d: Desired) -> None:
-        """Bring ``node`` back to the boot code it holds in memory (a one-node Rollback)."""
-        lead = self.engine._require_leader()
-        rid = f"catchup-{node.node_id}-{int(time.time() * 1000)}"
-        want = d.label or "the boot code"
-        self._record(node.node_id, d.label, "running", f"rolling back to {want}", rid)
-        log.info(
-            "catch-up %s: %s runs %r, rolling back to %s",
-            rid,
-            node.node_id,
-            node.current_release,
-            want,
+        reply = stub.Prepare(
+            agent_pb2.PrepareRequest(rollout_id=rid, epoch=lead.epoch, release=message),
+            timeout=60,
         )
-        try:
-            reply = self.engine.agents.stub(node.address).Rollback(
-                agent_pb2.RollbackRequest(
-                    rollout_id=rid, epoch=lead.epoch, expected_release=d.label
-                ),
-                timeout=60,
-            )
-        except grpc.RpcError as exc:
-            detail = f"unreachable: {exc.code().name}: {exc.details()}"
-            self._failed(node.node_id, d.label, detail, rid)
-            return
         if not reply.ok:
-            self._failed(
-                node.node_id, d.label, f"cannot go back to {want}: {_errors(reply.errors)}", rid
+            return f"refused {d.label}: {_errors(reply.errors)}"
+        self.engine._decide(lead, rid, "commit", [node.node_id])  # it finishes from etcd if we die
+        finished = stub.Finish(
+            agent_pb2.FinishRequest(rollout_id=rid, epoch=lead.epoch), timeout=60
+        )
+        if not finished.ok:
+            return f"finish of {d.label} failed: {_errors(finished.errors)}"
+        if d.permanent:
+            stub.MakePermanent(
+                agent_pb2.MakePermanentRequest(rollout_id=rid, epoch=lead.epoch, release=d.label),
+                timeout=30,
             )
-            return
-        self._failed_at.pop(node.node_id, None)
-        self._record(node.node_id, d.label, "ok", f"rolled back to {want}", rid)
-        self.on_catch_up("ok")
-        log.warning("catch-up %s: %s now runs %s", rid, node.node_id, want)
+        return ""
+
+    def _back(self, stub: AgentStub, lead: Leadership, rid: str, node: NodeInfo, d: Desired) -> str:
+        """A one-node Rollback to the boot code the node holds in memory."""
+        request = agent_pb2.RollbackRequest(
+            rollout_id=rid, epoch=lead.epoch, expected_release=d.label
+        )
+        reply = stub.Rollback(request, timeout=60)
+        if not reply.ok:
+            return f"cannot go back to {d.label or 'the boot code'}: {_errors(reply.errors)}"
+        return ""
 
     def _failed(self, node: str, label: str, detail: str, rid: str) -> None:
         self._failed_at[node] = time.monotonic()
