@@ -46,28 +46,21 @@ from coordinator.analysis import RESUMES, Judge, Outcome, Sample, paused_record
 from coordinator.baseline import BaselineStore
 from coordinator.convergence import Convergence
 from coordinator.election import Leadership
+from coordinator.errors import Refused
 from coordinator.fleet import NodeInfo, Target, read_nodes, select
 from coordinator.health import HealthSampler, run_smoke_checks
 from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.policy import AnalysisPolicy, PolicyError
 from coordinator.prometheus import PrometheusProvider
+from coordinator.releases import ReleaseBook, ReleaseEntry, entry_manifest_health
 from coordinator.transport import Transport
 from hotfleet import decisions, transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
-from hotfleet.errors import HotfleetError, ModuleError, Reason
+from hotfleet.errors import ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
-from hotfleet.limits import MAX_STORE_BYTES
 from hotfleet.protocol import Refusal
 from hotfleet.release import Release
-from hotfleet.store import (
-    GC_MIN_AGE_S,
-    ContentStore,
-    EtcdBlobBackend,
-    StoreFull,
-    admit,
-    collect_garbage,
-)
 from hotfleet.wire import errors_from_proto, manifest_to_proto
 
 log = logging.getLogger("hotfleet.coordinator")
@@ -85,18 +78,7 @@ REQUEST_TIMEOUT_S = 60.0  # how long an operator's promote/rollback waits for th
 ETCD_RETRY_S = 30.0  # how long an etcd outage is ridden out (transient errors only)
 ALL_NODES = Target(all=True).describe()  # how a rollout for the whole fleet records its target
 COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
-# Release entries kept in the store; older ones nothing uses go, with their blobs.
-RELEASE_HISTORY = 100
 COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long after the instant
-
-
-class Refused(HotfleetError):
-    """A request the coordinator will not start; nothing changed anywhere."""
-
-    def __init__(self, code: Refusal, message: str, *, leader: str = "") -> None:
-        super().__init__([ModuleError("*", Reason.BAD_RELEASE, message)], message)
-        self.code = code
-        self.leader = leader
 
 
 class _Deposed(Exception):
@@ -133,23 +115,6 @@ class RolloutOptions:
     allow_downgrade: bool = False  # asked for explicitly, recorded with the rollout
 
 
-@dataclass
-class ReleaseEntry:
-    label: str
-    name: str
-    version: str
-    digest: str
-    pushed_at: float
-    modules: int
-    signed: bool
-    manifest: dict[str, Any] = field(default_factory=dict)
-    signature: str = ""
-    signer: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def _new_id() -> str:
     """``20261130-201637123-e3fce1``: UTC time to the millisecond first, so ids sort by age."""
     now = time.time()
@@ -174,7 +139,14 @@ class Engine:
         self.agents = agents
         self.address = address
         self.name = name or address
-        self.store = ContentStore(EtcdBlobBackend(client, keys.blobs))
+        self.book = ReleaseBook(
+            client,
+            keys,
+            in_use=self._in_use,
+            may_write=self.is_leader,
+            permanent_raw=self._permanent_raw,
+        )
+        self.store = self.book.store
         self.baselines = BaselineStore(client, keys)
         self._leadership: Leadership | None = None
         self._lock = threading.RLock()
@@ -263,26 +235,10 @@ class Engine:
         return nodes
 
     def releases(self) -> list[ReleaseEntry]:
-        out = []
-        for raw, meta in _retry(lambda: list(self.client.get_prefix(self.keys.releases))):
-            if meta.key.decode() in (self.keys.permanent, self.keys.current):
-                continue
-            out.append(ReleaseEntry(**json.loads(raw)))
-        return sorted(out, key=lambda r: r.pushed_at)
+        return self.book.releases()
 
     def release(self, ref: str) -> ReleaseEntry:
-        name, sep, version = ref.partition("@")
-        if not sep or not name or not version:
-            raise Refused(Refusal.INVALID, f"release reference {ref!r} is not NAME@VERSION")
-        raw, _ = self._get(self.keys.release(name, version))
-        if raw is None:
-            raise Refused(
-                Refusal.NOT_FOUND,
-                f"release {ref} was never pushed; push it with `coordctl release push PATH`",
-            )
-        entry = ReleaseEntry(**json.loads(raw))
-        _check_entry(ref, entry)
-        return entry
+        return self.book.release(ref)
 
     def rollout(self, rollout_id: str | None = None) -> Rollout:
         if rollout_id:
@@ -395,65 +351,15 @@ class Engine:
     # --------------------------------------------------------------- releases
     def push_release(self, release: Release, signature: str = "", signer: str = "") -> ReleaseEntry:
         """Store the sources by digest and the manifest under name/version (idempotent)."""
-        if release.problems:
-            raise Refused(
-                Refusal.INVALID, "release is malformed: " + "; ".join(map(str, release.problems))
-            )
-        self._admit_push(release)
-        for ms in release.modules:
-            if not ms.digest_ok:
-                raise Refused(
-                    Refusal.INVALID,
-                    f"{ms.name}: digest_mismatch: {ms.path} does not match its declared sha256",
-                )
-            self.store.put(ms.source)
-        entry = ReleaseEntry(
-            release.label,
-            release.name,
-            release.version,
-            release.digest,
-            time.time(),
-            len(release.modules),
-            bool(signature),
-            release.to_manifest(),
-            signature,
-            signer,
-        )
-        key = self.keys.release(release.name, release.version)
-        tx = self.client.transactions
-        ok, _ = self.client.transaction(
-            compare=[tx.version(key) == 0],
-            success=[tx.put(key, json.dumps(entry.to_json()))],
-            failure=[],
-        )
-        if not ok:
-            existing = self.release(release.label)
-            if existing.digest != release.digest:
-                raise Refused(
-                    Refusal.EXISTS,
-                    f"{release.label} was already pushed with different content (digest {existing.digest[:12]}…); bump the version",
-                )
-            return existing
-        self._trim_releases()
-        return entry
+        return self.book.push(release, signature, signer)
 
-    # ------------------------------------------------------ the store's upkeep
-    #: Blob bytes the content store may hold (see hotfleet.store.admit).
-    store_quota: int = MAX_STORE_BYTES
-    #: Release entries kept; older ones not in use are removed with their blobs.
-    release_history: int = RELEASE_HISTORY
-    #: Unreferenced blobs younger than this belong to a push in flight.
-    gc_min_age_s: float = GC_MIN_AGE_S
+    def remove_release(self, ref: str) -> list[str]:
+        """Delete a pushed release no one uses and the blobs only it used (leader only)."""
+        self._require_leader()
+        return self.book.remove(ref)
 
-    def _admit_push(self, release: Release) -> None:
-        """Refuse a push the content store cannot take, before writing a byte of it."""
-        blobs = {m.actual_digest: m.source for m in release.modules}
-        try:
-            stored = EtcdBlobBackend(self.client, self.keys.blobs).inventory()
-            admit(stored, blobs, quota=self.store_quota)
-        except StoreFull as exc:
-            details = "; ".join(e.detail for e in exc.errors)
-            raise Refused(Refusal.QUOTA, f"{release.label} not pushed: {details}") from exc
+    def collect_blobs(self) -> list[str]:
+        return self.book.collect_blobs()
 
     def _in_use(self) -> dict[str, str]:
         """Release labels that must stay in the store, each with why.
@@ -470,80 +376,10 @@ class Engine:
             why.setdefault(r.release, f"rollout {r.id} installed it")
             for node, label in r.previous.items():
                 why.setdefault(label, f"rollout {r.id} may roll {node} back to it")
-        permanent = self._permanent_manifest()
+        permanent = self.book.permanent_manifest()
         if permanent.get("name") and permanent.get("version"):
             why[f"{permanent['name']}@{permanent['version']}"] = "it is the permanent release"
         return why
-
-    def _permanent_manifest(self) -> dict[str, Any]:
-        """The permanent record's manifest; Refused if it cannot be read (GC must then wait)."""
-        raw = self._permanent_raw()
-        if not raw:
-            return {}
-        try:
-            manifest = json.loads(raw)["manifest"]
-            if isinstance(manifest, dict) and isinstance(manifest.get("modules"), list):
-                return manifest
-        except (ValueError, KeyError, TypeError) as exc:
-            log.debug("unreadable permanent record: %s", exc)
-        raise Refused(
-            Refusal.UNAVAILABLE,
-            f"{self.keys.permanent} is unreadable: no blob is collected while it may need them",
-        )
-
-    def remove_release(self, ref: str) -> list[str]:
-        """Delete a pushed release no one uses, then its now unreferenced blobs (leader only).
-
-        Refused (``busy``) for a release in use (see :meth:`_in_use`); returns
-        the digests of the blobs collected.
-        """
-        self._require_leader()
-        entry = self.release(ref)
-        why = self._in_use().get(entry.label)
-        if why:
-            raise Refused(Refusal.BUSY, f"{entry.label} is in use ({why}); it stays in the store")
-        self.client.delete(self.keys.release(entry.name, entry.version))
-        log.info("release %s removed from the store", entry.label)
-        return self.collect_blobs()
-
-    def _trim_releases(self) -> None:
-        """Keep the newest ``release_history`` release entries, and all in use (leader only)."""
-        lead = self._leadership
-        if lead is None or not lead.session.alive():
-            return
-        entries = self.releases()
-        if len(entries) <= self.release_history:
-            return
-        in_use = self._in_use()
-        spare = [e for e in entries if e.label not in in_use]
-        for entry in spare[: len(entries) - self.release_history]:  # oldest first
-            self.client.delete(self.keys.release(entry.name, entry.version))
-            log.info("release %s is past the history kept: removed", entry.label)
-        self.collect_blobs()
-
-    def collect_blobs(self) -> list[str]:
-        """Delete the blobs no release entry nor the permanent record refers to."""
-        referenced = {
-            m["digest"]
-            for entry in self.releases()
-            for m in entry.manifest.get("modules", [])
-            if isinstance(m, dict) and isinstance(m.get("digest"), str)
-        }
-        referenced |= {
-            m.get("digest", "")
-            for m in self._permanent_manifest().get("modules", [])
-            if isinstance(m, dict)
-        }
-        deleted = collect_garbage(
-            EtcdBlobBackend(self.client, self.keys.blobs), referenced, min_age_s=self.gc_min_age_s
-        )
-        if deleted:
-            log.info(
-                "collected %d blobs (%d bytes) no release refers to",
-                len(deleted),
-                sum(b.size for b in deleted),
-            )
-        return [b.digest for b in deleted]
 
     # ------------------------------------------------------------- rollouts
     def upgrade(self, ref: str, target: Target, options: RolloutOptions) -> Rollout:
@@ -1758,11 +1594,6 @@ def _retry(fn: Callable[[], T]) -> T:
     return transient.retrying(ETCD_RETRY_S, "etcd call")(fn)
 
 
-def entry_manifest_health(entry: ReleaseEntry) -> dict[str, Any]:
-    """The release's own ``[health]`` overrides."""
-    return dict(entry.manifest.get("health") or {})
-
-
 def _assign_waves(rollout: Rollout, spec: list[str]) -> int:
     """Split the targets into waves of cumulative sizes (``["1", "25%", "100%"]``)."""
     names = sorted(rollout.nodes)
@@ -1795,38 +1626,3 @@ def _version_key(version: str) -> tuple[int, ...]:
     """
     match = re.match(r"\d+(?:\.\d+)*", version)
     return tuple(int(part) for part in match.group(0).split(".")) if match else ()
-
-
-def _check_entry(ref: str, entry: ReleaseEntry) -> None:
-    """Refuse a store entry that is not the release ``ref`` names (a swapped or edited entry).
-
-    The entry's label, name and version, its manifest's name and version, and
-    the digest recomputed from the manifest must all agree with the key it
-    was read under; otherwise ``upgrade NAME@NEW`` could install an old
-    (validly signed) release while every record says NEW.
-    """
-    name, _, version = ref.partition("@")
-    manifest = entry.manifest if isinstance(entry.manifest, dict) else {}
-    claims = {
-        "label": (entry.label, ref),
-        "name": (entry.name, name),
-        "version": (entry.version, version),
-        "manifest name": (manifest.get("name"), name),
-        "manifest version": (manifest.get("version"), version),
-    }
-    wrong = [f"{what} {got!r}" for what, (got, want) in claims.items() if got != want]
-    if not wrong:
-        try:
-            rebuilt = Release.from_manifest(manifest, lambda _digest: b"").digest
-        except HotfleetError as exc:
-            wrong.append(f"manifest does not rebuild ({exc})")
-        else:
-            if rebuilt != entry.digest:
-                wrong.append(f"digest {entry.digest} while the manifest's is {rebuilt}")
-    if wrong:
-        raise Refused(
-            Refusal.INVALID,
-            f"the store entry for {ref} is not {ref}: {'; '.join(wrong)}; refusing to use it "
-            "(someone wrote it outside `coordctl release push`; push the release again under "
-            "a new version)",
-        )

@@ -94,7 +94,7 @@ def test_collect_garbage_spares_referenced_and_young_blobs(backend: EtcdBlobBack
 @pytest.fixture
 def gc_leader(etcd_endpoint: str, etcd_prefix: str) -> Iterator[Leader]:
     lead = Leader(etcd_endpoint, etcd_prefix)
-    lead.engine.gc_min_age_s = 0.0
+    lead.engine.book.gc_min_age_s = 0.0
     try:
         yield lead
     finally:
@@ -143,7 +143,7 @@ def test_push_over_the_quota_is_refused_before_writing(gc_leader: Leader) -> Non
     engine, backend = gc_leader.engine, EtcdBlobBackend(gc_leader.client, gc_leader.keys.blobs)
     engine.push_release(_release("1"))
     used = sum(b.size for b in backend.inventory().values())
-    engine.store_quota = used + 5
+    engine.book.store_quota = used + 5
     big = _release("2", shared="S = '" + "x" * 100 + "'\n")
     with pytest.raises(Refused) as info:
         engine.push_release(big)
@@ -154,7 +154,7 @@ def test_push_over_the_quota_is_refused_before_writing(gc_leader: Leader) -> Non
 
 def test_pushes_past_the_history_drop_the_oldest_unused_releases(gc_leader: Leader) -> None:
     engine, backend = gc_leader.engine, EtcdBlobBackend(gc_leader.client, gc_leader.keys.blobs)
-    engine.release_history = 2
+    engine.book.release_history = 2
     releases = [_release(str(v)) for v in range(1, 5)]
     engine.push_release(releases[0])
     gc_leader.client.put(gc_leader.keys.permanent, permanent_record(releases[0]))  # in use: stays
