@@ -105,13 +105,12 @@ import etcd3.exceptions
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
 from hotfleet.fencing import LeaderEpochs
 from hotfleet.keys import DEFAULT_PREFIX, Keys
-from hotfleet.limits import MAX_MODULES, MAX_PREPARE_MESSAGE_BYTES, loads_json
+from hotfleet.limits import MAX_MODULES, MAX_PREPARE_MESSAGE_BYTES
 from hotfleet.release import Release, is_module_name
 from hotfleet.signing import DEFAULT_FLEET, load_public_keys, verify_release
 from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
@@ -124,12 +123,12 @@ from node_agent.decision_watch import (
     DecisionWatches,
 )
 from node_agent.drain import WSGIMiddleware
-from node_agent.errors import FinishError, LoaderStateError, PrepareError
-from node_agent.loader import PREPARE_TIMEOUT_S, Loader, ReleaseInfo
+from node_agent.loader import PREPARE_TIMEOUT_S, Loader
 from node_agent.membership import Membership
 from node_agent.metrics import Metrics
 from node_agent.participant import Participant, State, label, refusal
 from node_agent.participant_wire import WireParticipant
+from node_agent.reconcile import Reconciler, SourcesUnavailable
 from node_agent.supervision import SupervisedLoader
 
 if TYPE_CHECKING:
@@ -158,10 +157,6 @@ def permanent_record(release: Release, signature: str = "", signer: str = "") ->
         record["signature"] = signature
         record["signer"] = signer
     return json.dumps(record, sort_keys=True)
-
-
-class SourcesUnavailable(HotfleetError, transient.Outage):
-    """Some module sources could not be fetched (etcd unreachable); worth retrying."""
 
 
 _label = label
@@ -270,8 +265,15 @@ class Agent:
         self._epoch = self._load_epoch()
         # the leader's epoch as etcd says (None: no etcd, only a monotonic fence)
         self._leader_epochs = LeaderEpochs(self._client, self.keys) if etcd is not None else None
-        self._reconciled = etcd is None
-        self.reconcile_errors: list[ModuleError] = []
+        self.reconciler = Reconciler(
+            node_id,
+            self.keys,
+            self.loader,
+            self.participant,
+            verify=self.check_signature,
+            fetch=self.fetch_release,
+            done=etcd is None,
+        )
         self._data_client: EtcdClient | None = None
         self._data_lock = threading.Lock()
         self._server: grpc.Server | None = None
@@ -282,7 +284,7 @@ class Agent:
                 self.membership_record,
                 self._new_client,
                 ttl=lease_ttl,
-                on_session=self._reconcile,
+                on_session=self.reconciler,
             )
 
     # ------------------------------------------------------------ lifecycle
@@ -408,6 +410,11 @@ class Agent:
         self.metrics.set_gauge(name, value)
 
     # ---------------------------------------------------------------- state
+    @property
+    def reconcile_errors(self) -> list[ModuleError]:
+        """Why reconciling to the fleet's release at start failed (empty if it did not)."""
+        return self.reconciler.errors
+
     @property
     def etcd_connected(self) -> bool:
         return self.membership is not None and self.membership.connected
@@ -568,187 +575,6 @@ class Agent:
         if errors:
             raise HotfleetError(errors)
         return release
-
-    def _reconcile(self, client: EtcdClient) -> None:
-        """Bring the boot code to the fleet's release (once, before registering).
-
-        First the permanent release (what every node boots into), then, if a
-        rollout in its window lists this node among its ``targets``
-        (``releases/current``), that release on top of it, provisional: so a
-        node that restarts inside a window serves what the rest of the fleet
-        serves, and holds the permanent one as its in-memory backup.
-        """
-        if self._reconciled:
-            return
-        self._reconcile_permanent(client)
-        if self._reconciled and self.participant.state is not State.RECONCILE_FAILED:
-            self._reconcile_current(client)
-
-    def _reconcile_current(self, client: EtcdClient) -> None:
-        raw, _ = client.get(self.keys.current)
-        if raw is None:
-            return
-        with self._op_lock:
-            try:
-                record = loads_json(raw, self.keys.current)
-                targets = record.get("targets")
-                if not isinstance(targets, list) or self.node_id not in targets:
-                    return
-                manifest = record["manifest"]
-                if not isinstance(manifest, Mapping):
-                    raise TypeError(f"'manifest' is {type(manifest).__name__}, not an object")
-                target = ReleaseInfo(manifest["name"], manifest["version"], record["digest"])
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.error("unreadable %s, not loading it: %s", self.keys.current, exc)
-                return
-            if self.loader.current_release == target:
-                return
-            self.participant.set_state(State.RECONCILING, publish=False)
-            log.info("loading %s, the release of the rollout in its window", target.label)
-            try:
-                self.check_signature(
-                    target.digest,
-                    str(record.get("signature") or ""),
-                    str(record.get("signer") or ""),
-                    target.label,
-                )
-                release = self.fetch_release(manifest)
-                prepared = self.loader.prepare(release)
-                report = self.loader.finish(prepared)
-            except SourcesUnavailable:
-                self._settle()
-                raise
-            except (HotfleetError, PrepareError, FinishError, LoaderStateError) as exc:
-                # the leader's convergence loop tries again (and shows it as drifting)
-                log.error(
-                    "cannot load %s (the fleet's current release): %s",
-                    target.label,
-                    "; ".join(map(str, exc.errors)),
-                )
-                self._settle()
-                return
-            log.info("now %s, provisional (pause %.2f ms)", target.label, report.pause_s * 1000)
-            self._settle()
-
-    def _permanent_record(self, client: EtcdClient) -> bytes | None:
-        """This node's permanent release record: its own (``desired/<node>``) or the fleet's.
-
-        A rollout for some nodes only (``--nodes``, ``--selector``) makes its
-        release permanent on those nodes alone; the release record then comes
-        from the pushed entry.  An override naming no release means the boot
-        code: nothing to load.
-        """
-        raw, _ = client.get(self.keys.desired_of(self.node_id))
-        if raw is None:
-            return client.get(self.keys.permanent)[0]
-        try:
-            label = str(loads_json(raw, self.keys.desired_of(self.node_id))["release"])
-            if not label:
-                return None
-            name, _, version = label.partition("@")
-            pushed, _ = client.get(self.keys.release(name, version))
-            if pushed is None:
-                raise KeyError(f"{label} is not in the store")
-            entry = loads_json(pushed, self.keys.release(name, version))
-            record = {k: entry.get(k, "") for k in ("digest", "manifest", "signature", "signer")}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.error(
-                "unreadable %s, using the fleet's permanent release: %s",
-                self.keys.desired_of(self.node_id),
-                exc,
-            )
-            return client.get(self.keys.permanent)[0]
-        return json.dumps({"release": label, **record}).encode()
-
-    def _reconcile_permanent(self, client: EtcdClient) -> None:
-        raw = self._permanent_record(client)
-        if raw is None:
-            self._reconciled = True
-            self._settle()
-            return
-        with self._op_lock:
-            try:
-                # a record holds a whole manifest: bounded like a Prepare, not a field
-                record = loads_json(raw, self.keys.permanent, MAX_PREPARE_MESSAGE_BYTES)
-                manifest = record["manifest"]
-                if not isinstance(manifest, Mapping):
-                    raise TypeError(f"'manifest' is {type(manifest).__name__}, not an object")
-                target = ReleaseInfo(manifest["name"], manifest["version"], record["digest"])
-                signature = str(record.get("signature") or "")
-                signer = str(record.get("signer") or "")
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.error("unreadable %s, not reconciling: %s", self.keys.permanent, exc)
-                self._reconciled = True
-                self._settle()
-                return
-            try:  # before the record is believed, even as a mere label of the boot code
-                _check_permanent_manifest(manifest, target)
-                self.check_signature(target.digest, signature, signer, target.label)
-            except HotfleetError as exc:
-                self._reconcile_failed(target, exc.errors)
-                return
-            if self.loader.permanent_release == target or self._boot_code_is(manifest):
-                self.loader.current_release = self.loader.current_release or target
-                self.loader.permanent_release = target
-                log.info("boot code is the permanent release %s", target.label)
-                self._reconciled = True
-                self._settle()
-                return
-            self.participant.set_state(State.RECONCILING, publish=False)
-            log.info("reconciling boot code to the permanent release %s", target.label)
-            try:
-                release = self.fetch_release(manifest)
-                if release.digest != target.digest:
-                    raise HotfleetError(
-                        [
-                            _err(
-                                "*",
-                                f"permanent record digest {target.digest} != content digest "
-                                f"{release.digest}",
-                                Reason.DIGEST_MISMATCH,
-                            )
-                        ]
-                    )
-            except SourcesUnavailable:
-                self.participant.set_state(State.STARTING, publish=False)
-                raise  # etcd trouble: the membership thread retries with backoff
-            except HotfleetError as exc:
-                self._reconcile_failed(target, exc.errors)
-                return
-            try:
-                prepared = self.loader.prepare(release)
-                report = self.loader.finish(prepared)
-                self.loader.make_permanent()
-            except (PrepareError, FinishError, LoaderStateError) as exc:
-                self._reconcile_failed(target, exc.errors)
-                return
-            log.info("reconciled to %s (pause %.2f ms)", target.label, report.pause_s * 1000)
-            self._reconciled = True
-            self._settle()
-
-    def _reconcile_failed(self, target: ReleaseInfo, errors: list[ModuleError]) -> None:
-        self.reconcile_errors = [e.on_node(self.node_id) for e in errors]
-        log.error(
-            "cannot reconcile to the permanent release %s; serving the boot code: %s",
-            target.label,
-            "; ".join(map(str, self.reconcile_errors)),
-        )
-        self._reconciled = True
-        self.participant.set_state(State.RECONCILE_FAILED, publish=False)
-
-    def _boot_code_is(self, manifest: Mapping[str, Any]) -> bool:
-        """Whether the boot code already is ``manifest`` (unchecked input: anything odd is no)."""
-        modules = manifest.get("modules")
-        if not isinstance(modules, list) or len(modules) > MAX_MODULES:
-            return False
-        for m in modules:
-            if not isinstance(m, Mapping) or not is_module_name(m.get("name")):
-                return False
-            status = self.loader.status(m["name"])
-            have = status.loaded_digest or status.disk_digest
-            if have != m["digest"]:
-                return False
-        return True
 
     # ------------------------------------------------------------- fencing
     def fence(self, epoch: int) -> str | None:
@@ -997,21 +823,6 @@ class Agent:
         if host in ("0.0.0.0", "::", ""):
             return socket.getfqdn()
         return host
-
-
-def _check_permanent_manifest(manifest: Mapping[str, Any], target: ReleaseInfo) -> None:
-    """Refuse a permanent record that is empty or whose manifest is not the digest it names.
-
-    The record's signature covers its digest; this ties the manifest (what a
-    booting node compares its code with, module by module) to that digest,
-    and an empty module list would make any boot code "be" the release.
-    """
-    if not manifest.get("modules"):
-        raise HotfleetError([_err("*", f"the permanent record of {target.label} lists no modules")])
-    rebuilt = Release.from_manifest(manifest, lambda _digest: b"").digest
-    if rebuilt != target.digest:
-        detail = f"the permanent record names digest {target.digest} but its manifest is {rebuilt}"
-        raise HotfleetError([_err("*", detail, Reason.DIGEST_MISMATCH)])
 
 
 def _join(host: str, port: int) -> str:

@@ -386,7 +386,7 @@ def test_permanent_records_are_reconciled_or_refused_once(
         cache_dir=_fresh(tmp_path),
     )
     try:
-        agent._reconcile(etcd_client)
+        agent.reconciler(etcd_client)
     except SourcesUnavailable:  # pragma: no cover - only with etcd itself failing
         pytest.fail("etcd is up: nothing here is worth retrying")
     # Returning (not raising) is what ends the membership thread's retries.
