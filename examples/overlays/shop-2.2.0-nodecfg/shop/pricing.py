@@ -1,0 +1,31 @@
+"""Prices in integer cents; v2 adds a volume discount."""
+
+from shop.tax import vat
+
+VERSION = "2.2"
+
+CATALOG = {"apple": 50, "pear": 75, "fig": 120}
+CURRENCY = "EUR"
+VOLUME_QTY = 10
+VOLUME_DISCOUNT_PCT = 10
+
+
+def unit_price(sku: str) -> int:
+    if sku not in CATALOG:
+        raise KeyError(sku)
+    return CATALOG[sku]
+
+
+def quote(sku: str, qty: int) -> dict:
+    price = unit_price(sku)
+    total = price * qty
+    discount = total * VOLUME_DISCOUNT_PCT // 100 if qty >= VOLUME_QTY else 0
+    return {
+        "sku": sku,
+        "qty": qty,
+        "unit": price,
+        "discount": discount,
+        "total": total - discount,
+        "vat": vat(total - discount),
+        "currency": CURRENCY,
+    }
