@@ -40,6 +40,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "automatic fleet rollback under HTTP load: first bad request to all nodes on the "
         "old code; false rollbacks over good upgrades",
     ),
+    "scale": (
+        "bench_scale",
+        "the control plane driving 100-1000 simulated agents: e2e, commit skew, coordinator "
+        "CPU, etcd requests/bytes/largest value, RSS; node-by-node extrapolated",
+    ),
 }
 
 
