@@ -26,6 +26,7 @@ from coordinator.fleet import AgentPool, ClientTLS
 from coordinator.prometheus import PrometheusCheck, PrometheusProvider
 from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.etcd_client import EtcdConnectError, connect
+from hotfleet.etcd_session import SessionExpiredError
 from hotfleet.keys import DEFAULT_PREFIX, Keys
 from hotfleet.logsetup import add_arguments as add_log_arguments
 from hotfleet.logsetup import configure as configure_logging
@@ -99,7 +100,7 @@ class Coordinator:
                         election.resign()
                     else:
                         log.warning("lost leadership (%s); campaigning again", session.reason)
-            except (ElectionError, EtcdConnectError, OSError) as exc:
+            except (ElectionError, SessionExpiredError, EtcdConnectError, OSError) as exc:
                 self.engine.step_down()
                 log.warning("election: %s; retrying", exc)
                 self._stop.wait(1.0)

@@ -1,12 +1,13 @@
 """Fleet membership: one etcd key per node, alive as long as its lease is.
 
-A thread owned by :class:`Membership` grants a lease, puts the node's key on
-it, and keeps the lease alive (a refresh every third of the TTL).  Whenever
-the payload changes (:meth:`Membership.publish`) the key is rewritten on the
-same lease.  Any etcd error ends the session: the thread says so in the log
-and in :attr:`Membership.connected`, then re-establishes a fresh session
-(new lease, key rewritten) with exponential backoff (tenacity) until etcd
-answers again.  The worker itself never waits for etcd.
+A thread owned by :class:`Membership` opens a session (a lease kept alive by
+:class:`hotfleet.etcd_session.Session`, the same keepalive the coordinator's
+election uses) and puts the node's key on it.  Whenever the payload changes
+(:meth:`Membership.publish`) the key is rewritten on the same lease.  A lost
+lease or any etcd error ends the session: the thread says so in the log and
+in :attr:`Membership.connected`, then establishes a fresh session (new lease,
+key rewritten) with exponential backoff (tenacity) until etcd answers again.
+The worker itself never waits for etcd.
 
 A SIGKILLed process stops refreshing, so its key disappears when the lease
 expires; :meth:`Membership.stop` revokes the lease, which deletes the key at
@@ -31,6 +32,7 @@ from tenacity import (
 
 from hotfleet import transient
 from hotfleet.etcd_client import EtcdClient
+from hotfleet.etcd_session import Session
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class Membership:
         self._first_attempt = threading.Event()
         self._lock = threading.Lock()
         self._client: EtcdClient | None = None
-        self._lease_id: int | None = None
+        self._session: Session | None = None
         self._thread: threading.Thread | None = None
         self.connected = False
         self.last_error = ""
@@ -112,14 +114,11 @@ class Membership:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
-            client, lease_id = self._client, self._lease_id
-            self._client, self._lease_id = None, None
+            client, session = self._client, self._session
+            self._client, self._session = None, None
+        if session is not None:
+            session.close(revoke=revoke)  # etcd down: the lease expires by itself
         if client is not None:
-            if revoke and lease_id is not None:
-                try:
-                    client.revoke_lease(lease_id)
-                except Exception as exc:  # etcd down: the lease expires by itself
-                    log.warning("could not revoke membership lease %x: %s", lease_id, exc)
             client.close()
         self.connected = False
 
@@ -184,7 +183,10 @@ class Membership:
         if was:
             log.error("lost etcd membership session for %s: %s", self.key, self.last_error)
         with self._lock:
-            client, self._client, self._lease_id = self._client, None, None
+            client, self._client = self._client, None
+            session, self._session = self._session, None
+        if session is not None:
+            session.close(revoke=False)  # we give it up because etcd failed us
         if client is not None:
             with contextlib.suppress(Exception):  # closing a broken channel
                 client.close()
@@ -196,11 +198,12 @@ class Membership:
             client = self._client
         if self._on_session is not None:
             self._on_session(client)
-        lease = client.lease(self.ttl)
-        self._dirty.clear()
-        client.put(self.key, self._encode(), lease=lease.id)
+        session = Session(client, self.ttl)
         with self._lock:
-            self._lease_id = lease.id
+            self._session = session
+        session._add_done_callback(self._dirty.set)  # a lost lease wakes the thread
+        self._dirty.clear()
+        client.put(self.key, self._encode(), lease=session.lease_id)
         self.sessions += 1
         if not self.connected and self.sessions > 1:
             log.warning("etcd reachable again: %s re-registered", self.key)
@@ -208,26 +211,26 @@ class Membership:
         self.last_error = ""
 
     def _keepalive(self) -> None:
-        interval = max(self.ttl / 3.0, 0.2)
+        """Rewrite the key when the payload changes, until the session ends (the Session
+        keeps the lease alive on its own thread)."""
         while not self._stop.is_set():
-            self._dirty.wait(interval)
+            self._dirty.wait()
             if self._stop.is_set():
                 return
             with self._lock:
-                client, lease_id = self._client, self._lease_id
-            if client is None or lease_id is None:
+                client, session = self._client, self._session
+            if client is None or session is None:
                 raise LeaseLost("session closed")
-            if self._dirty.is_set():
-                # Coalesce a burst of changes, and keep the etcd write out of the instant
-                # when the whole fleet switches (it would compete for the CPU with
-                # nodes that have not switched yet).
-                if self._stop.wait(PUBLISH_DEBOUNCE_S):
-                    return
-                self._dirty.clear()
-                client.put(self.key, self._encode(), lease=lease_id)
-            replies = list(client.refresh_lease(lease_id))
-            if not replies or replies[0].TTL <= 0:
-                raise LeaseLost(f"lease {lease_id:x} expired")
+            if not session.alive():
+                raise LeaseLost(session.reason or f"lease {session.lease_id:x} expired")
+            # Coalesce a burst of changes, and keep the etcd write out of the instant
+            # when the whole fleet switches (it would compete for the CPU with
+            # nodes that have not switched yet).
+            if self._stop.wait(PUBLISH_DEBOUNCE_S):
+                return
+            self._dirty.clear()
+            if session.alive():
+                client.put(self.key, self._encode(), lease=session.lease_id)
 
     def _encode(self) -> str:
         return json.dumps(self._payload(), sort_keys=True)
