@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.policy import AnalysisPolicy
+from hotfleet.protocol import LATENCY_BOUNDS_S
 
 __all__ = [
     "DEFAULT_LATENCY_BOUNDS_S",
@@ -99,12 +100,8 @@ __all__ = [
     "wilson_interval",
 ]
 
-#: The agent's default histogram bounds (mirrors node_agent.metrics.LATENCY_BOUNDS_S;
-#: copied so that the coordinator does not import the agent).  Used by tests
-#: and synthetic samples only: real samples carry the bounds the agent sent.
-DEFAULT_LATENCY_BOUNDS_S: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+#: The agent's histogram bounds, for synthetic samples (real ones carry their own).
+DEFAULT_LATENCY_BOUNDS_S = LATENCY_BOUNDS_S
 
 _NORMAL = statistics.NormalDist()
 

@@ -30,6 +30,7 @@ from hotfleet.etcd_session import SessionExpiredError
 from hotfleet.keys import DEFAULT_PREFIX, Keys
 from hotfleet.logsetup import add_arguments as add_log_arguments
 from hotfleet.logsetup import configure as configure_logging
+from hotfleet.protocol import COORDINATOR_READY
 
 log = logging.getLogger("hotfleet.coordinator")
 
@@ -311,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
     coordinator.start()
-    ready = f"hotfleet-coordinator ready address={coordinator.address} pid={os.getpid()}"
+    ready = f"{COORDINATOR_READY} address={coordinator.address} pid={os.getpid()}"
     print(ready + (f" metrics={metrics.address}" if metrics else ""), flush=True)
     stopped.wait()
     log.info("stopping")

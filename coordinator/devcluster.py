@@ -53,6 +53,7 @@ from typing import Any, TextIO
 
 from coordinator.render import Style, table
 from hotfleet.keys import DEFAULT_PREFIX
+from hotfleet.protocol import AGENT_READY, COORDINATOR_READY
 
 __all__ = [
     "DEFAULT_DIR",
@@ -537,7 +538,7 @@ def _coordinator_member(directory: Path, etcd: str, port: int, *, secure: bool =
         env={"HOTFLEET_DEV": "0"} if secure else {},
         log=str(directory / "logs" / "coordinator.log"),
         address=address,
-        ready_line="hotfleet-coordinator ready",
+        ready_line=COORDINATOR_READY,
     )
 
 
@@ -585,7 +586,7 @@ def _agent_member(
         # The example shop reads its zone's tax table from SHOP_ZONE (see
         # examples/README.md: shop-2.2.0-nodecfg fails on ap-south only).
         env={"SHOP_ZONE": zone, **({"HOTFLEET_DEV": "0"} if secure else {})},
-        ready_line="node-agent ready",
+        ready_line=AGENT_READY,
     )
 
 

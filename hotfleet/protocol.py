@@ -13,7 +13,24 @@ import enum
 
 import grpc
 
-__all__ = ["LEADER_KEY", "REFUSAL_KEY", "Refusal"]
+__all__ = [
+    "AGENT_READY",
+    "COORDINATOR_READY",
+    "LATENCY_BOUNDS_S",
+    "LEADER_KEY",
+    "REFUSAL_KEY",
+    "Refusal",
+]
+
+#: The agent's request-latency histogram bounds (seconds).  The agent reports
+#: the bounds with every Health reply; the judge's synthetic samples use these.
+LATENCY_BOUNDS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+#: What a process prints on stdout once it serves (launchers wait for it).
+AGENT_READY = "node-agent ready"
+COORDINATOR_READY = "hotfleet-coordinator ready"
 
 REFUSAL_KEY = "hotfleet-refusal"  # trailing metadata: the refusal code
 LEADER_KEY = "hotfleet-leader"  # trailing metadata of not_leader: the leader's API address

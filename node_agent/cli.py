@@ -38,6 +38,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from hotfleet import logsetup
 from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.keys import DEFAULT_PREFIX
+from hotfleet.protocol import AGENT_READY
 from hotfleet.signing import DEFAULT_FLEET, FLEET_ENV, load_public_keys
 from node_agent.agent import Agent, TLSFiles
 
@@ -278,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server_thread.start()
     print(
-        f"node-agent ready node={args.node_id} grpc={agent.address} "
+        f"{AGENT_READY} node={args.node_id} grpc={agent.address} "
         f"http={agent.http_address} pid={os.getpid()}",
         flush=True,
     )

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from hotfleet.protocol import LATENCY_BOUNDS_S
 from node_agent.drain import RequestRecord
 
 __all__ = [
@@ -43,21 +44,6 @@ __all__ = [
     "process_rss_bytes",
 ]
 
-LATENCY_BOUNDS_S: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

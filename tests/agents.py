@@ -30,6 +30,7 @@ from hotfleet.decisions import encode
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
 from hotfleet.pki import DevPki, make_dev_pki
+from hotfleet.protocol import AGENT_READY
 from hotfleet.release import Release
 from hotfleet.signing import DEFAULT_FLEET, sign_release
 from hotfleet.store import ContentStore, EtcdBlobBackend
@@ -166,7 +167,7 @@ class AgentProcess(ManagedProcess):
         self.node_id = ""
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        fields = self.wait_ready_line("node-agent ready", timeout)
+        fields = self.wait_ready_line(AGENT_READY, timeout)
         self.grpc_address, self.http_address = fields["grpc"], fields["http"]
         self.node_id = fields["node"]
 

@@ -27,10 +27,11 @@ from typing import Any, NamedTuple
 import grpc
 
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
+from hotfleet.protocol import COORDINATOR_READY
 from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, Pki, wait_for
 from tests.processes import ManagedProcess, spawn
 
-READY = "hotfleet-coordinator ready"
+READY = COORDINATOR_READY
 NODES = ("n1", "n2", "n3")
 
 
