@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.wire import errors_from_proto, manifest_to_proto
 
@@ -202,7 +203,9 @@ class Convergence:
             return True
         try:
             rollout = self.engine.rollout(rid)
-        except Exception:
+        except Exception as exc:  # unreadable now: no catch-up this pass (never wrongly)
+            if not transient.from_etcd(exc):
+                log.exception("reading rollout %s failed (a bug)", rid)
             return False
         # a rollback's brief provisional phase is no window: it is on its way to permanent
         return rollout.phase is Phase.PROVISIONAL and rollout.kind != "rollback"

@@ -192,8 +192,10 @@ class Engine:
             items = sorted(
                 self.client.get_prefix(self.keys.election), key=lambda kv: kv[1].create_revision
             )
-        except Exception:
-            return ""
+        except Exception as exc:
+            if not transient.from_etcd(exc):
+                log.exception("reading the election prefix failed (a bug)")
+            return ""  # unknown while etcd is away
         return items[0][0].decode() if items else ""
 
     def _require_leader(self) -> Leadership:

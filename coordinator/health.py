@@ -32,6 +32,7 @@ from coordinator.analysis import (
 )
 from coordinator.fleet import NodeInfo
 from coordinator.transport import Transport
+from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 
 log = logging.getLogger("hotfleet.coordinator")
@@ -108,8 +109,11 @@ class HealthSampler:
                 continue
             try:
                 self.sample_once()
-            except Exception as exc:  # etcd or transport trouble: keep sampling
-                log.debug("health sampling failed: %s", exc)
+            except Exception as exc:  # keep sampling whatever happened, but say what
+                if transient.from_etcd(exc):
+                    log.debug("health sampling: etcd unreachable: %s", exc)
+                else:
+                    log.exception("health sampling failed (a bug: the judge sees no data)")
             next_at += self.interval_s
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 

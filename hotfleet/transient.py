@@ -33,6 +33,7 @@ import tenacity
 __all__ = [
     "TRANSIENT_CODES",
     "describe",
+    "from_etcd",
     "is_quota",
     "is_transient",
     "request_budget",
@@ -84,6 +85,17 @@ class Outage(Exception):
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: etcd or a peer unreachable or slow, nothing about the request itself."""
     return isinstance(exc, Outage) or status_code(exc) in TRANSIENT_CODES
+
+
+def from_etcd(exc: BaseException) -> bool:
+    """Whether ``exc`` is etcd's (or a peer's) answer or silence, not a bug of ours.
+
+    Wider than :func:`is_transient`: a compacted revision or a permission
+    denied is etcd speaking, not worth retrying as is, and not a bug either.
+    """
+    if isinstance(exc, Outage) or status_code(exc) is not None:
+        return True
+    return any(cls.__module__.startswith("etcd3") for cls in type(exc).__mro__)
 
 
 def is_quota(exc: BaseException) -> bool:

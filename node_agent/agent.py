@@ -562,7 +562,8 @@ class Agent:
                 errors.append(_err(module, f"source {digest} is not in the content store: {exc}"))
             except HotfleetError as exc:
                 errors.extend(_err(module, e.detail, e.reason) for e in exc.errors)
-            except Exception as exc:
+            except (grpc.RpcError, etcd3.exceptions.Etcd3Exception, OSError) as exc:
+                # etcd (or the cache's disk) failed us: worth retrying; a bug is not
                 unavailable.append(exc)
                 errors.append(
                     _err(module, f"cannot fetch source {digest}: {type(exc).__name__}: {exc}")

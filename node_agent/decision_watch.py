@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from hotfleet import decisions
+from hotfleet import decisions, transient
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
 
@@ -99,6 +99,13 @@ class DecisionWatch:
                     )
                 continue
             except Exception as exc:
+                if not transient.from_etcd(exc):  # not an outage: say it is a bug, once
+                    if not failing:
+                        log.exception(
+                            "rollout %s: reading the decision failed (a bug)", self.rollout_id
+                        )
+                    failing = True
+                    continue
                 if not failing:
                     log.warning(
                         "rollout %s: cannot read decision %s (%s: %s); retrying every %.1fs",

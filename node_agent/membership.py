@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,12 @@ __all__ = ["LeaseLost", "Membership"]
 
 
 PUBLISH_DEBOUNCE_S = 0.2
+# A record in one of these states is written only if it still is after this long: a
+# 2PC passes through them in a second or two, and writing each of 1000 nodes' records
+# two or three times per rollout would be most of the fleet's etcd traffic (issue 17).
+# A node that stays in one (stuck, or its coordinator died) still says so.
+TRANSIENT_HOLD_S = 2.0
+TRANSIENT_STATES = frozenset({"preparing", "prepared", "finishing", "rolling_back"})
 
 
 class LeaseLost(RuntimeError):
@@ -84,6 +91,7 @@ class Membership:
         self.connected = False
         self.last_error = ""
         self.sessions = 0
+        self._written = ""  # the value last put on the current session's lease
 
     # ------------------------------------------------------------- control
     def start(self) -> None:
@@ -154,7 +162,7 @@ class Membership:
         exc = state.outcome.exception() if state.outcome is not None else None
         self._fail(exc)
         wait = state.next_action.sleep if state.next_action else 0.0
-        if exc is None or transient.is_transient(exc):
+        if exc is None or transient.from_etcd(exc):
             log.warning(
                 "etcd unreachable for membership of %s (attempt %d, retrying in %.1fs): %s",
                 self.key,
@@ -203,7 +211,8 @@ class Membership:
             self._session = session
         session._add_done_callback(self._dirty.set)  # a lost lease wakes the thread
         self._dirty.clear()
-        client.put(self.key, self._encode(), lease=session.lease_id)
+        self._written = self._encode()
+        client.put(self.key, self._written, lease=session.lease_id)
         self.sessions += 1
         if not self.connected and self.sessions > 1:
             log.warning("etcd reachable again: %s re-registered", self.key)
@@ -229,8 +238,28 @@ class Membership:
             if self._stop.wait(PUBLISH_DEBOUNCE_S):
                 return
             self._dirty.clear()
-            if session.alive():
-                client.put(self.key, self._encode(), lease=session.lease_id)
+            value = self._settled(TRANSIENT_HOLD_S)
+            if value is None:
+                return
+            if session.alive() and value != self._written:
+                client.put(self.key, value, lease=session.lease_id)
+                self._written = value
+
+    def _settled(self, hold: float) -> str | None:
+        """The payload to write once it is out of a transient state, or after ``hold`` s.
+
+        None when stopped meanwhile.
+        """
+        deadline = time.monotonic() + hold
+        while True:
+            payload = self._payload()
+            left = deadline - time.monotonic()
+            if payload.get("state") not in TRANSIENT_STATES or left <= 0:
+                return json.dumps(payload, sort_keys=True)
+            self._dirty.wait(left)
+            if self._stop.is_set():
+                return None
+            self._dirty.clear()
 
     def _encode(self) -> str:
         return json.dumps(self._payload(), sort_keys=True)

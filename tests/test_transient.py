@@ -87,3 +87,20 @@ def test_a_request_budget_bounds_every_retry_inside_it() -> None:
         transient.retrying(30)(call)
     assert time.monotonic() - started < 5  # the request's budget, not the caller's 30 s
     assert len(calls) >= 2  # it did retry meanwhile
+
+
+def test_from_etcd_tells_etcds_answers_from_our_bugs() -> None:
+    """What is logged as an outage must be etcd's doing; anything else is logged as a bug."""
+    from hotfleet import transient
+
+    class Denied(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.PERMISSION_DENIED
+
+    assert transient.from_etcd(Denied())  # etcd speaking, not transient, not a bug
+    assert not transient.is_transient(Denied())
+    assert transient.from_etcd(
+        type("ConnectionFailedError", (Exception,), {"__module__": "etcd3.exceptions"})()
+    )
+    assert not transient.from_etcd(KeyError("x"))
+    assert not transient.from_etcd(TypeError("bug"))
