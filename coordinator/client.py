@@ -198,6 +198,11 @@ class Client:
                         refusal_exit(refusal),
                         refusal,
                     ) from exc
+                if status is grpc.StatusCode.UNIMPLEMENTED:
+                    # something else answers on that port (a coordinator's port taken
+                    # over by another process after it died): not ours, try the others
+                    unreachable.append(f"{address} (not a hotfleet coordinator: {method} unknown)")
+                    continue
                 if status is grpc.StatusCode.UNAVAILABLE:
                     if redirected and address == leader_hint:
                         raise CoordctlError(

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -497,6 +498,25 @@ def test_unreachable_address_is_skipped_for_the_next(leader: tuple[FakeEngine, s
     code, out, _ = run(f"127.0.0.1:{free_port()},{address}", "-o", "json", "nodes")
     assert code == cli.EXIT_OK
     assert [n["node_id"] for n in json.loads(out)["items"]] == NODES
+
+
+def test_a_port_that_is_not_a_coordinator_is_skipped_for_the_next(
+    leader: tuple[FakeEngine, str],
+) -> None:
+    """A dead coordinator's port taken over by another gRPC server (here: one serving
+    nothing, as an agent would for the Coordinator API) is not mistaken for an error."""
+    _, address = leader
+    stranger = grpc.server(ThreadPoolExecutor(max_workers=1))
+    port = stranger.add_insecure_port("127.0.0.1:0")
+    stranger.start()
+    try:
+        code, out, err = run(f"127.0.0.1:{port},{address}", "-o", "json", "nodes")
+        assert code == cli.EXIT_OK, err
+        assert [n["node_id"] for n in json.loads(out)["items"]] == NODES
+        code, _, err = run(f"127.0.0.1:{port}", "nodes")
+        assert code == cli.EXIT_UNREACHABLE and "not a hotfleet coordinator" in err
+    finally:
+        stranger.stop(0)
 
 
 def test_read_commands_tables_and_json(leader: tuple[FakeEngine, str], tmp_path: Path) -> None:
