@@ -76,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="measured rollouts per N")
     parser.add_argument("--prepare-ms", type=float, default=10.0)
     parser.add_argument("--fail-rate", type=float, default=0.0, help="prepare failure rate")
-    parser.add_argument("--lease-ttl", type=int, default=10, help="membership lease TTL, s")
+    parser.add_argument(
+        "--lease-ttl", type=int, default=30, help="membership lease TTL of the simulated nodes, s"
+    )
     parser.add_argument("--idle-s", type=float, default=3.0, help="background measure span")
     parser.add_argument("--baseline-sample", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="100 nodes, 1 run, not recorded")
@@ -255,10 +257,14 @@ def measure_n(n: int, args: argparse.Namespace, say: Any) -> dict[str, Any]:
         warm, _, _ = rollout()
         say(f"N={n}: warm-up {warm.phase.value} in {warm.duration_s:.2f}s")
         time.sleep(1.0)
-        idle0, idle_t0 = etcd_metrics(endpoint), time.monotonic()
+        idle0, idle_t0, idle_cpu0 = etcd_metrics(endpoint), time.monotonic(), time.process_time()
         time.sleep(args.idle_s)
         idle = delta(etcd_metrics(endpoint), idle0)
         idle_span = time.monotonic() - idle_t0
+        idle_cpu = (time.process_time() - idle_cpu0) / idle_span  # the sampler, mostly
+        say(
+            f"N={n}: idle: coordinator {idle_cpu:.2f} cores, etcd {idle['requests'] / idle_span:.0f} req/s"
+        )
         runs = []
         for i in range(args.runs):
             time.sleep(1.0)  # the previous rollout's membership writes settle
@@ -304,6 +310,7 @@ def measure_n(n: int, args: argparse.Namespace, say: Any) -> dict[str, Any]:
             "startup_s": startup,
             "warmup": {"phase": warm.phase.value, "duration_s": warm.duration_s},
             "idle_per_s": {k: v / idle_span for k, v in idle.items()},
+            "coordinator_idle_cores": idle_cpu,
             "runs": runs,
             "coordinator_rss": rss_bytes(),
             "etcd_rss": rss_bytes(etcd.pid or 0),

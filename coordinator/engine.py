@@ -78,6 +78,11 @@ REQUEST_TIMEOUT_S = 60.0  # how long an operator's promote/rollback waits for th
 ETCD_RETRY_S = 30.0  # how long an etcd outage is ridden out (transient errors only)
 ALL_NODES = Target(all=True).describe()  # how a rollout for the whole fleet records its target
 COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
+# ... for its first COMMIT_LEAD_PACKED nodes (agents packed on a host wake up one after the
+# other), and this much for each further one: a large fleet is many hosts, what takes time
+# is the coordinator sending the Finish RPCs (~0.3 ms each), not the nodes waking up
+COMMIT_LEAD_PACKED = 100
+COMMIT_LEAD_PER_EXTRA_NODE_S = 0.001
 COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long after the instant
 
 
@@ -957,7 +962,7 @@ class Engine:
         # Scheduled commit: every node switches at one instant, far enough ahead for the
         # Finish fan-out to reach them all, instead of whenever its RPC happens to land.
         members = self._members(rollout)
-        commit_at = time.time() + COMMIT_LEAD_S + COMMIT_LEAD_PER_NODE_S * len(members)
+        commit_at = time.time() + commit_lead(len(members))
         sampler = self.sampler
         if sampler is not None:
             sampler.resume_at(commit_at + COMMIT_QUIET_S)
@@ -1577,6 +1582,16 @@ def _misreported(node: str, reply: Any, decided: tuple[str, str] | None) -> Modu
     )
     reason = Reason.DIGEST_MISMATCH if got == want else Reason.BAD_RELEASE
     return ModuleError("*", reason, detail, node)
+
+
+def commit_lead(nodes: int) -> float:
+    """How far ahead of now the commit instant of a wave of ``nodes`` is set."""
+    packed = min(nodes, COMMIT_LEAD_PACKED)
+    return (
+        COMMIT_LEAD_S
+        + COMMIT_LEAD_PER_NODE_S * packed
+        + COMMIT_LEAD_PER_EXTRA_NODE_S * (nodes - packed)
+    )
 
 
 def _rpc_detail(exc: grpc.RpcError) -> str:

@@ -38,6 +38,10 @@ from hotfleet._proto.hotfleet.v1 import agent_pb2
 log = logging.getLogger("hotfleet.coordinator")
 
 _PAUSE_POLL_S = 0.02  # how soon a paused sampler notices it may resume
+# Health RPCs per second the sampler makes at most: a round of a large fleet is spread
+# over more time (1000 nodes: a round every 10 s instead of 2000 RPCs a second, which
+# would cost the coordinator most of a core and every node a wake-up twice a second).
+MAX_HEALTH_RPCS_PER_S = 100.0
 
 
 class HealthSampler:
@@ -60,6 +64,7 @@ class HealthSampler:
         self._members: dict[str, tuple[float, NodeInfo]] = {}  # last time seen registered
         self._stop = threading.Event()
         self._quiet_until = 0.0  # unix time before which no new round starts
+        self._fleet_size = 0  # nodes in the last round: paces the next one
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hotfleet-health")
 
@@ -114,11 +119,12 @@ class HealthSampler:
                     log.debug("health sampling: etcd unreachable: %s", exc)
                 else:
                     log.exception("health sampling failed (a bug: the judge sees no data)")
-            next_at += self.interval_s
+            next_at += max(self.interval_s, self._fleet_size / MAX_HEALTH_RPCS_PER_S)
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def sample_once(self) -> None:
         nodes = self._nodes()
+        self._fleet_size = len(nodes)
         now = time.time()
         with self._lock:
             for n in nodes:
