@@ -262,6 +262,16 @@ class Convergence:
         )
         if not finished.ok:
             return f"finish of {d.label} failed: {_errors(finished.errors)}"
+        want_digest = str(d.record.get("digest") or "")
+        if finished.release != d.label or (
+            finished.digest and want_digest and finished.digest != want_digest
+        ):
+            # never counted as caught up: the loop tries again and shows it drifting
+            return (
+                f"reported {finished.release or 'the boot code'} (digest "
+                f"{finished.digest[:12] or '?'}) after finishing {d.label} "
+                f"(digest {want_digest[:12] or '?'})"
+            )
         if d.permanent:
             stub.MakePermanent(
                 agent_pb2.MakePermanentRequest(rollout_id=rid, epoch=lead.epoch, release=d.label),

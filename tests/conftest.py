@@ -7,7 +7,7 @@ import pytest
 
 from tests.codebase import Codebase
 
-pytest_plugins = ["tests.etcd_fixtures", "tests.fleet"]
+pytest_plugins = ["tests.etcd_fixtures", "tests.fleet", "tests.simfleet"]
 
 
 @pytest.fixture

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import pytest
 
 from coordinator.engine import Engine
 from coordinator.transport import InProcessTransport, empty_health
@@ -33,6 +36,8 @@ from node_agent.errors import FinishError, PrepareError
 from node_agent.loader import FinishReport, ReleaseInfo
 from node_agent.participant import Participant, label
 from node_agent.participant_wire import WireParticipant
+from tests.agents import release
+from tests.fleet import Leader
 
 
 @dataclass
@@ -210,3 +215,26 @@ class SimFleet:
 
 def engine_over(fleet: SimFleet, client: EtcdClient, name: str) -> Engine:
     return Engine(client, fleet.keys, fleet.transport, address=name)
+
+
+# ------------------------------------------------------------------ fixtures
+# (a pytest plugin: see conftest)
+@pytest.fixture
+def sim_fleet(etcd_client: EtcdClient, etcd_prefix: str) -> Iterator[SimFleet]:
+    """An empty simulated fleet in this test's etcd prefix; every node stopped at the end."""
+    fleet = SimFleet(etcd_client, Keys(etcd_prefix))
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@pytest.fixture
+def sim_leader(sim_fleet: SimFleet, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Leader]:
+    """An elected leader reaching ``sim_fleet`` in process, with shop 2.0.0 pushed."""
+    leader = Leader(etcd_endpoint, etcd_prefix, "leader-a", transport=sim_fleet.transport)
+    leader.engine.push_release(release("shop-2.0.0"))
+    try:
+        yield leader
+    finally:
+        leader.close()

@@ -13,7 +13,7 @@ are :mod:`tests.simfleet` participants over the in-process transport.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -22,10 +22,8 @@ from coordinator.engine import Target
 from coordinator.model import Phase, Rollout
 from coordinator.render import rollout_detail
 from hotfleet.errors import Reason
-from hotfleet.etcd_client import EtcdClient
-from hotfleet.keys import Keys
 from node_agent.loader import FinishReport, ReleaseInfo
-from tests.agents import release, wait_for
+from tests.agents import wait_for
 from tests.fleet import Leader, opts
 from tests.simfleet import SimCode, SimFleet, SimPlan
 
@@ -62,22 +60,13 @@ class Liar(SimCode):
 
 
 @pytest.fixture
-def sim(etcd_client: EtcdClient, etcd_prefix: str) -> Iterator[SimFleet]:
-    fleet = SimFleet(etcd_client, Keys(etcd_prefix))
-    try:
-        yield fleet
-    finally:
-        fleet.close()
+def sim(sim_fleet: SimFleet) -> SimFleet:
+    return sim_fleet
 
 
 @pytest.fixture
-def lead(sim: SimFleet, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Leader]:
-    leader = Leader(etcd_endpoint, etcd_prefix, "leader-a", transport=sim.transport)
-    leader.engine.push_release(release("shop-2.0.0"))
-    try:
-        yield leader
-    finally:
-        leader.close()
+def lead(sim_leader: Leader) -> Leader:
+    return sim_leader
 
 
 def run(sim: SimFleet, leader: Leader) -> Rollout:
@@ -157,3 +146,22 @@ def test_a_node_that_reports_another_release_after_finish_takes_the_fleet_back(
     rollback = lead.engine.rollouts(limit=2)[0]
     assert rollback.kind == "rollback" and rollback.phase is Phase.PERMANENT, rollback.reason
     assert all(r.finished for r in rollback.nodes.values()), rollback.nodes
+
+
+def test_a_catch_up_that_ends_on_another_release_is_not_counted_as_caught_up(
+    sim: SimFleet, lead: Leader
+) -> None:
+    """The convergence loop checks what a node reports after its catch-up too."""
+    sim.start("n1")
+    assert run(sim, lead).phase is Phase.PERMANENT
+    sim.start("n2", Liar(runs=None))  # joins late; will claim the boot code after finish
+    keys = lead.keys
+
+    def record() -> dict[str, str]:
+        raw, _ = lead.client.get(keys.catchup("n2"))
+        return json.loads(raw) if raw else {}
+
+    failed = wait_for(lambda: record().get("outcome") == "failed" and record(), 20)
+    assert "reported the boot code" in failed["detail"] and NEW in failed["detail"], failed
+    status = {n.node_id: n for n in lead.engine.fleet()}
+    assert status["n2"].convergence == "drifting" and status["n1"].convergence == "converged"

@@ -19,7 +19,6 @@ Each case asserts the invariants of the protocol, not a log line:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -29,9 +28,7 @@ from coordinator.engine import RolloutOptions, Target
 from coordinator.model import Phase, Rollout
 from coordinator.transport import Fault, TransportError
 from hotfleet._proto.hotfleet.v1 import agent_pb2
-from hotfleet.etcd_client import EtcdClient
-from hotfleet.keys import Keys
-from tests.agents import release, wait_for
+from tests.agents import wait_for
 from tests.fleet import Leader, opts
 from tests.simfleet import SimFleet
 
@@ -47,24 +44,15 @@ class Crash(BaseException):
 
 
 @pytest.fixture
-def sim(etcd_client: EtcdClient, etcd_prefix: str) -> Iterator[SimFleet]:
-    fleet = SimFleet(etcd_client, Keys(etcd_prefix))
+def sim(sim_fleet: SimFleet) -> SimFleet:
     for name in NODES:
-        fleet.start(name)
-    try:
-        yield fleet
-    finally:
-        fleet.close()
+        sim_fleet.start(name)
+    return sim_fleet
 
 
 @pytest.fixture
-def lead(sim: SimFleet, etcd_endpoint: str, etcd_prefix: str) -> Iterator[Leader]:
-    leader = Leader(etcd_endpoint, etcd_prefix, "leader-a", transport=sim.transport)
-    leader.engine.push_release(release("shop-2.0.0"))
-    try:
-        yield leader
-    finally:
-        leader.close()
+def lead(sim: SimFleet, sim_leader: Leader) -> Leader:
+    return sim_leader
 
 
 def settled(sim: SimFleet, leader: Leader, rollout_id: str, timeout: float = 20) -> Rollout:
