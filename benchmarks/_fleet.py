@@ -189,6 +189,35 @@ class Leader:
             self.client.close()
 
 
+class BareLeader:
+    """A campaign won without an engine: a real leader epoch for a driver of its own.
+
+    Agents obey only the epoch etcd names as the leader's (:mod:`hotfleet.fencing`),
+    so a benchmark that drives agents itself (the node-by-node baseline) must hold
+    leadership, and no engine may act meanwhile (its convergence would catch
+    up the nodes the driver moves).  The engine's :class:`Leader` is closed
+    first; this one campaigns on the same election prefix and wins.
+    """
+
+    def __init__(self, endpoint: str, prefix: str, name: str = "bench-direct") -> None:
+        self.client: EtcdClient = connect(endpoint)
+        self.keys = Keys(prefix)
+        self.session = Session(self.client, ttl=5)
+        self.lead = Election(self.client, self.keys.election, self.session).campaign(
+            name, timeout=30
+        )
+
+    @property
+    def epoch(self) -> int:
+        return int(self.lead.epoch)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.session.close()
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
 # -------------------------------------------------------------------- fleet
 @dataclass
 class Fleet:
@@ -204,6 +233,7 @@ class Fleet:
     etcd: EtcdServer | None = field(init=False, default=None)
     agents: list[AgentProc] = field(init=False, default_factory=list)
     leader: Leader | None = field(init=False, default=None)
+    direct_leader: BareLeader | None = field(init=False, default=None)
     startup_s: float = field(init=False, default=0.0)
     registered_s: float = field(init=False, default=0.0)
 
@@ -307,10 +337,22 @@ class Fleet:
                 out[a.node_id] = "error"
         return out
 
+    def take_leadership(self) -> int:
+        """The engine steps down and a :class:`BareLeader` takes over; its epoch."""
+        if self.leader is not None:
+            self.leader.close()
+            self.leader = None
+        if self.direct_leader is None:
+            self.direct_leader = BareLeader(self.endpoint, PREFIX)
+        return self.direct_leader.epoch
+
     def close(self) -> None:
         if self.leader is not None:
             self.leader.close()
             self.leader = None
+        if self.direct_leader is not None:
+            self.direct_leader.close()
+            self.direct_leader = None
         for a in self.agents:  # graceful: each agent revokes its lease
             if a.proc.poll() is None:
                 with contextlib.suppress(OSError):

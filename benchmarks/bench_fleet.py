@@ -19,8 +19,10 @@ the 16 modules changed) each touch the same 20 modules.
   connections), and is reported apart.
 * **Baseline** (no 2PC), after the 2PC runs, same fleet, new builds too:
   node by node in sequence, ``Prepare`` then ``Finish`` over gRPC
-  (``agent_pb2`` stubs, an epoch above the leader's: from then on the agents
-  refuse the leader, which is why it runs last); total = last finish - first
+  (``agent_pb2`` stubs; agents obey only the epoch etcd names as the
+  leader's, so the engine steps down and a bare campaign on the same
+  election takes over and drives them with its epoch: no engine acts
+  meanwhile, which is why it runs last); total = last finish - first
   prepare sent, skew = last node's finish - first node's finish.  Each
   release is made permanent on every node afterwards, off the clock, as the
   leader does.
@@ -140,7 +142,8 @@ def build_workload(work: Path) -> tuple[Path, Release, Release]:
         {**v2, **gens[2]},
         modules={"shop.inventory": {"extra": {"reorder_level": 20}}},  # as shop-2.0.0
     )
-    changed = [m for m in rel1.module_names() if rel1.get(m).source != rel2.get(m).source]
+    src1 = {m.name: m.source for m in rel1.modules}
+    changed = [m.name for m in rel2.modules if src1.get(m.name) != m.source]
     assert len(rel1.modules) == len(rel2.modules) == len(changed) == 20, changed
     return boot, rel1, rel2
 
@@ -305,17 +308,21 @@ def run_n(
                 f"N={n} 2PC run {k + 1}/{runs} -> {rel.label}: e2e {res['e2e_s'] * 1e3:.0f} ms, "
                 f"skew {res['skew_s'] * 1e3:.1f} ms"
             )
-        direct = Direct(fleet.agents, leader.epoch + 1)
+        pushed = []
+        current = (rel2, rel1)[(runs - 1) % 2].label if runs else order[1]
+        for k in range(baseline_runs):  # pushed while the engine leads; driven after
+            plain = rel2 if current == rel1.label else rel1
+            pushed.append((plain, new_build(plain, 1000 + k)))
+            leader.engine.push_release(pushed[-1][1])
+            current = plain.label
+        epoch = fleet.take_leadership()
+        say(f"N={n} baseline driven by a bare leader, epoch {epoch}")
+        direct = Direct(fleet.agents, epoch)
         base = []
         try:
-            current = (rel2, rel1)[(runs - 1) % 2].label if runs else order[1]
-            for k in range(baseline_runs):
-                plain = rel2 if current == rel1.label else rel1
-                rel = new_build(plain, 1000 + k)
-                leader.engine.push_release(rel)
+            for k, (plain, rel) in enumerate(pushed):
                 res = direct.sequential(rel, f"bench-sequential-{k}")
                 check_versions(fleet, keys[plain.label])
-                current = plain.label
                 base.append(res)
                 say(
                     f"N={n} baseline run {k + 1}/{baseline_runs} -> {rel.label}: total "
