@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -55,6 +57,8 @@ from hotfleet.etcd_server import EtcdServer  # noqa: E402
 from hotfleet.keys import Keys  # noqa: E402
 from tests.agents import RELEASES, AgentProcess, Agents  # noqa: E402
 from tests.coordinators import Coordinators, coordctl  # noqa: E402
+
+ACCEPT_WITHIN_S = 20.0  # an upgrade refused as retryable is retried this long
 
 
 def _fingerprint(bundle: str) -> str:
@@ -326,8 +330,19 @@ class Campaign:
         request = coordinator_pb2.UpgradeRequest(
             ref=ref, target=coordinator_pb2.Target(all=True), options=options
         )
-        reply = self.coordinators.leader().stub.Upgrade(request, timeout=30)
-        return str(json.loads(reply.record_json)["id"])
+        # "not the leader; no leader is elected right now, retry shortly" is the
+        # documented retryable refusal (coordctl exits 6): an operator retries it,
+        # and so does the campaign, for a bounded time (a lease still expiring
+        # after the previous round's fault)
+        deadline = time.monotonic() + ACCEPT_WITHIN_S
+        while True:
+            try:
+                reply = self.coordinators.leader().stub.Upgrade(request, timeout=30)
+                return str(json.loads(reply.record_json)["id"])
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def _rollout(self, rid: str) -> Rollout | None:
         try:
