@@ -309,6 +309,8 @@ def push_request(
             f"cannot read the release bundle {path}: {exc}", EXIT_USAGE, "usage"
         ) from exc
     sources: dict[str, bytes] = {}
+    for item in release.data:
+        sources.setdefault(item.digest, item.content)
     for module in release.modules:
         known = sources.setdefault(module.digest, module.source)
         if known != module.source:

@@ -173,6 +173,13 @@ class ReleaseBook:
                     f"{ms.name}: digest_mismatch: {ms.path} does not match its declared sha256",
                 )
             self.store.put(ms.source)
+        for item in release.data:
+            if not item.digest_ok:
+                raise Refused(
+                    Refusal.INVALID,
+                    f"{item.path}: digest_mismatch: the data file does not match its digest",
+                )
+            self.store.put(item.content)
         entry = ReleaseEntry(
             release.label,
             release.name,
@@ -206,7 +213,7 @@ class ReleaseBook:
     # ------------------------------------------------------ the store's upkeep
     def _admit(self, release: Release) -> None:
         """Refuse a push the content store cannot take, before writing a byte of it."""
-        blobs = {m.actual_digest: m.source for m in release.modules}
+        blobs = release.blobs()
         try:
             stored = EtcdBlobBackend(self.client, self.keys.blobs).inventory()
             admit(stored, blobs, quota=self.store_quota)

@@ -311,7 +311,10 @@ def release_from_push(request: coordinator_pb2.PushReleaseRequest) -> Release:
             " modules a release may hold"
         )
     sources = dict(request.sources)
-    missing = sorted({m["digest"] for m in manifest["modules"]} - sources.keys())
+    declared = {m["digest"] for m in manifest["modules"]} | {
+        d["digest"] for d in manifest.get("data", [])
+    }
+    missing = sorted(declared - sources.keys())
     if missing:
         raise _invalid(
             f"release {request.release.name}@{request.release.version}: the push carries no "

@@ -29,7 +29,9 @@ from hotfleet.release import Release
 __all__ = [
     "FromBinding",
     "ImportInfo",
+    "ImportSite",
     "downgrade_order",
+    "import_sites",
     "load_order",
     "release_dependencies",
     "scan_imports",
@@ -299,6 +301,39 @@ def _scan_cached(module: str, source: str | bytes, is_package: bool) -> ImportIn
         scanner.visit(node, context)
         stack.extend(reversed(list(_children(node, context, expressions))))
     return scanner.result()
+
+
+@dataclass(frozen=True)
+class ImportSite:
+    """One absolute ``import``/``from ... import`` statement, where it runs and what guards it."""
+
+    name: str  # the module imported (``a.b`` for ``from a.b import c``)
+    line: int
+    in_function: bool
+    guarded: bool  # inside a try that catches ImportError, or under TYPE_CHECKING
+
+    @property
+    def top(self) -> str:
+        return self.name.partition(".")[0]
+
+
+def import_sites(source: str | bytes) -> list[ImportSite]:
+    """Every absolute import statement of ``source`` (relative ones stay in the release).
+
+    Raises :class:`SyntaxError` for source that does not parse.
+    """
+    sites: list[ImportSite] = []
+    stack: list[tuple[ast.AST, _Context]] = [(parse_source(source), _Context())]
+    while stack:
+        node, context = stack.pop()
+        guarded = context.guarded or context.type_checking
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                sites.append(ImportSite(alias.name, node.lineno, context.in_function, guarded))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            sites.append(ImportSite(node.module, node.lineno, context.in_function, guarded))
+        stack.extend(_children(node, context, False))
+    return sorted(sites, key=lambda site: site.line)
 
 
 def _strongly_connected(graph: Mapping[str, list[str]]) -> list[tuple[str, ...]]:

@@ -20,6 +20,7 @@ and come back with the node's verdict.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import json
 import keyword
 import math
@@ -56,6 +57,7 @@ from hotfleet.limits import (
 __all__ = [
     "INSTRUCTIONS",
     "MANIFEST",
+    "DataFile",
     "ModuleSource",
     "Release",
     "is_module_name",
@@ -123,8 +125,40 @@ class ModuleSource:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    """A file of a package that is not a module (a template, a JSON table the code reads).
+
+    Carried like a module: addressed by content digest in the manifest,
+    covered by the release digest (so by its signature), stored in the content
+    store; a node writes it next to its package when the release becomes
+    current and puts the previous bytes back on rollback.  ``path`` is posix,
+    relative to the bundle root, as the node writes it relative to the code
+    path holding its top-level directory (``shop/prices.json`` next to
+    ``shop/__init__.py``; a file at the root next to top-level modules).
+    """
+
+    path: str
+    content: bytes
+    digest: str
+
+    @cached_property
+    def actual_digest(self) -> str:
+        return sha256_hex(self.content)
+
+    @property
+    def digest_ok(self) -> bool:
+        return self.digest == self.actual_digest
+
+    @property
+    def top(self) -> str:
+        """The top-level directory holding the file ("" for a file at the bundle root)."""
+        head, sep, _ = self.path.partition("/")
+        return head if sep else ""
+
+
+@dataclass(frozen=True)
 class Release:
-    """A named, versioned set of modules: the unit a fleet upgrades to.
+    """A named, versioned set of modules (and data files): the unit a fleet upgrades to.
 
     ``modules`` may name one module twice (``a/b.py`` and ``a/b/__init__.py``):
     which one Python would import depends on the node's path, so the loader
@@ -137,6 +171,7 @@ class Release:
     smoke: tuple[Mapping[str, Any], ...] = ()
     health: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     problems: tuple[ModuleError, ...] = ()
+    data: tuple[DataFile, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise whatever a caller passed, so equal releases compare equal
@@ -146,6 +181,7 @@ class Release:
         set_(self, "smoke", tuple(MappingProxyType(dict(s)) for s in self.smoke))
         set_(self, "health", MappingProxyType(dict(self.health)))
         set_(self, "problems", tuple(self.problems))
+        set_(self, "data", tuple(sorted(self.data, key=lambda d: d.path)))
 
     @cached_property
     def digest(self) -> str:
@@ -165,6 +201,8 @@ class Release:
             "smoke": body["smoke"],
             "health": body["health"],
         }
+        if self.data:  # absent when empty: digests of releases without data files unchanged
+            identity["data"] = [[d.path, d.digest] for d in self.data]
         canonical = json.dumps(
             identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         )
@@ -177,6 +215,12 @@ class Release:
     def module_names(self) -> list[str]:
         """Distinct module names, sorted (a duplicated module appears once)."""
         return sorted({m.name for m in self.modules})
+
+    def blobs(self) -> dict[str, bytes]:
+        """Every byte string of the release by its actual digest: what a content store keeps."""
+        out = {m.actual_digest: m.source for m in self.modules}
+        out.update((d.actual_digest, d.content) for d in self.data)
+        return out
 
     def get(self, name: str) -> ModuleSource | None:
         """The first entry (in path order) for ``name``; see ``modules`` for duplicates."""
@@ -208,11 +252,13 @@ class Release:
         modules: Mapping[str, Mapping[str, Any]] | None = None,
         smoke: Iterable[Mapping[str, Any]] = (),
         health: Mapping[str, Any] | None = None,
+        data: Mapping[str, str | bytes] | None = None,
     ) -> Release:
         """Build a release in memory, validated exactly like a bundle on disk.
 
         ``sources`` is keyed by module name; names in ``packages`` become
         ``<name>/__init__.py``.  ``modules`` holds release.toml-style tables.
+        ``data`` is keyed by path in the bundle (``shop/prices.json``).
         """
         errors = _Errors("from_sources")
         package_set = set(packages)
@@ -221,6 +267,8 @@ class Release:
             with errors.collect():
                 path = _path_of(module, module in package_set)
                 files[path] = source.encode("utf-8") if isinstance(source, str) else source
+        for path, content in (data or {}).items():
+            files[path] = content.encode("utf-8") if isinstance(content, str) else content
         for missing in sorted(package_set - set(sources)):
             errors.add(missing, f"{missing!r} is listed in packages but has no source")
         document = {
@@ -245,7 +293,7 @@ class Release:
         }
 
     def _manifest_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "name": self.name,
             "version": self.version,
             "modules": [
@@ -263,6 +311,9 @@ class Release:
             "smoke": _plain(list(self.smoke), MANIFEST, "smoke"),
             "health": _plain(self.health, MANIFEST, "health"),
         }
+        if self.data:
+            body["data"] = [{"path": d.path, "digest": d.digest} for d in self.data]
+        return body
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], fetch: Callable[[str], bytes]) -> Release:
@@ -294,6 +345,16 @@ class Release:
         if not isinstance(raw_problems, list):
             errors.add(MANIFEST, f"manifest 'problems' must be a list, got {_kind(raw_problems)}")
             raw_problems = []
+        data_entries = manifest.get("data", [])
+        if not isinstance(data_entries, list):
+            errors.add(MANIFEST, f"manifest 'data' must be a list, got {_kind(data_entries)}")
+            data_entries = []
+        elif len(entries) + len(data_entries) > MAX_MODULES:
+            errors.fail(
+                MANIFEST,
+                f"manifest has {len(entries)} modules and {len(data_entries)} data files, more"
+                f" than the limit of {MAX_MODULES} files in one release",
+            )
         claimed = manifest.get("digest")
         if claimed is not None and not isinstance(claimed, str):
             errors.add(MANIFEST, f"manifest 'digest' must be a string, got {_kind(claimed)}")
@@ -302,13 +363,18 @@ class Release:
         for entry in entries:
             with errors.collect():
                 modules.append(_manifest_module(entry, fetch))
+        data: list[DataFile] = []
+        for entry in data_entries:
+            with errors.collect():
+                data.append(_manifest_data(entry, fetch))
         problems: list[ModuleError] = []
         for raw in raw_problems:
             with errors.collect():
                 problems.append(_manifest_problem(raw))
         _check_parents(modules, errors)
+        _check_data(modules, data, errors)
         errors.check()
-        release = cls(modules=tuple(modules), problems=tuple(problems), **header)
+        release = cls(modules=tuple(modules), problems=tuple(problems), data=tuple(data), **header)
         if claimed is not None and claimed != release.digest:
             errors.fail(MANIFEST, f"manifest digest {claimed} != content digest {release.digest}")
         return release
@@ -326,12 +392,17 @@ class Release:
         text = self._manifest_toml()
         for module in self.modules:
             _module_identity(module.path)  # refuse paths that would escape root
+        for item in self.data:
+            _data_identity(item.path)
         root.mkdir(parents=True, exist_ok=True)
         (root / MANIFEST).write_text(text, encoding="utf-8")
-        for module in self.modules:
-            target = root / module.path
+        for path, content in [
+            *((m.path, m.source) for m in self.modules),
+            *((d.path, d.content) for d in self.data),
+        ]:
+            target = root / path
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(module.source)
+            target.write_bytes(content)
         return root
 
     def _manifest_toml(self) -> str:
@@ -614,7 +685,13 @@ def _build(document: Mapping[str, Any], files: Mapping[str, bytes], errors: _Err
     else:
         errors.add(MANIFEST, f'{MANIFEST}: modules must be a table ([modules."name"])')
     modules: list[ModuleSource] = []
+    data: list[DataFile] = []
     for path in sorted(files):
+        if not path.endswith(".py"):
+            with errors.collect():
+                _data_identity(path)
+                data.append(DataFile(path, files[path], sha256_hex(files[path])))
+            continue
         with errors.collect():
             name, is_package = _module_identity(path)
             table = tables.get(name, _Table())
@@ -631,10 +708,11 @@ def _build(document: Mapping[str, Any], files: Mapping[str, bytes], errors: _Err
                 )
             )
     _check_parents(modules, errors)
+    _check_data(modules, data, errors)
     errors.check()
     present = {m.name for m in modules}
     problems = tuple(_name_mismatch(name) for name in sorted(tables) if name not in present)
-    return Release(modules=tuple(modules), problems=problems, **header)
+    return Release(modules=tuple(modules), problems=problems, data=tuple(data), **header)
 
 
 def _manifest_module(entry: Any, fetch: Callable[[str], bytes]) -> ModuleSource:
@@ -666,6 +744,46 @@ def _manifest_module(entry: Any, fetch: Callable[[str], bytes]) -> ModuleSource:
     )
 
 
+def _data_identity(path: str) -> None:
+    """Refuse a data file a node could not place safely next to its package."""
+    parts = path.split("/")
+    if path == MANIFEST or any(p in ("", ".", "..") or _is_junk(p) or "\\" in p for p in parts):
+        raise _Bad(path, f"{path}: not a plain relative path inside the bundle")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        raise _Bad(path, f"{path!r}: control characters in a file name")
+    base = parts[-1].lower()
+    code = [s for s in importlib.machinery.all_suffixes() if s != ".py" and base.endswith(s)]
+    if code or base.endswith((".pyo", ".pth")):
+        raise _Bad(
+            path,
+            f"{path}: compiled code or an extension module ({code[0] if code else base}) is not"
+            " data; a release carries sources and data files only",
+        )
+
+
+def _check_data(modules: Iterable[ModuleSource], data: Iterable[DataFile], errors: _Errors) -> None:
+    """A data file must not sit where a module's file or directory is."""
+    paths = {m.path for m in modules}
+    dirs = {p.rsplit("/", i)[0] for p in paths for i in range(1, p.count("/") + 1)}
+    for item in data:
+        if item.path in dirs or item.path in paths:
+            errors.add(item.path, f"{item.path}: a data file where the release has a module path")
+
+
+def _manifest_data(entry: Any, fetch: Callable[[str], bytes]) -> DataFile:
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str):
+        raise _Bad(MANIFEST, f"manifest data entry without a path: {_kind(entry)}")
+    path = entry["path"]
+    if path.endswith(".py"):
+        raise _Bad(path, f"manifest data entry {path!r} is a module; list it under modules")
+    _data_identity(path)
+    digest = entry.get("digest")
+    if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        raise _Bad(path, f"manifest data entry {path!r}: digest must be 64 hex digits")
+    digest = digest.lower()
+    return DataFile(path, bytes(fetch(digest)), digest)
+
+
 def _manifest_problem(raw: Any) -> ModuleError:
     try:
         return ModuleError(str(raw["module"]), Reason(raw["reason"]), str(raw["detail"]))
@@ -686,9 +804,13 @@ def _limit_for(path: str) -> int:
 
 
 def _wanted(path: str) -> bool:
-    """Whether a member may be release.toml or a module, so is worth reading at all."""
+    """Whether a member is part of the release (release.toml, a module, a data file).
+
+    Only bytecode caches are left out: an interpreter writes them and the
+    node compiles the sources itself.
+    """
     base = _base_name(path)
-    return base.endswith(".py") or base == MANIFEST
+    return bool(base) and not base.endswith((".pyc", ".pyo"))
 
 
 @dataclass(frozen=True)
@@ -738,7 +860,7 @@ class _Budget:
 
 
 def _read_bundle(path: Path, errors: _Errors) -> dict[str, bytes]:
-    """release.toml and the .py files of a bundle, keyed by posix path from its root."""
+    """release.toml, the .py and the data files of a bundle, keyed by posix path from its root."""
     suffix = path.name.lower()
     try:
         if path.is_dir():
@@ -857,7 +979,7 @@ def _tar_entries(tar: tarfile.TarFile) -> Iterator[_Entry]:
 
 
 def _unread(name: str, limit: int) -> bytes:
-    raise AssertionError(f"{name} is neither release.toml nor a module: never read")
+    raise AssertionError(f"{name} is a bytecode cache: never read")
 
 
 def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
@@ -894,7 +1016,7 @@ def _is_junk(part: str) -> bool:
 
 
 def _select(entries: Iterable[_Entry], errors: _Errors, *, archive: bool) -> dict[str, bytes]:
-    """Keep release.toml and .py files; refuse anything unsafe or ambiguous."""
+    """Keep release.toml, .py and data files; refuse anything unsafe or ambiguous."""
     members: list[tuple[tuple[str, ...], _Entry]] = []
     budget = _Budget(errors)
     for entry in entries:
@@ -911,7 +1033,7 @@ def _select(entries: Iterable[_Entry], errors: _Errors, *, archive: bool) -> dic
         if not rel or any(_is_junk(p) for p in rel) or entry.kind == "directory":
             continue
         path = "/".join(rel)
-        relevant = path == MANIFEST or path.endswith(".py")
+        relevant = _wanted(path)
         if entry.read is None:
             # A link could smuggle in bytes from outside the bundle, and a
             # linked directory could hide modules: refuse rather than guess.

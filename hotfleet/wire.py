@@ -16,6 +16,8 @@ from hotfleet.errors import ModuleError, Reason
 from hotfleet.limits import MAX_MODULES, TooLarge, loads_json
 from hotfleet.release import Release
 
+DATA = "data"  # the instruction that marks a data file's entry on the wire
+
 __all__ = [
     "errors_from_proto",
     "errors_to_proto",
@@ -30,6 +32,9 @@ def manifest_to_proto(manifest: Mapping[str, Any]) -> common_pb2.ReleaseManifest
 
     The manifest's ``problems`` (e.g. a stray ``name_mismatch`` table) have
     no field on the wire: the sender refuses such a release before sending it.
+    Data files travel as module entries with no name and the instruction
+    ``data``: an agent that predates data files refuses such an entry (its
+    path is not a ``.py`` file) rather than dropping it.
     """
     smoke = manifest.get("smoke") or []
     health = manifest.get("health") or {}
@@ -48,6 +53,10 @@ def manifest_to_proto(manifest: Mapping[str, Any]) -> common_pb2.ReleaseManifest
                 depends=list(m.get("depends") or ()),
             )
             for m in manifest.get("modules", [])
+        ]
+        + [
+            common_pb2.ModuleEntry(path=d["path"], digest=d["digest"], instruction=DATA)
+            for d in manifest.get("data", [])
         ],
         smoke_json=json.dumps(smoke) if smoke else "",
         health_json=json.dumps(health) if health else "",
@@ -70,7 +79,9 @@ def manifest_from_proto(message: common_pb2.ReleaseManifest) -> dict[str, Any]:
             f"release {message.name}@{message.version} has {len(message.modules)} modules,"
             f" more than the limit of {MAX_MODULES}"
         )
+    data = [{"path": e.path, "digest": e.digest} for e in message.modules if e.instruction == DATA]
     return {
+        **({"data": data} if data else {}),
         "name": message.name,
         "version": message.version,
         **({"digest": message.digest} if message.digest else {}),
@@ -87,6 +98,7 @@ def manifest_from_proto(message: common_pb2.ReleaseManifest) -> dict[str, Any]:
                 "depends": list(e.depends),
             }
             for e in message.modules
+            if e.instruction != DATA
         ],
         "smoke": loads_json(message.smoke_json, "smoke_json") if message.smoke_json else [],
         "health": loads_json(message.health_json, "health_json") if message.health_json else {},

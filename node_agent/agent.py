@@ -99,7 +99,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import etcd3.exceptions
 import grpc
@@ -129,6 +129,7 @@ from node_agent.metrics import Metrics
 from node_agent.participant import Participant, State, label, refusal
 from node_agent.participant_wire import WireParticipant
 from node_agent.reconcile import Reconciler, SourcesUnavailable
+from node_agent.release_files import ReleaseFiles
 from node_agent.supervision import SupervisedLoader
 
 if TYPE_CHECKING:
@@ -252,8 +253,10 @@ class Agent:
             else None
         )
         # the 2PC participant: every mutating operation goes through it, under its lock
+        # data files and package requirements of a release, around the loader
+        self.code = ReleaseFiles(self.loader)
         self.participant = Participant(
-            self.loader,
+            self.code,
             node_id=node_id,
             watch=self._watches,
             on_state=self._publish,
@@ -268,7 +271,7 @@ class Agent:
         self.reconciler = Reconciler(
             node_id,
             self.keys,
-            self.loader,
+            cast(Loader, self.code),  # a Loader in all but name: it delegates to one
             self.participant,
             verify=self.check_signature,
             fetch=self.fetch_release,
@@ -508,7 +511,7 @@ class Agent:
         if self.etcd_endpoints is None:
             return
         try:
-            self.content_store().keep({m.actual_digest: m.source for m in release.modules})
+            self.content_store().keep(release.blobs())
         except OSError as exc:
             log.warning("could not cache the sources of %s: %s", release.label, exc)
 
@@ -529,7 +532,8 @@ class Agent:
         if verify is not None:
             verify(declared)
         errors: list[ModuleError] = []
-        names = {m.digest: m.name for m in declared.modules}
+        names = {d.digest: d.path for d in declared.data}
+        names.update((m.digest, m.name) for m in declared.modules)
         store: ContentStore | None = None
         unavailable: list[Exception] = []
         fetched: dict[str, bytes] = {}

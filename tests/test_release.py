@@ -146,19 +146,24 @@ def test_archive_ignores_macos_junk_beside_the_top_directory(tmp_path: Path) -> 
     assert Release.from_path(make_archive(tmp_path / "b.zip", files)) == sample()
 
 
-def test_non_python_files_caches_and_dotfiles_are_ignored(tmp_path: Path) -> None:
+def test_caches_and_dotfiles_are_ignored_and_other_files_are_data(tmp_path: Path) -> None:
+    data = {
+        "README.md": b"# shop",
+        "shop/data.json": b"{}",
+        "shop/stubs.pyi": b"x: int",
+        "nested/release.toml": b"not = [valid",
+    }
     files = bundle_files() | {
-        "README.md": "# shop",
-        "shop/data.json": "{}",
         "shop/__pycache__/cart.cpython-311.pyc": b"\x00garbage",
         "shop/__pycache__/evil.py": "raise SystemExit",
         ".hidden.py": "x = 1",
         ".git/hooks/pre-commit.py": "x = 1",
-        "shop/stubs.pyi": "x: int",
-        "nested/release.toml": "not = [valid",
+        **data,
     }
     release = Release.from_path(write_tree(tmp_path, files))
-    assert release == sample()
+    assert release.modules == sample().modules
+    assert {d.path: d.content for d in release.data} == data
+    assert all(d.digest_ok for d in release.data)
 
 
 def test_duplicate_module_is_kept_as_two_entries(tmp_path: Path) -> None:
