@@ -32,6 +32,8 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+from node_agent._codecache import CodeCache, retarget
+
 __all__ = ["CALLS", "RAISED", "Instrumented", "instrument_module"]
 
 CALLS = "__hotfleet_calls__"
@@ -64,59 +66,60 @@ class Instrumented:
         return hit if same else None
 
 
-class _Counting(ast.NodeTransformer):
-    def __init__(self) -> None:
-        self.slots = 0
-        self.by_def: dict[tuple[str, int], int] = {}  # (name, first line) -> slot
+def _instrument_def(node: ast.FunctionDef | ast.AsyncFunctionDef, slot: int) -> None:
+    """Give ``node`` the counting prologue (in place; positions fixed by the caller)."""
+    body = list(node.body)
+    doc: list[ast.stmt] = []
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
+        doc = [body.pop(0)]
+    at: dict[str, Any] = {"lineno": node.lineno, "col_offset": node.col_offset}
+    if not body:  # a docstring only
+        body = [ast.Pass(**at)]
 
-    def _count(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
-        self.generic_visit(node)  # nested definitions first: they count too
-        slot = self.slots
-        self.slots += 1
-        first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-        self.by_def[(node.name, first)] = slot
-        body = list(node.body)
-        doc: list[ast.stmt] = []
-        if (
-            body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
-        ):
-            doc = [body.pop(0)]
-        if not body:  # a docstring only
-            body = [ast.Pass()]
-        at: dict[str, Any] = {"lineno": node.lineno, "col_offset": node.col_offset}
-
-        def bump(name: str) -> ast.stmt:
-            return ast.AugAssign(
-                target=ast.Subscript(
-                    value=ast.Name(id=name, ctx=ast.Load(), **at),
-                    slice=ast.Constant(value=slot, **at),
-                    ctx=ast.Store(),
-                    **at,
-                ),
-                op=ast.Add(),
-                value=ast.Constant(value=1, **at),
+    def bump(name: str) -> ast.stmt:
+        return ast.AugAssign(
+            target=ast.Subscript(
+                value=ast.Name(id=name, ctx=ast.Load(), **at),
+                slice=ast.Constant(value=slot, **at),
+                ctx=ast.Store(),
                 **at,
-            )
-
-        handler = ast.ExceptHandler(
-            type=ast.Name(id="Exception", ctx=ast.Load(), **at),
-            name=None,
-            body=[bump(RAISED), ast.Raise(exc=None, cause=None, **at)],
+            ),
+            op=ast.Add(),
+            value=ast.Constant(value=1, **at),
             **at,
         )
-        guarded = ast.Try(body=body, handlers=[handler], orelse=[], finalbody=[], **at)
-        node.body = [*doc, bump(CALLS), guarded]
-        ast.fix_missing_locations(node)
-        return node
 
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
-        return self._count(node)
+    handler = ast.ExceptHandler(
+        type=ast.Name(id="Exception", ctx=ast.Load(), **at),
+        name=None,
+        body=[bump(RAISED), ast.Raise(exc=None, cause=None, **at)],
+        **at,
+    )
+    guarded = ast.Try(body=body, handlers=[handler], orelse=[], finalbody=[], **at)
+    node.body = [*doc, bump(CALLS), guarded]
 
-    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> ast.AST:
-        return self._count(node)
+
+def _count_defs(tree: ast.Module) -> tuple[int, dict[tuple[str, int], int]]:
+    """Instrument every function of ``tree`` in place: (slots, (name, first line) -> slot).
+
+    One walk (``ast.walk`` queues a node's children before it is edited, so
+    nested definitions are reached inside the new ``try``); every added node
+    carries its ``def``'s position, so no location pass is needed.
+    """
+    by_def: dict[tuple[str, int], int] = {}
+    slots = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            by_def[(node.name, first)] = slots
+            _instrument_def(node, slots)
+            slots += 1
+    return slots, by_def
 
 
 def _codes(code: types.CodeType, out: dict[tuple[str, int], types.CodeType]) -> None:
@@ -126,17 +129,36 @@ def _codes(code: types.CodeType, out: dict[tuple[str, int], types.CodeType]) -> 
             _codes(const, out)
 
 
-def instrument_module(module: str, source: bytes, filename: str) -> Instrumented:
-    """Compile ``source`` with a counting prologue in every function; raises SyntaxError."""
-    tree = ast.parse(source, filename)
-    counting = _Counting()
-    tree = counting.visit(tree)
-    code = compile(tree, filename, "exec", dont_inherit=True)
+def instrument_module(
+    module: str,
+    source: bytes,
+    filename: str,
+    cache: CodeCache | None = None,
+    digest: str = "",
+) -> Instrumented:
+    """Compile ``source`` with a counting prologue in every function; raises SyntaxError.
+
+    With a host ``cache`` (and the source's sha256 as ``digest``) the
+    compiled twin is made once per host (:mod:`node_agent._codecache`).
+    """
+
+    def make() -> tuple[int, types.CodeType, tuple[tuple[str, int, int], ...]]:
+        tree = ast.parse(source, filename)
+        slots, by_def = _count_defs(tree)
+        code = compile(tree, filename, "exec", dont_inherit=True)
+        return slots, code, tuple((name, line, slot) for (name, line), slot in by_def.items())
+
+    if cache is not None and digest:
+        slots, code, defs = cache.get("prologue", digest, make)
+        code = retarget(code, filename)
+    else:
+        slots, code, defs = make()
+    by_def = {(name, line): slot for name, line, slot in defs}
     found: dict[tuple[str, int], types.CodeType] = {}
     _codes(code, found)
     out: dict[tuple[str, int], tuple[types.CodeType, int]] = {}
     for key, c in found.items():
-        slot = counting.by_def.get((c.co_name, c.co_firstlineno))
+        slot = by_def.get((c.co_name, c.co_firstlineno))
         if slot is not None and CALLS in c.co_names:
             out[key] = (c, slot)
-    return Instrumented(module, counting.slots, out)
+    return Instrumented(module, slots, out)

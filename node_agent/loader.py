@@ -42,6 +42,7 @@ from hotfleet.imports import (
 )
 from hotfleet.release import ModuleSource, Release
 from node_agent import stateful
+from node_agent._codecache import CodeCache, default_cache, retarget
 from node_agent._deadline import (
     Abandoned,
     Overrun,
@@ -176,6 +177,9 @@ class Prepared:
     report: FinishReport | None = None
     rehearsal_s: float = 0.0  # wall time of the staging process (0: nothing to run)
     rehearsal_cpu_s: float = 0.0  # its CPU
+    # where the prepare's wall time went: step -> seconds (validate, purge_check, plan,
+    # instrument, rehearse), plus the host code cache's hits/misses/waits of this prepare
+    profile: dict[str, float] = field(default_factory=dict)
     _generation: int = 0
     _new: dict[str, NewModule] = field(default_factory=dict)
     _plans: dict[str, ModulePlan] = field(default_factory=dict)
@@ -205,6 +209,11 @@ class _Backup:
     loaded: dict[str, tuple[str, bytes, str]]
 
 
+def _lap(since: float) -> tuple[float, float]:
+    now = time.perf_counter()
+    return now - since, now
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -227,7 +236,10 @@ class Loader:
         prepare_timeout: float = PREPARE_TIMEOUT_S,
         switch_timeout: float = SWITCH_TIMEOUT_S,
         migration_timeout: float = MIGRATION_TIMEOUT_S,
+        code_cache: CodeCache | bool | None = True,
     ) -> None:
+        """``code_cache``: where compiled code is shared with sibling workers of the host
+        (:mod:`node_agent._codecache`); ``True`` = the host default, ``None``/``False`` = off."""
         if not code_paths:
             raise ValueError("Loader needs at least one code path")
         if not hasattr(os, "fork"):
@@ -240,6 +252,9 @@ class Loader:
         self.prepare_timeout = prepare_timeout
         self.switch_timeout = switch_timeout
         self.migration_timeout = migration_timeout
+        self.code_cache: CodeCache | None = (
+            default_cache() if code_cache is True else code_cache or None
+        )
         self._cancel = threading.Event()  # set by cancel_prepare(): kills the staging process
         self._worker: Worker | None = None  # runs code_change, so a hung one can be left behind
         start_watchdog()
@@ -294,18 +309,30 @@ class Loader:
             # with it: with the collector on they trigger dozens of collections,
             # full ones included, each walking the host's whole heap.
             # Each source is parsed once for all its readers, and the trees die here.
+            cache0 = self.code_cache.stats() if self.code_cache is not None else {}
+            profile: dict[str, float] = {}
+            mark = started
             with gc_paused_for(PREPARE_GC_PAUSE_S) as checkpoint, shared_trees():
                 errors = self._validate(release, checkpoint)
                 if errors:
                     raise PrepareError(errors)
+                profile["validate"], mark = _lap(mark)
                 if not force:
                     errors = self._purge_check()
                     if errors:
                         raise PrepareError(errors)
+                profile["purge_check"], mark = _lap(mark)
                 prepared = self._plan(release, checkpoint)
+                profile["plan"], mark = _lap(mark)
                 prepared._instrumented = self._instrument(prepared)
+                profile["instrument"], mark = _lap(mark)
             if prepared.runs_code:
                 self._rehearse(prepared, started)
+            profile["rehearse"], mark = _lap(mark)
+            if self.code_cache is not None:
+                for k, v in self.code_cache.stats().items():
+                    profile[f"cache_{k}"] = v - cache0.get(k, 0)
+            prepared.profile = profile
             prepared.prepare_s = time.perf_counter() - started
             self._pending = prepared
             return prepared
@@ -321,7 +348,9 @@ class Loader:
                 continue
             filename = new.filename if new is not None else self._filename(ms, plan.module)  # type: ignore[union-attr]
             try:
-                out[ms.name] = instrument_module(ms.name, ms.source, filename)
+                out[ms.name] = instrument_module(
+                    ms.name, ms.source, filename, self.code_cache, ms.actual_digest
+                )
             except (SyntaxError, ValueError):  # compiled fine already; then it is not counted
                 continue
         return out
@@ -417,8 +446,10 @@ class Loader:
                     )
                 )
                 continue
+            loaded = self._loaded.get(ms.name)
             try:
-                self._compile(ms, sys.modules.get(ms.name))
+                if loaded is None or loaded[0] != ms.actual_digest or ms.name not in sys.modules:
+                    self._compile(ms, sys.modules.get(ms.name))  # else it runs already: unchanged
             except (SyntaxError, ValueError) as exc:
                 line = getattr(exc, "lineno", None)
                 errors.append(
@@ -1118,7 +1149,7 @@ class Loader:
 
     def _compile(self, ms: ModuleSource, module: Any = None) -> types.CodeType:
         """Compile once per distinct source and file name (validation compiled it already)."""
-        return _compile_cached(ms.source, self._filename(ms, module))
+        return _compile_cached(ms.source, self._filename(ms, module), self.code_cache)
 
     def _filename(self, ms: ModuleSource, module: Any = None) -> str:
         file = getattr(module, "__file__", None)
@@ -1126,11 +1157,21 @@ class Loader:
 
 
 @functools.lru_cache(maxsize=64)
-def _compile_cached(source: bytes, filename: str) -> types.CodeType:
-    # from the (cached) tree the planner diffs anyway: the source is parsed once
-    tree = parse_source(source)
-    with gc_paused():
-        return compile(tree, filename, "exec", dont_inherit=True)
+def _compile_cached(source: bytes, filename: str, cache: CodeCache | None) -> types.CodeType:
+    """Compiled once per process and, through the host ``cache``, once per host."""
+
+    def make() -> types.CodeType:
+        # from the (cached) tree the planner diffs anyway: the source is parsed once
+        tree = parse_source(source)
+        with gc_paused():
+            return compile(tree, filename, "exec", dont_inherit=True)
+
+    if cache is None:
+        return make()
+    code = cache.get("exec", _digest(source), make)
+    if not isinstance(code, types.CodeType):  # not what "exec" entries hold: ignore it
+        return make()
+    return retarget(code, filename)
 
 
 class _MigrationFailed(Exception):

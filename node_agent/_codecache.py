@@ -1,0 +1,230 @@
+"""A host-level cache of compiled code: sibling workers of one host compile a release once.
+
+A host running 8 gunicorn workers prepares 8 times at the same instant on the
+same cores; compiling the release (and, on 3.11, its counting twins, see
+:mod:`node_agent._prologue`) is most of a prepare's CPU.  Compiling is a pure
+function of the source, the interpreter and our own transform, so the result
+is kept as marshalled code in a cache directory and reused:
+
+* **key** = sha256 of (kind, the source's sha256, ``sys.version``, the bytecode
+  magic number, :data:`FORMAT`): another interpreter or another transform
+  never reads an entry it did not write;
+* **entry** = ``MAGIC`` + sha256(payload) + payload (``marshal``), written to a
+  temporary file and renamed into place (atomic), **verified on read** (a
+  torn, truncated or corrupted entry is a miss, and is removed);
+* **one compile per host**: a miss takes an exclusive ``flock`` on the key's
+  lock file, looks again, compiles, writes, unlocks; siblings that missed at
+  the same instant wait for it (bounded by :data:`LOCK_WAIT_S`, then compile
+  themselves) and read its entry;
+* code objects carry their file name: an entry written by a worker whose code
+  path differs is rewritten to this worker's name on read (``code.replace``);
+* **trust**: the directory is this user's (created ``0700``; one owned by
+  someone else or writable by group or others is refused and the cache is
+  off), since loading code from it is running it.  Nothing is executed in
+  this process by reading an entry: it yields code objects, which the loader
+  treats exactly as a fresh ``compile`` (nothing of the release runs before
+  finish, except in the staging process).
+
+``HOTFLEET_CODE_CACHE`` names the directory (``off`` disables it); the
+default is ``<tmp>/hotfleet-code-<uid>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import marshal
+import os
+import stat
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CodeCache", "default_cache", "retarget"]
+
+FORMAT = b"hotfleet-codecache-1"
+MAGIC = b"HFCC\x01"
+LOCK_WAIT_S = 5.0  # a sibling compiling longer than this: compile ourselves
+MAX_ENTRIES = 4000  # pruned (oldest first) past this, at most once per process start
+ENV = "HOTFLEET_CODE_CACHE"
+
+_INTERPRETER = hashlib.sha256(
+    b"\0".join([FORMAT, sys.version.encode(), importlib.util.MAGIC_NUMBER])
+).digest()
+
+
+def retarget(code: types.CodeType, filename: str) -> types.CodeType:
+    """``code`` and every code object nested in it, with ``co_filename`` = ``filename``."""
+    if code.co_filename == filename:
+        return code
+    consts = tuple(
+        retarget(c, filename) if isinstance(c, types.CodeType) else c for c in code.co_consts
+    )
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+class CodeCache:
+    """Marshalled results of pure compile steps, shared by the processes of one user on a host."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.hits = 0
+        self.misses = 0
+        self.waited_s = 0.0  # time spent waiting for a sibling's compile
+        self._lock = threading.Lock()
+        self._check_directory()
+        self._prune()
+
+    # ---------------------------------------------------------------- public
+    def get(
+        self, kind: str, digest: str, make: Callable[[], Any], *, deadline_s: float = LOCK_WAIT_S
+    ) -> Any:
+        """The marshallable value ``make()`` returns for ``(kind, digest)``, once per host.
+
+        ``make`` must be a pure function of the source whose sha256 is
+        ``digest`` (and of the interpreter); what it raises propagates and
+        nothing is stored.
+        """
+        key = hashlib.sha256(_INTERPRETER + kind.encode() + b"\0" + digest.encode()).hexdigest()
+        path = self.directory / key
+        found = self._read(path)
+        if found is not None:
+            self._count(hit=True)
+            return found[0]
+        with self._locked(path.with_name(key + ".lock"), deadline_s):
+            found = self._read(path)  # a sibling wrote it while we waited
+            if found is not None:
+                self._count(hit=True)
+                return found[0]
+            value = make()
+            self._write(path, value)
+        self._count(hit=False)
+        return value
+
+    def stats(self) -> dict[str, Any]:
+        return {"hits": self.hits, "misses": self.misses, "waited_s": self.waited_s}
+
+    # --------------------------------------------------------------- helpers
+    def _count(self, *, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+
+    def _check_directory(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.directory.stat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise PermissionError(f"code cache {self.directory} is not a directory of this user")
+        if st.st_mode & 0o022:
+            raise PermissionError(
+                f"code cache {self.directory} is writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):o}): refused"
+            )
+
+    @staticmethod
+    def _read(path: Path) -> tuple[Any] | None:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        head = len(MAGIC) + 32
+        if (
+            len(data) < head
+            or data[: len(MAGIC)] != MAGIC
+            or hashlib.sha256(data[head:]).digest() != data[len(MAGIC) : head]
+        ):
+            with contextlib.suppress(OSError):
+                path.unlink()  # torn or corrupted: recompiled by whoever needs it
+            return None
+        try:
+            return (marshal.loads(data[head:]),)
+        except (EOFError, ValueError, TypeError):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+
+    def _write(self, path: Path, value: Any) -> None:
+        try:
+            payload = marshal.dumps(value)
+        except ValueError:
+            return  # not marshallable: used, not kept
+        data = MAGIC + hashlib.sha256(payload).digest() + payload
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    @contextlib.contextmanager
+    def _locked(self, lock_path: Path, deadline_s: float) -> Any:
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError:
+            yield
+            return
+        held = False
+        try:
+            t0 = time.monotonic()
+            delay = 0.0005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
+                    break
+                except BlockingIOError:
+                    if time.monotonic() - t0 > deadline_s:
+                        break  # a stuck sibling: compile without it
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.01)
+            waited = time.monotonic() - t0
+            with self._lock:
+                self.waited_s += waited
+            yield
+        finally:
+            if held:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _prune(self) -> None:
+        try:
+            entries = [p for p in self.directory.iterdir() if not p.name.startswith(".")]
+        except OSError:
+            return
+        if len(entries) <= MAX_ENTRIES:
+            return
+
+        def mtime(p: Path) -> float:
+            try:
+                return p.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        for p in sorted(entries, key=mtime)[: len(entries) - MAX_ENTRIES // 2]:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def default_cache() -> CodeCache | None:
+    """The host's cache as ``HOTFLEET_CODE_CACHE`` says (``off``: none); None if unusable."""
+    where = os.environ.get(ENV, "")
+    if where.lower() in {"off", "0", "no", "false"}:
+        return None
+    directory = where or os.path.join(tempfile.gettempdir(), f"hotfleet-code-{os.getuid()}")
+    try:
+        return CodeCache(directory)
+    except OSError as exc:
+        print(f"hotfleet: code cache off: {exc}", file=sys.stderr)
+        return None

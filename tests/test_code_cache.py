@@ -1,0 +1,129 @@
+"""The host-level code cache: one compile per host, verified on read, never trusted blindly."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+
+from hotfleet.release import Release
+from node_agent._codecache import CodeCache, retarget
+from node_agent._prologue import instrument_module
+from node_agent.loader import Loader
+
+SOURCE = b"def f(x):\n    return x + 1\n\nclass C:\n    def m(self):\n        return 2\n"
+
+
+def _digest(source: bytes) -> str:
+    return hashlib.sha256(source).hexdigest()
+
+
+def _make(calls: list[int], filename: str = "/a/m.py") -> types.CodeType:
+    calls.append(1)
+    return compile(SOURCE, filename, "exec", dont_inherit=True)
+
+
+def test_second_reader_does_not_compile_and_gets_its_own_file_name(tmp_path: Path) -> None:
+    calls: list[int] = []
+    one, two = CodeCache(tmp_path / "c"), CodeCache(tmp_path / "c")  # two sibling workers
+    a = one.get("exec", _digest(SOURCE), lambda: _make(calls))
+    b = two.get("exec", _digest(SOURCE), lambda: _make(calls))
+    assert calls == [1] and two.hits == 1 and one.misses == 1
+    b = retarget(b, "/b/m.py")
+    assert b.co_filename == "/b/m.py"
+    nested = [c for c in b.co_consts if isinstance(c, types.CodeType)]
+    assert nested and all(c.co_filename == "/b/m.py" for c in nested)
+    g: dict[str, object] = {}
+    exec(b, g)
+    assert g["f"](1) == 2  # type: ignore[operator]
+    assert a.co_code == b.co_code
+
+
+def test_a_corrupted_or_truncated_entry_is_a_miss(tmp_path: Path) -> None:
+    calls: list[int] = []
+    cache = CodeCache(tmp_path / "c")
+    cache.get("exec", _digest(SOURCE), lambda: _make(calls))
+    (entry,) = [p for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock")]
+    data = bytearray(entry.read_bytes())
+    data[-3] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    cache.get("exec", _digest(SOURCE), lambda: _make(calls))
+    assert calls == [1, 1]
+    entry.write_bytes(entry.read_bytes()[:20])
+    cache.get("exec", _digest(SOURCE), lambda: _make(calls))
+    assert calls == [1, 1, 1]
+
+
+def test_concurrent_misses_compile_once(tmp_path: Path) -> None:
+    calls: list[int] = []
+    gate = threading.Barrier(4)
+
+    def slow() -> types.CodeType:
+        import time
+
+        time.sleep(0.2)
+        return _make(calls)
+
+    def worker() -> None:
+        cache = CodeCache(tmp_path / "c")
+        gate.wait()
+        cache.get("exec", _digest(SOURCE), slow)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1]
+
+
+def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(PermissionError):
+        CodeCache(shared)
+
+
+def test_a_compile_error_is_not_cached(tmp_path: Path) -> None:
+    cache = CodeCache(tmp_path / "c")
+    bad = b"def f(:\n"
+    for _ in range(2):
+        with pytest.raises(SyntaxError):
+            cache.get("exec", _digest(bad), lambda: compile(bad, "m.py", "exec"))
+    assert cache.hits == 0
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="counting twins are 3.11 only")
+def test_counting_twins_from_the_cache_match_a_fresh_instrumentation(tmp_path: Path) -> None:
+    cache = CodeCache(tmp_path / "c")
+    fresh = instrument_module("m", SOURCE, "/x/m.py")
+    instrument_module("m", SOURCE, "/w/m.py", cache, _digest(SOURCE))
+    cached = instrument_module("m", SOURCE, "/x/m.py", cache, _digest(SOURCE))
+    assert cache.hits == 1
+    assert cached.slots == fresh.slots
+    assert {k: s for k, (_, s) in cached.codes.items()} == {k: s for k, (_, s) in fresh.codes.items()}
+    assert all(c.co_filename == "/x/m.py" for c, _ in cached.codes.values())
+
+
+def test_sibling_loaders_share_compiled_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two loaders (sibling workers) prepare the same new module: the second compiles nothing."""
+    code = tmp_path / "code"
+    code.mkdir()
+    cache_dir = tmp_path / "cache"
+    release = Release.from_sources("sib", "1.0.0", {"sibmod_cc": "VALUE = 1\ndef f():\n    return VALUE\n"})
+    first = Loader([code], code_cache=CodeCache(cache_dir))
+    second = Loader([code], code_cache=CodeCache(cache_dir))
+    try:
+        first.abort(first.prepare(release))
+        assert first.code_cache is not None and first.code_cache.misses >= 1
+        second.abort(second.prepare(release))
+        assert second.code_cache is not None
+        assert second.code_cache.misses == 0 and second.code_cache.hits >= 1
+    finally:
+        sys.modules.pop("sibmod_cc", None)
