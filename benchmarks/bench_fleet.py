@@ -35,6 +35,7 @@ on the worst measured run.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -148,10 +149,14 @@ def build_workload(work: Path) -> tuple[Path, Release, Release]:
     return boot, rel1, rel2
 
 
+_RUN = os.urandom(6).hex()
+
+
 def new_build(release: Release, build: int) -> Release:
     """``release`` as a build no node has seen: the same code plus a comment, so
     every node fetches, parses, compiles and plans it from scratch."""
-    sources = {m.name: m.source.decode() + f"# build {build}\n" for m in release.modules}
+    # unique per run: the host code cache (node_agent._codecache) outlives a run
+    sources = {m.name: m.source.decode() + f"# build {build} {_RUN}\n" for m in release.modules}
     modules = {m.name: {"extra": m.extra} for m in release.modules if m.extra is not None}
     return Release.from_sources(
         release.name, f"{release.version}.b{build}", sources, modules=modules or None

@@ -270,11 +270,14 @@ def module_source(pkg: str, i: int, v: int) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def sources(pkg: str, v: int, build: int | None = None) -> dict[str, str]:
+def sources(pkg: str, v: int, build: int | str | None = None) -> dict[str, str]:
     """``{module name: source}`` of the whole package at version ``v`` (``__init__`` excluded).
 
     ``build`` appends a comment: same code, new bytes, so nothing the loader
     cached for an earlier build (trees, code, import scans) is reused.
+    :class:`Builds` makes it unique per run too: the host code cache
+    (:mod:`node_agent._codecache`) outlives a run, and a build it has seen
+    would not be cold.
     """
     tail = "" if build is None else f"# build {build}\n"
     return {f"{pkg}.{_mod(i)}": module_source(pkg, i, v) + tail for i in range(N_MODULES)}
@@ -289,11 +292,12 @@ class Builds:
 
     def __init__(self) -> None:
         self.count = 0
+        self.run = os.urandom(6).hex()  # never a build an earlier run cached on this host
 
     def fresh(self, v: int) -> Release:
         self.count += 1
         return Release.from_sources(
-            "hfbench", f"{v}.0.{self.count}", sources(PKG, v, build=self.count)
+            "hfbench", f"{v}.0.{self.count}", sources(PKG, v, build=f"{self.count} {self.run}")
         )
 
 
@@ -881,6 +885,98 @@ def unloaded_loader(
     return lcycles, warm
 
 
+def _sibling_prepare(loader: Loader, release: Release) -> float:
+    """A sibling worker of the host prepares ``release`` first (a forked child, which
+    fills the host code cache and exits); the seconds its prepare took."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the sibling: prepare, report, leave without running any cleanup
+        code = 1
+        try:
+            os.close(r)
+            t0 = time.perf_counter()
+            loader.abort(loader.prepare(release))
+            os.write(w, f"{time.perf_counter() - t0:.9f}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not got:
+        raise RuntimeError(f"the sibling's prepare failed (status {status})")
+    return float(got)
+
+
+def prepare_rounds(
+    app: App, twin: App, loader: Loader, builds: Builds, rounds: int
+) -> dict[str, Any]:
+    """Issue 18's ratios, the sides interleaved round by round, no request threads.
+
+    Each round: one ``importlib.reload`` sweep of the twin (v1 -> v2, pycs
+    ready) and back; a *first worker* prepare of a new build (no process of
+    the host has seen it: host code cache cold) -> finish -> rollback; then a
+    *second worker* prepare: a forked sibling prepares another new build first
+    (filling the host cache), then this process prepares it.  Each prepare's
+    own profile (:attr:`Prepared.profile`) is kept.
+    """
+    reload_s: list[float] = []
+    first: list[float] = []
+    second: list[float] = []
+    sibling: list[float] = []
+    pause: list[float] = []
+    prof_first: list[dict[str, float]] = []
+    prof_second: list[dict[str, float]] = []
+    loads: list[float] = []
+    for _ in range(rounds):
+        loads.append(_common.load_average())
+        up = reload_sweep(twin, 2, 0.0, [])
+        reload_sweep(twin, 1, 0.0, [])
+        reload_s.append(up.seconds)
+        rel = builds.fresh(2)
+        t0 = _ns()
+        prepared = loader.prepare(rel)
+        first.append((_ns() - t0) / 1e9)
+        prof_first.append(dict(prepared.profile))
+        loader.finish(prepared)
+        pause.append(loader.barrier.stats().last_hold_s)
+        loader.rollback()
+        rel = builds.fresh(2)
+        sibling.append(_sibling_prepare(loader, rel))
+        t0 = _ns()
+        prepared = loader.prepare(rel)
+        second.append((_ns() - t0) / 1e9)
+        prof_second.append(dict(prepared.profile))
+        loader.abort(prepared)
+
+    def prof(rows: list[dict[str, float]]) -> dict[str, float]:
+        keys = sorted({k for r in rows for k in r})
+        return {
+            k: _common.percentile([r.get(k, 0.0) for r in rows], 50)
+            * (1.0 if k.startswith("cache_") and not k.endswith("_s") else 1e3)
+            for k in keys
+        }
+
+    r50 = _common.percentile(reload_s, 50)
+    p50 = _common.percentile(pause, 50)
+    out = {
+        "rounds": rounds,
+        "load_per_round": loads,
+        "reload_ms": _ms(reload_s),
+        "prepare_first_ms": _ms(first),
+        "prepare_sibling_first_ms": _ms(sibling),
+        "prepare_second_ms": _ms(second),
+        "finish_hold_ms": _ms(pause),
+        "profile_first_ms": prof(prof_first),
+        "profile_second_ms": prof(prof_second),
+        "ratio_first": _common.percentile(first, 50) / r50 if r50 else None,
+        "ratio_second": _common.percentile(second, 50) / r50 if r50 else None,
+        "pause_ratio": r50 / p50 if p50 else None,
+    }
+    return out
+
+
 def summarize_unloaded(
     lcycles: list[LoaderCycle], warm: list[float], rcycles: list[ReloadCycle]
 ) -> dict[str, Any]:
@@ -1118,6 +1214,39 @@ def _f(d: dict[str, float], key: str, digits: int = 2) -> str:
 
 def _x(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}x"
+
+
+def print_prepare_cost(res: dict[str, Any]) -> None:
+    """Issue 18's ratios and where prepare time goes (p50 of each step, ms)."""
+    pc = res["prepare_cost"]
+
+    def pm(d: dict[str, float]) -> str:
+        return f"{d['p50']:.2f} / {d['p99']:.2f}"
+
+    print(
+        f"\nprepare cost, no threads, {pc['rounds']} interleaved rounds "
+        f"(1-min load per round: {' / '.join(f'{x:.1f}' for x in pc['load_per_round'])}):"
+    )
+    print(f"  importlib.reload of the 20 modules  p50/p99 {pm(pc['reload_ms'])} ms")
+    print(
+        f"  prepare, first worker of the host   p50/p99 {pm(pc['prepare_first_ms'])} ms "
+        f"= {pc['ratio_first']:.1f}x reload (target <= 10x)"
+    )
+    print(
+        f"  prepare, second worker of the host  p50/p99 {pm(pc['prepare_second_ms'])} ms "
+        f"= {pc['ratio_second']:.1f}x reload (target <= 2x)"
+    )
+    print(
+        f"  finish pause (gate closed)          p50/p99 {pm(pc['finish_hold_ms'])} ms: reload "
+        f"window / pause = {pc['pause_ratio']:.1f}x (target >= 10x)"
+    )
+    for label, key in (("first", "profile_first_ms"), ("second", "profile_second_ms")):
+        prof = pc[key]
+        steps = ", ".join(
+            f"{k} {v:.1f}" if not k.startswith("cache_") or k.endswith("_s") else f"{k} {v:.0f}"
+            for k, v in prof.items()
+        )
+        print(f"  profile, {label} worker (p50 per step, ms; cache counts): {steps}")
 
 
 def print_report(res: dict[str, Any]) -> None:
@@ -1380,6 +1509,8 @@ def main(args: argparse.Namespace) -> int:
             stale, total = stale_instances_after_reload(twin)
             _progress(f"loader, no threads: {n_unloaded} cycles")
             un_loader, un_warm = unloaded_loader(app, loader, builds, n_unloaded)
+            _progress(f"prepare cost, no threads: {n_unloaded} interleaved rounds")
+            prep = prepare_rounds(app, twin, loader, builds, n_unloaded)
             _progress("loader phase: prepare v2 -> finish -> rollback, guarded requests")
             with GcLog() as gclog:
                 lcycles, lrt, lquiet = run_loader_phase(
@@ -1411,12 +1542,18 @@ def main(args: argparse.Namespace) -> int:
         "process": process,
         **res,
         "unloaded": unloaded,
+        "prepare_cost": prep,
         "memory": memory,
         "reload_stale_instances": {"stale": stale, "total": total},
         "targets": {
             "finish_p99": lo["finish_hold_ms"]["p99"] <= TARGET_FINISH_P99_S * 1e3,
             "ratio": (res["ratio"]["p99"] or 0.0) >= TARGET_RATIO,
             "no_mixed": lo["mixed_version_requests"] == 0 and lo["request_errors"] == 0,
+            "prepare_10x_reload": (prep["ratio_first"] or 99.0) <= 10.0,
+            "second_worker_2x_reload": (prep["ratio_second"] or 99.0) <= 2.0,
+            "pause_10x_below_reload": (prep["pause_ratio"] or 0.0) >= 10.0,
+            "pause_p99_p50_under_threads_2": lo["finish_hold_ms"]["p99"]
+            <= 2.0 * lo["finish_hold_ms"]["p50"],
         },
         "load_average": {"start": load_before, "end": _common.warn_if_busy()},
         "other_processes_cpu_cores": foreign.cores(),
@@ -1424,6 +1561,7 @@ def main(args: argparse.Namespace) -> int:
     }
     print()
     print_report(res)
+    print_prepare_cost(res)
     _common.save_results(args, res, date, lambda r: [markdown_row(r)], MD_HEADER, MD_PREAMBLE)
     other = res["other_processes_cpu_cores"]
     if other is not None:
