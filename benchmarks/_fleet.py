@@ -405,9 +405,14 @@ class LoadProcess:
     """
 
     def __init__(
-        self, targets: Sequence[tuple[str, str]], rate: float, path: str = "/price?sku=apple&qty=2"
+        self,
+        targets: Sequence[tuple[str, str]],
+        rate: float,
+        path: str = "/price?sku=apple&qty=2",
+        *,
+        record: bool = False,
     ) -> None:
-        spec = json.dumps({"targets": list(targets), "rate": rate, "path": path})
+        spec = json.dumps({"targets": list(targets), "rate": rate, "path": path, "record": record})
         self.proc = subprocess.Popen(
             [sys.executable, str(BENCH_DIR / "_fleet.py"), "load", spec],
             stdin=subprocess.PIPE,
@@ -486,13 +491,17 @@ def _load_main(spec_json: str) -> int:
     Prints ``started``, then ``fail <t> <node> <detail>`` per failed request and
     ``version <t> <node> <key>`` whenever the versions a node answers with
     change; after stdin closes, ``summary <json>``.  ``t`` is ``time.time()``
-    when the response (or error) arrived.
+    when the response (or error) arrived.  With ``record`` in the spec, each
+    node's summary also holds ``samples``: ``[sent_at, latency_s, status,
+    version, pid, count]`` per request (status 0 for a connection error;
+    version, pid and count from the body's ``version``/``pid``/``count``).
     """
     import http.client
 
     spec = json.loads(spec_json)
     rate = float(spec["rate"])
     path = spec["path"]
+    record = bool(spec.get("record"))
     stop = threading.Event()
     out_lock = threading.Lock()
     stats: dict[str, dict[str, Any]] = {}
@@ -505,6 +514,9 @@ def _load_main(spec_json: str) -> int:
     def worker(node: str, address: str, offset: float) -> None:
         host, _, port = address.rpartition(":")
         st = stats[node] = {"ok": 0, "failed": 0, "http_500": 0, "other_failures": [], "mixed": 0}
+        samples: list[list[Any]] = []
+        if record:
+            st["samples"] = samples
         period = 1.0 / rate
         last_key = ""
         next_at = time.monotonic() + offset
@@ -514,6 +526,7 @@ def _load_main(spec_json: str) -> int:
                 break
             next_at = max(next_at + period, time.monotonic() - period)  # no catch-up bursts
             conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            sent = time.time()
             try:
                 conn.request("GET", path)
                 resp = conn.getresponse()
@@ -523,10 +536,19 @@ def _load_main(spec_json: str) -> int:
                 st["failed"] += 1
                 st["other_failures"].append(f"{type(exc).__name__}: {exc}"[:200])
                 emit(f"fail {time.time():.6f} {node} {type(exc).__name__}")
+                if record:
+                    samples.append([sent, time.time() - sent, 0, None, None, None])
                 continue
             finally:
                 conn.close()
             now = time.time()
+            if record:
+                try:
+                    doc = json.loads(body)
+                    seen = [doc.get("version"), doc.get("pid"), doc.get("count")]
+                except (ValueError, AttributeError):
+                    seen = [None, None, None]
+                samples.append([sent, now - sent, status, *seen])
             if status != 200:
                 st["failed"] += 1
                 if status == 500:

@@ -40,6 +40,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "automatic fleet rollback under HTTP load: first bad request to all nodes on the "
         "old code; false rollbacks over good upgrades",
     ),
+    "reload-vs-restart": (
+        "bench_reload_vs_restart",
+        "gunicorn's graceful reload (HUP) vs a hotfleet upgrade of the same app under the same "
+        "recorded load: failures, p99 during the change, capacity dip, time to new code, state",
+    ),
     "scale": (
         "bench_scale",
         "the control plane driving 100-1000 simulated agents: e2e, commit skew, coordinator "

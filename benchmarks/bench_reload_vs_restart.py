@@ -1,0 +1,448 @@
+"""gunicorn's own graceful reload (HUP) against a hotfleet upgrade, same app, same load.
+
+``python benchmarks/run.py reload-vs-restart``.  One gunicorn master with
+``--workers`` sync workers serves a small WSGI app (``benchapp.app``: it
+answers its version, its pid and a per-process request counter, the
+in-memory state a restart loses).  The recorded paced load of
+``_fleet.LoadProcess`` (``record``: every request's send time, latency,
+status, version, pid and counter) runs through both changes:
+
+* **HUP**: the new ``app.py`` is written to the code directory and the
+  master gets SIGHUP (new workers start, the old ones drain and exit);
+* **hotfleet**: the same master started with ``-c python:node_agent.gunicorn``
+  (one participant per worker, an embedded etcd, an elected coordinator
+  engine); the new code is pushed as a release and upgraded on every worker
+  (``window_s=0``: permanent at once), the disk is not touched.
+
+Measured for each, from the instant the change starts: failed requests,
+p99 latency of requests sent during the change (start until every worker answers
+with the new code) against the quiet p99 before it, the capacity dip
+(responses in the worst 100 ms bucket from the change start to 1 s after it
+ended, as requests/s, against the quiet median), the time until every
+worker serves the new code (the same span), and the state kept
+(every worker serving the new code continues the counter it had).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import _common
+import _fleet
+
+from coordinator.engine import RolloutOptions, Target
+from hotfleet.etcd_server import EtcdServer
+from hotfleet.release import Release
+
+APP = """\
+import itertools
+import json
+import os
+import time
+
+time.sleep({boot_s})  # what importing a real app's dependencies costs a fresh worker
+VERSION = "{version}"
+_hits = itertools.count(1)  # in-memory state: a restart starts it again
+
+
+def work():
+    return sum(i * i for i in range({n}))
+
+
+def application(environ, start_response):
+    body = json.dumps(
+        {{
+            "version": VERSION,
+            "versions": {{"benchapp.app": VERSION}},
+            "pid": os.getpid(),
+            "count": next(_hits),
+            "work": work(),
+        }}
+    ).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+V1 = APP.format(version="1", n=2000, boot_s="BOOT_S")
+V2 = APP.format(version="2", n=2001, boot_s="BOOT_S")
+
+
+def _app(source: str, boot_s: float) -> str:
+    return source.replace("BOOT_S", repr(boot_s))
+
+
+PREFIX = "/hotfleet-bench-rvr/"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=8, help="paced client threads")
+    parser.add_argument("--rate", type=float, default=40.0, help="requests/s per client")
+    parser.add_argument("--quiet-s", type=float, default=4.0, help="load before the change")
+    parser.add_argument("--after-s", type=float, default=3.0, help="load after all serve new code")
+    parser.add_argument(
+        "--boot-s",
+        type=float,
+        default=0.0,
+        help="seconds the app's import takes in a fresh worker (a real app's dependencies)",
+    )
+    parser.add_argument("--quick", action="store_true", help="shorter; results not recorded")
+    _common.add_output_arguments(parser)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _gunicorn_flags() -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True, check=False
+    ).stdout
+    return ["--no-control-socket"] if "--no-control-socket" in out else []
+
+
+class Gunicorn:
+    def __init__(self, code: Path, workers: int, env: dict[str, str], hooks: bool) -> None:
+        self.port = _free_port()
+        self.log_path = code.parent / f"{code.name}.log"
+        cmd = [sys.executable, "-m", "gunicorn"]
+        if hooks:
+            cmd += ["-c", "python:node_agent.gunicorn"]
+        cmd += ["-w", str(workers), "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "10"]
+        cmd += [*_gunicorn_flags(), "benchapp.app:application"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited:\n{self.log_path.read_text()[-3000:]}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://{self.address}/", timeout=2),
+            ):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"gunicorn not serving:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+
+
+def _code_dir(root: Path, name: str, boot_s: float) -> Path:
+    code = root / name
+    (code / "benchapp").mkdir(parents=True)
+    (code / "benchapp" / "__init__.py").write_text("")
+    (code / "benchapp" / "app.py").write_text(_app(V1, boot_s))
+    return code
+
+
+def _load(server: Gunicorn, args: argparse.Namespace) -> _fleet.LoadProcess:
+    targets = [(f"c{i}", server.address) for i in range(args.clients)]
+    return _fleet.LoadProcess(targets, args.rate, "/", record=True)
+
+
+def _samples(summary: dict[str, Any]) -> list[list[Any]]:
+    out = [s for node in summary.get("nodes", {}).values() for s in node.get("samples", [])]
+    return sorted(out, key=lambda s: s[0])
+
+
+def _wait_all_new(server: Gunicorn, settle_s: float, limit_s: float) -> None:
+    """Until every answer for ``settle_s`` comes from the new code (our own probes)."""
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + limit_s
+    good_since = None
+    while time.monotonic() < deadline:
+        version = None
+        with (
+            contextlib.suppress(OSError, ValueError),
+            urllib.request.urlopen(f"http://{server.address}/", timeout=5) as resp,
+        ):
+            version = json.loads(resp.read())["version"]
+        now = time.monotonic()
+        if version != "2":
+            good_since = None
+        elif good_since is None:
+            good_since = now
+        elif now - good_since >= settle_s:
+            return
+        time.sleep(0.02)
+    raise RuntimeError("the server does not serve only the new code")
+
+
+def measure(samples: list[list[Any]], t_change: float, t_started: float) -> dict[str, Any]:
+    quiet = [s for s in samples if t_started + 1.0 <= s[0] < t_change]
+    # every worker serves the new code: no old answer any more, and each worker that
+    # serves after the change (a HUP's new processes too) has answered with the new code
+    old_after = [s[0] + s[1] for s in samples if s[3] == "1" and s[0] >= t_change - 1]
+    first_v2: dict[int, float] = {}
+    for s in samples:
+        if s[3] == "2" and s[4] not in first_v2:
+            first_v2[s[4]] = s[0] + s[1]
+    t_all_new = max([t_change, *old_after, *first_v2.values()])
+    during = [s for s in samples if t_change <= s[0] <= t_all_new]
+    failed = [s for s in samples if s[2] != 200]
+
+    # responses per 100 ms bucket, by arrival
+    def buckets(lo: float, hi: float) -> list[int]:
+        n = max(1, int((hi - lo) / 0.1))
+        counts = [0] * n
+        for s in samples:
+            i = int((s[0] + s[1] - lo) / 0.1)
+            if 0 <= i < n:
+                counts[i] += 1
+        return counts
+
+    quiet_b = buckets(t_started + 1.0, t_change)
+    change_b = buckets(t_change, t_all_new + 1.0)
+    quiet_rate = _common.percentile([float(c) for c in quiet_b], 50) * 10
+    worst_rate = min(change_b) * 10 if change_b else float("nan")
+    # state: every pid serving v2 had served v1 and its counter went on
+    last_old: dict[int, int] = {}
+    first_new: dict[int, int] = {}
+    for s in samples:
+        if s[2] != 200:
+            continue
+        if s[3] == "1":
+            last_old[s[4]] = max(last_old.get(s[4], 0), s[5])
+        elif s[3] == "2" and s[4] not in first_new:
+            first_new[s[4]] = s[5]
+    kept = bool(first_new) and all(
+        pid in last_old and count > last_old[pid] for pid, count in first_new.items()
+    )
+    q99 = _common.percentile([s[1] for s in quiet], 99)
+    d99 = _common.percentile([s[1] for s in during], 99) if during else float("nan")
+    return {
+        "requests": len(samples),
+        "failed": len(failed),
+        "failures": sorted({str(s[2]) for s in failed}),
+        "quiet_p99_s": q99,
+        "change_p99_s": d99,
+        "change_requests": len(during),
+        "p99_ratio": d99 / q99 if q99 else float("nan"),
+        "quiet_rps": quiet_rate,
+        "worst_100ms_rps": worst_rate,
+        "all_new_s": t_all_new - t_change,
+        "workers_before": sorted(last_old),
+        "workers_after": sorted(first_new),
+        "state_kept": kept,
+    }
+
+
+def run_hup(root: Path, args: argparse.Namespace, say: Any) -> dict[str, Any]:
+    code = _code_dir(root, "hup", args.boot_s)
+    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+    server = Gunicorn(code, args.workers, env, hooks=False)
+    try:
+        server.wait_serving()
+        load = _load(server, args)
+        try:
+            t_started = time.time()
+            time.sleep(args.quiet_s)
+            (code / "benchapp" / "app.py").write_text(_app(V2, args.boot_s))
+            t_change = time.time()
+            say("HUP: new app.py written, SIGHUP to the master")
+            server.proc.send_signal(signal.SIGHUP)
+            _wait_all_new(server, 1.5, 60)
+            time.sleep(args.after_s)
+            summary = load.stop()
+        finally:
+            load.close()
+    finally:
+        server.stop()
+    return measure(_samples(summary), t_change, t_started)
+
+
+def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, Any]:
+    code = _code_dir(root, "hotfleet", args.boot_s)
+    etcd = EtcdServer(root / "etcd")
+    etcd.start()
+    leader = server = None
+    try:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("HOTFLEET_")},
+            "PYTHONPATH": os.pathsep.join([str(code), str(_common.REPO_ROOT)]),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HOTFLEET_DEV": "1",
+            "HOTFLEET_ETCD": etcd.endpoint,
+            "HOTFLEET_PREFIX": PREFIX,
+            "HOTFLEET_CODE_PATH": str(code),
+            "HOTFLEET_HOST": "h",
+            "HOTFLEET_CACHE_DIR": str(root / "cache"),
+            "HOTFLEET_SLOT_DIR": str(root / "slots"),
+            "HOTFLEET_LOG_LEVEL": "WARNING",
+        }
+        server = Gunicorn(code, args.workers, env, hooks=True)
+        server.wait_serving()
+        leader = _fleet.Leader(etcd.endpoint, PREFIX)
+        deadline = time.monotonic() + 60
+        while len(leader.engine.nodes()) < args.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"workers not registered:\n{server.log_path.read_text()[-3000:]}"
+                )
+            time.sleep(0.1)
+        release = Release.from_sources(
+            "benchapp",
+            "2",
+            {"benchapp": "", "benchapp.app": _app(V2, args.boot_s)},
+            packages=["benchapp"],
+        )
+        leader.engine.push_release(release)
+        load = _load(server, args)
+        try:
+            t_started = time.time()
+            time.sleep(args.quiet_s)
+            t_change = time.time()
+            say("hotfleet: upgrade benchapp@2 on every worker")
+            started = leader.engine.upgrade(
+                release.label, Target(all=True), RolloutOptions(window_s=0)
+            )
+            done = leader.wait(started.id, timeout=60)
+            say(f"hotfleet: rollout {done.phase.value} {done.reason}")
+            _wait_all_new(server, 1.5, 60)
+            time.sleep(args.after_s)
+            summary = load.stop()
+        finally:
+            load.close()
+        out = measure(_samples(summary), t_change, t_started)
+        out["rollout"] = done.phase.value
+        return out
+    finally:
+        if leader is not None:
+            leader.close()
+        if server is not None:
+            server.stop()
+        etcd.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.quiet_s, args.after_s = 2.0, 1.0
+    date = _common.now_utc()
+    load_before = _common.warn_if_busy()
+    say = _fleet.progress_clock()
+    root = Path(tempfile.mkdtemp(prefix="hotfleet-bench-rvr-"))
+    try:
+        hup = run_hup(root, args, say)
+        hot = run_hotfleet(root, args, say)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    ratio = hup["all_new_s"] / hot["all_new_s"] if hot["all_new_s"] else float("inf")
+    res = {
+        **_common.result_header("reload-vs-restart", date),
+        "load_average": load_before,
+        "params": {
+            "workers": args.workers,
+            "clients": args.clients,
+            "rate_per_client": args.rate,
+            "offered_rps": args.clients * args.rate,
+            "boot_s": args.boot_s,
+        },
+        "hup": hup,
+        "hotfleet": hot,
+        "new_code_sooner_ratio": ratio,
+        "targets": {
+            "zero_failed": hot["failed"] == 0,
+            "state_kept": hot["state_kept"],
+            "p99_within_1_2x": hot["p99_ratio"] <= 1.2,
+            "sooner_3x": ratio >= 3,
+        },
+    }
+    rows = [["", "HUP", "hotfleet"]]
+    fmts: list[tuple[str, Callable[[Any], str]]] = [
+        ("failed", str),
+        ("quiet_p99_s", _common.fmt_ms),
+        ("change_p99_s", _common.fmt_ms),
+        ("p99_ratio", lambda v: f"{v:.2f}x"),
+        ("change_requests", str),
+        ("quiet_rps", lambda v: f"{v:.0f}"),
+        ("worst_100ms_rps", lambda v: f"{v:.0f}"),
+        ("all_new_s", _common.fmt_ms),
+        ("state_kept", str),
+    ]
+    for key, fmt in fmts:
+        rows.append([key + (" (ms)" if key.endswith("_s") else ""), fmt(hup[key]), fmt(hot[key])])
+    print()
+    _common.print_table(rows)
+    print(f"\nnew code on every worker {ratio:.1f}x sooner with hotfleet; targets {res['targets']}")
+    _common.save_results(
+        args,
+        res,
+        date,
+        _markdown_rows,
+        [
+            "date",
+            "rev",
+            "load",
+            "app boot s",
+            "way",
+            "failed",
+            "quiet p99 ms",
+            "change p99 ms (ratio)",
+            "worst 100 ms rps / quiet",
+            "all workers new ms",
+            "state kept",
+        ],
+        "Same app (`benchapp`, per-worker counter), same paced recorded load "
+        "(`_fleet.LoadProcess`, new connection per request), one gunicorn master with sync "
+        "workers: gunicorn's HUP reload against a hotfleet upgrade (`node_agent.gunicorn` "
+        "hooks, coordinator engine, window 0). 'change' = from the change start until every worker "
+        "answers with the new code (no old answer after it, each serving worker's first new one); 'all workers new' is that span; the ratio HUP/hotfleet is "
+        "the last column of the hotfleet row.",
+    )
+    return 0
+
+
+def _markdown_rows(res: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for way in ("hup", "hotfleet"):
+        r = res[way]
+        extra = f" ({res['new_code_sooner_ratio']:.1f}x sooner)" if way == "hotfleet" else ""
+        rows.append(
+            [
+                res["date"][:16],
+                res["revision"][:8],
+                f"{res['load_average']:.2f}",
+                f"{res['params']['boot_s']:g}",
+                way,
+                str(r["failed"]),
+                _common.fmt_ms(r["quiet_p99_s"]),
+                f"{_common.fmt_ms(r['change_p99_s'])} ({r['p99_ratio']:.2f}x)",
+                f"{r['worst_100ms_rps']:.0f} / {r['quiet_rps']:.0f}",
+                _common.fmt_ms(r["all_new_s"]) + extra,
+                str(r["state_kept"]),
+            ]
+        )
+    return rows
