@@ -53,10 +53,14 @@ import _common
 import _fleet
 import grpc
 
-from coordinator.engine import RolloutOptions, Target
+from coordinator.election import Election, Session
+from coordinator.engine import Engine, RolloutOptions, Target
+from coordinator.fleet import AgentPool
 from coordinator.model import Phase, Rollout
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
+from hotfleet.etcd_client import connect
 from hotfleet.etcd_server import EtcdServer
+from hotfleet.keys import Keys
 from hotfleet.release import Release
 from hotfleet.wire import release_to_proto
 
@@ -198,7 +202,21 @@ class Workers:
                 proc.wait(5)
 
 
-def baseline(leader: _fleet.Leader, addresses: list[str], entry_release: Release) -> float:
+class ScaleLeader(_fleet.Leader):
+    """``_fleet.Leader`` on a 15 s session: 1000 simulated nodes on 2 cores starve threads."""
+
+    def __init__(self, endpoint: str, prefix: str) -> None:
+        self.client = connect(endpoint)
+        self.keys = Keys(prefix)
+        self.engine = Engine(self.client, self.keys, AgentPool(), address="bench-leader")
+        self.session = Session(self.client, ttl=15)
+        self.lead = Election(self.client, self.keys.election, self.session).campaign(
+            "bench-leader", timeout=30
+        )
+        self.engine.lead(self.lead)
+
+
+def baseline(leader: ScaleLeader, addresses: list[str], entry_release: Release) -> float:
     """Mean seconds per node of Prepare then Finish (commit now), node after node."""
     message = release_to_proto(entry_release)
     rid = f"baseline-{uuid.uuid4().hex[:8]}"
@@ -222,13 +240,13 @@ def measure_n(n: int, args: argparse.Namespace, say: Any) -> dict[str, Any]:
     etcd = EtcdServer(tmp / "etcd")
     etcd.start()
     workers: Workers | None = None
-    leader: _fleet.Leader | None = None
+    leader: ScaleLeader | None = None
     try:
         endpoint = etcd.endpoint
         t0 = time.monotonic()
         workers = Workers(endpoint, prefix, n, args)
         workers.wait_ready(120 + n * 0.2)
-        leader = _fleet.Leader(endpoint, prefix)
+        leader = ScaleLeader(endpoint, prefix)
         while len(leader.engine.nodes()) < n:
             if time.monotonic() - t0 > 120 + n * 0.2:
                 raise RuntimeError(f"only {len(leader.engine.nodes())} of {n} nodes registered")

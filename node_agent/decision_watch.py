@@ -5,7 +5,7 @@ must switch when the fleet committed even if the coordinator that prepared
 it died before sending Finish, and must drop its prepared release on an
 abort nobody delivered.  While a rollout is prepared, a thread owned by
 :class:`DecisionWatches` polls ``<prefix>rollouts/<id>/decision`` every
-0.5 s, verifies the record against etcd's history of the election
+0.5 s from about 2 s after the prepare on, verifies the record against etcd's history of the election
 (:mod:`hotfleet.decisions`) and hands it to the participant, which acts
 through the same code paths as the Finish and Abort RPCs.  Used by the real
 agent and by the simulated agents of the benchmarks alike.
@@ -14,6 +14,7 @@ agent and by the simulated agents of the benchmarks alike.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,13 +23,26 @@ from hotfleet import decisions, transient
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
 
-__all__ = ["COMMIT_GRACE_S", "DECISION_POLL_S", "DecisionWatch", "DecisionWatches"]
+__all__ = [
+    "COMMIT_GRACE_S",
+    "DECISION_POLL_S",
+    "FIRST_POLL_INTERVALS",
+    "DecisionWatch",
+    "DecisionWatches",
+]
 
 log = logging.getLogger(__name__)
 
 DECISION_POLL_S = 0.5  # only matters when the coordinator died: keep etcd and CPU load low
 
 COMMIT_GRACE_S = 1.0  # how long the decision watch leaves the switch to the coordinator
+
+# The first read waits this many poll intervals (plus a random part of one, so a fleet
+# prepared at one instant does not read in lockstep): a live coordinator delivers its
+# Finish or Abort within that, and 1000 prepared nodes polling from the start would be
+# 2000+ etcd reads a second for nothing (issue 17).  Recovery from a dead coordinator
+# is this much later, far less than its lease takes to expire anyway.
+FIRST_POLL_INTERVALS = 4
 
 
 class DecisionWatch:
@@ -84,6 +98,8 @@ class DecisionWatch:
     def _poll(self) -> None:
         failing = False
         odd = ""
+        if self.stopped.wait(self.interval * (FIRST_POLL_INTERVALS - 1 + random.random())):
+            return
         while not self.stopped.wait(self.interval):
             try:
                 decision = self._read()
