@@ -121,9 +121,11 @@ class CodeCache:
 
     def _check_directory(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = self.directory.stat()
+        st = self.directory.lstat()  # a symlink planted in a shared /tmp is refused too
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise PermissionError(f"code cache {self.directory} is not a directory of this user")
+            raise PermissionError(
+                f"code cache {self.directory} is not a directory of this user (or a symlink)"
+            )
         if st.st_mode & 0o022:
             raise PermissionError(
                 f"code cache {self.directory} is writable by group or others "

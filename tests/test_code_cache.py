@@ -90,6 +90,15 @@ def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
         CodeCache(shared)
 
 
+def test_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(PermissionError):
+        CodeCache(link)
+
+
 def test_a_compile_error_is_not_cached(tmp_path: Path) -> None:
     cache = CodeCache(tmp_path / "c")
     bad = b"def f(:\n"
@@ -107,16 +116,22 @@ def test_counting_twins_from_the_cache_match_a_fresh_instrumentation(tmp_path: P
     cached = instrument_module("m", SOURCE, "/x/m.py", cache, _digest(SOURCE))
     assert cache.hits == 1
     assert cached.slots == fresh.slots
-    assert {k: s for k, (_, s) in cached.codes.items()} == {k: s for k, (_, s) in fresh.codes.items()}
+    assert {k: s for k, (_, s) in cached.codes.items()} == {
+        k: s for k, (_, s) in fresh.codes.items()
+    }
     assert all(c.co_filename == "/x/m.py" for c, _ in cached.codes.values())
 
 
-def test_sibling_loaders_share_compiled_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sibling_loaders_share_compiled_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two loaders (sibling workers) prepare the same new module: the second compiles nothing."""
     code = tmp_path / "code"
     code.mkdir()
     cache_dir = tmp_path / "cache"
-    release = Release.from_sources("sib", "1.0.0", {"sibmod_cc": "VALUE = 1\ndef f():\n    return VALUE\n"})
+    release = Release.from_sources(
+        "sib", "1.0.0", {"sibmod_cc": "VALUE = 1\ndef f():\n    return VALUE\n"}
+    )
     first = Loader([code], code_cache=CodeCache(cache_dir))
     second = Loader([code], code_cache=CodeCache(cache_dir))
     try:
