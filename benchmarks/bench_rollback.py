@@ -39,10 +39,12 @@ path, which carries 5 % of the traffic (a second load generator at 5 % of
 request fails and the app's error rate does not move.  *detect* = first
 node's finish -> rollback rollout recorded (target <= 3 s).
 
-(d) **Coverage cost**: the loader benchmark's request loop with the counting
-on and off in alternating blocks (``_knows.coverage_overhead``), p50 per
-request, with the agent's call cap (a function past it stops being counted)
-and uncapped (the raw per-call cost).  Target <= 3 % at p50.
+(d) **Coverage cost**: the loader benchmark's request loop with every changed
+function counted and not, in many short blocks in ABBA quartets
+(``_knows.coverage_overhead``): per quartet the on/off ratio of the blocks'
+request p50 and of the thread's CPU time, the median over quartets with its
+95 % distribution-free interval; then how soon the agent's call cap retires
+every function of the loop (``_knows.retirement``).  Target <= 3 % at p50.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import _common
 import _fleet
 import _knows
 
+from coordinator.analysis import conclusive_samples
 from coordinator.engine import RolloutOptions, Target
 from coordinator.model import Phase, Rollout
 from coordinator.policy import AnalysisPolicy
@@ -161,7 +164,7 @@ def wait_healthy_baseline(
         if since >= clean_since:
             samples, _ = sampler.samples(nodes, since)
             if all(
-                sum(s.requests >= policy.min_requests for s in samples[n]) >= policy.min_samples
+                len(conclusive_samples(samples[n], policy.min_requests)) >= policy.min_samples
                 for n in nodes
             ):
                 return time.monotonic() - t0
@@ -326,9 +329,17 @@ def good_run(
     )
     outcome = done.phase.value
     paused_reason = ""
+    waiting_on: list[str] = []
+    unsure: list[str] = []
     if done.phase is Phase.PROVISIONAL:  # inconclusive: paused for the operator
         outcome = "paused"
         paused_reason = done.reason
+        waiting_on = list((done.analysis.get("paused") or {}).get("waiting_on") or [])
+        unsure = [
+            f["message"]
+            for f in done.analysis.get("findings", [])
+            if f.get("verdict") == "inconclusive"
+        ]
         leader.engine.promote(done.id)
         done = leader.wait(done.id, timeout=60)
     finishes = [n.finished_at for n in done.nodes.values() if n.finished]
@@ -337,6 +348,8 @@ def good_run(
         "release": label,
         "outcome": outcome,
         "reason": paused_reason or done.reason,
+        "waiting_on": waiting_on,
+        "inconclusive": unsure,
         "overall": done.analysis.get("overall"),
         "upgrade_e2e_s": (max(finishes) - done.created_at) if finishes else None,
         "duration_s": done.duration_s,
@@ -502,11 +515,13 @@ def run(args: argparse.Namespace, say: Any) -> dict[str, Any]:
         and out["load"]["mixed_responses"] == 0,
     }
     if args.coverage_blocks:
-        say("coverage cost: the loader benchmark's request loop, counting on/off")
-        capped = _knows.coverage_overhead(args.coverage_blocks, 2000)
-        raw = _knows.coverage_overhead(args.coverage_blocks, 2000, cap=10**12)
-        out["coverage_cost"] = {"capped": capped, "uncapped": raw}
-        out["targets"]["coverage_p50_3pct"] = capped["overhead_p50_paired_pct"] <= 3.0
+        say("coverage cost: the loader benchmark's request loop, counting on/off (ABBA)")
+        cost = _knows.coverage_overhead(args.coverage_blocks, 100)
+        cost["retirement"] = _knows.retirement()
+        cost["load_average"] = _common.warn_if_busy()
+        out["coverage_cost"] = cost
+        # while counted (every call), the median paired ratio; the interval is reported
+        out["targets"]["coverage_p50_3pct"] = cost["overhead_p50_pct"] <= 3.0
     return out
 
 
@@ -555,15 +570,21 @@ def print_report(res: dict[str, Any]) -> None:
             f"  changed code failing run {k}: rollback recorded {b['detect_s']:.2f} s after the "
             f"first finish (error_rate failed: {b['error_rate_failed']}); {b['reason'][:140]}"
         )
-    cost = r.get("coverage_cost")
-    if cost:
-        for kind, c in cost.items():
-            print(
-                f"  coverage cost ({kind}, {c['backend']}, cap {c['cap']}): p50 "
-                f"{c['p50_us_on']:.1f} vs {c['p50_us_off']:.1f} us per request, paired "
-                f"{c['overhead_p50_paired_pct']:+.1f} % ({c['functions_counted']} functions, "
-                f"{c['functions_retired']} retired)"
-            )
+    c = r.get("coverage_cost")
+    if c:
+        lo, hi = c["overhead_p50_ci_pct"]
+        clo, chi = c["overhead_cpu_ci_pct"]
+        ret = c["retirement"]
+        print(
+            f"  coverage cost while counted ({c['backend']}, Python {c['python']}, "
+            f"{c['changed_calls_per_request']:.0f} counted calls per request, {c['quartets']} "
+            f"ABBA quartets of {c['requests_per_block']}-request blocks): p50 "
+            f"{c['overhead_p50_pct']:+.1f} % [{lo:+.1f}, {hi:+.1f}] ({c['p50_us_on']:.1f} vs "
+            f"{c['p50_us_off']:.1f} us), CPU {c['overhead_cpu_pct']:+.1f} % [{clo:+.1f}, "
+            f"{chi:+.1f}] ({c['confidence']:.0%} intervals); with the cap of {ret['cap']} calls "
+            f"every function of the loop retired after {ret['requests_to_retire_all']} requests "
+            f"({ret['seconds_to_retire_all']} s), nothing counted after"
+        )
     print(
         f"good upgrades ({r.get('hogs', 0)} CPU hogs): {len(r['good_upgrades'])}: "
         + ", ".join(f"{o} {c}" for o, c in r["good_outcomes"].items())
@@ -594,7 +615,7 @@ MD_HEADER = [
     "rollback 2PC s p50",
     "false rollbacks",
     "changed code 50 % on 5 %: detect s p50/max",
-    "coverage cost p50 (capped / uncapped)",
+    "coverage cost p50 [95 % CI]",
     "other failures / mixed",
     "targets",
 ]
@@ -609,9 +630,22 @@ MD_PREAMBLE = (
     "competing with the fleet. *changed code 50 % on 5 %*: `shop@2.6.0-half`, whose new helper "
     "raises on half its calls on a path carrying 5 % of the traffic, caught by its caller (no "
     "request fails): first finish → rollback recorded (target ≤ 3 s). *coverage cost*: the "
-    "loader benchmark's request loop, counting on vs off in ABBA blocks, median of paired p50 "
-    "ratios, with the agent's call cap and uncapped (target ≤ 3 %)."
+    "loader benchmark's request loop with every changed function counted vs not, many short "
+    "blocks in ABBA quartets, per quartet the on/off ratio of the blocks' request p50 (and of "
+    "the thread's CPU time), median over quartets with its 95 % distribution-free interval; "
+    "then how many requests until the agent's call cap retired every function (target ≤ 3 %)."
 )
+
+
+def _coverage_cell(c: dict[str, Any]) -> str:
+    lo, hi = c["overhead_p50_ci_pct"]
+    clo, chi = c["overhead_cpu_ci_pct"]
+    ret = c["retirement"]
+    return (
+        f"{c['overhead_p50_pct']:+.1f} % [{lo:+.1f}, {hi:+.1f}] (CPU {c['overhead_cpu_pct']:+.1f} % "
+        f"[{clo:+.1f}, {chi:+.1f}]) while counted, {c['changed_calls_per_request']:.0f} calls/req; "
+        f"0 after the cap ({ret['requests_to_retire_all']} requests)"
+    )
 
 
 def markdown_row(res: dict[str, Any]) -> list[str]:
@@ -636,9 +670,7 @@ def markdown_row(res: dict[str, Any]) -> list[str]:
         f"{_s(r['partial_detect_s'], 'p50')} / {_s(r['partial_detect_s'], 'max')}"
         if r.get("partial_runs")
         else "n/a",
-        " / ".join(f"{c['overhead_p50_paired_pct']:+.1f} %" for c in r["coverage_cost"].values())
-        if r.get("coverage_cost")
-        else "n/a",
+        _coverage_cell(r["coverage_cost"]) if r.get("coverage_cost") else "n/a",
         f"{r['load']['other_failures']} / {r['load']['mixed_responses']}",
         ", ".join(f"{k} {_ok(v).lower()}" for k, v in r["targets"].items()),
     ]
@@ -691,8 +723,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--coverage-blocks",
         type=int,
-        default=12,
-        help="on/off block pairs of the coverage-cost measure (0 skips it; default 12)",
+        default=150,
+        help="ABBA quartets of 100-request blocks of the coverage-cost measure (0 skips it; "
+        "default 150)",
     )
     parser.add_argument(
         "--quick",

@@ -24,7 +24,9 @@ Data flow
 
 Judging rules (per node)
 ------------------------
-* Events: crash/restart, lease lost, smoke check failed -> FAIL at once.
+* Events: crash/restart, lease lost, smoke check failed -> FAIL at once; a
+  lease lost by a node that still answers Health from the same process (a
+  keepalive starved on a saturated host) is INCONCLUSIVE while it lasts.
 * Error rate: each sample's rate is judged by the lower bound of its Wilson
   (1 - alpha) confidence interval against min(max_error_rate, baseline rate +
   max_error_rate_increase); ``failure_limit`` consecutive breaching samples ->
@@ -43,9 +45,14 @@ Judging rules (per node)
   (``tolerance`` x |baseline median|, at least ``min_effect[metric]``), at each
   of the last ``failure_limit`` evaluations (window prefixes) -> FAIL.
 * A node PASSes only with at least ``min_samples`` conclusive samples
-  (``min_requests`` requests each) on both sides; otherwise it is
+  (``min_requests`` requests each; consecutive thin intervals are merged
+  into one, :func:`conclusive_samples`) on both sides; otherwise it is
   INCONCLUSIVE.  Too little data can FAIL a node on overwhelming evidence,
   never PASS it.
+* Contention: a node whose host CPU was saturated for half the window while
+  its CPU per request stayed put has its latency FAILs turned INCONCLUSIVE,
+  except a p99 breach with the median unchanged, which PASSes (the tail of a
+  saturated host is the scheduler's).
 
 Latency samples for Mann-Whitney
 --------------------------------
@@ -710,6 +717,70 @@ def _pool(samples: Sequence[Sample]) -> tuple[tuple[float, ...], list[int]] | No
     return bounds, counts
 
 
+def merge_samples(samples: Sequence[Sample]) -> Sample:
+    """Consecutive samples of one node as one longer interval (their sums; last gauges)."""
+    if not samples:
+        raise ValueError("merge_samples of nothing")
+    if len(samples) == 1:
+        return samples[0]
+    last = samples[-1]
+    counts = [0] * len(last.latency_counts)
+    for s in samples:
+        for i, c in enumerate(s.latency_counts):
+            counts[i] += c
+    sums = [s.latency_sum_s for s in samples]
+    return Sample(
+        t=last.t,
+        duration_s=sum(s.duration_s for s in samples),
+        requests=sum(s.requests for s in samples),
+        errors=sum(s.errors for s in samples),
+        latency_bounds_s=last.latency_bounds_s,
+        latency_counts=tuple(counts),
+        uncaught=sum(s.uncaught for s in samples),
+        gauges=dict(last.gauges),
+        cpu_s=sum(s.cpu_s for s in samples),
+        rss_bytes=last.rss_bytes,
+        release=last.release,
+        latency_sum_s=None if any(v is None for v in sums) else sum(v or 0.0 for v in sums),
+        host_busy_s=sum(s.host_busy_s for s in samples),
+        host_total_s=sum(s.host_total_s for s in samples),
+    )
+
+
+def conclusive_samples(samples: Sequence[Sample], min_requests: int) -> list[Sample]:
+    """One node's samples as conclusive ones: consecutive intervals merged to >= ``min_requests``.
+
+    A sample with enough requests stands alone; thinner ones are merged with
+    the next until the merged interval has ``min_requests`` (a remainder too
+    thin to stand goes into the last conclusive one).  On a busy host the
+    sampler's intervals and the traffic in them are uneven (a starved load
+    generator sends 8 requests in one half-second and 14 in the next): judged
+    per interval, half the evidence would be dropped and a node with 150
+    requests in its window would be "too little traffic"; merged, the same
+    requests make fewer but conclusive samples.  Samples with another
+    histogram shape start a new chunk.
+    """
+    out: list[Sample] = []
+    acc: list[Sample] = []
+    for s in samples:
+        if acc and (
+            s.latency_bounds_s != acc[-1].latency_bounds_s
+            or len(s.latency_counts) != len(acc[-1].latency_counts)
+        ):
+            acc = []  # cannot merge across a histogram change: the remainder is dropped
+        acc.append(s)
+        if sum(a.requests for a in acc) >= min_requests:
+            out.append(merge_samples(acc))
+            acc = []
+    if acc and out and sum(a.requests for a in acc) > 0:
+        last = out[-1]
+        if last.latency_bounds_s == acc[-1].latency_bounds_s and len(last.latency_counts) == len(
+            acc[-1].latency_counts
+        ):
+            out[-1] = merge_samples([last, *acc])
+    return out
+
+
 class Judge:
     """Judges a rollback window against a baseline (and peers), per node and metric."""
 
@@ -740,12 +811,15 @@ class Judge:
         for ev in events:
             by_node.setdefault(ev.node, []).append(ev)
         nodes = sorted(set(current) | {n for n in by_node if n not in (peers or {})})
+        p = self.policy
         peer_pool: list[Sample] = [s for ss in (peers or {}).values() for s in ss]
+        good_peers = [
+            c for ss in (peers or {}).values() for c in conclusive_samples(ss, p.min_requests)
+        ]
         for node in nodes:
-            findings += self._events(node, by_node.get(node, []))
-            findings += self._node(
-                node, list(baseline.get(node, ())), list(current.get(node, ())), peer_pool
-            )
+            cur = list(current.get(node, ()))
+            findings += self._events(node, by_node.get(node, []), cur)
+            findings += self._node(node, list(baseline.get(node, ())), cur, peer_pool, good_peers)
         if not nodes:
             findings.append(
                 Finding("", "samples", None, None, "data", None, None, Outcome.INCONCLUSIVE,
@@ -792,7 +866,7 @@ class Judge:
         )
 
     # ------------------------------------------------------------ events
-    def _events(self, node: str, events: list[Event]) -> list[Finding]:
+    def _events(self, node: str, events: list[Event], cur: Sequence[Sample] = ()) -> list[Finding]:
         out = []
         for ev in events:
             if ev.kind is EventKind.CRASH and not self.policy.fail_on_crash:
@@ -800,15 +874,52 @@ class Judge:
             if ev.kind is EventKind.LEASE_LOST and not self.policy.fail_on_lease_loss:
                 continue
             detail = f": {ev.detail}" if ev.detail else ""
+            alive = self._answering(ev, cur) if ev.kind is EventKind.LEASE_LOST else ""
+            if alive:
+                out.append(
+                    Finding(node, ev.kind.value, 1.0, 0.0, "event", None, None,
+                            Outcome.INCONCLUSIVE, f"{node} {ev.kind.value}{detail}; not a failure: {alive}")
+                )  # fmt: skip
+                continue
             out.append(
                 Finding(node, ev.kind.value, 1.0, 0.0, "event", None, None, Outcome.FAIL,
                         f"{node} {ev.kind.value}{detail}")
             )  # fmt: skip
         return out
 
+    def _answering(self, ev: Event, cur: Sequence[Sample]) -> str:
+        """Why a node whose lease expired is not down, or "".
+
+        A lease is a proxy for "the node is alive"; a Health reply is direct
+        evidence.  On a saturated host an agent's lease keepalive can miss its
+        TTL while the process keeps serving (it re-registers when its session
+        comes back).  A node that died stops answering Health when it dies,
+        which is at least a lease TTL before its lease is found expired; so a
+        node whose latest Health reply, from the same process (no crash
+        event), came within ``2 x interval_s`` (1 s at least) of the moment its
+        lease was found missing is alive: INCONCLUSIVE while the lease is
+        away, never FAIL.  Once it stops answering, the lease loss fails it.
+        """
+        if not cur or ev.t <= 0:
+            return ""
+        fresh = max(2.0 * self.policy.interval_s, 1.0)
+        age = ev.t - cur[-1].t
+        if age > fresh:
+            return ""
+        return (
+            f"it answered Health {max(0.0, age):.1f} s before (the process is up, serving "
+            f"{cur[-1].requests} requests in its last sample): a lease keepalive starved, "
+            "not a node down"
+        )
+
     # -------------------------------------------------------------- node
     def _node(
-        self, node: str, base: list[Sample], cur: list[Sample], peer_pool: list[Sample]
+        self,
+        node: str,
+        base: list[Sample],
+        cur: list[Sample],
+        peer_pool: list[Sample],
+        good_peers: list[Sample] | None = None,
     ) -> list[Finding]:
         p = self.policy
         if not cur:
@@ -817,8 +928,9 @@ class Judge:
                         Outcome.INCONCLUSIVE, f"{node} has no health samples since the upgrade")
             ]  # fmt: skip
         out: list[Finding] = []
-        good_cur = [s for s in cur if s.requests >= p.min_requests]
-        good_base = [s for s in base if s.requests >= p.min_requests]
+        # conclusive samples: consecutive intervals merged to >= min_requests each
+        good_cur = conclusive_samples(cur, p.min_requests)
+        good_base = conclusive_samples(base, p.min_requests)
         enough = len(good_cur) >= p.min_samples
         base_ok = len(good_base) >= p.min_samples
         if not enough:
@@ -826,8 +938,9 @@ class Judge:
             out.append(
                 Finding(node, "samples", float(len(good_cur)), float(p.min_samples), "data", None, None,
                         Outcome.INCONCLUSIVE,
-                        f"{node} too little traffic: {len(good_cur)} of {p.min_samples} samples needed "
-                        f"had >= {p.min_requests} requests ({total} requests in {len(cur)} samples)",
+                        f"{node} too little traffic: {total} requests in {len(cur)} samples make "
+                        f"{len(good_cur)} of the {p.min_samples} samples of >= {p.min_requests} "
+                        "requests needed to pass",
                         samples=len(good_cur))
             )  # fmt: skip
         if not base_ok:
@@ -835,11 +948,13 @@ class Judge:
             out.append(
                 Finding(node, "baseline", float(len(good_base)), float(p.min_samples), "data", None, None,
                         Outcome.INCONCLUSIVE,
-                        f"{node} baseline too thin: {len(good_base)} of {p.min_samples} samples needed "
-                        f"had >= {p.min_requests} requests ({total} requests in {len(base)} samples)",
+                        f"{node} baseline too thin: {total} requests in {len(base)} samples make "
+                        f"{len(good_base)} of the {p.min_samples} samples of >= {p.min_requests} "
+                        "requests needed",
                         samples=len(good_base))
             )  # fmt: skip
-        good_peers = [s for s in peer_pool if s.requests >= p.min_requests]
+        if good_peers is None:
+            good_peers = conclusive_samples(peer_pool, p.min_requests)
         # Latency against the nodes still on the old release when there are
         # enough of them: same moment, same host load; the baseline is not.
         by_peers = p.latency_vs_peers and len(good_peers) >= p.min_samples
@@ -863,11 +978,25 @@ class Judge:
                 )
         contention = self._contention(base, cur)
         if contention:
+            # The tail of a saturated host is the scheduler's: with the median
+            # unchanged (no p50 finding failed, threshold or Mann-Whitney) and
+            # the worker doing no more work per request, a p99 breach is the
+            # contention's and does not hold the release back.  A median shift
+            # (a sleep, a lock: 2.3.0-slow) stays INCONCLUSIVE: never promoted
+            # on this evidence, never rolled back either.
+            median_ok = enough and not any(
+                f.verdict is Outcome.FAIL and f.metric in ("latency_p50", "latency_mean")
+                for f in out
+            )
+            tail_ok = "; the median did not move: the tail is the host's"
             out = [
                 dataclasses.replace(
                     f,
-                    verdict=Outcome.INCONCLUSIVE,
-                    message=f"{f.message}; not a failure: {contention}",
+                    verdict=Outcome.PASS
+                    if median_ok and f.metric == "latency_p99"
+                    else Outcome.INCONCLUSIVE,
+                    message=f"{f.message}; not a failure: {contention}"
+                    + (tail_ok if median_ok and f.metric == "latency_p99" else ""),
                 )
                 if f.verdict is Outcome.FAIL and f.metric.startswith("latency")
                 else f
@@ -1213,7 +1342,7 @@ class Judge:
         obs = [
             v for v in _chunked_quantiles(cur_samples, 0.99, p.min_requests_p99) if v is not None
         ]
-        enough = sum(1 for s in cur_samples if s.requests >= p.min_requests) >= p.min_samples
+        enough = len(conclusive_samples(cur_samples, p.min_requests)) >= p.min_samples
         if (len(ref) < p.judge_min_samples or len(obs) < p.judge_min_samples) and enough:
             return Finding(
                 node, metric, statistics.median(obs) if obs else None, None, test, None, None,

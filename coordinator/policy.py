@@ -76,6 +76,10 @@ class AnalysisPolicy:
     #: Conclusive samples each side (baseline and window) needs before a node can
     #: PASS.  8 is where the Mann-Whitney normal approximation is sound; fewer
     #: is INCONCLUSIVE, never a silent pass (Argo #4479, Kayenta's mustHaveData).
+    #: Consecutive intervals with fewer than ``min_requests`` are merged into
+    #: one conclusive sample, not dropped: on a busy host the traffic per
+    #: interval is uneven, and 150 requests in a window are evidence however
+    #: the sampler happened to slice them.
     min_samples: int = 8
     #: Conclusive window samples before the statistical judge may FAIL a node.
     #: With 4 vs a 20-sample baseline the exact test reaches p = 1e-4, so a

@@ -28,11 +28,13 @@ import threading
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node_agent._patch import MISSING, InstallModule, Op, SetClassAttr, SetCode, SetItem
-from node_agent._prologue import CALLS, RAISED, Instrumented
-from node_agent.metrics import HostCpu, _labels
+from node_agent._prologue import RAISED, Instrumented, calls_name
+
+if TYPE_CHECKING:  # the loader imports this module in a bare interpreter (no grpc)
+    from node_agent.metrics import HostCpu
 
 __all__ = [
     "ChangedFunction",
@@ -49,6 +51,12 @@ __all__ = [
 #: nothing at all; the judge's error ratio of the changed code rests on the
 #: first CALLS_CAP calls of each function, far more than its Wilson bound needs.
 CALLS_CAP = 500
+#: Seconds between two folds of the counts while counting (retiring functions
+#: past the cap, and emptying the 3.11 prologue's call lists), whether or not
+#: anyone asks for a report: a hot function stops costing anything within
+#: this long of reaching the cap, and a call list never holds more than this
+#: long's calls.
+FOLD_S = 0.2
 
 _TOOL_IDS = (4, 3)  # 1 is coverage.py's, 2 profilers', 0 debuggers', 5 optimizers'
 _TOOL_NAME = "hotfleet-coverage"
@@ -249,32 +257,43 @@ class _Monitoring:
 
 
 class _Prologue:
-    """3.11: swap each changed function's code for its counting twin (same object)."""
+    """3.11: swap each changed function's code for its counting twin (same object).
+
+    A counted call appends ``None`` to its slot's list (the cheapest count
+    3.11 can run, see :mod:`node_agent._prologue`); :meth:`counts` folds a
+    list's length into the function's count and empties it (``del l[:n]``
+    is one C operation: calls appended meanwhile stay for the next fold), so
+    a list holds at most the calls between two folds (the owner folds every
+    :data:`FOLD_S`).
+    """
 
     name = "prologue"
 
     def __init__(self, instrumented: Mapping[str, Instrumented]) -> None:
         self.instrumented = instrumented
         self.swapped: list[tuple[types.FunctionType, types.CodeType, types.CodeType]] = []
-        self.slot: dict[int, tuple[list[int], list[int], int]] = {}
+        # id(code) -> (its call list, folded calls so far [one-item list], raised list, slot)
+        self.slot: dict[int, tuple[list[None], list[int], list[int], int]] = {}
 
     def start(self, targets: Sequence[ChangedFunction]) -> None:
-        counters: dict[str, tuple[list[int], list[int]]] = {}
+        raised_lists: dict[str, list[int]] = {}
         for t in targets:
             inst = self.instrumented.get(t.module)
             hit = inst.variant(t.code) if inst is not None else None
             if inst is None or hit is None:
                 continue  # not counted: reported with zero calls, see Coverage.report
             twin, slot = hit
-            pair = counters.get(t.module)
-            if pair is None:
-                pair = counters[t.module] = ([0] * inst.slots, [0] * inst.slots)
-            self.slot[id(t.code)] = (pair[0], pair[1], slot)
+            raised = raised_lists.get(t.module)
+            if raised is None:
+                raised = raised_lists[t.module] = [0] * inst.slots
+            hits: list[None] = []
+            self.slot[id(t.code)] = (hits, [0], raised, slot)
             for fn in t.functions:
                 if fn.__code__ is t.code:
                     # the lists stay bound after stop: a closure made meanwhile by a
                     # counting body keeps counting harmlessly instead of failing
-                    fn.__globals__[CALLS], fn.__globals__[RAISED] = pair
+                    fn.__globals__[calls_name(slot)] = hits
+                    fn.__globals__[RAISED] = raised
                     fn.__code__ = twin
                     self.swapped.append((fn, t.code, twin))
 
@@ -282,8 +301,12 @@ class _Prologue:
         hit = self.slot.get(id(target.code))
         if hit is None:
             return 0, 0
-        calls, raised, slot = hit
-        return calls[slot], raised[slot]
+        hits, folded, raised, slot = hit
+        n = len(hits)
+        if n:
+            del hits[:n]
+            folded[0] += n
+        return folded[0], raised[slot]
 
     def retire(self, target: ChangedFunction) -> None:
         """Stop counting one function: the plain code goes back into its function objects."""
@@ -313,16 +336,21 @@ class Coverage:
 
     ``start`` after finish, ``stop`` at make_permanent, rollback or the next
     finish; ``report`` any time (after ``stop`` it keeps the last counts,
-    ``active`` false).  Each report retires the functions that reached ``cap``
-    calls (see :data:`CALLS_CAP`); the Health RPC reports every interval, so a
-    hot path stops paying for counting within a second.  Thread-safe for
+    ``active`` false).  Each report, and a fold every ``fold_s`` while
+    counting (a thread of its own, so it does not depend on anyone polling
+    Health), retires the functions that reached ``cap`` calls (see
+    :data:`CALLS_CAP`): a hot path stops paying for counting within
+    ``fold_s`` of its cap.  Thread-safe for
     start/stop/report; the counting itself
     runs lock-free in the calling threads (a lost increment under a data race
     is acceptable for a health signal; no lock may sit on the request path).
     """
 
-    def __init__(self, cap: int = CALLS_CAP) -> None:
+    def __init__(self, cap: int = CALLS_CAP, fold_s: float = FOLD_S) -> None:
         self.cap = cap
+        self.fold_s = fold_s
+        self._folder: threading.Thread | None = None
+        self._folding = threading.Event()
         self._retired: dict[int, tuple[int, int]] = {}  # id(code) -> counts when retired
         self._lock = threading.Lock()
         self._release = ""
@@ -352,12 +380,35 @@ class Coverage:
                 self.error = f"changed-code coverage off: {exc}"
                 return
             self._backend = backend
+            if self.fold_s > 0:
+                self._folding = threading.Event()
+                self._folder = threading.Thread(
+                    target=self._fold_loop,
+                    args=(self._folding, backend),
+                    name="hotfleet-coverage-fold",
+                    daemon=True,
+                )
+                self._folder.start()
+
+    def _fold_loop(self, stop: threading.Event, backend: _Monitoring | _Prologue) -> None:
+        """Every ``fold_s`` while ``backend`` counts: fold counts, retire functions past the cap."""
+        while not stop.wait(self.fold_s):
+            with self._lock:
+                if self._backend is not backend:
+                    return
+                self._collect(backend)
+                if all(id(t.code) in self._retired for t in self._targets):
+                    return  # everything retired: nothing left to fold
 
     def stop(self) -> None:
         with self._lock:
             self._stop_locked()
+            folder, self._folder = self._folder, None
+        if folder is not None and folder is not threading.current_thread():
+            folder.join(5)
 
     def _stop_locked(self) -> None:
+        self._folding.set()
         if self._backend is not None:
             self._final = self._collect(self._backend)
             self._backend.stop()
@@ -392,6 +443,7 @@ class Coverage:
 
 def prometheus_lines(report: CoverageReport, labels: Mapping[str, str]) -> str:
     """Prometheus text for a coverage report; ``labels`` (e.g. node) go on every sample."""
+    from node_agent.metrics import _labels  # not at the top: see TYPE_CHECKING above
 
     def lbl(more: Mapping[str, str]) -> str:
         return _labels({**labels, **more})

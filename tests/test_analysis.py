@@ -370,7 +370,8 @@ def test_low_traffic_is_inconclusive_never_pass() -> None:
     cur = {"n1": series(rng, 20, fast, per=3)}
     v = Judge().evaluate(base, cur)
     assert v.overall is Outcome.INCONCLUSIVE
-    assert v.reason.startswith("inconclusive: n1 too little traffic: 0 of 8 samples")
+    assert v.reason.startswith("inconclusive: n1 too little traffic: 60 requests in 20 samples")
+    assert "make 5 of the 8 samples of >= 10 requests" in v.reason
     assert v.action(AnalysisPolicy(), window_over=True) == "pause"
     rollback = AnalysisPolicy.from_mapping({"on_inconclusive": "rollback"})
     assert v.action(rollback, window_over=True) == "rollback"

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -156,4 +157,28 @@ def test_a_function_stops_costing_once_it_has_enough_calls(cb: Codebase) -> None
     assert after["svc:price"] == 10  # frozen: no longer counted
     assert cb.loader.coverage.active  # the other functions still are
     if sys.version_info < (3, 12):
-        assert "__hotfleet_calls__" not in price.__code__.co_names  # the plain code is back
+        names = price.__code__.co_names
+        assert not [n for n in names if n.startswith("__hotfleet_")]  # the plain code is back
+
+
+def test_counts_fold_and_retire_without_anyone_asking(cb: Codebase) -> None:
+    """The fold thread retires a function past the cap even when no Health RPC reports."""
+    mods = cb.boot(BOOT)
+    price = mods["svc"].price
+    cb.loader.coverage.cap = 5
+    cb.loader.coverage.fold_s = 0.02
+    cb.upgrade("2", V2)
+    for x in range(6):
+        price(x)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if sys.version_info >= (3, 12):
+            break  # no code to look at: the counts below say it
+        if not [n for n in price.__code__.co_names if n.startswith("__hotfleet_")]:
+            break
+    time.sleep(0.1)
+    for x in range(4):
+        price(x)
+    counts = {f.name.split(".", 1)[1]: f.calls for f in cb.loader.coverage.report().functions}
+    assert counts["svc:price"] == 6  # retired by the fold before the last 4 calls

@@ -8,6 +8,7 @@ overall error rate, fails here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -223,3 +224,84 @@ def test_new_knobs_parse_from_toml_and_cli_spellings() -> None:
     assert p.changed_code_max_error_rate == pytest.approx(0.35)
     assert p.cpu_saturation is None and p.changed_code_min_calls == 10
     assert AnalysisPolicy.from_mapping(p.to_mapping()) == p
+
+
+# ===================================================== starved load, busy host
+def test_thin_intervals_are_merged_not_dropped() -> None:
+    # a starved load generator: 7 requests per 0.5 s interval, 140 in the window;
+    # judged per interval none would count (min_requests 10) and the window paused
+    base = {"n1": node_series(1, per=7)}
+    cur = {"n1": node_series(2, per=7)}
+    v = Judge().evaluate(base, cur)
+    assert v.overall is Outcome.PASS, v.reason
+    # the same trickle still shows a latency regression ...
+    slow = {"n1": node_series(3, per=7, median_s=0.02, busy=0.5)}
+    v = Judge().evaluate(base, slow)
+    assert v.overall is Outcome.FAIL and latency_failures(v), v.reason
+    # ... and a release failing 40 % of its requests
+    bad = {"n1": node_series(4, per=7, err=0.4)}
+    v = Judge().evaluate(base, bad)
+    assert v.overall is Outcome.FAIL and v.failures[0].metric == "error_rate", v.reason
+
+
+def test_truly_too_little_traffic_still_pauses() -> None:
+    base = {"n1": node_series(1, per=2)}  # 40 requests in 10 s: 4 merged samples of 10
+    cur = {"n1": node_series(2, per=2)}
+    v = Judge().evaluate(base, cur)
+    assert v.overall is Outcome.INCONCLUSIVE and "too little traffic" in v.reason
+
+
+def test_conclusive_samples_keep_every_request() -> None:
+    from coordinator.analysis import conclusive_samples
+
+    samples = node_series(1, n=10, per=4)  # 40 requests
+    merged = conclusive_samples(samples, 10)
+    assert [s.requests for s in merged] == [12, 12, 16]  # the last 4 join the last chunk
+    assert sum(sum(s.latency_counts) for s in merged) == 40
+    assert math.isclose(sum(s.duration_s for s in merged), 5.0)
+    assert conclusive_samples(node_series(1, n=2, per=40), 10) == node_series(1, n=2, per=40)
+
+
+def test_lease_lost_while_answering_health_is_not_a_node_down() -> None:
+    from coordinator.analysis import Event, EventKind
+
+    base, cur = {"n1": node_series(1)}, {"n1": node_series(2)}
+    last = cur["n1"][-1].t
+    starved = Event("n1", EventKind.LEASE_LOST, "its membership lease expired", last + 0.4)
+    v = Judge().evaluate(base, cur, [starved])
+    assert v.overall is Outcome.INCONCLUSIVE, v.reason  # never a pass while it is away
+    assert "keepalive starved" in v.reason
+    # a node that stopped answering (it died a lease TTL before) is down
+    dead = Event("n1", EventKind.LEASE_LOST, "its membership lease expired", last + 3.5)
+    v = Judge().evaluate(base, cur, [dead])
+    assert v.overall is Outcome.FAIL and v.failures[0].metric == "lease_lost"
+    # no samples at all: no evidence it is alive
+    v = Judge().evaluate(base, {"n1": []}, [dead])
+    assert v.overall is Outcome.FAIL
+
+
+def test_tail_only_spike_on_a_saturated_host_passes_a_median_shift_does_not() -> None:
+    base = {"n1": node_series(1, busy=0.95)}
+    rng = random.Random(9)
+    cur = []
+    for s in node_series(2, busy=0.99):
+        # the same median, and 3 of 40 requests stuck behind the CPU hogs for 0.3-0.5 s
+        lat = [rng.lognormvariate(math.log(0.004), 0.3) for _ in range(37)]
+        lat += [rng.uniform(0.3, 0.5) for _ in range(3)]
+        cur.append(
+            Sample.from_latencies(lat, t=s.t, cpu_s=s.cpu_s, host_busy_s=s.host_busy_s,
+                                  host_total_s=s.host_total_s)
+        )  # fmt: skip
+    v = Judge().evaluate(base, {"n1": cur})
+    assert v.overall is Outcome.PASS, v.reason
+    tail = [
+        f for f in v.findings if f.metric == "latency_p99" and "tail is the host's" in f.message
+    ]
+    assert tail
+    # without saturation the same tail is a regression
+    calm = [dataclasses.replace(s, host_busy_s=0.4 * s.host_total_s) for s in cur]
+    assert Judge().evaluate(base, {"n1": calm}).overall is Outcome.FAIL
+    # a median shift on the saturated host stays inconclusive (a sleep: 2.3.0-slow)
+    slow = {"n1": node_series(3, median_s=0.084, busy=0.99)}
+    v = Judge().evaluate(base, slow)
+    assert v.overall is Outcome.INCONCLUSIVE, v.reason
