@@ -52,10 +52,23 @@ log = logging.getLogger("hotfleet.coordinator.service")
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "REFUSAL_STATUS",
     "CoordinatorServicer",
     "serve",
 ]
 
+#: The gRPC status each refusal travels with.
+REFUSAL_STATUS: dict[Refusal, grpc.StatusCode] = {
+    Refusal.BUSY: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Refusal.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.NO_TARGETS: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.DOWNGRADE: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.NOT_LEADER: grpc.StatusCode.UNAVAILABLE,
+    Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Refusal.QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 # A release push carries every source; keep well above any sane bundle.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's default limit on received metadata is 8 KiB, and the status message
@@ -80,7 +93,7 @@ def _refuse(context: grpc.ServicerContext, code: Refusal, message: str, leader: 
     if code is Refusal.NOT_LEADER:
         metadata.append((LEADER_KEY, leader))
     context.set_trailing_metadata(metadata)
-    context.abort(code.status, _clip(message))
+    context.abort(REFUSAL_STATUS[code], _clip(message))
 
 
 def _retry_budget(context: grpc.ServicerContext) -> float:

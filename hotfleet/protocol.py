@@ -1,17 +1,17 @@
 """Wire vocabulary shared by the coordinator service, its engine and coordctl.
 
 Why one place: a refusal code is a contract with scripts (``coordctl -o
-json`` and exit codes branch on it) and with the gRPC status a client sees;
-spelled as strings in three modules, the three tables drifted (a code the
-service did not know was sent as ``FAILED_PRECONDITION`` and mapped to no
-exit code).  Every code, its gRPC status and its meaning are here.
+json`` and exit codes branch on it); spelled as strings in three modules, the
+three tables drifted (a code the service did not know was sent as
+``FAILED_PRECONDITION`` and mapped to no exit code).  Every code and its
+meaning are here; the gRPC status each travels with is the service's
+(:mod:`coordinator.service`).  No third-party import: the worker's metrics
+read the latency bounds from here, in interpreters that may lack grpc.
 """
 
 from __future__ import annotations
 
 import enum
-
-import grpc
 
 __all__ = [
     "AGENT_READY",
@@ -50,24 +50,6 @@ class Refusal(enum.StrEnum):
     QUOTA = "quota"  # the push would pass a content-store limit
 
     @property
-    def status(self) -> grpc.StatusCode:
-        """The gRPC status a refusal travels with."""
-        return _STATUS[self]
-
-    @property
     def retryable(self) -> bool:
         """Whether the same request may succeed later without a change (coordctl: exit 6)."""
         return self in (Refusal.NOT_LEADER, Refusal.UNAVAILABLE)
-
-
-_STATUS = {
-    Refusal.BUSY: grpc.StatusCode.FAILED_PRECONDITION,
-    Refusal.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Refusal.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    Refusal.NO_TARGETS: grpc.StatusCode.INVALID_ARGUMENT,
-    Refusal.DOWNGRADE: grpc.StatusCode.FAILED_PRECONDITION,
-    Refusal.NOT_LEADER: grpc.StatusCode.UNAVAILABLE,
-    Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Refusal.QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}

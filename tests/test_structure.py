@@ -89,3 +89,16 @@ def test_no_module_imports_itself_through_others() -> None:
         if name not in state:
             visit(name)
     assert cycles == []
+
+
+def test_what_the_worker_reads_in_bare_interpreters_needs_no_third_party_package() -> None:
+    """hotfleet.protocol is read by the worker's metrics and by the coverage checks run in
+    interpreters that have nothing installed (3.12/3.13 without grpc): stdlib only."""
+    tree = ast.parse((ROOT / "hotfleet" / "protocol.py").read_text())
+    imported = {
+        (a.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+        for node in tree.body
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for a in (node.names if isinstance(node, ast.Import) else [node])
+    }
+    assert imported <= {"__future__", "enum"}, imported
