@@ -62,6 +62,9 @@ class HealthSampler:
         self._lock = threading.Lock()
         self._history: dict[str, deque[Snapshot]] = {}
         self._members: dict[str, tuple[float, NodeInfo]] = {}  # last time seen registered
+        self._recycled: dict[
+            str, int
+        ] = {}  # node -> pid of the process that replaced one on purpose
         self._stop = threading.Event()
         self._quiet_until = 0.0  # unix time before which no new round starts
         self._fleet_size = 0  # nodes in the last round: paces the next one
@@ -128,6 +131,7 @@ class HealthSampler:
         now = time.time()
         with self._lock:
             for n in nodes:
+                self._note_recycle(n)
                 self._members[n.node_id] = (now, n)
 
         def one(n: NodeInfo) -> tuple[str, Snapshot | None]:
@@ -143,6 +147,29 @@ class HealthSampler:
             if snap is not None:
                 with self._lock:
                     self._history.setdefault(node, deque(maxlen=self._keep)).append(snap)
+
+    def _note_recycle(self, n: NodeInfo) -> None:
+        """A new process behind a node whose last record said ``stopping`` (lock held).
+
+        A worker its server recycled on purpose (gunicorn's ``max_requests``, a
+        graceful reload of one worker) announces ``stopping`` before it exits,
+        and its successor takes the same node id.  That is no crash: its
+        counters start a fresh series (never compared with the old process's)
+        and :meth:`lost` does not report it.
+        """
+        seen = self._members.get(n.node_id)
+        if seen is None or not (seen[1].pid and n.pid) or seen[1].pid == n.pid:
+            return
+        if seen[1].state != "stopping":
+            return
+        self._history.pop(n.node_id, None)
+        self._recycled[n.node_id] = n.pid
+        log.info(
+            "node %s: its worker was recycled (pid %d -> %d); a fresh series of samples",
+            n.node_id,
+            seen[1].pid,
+            n.pid,
+        )
 
     def samples(
         self, nodes: Sequence[str], since: float, until: float | None = None
@@ -201,7 +228,13 @@ class HealthSampler:
                         time.time(),
                     )
                 )
-            elif seen[1].pid and now.pid and now.pid != seen[1].pid:
+            elif (
+                seen[1].pid
+                and now.pid
+                and now.pid != seen[1].pid
+                and self._recycled.get(node) != now.pid
+                and seen[1].state != "stopping"  # recycled on purpose: see _note_recycle
+            ):
                 events.append(
                     Event(
                         node,

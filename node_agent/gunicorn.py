@@ -156,6 +156,8 @@ def worker_exit(server: Any, worker: Any) -> None:
         # id) replaces it within seconds, so a recycled worker is not a node that went
         # down (which inside a rollback window rolls the fleet back).  A worker that is
         # not replaced disappears when the lease expires (HOTFLEET_LEASE_TTL).
+        agent.participant.stop()  # state "stopping": a recycle, not a crash (the judge)
+        agent.membership.write_now()
         agent.membership.stop(revoke=False)
     agent.stop()
 

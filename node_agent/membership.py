@@ -115,6 +115,23 @@ class Membership:
         """The client of the current session, if any (for reads by the agent)."""
         return self._client
 
+    def write_now(self) -> bool:
+        """Write the current payload at once, bypassing the debounce; True if it was written.
+
+        For a last word before stopping (``state: stopping``): the coordinator
+        then knows the process ended on purpose, not by a crash.
+        """
+        with self._lock:
+            client, session = self._client, self._session
+        if client is None or session is None or not session.alive():
+            return False
+        try:
+            client.put(self.key, self._encode(), lease=session.lease_id)
+        except Exception as exc:  # etcd away: the lease tells the rest
+            log.warning("could not write the last membership record of %s: %s", self.key, exc)
+            return False
+        return True
+
     def stop(self, revoke: bool = True, timeout: float = 2.0) -> None:
         """Stop the thread and, with ``revoke``, delete the key at once by revoking the lease."""
         self._stop.set()

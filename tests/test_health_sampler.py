@@ -1,0 +1,42 @@
+"""The health sampler tells a worker recycled on purpose from a crash.
+
+A gunicorn worker recycled by ``max_requests`` (or one worker's graceful
+reload) announces ``stopping`` in its membership record before it exits, and
+its successor takes the same node id with a new pid.  Inside a rollback
+window that must not read as a crash (it would roll a good release back),
+while a process that changed without a word still does.
+"""
+
+from __future__ import annotations
+
+from coordinator.analysis import EventKind
+from coordinator.fleet import NodeInfo
+from coordinator.health import HealthSampler
+from coordinator.transport import InProcessTransport
+
+
+def sampler_seeing(*rounds: list[NodeInfo]) -> HealthSampler:
+    queue = list(rounds)
+    sampler = HealthSampler(lambda: queue.pop(0), InProcessTransport(), interval_s=0.1)
+    for _ in rounds:
+        sampler.sample_once()  # Health answers UNAVAILABLE: only membership is read
+    return sampler
+
+
+def node(pid: int, state: str = "idle") -> NodeInfo:
+    return NodeInfo("n1", address="sim://n1", pid=pid, state=state)
+
+
+def test_a_worker_recycled_on_purpose_is_not_a_crash() -> None:
+    # the judge sees the successor before the sampler's next round ...
+    sampler = sampler_seeing([node(10)], [node(10, "stopping")])
+    assert sampler.lost(["n1"], 0.0, {"n1": node(11)}) == []
+    # ... or after it: the successor's pid is then known as a recycle
+    sampler = sampler_seeing([node(10)], [node(10, "stopping")], [node(11)], [node(11)])
+    assert sampler.lost(["n1"], 0.0, {"n1": node(11)}) == []
+
+
+def test_a_process_that_changed_without_a_word_is_a_crash() -> None:
+    sampler = sampler_seeing([node(10)], [node(10)])
+    (event,) = sampler.lost(["n1"], 0.0, {"n1": node(11)})
+    assert event.kind is EventKind.CRASH and "pid 10 -> 11" in event.detail
