@@ -26,7 +26,7 @@ from tests.coverage_scenario import BOOT, V2, check, scenario
 def test_changed_code_counted_under_this_interpreter(cb: Codebase) -> None:
     out = scenario(cb)
     check(out)
-    assert out["backend"] == ("sys.monitoring" if sys.version_info >= (3, 12) else "prologue")
+    assert out["backend"] == "prologue"  # twins on every interpreter: the cheapest count
 
 
 def test_counting_off_after_rollback_and_old_code_back(cb: Codebase) -> None:
@@ -114,7 +114,7 @@ def test_changed_code_counted_under_other_interpreters(version: str, tmp_path: P
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["backend"] == "sys.monitoring"
+    assert out["backend"] == "prologue"  # the twins there too (sys.monitoring: the fallback)
     check(out)
 
 
@@ -182,3 +182,40 @@ def test_counts_fold_and_retire_without_anyone_asking(cb: Codebase) -> None:
         price(x)
     counts = {f.name.split(".", 1)[1]: f.calls for f in cb.loader.coverage.report().functions}
     assert counts["svc:price"] == 6  # retired by the fold before the last 4 calls
+
+
+_MONITORING_CHECK = """
+import sys, types
+sys.path.insert(0, {root!r})
+from node_agent.coverage import ChangedFunction, _Twins
+
+src = "def stamp():\\n    return 'v2'\\n"
+a, b = {{}}, {{}}
+exec(compile(src, "a.py", "exec"), a)
+exec(compile(src, "b.py", "exec"), b)
+fa, fb = a["stamp"], b["stamp"]
+assert fa.__code__ == fb.__code__ and fa.__code__ is not fb.__code__  # equal, not the same
+targets = [ChangedFunction(m, "stamp", "changed", f.__code__, (f,)) for m, f in (("a", fa), ("b", fb))]
+backend = _Twins({{}})  # no twins: everything falls back to sys.monitoring
+backend.start(targets)
+for _ in range(3):
+    fa()
+fb()
+print(backend.name, [backend.counts(t) for t in targets])
+backend.stop()
+"""
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_monitoring_fallback_counts_equal_code_objects_apart(version: str) -> None:
+    """Two modules' identical ``def`` are equal code objects: each keeps its own count."""
+    exe = _interpreter(version)
+    if exe is None:
+        pytest.skip(f"no python{version} on this host")
+    root = str(Path(__file__).resolve().parent.parent)
+    code = _MONITORING_CHECK.format(root=root)
+    done = subprocess.run(
+        [exe, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "sys.monitoring [(3, 0), (1, 0)]"
