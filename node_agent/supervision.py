@@ -40,6 +40,7 @@ uses; the hooks are its ``prepare``, ``finish`` and ``rollback``.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import inspect
 import logging
@@ -86,7 +87,7 @@ def _where(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
-class Supervised:
+class Supervised(abc.ABC):
     """One supervised unit; :meth:`stop` at a safe point, :meth:`start` on the current code."""
 
     kind = "?"
@@ -122,16 +123,16 @@ class Supervised:
     def describe(self) -> str:
         return f"supervised {self.kind} {self.name!r} ({self.module}:{self.qualname})"
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
+    @abc.abstractmethod
     def stop(self) -> str | None:
         """Stop at a safe point; None when it stopped, else what happened instead."""
-        raise NotImplementedError
 
     @property
-    def running(self) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def running(self) -> bool: ...
 
     def close(self) -> str | None:
         """Stop for good and leave supervision."""

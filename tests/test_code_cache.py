@@ -108,7 +108,6 @@ def test_a_compile_error_is_not_cached(tmp_path: Path) -> None:
     assert cache.hits == 0
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12), reason="counting twins are 3.11 only")
 def test_counting_twins_from_the_cache_match_a_fresh_instrumentation(tmp_path: Path) -> None:
     cache = CodeCache(tmp_path / "c")
     fresh = instrument_module("m", SOURCE, "/x/m.py")
