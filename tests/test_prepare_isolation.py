@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -362,3 +363,53 @@ def test_new_modules_in_an_import_cycle_are_all_removed_when_finish_fails(cb: Co
     assert err.value.restored
     assert f"{cb.pkg}.ca" not in sys.modules and f"{cb.pkg}.cb" not in sys.modules
     assert mods["m"].X == 1 and not hasattr(mods["m"], "ca")
+
+
+_ORPHAN_PARENT = """
+import os, sys, time
+from node_agent import _rehearsal
+
+def work():
+    with open(sys.argv[1], "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)  # a release whose top level blocks: only a kill ends it
+    return [], []
+
+_rehearsal.rehearse(work, 600)
+"""
+
+
+def test_staging_process_dies_when_its_agent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of the agent leaves no staging process running release code behind."""
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_PARENT, str(pid_file)])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert parent.poll() is None, "the agent stand-in exited early"
+            assert time.monotonic() < deadline, "the staging child never started"
+            time.sleep(0.01)
+        child = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, f"staging child {child} outlived its agent"
+            time.sleep(0.01)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie reaped by init counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
