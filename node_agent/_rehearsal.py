@@ -90,7 +90,7 @@ def _prctl() -> Callable[..., int] | None:
     if not libc_name:
         return None
     try:
-        return ctypes.CDLL(libc_name, use_errno=True).prctl  # type: ignore[no-any-return]
+        return ctypes.CDLL(libc_name, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
 
