@@ -28,7 +28,12 @@ flags (:mod:`hotfleet.config`):
 ``HOTFLEET_ETCD_CA/CERT/KEY``  etcd TLS; ``HOTFLEET_ETCD_USER`` and ``HOTFLEET_ETCD_PASSWORD``
                                (or ``_FILE``) for etcd auth (https only)
 ``HOTFLEET_SLOT_DIR``          where worker slots are claimed by lock file when no master
-                               allocates them (uvicorn ``--workers``)
+                               allocates them (uvicorn ``--workers``); the host's prepare
+                               turns live there too
+``HOTFLEET_PREPARE_SLOTS``     workers of this host that may prepare at once (half the
+                               cores, at least 1; ``0``: no limit)
+``HOTFLEET_STAGING_NICE``      niceness added to the staging process that rehearses a
+                               release (5)
 =============================  ==============================================================
 
 **Worker slots.**  A node id must survive a worker's recycling: a worker that
@@ -54,6 +59,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.keys import DEFAULT_PREFIX
+from node_agent._hostslots import PrepareSlots, default_slot_count
+from node_agent.loader import STAGING_NICE
 
 if TYPE_CHECKING:
     from node_agent.agent import Agent
@@ -86,6 +93,19 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _whole(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r} must be between {low} and {high}")
+    return value
+
+
 def _paths(env: Mapping[str, str], name: str) -> list[str]:
     return [p for p in env.get(name, "").split(os.pathsep) if p]
 
@@ -112,6 +132,8 @@ class Settings:
     prepare_timeout: float = 30.0
     etcd_options: dict[str, Any] = field(default_factory=dict)
     slot_dir: str | None = None
+    prepare_slots: int = field(default_factory=default_slot_count)
+    staging_nice: int = STAGING_NICE
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -160,6 +182,8 @@ class Settings:
             prepare_timeout=_number(env, "HOTFLEET_PREPARE_TIMEOUT", 30.0),
             etcd_options=etcd_options,
             slot_dir=env.get("HOTFLEET_SLOT_DIR") or None,
+            prepare_slots=_whole(env, "HOTFLEET_PREPARE_SLOTS", default_slot_count(), 0, 1024),
+            staging_nice=_whole(env, "HOTFLEET_STAGING_NICE", STAGING_NICE, 0, 19),
         )
 
     def node_id(self, slot: int) -> str:
@@ -175,7 +199,15 @@ class Settings:
         from hotfleet.signing import DEFAULT_FLEET
         from hotfleet.tls import TLSFiles
         from node_agent.agent import Agent
+        from node_agent.supervision import SupervisedLoader
 
+        loader = SupervisedLoader(
+            self.code_paths,
+            drain_timeout=self.drain_timeout,
+            prepare_timeout=self.prepare_timeout,
+            prepare_slots=self.host_prepare_slots(),
+            staging_nice=self.staging_nice,
+        )
         return Agent(
             self.node_id(slot),
             self.code_paths,
@@ -194,7 +226,19 @@ class Settings:
             drain_timeout=self.drain_timeout,
             prepare_timeout=self.prepare_timeout,
             etcd_options=self.etcd_options,
+            loader=loader,
         )
+
+    def host_prepare_slots(self) -> PrepareSlots | None:
+        """The turns this host's workers take to prepare (:mod:`node_agent._hostslots`)."""
+        if self.prepare_slots <= 0:
+            return None
+        return PrepareSlots(_slot_base(self.slot_dir), self.prepare_slots, scope=self.host)
+
+
+def _slot_base(directory: str | os.PathLike[str] | None) -> Path:
+    base = Path(directory) if directory else Path(tempfile.gettempdir())
+    return base / f"hotfleet-slots-{os.getuid()}"
 
 
 def _split_listen(text: str) -> tuple[str, int]:
@@ -217,8 +261,7 @@ class SlotClaim:
 
 def claim_slot(directory: str | os.PathLike[str] | None, scope: str) -> SlotClaim:
     """The lowest worker slot of ``scope`` (e.g. the node id template and host) no live process holds."""
-    base = Path(directory) if directory else Path(tempfile.gettempdir())
-    base = base / f"hotfleet-slots-{os.getuid()}"
+    base = _slot_base(directory)
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in scope)[:80]
     for slot in range(MAX_SLOTS):

@@ -14,6 +14,7 @@ current and the backup.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import gc
@@ -25,7 +26,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from node_agent._deadline import (
     start_watchdog,
 )
 from node_agent._functions import Codes, functions_in, scan_heap
+from node_agent._hostslots import PrepareSlots, SlotWaitCancelled, SlotWaitTimeout
 from node_agent._install import NewModule, register_source, release_importable
 from node_agent._patch import (
     MISSING,
@@ -85,6 +87,9 @@ PREPARE_GC_PAUSE_S = 0.5
 PREPARE_TIMEOUT_S = 30.0  # the staging process is killed after this long: ``timeout``
 SWITCH_TIMEOUT_S = 10.0  # release statements inside the hold, then restored: ``timeout``
 MIGRATION_TIMEOUT_S = 10.0  # each ``code_change`` at finish or rollback
+# The staging process is background work beside a serving process: at +5 it gets about
+# a third of a core that serving processes want (weights 335 vs 1024), all of an idle one.
+STAGING_NICE = 5
 
 
 class ModuleState(enum.StrEnum):
@@ -237,9 +242,14 @@ class Loader:
         switch_timeout: float = SWITCH_TIMEOUT_S,
         migration_timeout: float = MIGRATION_TIMEOUT_S,
         code_cache: CodeCache | bool | None = True,
+        prepare_slots: PrepareSlots | None = None,
+        staging_nice: int = STAGING_NICE,
     ) -> None:
         """``code_cache``: where compiled code is shared with sibling workers of the host
-        (:mod:`node_agent._codecache`); ``True`` = the host default, ``None``/``False`` = off."""
+        (:mod:`node_agent._codecache`); ``True`` = the host default, ``None``/``False`` = off.
+        ``prepare_slots``: the host's turns to prepare, shared with its sibling workers
+        (:mod:`node_agent._hostslots`; None = no limit).  ``staging_nice``: added to the
+        staging process's niceness, so rehearsing a release yields the CPU to serving."""
         if not code_paths:
             raise ValueError("Loader needs at least one code path")
         if not hasattr(os, "fork"):
@@ -252,6 +262,8 @@ class Loader:
         self.prepare_timeout = prepare_timeout
         self.switch_timeout = switch_timeout
         self.migration_timeout = migration_timeout
+        self.prepare_slots = prepare_slots
+        self.staging_nice = staging_nice
         self.code_cache: CodeCache | None = (
             default_cache() if code_cache is True else code_cache or None
         )
@@ -301,41 +313,68 @@ class Loader:
         running it, and its backup is dropped.
         """
         with self._lock:
-            started = time.perf_counter()
             self._cancel.clear()
-            if self._pending is not None:
-                self._drop(self._pending)
-            # Prepare allocates tens of thousands of objects (trees, plans) that die
-            # with it: with the collector on they trigger dozens of collections,
-            # full ones included, each walking the host's whole heap.
-            # Each source is parsed once for all its readers, and the trees die here.
-            cache0 = self.code_cache.stats() if self.code_cache is not None else {}
-            profile: dict[str, float] = {}
-            mark = started
-            with gc_paused_for(PREPARE_GC_PAUSE_S) as checkpoint, shared_trees():
-                errors = self._validate(release, checkpoint)
+            with self._turn(release) as waited:
+                prepared = self._prepare_locked(release, force)
+            if waited:
+                prepared.profile["slot_wait"] = waited
+            return prepared
+
+    @contextlib.contextmanager
+    def _turn(self, release: Release) -> Iterator[float]:
+        """This worker's turn among its host's siblings (:mod:`node_agent._hostslots`)."""
+        if self.prepare_slots is None:
+            yield 0.0
+            return
+        deadline = time.perf_counter() + self.prepare_timeout
+        try:
+            with self.prepare_slots.turn(deadline, self._cancel) as waited:
+                yield waited
+        except (SlotWaitTimeout, SlotWaitCancelled) as exc:
+            why = (
+                "cancelled (abort or agent stop) while waiting for a prepare slot"
+                if isinstance(exc, SlotWaitCancelled)
+                else f"waited prepare_timeout ({self.prepare_timeout:g}s) for one of the "
+                f"{self.prepare_slots.slots} prepare slot(s) of this host: its other workers "
+                "were preparing all that time"
+            )
+            raise PrepareError([ModuleError(release.label, Reason.TIMEOUT, why)]) from None
+
+    def _prepare_locked(self, release: Release, force: bool) -> Prepared:
+        started = time.perf_counter()
+        if self._pending is not None:
+            self._drop(self._pending)
+        # Prepare allocates tens of thousands of objects (trees, plans) that die
+        # with it: with the collector on they trigger dozens of collections,
+        # full ones included, each walking the host's whole heap.
+        # Each source is parsed once for all its readers, and the trees die here.
+        cache0 = self.code_cache.stats() if self.code_cache is not None else {}
+        profile: dict[str, float] = {}
+        mark = started
+        with gc_paused_for(PREPARE_GC_PAUSE_S) as checkpoint, shared_trees():
+            errors = self._validate(release, checkpoint)
+            if errors:
+                raise PrepareError(errors)
+            profile["validate"], mark = _lap(mark)
+            if not force:
+                errors = self._purge_check()
                 if errors:
                     raise PrepareError(errors)
-                profile["validate"], mark = _lap(mark)
-                if not force:
-                    errors = self._purge_check()
-                    if errors:
-                        raise PrepareError(errors)
-                profile["purge_check"], mark = _lap(mark)
-                prepared = self._plan(release, checkpoint)
-                profile["plan"], mark = _lap(mark)
-                prepared._instrumented = self._instrument(prepared)
-                profile["instrument"], mark = _lap(mark)
-            if prepared.runs_code:
-                self._rehearse(prepared, started)
-            profile["rehearse"], mark = _lap(mark)
-            if self.code_cache is not None:
-                for k, v in self.code_cache.stats().items():
-                    profile[f"cache_{k}"] = v - cache0.get(k, 0)
-            prepared.profile = profile
-            prepared.prepare_s = time.perf_counter() - started
-            self._pending = prepared
-            return prepared
+            profile["purge_check"], mark = _lap(mark)
+            prepared = self._plan(release, checkpoint)
+            profile["plan"], mark = _lap(mark)
+            prepared._instrumented = self._instrument(prepared)
+            profile["instrument"], mark = _lap(mark)
+        if prepared.runs_code:
+            self._rehearse(prepared, started)
+        profile["rehearse"], mark = _lap(mark)
+        if self.code_cache is not None:
+            for k, v in self.code_cache.stats().items():
+                profile[f"cache_{k}"] = v - cache0.get(k, 0)
+        prepared.profile = profile
+        prepared.prepare_s = time.perf_counter() - started
+        self._pending = prepared
+        return prepared
 
     def _instrument(self, prepared: Prepared) -> dict[str, Instrumented]:
         """Counting twins of the changed modules, where coverage needs them (3.11)."""
@@ -377,7 +416,9 @@ class Loader:
     def _rehearse(self, prepared: Prepared, started: float) -> None:
         """Run the switch and the migrations in a forked copy of this process."""
         left = max(0.0, self.prepare_timeout - (time.perf_counter() - started))
-        outcome = rehearse(lambda: self._rehearsal(prepared), left, self._cancel)
+        outcome = rehearse(
+            lambda: self._rehearsal(prepared), left, self._cancel, nice=self.staging_nice
+        )
         prepared.rehearsal_s, prepared.rehearsal_cpu_s = outcome.wall_s, outcome.cpu_s
         label = prepared.release.label
         if outcome.timed_out or outcome.cancelled:

@@ -1,0 +1,181 @@
+"""Prepare is background work on a serving host: sibling workers take turns, staging runs niced.
+
+Every test drives real loaders (real staging forks, real ``flock`` slots);
+the slot holder that dies is a real process killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hotfleet import Reason
+from hotfleet.config import ConfigError
+from node_agent import PrepareError
+from node_agent._hostslots import PrepareSlots
+from node_agent.embed import Settings
+from tests.codebase import Codebase
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[tuple[Codebase, Codebase]]:
+    """Two sibling workers' code bases (each its own package), one host."""
+    a, b = Codebase(tmp_path / "a"), Codebase(tmp_path / "b")
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _hold(slots: PrepareSlots) -> int:
+    """Take every slot from outside the loaders (what busy siblings do)."""
+    slots.directory.mkdir(parents=True, exist_ok=True)
+    fds = []
+    for i in range(slots.slots):
+        fd = os.open(slots.directory / f"prepare.prepare.{i}.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fds.append(fd)
+    return fds[0]
+
+
+def test_sibling_workers_prepare_one_at_a_time(
+    two: tuple[Codebase, Codebase], tmp_path: Path
+) -> None:
+    a, b = two
+    a.boot({"m": "X = 1\n"})
+    b.boot({"m": "X = 1\n"})
+    slots = PrepareSlots(tmp_path / "slots", 1)
+    a.loader.prepare_slots = b.loader.prepare_slots = slots
+    marker = tmp_path / "a-staging"
+    slow = f"import pathlib, time\npathlib.Path({str(marker)!r}).write_text('x')\ntime.sleep(1.0)\n"
+    done: list[str] = []
+
+    def prepare_a() -> None:
+        a.loader.prepare(a.release("2", {"m": "X = 1\n", "slow": slow}))
+        done.append("a")
+
+    first = threading.Thread(target=prepare_a)
+    first.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists():  # a holds the slot: its staging process is running
+            assert time.monotonic() < deadline, "a's staging process never ran"
+            time.sleep(0.01)
+        prepared = b.loader.prepare(b.release("2", {"m": "X = 2\n"}))
+        done.append("b")
+    finally:
+        first.join(30)
+    assert done == ["a", "b"], "b prepared while its sibling held the host's only slot"
+    assert prepared.profile["slot_wait"] > 0.3
+
+
+def test_no_slot_within_the_deadline_is_refused_timeout_and_changes_nothing(
+    cb: Codebase, tmp_path: Path
+) -> None:
+    cb.boot({"m": "X = 1\n"})
+    slots = PrepareSlots(tmp_path / "slots", 1)
+    held = _hold(slots)
+    try:
+        cb.loader.prepare_slots = slots
+        cb.loader.prepare_timeout = 0.5
+        started = time.monotonic()
+        with pytest.raises(PrepareError) as err:
+            cb.loader.prepare(cb.release("2", {"m": "X = 2\n"}))
+        assert 0.4 < time.monotonic() - started < 10
+    finally:
+        os.close(held)
+    error = err.value.errors[0]
+    assert error.reason is Reason.TIMEOUT
+    assert "prepare slot" in error.detail and "other workers" in error.detail
+    assert cb.module("m").X == 1 and cb.loader.current_release is None
+    cb.loader.prepare(cb.release("3", {"m": "X = 3\n"}))  # the slot is free again
+
+
+def test_abort_while_waiting_for_a_slot_returns_at_once(cb: Codebase, tmp_path: Path) -> None:
+    cb.boot({"m": "X = 1\n"})
+    slots = PrepareSlots(tmp_path / "slots", 1)
+    held = _hold(slots)
+    cb.loader.prepare_slots = slots
+    cb.loader.prepare_timeout = 60.0
+    timer = threading.Timer(0.3, cb.loader.cancel_prepare)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(PrepareError) as err:
+            cb.loader.prepare(cb.release("2", {"m": "X = 2\n"}))
+    finally:
+        timer.cancel()
+        os.close(held)
+    assert time.monotonic() - started < 5
+    assert "cancelled" in err.value.errors[0].detail
+    assert "prepare slot" in err.value.errors[0].detail
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_killed_holding_its_turn_frees_it(cb: Codebase, tmp_path: Path) -> None:
+    cb.boot({"m": "X = 1\n"})
+    slots = PrepareSlots(tmp_path / "slots", 1)
+    slots.directory.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(slots.directory / "prepare.prepare.0.lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        cb.loader.prepare_slots = slots
+        cb.loader.prepare_timeout = 30.0
+        killer = threading.Timer(0.3, os.kill, (holder.pid, signal.SIGKILL))
+        killer.start()
+        prepared = cb.loader.prepare(cb.release("2", {"m": "X = 2\n"}))
+        killer.join(10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(10)
+    assert 0.2 < prepared.profile["slot_wait"] < 10
+
+
+def test_staging_process_runs_niced(cb: Codebase, tmp_path: Path) -> None:
+    cb.boot({"m": "X = 1\n"})
+    out = tmp_path / "nice"
+    cb.loader.staging_nice = 5
+    probe = f"import os, pathlib\npathlib.Path({str(out)!r}).write_text(str(os.nice(0)))\n"
+    prepared = cb.loader.prepare(cb.release("2", {"m": "X = 1\n", "probe": probe}))
+    cb.loader.abort(prepared)
+    assert int(out.read_text()) == min(19, os.nice(0) + 5)
+
+
+def test_settings_read_the_host_prepare_turns(tmp_path: Path) -> None:
+    env = {
+        "HOTFLEET_PREPARE_SLOTS": "3",
+        "HOTFLEET_STAGING_NICE": "7",
+        "HOTFLEET_SLOT_DIR": str(tmp_path),
+    }
+    settings = Settings.from_env(env)
+    slots = settings.host_prepare_slots()
+    assert slots is not None and slots.slots == 3 and str(tmp_path) in str(slots.directory)
+    assert settings.staging_nice == 7
+    assert Settings.from_env({"HOTFLEET_PREPARE_SLOTS": "0"}).host_prepare_slots() is None
+    assert Settings.from_env({}).prepare_slots >= 1
+    for bad in ({"HOTFLEET_PREPARE_SLOTS": "-1"}, {"HOTFLEET_STAGING_NICE": "many"}):
+        with pytest.raises(ConfigError, match="HOTFLEET_"):
+            Settings.from_env(bad)
