@@ -31,11 +31,12 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="seconds the app's import takes in a fresh worker (a real app's dependencies)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="HUP and hotfleet alternated this many times (3)"
+    )
+    parser.add_argument(
+        "--host-cpus",
+        default="auto",
+        help="CPUs of the serving host (gunicorn, its workers and their staging processes), "
+        "comma-separated; the harness (load generator, etcd, coordinator) runs on the others. "
+        "'auto': CPU 0 when there are at least 2, 'none': no pinning",
+    )
     parser.add_argument("--quick", action="store_true", help="shorter; results not recorded")
     _common.add_output_arguments(parser)
+
+
+def _cpu_split(spec: str) -> tuple[set[int], set[int]] | None:
+    """(host CPUs, harness CPUs): a host's workers do not share cores with the clients
+    measuring them, nor with etcd and the coordinator, which live elsewhere in production."""
+    mine = sorted(os.sched_getaffinity(0))
+    if spec == "none" or (spec == "auto" and len(mine) < 2):
+        return None
+    host = {mine[0]} if spec == "auto" else {int(c) for c in spec.split(",")}
+    rest = set(mine) - host
+    if not host or not rest or not host <= set(mine):
+        raise SystemExit(f"--host-cpus {spec}: needs some of {mine} and leaves the rest")
+    return host, rest
+
+
+@contextlib.contextmanager
+def _on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """Processes started in the block run on ``cpus`` (affinity is per thread, inherited)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _free_port() -> int:
@@ -115,7 +153,14 @@ def _gunicorn_flags() -> list[str]:
 
 
 class Gunicorn:
-    def __init__(self, code: Path, workers: int, env: dict[str, str], hooks: bool) -> None:
+    def __init__(
+        self,
+        code: Path,
+        workers: int,
+        env: dict[str, str],
+        hooks: bool,
+        cpus: set[int] | None = None,
+    ) -> None:
         self.port = _free_port()
         self.log_path = code.parent / f"{code.name}.log"
         cmd = [sys.executable, "-m", "gunicorn"]
@@ -123,7 +168,7 @@ class Gunicorn:
             cmd += ["-c", "python:node_agent.gunicorn"]
         cmd += ["-w", str(workers), "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "10"]
         cmd += [*_gunicorn_flags(), "benchapp.app:application"]
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "wb") as log, _on_cpus(cpus):
             self.proc = subprocess.Popen(
                 cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
@@ -263,7 +308,9 @@ def measure(samples: list[list[Any]], t_change: float, t_started: float) -> dict
 def run_hup(root: Path, args: argparse.Namespace, say: Any) -> dict[str, Any]:
     code = _code_dir(root, "hup", args.boot_s)
     env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
-    server = Gunicorn(code, args.workers, env, hooks=False)
+    server = Gunicorn(
+        code, args.workers, env, hooks=False, cpus=args.cpus[0] if args.cpus else None
+    )
     try:
         server.wait_serving()
         load = _load(server, args)
@@ -303,7 +350,9 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
             "HOTFLEET_SLOT_DIR": str(root / "slots"),
             "HOTFLEET_LOG_LEVEL": "WARNING",
         }
-        server = Gunicorn(code, args.workers, env, hooks=True)
+        server = Gunicorn(
+            code, args.workers, env, hooks=True, cpus=args.cpus[0] if args.cpus else None
+        )
         server.wait_serving()
         leader = _fleet.Leader(etcd.endpoint, PREFIX)
         deadline = time.monotonic() + 60
@@ -353,12 +402,19 @@ def main(args: argparse.Namespace) -> int:
     date = _common.now_utc()
     load_before = _common.warn_if_busy()
     say = _fleet.progress_clock()
+    args.cpus = _cpu_split(args.host_cpus)
+    rounds: list[dict[str, Any]] = []
     root = Path(tempfile.mkdtemp(prefix="hotfleet-bench-rvr-"))
     try:
-        hup = run_hup(root, args, say)
-        hot = run_hotfleet(root, args, say)
+        with _on_cpus(args.cpus[1] if args.cpus else None):
+            for i in range(1 if args.quick else args.rounds):
+                say(f"round {i + 1}")
+                hup = run_hup(root / f"r{i}", args, say)
+                hot = run_hotfleet(root / f"r{i}", args, say)
+                rounds.append({"hup": hup, "hotfleet": hot})
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    hup, hot = (_median_round([r[way] for r in rounds]) for way in ("hup", "hotfleet"))
     ratio = hup["all_new_s"] / hot["all_new_s"] if hot["all_new_s"] else float("inf")
     res = {
         **_common.result_header("reload-vs-restart", date),
@@ -369,7 +425,11 @@ def main(args: argparse.Namespace) -> int:
             "rate_per_client": args.rate,
             "offered_rps": args.clients * args.rate,
             "boot_s": args.boot_s,
+            "rounds": len(rounds),
+            "host_cpus": sorted(args.cpus[0]) if args.cpus else None,
+            "harness_cpus": sorted(args.cpus[1]) if args.cpus else None,
         },
+        "rounds": rounds,
         "hup": hup,
         "hotfleet": hot,
         "new_code_sooner_ratio": ratio,
@@ -420,9 +480,24 @@ def main(args: argparse.Namespace) -> int:
         "workers: gunicorn's HUP reload against a hotfleet upgrade (`node_agent.gunicorn` "
         "hooks, coordinator engine, window 0). 'change' = from the change start until every worker "
         "answers with the new code (no old answer after it, each serving worker's first new one); 'all workers new' is that span; the ratio HUP/hotfleet is "
-        "the last column of the hotfleet row.",
+        "the last column of the hotfleet row. From 2026-12-01T04Z on: HUP and hotfleet alternate "
+        "over --rounds (median per column, failures summed), and the serving host (gunicorn, its "
+        "workers, their staging processes) runs on its own CPU while the harness (load generator, "
+        "etcd, coordinator: elsewhere in production) runs on the other.",
     )
     return 0
+
+
+def _median_round(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each number the median over the rounds; failures summed; state kept in every round."""
+    out = dict(results[-1])
+    for key, value in results[-1].items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        out[key] = statistics.median(r[key] for r in results)
+    out["failed"] = sum(r["failed"] for r in results)
+    out["state_kept"] = all(r["state_kept"] for r in results)
+    return out
 
 
 def _markdown_rows(res: dict[str, Any]) -> list[list[str]]:
