@@ -11,42 +11,47 @@
 
 Teardown (:meth:`Fleet.close`, also on errors and Ctrl-C) stops the leader,
 SIGTERMs every agent (SIGKILL after a grace period), stops etcd and removes
-the temp dir.  :class:`LoadProcess` runs this file as a script (``python
-benchmarks/_fleet.py load SPEC``: paced HTTP load in its own process, so
-the load does not compete with the leader for the GIL) and collects its
-event lines.
+the temp dir.  The agents are launched by :mod:`coordinator.launch` and the
+load is :mod:`coordinator.traffic` (:class:`LoadProcess`: paced HTTP load in
+its own process, so the load does not compete with the leader for the GIL),
+as in the tests and the dev cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from _common import BENCH_DIR, REPO_ROOT
+from _common import REPO_ROOT
 
 from coordinator.election import Election, Session
 from coordinator.engine import Engine
 from coordinator.fleet import AgentPool
 from coordinator.health import HealthSampler
+from coordinator.launch import (
+    ChildProcess,
+    agent_command,
+    child_environment,
+    copy_code,
+    spawn,
+    stop_all,
+)
 from coordinator.model import Rollout
+from coordinator.traffic import TrafficEvent, TrafficProcess, version_key
 from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
 from hotfleet.keys import Keys
+from hotfleet.protocol import AGENT_READY
 
 EXAMPLES = REPO_ROOT / "examples"
 SHOP = EXAMPLES / "shop"
@@ -65,47 +70,18 @@ def progress_clock() -> Callable[[str], None]:
 
 
 # ------------------------------------------------------------------- agents
-class AgentProc:
-    """One ``node-agent`` subprocess; stdout is read by a thread for the ready line."""
+class AgentProc(ChildProcess):
+    """One ``node-agent`` subprocess (:class:`coordinator.launch.ChildProcess`)."""
 
     def __init__(self, node_id: str, proc: subprocess.Popen[str], log_path: Path) -> None:
+        super().__init__(proc, log_path, f"agent {node_id}")
         self.node_id = node_id
-        self.proc = proc
-        self.log_path = log_path
         self.grpc_address = ""
         self.http_address = ""
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True, name=f"pump-{node_id}").start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        with contextlib.suppress(ValueError, OSError):
-            for line in self.proc.stdout:
-                self._lines.put(line)
-        self._lines.put(None)
 
     def wait_ready(self, deadline: float) -> None:
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(
-                    f"agent {self.node_id} not ready in time:\n{self.log()}"
-                ) from None
-            if line is None:
-                raise RuntimeError(
-                    f"agent {self.node_id} exited with {self.proc.wait()}:\n{self.log()}"
-                )
-            if line.startswith("node-agent ready"):
-                fields = dict(f.split("=", 1) for f in line.split()[2:])
-                self.grpc_address, self.http_address = fields["grpc"], fields["http"]
-                return
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+        fields = self.wait_ready_line(AGENT_READY, max(0.0, deadline - time.monotonic()))
+        self.grpc_address, self.http_address = fields["grpc"], fields["http"]
 
     def versions(self, timeout: float = 2.0) -> dict[str, str]:
         """Module versions served right now (``GET /``)."""
@@ -113,15 +89,14 @@ class AgentProc:
             return dict(json.loads(resp.read())["versions"])
 
 
-def version_key(versions: dict[str, Any]) -> str:
-    """``app=1,cart=1,inventory=1,pricing=1``: what a node's shop modules report."""
-    return ",".join(f"{m.split('.')[-1]}={versions.get(m)}" for m in SHOP_MODULES)
+def _shop(**versions: str) -> str:
+    """The version key (:func:`coordinator.traffic.version_key`) of shop 1 with ``versions``."""
+    return version_key({"shop": "1", **dict.fromkeys(SHOP_MODULES, "1"), **versions})
 
 
-V1 = version_key({m: "1" for m in SHOP_MODULES})  # shop 1.0.0 (the boot code)
-V2 = version_key({m: "2" for m in SHOP_MODULES})  # shop 2.0.0
-V2_BAD = version_key({**{m: "2" for m in SHOP_MODULES}, "shop.pricing": "2.1"})  # 2.1.0-bad
-WHOLE_RELEASES = frozenset({V1, V2, V2_BAD})  # anything else is a mix of two releases
+V1 = _shop()  # shop 1.0.0 (the boot code)
+V2 = _shop(**dict.fromkeys(SHOP_MODULES, "2"))  # shop 2.0.0
+V2_BAD = _shop(**{**dict.fromkeys(SHOP_MODULES, "2"), "shop.pricing": "2.1"})  # 2.1.0-bad
 
 
 # ------------------------------------------------------------------- leader
@@ -281,50 +256,17 @@ class Fleet:
         )
 
     def _spawn(self, node_id: str) -> AgentProc:
-        code = self.tmp / f"code-{node_id}"
-        shutil.copytree(self.boot_code, code, ignore=shutil.ignore_patterns("__pycache__"))
+        code = copy_code(self.boot_code, self.tmp / f"code-{node_id}")
         log_path = self.tmp / f"{node_id}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "node_agent.cli",
-            "--dev",
-            "--node-id",
+        cmd = agent_command(
             node_id,
-            "--code-path",
-            str(code),
-            "--app",
-            "shop.app:application",
-            "--http",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--etcd",
-            self.endpoint,
-            "--prefix",
-            PREFIX,
-            "--lease-ttl",
-            str(self.lease_ttl),
-            "--cache-dir",
-            str(self.tmp / f"cache-{node_id}"),
-        ]
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO_ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "HOTFLEET_DEV": "1",
-        }
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                text=True,
-                env=env,
-                cwd=self.tmp,
-            )
+            code_path=code,
+            etcd=self.endpoint,
+            cache_dir=self.tmp / f"cache-{node_id}",
+            prefix=PREFIX,
+            lease_ttl=self.lease_ttl,
+        )
+        proc = spawn(cmd, log_path, child_environment(dev=True), self.tmp)
         return AgentProc(node_id, proc, log_path)
 
     def versions(self) -> dict[str, str]:
@@ -353,20 +295,7 @@ class Fleet:
         if self.direct_leader is not None:
             self.direct_leader.close()
             self.direct_leader = None
-        for a in self.agents:  # graceful: each agent revokes its lease
-            if a.proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    a.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for a in self.agents:
-            try:
-                a.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                a.proc.kill()
-                a.proc.wait()
-            if a.proc.stdout is not None:
-                with contextlib.suppress(OSError):
-                    a.proc.stdout.close()
+        stop_all(self.agents)  # graceful: each agent revokes its lease
         self.agents = []
         if self.etcd is not None:
             self.etcd.stop()
@@ -389,19 +318,17 @@ def write_shop_tree(dst: Path, sources: dict[str, str], base: Path) -> Path:
 
 
 # --------------------------------------------------------------------- load
-@dataclass
-class LoadEvent:
-    t: float
-    kind: str  # "fail" | "version"
-    node: str
-    detail: str
+LoadEvent = TrafficEvent
 
 
-class LoadProcess:
-    """``python benchmarks/_fleet.py load SPEC``: paced HTTP load on some nodes.
+class LoadProcess(TrafficProcess):
+    """Paced HTTP load on some nodes from a process of its own, one thread per node.
 
-    It prints one line per failed request and one per change of the version
-    a node serves (as seen in the responses); :meth:`events` returns them.
+    :class:`coordinator.traffic.TrafficProcess` with the benchmarks' defaults:
+    :meth:`events` are its ``fail``/``version`` lines; :meth:`stop` returns
+    ``{"elapsed_s", "requests", "nodes": {node: {"ok", "failed", "http_500",
+    "other_failures", "mixed", ...}}}``, each node with ``samples`` (``[sent_at,
+    latency_s, status, version, pid, count]`` per request) when ``record``.
     """
 
     def __init__(
@@ -412,59 +339,7 @@ class LoadProcess:
         *,
         record: bool = False,
     ) -> None:
-        spec = json.dumps({"targets": list(targets), "rate": rate, "path": path, "record": record})
-        self.proc = subprocess.Popen(
-            [sys.executable, str(BENCH_DIR / "_fleet.py"), "load", spec],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-        )
-        self._lock = threading.Lock()
-        self._events: list[LoadEvent] = []
-        self.summary: dict[str, Any] = {}
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True, name="load-reader")
-        self._thread.start()
-        if not self._ready.wait(30):
-            self.close()
-            raise RuntimeError("load generator did not start")
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            parts = line.rstrip("\n").split(" ", 3)
-            if parts[0] == "started":
-                self._ready.set()
-            elif parts[0] in ("fail", "version") and len(parts) == 4:
-                with self._lock:
-                    self._events.append(LoadEvent(float(parts[1]), parts[0], parts[2], parts[3]))
-            elif parts[0] == "summary":
-                self.summary = json.loads(line.split(" ", 1)[1])
-
-    def events(self, since: float = 0.0) -> list[LoadEvent]:
-        with self._lock:
-            return [e for e in self._events if e.t >= since]
-
-    def stop(self) -> dict[str, Any]:
-        if self.proc.poll() is None and self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._thread.join(5)
-        return self.summary
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdout.close()
+        super().__init__(dict(targets), rate, threads=1, path=path, record=record)
 
 
 def start_load(
@@ -482,119 +357,3 @@ def start_load(
             p.close()
         raise
     return out
-
-
-# ------------------------------------------------------- the load process
-def _load_main(spec_json: str) -> int:
-    """One thread per target node, each paced at ``rate`` requests/s (new connection each).
-
-    Prints ``started``, then ``fail <t> <node> <detail>`` per failed request and
-    ``version <t> <node> <key>`` whenever the versions a node answers with
-    change; after stdin closes, ``summary <json>``.  ``t`` is ``time.time()``
-    when the response (or error) arrived.  With ``record`` in the spec, each
-    node's summary also holds ``samples``: ``[sent_at, latency_s, status,
-    version, pid, count]`` per request (status 0 for a connection error;
-    version, pid and count from the body's ``version``/``pid``/``count``).
-    """
-    import http.client
-
-    spec = json.loads(spec_json)
-    rate = float(spec["rate"])
-    path = spec["path"]
-    record = bool(spec.get("record"))
-    stop = threading.Event()
-    out_lock = threading.Lock()
-    stats: dict[str, dict[str, Any]] = {}
-
-    def emit(line: str) -> None:
-        with out_lock:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-
-    def worker(node: str, address: str, offset: float) -> None:
-        host, _, port = address.rpartition(":")
-        st = stats[node] = {"ok": 0, "failed": 0, "http_500": 0, "other_failures": [], "mixed": 0}
-        samples: list[list[Any]] = []
-        if record:
-            st["samples"] = samples
-        period = 1.0 / rate
-        last_key = ""
-        next_at = time.monotonic() + offset
-        while not stop.is_set():
-            delay = next_at - time.monotonic()
-            if delay > 0 and stop.wait(delay):
-                break
-            next_at = max(next_at + period, time.monotonic() - period)  # no catch-up bursts
-            conn = http.client.HTTPConnection(host, int(port), timeout=5)
-            sent = time.time()
-            try:
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                body = resp.read()
-                status = resp.status
-            except (OSError, http.client.HTTPException) as exc:
-                st["failed"] += 1
-                st["other_failures"].append(f"{type(exc).__name__}: {exc}"[:200])
-                emit(f"fail {time.time():.6f} {node} {type(exc).__name__}")
-                if record:
-                    samples.append([sent, time.time() - sent, 0, None, None, None])
-                continue
-            finally:
-                conn.close()
-            now = time.time()
-            if record:
-                try:
-                    doc = json.loads(body)
-                    seen = [doc.get("version"), doc.get("pid"), doc.get("count")]
-                except (ValueError, AttributeError):
-                    seen = [None, None, None]
-                samples.append([sent, now - sent, status, *seen])
-            if status != 200:
-                st["failed"] += 1
-                if status == 500:
-                    st["http_500"] += 1
-                else:
-                    st["other_failures"].append(f"HTTP {status}")
-                emit(f"fail {now:.6f} {node} {status}")
-                continue
-            try:
-                versions = json.loads(body)["versions"]
-            except (ValueError, KeyError):
-                st["failed"] += 1
-                st["other_failures"].append("unreadable body")
-                continue
-            st["ok"] += 1
-            key = version_key(versions)
-            if key not in WHOLE_RELEASES:
-                st["mixed"] += 1
-            if key != last_key:
-                last_key = key
-                emit(f"version {now:.6f} {node} {key}")
-
-    targets = spec["targets"]
-    threads = [
-        threading.Thread(
-            target=worker, args=(node, addr, i / max(1, len(targets)) / rate), daemon=True
-        )
-        for i, (node, addr) in enumerate(targets)
-    ]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    emit("started")
-    sys.stdin.read()  # until the benchmark closes our stdin
-    stop.set()
-    for t in threads:
-        t.join(10)
-    elapsed = time.monotonic() - started
-    for st in stats.values():
-        st["other_failures"] = st["other_failures"][:20]
-    total = sum(st["ok"] + st["failed"] for st in stats.values())
-    emit("summary " + json.dumps({"elapsed_s": elapsed, "requests": total, "nodes": stats}))
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "load":
-        sys.exit(_load_main(sys.argv[2]))
-    sys.exit("usage: python benchmarks/_fleet.py load SPEC_JSON (started by the benchmarks)")

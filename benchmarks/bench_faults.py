@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from coordinator.model import Rollout  # noqa: E402
+from coordinator.traffic import TrafficProcess  # noqa: E402
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2  # noqa: E402
 from hotfleet.etcd_client import connect  # noqa: E402
 from hotfleet.etcd_server import EtcdServer  # noqa: E402
@@ -60,23 +60,6 @@ from tests.coordinators import Coordinators, coordctl  # noqa: E402
 
 ACCEPT_WITHIN_S = 20.0  # an upgrade refused as retryable is retried this long
 
-
-def _fingerprint(bundle: str) -> str:
-    """What ``tests.load`` records for a response served wholly by ``bundle``'s modules."""
-    versions = {}
-    for path in sorted((RELEASES / bundle / "shop").glob("*.py")):
-        if path.stem == "__init__":
-            continue
-        found = re.search(r'(?m)^VERSION = "([^"]*)"', path.read_text())
-        if found:
-            versions[f"shop.{path.stem}"] = found.group(1)
-    return ",".join(f"{k}={v}" for k, v in sorted(versions.items()))
-
-
-# every whole release a response may come from; any other combination is a mixed response
-KNOWN_VERSIONS = frozenset(
-    _fingerprint(b) for b in ("shop-1.0.0", "shop-2.0.0", "shop-2.1.0-bad", "shop-3.0.0-broken")
-)
 
 FAULTS = ("none", "kill_agent", "kill_agent_window", "stop_agent", "kill_leader", "etcd_restart")
 TERMINAL_BOUND_S = 60.0
@@ -100,33 +83,6 @@ class Round:
     expected: str = ""
     seconds: float = 0.0
     violations: list[str] = field(default_factory=list)
-
-
-class _NodeLoad:
-    """``python -m tests.load`` against one node: failures and mixed responses, per node."""
-
-    def __init__(self, node: AgentProcess) -> None:
-        self.node = node.node_id
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.load",
-                f"http://{node.http_address}/price?sku=apple&qty=2",
-                "2",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        assert self.proc.stdout is not None
-        self.proc.stdout.readline()  # "load started"
-
-    def stop(self) -> dict[str, Any]:
-        out, _ = self.proc.communicate(timeout=60)
-        report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-        return report
 
 
 class Campaign:
@@ -219,15 +175,18 @@ class Campaign:
         release = self._push(bundle, index + 1)
         r = Round(index, release, fault, round(at, 3))
         started = time.monotonic()
-        loads = {name: _NodeLoad(node) for name, node in self.nodes.items()}
+        load = TrafficProcess(
+            {name: node.http_address for name, node in self.nodes.items()},
+            None,
+            path="/price?sku=apple&qty=2",
+        )
         healed = threading.Event()
         injector = threading.Thread(target=self._inject, args=(r, healed), daemon=True)
         try:
             rid = self._upgrade(release, window_s=WINDOW_S)
         except Exception as exc:
             r.violations.append(f"the upgrade was not accepted: {exc}")
-            for load in loads.values():
-                load.stop()
+            load.stop()
             return r
         r.rollout = rid
         injector.start()
@@ -251,20 +210,20 @@ class Campaign:
         if r.expected != self.fleet_release:
             self.fleet_code = bundle
         self.fleet_release = r.expected
-        for name, load in loads.items():
-            report = load.stop()
-            mixed = sorted(k for k in report["seen"] if k not in KNOWN_VERSIONS)
-            if mixed:
-                count = sum(report["seen"][k] for k in mixed)
+        reports = load.stop().get("nodes", {})
+        for name, report in reports.items():
+            if report["mixed"]:
                 r.violations.append(
-                    f"{name}: {count} response(s) served by modules of two releases ({mixed})"
+                    f"{name}: {report['mixed']} response(s) served by modules of two releases "
+                    f"({report['mixes'][:3]})"
                 )
             # the bad release's own 500s are what analysis is for; anything else is a failure
-            failed = [f for f in report["failed"] if not ("-bad" in release and "500" in f)]
-            if failed and name != r.victim:
+            own = report["http_500"] if "-bad" in release else 0
+            if report["failed"] > own and name != r.victim:
+                first = (report["other_failures"] or ["HTTP Error 500"])[0]
                 r.violations.append(
-                    f"{name}: {len(failed)} failed request(s) on a node no fault hit "
-                    f"(first: {failed[0]})"
+                    f"{name}: {report['failed'] - own} failed request(s) on a node no fault "
+                    f"hit (first: {first})"
                 )
         self._settle()
         r.seconds = time.monotonic() - started

@@ -1,7 +1,7 @@
 """Rollback benchmark: how fast a bad release leaves a fleet under load, and how often a good one is taken back.
 
 A real fleet (``_fleet.Fleet``, default 20 agents serving the example shop)
-under steady HTTP load: ``_fleet.py load`` processes, one paced thread per
+under steady HTTP load: ``_fleet.LoadProcess`` (:mod:`coordinator.traffic`), one paced thread per
 node, ``GET /price?sku=apple&qty=2`` at ``--rate`` requests/s per node, a new
 connection each time.  The leader's health sampler runs at ``--interval``
 (``Engine.lead`` builds the sampler once, with the policy's default interval,

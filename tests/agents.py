@@ -9,10 +9,7 @@ agent writes permanent releases into its code path).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +22,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.election import Leadership
+from coordinator.launch import EXAMPLES, agent_command, child_environment, copy_code
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from hotfleet.decisions import encode
 from hotfleet.etcd_client import EtcdClient
@@ -39,7 +37,6 @@ from hotfleet.wire import release_to_proto
 from tests.processes import ManagedProcess, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
 RELEASES = EXAMPLES / "releases"
 SHOP_MODULES = ("shop.app", "shop.cart", "shop.inventory", "shop.pricing")
 
@@ -210,10 +207,7 @@ class Agents:
 
     def code_copy(self, name: str) -> Path:
         """A fresh copy of the boot code (examples/shop) for one node."""
-        target = self.tmp_path / f"code-{name}"
-        if not target.exists():
-            shutil.copytree(EXAMPLES / "shop", target, ignore=shutil.ignore_patterns("__pycache__"))
-        return target
+        return copy_code(EXAMPLES / "shop", self.tmp_path / f"code-{name}")
 
     def start(
         self,
@@ -232,46 +226,23 @@ class Agents:
         """Start an agent (``--dev`` unless ``dev=False``, which wants ``pki`` and keys)."""
         code = code_path or self.code_copy(node_id)
         log_path = self.tmp_path / f"{node_id}-{len(self.procs)}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "node_agent.cli",
-            "--node-id",
-            node_id,
-            "--code-path",
-            str(code),
-            "--app",
-            "shop.app:application",
-            "--http",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--etcd",
-            endpoint or self.endpoint,
-            "--prefix",
-            self.prefix,
-            "--lease-ttl",
-            str(lease_ttl),
-            "--cache-dir",
-            str(self.tmp_path / f"cache-{node_id}"),
-        ]
-        if dev:
-            cmd.append("--dev")
+        security = ["--dev"] if dev else []
         if pki is not None:
-            cmd += ["--tls-cert", str(pki.agent_cert), "--tls-key", str(pki.agent_key)]
-            cmd += ["--tls-ca", str(pki.ca)]
+            security += ["--tls-cert", str(pki.agent_cert), "--tls-key", str(pki.agent_key)]
+            security += ["--tls-ca", str(pki.ca)]
         for key in trust_keys or ():
-            cmd += ["--trust-key", str(key)]
-        if labels:
-            cmd += ["--labels", labels]
-        full_env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "HOTFLEET_DEV": "1" if dev else "",
-            **(env or {}),
-        }
+            security += ["--trust-key", str(key)]
+        cmd = agent_command(
+            node_id,
+            code_path=code,
+            etcd=endpoint or self.endpoint,
+            cache_dir=self.tmp_path / f"cache-{node_id}",
+            security=security,
+            prefix=self.prefix,
+            lease_ttl=lease_ttl,
+            labels=labels,
+        )
+        full_env = child_environment(env, dev=dev)
         proc = spawn(cmd, log_path, full_env, self.tmp_path)
         credentials = pki.client_credentials() if pki is not None else None
         agent = AgentProcess(proc, log_path, code, credentials)

@@ -17,7 +17,6 @@ coordinator.cli``) and returns ``(exit code, stdout, stderr)``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from coordinator.launch import child_environment, coordinator_command
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 from hotfleet.protocol import COORDINATOR_READY
 from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, Pki, wait_for
@@ -33,19 +33,6 @@ from tests.processes import ManagedProcess, spawn
 
 READY = COORDINATOR_READY
 NODES = ("n1", "n2", "n3")
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    for key in ("HOTFLEET_FAULT", "HOTFLEET_COORDINATOR", "HOTFLEET_DEV"):
-        env.pop(key, None)  # nothing from the developer's shell leaks into a test
-    env.update(extra or {})
-    return env
 
 
 class CoordinatorProcess(ManagedProcess):
@@ -134,23 +121,17 @@ class Coordinators:
         if tls is not None:  # the server certificate names 127.0.0.1
             security = ["--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
             security += ["--tls-ca", str(tls.ca)]
-        cmd = [
-            sys.executable,
-            "-m",
-            "coordinator.daemon",
-            *security,
-            "--etcd",
-            endpoint or self.endpoint,
-            "--prefix",
-            self.prefix,
-            "--listen",
-            listen,
-            "--lease-ttl",
-            str(lease_ttl),
-        ]
-        if advertise_host:
-            cmd += ["--advertise-host", advertise_host]
-        full_env = _env({**({"HOTFLEET_FAULT": fault} if fault else {}), **(env or {})})
+        cmd = coordinator_command(
+            etcd=endpoint or self.endpoint,
+            listen=listen,
+            security=security,
+            prefix=self.prefix,
+            lease_ttl=lease_ttl,
+            advertise_host=advertise_host,
+        )
+        full_env = child_environment(
+            {**({"HOTFLEET_FAULT": fault} if fault else {}), **(env or {})}
+        )
         proc = spawn(cmd, log_path, full_env, self.tmp_path)
         coordinator = CoordinatorProcess(name, proc, log_path)
         self.procs.append(coordinator)
@@ -209,7 +190,7 @@ def coordctl(
         cmd,
         capture_output=True,
         text=True,
-        env=_env({"NO_COLOR": "1", "COLUMNS": "200", **(env or {})}),
+        env=child_environment({"NO_COLOR": "1", "COLUMNS": "200", **(env or {})}),
         cwd=cwd,
         timeout=timeout,
         check=False,

@@ -6,12 +6,8 @@ are fixtures; everything started here is stopped at teardown.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,10 +15,11 @@ from coordinator.election import Election, Session
 from coordinator.engine import Engine, RolloutOptions
 from coordinator.fleet import AgentPool
 from coordinator.model import Rollout
+from coordinator.traffic import TrafficProcess
 from coordinator.transport import Transport
 from hotfleet.etcd_client import connect
 from hotfleet.keys import Keys
-from tests.agents import ROOT, SHOP_MODULES, AgentProcess, Agents, wait_for
+from tests.agents import SHOP_MODULES, AgentProcess, Agents, wait_for
 from tests.coordinators import Coordinators
 
 
@@ -100,36 +97,17 @@ def start_fleet(agents: Agents, count: int, **kw: object) -> list[AgentProcess]:
     return [agents.start(f"n{i}", **kw) for i in range(1, count + 1)]  # type: ignore[arg-type]
 
 
-class Load:
-    """Steady HTTP load on every node, each from its own process (``tests.load``)."""
+class Load(TrafficProcess):
+    """Steady closed-loop HTTP load on every node, from a process of its own.
+
+    A :class:`coordinator.traffic.TrafficProcess` whose targets are named by
+    node (or by address for a target without a node id); its ``reports()``
+    are one per node (:meth:`coordinator.traffic.NodeStats.to_json`: ok,
+    failed, http_500, other_failures, seen, mixed, mixes).
+    """
 
     def __init__(
         self, nodes: list[AgentProcess], path: str = "/price?sku=apple&qty=2", threads: int = 2
     ) -> None:
-        self.procs = []
-        for node in nodes:
-            url = f"http://{node.http_address}{path}"
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.load", url, str(threads)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=ROOT,
-            )
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "load started"
-            self.procs.append(proc)
-
-    def stop(self) -> list[dict[str, Any]]:
-        """Stop every generator; their reports (ok count, failures, versions seen, mixes)."""
-        reports = []
-        for proc in self.procs:
-            out, _ = proc.communicate(timeout=30)
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-        self.procs = []
-        return reports
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-            proc.wait()
+        targets = {getattr(n, "node_id", "") or n.http_address: n.http_address for n in nodes}
+        super().__init__(targets, None, threads=threads, path=path)

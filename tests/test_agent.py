@@ -7,7 +7,6 @@ a real etcd, and stopped with real signals.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from coordinator.traffic import version_key
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
@@ -31,6 +31,7 @@ from tests.agents import (
     release,
     wait_for,
 )
+from tests.fleet import Load
 
 pytestmark = pytest.mark.integration
 
@@ -266,16 +267,8 @@ def test_upgrade_and_rollback_under_load_fail_no_request(
 ) -> None:
     agent = agents.start("n-load")
     manifest = publish(etcd_client, etcd_prefix, release("shop-2.0.0"))
-    load = subprocess.Popen(
-        [sys.executable, "-m", "tests.load", f"http://{agent.http_address}/stock", "6"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    load = Load([agent], path="/stock", threads=6)
     try:
-        assert load.stdout is not None and load.stdin is not None
-        assert load.stdout.readline().startswith("load started")
 
         def served(more: int) -> None:
             """Until ``more`` requests went through on the current code (no fixed sleep)."""
@@ -291,15 +284,12 @@ def test_upgrade_and_rollback_under_load_fail_no_request(
         served(20)
         assert agent.stub.Rollback(agent_pb2.RollbackRequest(rollout_id="rb", epoch=1)).ok
         served(20)
-        load.stdin.close()
-        result = json.loads(load.stdout.readline())
+        [result] = load.reports()
     finally:
-        if load.poll() is None:
-            load.kill()
-        load.wait(10)
-    assert result["failed"] == [] and result["mixed"] == []
-    v1 = ",".join(f"{m}=1" for m in sorted(SHOP_MODULES))
-    v2 = v1.replace("=1", "=2")
+        load.close()
+    assert result["failed"] == 0 and result["mixed"] == 0, result
+    v1 = version_key({"shop": "1", **{m: "1" for m in SHOP_MODULES}})
+    v2 = version_key({"shop": "1", **{m: "2" for m in SHOP_MODULES}})
     assert set(result["seen"]) == {v1, v2}, result["seen"]
     assert result["ok"] > 100
     health = agent.stub.Health(agent_pb2.HealthRequest())
