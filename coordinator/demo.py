@@ -23,12 +23,10 @@ that was already up is left running.
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import sys
 import textwrap
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -46,12 +44,15 @@ from coordinator.client import (
     Security,
     push_request,
 )
+from coordinator.devcommands import add_dir_flag
+from coordinator.launch import EXAMPLES
 from coordinator.render import Style
+from coordinator.traffic import Releases, Response, Traffic, release_label
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2
 
-__all__ = ["DEFAULT_WINDOW_S", "Load", "run"]
+__all__ = ["DEFAULT_WINDOW_S", "run"]
 
-RELEASES = devcluster.EXAMPLES / "releases"
+RELEASES = EXAMPLES / "releases"
 GOOD, BASE, BAD = "shop-2.0.0", "shop-1.0.0", "shop-2.1.0-bad"
 DEFAULT_WINDOW_S = 10.0
 THREADS_PER_NODE = 2
@@ -67,137 +68,9 @@ class DemoError(Exception):
     """The demo cannot go on; the message says what to do."""
 
 
-# ---------------------------------------------------------------- releases
-def module_versions(bundle: Path) -> dict[str, str]:
-    """``{"shop.pricing": "2", ...}``: each module's ``VERSION`` in a bundle or code tree."""
-    out: dict[str, str] = {}
-    for path in sorted(bundle.rglob("*.py")):
-        rel = path.relative_to(bundle).with_suffix("")
-        parts = list(rel.parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        try:
-            tree = ast.parse(path.read_text())
-        except (OSError, SyntaxError):
-            continue
-        for node in tree.body:
-            if (
-                isinstance(node, ast.Assign)
-                and any(isinstance(t, ast.Name) and t.id == "VERSION" for t in node.targets)
-                and isinstance(node.value, ast.Constant)
-            ):
-                out[".".join(parts)] = str(node.value.value)
-    return out
-
-
-def release_label(bundle: Path) -> str:
-    """``shop@2.0.0`` from a bundle's release.toml."""
-    import tomllib
-
-    meta = tomllib.loads((bundle / "release.toml").read_text())
-    return f"{meta['name']}@{meta['version']}"
-
-
-class Versions:
-    """Names the release that served a response from the module versions it carries."""
-
-    def __init__(self, bundles: list[Path]) -> None:
-        self.known: list[tuple[str, dict[str, str]]] = [
-            (release_label(b), module_versions(b)) for b in bundles
-        ]
-
-    def label(self, versions: dict[str, Any]) -> str | None:
-        """The matching release, None when the response mixed releases."""
-        for label, table in self.known:
-            if all(table.get(m) == (None if v is None else str(v)) for m, v in versions.items()):
-                return label
-        return None
-
-
-# ---------------------------------------------------------------- load
-@dataclass
-class Record:
-    node: str
-    start: float  # time.time()
-    end: float
-    status: int  # 0 = no HTTP response
-    served_by: str  # release label, "mixed", or "" when there was no JSON body
-    error: str = ""
-
-
-@dataclass
-class Load:
-    """Threads sending ``GET /price`` to every node; every response is recorded."""
-
-    targets: dict[str, str]  # node -> http host:port
-    versions: Versions
-    threads_per_node: int = THREADS_PER_NODE
-    pause_s: float = REQUEST_PAUSE_S
-    records: list[Record] = field(default_factory=list)
-    mixed: list[dict[str, Any]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        for node, address in sorted(self.targets.items()):
-            for i in range(self.threads_per_node):
-                t = threading.Thread(
-                    target=self._worker,
-                    args=(node, address, i),
-                    name=f"demo-load-{node}-{i}",
-                    daemon=True,
-                )
-                self._threads.append(t)
-                t.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
-
-    def _worker(self, node: str, address: str, index: int) -> None:
-        skus = ("apple", "fig", "pear")
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            url = f"http://{address}/price?sku={skus[(n + index) % len(skus)]}&qty={1 + n % 12}"
-            start = time.time()
-            status, served_by, error = 0, "", ""
-            try:
-                with urllib.request.urlopen(url, timeout=10) as resp:
-                    status, raw = resp.status, resp.read()
-            except urllib.error.HTTPError as exc:
-                status, raw = exc.code, exc.read()
-            except (OSError, ValueError) as exc:
-                raw, error = b"", f"{type(exc).__name__}: {exc}"
-            try:
-                body = json.loads(raw) if raw else None
-            except ValueError:
-                body = None
-            if isinstance(body, dict) and isinstance(body.get("versions"), dict):
-                served_by = self.versions.label(body["versions"]) or "mixed"
-                if served_by == "mixed":
-                    with self._lock:
-                        self.mixed.append(body["versions"])
-            record = Record(node, start, time.time(), status, served_by, error)
-            with self._lock:
-                self.records.append(record)
-            self._stop.wait(self.pause_s)
-
-    def snapshot(self) -> list[Record]:
-        with self._lock:
-            return list(self.records)
-
-    def since(self, t: float) -> list[Record]:
-        return [r for r in self.snapshot() if r.start >= t]
-
-
-def _ok(r: Record) -> bool:
-    return r.status == 200 and not r.error
-
-
-def switch_times(records: list[Record], old: str, new: str) -> dict[str, tuple[float, float, bool]]:
+def switch_times(
+    records: list[Response], old: str, new: str
+) -> dict[str, tuple[float, float, bool]]:
     """Per node: (end of the last ``old`` response, start of the first ``new`` one, clean).
 
     ``clean`` is False when the node served ``old`` again after it served
@@ -205,13 +78,13 @@ def switch_times(records: list[Record], old: str, new: str) -> dict[str, tuple[f
     """
     out: dict[str, tuple[float, float, bool]] = {}
     for node in sorted({r.node for r in records}):
-        mine = [r for r in records if r.node == node and r.served_by in (old, new)]
-        new_ends = [r.end for r in mine if r.served_by == new]
-        old_ends = [r.end for r in mine if r.served_by == old]
+        mine = [r for r in records if r.node == node and r.release in (old, new)]
+        new_ends = [r.end for r in mine if r.release == new]
+        old_ends = [r.end for r in mine if r.release == old]
         if not new_ends or not old_ends:
             continue
-        first_new = min(r.start for r in mine if r.served_by == new)
-        clean = not any(r.served_by == old and r.start > min(new_ends) for r in mine)
+        first_new = min(r.start for r in mine if r.release == new)
+        clean = not any(r.release == old and r.start > min(new_ends) for r in mine)
         out[node] = (max(old_ends), first_new, clean)
     return out
 
@@ -415,8 +288,16 @@ def run(
         )
         return EXIT_FAILED
     api = Api(cluster.coordinator, err)
-    versions = Versions([RELEASES / BASE, RELEASES / GOOD, RELEASES / BAD])
-    load = Load({m.name: m.http for m in cluster.agents}, versions)
+    releases = Releases([RELEASES / BASE, RELEASES / GOOD, RELEASES / BAD])
+    load = Traffic(
+        {m.name: m.http for m in cluster.agents},
+        None,  # a closed loop: a steady trickle to judge, whatever the host's speed
+        threads=THREADS_PER_NODE,
+        pause_s=REQUEST_PAUSE_S,
+        releases=releases,
+        keep=True,
+        timeout_s=10.0,
+    )
     failed = False
     try:
         numbers = _story(story, api, cluster, window, load)
@@ -434,7 +315,7 @@ def run(
         failed = True
         story.bad("interrupted")
     finally:
-        load.stop()
+        load.join()
         api.close()
         story()
         if started_here and not keep:
@@ -456,7 +337,7 @@ def run(
 
 
 def _story(
-    story: Story, api: Api, cluster: devcluster.Cluster, window: float, load: Load
+    story: Story, api: Api, cluster: devcluster.Cluster, window: float, load: Traffic
 ) -> Numbers:
     numbers = Numbers()
     fleet = api.nodes()
@@ -486,10 +367,10 @@ def _story(
     )
     time.sleep(2.0)
     warm = load.snapshot()
-    served = Counter(r.served_by for r in warm if _ok(r))
+    served = Counter(r.release for r in warm if r.ok)
     story.good(
         f"{len(warm)} requests in 2 s ({len(warm) / 2:.0f}/s), "
-        f"{sum(1 for r in warm if not _ok(r))} failed; served by "
+        f"{sum(1 for r in warm if not r.ok)} failed; served by "
         + ", ".join(f"{k or '?'} ({v})" for k, v in served.items())
     )
 
@@ -561,7 +442,7 @@ def _story(
     missing = sorted(set(targets) - set(switches))
     if missing:
         story.note(f"(no traffic seen switching on {', '.join(missing)})")
-    mixed_now = len(load.mixed)
+    mixed_now = sum(s.mixed for s in load.stats.values())
     (story.good if not mixed_now else story.bad)(
         f"{len(window_records)} responses around the switch, {mixed_now} mixed modules of two "
         "releases"
@@ -622,7 +503,7 @@ def _story(
         )
     time.sleep(1.0)
     bad_records = [r for r in load.since(bad_start) if r.start <= bad_end + BAD_GRACE_S]
-    bad_served = [r for r in bad_records if r.served_by == bad_label or r.status == 500]
+    bad_served = [r for r in bad_records if r.release == bad_label or r.status == 500]
     if bad_served:
         numbers.bad_served_s = max(r.end for r in bad_served) - min(r.start for r in bad_served)
         errors = sum(1 for r in bad_served if r.status == 500)
@@ -630,7 +511,7 @@ def _story(
             f"clients saw {bad_label} for {_ms(numbers.bad_served_s)}: {len(bad_served)} "
             f"responses, {errors} of them HTTP 500"
         )
-    back_on = {r.node for r in load.since(bad_end) if r.served_by == good}
+    back_on = {r.node for r in load.since(bad_end) if r.release == good}
     (story.good if back_on >= set(targets) else story.bad)(
         f"{len(back_on)}/{len(targets)} node(s) serve {good} again"
     )
@@ -644,12 +525,12 @@ def _story(
     )
 
     # ------------------------------------------------------------ numbers
-    load.stop()
+    load.join()
     records = load.snapshot()
     numbers.requests = len(records)
-    numbers.mixed = len(load.mixed)
+    numbers.mixed = sum(s.mixed for s in load.stats.values())
     for r in records:
-        if _ok(r):
+        if r.ok:
             continue
         own = r.status == 500 and bad_start <= r.start <= bad_end + BAD_GRACE_S
         if own:
@@ -658,7 +539,7 @@ def _story(
             numbers.failed_by_upgrade += 1
     if numbers.failed_by_upgrade:
         numbers.problems.append(f"{numbers.failed_by_upgrade} request(s) failed by the upgrades")
-        sample = [r for r in records if not _ok(r)][:3]
+        sample = [r for r in records if not r.ok][:3]
         for r in sample:
             story.bad(f"{r.node}: HTTP {r.status or '-'} {r.error}")
     if numbers.mixed:
@@ -728,7 +609,7 @@ def add_command(command: Callable[..., Any]) -> None:
         "the guided tour: upgrade the fleet under load, then watch a bad release roll back",
         _cmd_demo,
     )
-    devcluster.add_dir_flag(p)
+    add_dir_flag(p)
     p.add_argument("--nodes", type=int, default=3, metavar="N", help="node agents (default 3)")
     p.add_argument(
         "--keep",

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import pytest
 
-from coordinator import cli, render
+from coordinator import cli, cli_commands, render
 from coordinator.engine import Refused, ReleaseEntry, RolloutOptions, Target
 from coordinator.fleet import NodeInfo
 from coordinator.model import NodeResult, Phase, Rollout, Vote
@@ -285,7 +285,7 @@ def leader() -> Iterator[tuple[FakeEngine, str]]:
 
 @pytest.fixture(autouse=True)
 def fast_polling(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "POLL_INTERVAL_S", 0.005)
+    monkeypatch.setattr(cli_commands, "POLL_INTERVAL_S", 0.005)
     for var in ("HOTFLEET_COORDINATOR", "HOTFLEET_DEV", "HOTFLEET_TLS_CERT", "NO_COLOR"):
         monkeypatch.delenv(var, raising=False)
 
