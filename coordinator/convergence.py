@@ -256,7 +256,8 @@ class Convergence:
         )
         if not reply.ok:
             return f"refused {d.label}: {_errors(reply.errors)}"
-        self.engine._decide(lead, rid, "commit", [node.node_id])  # it finishes from etcd if we die
+        # it finishes from etcd if we die
+        self.engine.protocol.decide(lead, rid, "commit", [node.node_id])
         finished = stub.Finish(
             agent_pb2.FinishRequest(rollout_id=rid, epoch=lead.epoch), timeout=60
         )
