@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from coordinator.analysis import Action
 from coordinator.errors import Refused
 from coordinator.fleet import Target, select
 from coordinator.model import NodeResult, Phase, Rollout, Vote
@@ -175,13 +176,13 @@ class Driver:
         """Analyse the window; True when the next wave may start."""
         last = rollout.wave >= rollout.waves - 1
         if options.window_s == 0:
-            action = "promote"
+            action: Action | None = Action.PROMOTE
         else:
             entry = self.engine._entry_or_stub(rollout.release)
             action = self.engine.window.analyse(
                 lead, rollout, self.engine.window.policy(entry_manifest_health(entry), options)
             )
-        if action != "promote":
+        if action is not Action.PROMOTE:
             return False
         if last:
             reason = rollout.analysis.get("reason") if rollout.analysis else ""

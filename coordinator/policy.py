@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "JUDGE_METRICS",
+    "Action",
     "AnalysisPolicy",
     "PolicyError",
 ]
@@ -34,7 +36,17 @@ __all__ = [
 #: wire format today), so it is not judged by default.
 JUDGE_METRICS: tuple[str, ...] = ("error_rate", "latency_p50", "latency_p99", "latency_mean")
 
-_INCONCLUSIVE_ACTIONS = ("pause", "rollback")
+
+class Action(enum.StrEnum):
+    """What the leader does after a verdict (recorded as the window's ``analysis.action``)."""
+
+    WAIT = "wait"  # the window goes on: sample and judge again
+    PROMOTE = "promote"  # the window passed: make the release permanent
+    ROLLBACK = "rollback"  # a regression (or an inconclusive end, if asked): take it back
+    PAUSE = "pause"  # inconclusive: wait for the operator, still sampled and judged
+
+
+_INCONCLUSIVE_ACTIONS = (Action.PAUSE, Action.ROLLBACK)
 
 
 class PolicyError(ValueError):
@@ -138,7 +150,7 @@ class AnalysisPolicy:
     failure_limit: int = 2
     #: What an INCONCLUSIVE window ends in: "pause" (wait for the operator's
     #: promote/rollback; Argo's inconclusive -> paused) or "rollback".  Never pass.
-    on_inconclusive: str = "pause"
+    on_inconclusive: Action = Action.PAUSE
     #: Application gauge bounds, name -> (min, max); either side may be None.
     #: The names ``rss_bytes`` and ``cpu_util`` (CPU seconds per second) refer
     #: to the process metrics when the app has no gauge of that name.
@@ -214,12 +226,12 @@ class AnalysisPolicy:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise PolicyError(f"unknown health policy key {raw_key!r}{hint}")
-            changes[key] = _coerce(key, raw, getattr(policy, key), str(fields[key].type))
+            changes[key] = _PARSERS[key](key, raw, getattr(policy, key))
         try:
             return dataclasses.replace(policy, **changes)
         except PolicyError:
             raise
-        except (TypeError, ValueError) as exc:  # pragma: no cover - _coerce covers types
+        except (TypeError, ValueError) as exc:  # pragma: no cover - the parsers cover types
             raise PolicyError(str(exc)) from exc
 
     def to_mapping(self) -> dict[str, Any]:
@@ -233,16 +245,6 @@ class AnalysisPolicy:
 # ---------------------------------------------------------------- validation
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_RATES = {
-    "max_error_rate",
-    "max_error_rate_increase",
-    "alpha",
-    "tolerance",
-    "changed_code_max_error_rate",
-    "changed_code_min_ran",
-    "cpu_saturation",
-    "cpu_per_request_tolerance",
-}
 
 
 def _plain(value: Any) -> Any:
@@ -253,29 +255,45 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _number(key: str, raw: Any) -> float:
+# Parsers of a number typed as text: each returns None when the text is not one.
+def _plain_text(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _rate_text(text: str) -> float | None:
+    """A rate: ``0.05`` or ``5%``."""
+    if text.endswith("%"):
+        try:
+            return float(text[:-1]) / 100.0
+        except ValueError:
+            return None
+    return _plain_text(text)
+
+
+def _duration_text(text: str) -> float | None:
+    """Seconds: ``0.5``, ``500ms``, ``10s``, ``2m``, ``1h``."""
+    m = _DURATION.match(text)
+    return float(m.group(1)) * _UNIT[m.group(2)] if m else None
+
+
+def _number(
+    key: str, raw: Any, text: Callable[[str], float | None] = _plain_text, what: str = "a number"
+) -> float:
     if isinstance(raw, bool):
         raise PolicyError(f"health policy {key}: expected a number, got {raw!r}")
     if isinstance(raw, int | float):
         return float(raw)
     if isinstance(raw, str):
-        text = raw.strip()
-        if key in _RATES and text.endswith("%"):
-            try:
-                return float(text[:-1]) / 100.0
-            except ValueError:
-                pass
-        elif key.endswith("_s"):
-            m = _DURATION.match(text)
-            if m:
-                return float(m.group(1)) * _UNIT[m.group(2)]
-        else:
-            try:
-                return float(text)
-            except ValueError:
-                pass
-    what = "a duration (e.g. 0.5, '500ms', '10s')" if key.endswith("_s") else "a number"
+        value = text(raw.strip())
+        if value is not None:
+            return value
     raise PolicyError(f"health policy {key}: expected {what}, got {raw!r}")
+
+
+_DURATION_WHAT = "a duration (e.g. 0.5, '500ms', '10s')"
 
 
 def _integer(key: str, raw: Any) -> int:
@@ -309,8 +327,12 @@ def _bound_pair(key: str, name: str, raw: Any) -> tuple[float | None, float | No
         lo_raw, hi_raw = raw
     else:
         raise PolicyError(f"{where}: expected [min, max] or {{min = .., max = ..}}, got {raw!r}")
-    lo = None if lo_raw is None else _number(f"{key}.{name}", lo_raw)
-    hi = None if hi_raw is None else _number(f"{key}.{name}", hi_raw)
+    # a gauge named ``*_s`` holds seconds: its bounds may be written as durations
+    text, what = (
+        (_duration_text, _DURATION_WHAT) if name.endswith("_s") else (_plain_text, "a number")
+    )
+    lo = None if lo_raw is None else _number(f"{key}.{name}", lo_raw, text, what)
+    hi = None if hi_raw is None else _number(f"{key}.{name}", hi_raw, text, what)
     if lo is None and hi is None:
         raise PolicyError(f"{where}: needs a min or a max")
     if lo is not None and hi is not None and lo > hi:
@@ -318,60 +340,124 @@ def _bound_pair(key: str, name: str, raw: Any) -> tuple[float | None, float | No
     return (lo, hi)
 
 
-def _coerce(key: str, raw: Any, current: Any, kind: str) -> Any:
-    if key == "gauges":
-        if not isinstance(raw, Mapping):
-            raise PolicyError(
-                f"health policy gauges: expected a table name = [min, max], got {raw!r}"
-            )
-        return {str(n): _bound_pair(key, str(n), v) for n, v in raw.items()}
-    if key == "min_effect":
-        if not isinstance(raw, Mapping):
-            raise PolicyError(
-                f"health policy min_effect: expected a table metric = value, got {raw!r}"
-            )
-        merged = dict(current)
-        for metric, v in raw.items():
-            if metric not in JUDGE_METRICS:
-                raise PolicyError(
-                    f"health policy min_effect: unknown metric {metric!r}; known: {', '.join(JUDGE_METRICS)}"
-                )
-            merged[str(metric)] = _number(f"min_effect.{metric}", v)
-        return merged
-    if key == "judge_metrics":
-        items = raw.split(",") if isinstance(raw, str) else raw
-        if not isinstance(items, list | tuple):
-            raise PolicyError(
-                f"health policy judge_metrics: expected a list of metric names, got {raw!r}"
-            )
-        names = tuple(str(m).strip() for m in items if str(m).strip())
-        for m in names:
-            if m not in JUDGE_METRICS:
-                raise PolicyError(
-                    f"health policy judge_metrics: unknown metric {m!r}; known: {', '.join(JUDGE_METRICS)}"
-                )
-        return names
-    if key == "on_inconclusive":
-        if raw not in _INCONCLUSIVE_ACTIONS:
-            raise PolicyError(
-                f"health policy on_inconclusive: expected one of {', '.join(_INCONCLUSIVE_ACTIONS)}, got {raw!r}"
-            )
-        return raw
-    if kind == "bool":
-        return _boolean(key, raw)
-    if kind == "int":
-        return _integer(key, raw)
-    if kind == "float | None":
+# ------------------------------------------------------- a parser per field
+# Each takes (key, raw value, current value) and returns the field's new value.
+_Parser = Callable[[str, Any, Any], Any]
+
+
+def _plain_number(key: str, raw: Any, _current: Any) -> float:
+    return _number(key, raw)
+
+
+def _rate(key: str, raw: Any, _current: Any) -> float:
+    return _number(key, raw, _rate_text)
+
+
+def _duration(key: str, raw: Any, _current: Any) -> float:
+    return _number(key, raw, _duration_text, _DURATION_WHAT)
+
+
+def _count(key: str, raw: Any, _current: Any) -> int:
+    return _integer(key, raw)
+
+
+def _flag(key: str, raw: Any, _current: Any) -> bool:
+    return _boolean(key, raw)
+
+
+def _optional(parse: _Parser) -> _Parser:
+    """``parse``, or None for ``none``, ``off``, an empty string or false (the check is off)."""
+
+    def parse_optional(key: str, raw: Any, current: Any) -> Any:
         if (
             raw is None
             or raw is False
             or (isinstance(raw, str) and raw.strip().lower() in {"none", "off", ""})
         ):
             return None
-        return _number(key, raw)
-    if kind == "float":
-        return _number(key, raw)
-    raise PolicyError(f"health policy {key}: cannot be set")  # pragma: no cover
+        return parse(key, raw, current)
+
+    return parse_optional
+
+
+def _gauges(key: str, raw: Any, _current: Any) -> dict[str, tuple[float | None, float | None]]:
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"health policy gauges: expected a table name = [min, max], got {raw!r}")
+    return {str(n): _bound_pair(key, str(n), v) for n, v in raw.items()}
+
+
+def _min_effect(_key: str, raw: Any, current: Any) -> dict[str, float]:
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"health policy min_effect: expected a table metric = value, got {raw!r}")
+    merged = dict(current)
+    for metric, v in raw.items():
+        if metric not in JUDGE_METRICS:
+            raise PolicyError(
+                f"health policy min_effect: unknown metric {metric!r}; known: {', '.join(JUDGE_METRICS)}"
+            )
+        merged[str(metric)] = _number(f"min_effect.{metric}", v)
+    return merged
+
+
+def _judge_metrics(_key: str, raw: Any, _current: Any) -> tuple[str, ...]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple):
+        raise PolicyError(
+            f"health policy judge_metrics: expected a list of metric names, got {raw!r}"
+        )
+    names = tuple(str(m).strip() for m in items if str(m).strip())
+    for m in names:
+        if m not in JUDGE_METRICS:
+            raise PolicyError(
+                f"health policy judge_metrics: unknown metric {m!r}; known: {', '.join(JUDGE_METRICS)}"
+            )
+    return names
+
+
+def _inconclusive_action(_key: str, raw: Any, _current: Any) -> Action:
+    if raw not in _INCONCLUSIVE_ACTIONS:
+        raise PolicyError(
+            f"health policy on_inconclusive: expected one of {', '.join(_INCONCLUSIVE_ACTIONS)}, got {raw!r}"
+        )
+    return Action(raw)
+
+
+_PARSERS: dict[str, _Parser] = {
+    "interval_s": _duration,
+    "window_s": _duration,
+    "baseline_s": _duration,
+    "min_requests": _count,
+    "min_requests_p99": _count,
+    "min_samples": _count,
+    "judge_min_samples": _count,
+    "max_error_rate": _rate,
+    "max_error_rate_increase": _rate,
+    "latency_p50_max_s": _optional(_duration),
+    "latency_p99_max_s": _optional(_duration),
+    "latency_p50_max_ratio": _optional(_plain_number),
+    "latency_p99_max_ratio": _optional(_plain_number),
+    "latency_min_increase_s": _duration,
+    "latency_p99_min_increase_s": _duration,
+    "alpha": _rate,
+    "tolerance": _rate,
+    "min_effect": _min_effect,
+    "judge_metrics": _judge_metrics,
+    "failure_limit": _count,
+    "on_inconclusive": _inconclusive_action,
+    "gauges": _gauges,
+    "fail_on_crash": _flag,
+    "fail_on_lease_loss": _flag,
+    "max_uncaught": _count,
+    "smoke_timeout_s": _duration,
+    "changed_code_max_error_rate": _optional(_rate),
+    "changed_code_min_ran": _rate,
+    "changed_code_min_calls": _count,
+    "latency_vs_peers": _flag,
+    "cpu_saturation": _optional(_rate),
+    "cpu_per_request_tolerance": _rate,
+}
+if set(_PARSERS) != {f.name for f in dataclasses.fields(AnalysisPolicy)}:  # pragma: no cover
+    raise AssertionError("every AnalysisPolicy field needs exactly one parser in _PARSERS")
 
 
 def _check(p: AnalysisPolicy) -> None:
@@ -430,7 +516,7 @@ def _check(p: AnalysisPolicy) -> None:
     need(
         p.on_inconclusive in _INCONCLUSIVE_ACTIONS,
         "on_inconclusive",
-        f"must be one of {_INCONCLUSIVE_ACTIONS}",
+        f"must be one of {tuple(a.value for a in _INCONCLUSIVE_ACTIONS)}",
     )
     for m in p.judge_metrics:
         need(m in JUDGE_METRICS, "judge_metrics", f"unknown metric {m!r}")

@@ -21,7 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coordinator.analysis import RESUMES, Judge, Outcome, Sample, paused_record
+from coordinator.analysis import RESUMES, Action, Judge, Outcome, Sample, paused_record
 from coordinator.errors import Refused
 from coordinator.fencing import retry
 from coordinator.health import run_smoke_checks
@@ -97,8 +97,12 @@ class Window:
             raise Refused(Refusal.INVALID, f"health policy: {exc}") from exc
         return policy
 
-    def analyse(self, lead: Leadership, rollout: Rollout, policy: AnalysisPolicy) -> str:
+    def analyse(self, lead: Leadership, rollout: Rollout, policy: AnalysisPolicy) -> Action | None:
         """The rollback window: judge every upgraded node until it passes, fails or ends unsure.
+
+        Returns :attr:`Action.PROMOTE` (made permanent by the caller) or
+        :attr:`Action.ROLLBACK` (started here), None when someone else ended
+        the window (the operator, a stopping engine).
 
         Paused is not unguarded: an inconclusive window pauses (waiting for
         ``coordctl promote``/``rollback``) but the judge keeps sampling, so a
@@ -154,7 +158,7 @@ class Window:
         upgraded: list[str],
         waiting: list[str],
         events: list[Any],
-    ) -> str:
+    ) -> Action | None:
         sampler = self.engine.sampler
         start = rollout.finished_at
         paused_at: float | None = None
@@ -170,11 +174,11 @@ class Window:
                     request.done.set_exception(exc)
                     raise
                 log.info("rollout %s: %s taken from the operator", rollout.id, request.what)
-                return "stopped"
+                return None
             if self.engine._stopping.is_set() or sampler is None:
-                return "stopped"
+                return None
             if self.engine.rollout(rollout.id).phase is not Phase.PROVISIONAL:
-                return "stopped"  # promoted, rolled back or aborted by the operator meanwhile
+                return None  # promoted, rolled back or aborted by the operator meanwhile
             current, crashes = sampler.samples(upgraded, start)
             members = {n.node_id: n for n in self.engine.nodes()}
             window_events = events + crashes + sampler.lost(upgraded, start, members)
@@ -198,24 +202,24 @@ class Window:
                 "window_s": policy.window_s,
                 "action": action,
             }
-            if action == "pause":
+            if action is Action.PAUSE:
                 paused_at = paused_at or time.time()
                 rollout.analysis["paused"] = paused_record(verdict, paused_at)
-            if action == "wait":
+            if action is Action.WAIT:
                 self.engine._save(lead, rollout)
                 continue
-            if action == "promote":
+            if action is Action.PROMOTE:
                 if paused_at is not None:
                     rollout.analysis["resumed"] = f"judge passed after a pause: {verdict.reason}"
                 self.engine._save(lead, rollout)
-            elif action == "rollback":
+            elif action is Action.ROLLBACK:
                 failed = verdict.overall is Outcome.FAIL
                 why = verdict.reason if failed else f"{verdict.reason} (on_inconclusive = rollback)"
                 rollout.reason = f"regression: {why}"
                 self.engine._save(lead, rollout)
                 log.warning("rollout %s: %s; rolling the fleet back", rollout.id, rollout.reason)
                 self.engine.endings.rollback_of(lead, rollout, upgraded, why)
-            else:
+            else:  # Action.PAUSE
                 rollout.reason = f"{verdict.reason}; paused: {RESUMES}"
                 # saved when what the operator reads changes, not every sample; the
                 # save is compare-and-swap: an operator's promote/rollback meanwhile wins

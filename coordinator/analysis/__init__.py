@@ -101,10 +101,12 @@ from coordinator.analysis.stats import (
     wilson_interval,
 )
 from coordinator.analysis.verdict import RESUMES, Finding, Outcome, Verdict, paused_record
+from coordinator.policy import Action
 
 __all__ = [
     "DEFAULT_LATENCY_BOUNDS_S",
     "RESUMES",
+    "Action",
     "ChangedCode",
     "Event",
     "EventKind",

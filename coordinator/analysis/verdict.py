@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.policy import AnalysisPolicy
+from coordinator.policy import Action, AnalysisPolicy
 
-__all__ = ["RESUMES", "Finding", "Outcome", "Verdict", "fmt_value", "paused_record"]
+__all__ = ["RESUMES", "Action", "Finding", "Outcome", "Verdict", "fmt_value", "paused_record"]
 
 
 class Outcome(enum.StrEnum):
@@ -88,15 +88,15 @@ class Verdict:
                 out[f.node] = f.verdict
         return out
 
-    def action(self, policy: AnalysisPolicy, *, window_over: bool) -> str:
-        """``rollback`` | ``promote`` | ``pause`` | ``wait`` for the leader."""
+    def action(self, policy: AnalysisPolicy, *, window_over: bool) -> Action:
+        """What the leader does now: roll back, wait, promote, or ``policy.on_inconclusive``."""
         if self.overall is Outcome.FAIL:
-            return "rollback"
+            return Action.ROLLBACK
         if not window_over:
-            return "wait"
+            return Action.WAIT
         if self.overall is Outcome.PASS:
-            return "promote"
-        return policy.on_inconclusive
+            return Action.PROMOTE
+        return Action(policy.on_inconclusive)
 
     def to_json(self) -> dict[str, Any]:
         return {
