@@ -178,25 +178,9 @@ class Judge(ThresholdChecks, SignificanceChecks):
         enough = len(good_cur) >= p.min_samples
         base_ok = len(good_base) >= p.min_samples
         if not enough:
-            total = sum(s.requests for s in cur)
-            out.append(
-                Finding(node, "samples", float(len(good_cur)), float(p.min_samples), "data", None, None,
-                        Outcome.INCONCLUSIVE,
-                        f"{node} too little traffic: {total} requests in {len(cur)} samples make "
-                        f"{len(good_cur)} of the {p.min_samples} samples of >= {p.min_requests} "
-                        "requests needed to pass",
-                        samples=len(good_cur))
-            )  # fmt: skip
+            out.append(self._thin(node, "samples", cur, good_cur, "too little traffic", "to pass"))
         if not base_ok:
-            total = sum(s.requests for s in base)
-            out.append(
-                Finding(node, "baseline", float(len(good_base)), float(p.min_samples), "data", None, None,
-                        Outcome.INCONCLUSIVE,
-                        f"{node} baseline too thin: {total} requests in {len(base)} samples make "
-                        f"{len(good_base)} of the {p.min_samples} samples of >= {p.min_requests} "
-                        "requests needed",
-                        samples=len(good_base))
-            )  # fmt: skip
+            out.append(self._thin(node, "baseline", base, good_base, "baseline too thin", ""))
         if good_peers is None:
             good_peers = conclusive_samples(peer_pool, p.min_requests)
         # Latency against the nodes still on the old release when there are
@@ -247,6 +231,22 @@ class Judge(ThresholdChecks, SignificanceChecks):
                 for f in out
             ]
         return out
+
+    def _thin(
+        self, node: str, metric: str, samples: list[Sample], good: list[Sample], what: str,
+        needed_for: str,
+    ) -> Finding:  # fmt: skip
+        """INCONCLUSIVE: ``samples`` make fewer than ``min_samples`` conclusive ones (``good``)."""
+        p = self.policy
+        total = sum(s.requests for s in samples)
+        return Finding(
+            node, metric, float(len(good)), float(p.min_samples), "data", None, None,
+            Outcome.INCONCLUSIVE,
+            f"{node} {what}: {total} requests in {len(samples)} samples make {len(good)} of the "
+            f"{p.min_samples} samples of >= {p.min_requests} requests needed"
+            + (f" {needed_for}" if needed_for else ""),
+            samples=len(good),
+        )  # fmt: skip
 
     # --------------------------------------------------------- contention
     def _contention(self, base: list[Sample], cur: list[Sample]) -> str:
