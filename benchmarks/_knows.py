@@ -2,7 +2,8 @@
 
 * :func:`coverage_overhead`: the loader benchmark's request loop (guarded
   calls into 3 of 20 generated modules) after a finish of v2, with the
-  changed-code counting on and off in alternating blocks; p50 per request.
+  changed-code counting on and off in alternating segments (a counting
+  session each, exact then sampled); p50 per request.
 * :class:`CpuHog`: processes that spin on the CPU, competing with the fleet
   (a deploy lands on a busy host: the judge must not read that as a
   regression).
@@ -91,36 +92,57 @@ def _thread_cpu_ns() -> int:
     return time.thread_time_ns()
 
 
+def _quartet_ratio(on: list[int], off: list[int]) -> float:
+    return statistics.median(on) / statistics.median(off)
+
+
 def coverage_overhead(
-    quartets: int = 150,
+    quartets: int = 30,
     per_block: int = 100,
     *,
     cap: int | None = None,
     confidence: float = 0.95,
+    periods: int = 2,
+    exact: int | None = None,
 ) -> dict[str, Any]:
     """What changed-code counting adds to a request of the loader benchmark's loop.
 
-    Built to resolve a few per cent on a busy host: many short blocks of
-    ``per_block`` requests in ABBA quartets (on, off, off, on; the next one
-    off, on, on, off), so a linear drift of the host's speed cancels inside
-    each quartet.  Each block is measured two ways: the thread's *CPU time*
-    per request (``CLOCK_THREAD_CPUTIME_ID``: time the thread was not running
-    is not counted, so preemption by other processes does not show) and the
-    *p50 of the requests' wall time* (one preempted request moves a block's
-    median by one rank).  Per quartet the on/off ratio of the sums; reported:
-    the median over quartets with its distribution-free ``confidence``
-    interval (:func:`median_ci`).
+    Counting is exact for each function's first calls, then sampled (the
+    agent's :class:`node_agent.coverage.Coverage`: quiet twins, and bursts of
+    counting ``BURST_S`` of every ``FOLD_S``), so a counting session is
+    measured as the agent runs it, from its start: ABBA quartets of
+    *segments* (on, off, off, on; the next one off, on, on, off), an on
+    segment being a fresh session (``coverage.start`` ... ``stop``) of
+    ``FOLD_S`` + ``periods`` whole fold periods, an off segment as long.
+    Each segment is cut in blocks of ``per_block`` requests; per request its
+    wall time, per block the thread's *CPU time* (``CLOCK_THREAD_CPUTIME_ID``:
+    preemption by other processes does not count).  Reported, each as the
+    median over quartets of the paired on/off ratio with its distribution-free
+    ``confidence`` interval (:func:`median_ci`):
 
-    Counting starts and stops per block, so with the agent's call cap a
-    function would retire only if a block reached it; ``cap`` (default: the
-    agent's) is raised to "never" unless given: this measures the per-request
-    cost *while* functions are counted, the most a request pays (the agent
-    retires each function after :data:`node_agent.coverage.CALLS_CAP` calls,
-    after which it costs nothing).  :func:`retirement` measures how soon that is.
+    * ``overhead_p50_pct`` (the headline) and ``overhead_cpu_pct``: the
+      *steady state while counted*: the requests after the session's first
+      fold (every call-hot function sampled from then on; bursts included in
+      proportion), against the off segments' requests from the same offset;
+      this is what a request pays for as long as counting goes on
+      (uncapped);
+    * ``exact_phase_p50_pct``: the requests before the first fold, every call
+      counted (what the exact phase costs, for at most ``FOLD_S``);
+    * ``session_p50_pct``: the whole on segment against the whole off one.
+
+    ``cap`` (default: the agent's) is raised to "never" unless given, so no
+    function retires during the measure (the agent retires each function after
+    :data:`node_agent.coverage.CALLS_CAP` calls, after which it costs nothing;
+    :func:`retirement` measures how soon that is).  ``exact=0`` counts every
+    call (no sampling: the cost before sampling, for comparison).
     """
     import bench_loader as bl  # the loader benchmark's generated app and request loop
 
     from node_agent import Loader
+    from node_agent.coverage import FOLD_S
+
+    settle_s = FOLD_S * 1.25  # past the first fold (and its burst) of a session
+    segment_s = settle_s + periods * FOLD_S
 
     with tempfile.TemporaryDirectory(prefix="hotfleet-cov-") as tmp:
         app = bl.App(Path(tmp) / "root", bl.PKG)
@@ -130,6 +152,8 @@ def coverage_overhead(
         try:
             loader = Loader([app.root], drain_timeout=5.0)
             loader.coverage.cap = cap if cap is not None else 10**15
+            if exact is not None:
+                loader.coverage.exact = exact
             prepared = loader.prepare(bl.Builds().fresh(2))
             loader.finish(prepared)
             changed = loader.changed_code()
@@ -139,88 +163,126 @@ def coverage_overhead(
             label = prepared.release.label
             instrumented = prepared._instrumented
             seq = 0
+            calls = 0
+            requests_on = 0
+            estimated = False
 
-            def block(on: bool) -> tuple[int, int, int]:
-                nonlocal seq
+            def segment(on: bool) -> dict[str, tuple[list[int], list[int]]]:
+                """(request walls, block CPU per request) before and after ``settle_s``."""
+                nonlocal seq, calls, requests_on, estimated
+                coverage.stop()
                 if on:
                     coverage.start(label, changed, instrumented)
-                else:
+                parts: dict[str, tuple[list[int], list[int]]] = {
+                    "early": ([], []),
+                    "steady": ([], []),
+                }
+                t_start = time.perf_counter()
+                n = 0
+                while True:
+                    elapsed = time.perf_counter() - t_start
+                    if elapsed >= segment_s:
+                        break
+                    walls, cpus = parts["early" if elapsed < settle_s else "steady"]
+                    c0 = _thread_cpu_ns()
+                    for _ in range(per_block):
+                        t0 = time.perf_counter_ns()
+                        with guard():
+                            request(seq)
+                        walls.append(time.perf_counter_ns() - t0)
+                        seq += 1
+                    cpus.append((_thread_cpu_ns() - c0) // per_block)
+                    n += per_block
+                if on:
+                    report = coverage.report()
+                    calls += report.calls
+                    estimated = estimated or report.estimated
+                    requests_on += n
                     coverage.stop()
-                walls = []
-                c0 = _thread_cpu_ns()
-                for _ in range(per_block):
-                    t0 = time.perf_counter_ns()
-                    with guard():
-                        request(seq)
-                    walls.append(time.perf_counter_ns() - t0)
-                    seq += 1
-                cpu = _thread_cpu_ns() - c0
-                walls.sort()
-                return cpu, walls[len(walls) // 2], sum(walls)
+                return parts
 
-            for on in (True, False, True, False):  # warm-up: both code paths specialised
-                block(on)
-            cpu_ratio: list[float] = []
-            p50_ratio: list[float] = []
-            sides: dict[bool, dict[str, list[int]]] = {
-                True: {"cpu": [], "p50": []},
-                False: {"cpu": [], "p50": []},
-            }
-            calls = 0
+            for on in (True, False):  # warm-up: both code paths specialised
+                segment(on)
+            keys = ("steady", "early", "session")
+            p50_ratio: dict[str, list[float]] = {k: [] for k in keys}
+            cpu_ratio: dict[str, list[float]] = {k: [] for k in keys}
+            p50s: dict[bool, list[float]] = {True: [], False: []}
+            cpus: dict[bool, list[float]] = {True: [], False: []}
             for q in range(quartets):
                 order = (True, False, False, True) if q % 2 == 0 else (False, True, True, False)
-                got: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}
+                got: dict[bool, dict[str, tuple[list[int], list[int]]]] = {
+                    side: {k: ([], []) for k in keys} for side in (True, False)
+                }
                 for on in order:
-                    got[on].append(block(on))
-                    if on:
-                        calls += coverage.report().calls
-                for on in (True, False):
-                    sides[on]["cpu"] += [g[0] for g in got[on]]
-                    sides[on]["p50"] += [g[1] for g in got[on]]
-                cpu_ratio.append(sum(g[0] for g in got[True]) / sum(g[0] for g in got[False]))
-                p50_ratio.append(sum(g[1] for g in got[True]) / sum(g[1] for g in got[False]))
+                    parts = segment(on)
+                    for k in ("early", "steady"):
+                        for dst in (got[on][k], got[on]["session"]):
+                            dst[0].extend(parts[k][0])
+                            dst[1].extend(parts[k][1])
+                for k in keys:
+                    (won, con), (woff, coff) = got[True][k], got[False][k]
+                    if won and woff:
+                        p50_ratio[k].append(_quartet_ratio(won, woff))
+                        cpu_ratio[k].append(statistics.fmean(con) / statistics.fmean(coff))
+                for side in (True, False):
+                    p50s[side].append(statistics.median(got[side]["steady"][0]))
+                    cpus[side].append(statistics.fmean(got[side]["steady"][1]))
             coverage.stop()
             backend = coverage.report().backend
         finally:
             app.unload()
-    cpu_med, cpu_lo, cpu_hi = median_ci(cpu_ratio, confidence)
-    p50_med, p50_lo, p50_hi = median_ci(p50_ratio, confidence)
-    requests_on = quartets * 2 * per_block
 
     def pct(x: float) -> float:
         return (x - 1.0) * 100.0
 
+    def summary(ratios: list[float]) -> tuple[float, list[float]]:
+        med, lo, hi = median_ci(ratios, confidence)
+        return pct(med), [pct(lo), pct(hi)]
+
+    p50_steady, p50_steady_ci = summary(p50_ratio["steady"])
+    cpu_steady, cpu_steady_ci = summary(cpu_ratio["steady"])
+    p50_early, p50_early_ci = summary(p50_ratio["early"])
+    p50_session, p50_session_ci = summary(p50_ratio["session"])
+    per_request = calls / max(1, requests_on)
+    cpu_on, cpu_off = statistics.median(cpus[True]), statistics.median(cpus[False])
     return {
         "backend": backend,
         "python": sys.version.split()[0],
         "functions_counted": len(changed),
+        "exact_calls": coverage.exact,
         "quartets": quartets,
         "requests_per_block": per_block,
-        "changed_calls_per_request": calls / requests_on,
-        "cpu_us_per_request_on": statistics.median(sides[True]["cpu"]) / per_block / 1e3,
-        "cpu_us_per_request_off": statistics.median(sides[False]["cpu"]) / per_block / 1e3,
-        "p50_us_on": statistics.median(sides[True]["p50"]) / 1e3,
-        "p50_us_off": statistics.median(sides[False]["p50"]) / 1e3,
+        "segment_s": segment_s,
+        "settle_s": settle_s,
+        # calls of changed functions per request (estimated past each function's exact calls)
+        "changed_calls_per_request": per_request,
+        "calls_estimated": estimated,
+        "cpu_us_per_request_on": cpu_on / 1e3,
+        "cpu_us_per_request_off": cpu_off / 1e3,
+        "p50_us_on": statistics.median(p50s[True]) / 1e3,
+        "p50_us_off": statistics.median(p50s[False]) / 1e3,
         "confidence": confidence,
-        # the headline: the paired p50 ratio, median over quartets, with its interval
-        "overhead_p50_pct": pct(p50_med),
-        "overhead_p50_ci_pct": [pct(p50_lo), pct(p50_hi)],
-        "overhead_cpu_pct": pct(cpu_med),
-        "overhead_cpu_ci_pct": [pct(cpu_lo), pct(cpu_hi)],
-        "ns_per_counted_call_cpu": (
-            (statistics.median(sides[True]["cpu"]) - statistics.median(sides[False]["cpu"]))
-            / per_block
-            / max(1e-9, calls / requests_on)
-        ),
+        # the headline: steady state while counted, paired p50 ratio, median over quartets
+        "overhead_p50_pct": p50_steady,
+        "overhead_p50_ci_pct": p50_steady_ci,
+        "overhead_cpu_pct": cpu_steady,
+        "overhead_cpu_ci_pct": cpu_steady_ci,
+        # every call counted: the first fold period of a session
+        "exact_phase_p50_pct": p50_early,
+        "exact_phase_p50_ci_pct": p50_early_ci,
+        # a whole session of FOLD_S + periods x FOLD_S
+        "session_p50_pct": p50_session,
+        "session_p50_ci_pct": p50_session_ci,
+        "ns_per_changed_call_cpu": (cpu_on - cpu_off) / max(1e-9, per_request),
     }
 
 
 def retirement(cap: int | None = None, poll_s: float = 0.5, limit: int = 200_000) -> dict[str, Any]:
     """With the agent's call cap: requests of the loop until every counted function retired.
 
-    Requests run back to back while a thread reads the report every
-    ``poll_s`` (as the Health RPC does: a report is what retires a function
-    past the cap); returns the requests and seconds until no function of the
+    Requests run back to back while the report is read every ``poll_s`` (as
+    the Health RPC does; the agent's fold thread retires a function past the
+    cap within ``FOLD_S`` anyway); returns the requests and seconds until no function of the
     loop is counted any more (functions the loop never calls stay counted
     and cost nothing).
     """

@@ -577,8 +577,10 @@ def print_report(res: dict[str, Any]) -> None:
         ret = c["retirement"]
         print(
             f"  coverage cost while counted ({c['backend']}, Python {c['python']}, "
-            f"{c['changed_calls_per_request']:.0f} counted calls per request, {c['quartets']} "
-            f"ABBA quartets of {c['requests_per_block']}-request blocks): p50 "
+            f"{c['changed_calls_per_request']:.0f} changed calls per request, first "
+            f"{c.get('exact_calls', 0)} of each counted then sampled, {c['quartets']} ABBA "
+            f"quartets of counting sessions; every call counted in a session's first fold: "
+            f"{c.get('exact_phase_p50_pct', float('nan')):+.1f} %): steady p50 "
             f"{c['overhead_p50_pct']:+.1f} % [{lo:+.1f}, {hi:+.1f}] ({c['p50_us_on']:.1f} vs "
             f"{c['p50_us_off']:.1f} us), CPU {c['overhead_cpu_pct']:+.1f} % [{clo:+.1f}, "
             f"{chi:+.1f}] ({c['confidence']:.0%} intervals); with the cap of {ret['cap']} calls "
@@ -723,9 +725,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--coverage-blocks",
         type=int,
-        default=150,
-        help="ABBA quartets of 100-request blocks of the coverage-cost measure (0 skips it; "
-        "default 150)",
+        default=30,
+        help="ABBA quartets of counting-session segments (0.65 s each, in 100-request blocks) "
+        "of the coverage-cost measure (0 skips it; default 30)",
     )
     parser.add_argument(
         "--quick",

@@ -80,8 +80,13 @@ def analysis_extras(analysis: Mapping[str, Any], now: float | None = None) -> li
             "",
             f"Changed code ({changed.get('release') or 'this release'}): "
             f"{changed.get('ran', 0)} of {changed.get('functions', 0)} functions ran, "
-            f"{calls} calls, {raised} raised{ratio}",
+            f"{'~' if changed.get('calls_estimated') else ''}{calls} calls, {raised} raised{ratio}",
         ]
+        if changed.get("calls_estimated"):
+            lines.append(
+                "  calls estimated (sampled past their first exact calls): "
+                + _names(list(changed["calls_estimated"]))
+            )
         raising = changed.get("raising") or []
         if raising:
             lines.append(

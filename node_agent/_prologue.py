@@ -1,6 +1,7 @@
-"""Counting variants of a module's functions, for changed-code coverage on Python 3.11.
+"""Counting variants of a module's functions, for changed-code coverage (every interpreter).
 
-Python 3.11 has no ``sys.monitoring``, and its global hooks (``sys.setprofile``,
+Python 3.11 has no ``sys.monitoring`` (3.12+ has, at ~600 ns a counted call
+through a Python callback), and its global hooks (``sys.setprofile``,
 ``sys.settrace``) call back on *every* call of every function in the process,
 which shows in request latency.  A wrapper would change the function's
 identity (registries, ``is`` checks, pickling).  So, as OTP's ``cover`` does,
@@ -19,11 +20,16 @@ The whole module is compiled (once, in prepare) so methods keep their class
 context (name mangling, the ``__class__`` cell of ``super()``) and closures
 their free variables; each definition gets a slot.  A call is counted by
 appending to the slot's own list (``len`` is the count; the owner folds and
-empties it, :class:`node_agent.coverage.Coverage`): five bytecodes that 3.11
-specialises (a module-global load and ``list.append`` without a call frame),
-~11 ns on the benchmark host against ~33 ns for ``calls[slot] += 1`` (ten
-bytecodes and an int allocation past 256).  The ``try`` costs nothing until
-something raises (3.11's zero-cost exception tables).  A bare ``raise`` in the handler re-raises
+empties it, :class:`node_agent.coverage.Coverage`): five bytecodes that
+CPython specialises (a module-global load and ``list.append`` without a call
+frame), ~17 ns in a tight loop but ~30-60 ns inside the small functions of
+the loader benchmark (2026-12-01, 3.11-3.13), the cheapest of the forms
+measured (``calls[slot] += 1``, a list held as a constant, a bound
+``append``, a ``global`` flag store: all as dear or dearer).  The ``try``
+costs nothing until something raises (zero-cost exception tables), so
+:func:`quiet_twin` (the count jumped over) costs ~nothing: what
+:class:`node_agent.coverage.Coverage` runs once a function's first calls
+were counted, with short counting bursts.  A bare ``raise`` in the handler re-raises
 without adding a traceback entry, and the added statements carry the line of
 the ``def``, so tracebacks read as before.  The counters are lists bound in
 the function's module globals under the two dunder names, by the caller.
@@ -32,13 +38,14 @@ the function's module globals under the two dunder names, by the caller.
 from __future__ import annotations
 
 import ast
+import opcode
 import types
 from dataclasses import dataclass
 from typing import Any
 
 from node_agent._codecache import CodeCache, retarget
 
-__all__ = ["CALLS", "RAISED", "Instrumented", "calls_name", "instrument_module"]
+__all__ = ["CALLS", "RAISED", "Instrumented", "calls_name", "instrument_module", "quiet_twin"]
 
 CALLS = "__hotfleet_c"  # prefix of the per-slot call lists' names, see calls_name
 RAISED = "__hotfleet_raised__"
@@ -76,6 +83,68 @@ class Instrumented:
             and twin.co_filename == code.co_filename
         )
         return hit if same else None
+
+
+_JUMP_FORWARD = opcode.opmap["JUMP_FORWARD"]
+_EXTENDED_ARG = opcode.opmap["EXTENDED_ARG"]
+_LOAD_GLOBAL = opcode.opmap["LOAD_GLOBAL"]
+_POP_TOP = opcode.opmap["POP_TOP"]
+_CALL = opcode.opmap["CALL"]
+
+
+def _cache_sizes() -> list[int]:
+    """Inline cache entries after each opcode (a list until 3.12, a dict by name in 3.13)."""
+    table: Any = getattr(opcode, "_inline_cache_entries", {})
+    if isinstance(table, dict):
+        return [int(table.get(opcode.opname[op], 0)) for op in range(256)]
+    return [int(n) for n in table] + [0] * (256 - len(table))
+
+
+_CACHES = _cache_sizes()
+
+
+def quiet_twin(twin: types.CodeType, slot: int) -> types.CodeType | None:
+    """``twin`` with its count statement jumped over: exceptions counted, calls not.
+
+    The count (``__hotfleet_cN__.append(None)``, five instructions and their
+    inline caches) is what a counted call pays, ~30-60 ns inside a small
+    function on the benchmark host; the ``try`` costs nothing until something
+    raises.  The quiet twin is the same bytes with the statement's first
+    instruction replaced by a ``JUMP_FORWARD`` past it (one dispatch), so the
+    exception table, line table and every offset stay as compiled.  It is
+    derived from the compiled twin (no second compile, nothing more in the
+    host code cache) by a scan of its first instructions (a few µs;
+    :mod:`dis` would take ~1 ms).  ``None`` when the count statement is not
+    the expected sequence (then the function is simply counted on every call).
+    """
+    try:
+        index = twin.co_names.index(calls_name(slot))
+    except ValueError:
+        return None
+    raw = bytearray(twin.co_code)
+    at = end = -1
+    ops: list[int] = []
+    i, prev = 0, -1
+    while i < len(raw) and len(ops) < 16:
+        op, arg = raw[i], raw[i + 1]
+        if at < 0:
+            if op == _LOAD_GLOBAL and arg >> 1 == index and prev != _EXTENDED_ARG:
+                at = i
+        else:
+            ops.append(op)
+            if op == _POP_TOP:
+                end = i + 2
+                break
+        prev = op
+        i += 2 + 2 * _CACHES[op]
+    # LOAD_GLOBAL, LOAD_METHOD (3.12+: LOAD_ATTR), LOAD_CONST, [PRECALL (3.11),] CALL, POP_TOP
+    if at < 0 or end < 0 or _CALL not in ops or len(ops) > 6:
+        return None
+    delta = (end - (at + 2)) // 2  # in code units, from the next instruction
+    if not 0 <= delta < 256:
+        return None
+    raw[at], raw[at + 1] = _JUMP_FORWARD, delta
+    return twin.replace(co_code=bytes(raw))
 
 
 def _instrument_def(node: ast.FunctionDef | ast.AsyncFunctionDef, slot: int) -> None:

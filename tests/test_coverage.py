@@ -15,10 +15,11 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from node_agent.coverage import changed_functions
+from node_agent.coverage import changed_functions, prometheus_lines
 from tests.codebase import Codebase
 from tests.coverage_scenario import BOOT, V2, check, scenario
 
@@ -219,3 +220,163 @@ def test_monitoring_fallback_counts_equal_code_objects_apart(version: str) -> No
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "sys.monitoring [(3, 0), (1, 0)]"
+
+
+_QUIET_CHECK = """
+import sys, traceback
+sys.path.insert(0, {root!r})
+from node_agent._prologue import RAISED, calls_name, instrument_module, quiet_twin
+
+src = b'''
+class Base:
+    def go(self, x):
+        return x
+
+class C(Base):
+    def go(self, x):
+        \\"\\"\\"doc\\"\\"\\"
+        if x < 0:
+            raise ValueError(x)
+        return super().go(x) + 1
+
+def outer(n):
+    def inner(x):
+        return x + n
+    return inner
+
+def gen(n):
+    yield from range(n)
+'''
+inst = instrument_module("qm", src, "/x/qm.py")
+ns = {{"__name__": "qm"}}
+exec(compile(src, "/x/qm.py", "exec"), ns)
+for s in range(inst.slots):
+    ns[calls_name(s)] = []
+ns[RAISED] = [0] * inst.slots
+slots = {{}}
+for name, fn in (("go", ns["C"].go), ("outer", ns["outer"]), ("gen", ns["gen"])):
+    twin, slot = inst.variant(fn.__code__)
+    quiet = quiet_twin(twin, slot)
+    assert quiet is not None and quiet.co_code != twin.co_code, name
+    fn.__code__ = quiet
+    slots[name] = slot
+c = ns["C"]()
+assert c.go(1) == 2 and ns["outer"](3)(4) == 7 and list(ns["gen"](3)) == [0, 1, 2]
+try:
+    c.go(-1)
+except ValueError as exc:
+    last = traceback.extract_tb(exc.__traceback__)[-1]
+    assert last.lineno == 10, last  # the raising line, not the count's
+print(sorted((k, len(ns[calls_name(s)]), ns[RAISED][s]) for k, s in slots.items()))
+"""
+
+
+@pytest.mark.parametrize("version", ["this", "3.12", "3.13"])
+def test_quiet_twin_counts_exceptions_not_calls(version: str) -> None:
+    """The quiet twin jumps over the count (no call counted) and still counts what raises."""
+    exe = sys.executable if version == "this" else _interpreter(version)
+    if exe is None:
+        pytest.skip(f"no python{version} on this host")
+    code = _QUIET_CHECK.format(root=str(Path(__file__).resolve().parent.parent))
+    done = subprocess.run(
+        [exe, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[('gen', 0, 0), ('go', 0, 1), ('outer', 0, 0)]"
+
+
+def _hammer(price: object, seconds: float) -> tuple[int, int]:
+    """Call ``price`` for ``seconds``, every 10th call raising: (calls, raised)."""
+    calls = raised = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for x in range(-1, 9):
+            calls += 1
+            try:
+                price(x)  # type: ignore[operator]
+            except ValueError:
+                raised += 1
+    return calls, raised
+
+
+def _upgraded(cb: Codebase, exact: int, fold_s: float, burst_s: float) -> dict[str, Any]:
+    """Boot, set the coverage knobs (uncapped), upgrade to V2: the modules."""
+    mods = cb.boot(BOOT)
+    coverage = cb.loader.coverage
+    coverage.cap = 10**12
+    coverage.exact, coverage.fold_s, coverage.burst_s = exact, fold_s, burst_s
+    cb.upgrade("2", V2)
+    return mods
+
+
+def test_hot_function_is_sampled_past_its_exact_calls(cb: Codebase) -> None:
+    """Past ``exact`` calls: quiet twin plus bursts; calls estimated and said so, raises exact."""
+    mods = _upgraded(cb, 20, 0.05, 0.01)
+    price = mods["svc"].price
+    coverage = cb.loader.coverage
+    Cart = mods["svc"].Cart
+    for _ in range(3):
+        Cart().total([1])  # a few calls: stays exact
+    calls, raised = _hammer(price, 1.0)
+    report = coverage.report()
+    by = {f.name.split(".", 1)[1]: f for f in report.functions}
+    hot, cold = by["svc:price"], by["svc:Cart.total"]
+    assert hot.estimated and report.estimated and not cold.estimated
+    assert cold.calls == 3
+    assert hot.raised == raised  # every exception, bursts or not
+    assert 0.4 * calls < hot.calls < 2.5 * calls, (hot.calls, calls)
+    backend = coverage._backend
+    assert backend is not None
+    with coverage._lock:  # no burst begins or ends meanwhile
+        entry = backend.prologue.slot[
+            id(next(t.code for t in coverage._targets if t.name == hot.name))
+        ]
+        assert entry.quiet is not None
+        assert price.__code__ is (entry.twin if backend.prologue.bursting else entry.quiet)
+    lines = prometheus_lines(report, {"node": "n1"}).splitlines()
+    gauge = "hotfleet_changed_code_calls_estimated{"
+    assert f'{gauge}node="n1",function="{hot.name}",kind="changed"}} 1' in lines
+    assert f'{gauge}node="n1",function="{cold.name}",kind="changed"}} 0' in lines
+
+
+def test_health_says_which_counts_are_estimates() -> None:
+    from node_agent.coverage import CoverageReport, FunctionCoverage, health_fields
+    from node_agent.metrics import HostCpu
+
+    report = CoverageReport(
+        "r", True, "prologue",
+        (FunctionCoverage("m:f", "changed", 900, 3, True), FunctionCoverage("m:g", "added", 2, 0)),
+    )  # fmt: skip
+    fields = health_fields(report, HostCpu(1.0, 2.0, 0.0))
+    assert [(f.name, f.calls, f.calls_estimated) for f in fields["changed_code"]] == [
+        ("m:f", 900, True),
+        ("m:g", 2, False),
+    ]
+
+
+def test_exact_zero_counts_every_call(cb: Codebase) -> None:
+    """``exact=0``: never sampled, the old behaviour (every call counted, nothing estimated)."""
+    price = _upgraded(cb, 0, 0.02, 0.01)["svc"].price
+    coverage = cb.loader.coverage
+    calls, raised = _hammer(price, 0.3)
+    f = {f.name.split(".", 1)[1]: f for f in coverage.report().functions}["svc:price"]
+    assert (f.calls, f.raised, f.estimated) == (calls, raised, False)
+
+
+def test_stop_during_a_burst_leaves_the_plain_code(cb: Codebase) -> None:
+    price = _upgraded(cb, 5, 0.02, 0.015)["svc"].price
+    coverage = cb.loader.coverage
+    _hammer(price, 0.2)
+    deadline = time.monotonic() + 5
+    backend = coverage._backend
+    assert backend is not None
+    while not backend.prologue.bursting and time.monotonic() < deadline:
+        _hammer(price, 0.005)
+    cb.loader.rollback()  # stops counting, mid-burst or not
+
+    def counting() -> list[str]:
+        return [n for n in price.__code__.co_names if n.startswith("__hotfleet_")]
+
+    assert price(2) == 4 and not counting()  # v1's plain code
+    time.sleep(0.1)  # the fold thread's burst end must not put a twin back
+    assert not counting()

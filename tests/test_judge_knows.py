@@ -167,6 +167,32 @@ def test_occasional_raise_of_changed_code_is_not_a_regression() -> None:
     ]
 
 
+def test_estimated_calls_are_judged_and_labelled_as_estimates() -> None:
+    """Sampled functions report estimated calls (exact raises): judged the same, said so."""
+    from coordinator.render_analysis import analysis_extras
+
+    base = {"n1": node_series(1)}
+    cur = {"n1": node_series(2)}
+    runs = (
+        FunctionRuns("m:hot", "changed", 4000, 2100, estimated=True),
+        FunctionRuns("m:cold", "changed", 3, 0),
+    )
+    v = Judge().evaluate(
+        base, cur, changed={"n1": ChangedCode("shop@2", True, runs)}, release="shop@2"
+    )
+    assert v.overall is Outcome.FAIL and v.failures[0].metric == "changed:m:hot"
+    assert "raised on 2100 of ~4000 calls" in v.reason
+    assert v.changed_code is not None and v.changed_code["calls_estimated"] == ["m:hot"]
+    lines = "\n".join(analysis_extras(v.to_json()))
+    assert "~4003 calls" in lines and "calls estimated" in lines and "m:hot" in lines
+    exact = (FunctionRuns("m:hot", "changed", 4000, 0), FunctionRuns("m:cold", "changed", 3, 0))
+    v = Judge().evaluate(
+        base, cur, changed={"n1": ChangedCode("shop@2", True, exact)}, release="shop@2"
+    )
+    assert v.changed_code is not None and v.changed_code["calls_estimated"] == []
+    assert "~" not in v.reason
+
+
 def test_coverage_of_another_release_is_ignored() -> None:
     cov = {"n1": changed("n1", ("m:f", 40, 40), release="shop@1")}
     v = Judge().evaluate(

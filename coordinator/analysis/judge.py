@@ -304,12 +304,15 @@ class Judge(ThresholdChecks, SignificanceChecks):
                         f"no upgraded node reported changed-code coverage of {release or 'the release'}")
             ], None  # fmt: skip
         totals: dict[str, list[Any]] = {}  # name -> [kind, calls, raised, {node: (calls, raised)}]
+        estimated: set[str] = set()  # calls past the first exact ones are sampled estimates
         for node, report in sorted(reports.items()):
             for f in report.functions:
                 entry = totals.setdefault(f.name, [f.kind, 0, 0, {}])
                 entry[1] += f.calls
                 entry[2] += f.raised
                 entry[3][node] = (f.calls, f.raised)
+                if f.estimated:
+                    estimated.add(f.name)
         out: list[Finding] = []
         confidence = 1.0 - p.alpha
         for name, (_kind, calls, raised, per_node) in sorted(totals.items()):
@@ -323,7 +326,8 @@ class Judge(ThresholdChecks, SignificanceChecks):
             out.append(
                 Finding(worst, f"changed:{name}", raised / calls, p.changed_code_max_error_rate,
                         "changed_code", None, None, Outcome.FAIL,
-                        f"changed function {name} raised on {raised} of {calls} calls "
+                        f"changed function {name} raised on {raised} of "
+                        f"{'~' if name in estimated else ''}{calls} calls "
                         f"({raised / calls:.0%}; {confidence:.0%} lower bound {lo:.2f}) > bound "
                         f"{p.changed_code_max_error_rate:g} ({where})", samples=calls)
             )  # fmt: skip
@@ -343,6 +347,8 @@ class Judge(ThresholdChecks, SignificanceChecks):
             "raising": [
                 {"name": k, "calls": totals[k][1], "raised": totals[k][2]} for k in raising
             ],
+            # calls of these functions are estimates (sampled); raised counts are exact
+            "calls_estimated": sorted(estimated),
             "nodes": sorted(reports),
         }
         share = len(ran) / n if n else 1.0
@@ -352,7 +358,8 @@ class Judge(ThresholdChecks, SignificanceChecks):
         if calls_all < p.changed_code_min_calls:
             short.append(f"{calls_all} calls, policy needs {p.changed_code_min_calls}")
         text = (
-            f"changed code: {len(ran)} of {n} functions ran ({calls_all} calls, {raised_all} raised"
+            f"changed code: {len(ran)} of {n} functions ran "
+            f"({'~' if estimated else ''}{calls_all} calls, {raised_all} raised"
             + (f", error ratio {raised_all / calls_all:.2g}" if calls_all else "")
             + ")"
             + (

@@ -92,8 +92,9 @@ class FunctionRuns:
 
     name: str  # module:qualname
     kind: str  # changed | added
-    calls: int
-    raised: int
+    calls: int  # an estimate when ``estimated`` (sampled past the first exact calls)
+    raised: int  # always exact
+    estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,13 @@ class ChangedCode:
             release,
             bool(getattr(reply, "changed_code_active", False)),
             tuple(
-                FunctionRuns(str(f.name), str(f.kind), int(f.calls), int(f.raised))
+                FunctionRuns(
+                    str(f.name),
+                    str(f.kind),
+                    int(f.calls),
+                    int(f.raised),
+                    bool(getattr(f, "calls_estimated", False)),
+                )
                 for f in getattr(reply, "changed_code", ())
             ),
         )

@@ -250,13 +250,15 @@ class HealthReply(_message.Message):
     def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_bounds_s: _Optional[_Iterable[float]] = ..., latency_counts: _Optional[_Iterable[int]] = ..., cpu_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., uncaught: _Optional[int] = ..., gauges: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., release: _Optional[str] = ..., host_cpu_busy_s: _Optional[float] = ..., host_cpu_total_s: _Optional[float] = ..., host_cpu_steal_s: _Optional[float] = ..., changed_code: _Optional[_Iterable[_Union[ChangedFunction, _Mapping]]] = ..., changed_code_active: _Optional[bool] = ..., changed_code_release: _Optional[str] = ...) -> None: ...
 
 class ChangedFunction(_message.Message):
-    __slots__ = ("name", "kind", "calls", "raised")
+    __slots__ = ("name", "kind", "calls", "raised", "calls_estimated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     RAISED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     calls: int
     raised: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., calls: _Optional[int] = ..., raised: _Optional[int] = ...) -> None: ...
+    calls_estimated: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., calls: _Optional[int] = ..., raised: _Optional[int] = ..., calls_estimated: _Optional[bool] = ...) -> None: ...
