@@ -10,12 +10,16 @@ from __future__ import annotations
 import importlib
 import sys
 import textwrap
+import threading
+import time
 import uuid
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from hotfleet.release import Release
-from node_agent import Loader
+from node_agent import Loader, PrepareError
 
 
 class Codebase:
@@ -47,6 +51,25 @@ class Codebase:
         if modules is not None:
             modules = {f"{self.pkg}.{m}": v for m, v in modules.items()}  # type: ignore[attr-defined]
         return Release.from_sources("app", version, sources, modules=modules, **kw)  # type: ignore[arg-type]
+
+    def prepare_cancelled(self, release: Release, after_s: float) -> PrepareError:
+        """Prepare ``release`` while another thread cancels it after ``after_s``; the refusal.
+
+        Asserts the prepare came back promptly (well before any deadline the
+        test set), since an Abort must never wait for what it cancels.
+        """
+        timer = threading.Timer(after_s, self.loader.cancel_prepare)
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(PrepareError) as err:
+                self.loader.prepare(release)
+        finally:
+            timer.cancel()
+            timer.join()
+        assert time.monotonic() - started < after_s + 4.5
+        assert "cancelled" in err.value.errors[0].detail
+        return err.value
 
     def upgrade(self, version: str, files: dict[str, str], **kw: object):  # type: ignore[no-untyped-def]
         prepared = self.loader.prepare(self.release(version, files, **kw))

@@ -242,16 +242,7 @@ def test_module_blocked_in_c_is_killed_at_prepare_timeout(cb: Codebase) -> None:
 def test_cancel_prepare_kills_the_staging_process_at_once(cb: Codebase) -> None:
     cb.boot({"reg": REG})
     cb.loader.prepare_timeout = 60.0
-    timer = threading.Timer(0.5, cb.loader.cancel_prepare)
-    timer.start()
-    started = time.monotonic()
-    try:
-        with pytest.raises(PrepareError) as err:
-            cb.loader.prepare(cb.release("2", {"spin": "while True:\n    pass\n"}))
-    finally:
-        timer.cancel()
-    assert time.monotonic() - started < 5.0
-    assert "cancelled" in err.value.errors[0].detail
+    cb.prepare_cancelled(cb.release("2", {"spin": "while True:\n    pass\n"}), 0.5)
 
 
 def test_new_module_that_raises_is_refused_import_error_naming_its_line(cb: Codebase) -> None:
