@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.launch import child_environment
 from hotfleet.logsetup import level_arg
 from tests.agents import ROOT, Agents, wait_for
-from tests.coordinators import CoordinatorProcess, _env
+from tests.coordinators import CoordinatorProcess
 from tests.processes import spawn
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -29,7 +30,7 @@ def test_log_level_debug_and_json_lines(
     cmd = [sys.executable, "-m", "coordinator.daemon", "--dev", "--etcd", etcd_endpoint]
     cmd += ["--prefix", etcd_prefix, "--listen", "127.0.0.1:0", "--lease-ttl", "2"]
     cmd += ["--log-level", "debug", "--log-format", "json"]
-    daemon = CoordinatorProcess("json", spawn(cmd, log_path, _env(), tmp_path), log_path)
+    daemon = CoordinatorProcess("json", spawn(cmd, log_path, child_environment(), tmp_path), log_path)
     try:
         daemon.wait_ready()
         daemon.wait_leader()
@@ -56,7 +57,7 @@ def test_a_bad_log_level_is_a_usage_error_naming_the_levels() -> None:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=_env(),
+        env=child_environment(),
         timeout=60,
         check=False,
     )
