@@ -67,79 +67,82 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``; every key is built by
     rollback to it) while etcd is down.
 
 Fencing: every mutating RPC carries the coordinator's epoch, and only the
-current leader's epoch as etcd says (the create revision of the lowest key
-under ``<prefix>election/``, read by the agent and cached for a second) is
-obeyed; anything else is refused with ``FAILED_PRECONDITION`` (see
-:meth:`Agent.fence`).  The highest *verified* epoch is persisted (atomic
-write) in ``cache_dir`` as ``epoch-<node_id>-<hash of prefix>.json`` =
-``{"epoch": 7}`` and is what the agent obeys while etcd is unreachable.
-Authority: with TLS, mutating RPCs are taken only from certificates with the
-``coordinator`` role (:mod:`hotfleet.tls`).
+current leader's epoch as etcd says is obeyed; anything else is refused with
+``FAILED_PRECONDITION`` (:mod:`node_agent.fence`; the highest verified epoch
+is persisted in ``cache_dir``).  Authority: with TLS, mutating RPCs are
+taken only from certificates with the ``coordinator`` role
+(:mod:`hotfleet.tls`).  Signing: outside dev mode every release must be
+signed by a trusted key, checked before anything is fetched
+(:mod:`node_agent.trust`).  A rollback target needs no signature: it is
+code this process already ran.
 
-Signing: outside dev mode the agent needs at least one trusted ed25519 key
-(``trusted_keys``, ``node-agent --trust-key``) and refuses to start without
-one; every Prepare must carry ``ReleaseManifest.signature``/``signer`` valid
-over the release digest (which the agent checks against the digest it
-recomputes from the manifest), or it is refused with ``*: unsigned`` /
-``*: bad_signature``.  In dev mode an unsigned release is accepted, but a
-signature that is present is verified when trusted keys are configured.  A
-rollback target needs no signature: it is code this process already ran.
+:class:`Agent` is the façade: it checks its settings, builds the parts
+below, wires them together, starts and stops them (it owns every thread,
+server and lease they run, through them), and keeps the agent's API:
+
+=====================================  ==========================================
+part                                   module
+=====================================  ==========================================
+gRPC servicer and server               :mod:`node_agent.grpc_server`
+the fence (epochs)                     :mod:`node_agent.fence`
+signing policy                         :mod:`node_agent.trust`
+fetching releases, the source cache    :mod:`node_agent.fetch`
+the etcd settings and read client      :mod:`node_agent.etcd_link`
+Status/Health/record/Prometheus        :mod:`node_agent.report`
+WSGI/ASGI wrapping                     :mod:`node_agent.app_guard`
+the 2PC state machine (and its wire)   :mod:`node_agent.participant` (``participant_wire``)
+decisions read from etcd               :mod:`node_agent.decision_watch`
+reconcile at start                     :mod:`node_agent.reconcile`
+membership (lease, record)             :mod:`node_agent.membership`
+=====================================  ==========================================
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import socket
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import etcd3.exceptions
-import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc
-from hotfleet.errors import HotfleetError, ModuleError, Reason
-from hotfleet.etcd_client import EtcdClient, open_client, parse_endpoints
+from hotfleet._proto.hotfleet.v1 import agent_pb2
+from hotfleet.errors import ModuleError
 from hotfleet.fencing import LeaderEpochs
 from hotfleet.keys import DEFAULT_PREFIX, Keys
-from hotfleet.limits import MAX_MODULES, MAX_PREPARE_MESSAGE_BYTES
-from hotfleet.release import Release, is_module_name
-from hotfleet.signing import DEFAULT_FLEET, load_public_keys, verify_release
-from hotfleet.store import BlobNotFound, ContentStore, EtcdBlobBackend, LocalCache
-from hotfleet.tls import TLSFiles, agent_guard
-from hotfleet.wire import manifest_from_proto
-from node_agent.asgi_guard import agent_asgi
-from node_agent.coverage import health_fields, prometheus_lines
-from node_agent.decision_watch import (
-    DecisionWatch,
-    DecisionWatches,
-)
-from node_agent.drain import WSGIMiddleware
+from hotfleet.release import Release
+from hotfleet.signing import DEFAULT_FLEET
+from hotfleet.store import ContentStore, LocalCache
+from hotfleet.tls import TLSFiles
+from node_agent.app_guard import agent_asgi, agent_wsgi
+from node_agent.decision_watch import DecisionWatch, DecisionWatches
+from node_agent.etcd_link import EtcdLink
+from node_agent.fence import Fence
+from node_agent.fetch import ReleaseSource
+from node_agent.grpc_server import AgentServer, FencedServicer
 from node_agent.loader import PREPARE_TIMEOUT_S, Loader
 from node_agent.membership import Membership
 from node_agent.metrics import Metrics
-from node_agent.participant import Participant, State, label, refusal
+from node_agent.participant import Participant
 from node_agent.participant_wire import WireParticipant
 from node_agent.reconcile import Reconciler, SourcesUnavailable
 from node_agent.release_files import ReleaseFiles
+from node_agent.report import NodeCard, Reports
 from node_agent.supervision import SupervisedLoader
+from node_agent.trust import SigningPolicy, TrustedKeys
 
 if TYPE_CHECKING:
-    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+    from wsgiref.types import WSGIApplication
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PREFIX", "Agent", "SourcesUnavailable", "TLSFiles", "permanent_record"]
 
-METRICS_PATH = "/-/metrics"
+# the servicer under its old name (benchmarks/_simagent.py serves simulated agents with it)
+_Servicer = FencedServicer
 
 
 def permanent_record(release: Release, signature: str = "", signer: str = "") -> str:
@@ -160,12 +163,17 @@ def permanent_record(release: Release, signature: str = "", signer: str = "") ->
     return json.dumps(record, sort_keys=True)
 
 
-_label = label
-_err = refusal
-
-
 class Agent:
-    """Everything hotfleet runs inside one worker process; see the module docstring."""
+    """Everything hotfleet runs inside one worker process; see the module docstring.
+
+    The keyword parameters come in groups, each handed to the part it
+    configures: the gRPC server (``listen``, ``advertise_host``, ``tls``,
+    ``grpc_workers``), etcd (``etcd``, ``etcd_timeout``, ``etcd_options``,
+    ``lease_ttl``, ``ready_timeout``), trust (``dev``, ``trusted_keys``,
+    ``fleet``), the loader (``code_paths``, ``drain_timeout``,
+    ``prepare_timeout``, or a ready ``loader``) and who the node is
+    (``node_id``, ``labels``, ``http_address``, ``prefix``, ``cache_dir``).
+    """
 
     def __init__(
         self,
@@ -180,9 +188,7 @@ class Agent:
         http_address: str = "",
         dev: bool = False,
         tls: TLSFiles | None = None,
-        trusted_keys: Mapping[str, Ed25519PublicKey]
-        | Iterable[str | os.PathLike[str]]
-        | None = None,
+        trusted_keys: TrustedKeys = None,
         lease_ttl: int = 10,
         cache_dir: str | os.PathLike[str] | None = None,
         drain_timeout: float = 5.0,
@@ -202,37 +208,26 @@ class Agent:
                 "agent is remote code execution. Give tls=TLSFiles(cert, key, ca), or dev=True "
                 "for an insecure development setup"
             )
-        if isinstance(trusted_keys, Mapping):
-            self.trusted_keys: dict[str, Ed25519PublicKey] = dict(trusted_keys)
-        elif isinstance(trusted_keys, str | os.PathLike):
-            self.trusted_keys = load_public_keys([trusted_keys])
-        else:
-            self.trusted_keys = load_public_keys(trusted_keys or ())
-        if not dev and not self.trusted_keys:
-            raise ValueError(
-                "refusing to start without a trusted release-signing key: outside dev mode "
-                "every release must carry an ed25519 signature that the agent verifies before "
-                "it prepares anything. Give trusted_keys=[path to release-signing.pub] "
-                "(node-agent --trust-key PATH; make one with `python -m hotfleet.signing "
-                "keygen DIR`), or dev=True for an insecure development setup"
-            )
-        if etcd is not None:
-            parse_endpoints(etcd)  # fail on a bad URL now, not in a background thread
+        self.signing = SigningPolicy(trusted_keys, node_id=node_id, dev=dev, fleet=fleet)
+        self.etcd = (
+            EtcdLink(etcd, timeout=etcd_timeout, options=etcd_options) if etcd is not None else None
+        )
         self.node_id = node_id
-        self.fleet = fleet  # release signatures must name it (hotfleet.signing)
         self.keys = Keys(prefix)
         self.prefix = self.keys.prefix
-        self.labels = dict(labels or {})
-        self.listen = listen
-        self.advertise_host = advertise_host
-        self.http_address = http_address
         self.dev = dev
         self.tls = tls
-        self.etcd_endpoints = etcd
-        self.etcd_timeout = etcd_timeout
-        self.etcd_options = dict(etcd_options or {})
         self.ready_timeout = ready_timeout
-        self.grpc_workers = grpc_workers
+        self.card = NodeCard(
+            node_id,
+            dict(labels or {}),
+            secure=tls is not None,
+            trusted_keys=sorted(self.signing.keys),
+            http_address=http_address,
+        )
+        self.server = AgentServer(
+            node_id, listen=listen, advertise_host=advertise_host, tls=tls, workers=grpc_workers
+        )
         self.loader = loader or SupervisedLoader(
             code_paths, drain_timeout=drain_timeout, prepare_timeout=prepare_timeout
         )
@@ -242,32 +237,37 @@ class Agent:
             if cache_dir is not None
             else Path(tempfile.gettempdir()) / f"hotfleet-blobs-{os.getuid()}"
         )
-        self.started_at = time.time()
-        self.address = ""  # gRPC host:port once started
+        self.releases = ReleaseSource(self.keys, self.cache, self.etcd, self.signing.check)
 
         # a prepared rollout's decision is read from etcd too: a prepared node
         # never waits for a dead coordinator
         self._watches = (
-            DecisionWatches(self.keys, self._client, self.apply_decision)
-            if etcd is not None
+            DecisionWatches(self.keys, self.etcd.client, self.apply_decision)
+            if self.etcd is not None
             else None
         )
-        # the 2PC participant: every mutating operation goes through it, under its lock
         # data files and package requirements of a release, around the loader
         self.code = ReleaseFiles(self.loader)
+        # the 2PC participant: every mutating operation goes through it, under its lock
         self.participant = Participant(
             self.code,
             node_id=node_id,
             watch=self._watches,
             on_state=self._publish,
-            on_committed=self._cache_sources,
+            on_committed=self.releases.keep,
         )
-        self._op_lock = self.participant.lock
-        self._wire = WireParticipant(self.participant, node_id, self._obtain, lambda: self._epoch)
-        self._epoch_lock = threading.Lock()
-        self._epoch = self._load_epoch()
         # the leader's epoch as etcd says (None: no etcd, only a monotonic fence)
-        self._leader_epochs = LeaderEpochs(self._client, self.keys) if etcd is not None else None
+        self._fence = Fence(
+            node_id,
+            self.keys,
+            self.cache.directory,
+            LeaderEpochs(self.etcd.client, self.keys) if self.etcd is not None else None,
+            dev=dev,
+            on_raise=self._publish,
+        )
+        self._wire = WireParticipant(
+            self.participant, node_id, self.releases.obtain, lambda: self._fence.epoch
+        )
         self.reconciler = Reconciler(
             node_id,
             self.keys,
@@ -277,15 +277,20 @@ class Agent:
             fetch=self.fetch_release,
             done=etcd is None,
         )
-        self._data_client: EtcdClient | None = None
-        self._data_lock = threading.Lock()
-        self._server: grpc.Server | None = None
+        self.reports = Reports(
+            self.card,
+            self.loader,
+            self.metrics,
+            self.participant,
+            self._fence,
+            lambda: self.membership,
+        )
         self.membership: Membership | None = None
-        if etcd is not None:
+        if self.etcd is not None:
             self.membership = Membership(
                 self.keys.node(node_id),
-                self.membership_record,
-                self._new_client,
+                self.reports.membership_record,
+                self.etcd.new_client,
                 ttl=lease_ttl,
                 on_session=self.reconciler,
             )
@@ -299,34 +304,7 @@ class Agent:
         ``etcd_unreachable`` and keeps retrying in the background.
         """
         self.metrics.install_excepthooks()
-        self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=self.grpc_workers, thread_name_prefix="hotfleet-grpc"),
-            options=[
-                ("grpc.so_reuseport", 0),
-                # Stated, not inherited: a larger request is refused by gRPC
-                # itself (RESOURCE_EXHAUSTED) before it is decoded.
-                ("grpc.max_receive_message_length", MAX_PREPARE_MESSAGE_BYTES),
-            ],
-            # With TLS, who may call what comes from the client certificate's role
-            # (hotfleet.tls.AGENT_POLICY): only coordinators change code here.
-            interceptors=[agent_guard()] if self.tls is not None else [],
-        )
-        agent_pb2_grpc.add_NodeAgentServicer_to_server(_Servicer(self), self._server)
-        if self.tls is not None:
-            port = self._server.add_secure_port(self.listen, self.tls.server_credentials())
-        else:
-            port = self._server.add_insecure_port(self.listen)
-        host = self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
-        self.address = _join(self._advertised(host), port)
-        self._server.start()
-        log.info("node agent %s: gRPC NodeAgent on %s", self.node_id, self.address)
-        if self.dev:
-            log.warning(
-                "!!! DEV MODE: node agent %s serves gRPC on %s WITHOUT TLS OR AUTHENTICATION; "
-                "anyone who can reach it can load code into this process. Never use in production.",
-                self.node_id,
-                self.address,
-            )
+        self.card.address = self.server.start(FencedServicer(self))
         if self.membership is None:
             self.participant.settle()
             return
@@ -344,20 +322,18 @@ class Agent:
         """Deregister at once (revoke the lease), stop the gRPC server and decision polls.
 
         A prepare in progress is cancelled (its staging process killed), so a
-        stuck release never keeps a stopping agent alive.
+        stuck release never keeps a stopping agent alive.  Each part the agent
+        started is stopped here, the shared etcd client last.
         """
         self.participant.stop()
         if self.membership is not None:
             self.membership.stop(revoke=True)
-        if self._server is not None:
-            self._server.stop(grace).wait(grace + 1)
-            self._server = None
+        self.server.stop(grace)
         if self._watches is not None:
-            self._watches.stop(self.etcd_timeout + 1.0)
-        with self._data_lock:
-            if self._data_client is not None:
-                self._data_client.close()
-                self._data_client = None
+            assert self.etcd is not None
+            self._watches.stop(self.etcd.timeout + 1.0)
+        if self.etcd is not None:
+            self.etcd.close()
         self.metrics.uninstall_excepthooks()
 
     def __enter__(self) -> Agent:
@@ -366,35 +342,6 @@ class Agent:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    # -------------------------------------------------------------- the app
-    def wsgi(self, app: WSGIApplication) -> WSGIApplication:
-        """``app`` behind the drain guard, with request metrics and ``/-/metrics``."""
-        guarded = WSGIMiddleware(app, self.loader.barrier, self.metrics.observe)
-
-        def agent_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-            if environ.get("PATH_INFO") == METRICS_PATH:
-                body = self.prometheus().encode()
-                start_response(
-                    "200 OK",
-                    [
-                        ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-                        ("Content-Length", str(len(body))),
-                    ],
-                )
-                return [body]
-            return guarded(environ, start_response)
-
-        return agent_app
-
-    def asgi(self, app: Any) -> Any:
-        """``app`` (ASGI) behind the drain guard, with request metrics and ``/-/metrics``.
-
-        Websockets and streaming responses are guarded for their whole life;
-        a finish waits for them at most the drain timeout and then says how
-        many were left in flight (:mod:`node_agent.asgi`).
-        """
-        return agent_asgi(self, app)
 
     async def start_async(self) -> None:
         """:meth:`start` for an event loop: runs on a worker thread, the loop keeps serving."""
@@ -408,9 +355,57 @@ class Agent:
 
         await asyncio.to_thread(self.stop, grace)
 
+    # -------------------------------------------------------------- the app
+    def wsgi(self, app: WSGIApplication) -> WSGIApplication:
+        """``app`` behind the drain guard, with request metrics and ``/-/metrics``."""
+        return agent_wsgi(self, app)
+
+    def asgi(self, app: Any) -> Any:
+        """``app`` (ASGI) behind the drain guard, with request metrics and ``/-/metrics``.
+
+        Websockets and streaming responses are guarded for their whole life;
+        a finish waits for them at most the drain timeout and then says how
+        many were left in flight (:mod:`node_agent.asgi`).
+        """
+        return agent_asgi(self, app)
+
     def set_gauge(self, name: str, value: float) -> None:
         """An application-defined health gauge (Health RPC and Prometheus)."""
         self.metrics.set_gauge(name, value)
+
+    # ----------------------------------------------------------- who we are
+    @property
+    def address(self) -> str:
+        """The gRPC ``host:port`` others reach this agent at ("" until started)."""
+        return self.card.address
+
+    @property
+    def http_address(self) -> str:
+        """The app's ``host:port`` as published in the membership record ("" if none)."""
+        return self.card.http_address
+
+    @http_address.setter
+    def http_address(self, value: str) -> None:
+        self.card.http_address = value
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.card.labels
+
+    @property
+    def started_at(self) -> float:
+        return self.card.started_at
+
+    @property
+    def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
+        return self.signing.keys
+
+    @property
+    def fleet(self) -> str:
+        return self.signing.fleet
+
+    def _advertised(self, host: str) -> str:
+        return self.server.advertised(host)
 
     # ---------------------------------------------------------------- state
     @property
@@ -420,295 +415,46 @@ class Agent:
 
     @property
     def etcd_connected(self) -> bool:
-        return self.membership is not None and self.membership.connected
+        return self.reports.etcd_connected
 
     @property
     def state(self) -> str:
         """What Status reports: the agent's state, or ``etcd_unreachable`` while cut off."""
-        cut_off = self.membership is not None and not self.membership.connected
-        state = self.participant.state
-        if cut_off and state not in (State.STOPPING, State.RECONCILING):
-            return "etcd_unreachable"
-        return str(state)
+        return self.reports.state
 
     @property
     def epoch_seen(self) -> int:
-        return self._epoch
+        return self._fence.epoch
+
+    @property
+    def epoch_path(self) -> Path:
+        """Where the highest epoch seen survives a restart (per node and cluster prefix)."""
+        return self._fence.path
 
     def _publish(self) -> None:
         if self.membership is not None:
             self.membership.publish()
 
-    def _settle(self) -> None:
-        self.participant.settle()
+    # ---------------------------------------------------- fencing, releases
+    def fence(self, epoch: int) -> str | None:
+        """Accept ``epoch`` only if etcd says it leads; the refusal message otherwise
+        (:meth:`node_agent.fence.Fence.check`)."""
+        return self._fence.check(epoch)
 
-    def membership_record(self) -> dict[str, Any]:
-        snap = self.metrics.snapshot()
-        loader = self.loader
-        return {
-            "node_id": self.node_id,
-            "address": self.address,
-            "http_address": self.http_address,
-            "labels": self.labels,
-            "current_release": _label(loader.current_release),
-            "previous_release": _label(loader.previous_release),
-            "permanent_release": _label(loader.permanent_release),
-            "state": str(self.participant.state),
-            "prepared_rollout": self.participant.prepared_rollout,
-            "epoch_seen": self._epoch,
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "secure": self.tls is not None,
-            "trusted_keys": sorted(self.trusted_keys),
-            "health": {"requests": snap.requests, "errors": snap.errors, "uncaught": snap.uncaught},
-        }
-
-    def prometheus(self) -> str:
-        stats = self.loader.barrier.stats()
-        return self.metrics.prometheus(
-            {"node": self.node_id},
-            info={
-                "current": _label(self.loader.current_release),
-                "previous": _label(self.loader.previous_release),
-                "permanent": _label(self.loader.permanent_release),
-                "state": self.state,
-            },
-            extra=lambda: {
-                "hotfleet_epoch_seen": self._epoch,
-                "hotfleet_etcd_connected": float(self.etcd_connected),
-                "hotfleet_drain_holds": stats.held_total,
-                "hotfleet_drain_last_hold_seconds": stats.last_hold_s,
-                "hotfleet_drain_max_hold_seconds": stats.max_hold_s,
-                "hotfleet_in_flight_requests": self.loader.barrier.in_flight,
-            },
-        ) + prometheus_lines(self.loader.coverage.report(), {"node": self.node_id})
-
-    # ----------------------------------------------------------------- etcd
-    def _new_client(self) -> EtcdClient:
-        assert self.etcd_endpoints is not None
-        return open_client(self.etcd_endpoints, timeout=self.etcd_timeout, **self.etcd_options)
-
-    def _client(self) -> EtcdClient:
-        """A long-lived client for reads (blobs, permanent release)."""
-        if self.etcd_endpoints is None:
-            raise RuntimeError("agent runs without etcd")
-        with self._data_lock:
-            if self._data_client is None:
-                self._data_client = self._new_client()
-            return self._data_client
-
-    def content_store(self) -> ContentStore:
-        return ContentStore(EtcdBlobBackend(self._client(), self.keys.blobs), self.cache)
-
-    def _cache_sources(self, release: Release) -> None:
-        """Keep a committed release's sources in the local cache, so the node can
-        prepare it again (a retry, a rollback to it) while etcd is unreachable.
-
-        Done after the commit rather than in prepare: creating a file per module
-        is CPU that a fleet sharing a host needs for preparing; an aborted
-        release is never written.  Best effort: the cache is an optimisation.
-        """
-        if self.etcd_endpoints is None:
-            return
-        try:
-            self.content_store().keep(release.blobs())
-        except OSError as exc:
-            log.warning("could not cache the sources of %s: %s", release.label, exc)
+    def check_signature(self, digest: str, signature_hex: str, signer: str, label: str) -> None:
+        """Apply the signing policy to a release; raise :class:`HotfleetError` to refuse it
+        (:meth:`node_agent.trust.SigningPolicy.check`)."""
+        self.signing.check(digest, signature_hex, signer, label)
 
     def fetch_release(
         self, manifest: Mapping[str, Any], verify: Callable[[Release], None] | None = None
     ) -> Release:
-        """Rebuild a release from its manifest, sources from the cache or etcd.
+        """Rebuild a release from its manifest, sources from the cache or etcd
+        (:meth:`node_agent.fetch.ReleaseSource.fetch`)."""
+        return self.releases.fetch(manifest, verify)
 
-        The manifest is checked whole first, without fetching a byte: a
-        malformed or oversized one is a :class:`ReleaseError` naming the field,
-        and ``verify`` (the signature check) gets the release as the manifest
-        declares it (name, version, digest over the declared module digests;
-        no sources yet), so an unsigned or forged release costs no fetch.
-        Raises :class:`HotfleetError` listing every module that could not be
-        fetched or verified (``digest_mismatch`` for bad bytes).
-        """
-        declared = Release.from_manifest(manifest, lambda _digest: b"")
-        if verify is not None:
-            verify(declared)
-        errors: list[ModuleError] = []
-        names = {d.digest: d.path for d in declared.data}
-        names.update((m.digest, m.name) for m in declared.modules)
-        store: ContentStore | None = None
-        unavailable: list[Exception] = []
-        fetched: dict[str, bytes] = {}
-        unreachable: Exception | None = None
-        if self.etcd_endpoints is not None:
-            try:  # the fast path: cache, then one batched read of everything else
-                store = self.content_store()
-                # not cached yet: a release is written to the cache once committed (finish)
-                fetched = store.get_many([d for d in names if isinstance(d, str)], keep=False)
-            except (grpc.RpcError, etcd3.exceptions.Etcd3Exception) as exc:
-                unreachable = exc  # each missing module says so below, without a retry each
-            except HotfleetError as exc:  # a malformed digest: one by one below says which
-                log.debug("batched source fetch refused, fetching one by one: %s", exc)
-
-        def fetch(digest: str) -> bytes:
-            nonlocal store
-            if digest in fetched:
-                return fetched[digest]
-            module = str(names.get(digest, digest))
-            try:
-                if unreachable is not None:  # no retry per module: only what is cached
-                    cached = store.get_cached(digest) if store is not None else None
-                    if cached is not None:
-                        return cached
-                    raise unreachable
-                if store is None:
-                    store = self.content_store()
-                return store.get(digest)  # the local cache first, so etcd may be down
-            except BlobNotFound as exc:
-                errors.append(_err(module, f"source {digest} is not in the content store: {exc}"))
-            except HotfleetError as exc:
-                errors.extend(_err(module, e.detail, e.reason) for e in exc.errors)
-            except (grpc.RpcError, etcd3.exceptions.Etcd3Exception, OSError) as exc:
-                # etcd (or the cache's disk) failed us: worth retrying; a bug is not
-                unavailable.append(exc)
-                errors.append(
-                    _err(module, f"cannot fetch source {digest}: {type(exc).__name__}: {exc}")
-                )
-            return b""
-
-        release = Release.from_manifest(manifest, fetch)
-        if unavailable:
-            raise SourcesUnavailable(errors)
-        if errors:
-            raise HotfleetError(errors)
-        return release
-
-    # ------------------------------------------------------------- fencing
-    def fence(self, epoch: int) -> str | None:
-        """Accept ``epoch`` only if etcd says it leads; the refusal message otherwise.
-
-        The caller's number is a claim, not a fact: it is accepted when it is
-        the current leader key's revision read from etcd (cached for a
-        moment, re-read when a higher epoch arrives), so nothing a client
-        sends can raise the persisted fence beyond what etcd says.  With
-        etcd unreachable only the last verified leader epoch is accepted.
-        Without any leader in etcd a secure agent refuses; a dev agent (no
-        authentication anyway), or one without etcd, falls back to
-        "never lower than the highest seen".
-        """
-        with self._epoch_lock:
-            if self._leader_epochs is None:
-                return self._monotonic_fence(epoch)
-            try:
-                leader = self._leader_epochs.current(epoch)
-            except Exception as exc:
-                if epoch == self._epoch and epoch > 0:
-                    return None  # the last leader etcd confirmed: keep obeying it
-                return (
-                    f"node {self.node_id}: cannot verify epoch {epoch} against etcd"
-                    f" ({type(exc).__name__}: {exc}); the last verified leader epoch is"
-                    f" {self._epoch}"
-                )
-            if leader is None:
-                if self.dev:
-                    return self._monotonic_fence(epoch)
-                return (
-                    f"node {self.node_id}: epoch {epoch} refused: no coordinator leads in etcd"
-                    f" ({self.keys.election} is empty)"
-                )
-            if epoch != leader:
-                relation = "lower than" if epoch < leader else "not"
-                return (
-                    f"node {self.node_id}: epoch {epoch} is {relation} the current leader's"
-                    f" epoch {leader} in etcd; only the leader drives this node"
-                )
-            self._raise_fence(epoch)
-            return None
-
-    def _monotonic_fence(self, epoch: int) -> str | None:
-        if epoch < self._epoch:
-            return (
-                f"node {self.node_id}: epoch {epoch} is lower than {self._epoch} already seen; "
-                "a newer coordinator leads"
-            )
-        self._raise_fence(epoch)
-        return None
-
-    def _raise_fence(self, epoch: int) -> None:
-        if epoch > self._epoch:
-            self._epoch = epoch
-            self._save_epoch(epoch)
-            if self.membership is not None:
-                self.membership.publish()
-
-    @property
-    def epoch_path(self) -> Path:
-        """Where the highest epoch seen survives a restart (per node and cluster prefix)."""
-        tag = hashlib.sha256(self.keys.prefix.encode()).hexdigest()[:8]
-        return self.cache.directory / f"epoch-{self.node_id}-{tag}.json"
-
-    def _load_epoch(self) -> int:
-        path = self.epoch_path
-        try:
-            epoch = json.loads(path.read_text())["epoch"]
-            if not isinstance(epoch, int) or epoch < 0:
-                raise ValueError(f"not an epoch: {epoch!r}")
-        except FileNotFoundError:
-            return 0
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("unreadable epoch file %s, starting from epoch 0: %s", path, exc)
-            return 0
-        log.info("highest coordinator epoch seen before the restart: %d (from %s)", epoch, path)
-        return epoch
-
-    def _save_epoch(self, epoch: int) -> None:
-        """Atomically replace the epoch file (temp file, fsync, rename)."""
-        path = self.epoch_path
-        tmp = ""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as out:
-                json.dump({"epoch": epoch, "node_id": self.node_id, "prefix": self.prefix}, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-            tmp = ""
-        except OSError as exc:  # the fence still holds in memory
-            log.error("cannot persist epoch %d to %s: %s", epoch, path, exc)
-        finally:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-
-    # ------------------------------------------------------------- signing
-    def check_signature(self, digest: str, signature_hex: str, signer: str, label: str) -> None:
-        """Apply the signing policy to a release; raise :class:`HotfleetError` to refuse it.
-
-        Outside dev mode a valid signature by a trusted key is required; in
-        dev mode an unsigned release passes, a signed one is verified if
-        trusted keys are configured.
-        """
-        if not signature_hex and self.dev:
-            log.warning("dev mode: accepting the unsigned release %s", label or digest)
-            return
-        if signature_hex and not self.trusted_keys:  # dev mode only: non-dev requires keys
-            log.warning(
-                "dev mode: release %s is signed by %s but no trusted key is configured; "
-                "signature not verified",
-                label or digest,
-                signer or "?",
-            )
-            return
-        try:
-            verify_release(
-                digest, signature_hex, signer, self.trusted_keys, release=label, fleet=self.fleet
-            )
-        except HotfleetError as exc:
-            log.error(
-                "node %s refuses release %s: %s",
-                self.node_id,
-                label or digest,
-                "; ".join(map(str, exc.errors)),
-            )
-            raise
+    def content_store(self) -> ContentStore:
+        return self.releases.content_store()
 
     # ----------------------------------------------------------- operations
     # Each RPC is translated to the participant's wire-free call and back
@@ -716,23 +462,6 @@ class Agent:
     # node_agent.participant.
     def prepare(self, request: agent_pb2.PrepareRequest) -> agent_pb2.PrepareReply:
         return self._wire.prepare(request)
-
-    def _obtain(self, request: agent_pb2.PrepareRequest) -> Release:
-        """Fetch and verify the release a Prepare names (signature first, before any fetch)."""
-        wire = request.release
-        label = f"{wire.name}@{wire.version}"
-        manifest = manifest_from_proto(wire)
-        release = self.fetch_release(
-            manifest,
-            verify=lambda declared: self.check_signature(
-                wire.digest or declared.digest, wire.signature.hex(), wire.signer, label
-            ),
-        )
-        if wire.digest and wire.digest != release.digest:
-            # Release.from_manifest refuses this already; never sign off on it here
-            detail = f"manifest digest {wire.digest} != content digest {release.digest}"
-            raise HotfleetError([_err("*", detail, Reason.DIGEST_MISMATCH)])
-        return release
 
     def apply_decision(
         self,
@@ -763,112 +492,20 @@ class Agent:
     ) -> agent_pb2.MakePermanentReply:
         return self._wire.make_permanent(request)
 
+    # ------------------------------------------------------------- reports
     def status(self) -> agent_pb2.StatusReply:
-        return agent_pb2.StatusReply(
-            node_id=self.node_id,
-            state=self.state,
-            current_release=_label(self.loader.current_release),
-            previous_release=_label(self.loader.previous_release),
-            permanent_release=_label(self.loader.permanent_release),
-            labels=self.labels,
-            epoch_seen=self._epoch,
-            prepared_rollout=self.participant.prepared_rollout,
-        )
+        return self.reports.status()
 
     def module_status(self, modules: Sequence[str]) -> agent_pb2.ModuleStatusReply:
-        """What each named module (default: every known one) runs against its source on disk.
-
-        Only dotted module names are answered: the digest lookup maps a name
-        to a file under the code paths, and a path or ``..`` in a "name"
-        would make it a way to hash any ``*.py`` on the host.  Raises
-        ``ValueError`` naming the first bad name.
-        """
-        if len(modules) > MAX_MODULES:
-            raise ValueError(f"{len(modules)} module names asked for, more than {MAX_MODULES}")
-        for name in modules:
-            if not is_module_name(name):
-                raise ValueError(
-                    f"{name[:200]!r} is not a dotted module name (ASCII identifiers joined by .)"
-                )
-        names = list(modules) or self.loader.loaded_modules()
-        out = []
-        for name in names:
-            s = self.loader.status(name)
-            out.append(
-                agent_pb2.ModuleState(
-                    module=s.module,
-                    state=s.state.value,
-                    release=s.release,
-                    loaded_digest=s.loaded_digest,
-                    disk_digest=s.disk_digest,
-                )
-            )
-        return agent_pb2.ModuleStatusReply(modules=out)
+        """What each named module runs against its source on disk (``ValueError`` for a
+        name that is not a dotted module name; :meth:`node_agent.report.Reports.module_status`)."""
+        return self.reports.module_status(modules)
 
     def health(self) -> agent_pb2.HealthReply:
-        s = self.metrics.snapshot()
-        return agent_pb2.HealthReply(
-            requests=s.requests,
-            errors=s.errors,
-            latency_bounds_s=list(s.latency_bounds_s),
-            latency_counts=list(s.latency_counts),
-            cpu_s=s.cpu_s,
-            rss_bytes=s.rss_bytes,
-            uncaught=s.uncaught,
-            gauges=dict(s.gauges),
-            uptime_s=s.uptime_s,
-            release=_label(self.loader.current_release),
-            **health_fields(self.loader.coverage.report(), s.host),
-        )
+        return self.reports.health()
 
-    # -------------------------------------------------------------- helpers
-    def _advertised(self, host: str) -> str:
-        if self.advertise_host:
-            return self.advertise_host
-        if host in ("0.0.0.0", "::", ""):
-            return socket.getfqdn()
-        return host
+    def membership_record(self) -> dict[str, Any]:
+        return self.reports.membership_record()
 
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class _Servicer(agent_pb2_grpc.NodeAgentServicer):
-    """The gRPC face of :class:`Agent`: fencing, then the agent's operation."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    def _fenced(self, epoch: int, context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
-        refusal = self.agent.fence(epoch)
-        if refusal is not None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
-        return call()
-
-    def Prepare(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._fenced(request.epoch, context, lambda: self.agent.prepare(request))
-
-    def Finish(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._fenced(request.epoch, context, lambda: self.agent.finish(request))
-
-    def Abort(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._fenced(request.epoch, context, lambda: self.agent.abort(request))
-
-    def Rollback(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._fenced(request.epoch, context, lambda: self.agent.rollback(request))
-
-    def MakePermanent(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._fenced(request.epoch, context, lambda: self.agent.make_permanent(request))
-
-    def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self.agent.status()
-
-    def ModuleStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return self.agent.module_status(list(request.modules))
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.agent.node_id}: {exc}")
-
-    def Health(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self.agent.health()
+    def prometheus(self) -> str:
+        return self.reports.prometheus()

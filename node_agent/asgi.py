@@ -41,7 +41,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from node_agent.asgi_guard import ASGIApp, Message, Receive, Scope, Send, agent_asgi
+from node_agent.app_guard import ASGIApp, Message, Receive, Scope, Send, agent_asgi
 
 if TYPE_CHECKING:
     from node_agent.agent import Agent
