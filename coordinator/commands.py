@@ -19,6 +19,7 @@ from coordinator.fleet import Target, select
 from coordinator.model import Phase, Rollout
 from coordinator.options import RolloutOptions
 from coordinator.releases import ReleaseEntry, entry_manifest_health
+from hotfleet.decisions import Decided
 from hotfleet.protocol import Refusal
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ class Commands:
             )
         if rollout.phase is Phase.PROVISIONAL:
             return self.rollback(Target(nodes=sorted(rollout.nodes)), None, RolloutOptions())
-        if self.engine.protocol.decide(lead, rollout.id, "abort") != "abort":
+        if self.engine.protocol.decide(lead, rollout.id, Decided.ABORT) is not Decided.ABORT:
             raise Refused(
                 Refusal.INVALID,
                 f"rollout {rollout.id} is already committed; wait for it and roll back",

@@ -41,6 +41,7 @@ import grpc
 
 from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
+from hotfleet.decisions import Decided
 from hotfleet.wire import errors_from_proto, manifest_to_proto
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ class Convergence:
         if not reply.ok:
             return f"refused {d.label}: {_errors(reply.errors)}"
         # it finishes from etcd if we die
-        self.engine.protocol.decide(lead, rid, "commit", [node.node_id])
+        self.engine.protocol.decide(lead, rid, Decided.COMMIT, [node.node_id])
         finished = stub.Finish(
             agent_pb2.FinishRequest(rollout_id=rid, epoch=lead.epoch), timeout=60
         )

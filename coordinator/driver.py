@@ -24,6 +24,7 @@ from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.options import RolloutOptions
 from coordinator.releases import ReleaseEntry, entry_manifest_health
 from coordinator.twophase import abort_reason, wave_id, wave_members
+from hotfleet.decisions import Decided
 from hotfleet.protocol import Refusal
 
 if TYPE_CHECKING:
@@ -155,14 +156,14 @@ class Driver:
         members = wave_members(rollout)
         voters = [n for n in members if n.vote is not Vote.UNREACHABLE or not options.allow_missing]
         yes = all(n.vote is Vote.YES for n in voters) and any(n.vote is Vote.YES for n in voters)
-        wanted = "commit" if yes and not options.dry_run else "abort"
+        wanted = Decided.COMMIT if yes and not options.dry_run else Decided.ABORT
         # the commit binds the yes voters alone: a node whose vote arrives too late,
         # or one left out under --allow-missing, never acts on it (the convergence
         # loop catches it up instead)
         bound = [n.node for n in members if n.vote is Vote.YES]
         decision = self.engine.protocol.decide(lead, wave_id(rollout), wanted, bound)
         rollout.decision, rollout.decided_at = decision, time.time()
-        if decision != "commit":
+        if decision is not Decided.COMMIT:
             rollout.phase = Phase.ABORTING
             self.engine._save(lead, rollout)
             self.abort_wave(lead, rollout, options, dry_run=options.dry_run and yes)

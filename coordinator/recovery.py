@@ -19,6 +19,7 @@ from coordinator.errors import Refused
 from coordinator.model import Phase, Vote
 from coordinator.options import RolloutOptions
 from coordinator.twophase import abort_reason, wave_id
+from hotfleet.decisions import Decided
 
 if TYPE_CHECKING:
     from coordinator.engine import Engine
@@ -55,10 +56,10 @@ def recover(engine: Engine) -> None:
         **{k: v for k, v in rollout.options.items() if k in RolloutOptions.__dataclass_fields__}
     )
     # presumed abort when undecided (a rollback rollout is never analysed or waved)
-    decision = engine.protocol.decide(lead, wave_id(rollout), "abort")
+    decision = engine.protocol.decide(lead, wave_id(rollout), Decided.ABORT)
     rollout.decision = decision
     log.warning("new leader recovering rollout %s: decision %s", rid, decision)
-    if decision != "commit":
+    if decision is not Decided.COMMIT:
         rollout.phase = Phase.ABORTING
         refused = any(n.vote is Vote.NO for n in rollout.nodes.values())
         rollout.reason = rollout.reason or (

@@ -47,6 +47,7 @@ from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.options import RolloutOptions
 from hotfleet import decisions
 from hotfleet._proto.hotfleet.v1 import agent_pb2
+from hotfleet.decisions import Decided
 from hotfleet.errors import ModuleError, Reason
 from hotfleet.wire import errors_from_proto, manifest_to_proto
 
@@ -134,8 +135,12 @@ class TwoPhase:
                 )
 
     def decide(
-        self, lead: Leadership, rollout_id: str, wanted: str, participants: list[str] | None = None
-    ) -> str:
+        self,
+        lead: Leadership,
+        rollout_id: str,
+        wanted: Decided,
+        participants: list[str] | None = None,
+    ) -> Decided:
         """Write the decision once (the commit point) and return the one that stands.
 
         The record carries our epoch (:mod:`hotfleet.decisions`).  One already
@@ -163,8 +168,10 @@ class TwoPhase:
                 return wanted
         raise Deposed()
 
-    def _decision_that_stands(self, rollout_id: str, raw: bytes, revision: int, wanted: str) -> str:
-        """The decision in ``raw`` if a leader wrote it, "" if it is forged (logged)."""
+    def _decision_that_stands(
+        self, rollout_id: str, raw: bytes, revision: int, wanted: Decided
+    ) -> Decided | None:
+        """The decision in ``raw`` if a leader wrote it, None if it is forged (logged)."""
         try:
             verify = functools.partial(
                 decisions.verify, self.engine.client, self.engine.keys, raw, revision
@@ -178,7 +185,7 @@ class TwoPhase:
                 exc,
                 wanted,
             )
-            return ""
+            return None
 
     def finish_all(self, lead: Leadership, rollout: Rollout, options: RolloutOptions) -> bool:
         """Drive Finish to every yes voter; True if all of them switched.

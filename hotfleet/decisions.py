@@ -30,6 +30,7 @@ to the prefix from committing a rollout nobody decided.
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,11 +39,29 @@ from hotfleet.etcd_client import EtcdClient
 from hotfleet.fencing import leader_epoch_at
 from hotfleet.keys import Keys
 
-__all__ = ["ABORT", "COMMIT", "DECISIONS", "Decision", "ForgedDecision", "encode", "parse", "verify"]
+__all__ = [
+    "ABORT",
+    "COMMIT",
+    "DECISIONS",
+    "Decided",
+    "Decision",
+    "ForgedDecision",
+    "encode",
+    "parse",
+    "verify",
+]
 
-COMMIT = "commit"
-ABORT = "abort"
-DECISIONS = frozenset({COMMIT, ABORT})
+
+class Decided(enum.StrEnum):
+    """What a rollout's decision record says (its wire spelling is the value)."""
+
+    COMMIT = "commit"
+    ABORT = "abort"
+
+
+COMMIT = Decided.COMMIT
+ABORT = Decided.ABORT
+DECISIONS = frozenset(Decided)
 _MAX_BYTES = 512 * 1024  # a participant list of a few thousand node ids
 
 
@@ -54,7 +73,7 @@ class ForgedDecision(ValueError):
 class Decision:
     """A verified decision: what was decided and by which leader epoch."""
 
-    decision: str
+    decision: Decided
     epoch: int
     participants: tuple[str, ...] | None = None  # None: the record names none
 
@@ -63,7 +82,7 @@ class Decision:
         return self.participants is None or node_id in self.participants
 
 
-def encode(decision: str, epoch: int, participants: Sequence[str] | None = None) -> str:
+def encode(decision: Decided, epoch: int, participants: Sequence[str] | None = None) -> str:
     """The record a leader of ``epoch`` writes for ``decision`` binding ``participants``."""
     if decision not in DECISIONS:
         raise ValueError(f"a decision is {' or '.join(sorted(DECISIONS))}, not {decision!r}")
@@ -96,7 +115,7 @@ def parse(raw: bytes) -> Decision:
         not isinstance(named, list) or not all(isinstance(n, str) for n in named)
     ):
         raise ForgedDecision("'participants' is not a list of node ids")
-    return Decision(str(decision), epoch, tuple(named) if named is not None else None)
+    return Decision(Decided(decision), epoch, tuple(named) if named is not None else None)
 
 
 def verify(client: EtcdClient, keys: Keys, raw: bytes, mod_revision: int) -> Decision:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from hotfleet.decisions import Decided
 from hotfleet.errors import HotfleetError, ModuleError, Reason
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
 from node_agent.loader import FinishReport, ReleaseInfo
@@ -628,7 +629,7 @@ class Participant:
                 or (watch is not None and (watch.stopped.is_set() or staged.watch is not watch))
             ):
                 return True  # finished, aborted or superseded meanwhile
-            if decision == "commit" and not included:
+            if decision == Decided.COMMIT and not included:
                 log.warning(
                     "rollout %s: committed without this node (not among the decision's "
                     "participants); dropping the prepared %s",
@@ -637,9 +638,9 @@ class Participant:
                 )
                 self.abort(rollout_id)
                 return True
-            if decision == "commit" and watch is not None and not watch.grace_over():
+            if decision == Decided.COMMIT and watch is not None and not watch.grace_over():
                 return False  # the coordinator's Finish (with its commit instant) is on its way
-            if decision == "commit":
+            if decision == Decided.COMMIT:
                 log.warning(
                     "rollout %s: decision 'commit' found in etcd; finishing %s here without "
                     "waiting for the coordinator",
@@ -660,7 +661,7 @@ class Participant:
                         "; ".join(map(str, outcome.errors)),
                     )
                 return True
-            if decision == "abort":
+            if decision == Decided.ABORT:
                 log.warning(
                     "rollout %s: decision 'abort' found in etcd; dropping the prepared %s "
                     "without waiting for the coordinator",
