@@ -125,11 +125,20 @@ class Prepared:
 
     @property
     def runs_code(self) -> bool:
-        """Does finishing it execute any of the release's code (else it is pure patching)?"""
+        """Does finishing it execute any of the release's code (else it is pure patching)?
+
+        ``NAME = <literal>`` statements execute nothing: their values were read
+        off the tree in prepare and the switch only binds them, so a release
+        that changes constants and function bodies needs no staging process
+        (the usual hotfix: a fork saved on every worker of the fleet).
+        """
         return bool(
             self._new
             or self._migrations
-            or any(p.statements or p.late_ops for p in self._plans.values())
+            or any(
+                p.late_ops or any(st.literal is None for st in p.statements)
+                for p in self._plans.values()
+            )
         )
 
 

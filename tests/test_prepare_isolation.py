@@ -118,6 +118,25 @@ def test_unchanged_and_literal_defaults_run_no_code(cb: Codebase) -> None:
     assert _events(cb) == ["kept"]  # the unchanged default expression never ran again
 
 
+def test_changed_constants_and_bodies_need_no_staging_process(cb: Codebase) -> None:
+    src = "from . import reg\n\nVERSION = '1'\nLIMITS = {'a': 1}\n\ndef f():\n    return VERSION\n"
+    mods = cb.boot({"reg": REG, "m": src})
+    v2 = src.replace("'1'", "'2'").replace("{'a': 1}", "{'a': 2, 'b': (3,)}")
+    prepared = cb.loader.prepare(
+        cb.release("2", {"m": v2.replace("return VERSION", "return 'v' + VERSION")})
+    )
+    assert not prepared.runs_code and prepared.rehearsal_s == 0  # nothing of it runs: no fork
+    assert mods["m"].VERSION == "1" and mods["m"].f() == "1"  # prepare bound nothing
+    cb.loader.finish(prepared)
+    assert (mods["m"].VERSION, mods["m"].LIMITS, mods["m"].f()) == ("2", {"a": 2, "b": (3,)}, "v2")
+    cb.loader.rollback()
+    assert (mods["m"].VERSION, mods["m"].LIMITS, mods["m"].f()) == ("1", {"a": 1}, "1")
+    # a statement that calls something still runs in the staging process first
+    called = cb.loader.prepare(cb.release("3", {"m": src.replace("'1'", "reg.mark('1')")}))
+    assert called.runs_code and called.rehearsal_s > 0
+    cb.loader.abort(called)
+
+
 STATEFUL = """\
 import threading
 from node_agent import register
