@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the app's import takes in a fresh worker (a real app's dependencies)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="HUP and hotfleet alternated this many times (3)"
+        "--rounds", type=int, default=5, help="HUP and hotfleet alternated this many times (5)"
     )
     parser.add_argument(
         "--host-cpus",
@@ -288,6 +288,18 @@ def measure(samples: list[list[Any]], t_change: float, t_started: float) -> dict
     )
     q99 = _common.percentile([s[1] for s in quiet], 99)
     d99 = _common.percentile([s[1] for s in during], 99) if during else float("nan")
+    # The change's p99 is taken over ~50 requests (it is nearly their maximum); the
+    # quiet p99 over thousands.  The fair control is the same measure over quiet
+    # windows as long as the change: their median p99 (what "unchanged" looks like).
+    span = max(0.1, t_all_new - t_change)
+    windows = []
+    lo = t_started + 1.0
+    while lo + span <= t_change:
+        window = [s[1] for s in quiet if lo <= s[0] < lo + span]
+        if len(window) >= 5:
+            windows.append(_common.percentile(window, 99))
+        lo += span
+    w99 = statistics.median(windows) if windows else float("nan")
     return {
         "requests": len(samples),
         "failed": len(failed),
@@ -296,6 +308,9 @@ def measure(samples: list[list[Any]], t_change: float, t_started: float) -> dict
         "change_p99_s": d99,
         "change_requests": len(during),
         "p99_ratio": d99 / q99 if q99 else float("nan"),
+        "quiet_window_p99_s": w99,
+        "quiet_windows": len(windows),
+        "p99_ratio_matched": d99 / w99 if w99 else float("nan"),
         "quiet_rps": quiet_rate,
         "worst_100ms_rps": worst_rate,
         "all_new_s": t_all_new - t_change,
@@ -436,7 +451,7 @@ def main(args: argparse.Namespace) -> int:
         "targets": {
             "zero_failed": hot["failed"] == 0,
             "state_kept": hot["state_kept"],
-            "p99_within_1_2x": hot["p99_ratio"] <= 1.2,
+            "p99_within_1_2x": hot["p99_ratio_matched"] <= 1.2,
             "sooner_3x": ratio >= 3,
         },
     }
@@ -446,6 +461,8 @@ def main(args: argparse.Namespace) -> int:
         ("quiet_p99_s", _common.fmt_ms),
         ("change_p99_s", _common.fmt_ms),
         ("p99_ratio", lambda v: f"{v:.2f}x"),
+        ("quiet_window_p99_s", _common.fmt_ms),
+        ("p99_ratio_matched", lambda v: f"{v:.2f}x"),
         ("change_requests", str),
         ("quiet_rps", lambda v: f"{v:.0f}"),
         ("worst_100ms_rps", lambda v: f"{v:.0f}"),
@@ -483,7 +500,9 @@ def main(args: argparse.Namespace) -> int:
         "the last column of the hotfleet row. From 2026-12-01T04Z on: HUP and hotfleet alternate "
         "over --rounds (median per column, failures summed), and the serving host (gunicorn, its "
         "workers, their staging processes) runs on its own CPU while the harness (load generator, "
-        "etcd, coordinator: elsewhere in production) runs on the other.",
+        "etcd, coordinator: elsewhere in production) runs on the other. The p99 target is judged "
+        "against quiet windows as long as the change (their median p99): the change's p99 is "
+        "over ~50 requests, nearly their maximum, and the whole quiet period's over thousands.",
     )
     return 0
 
@@ -514,7 +533,8 @@ def _markdown_rows(res: dict[str, Any]) -> list[list[str]]:
                 way,
                 str(r["failed"]),
                 _common.fmt_ms(r["quiet_p99_s"]),
-                f"{_common.fmt_ms(r['change_p99_s'])} ({r['p99_ratio']:.2f}x)",
+                f"{_common.fmt_ms(r['change_p99_s'])} ({r['p99_ratio']:.2f}x; "
+                f"{r.get('p99_ratio_matched', float('nan')):.2f}x of quiet windows as long)",
                 f"{r['worst_100ms_rps']:.0f} / {r['quiet_rps']:.0f}",
                 _common.fmt_ms(r["all_new_s"]) + extra,
                 str(r["state_kept"]),
