@@ -39,6 +39,7 @@ from hotfleet.imports import shared_trees
 from hotfleet.release import Release
 from node_agent._codecache import CodeCache, default_cache
 from node_agent._codepaths import CodePaths
+from node_agent._courtesy import yielding_gil
 from node_agent._deadline import Overrun, Worker, arm, disarm, reset, start_watchdog
 from node_agent._finish import (
     MigrationFailed,
@@ -168,7 +169,7 @@ class Loader:
         """
         with self._lock:
             self._cancel.clear()
-            with self._turn(release) as waited:
+            with self._turn(release) as waited, yielding_gil():
                 prepared = self._prepare_locked(release, force)
             if waited:
                 prepared.profile["slot_wait"] = waited
