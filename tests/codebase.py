@@ -16,8 +16,6 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
-import pytest
-
 from hotfleet.release import Release
 from node_agent import Loader, PrepareError
 
@@ -58,6 +56,8 @@ class Codebase:
         Asserts the prepare came back promptly (well before any deadline the
         test set), since an Abort must never wait for what it cancels.
         """
+        import pytest  # here: bare interpreters import this module without pytest (test_coverage)
+
         timer = threading.Timer(after_s, self.loader.cancel_prepare)
         timer.start()
         started = time.monotonic()
