@@ -15,9 +15,13 @@ import time
 import uuid
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from hotfleet.release import Release
-from node_agent import Loader, PrepareError
+from node_agent import Loader
+
+if TYPE_CHECKING:
+    from node_agent.errors import PrepareError
 
 
 class Codebase:
@@ -56,7 +60,11 @@ class Codebase:
         Asserts the prepare came back promptly (well before any deadline the
         test set), since an Abort must never wait for what it cancels.
         """
-        import pytest  # here: bare interpreters import this module without pytest (test_coverage)
+        # here: bare interpreters import this module without pytest or the package's
+        # __init__ (test_coverage's other-interpreter scenario)
+        import pytest
+
+        from node_agent.errors import PrepareError
 
         timer = threading.Timer(after_s, self.loader.cancel_prepare)
         timer.start()
