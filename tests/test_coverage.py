@@ -188,7 +188,7 @@ def test_counts_fold_and_retire_without_anyone_asking(cb: Codebase) -> None:
 _MONITORING_CHECK = """
 import sys, types
 sys.path.insert(0, {root!r})
-from node_agent.coverage import ChangedFunction, _Twins
+from node_agent._counting import ChangedFunction, Twins
 
 src = "def stamp():\\n    return 'v2'\\n"
 a, b = {{}}, {{}}
@@ -197,7 +197,7 @@ exec(compile(src, "b.py", "exec"), b)
 fa, fb = a["stamp"], b["stamp"]
 assert fa.__code__ == fb.__code__ and fa.__code__ is not fb.__code__  # equal, not the same
 targets = [ChangedFunction(m, "stamp", "changed", f.__code__, (f,)) for m, f in (("a", fa), ("b", fb))]
-backend = _Twins({{}})  # no twins: everything falls back to sys.monitoring
+backend = Twins({{}})  # no twins: everything falls back to sys.monitoring
 backend.start(targets)
 for _ in range(3):
     fa()
