@@ -151,39 +151,43 @@ def _print(ctx: Ctx, text: str) -> None:
         print(text, file=ctx.out)
 
 
+def _show(ctx: Ctx, data: Any, kind: str, text: Callable[[], str]) -> int:
+    """One answer, as the document ``kind`` under ``-o json``, else as ``text()``."""
+    if ctx.json:
+        ctx.emit(data, kind)
+    else:
+        _print(ctx, text())
+    return EXIT_OK
+
+
 def cmd_nodes(ctx: Ctx) -> int:
     nodes = ctx.many("Nodes", coordinator_pb2.ListNodesRequest())
     selector = getattr(ctx.args, "selector", None) or {}
     nodes = [
         n for n in nodes if all((n.get("labels") or {}).get(k) == v for k, v in selector.items())
     ]
-    if ctx.json:
-        ctx.emit(nodes, "NodeList")
-    else:
-        _print(
-            ctx,
-            render.nodes_table(nodes, ctx.style, wide=ctx.wide, no_headers=ctx.no_headers),
-        )
-    return EXIT_OK
+    return _show(
+        ctx,
+        nodes,
+        "NodeList",
+        lambda: render.nodes_table(nodes, ctx.style, wide=ctx.wide, no_headers=ctx.no_headers),
+    )
 
 
 def cmd_release_list(ctx: Ctx) -> int:
     releases = ctx.many("ListReleases", coordinator_pb2.ListReleasesRequest())
-    if ctx.json:
-        ctx.emit(releases, "ReleaseList")
-    else:
-        _print(ctx, render.releases_table(releases, no_headers=ctx.no_headers))
-    return EXIT_OK
+    return _show(
+        ctx,
+        releases,
+        "ReleaseList",
+        lambda: render.releases_table(releases, no_headers=ctx.no_headers),
+    )
 
 
 def cmd_release_show(ctx: Ctx) -> int:
     _require_ref(ctx.args.ref)
     entry = ctx.one("ShowRelease", coordinator_pb2.ShowReleaseRequest(ref=ctx.args.ref))
-    if ctx.json:
-        ctx.emit(entry, "Release")
-    else:
-        print(render.release_detail(entry), file=ctx.out)
-    return EXIT_OK
+    return _show(ctx, entry, "Release", lambda: render.release_detail(entry))
 
 
 def cmd_release_rm(ctx: Ctx) -> int:
@@ -202,14 +206,14 @@ def cmd_release_rm(ctx: Ctx) -> int:
 
 def cmd_rollouts(ctx: Ctx) -> int:
     rollouts = ctx.many("ListRollouts", coordinator_pb2.ListRolloutsRequest(limit=ctx.args.limit))
-    if ctx.json:
-        ctx.emit(rollouts, "RolloutList")
-    else:
-        _print(
-            ctx,
-            render.rollouts_table(rollouts, ctx.style, wide=ctx.wide, no_headers=ctx.no_headers),
-        )
-    return EXIT_OK
+    return _show(
+        ctx,
+        rollouts,
+        "RolloutList",
+        lambda: render.rollouts_table(
+            rollouts, ctx.style, wide=ctx.wide, no_headers=ctx.no_headers
+        ),
+    )
 
 
 def cmd_modules(ctx: Ctx) -> int:
