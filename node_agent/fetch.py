@@ -143,6 +143,11 @@ class ReleaseSource:
                         return cached
                     raise unreachable
                 if store is None:
+                    if self.etcd is None:  # an embedded agent with no fleet behind it
+                        errors.append(
+                            _err(module, f"source {digest} cannot be fetched: no etcd configured")
+                        )
+                        return b""
                     store = self.content_store()
                 return store.get(digest)  # the local cache first, so etcd may be down
             except BlobNotFound as exc:

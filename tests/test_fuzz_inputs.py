@@ -327,6 +327,18 @@ def test_prepare_requests_always_get_a_reply(
     assert reply.errors and all(e.reason and e.detail for e in reply.errors)
 
 
+def test_a_valid_release_prepared_on_an_agent_without_etcd_is_refused_naming_the_module(
+    offline_agent: Agent,
+) -> None:
+    """Found by the property above: the fetch raised RuntimeError instead of refusing."""
+    release = Release.from_sources("shop", "9.9", {"pkg": "", "pkg.m": "X = 1\n"}, packages=["pkg"])
+    request = agent_pb2.PrepareRequest(rollout_id="r1", release=release_to_proto(release))
+    reply = offline_agent.prepare(request)
+    assert not reply.ok
+    assert {e.module for e in reply.errors} >= {"pkg.m"}
+    assert all("no etcd configured" in e.detail for e in reply.errors), reply.errors
+
+
 sources = st.dictionaries(
     st.sampled_from(sorted(SOURCES)) | st.text(max_size=70), st.binary(max_size=24), max_size=4
 )
