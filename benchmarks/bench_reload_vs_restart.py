@@ -44,6 +44,7 @@ import _common
 import _fleet
 
 from coordinator.engine import RolloutOptions, Target
+from coordinator.launch import stop_group
 from hotfleet.etcd_server import EtcdServer
 from hotfleet.release import Release
 
@@ -193,14 +194,7 @@ class Gunicorn:
         raise RuntimeError(f"gunicorn not serving:\n{self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        stop_group(self.proc)  # the master, then what is left of its workers
 
 
 def _code_dir(root: Path, name: str, boot_s: float) -> Path:

@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "EXAMPLES",
@@ -274,3 +275,20 @@ def stop_all(children: Sequence[ChildProcess], grace: float = 10.0) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.proc.wait(max(0.1, deadline - time.monotonic()))
         child.close()
+
+
+def stop_group(proc: subprocess.Popen[Any], grace: float = 20.0) -> None:
+    """SIGTERM a process started with ``start_new_session``, then SIGKILL its whole group.
+
+    For a server whose children outlive their parent's exit (gunicorn's
+    workers, their staging processes): after ``grace`` seconds, or at once
+    if the leader is gone, whatever is left of the group is killed.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait(5)

@@ -9,11 +9,9 @@ Each host serves its own copy of the boot code (``Agents.code_copy``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.launch import stop_group
 from hotfleet.etcd_client import EtcdClient
 from tests.agents import ROOT, Agents, read_member, wait_for
 
@@ -100,15 +99,7 @@ class Server:
         return found
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(20)
-        # whatever is left of the process group (workers, staging processes)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        stop_group(self.proc)  # the master, then what is left of its workers
 
 
 class Servers:
