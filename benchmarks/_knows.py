@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,31 @@ def _quartet_ratio(on: list[int], off: list[int]) -> float:
     return statistics.median(on) / statistics.median(off)
 
 
+@contextlib.contextmanager
+def _switched_loop(cap: int | None, exact: int | None) -> Iterator[tuple[Any, Any, Any]]:
+    """The loader benchmark's app, v1 booted and a fresh v2 finished: (loader, prepared, request)."""
+    import bench_loader as bl
+
+    from node_agent import Loader
+
+    with tempfile.TemporaryDirectory(prefix="hotfleet-cov-") as tmp:
+        app = bl.App(Path(tmp) / "root", bl.PKG)
+        app.write(1, pyc=False)
+        app.boot()
+        app.make_counters()
+        try:
+            loader = Loader([app.root], drain_timeout=5.0)
+            if cap is not None:
+                loader.coverage.cap = cap
+            if exact is not None:
+                loader.coverage.exact = exact
+            prepared = loader.prepare(bl.Builds().fresh(2))
+            loader.finish(prepared)
+            yield loader, prepared, bl.make_request(app, live=True)
+        finally:
+            app.unload()
+
+
 def coverage_overhead(
     quartets: int = 30,
     per_block: int = 100,
@@ -136,101 +163,85 @@ def coverage_overhead(
     :func:`retirement` measures how soon that is).  ``exact=0`` counts every
     call (no sampling: the cost before sampling, for comparison).
     """
-    import bench_loader as bl  # the loader benchmark's generated app and request loop
 
-    from node_agent import Loader
     from node_agent.coverage import FOLD_S
 
     settle_s = FOLD_S * 1.25  # past the first fold (and its burst) of a session
     segment_s = settle_s + periods * FOLD_S
 
-    with tempfile.TemporaryDirectory(prefix="hotfleet-cov-") as tmp:
-        app = bl.App(Path(tmp) / "root", bl.PKG)
-        app.write(1, pyc=False)
-        app.boot()
-        app.make_counters()
-        try:
-            loader = Loader([app.root], drain_timeout=5.0)
-            loader.coverage.cap = cap if cap is not None else 10**15
-            if exact is not None:
-                loader.coverage.exact = exact
-            prepared = loader.prepare(bl.Builds().fresh(2))
-            loader.finish(prepared)
-            changed = loader.changed_code()
-            request = bl.make_request(app, live=True)
-            guard = loader.guard
-            coverage = loader.coverage
-            label = prepared.release.label
-            instrumented = prepared._instrumented
-            seq = 0
-            calls = 0
-            requests_on = 0
-            estimated = False
+    with _switched_loop(cap if cap is not None else 10**15, exact) as (loader, prepared, request):
+        changed = loader.changed_code()
+        guard = loader.guard
+        coverage = loader.coverage
+        label = prepared.release.label
+        instrumented = prepared._instrumented
+        seq = 0
+        calls = 0
+        requests_on = 0
+        estimated = False
 
-            def segment(on: bool) -> dict[str, tuple[list[int], list[int]]]:
-                """(request walls, block CPU per request) before and after ``settle_s``."""
-                nonlocal seq, calls, requests_on, estimated
-                coverage.stop()
-                if on:
-                    coverage.start(label, changed, instrumented)
-                parts: dict[str, tuple[list[int], list[int]]] = {
-                    "early": ([], []),
-                    "steady": ([], []),
-                }
-                t_start = time.perf_counter()
-                n = 0
-                while True:
-                    elapsed = time.perf_counter() - t_start
-                    if elapsed >= segment_s:
-                        break
-                    walls, cpus = parts["early" if elapsed < settle_s else "steady"]
-                    c0 = _thread_cpu_ns()
-                    for _ in range(per_block):
-                        t0 = time.perf_counter_ns()
-                        with guard():
-                            request(seq)
-                        walls.append(time.perf_counter_ns() - t0)
-                        seq += 1
-                    cpus.append((_thread_cpu_ns() - c0) // per_block)
-                    n += per_block
-                if on:
-                    report = coverage.report()
-                    calls += report.calls
-                    estimated = estimated or report.estimated
-                    requests_on += n
-                    coverage.stop()
-                return parts
-
-            for on in (True, False):  # warm-up: both code paths specialised
-                segment(on)
-            keys = ("steady", "early", "session")
-            p50_ratio: dict[str, list[float]] = {k: [] for k in keys}
-            cpu_ratio: dict[str, list[float]] = {k: [] for k in keys}
-            p50s: dict[bool, list[float]] = {True: [], False: []}
-            cpus: dict[bool, list[float]] = {True: [], False: []}
-            for q in range(quartets):
-                order = (True, False, False, True) if q % 2 == 0 else (False, True, True, False)
-                got: dict[bool, dict[str, tuple[list[int], list[int]]]] = {
-                    side: {k: ([], []) for k in keys} for side in (True, False)
-                }
-                for on in order:
-                    parts = segment(on)
-                    for k in ("early", "steady"):
-                        for dst in (got[on][k], got[on]["session"]):
-                            dst[0].extend(parts[k][0])
-                            dst[1].extend(parts[k][1])
-                for k in keys:
-                    (won, con), (woff, coff) = got[True][k], got[False][k]
-                    if won and woff:
-                        p50_ratio[k].append(_quartet_ratio(won, woff))
-                        cpu_ratio[k].append(statistics.fmean(con) / statistics.fmean(coff))
-                for side in (True, False):
-                    p50s[side].append(statistics.median(got[side]["steady"][0]))
-                    cpus[side].append(statistics.fmean(got[side]["steady"][1]))
+        def segment(on: bool) -> dict[str, tuple[list[int], list[int]]]:
+            """(request walls, block CPU per request) before and after ``settle_s``."""
+            nonlocal seq, calls, requests_on, estimated
             coverage.stop()
-            backend = coverage.report().backend
-        finally:
-            app.unload()
+            if on:
+                coverage.start(label, changed, instrumented)
+            parts: dict[str, tuple[list[int], list[int]]] = {
+                "early": ([], []),
+                "steady": ([], []),
+            }
+            t_start = time.perf_counter()
+            n = 0
+            while True:
+                elapsed = time.perf_counter() - t_start
+                if elapsed >= segment_s:
+                    break
+                walls, cpus = parts["early" if elapsed < settle_s else "steady"]
+                c0 = _thread_cpu_ns()
+                for _ in range(per_block):
+                    t0 = time.perf_counter_ns()
+                    with guard():
+                        request(seq)
+                    walls.append(time.perf_counter_ns() - t0)
+                    seq += 1
+                cpus.append((_thread_cpu_ns() - c0) // per_block)
+                n += per_block
+            if on:
+                report = coverage.report()
+                calls += report.calls
+                estimated = estimated or report.estimated
+                requests_on += n
+                coverage.stop()
+            return parts
+
+        for on in (True, False):  # warm-up: both code paths specialised
+            segment(on)
+        keys = ("steady", "early", "session")
+        p50_ratio: dict[str, list[float]] = {k: [] for k in keys}
+        cpu_ratio: dict[str, list[float]] = {k: [] for k in keys}
+        p50s: dict[bool, list[float]] = {True: [], False: []}
+        cpus: dict[bool, list[float]] = {True: [], False: []}
+        for q in range(quartets):
+            order = (True, False, False, True) if q % 2 == 0 else (False, True, True, False)
+            got: dict[bool, dict[str, tuple[list[int], list[int]]]] = {
+                side: {k: ([], []) for k in keys} for side in (True, False)
+            }
+            for on in order:
+                parts = segment(on)
+                for k in ("early", "steady"):
+                    for dst in (got[on][k], got[on]["session"]):
+                        dst[0].extend(parts[k][0])
+                        dst[1].extend(parts[k][1])
+            for k in keys:
+                (won, con), (woff, coff) = got[True][k], got[False][k]
+                if won and woff:
+                    p50_ratio[k].append(_quartet_ratio(won, woff))
+                    cpu_ratio[k].append(statistics.fmean(con) / statistics.fmean(coff))
+            for side in (True, False):
+                p50s[side].append(statistics.median(got[side]["steady"][0]))
+                cpus[side].append(statistics.fmean(got[side]["steady"][1]))
+        coverage.stop()
+        backend = coverage.report().backend
 
     def pct(x: float) -> float:
         return (x - 1.0) * 100.0
@@ -286,46 +297,30 @@ def retirement(cap: int | None = None, poll_s: float = 0.5, limit: int = 200_000
     loop is counted any more (functions the loop never calls stay counted
     and cost nothing).
     """
-    import bench_loader as bl
 
-    from node_agent import Loader
-
-    with tempfile.TemporaryDirectory(prefix="hotfleet-cov-") as tmp:
-        app = bl.App(Path(tmp) / "root", bl.PKG)
-        app.write(1, pyc=False)
-        app.boot()
-        app.make_counters()
-        try:
-            loader = Loader([app.root], drain_timeout=5.0)
-            if cap is not None:
-                loader.coverage.cap = cap
-            prepared = loader.prepare(bl.Builds().fresh(2))
-            loader.finish(prepared)
-            changed = loader.changed_code()
-            request = bl.make_request(app, live=True)
-            guard = loader.guard
-            coverage = loader.coverage
-            coverage.start(prepared.release.label, changed, prepared._instrumented)
-            t0 = time.monotonic()
-            next_poll = t0 + poll_s
-            seq = 0
-            done_at: tuple[int, float] | None = None
-            while seq < limit:
-                with guard():
-                    request(seq)
-                seq += 1
-                now = time.monotonic()
-                if now >= next_poll:
-                    next_poll = now + poll_s
-                    report = coverage.report()
-                    live = [f for f in report.functions if 0 < f.calls < coverage.cap]
-                    if not live:
-                        done_at = (seq, now - t0)
-                        break
-            report = coverage.report()
-            coverage.stop()
-        finally:
-            app.unload()
+    with _switched_loop(cap, None) as (loader, prepared, request):
+        changed = loader.changed_code()
+        guard = loader.guard
+        coverage = loader.coverage
+        coverage.start(prepared.release.label, changed, prepared._instrumented)
+        t0 = time.monotonic()
+        next_poll = t0 + poll_s
+        seq = 0
+        done_at: tuple[int, float] | None = None
+        while seq < limit:
+            with guard():
+                request(seq)
+            seq += 1
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + poll_s
+                report = coverage.report()
+                live = [f for f in report.functions if 0 < f.calls < coverage.cap]
+                if not live:
+                    done_at = (seq, now - t0)
+                    break
+        report = coverage.report()
+        coverage.stop()
     return {
         "cap": coverage.cap,
         "functions_ran": sum(1 for f in report.functions if f.calls),
