@@ -416,17 +416,32 @@ class Engine:
         key = self.keys.rollout(rollout.id)
         tx = self.client.transactions
         compare = [tx.mod(key) == rollout.revision] if rollout.revision else []
-        ok, responses = retry(
-            lambda: lead.transaction([tx.put(key, rollout.dumps()), *extra_ops], compare)
-        )
-        if not ok:
-            if compare and lead.is_valid():
-                raise Superseded(rollout.id)
+        payload = rollout.dumps()
+        ok, responses = retry(lambda: lead.transaction([tx.put(key, payload), *extra_ops], compare))
+        if ok:
+            rollout.revision = int(responses[0].response_put.header.revision)
+        elif (landed := self._landed(key, payload)) is not None and lead.is_valid():
+            rollout.revision = landed
+        elif compare and lead.is_valid():
+            raise Superseded(rollout.id)
+        else:
             raise Deposed()
-        rollout.revision = int(responses[0].response_put.header.revision)
         if rollout.phase.terminal:
             self.baselines.drop(rollout.id)  # only a window needs one
             self._trim_history(lead)
+
+    def _landed(self, key: str, payload: str) -> int | None:
+        """The revision of our own write if an attempt that looked failed did land.
+
+        An attempt that timed out (a slow etcd after a restart) may have been
+        applied; its retry then fails the revision compare against our own
+        write.  That is not another writer: the record holds exactly what we
+        wrote (the transaction's other operations landed with it).
+        """
+        raw, meta = self._get(key)
+        if raw is None or raw.decode() != payload:
+            return None
+        return int(meta.mod_revision)
 
     def _hook(self, point: str, rollout: Rollout) -> None:
         fn = self.hooks.get(point)

@@ -6,6 +6,9 @@ are fixtures; everything started here is stopped at teardown.
 
 from __future__ import annotations
 
+import sys
+import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,9 +47,16 @@ class Leader:
         self.engine.lead(self.lead)
 
     def wait(self, rollout_id: str, timeout: float = 30) -> Rollout:
-        return wait_for(
-            lambda: (r := self.engine.rollout(rollout_id)).phase.terminal and r, timeout
-        )
+        """The rollout once terminal; on timeout, fail with its record and the engine's threads."""
+        try:
+            return wait_for(
+                lambda: (r := self.engine.rollout(rollout_id)).phase.terminal and r, timeout
+            )
+        except AssertionError:
+            raise AssertionError(
+                f"rollout {rollout_id} not terminal within {timeout:g}s: "
+                f"{self.engine.rollout(rollout_id).dumps()}\n{engine_threads()}"
+            ) from None
 
     def close(self) -> None:
         self.engine.close()
@@ -54,6 +64,16 @@ class Leader:
         if self._owns_transport:
             self.engine.agents.close()
         self.client.close()
+
+
+def engine_threads() -> str:
+    """Where every ``hotfleet-*`` thread of this process is, for a failure message."""
+    frames = sys._current_frames()
+    return "\n".join(
+        f"--- {t.name}\n" + "".join(traceback.format_stack(frames[t.ident]))
+        for t in threading.enumerate()
+        if t.name.startswith("hotfleet-") and t.ident in frames
+    )
 
 
 @pytest.fixture
