@@ -23,7 +23,7 @@ from coordinator.fleet import Target, select
 from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.options import RolloutOptions
 from coordinator.releases import ReleaseEntry, entry_manifest_health
-from coordinator.twophase import abort_reason, wave_id, wave_members
+from coordinator.twophase import abort_reason, commit_lead, wave_id, wave_members
 from hotfleet.decisions import Decided
 from hotfleet.protocol import Refusal
 
@@ -161,8 +161,10 @@ class Driver:
         # or one left out under --allow-missing, never acts on it (the convergence
         # loop catches it up instead)
         bound = [n.node for n in members if n.vote is Vote.YES]
-        decision = self.engine.protocol.decide(lead, wave_id(rollout), wanted, bound)
+        commit_at = time.time() + commit_lead(len(bound)) if wanted is Decided.COMMIT else 0.0
+        decision = self.engine.protocol.decide(lead, wave_id(rollout), wanted, bound, commit_at)
         rollout.decision, rollout.decided_at = decision, time.time()
+        rollout.commit_at = commit_at if decision is wanted else 0.0
         if decision is not Decided.COMMIT:
             rollout.phase = Phase.ABORTING
             self.engine._save(lead, rollout)

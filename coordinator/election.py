@@ -39,16 +39,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
-from etcd3 import etcdrpc
 from etcd3.exceptions import Etcd3Exception
 
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.etcd_session import Backoff, Session, SessionExpiredError
+from hotfleet.etcd_watch import WatchStream as _WatchStream
 
 log = logging.getLogger(__name__)
 
@@ -501,45 +501,6 @@ class _Canceller:
             fn = self._fn
         if fn is not None:
             fn()
-
-
-class _WatchStream:
-    """One raw etcd watch stream with a deadline, read on the calling thread."""
-
-    def __init__(
-        self,
-        client: EtcdClient,
-        key: bytes,
-        *,
-        range_end: bytes | None,
-        start_revision: int,
-        timeout: float,
-    ) -> None:
-        self._closed = threading.Event()
-        create = etcdrpc.WatchCreateRequest(key=key, start_revision=start_revision)
-        if range_end is not None:
-            create.range_end = range_end
-        first = etcdrpc.WatchRequest(create_request=create)
-
-        def requests() -> Iterator[Any]:
-            yield first
-            # Keep our side open: etcd ends the stream when the client half-closes.
-            self._closed.wait()
-
-        stub = etcdrpc.WatchStub(client.channel)
-        self._call = stub.Watch(
-            requests(),
-            timeout=max(timeout, 0.001),
-            credentials=client.call_credentials,
-            metadata=client.metadata,
-        )
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._call)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._call.cancel()
 
 
 def _read_until(stream: _WatchStream, matches: Callable[[Any], bool]) -> None:

@@ -102,6 +102,7 @@ class Rollout:
     wave: int = 0  # the wave being driven (0-based)
     created_at: float = field(default_factory=time.time)
     decided_at: float = 0.0
+    commit_at: float = 0.0  # the wave's commit instant, as its decision record names it
     finished_at: float = 0.0
     ended_at: float = 0.0
     # etcd mod revision of the record this copy was read as or last written as: every

@@ -9,8 +9,11 @@ Protocol (presumed abort, cooperative termination):
 3. the decision is written once, fenced, to ``rollouts/<id>/decision`` — the
    commit point; no decision means abort;
 4. Finish (or Abort) is driven to every node, idempotently, with retries;
-   agents also poll the decision key, so a prepared node never waits on a dead
-   coordinator; a yes voter that does not switch (its finish raised and it
+   agents also watch the decision key, so a prepared node never waits on a
+   dead coordinator, and a commit names the instant every node switches at,
+   so the fleet switches together however long the Finish fan-out takes (the
+   Finish RPCs carry the same instant and collect each node's outcome); a
+   yes voter that does not switch (its finish raised and it
    restored itself, it overran, died or never answered) makes the whole
    rollout go back (``finish_failed``): a commit is never permanent while a
    participant serves other code;
@@ -68,13 +71,13 @@ __all__ = [
     "wave_members",
 ]
 
-COMMIT_LEAD_S = 0.05  # how far ahead the commit instant is set ...
-COMMIT_LEAD_PER_NODE_S = 0.004  # ... plus this much per node of the wave (Finish fan-out)
-# ... for its first COMMIT_LEAD_PACKED nodes (agents packed on a host wake up one after the
-# other), and this much for each further one: a large fleet is many hosts, what takes time
-# is the coordinator sending the Finish RPCs (~0.3 ms each), not the nodes waking up
-COMMIT_LEAD_PACKED = 100
-COMMIT_LEAD_PER_EXTRA_NODE_S = 0.001
+# How far ahead of the decision the commit instant is set: long enough for etcd to push
+# the decision to every participant's watch and for each to verify it (one etcd read)
+# and get ready to switch, which grows with the wave (1000 simulated nodes on 2 cores:
+# ~0.4 s).  The Finish fan-out is not in it: a node switches at the instant even when
+# its Finish RPC comes later (agents without a watch need the RPC before it: few nodes).
+COMMIT_LEAD_S = 0.1
+COMMIT_LEAD_PER_NODE_S = 0.0006
 COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long after the instant
 WARNINGS_KEPT = 20  # a node's warnings kept per phase in the rollout record
 WARNING_CHARS = 500
@@ -140,8 +143,12 @@ class TwoPhase:
         rollout_id: str,
         wanted: Decided,
         participants: list[str] | None = None,
+        commit_at: float = 0.0,
     ) -> Decided:
         """Write the decision once (the commit point) and return the one that stands.
+
+        ``commit_at`` is the instant a commit's participants switch at (they
+        read it from the record through their decision watch).
 
         The record carries our epoch (:mod:`hotfleet.decisions`).  One already
         there stands only if a leader wrote it (verified against etcd); a
@@ -150,7 +157,7 @@ class TwoPhase:
         """
         key = self.engine.keys.decision(rollout_id)
         tx = self.engine.client.transactions
-        value = decisions.encode(wanted, lead.epoch, participants)
+        value = decisions.encode(wanted, lead.epoch, participants, commit_at)
         ok, _ = retry(lambda: lead.transaction([tx.put(key, value)], [tx.version(key) == 0]))
         if ok:
             return wanted
@@ -199,10 +206,10 @@ class TwoPhase:
         # Agents may restart on another port: the live membership, read once for the wave
         # (one paged range, not a read per node between the decision and the commit).
         live = self.live_addresses()
-        # Scheduled commit: every node switches at one instant, far enough ahead for the
-        # Finish fan-out to reach them all, instead of whenever its RPC happens to land.
+        # Scheduled commit: every node switches at the instant its decision record names
+        # (a recovering leader's is past: switch now), instead of whenever its RPC lands.
         members = wave_members(rollout)
-        commit_at = time.time() + commit_lead(len(members))
+        commit_at = rollout.commit_at or time.time() + commit_lead(len(members))
         sampler = self.engine.sampler
         if sampler is not None:
             sampler.resume_at(commit_at + COMMIT_QUIET_S)
@@ -261,7 +268,7 @@ class TwoPhase:
                     )
                 return
 
-        fan_out(finish, members, max(options.concurrency, len(members)))
+        fan_out(finish, members, options.concurrency)
         rollout.finished_at = time.time()
         failed = [n for n in members if n.vote is Vote.YES and not n.finished]
         if failed and rollout.kind != "rollback":
@@ -379,13 +386,8 @@ def fan_out(
 
 
 def commit_lead(nodes: int) -> float:
-    """How far ahead of now the commit instant of a wave of ``nodes`` is set."""
-    packed = min(nodes, COMMIT_LEAD_PACKED)
-    return (
-        COMMIT_LEAD_S
-        + COMMIT_LEAD_PER_NODE_S * packed
-        + COMMIT_LEAD_PER_EXTRA_NODE_S * (nodes - packed)
-    )
+    """How far ahead of its decision the commit instant of a wave of ``nodes`` is set."""
+    return COMMIT_LEAD_S + COMMIT_LEAD_PER_NODE_S * nodes
 
 
 def abort_reason(rollout: Rollout) -> str:

@@ -6,14 +6,18 @@ coordinator) and a new leader re-drives what it says, so whoever can write
 that key could otherwise switch code on every prepared node.  A decision
 therefore carries the epoch of the leader that wrote it::
 
-    {"decision": "commit", "epoch": 4711, "participants": ["n1", "n2"]}
+    {"decision": "commit", "epoch": 4711, "participants": ["n1", "n2"], "commit_at": 1764569085.5}
 
 ``participants`` names the nodes bound by a commit (those that voted yes):
 a node outside it (one whose prepare finished after the vote was counted,
 or one left out under ``--allow-missing``) never commits on the record; it
 drops what it prepared and the coordinator's convergence loop catches it up.
 A record without the field (written before it existed) binds every
-prepared node.
+prepared node.  ``commit_at`` (unix time) is the instant every participant
+switches at: a node that reads the commit from its decision watch schedules
+its switch for it by itself, so the fleet switches together however long the
+coordinator's Finish fan-out takes (0 or absent: no instant, the node waits
+for the coordinator's Finish for a grace period).
 
 and the leader writes it in a transaction guarded by its leader key
 (:meth:`coordinator.election.Leadership.transaction`).  A reader believes it
@@ -76,13 +80,19 @@ class Decision:
     decision: Decided
     epoch: int
     participants: tuple[str, ...] | None = None  # None: the record names none
+    commit_at: float = 0.0  # the instant participants switch at (unix time); 0: none
 
     def binds(self, node_id: str) -> bool:
         """Whether this decision applies to ``node_id``."""
         return self.participants is None or node_id in self.participants
 
 
-def encode(decision: Decided, epoch: int, participants: Sequence[str] | None = None) -> str:
+def encode(
+    decision: Decided,
+    epoch: int,
+    participants: Sequence[str] | None = None,
+    commit_at: float = 0.0,
+) -> str:
     """The record a leader of ``epoch`` writes for ``decision`` binding ``participants``."""
     if decision not in DECISIONS:
         raise ValueError(f"a decision is {' or '.join(sorted(DECISIONS))}, not {decision!r}")
@@ -91,6 +101,8 @@ def encode(decision: Decided, epoch: int, participants: Sequence[str] | None = N
     record: dict[str, object] = {"decision": decision, "epoch": epoch}
     if participants is not None:
         record["participants"] = sorted(participants)
+    if commit_at > 0:
+        record["commit_at"] = round(commit_at, 6)
     return json.dumps(record, separators=(",", ":"))
 
 
@@ -115,7 +127,12 @@ def parse(raw: bytes) -> Decision:
         not isinstance(named, list) or not all(isinstance(n, str) for n in named)
     ):
         raise ForgedDecision("'participants' is not a list of node ids")
-    return Decision(Decided(decision), epoch, tuple(named) if named is not None else None)
+    commit_at = record.get("commit_at", 0.0)
+    if not isinstance(commit_at, int | float) or isinstance(commit_at, bool) or commit_at < 0:
+        raise ForgedDecision(f"commit_at {commit_at!r} is not an instant")
+    return Decision(
+        Decided(decision), epoch, tuple(named) if named is not None else None, float(commit_at)
+    )
 
 
 def verify(client: EtcdClient, keys: Keys, raw: bytes, mod_revision: int) -> Decision:

@@ -116,9 +116,14 @@ class Code(Protocol):
 
 
 class DecisionWatch(Protocol):
-    """Something that reads the rollout's decision while it is prepared (the agent's etcd poll)."""
+    """Something that reads the rollout's decision while it is prepared (the agent's etcd watch).
+
+    ``commit_at`` is the commit instant the decision it hands over names
+    (unix time; 0 when it names none).
+    """
 
     stopped: threading.Event
+    commit_at: float
 
     def start(self) -> None: ...
 
@@ -476,12 +481,16 @@ class Participant:
             self._take_staged()
             try:
                 report = self._switch(staged.plan)
-            except FinishError as exc:
+            except (FinishError, LoaderStateError) as exc:
+                # remembered like a success: the decision watch and the coordinator's
+                # Finish both drive this finish, and whichever comes second must
+                # report what happened (restored or not), not "nothing is prepared"
+                failed = self._outcome(
+                    False, errors=exc.errors, restored=getattr(exc, "restored", False)
+                )
+                self._finished.keep(rollout_id, failed)
                 self.settle()
-                return self._outcome(False, errors=exc.errors, restored=exc.restored)
-            except LoaderStateError as exc:
-                self.settle()
-                return self._outcome(False, errors=exc.errors)
+                return failed
             outcome = self._outcome(True, report=report)
             self._finished.keep(rollout_id, outcome)
             self.settle()
@@ -620,6 +629,7 @@ class Participant:
         commits on it; it drops what it prepared and is caught up later by
         the coordinator's convergence loop.
         """
+        when: float | None = None  # switch at this instant (0: now), once the lock is released
         with self.lock:
             staged = self._staged
             if (
@@ -638,30 +648,19 @@ class Participant:
                 )
                 self.abort(rollout_id)
                 return True
-            if decision == Decided.COMMIT and watch is not None and not watch.grace_over():
+            if decision == Decided.COMMIT and watch is not None and watch.commit_at > 0:
+                when = watch.commit_at  # the fleet's instant, whenever the Finish RPC comes
+            elif decision == Decided.COMMIT and watch is not None and not watch.grace_over():
                 return False  # the coordinator's Finish (with its commit instant) is on its way
-            if decision == Decided.COMMIT:
+            elif decision == Decided.COMMIT:
                 log.warning(
                     "rollout %s: decision 'commit' found in etcd; finishing %s here without "
                     "waiting for the coordinator",
                     rollout_id,
                     staged.label,
                 )
-                outcome = self.finish(rollout_id)
-                if outcome.ok:
-                    log.warning(
-                        "rollout %s: finished by the node itself on the durable commit; now %s",
-                        rollout_id,
-                        outcome.release,
-                    )
-                else:
-                    log.error(
-                        "rollout %s: self-driven finish failed: %s",
-                        rollout_id,
-                        "; ".join(map(str, outcome.errors)),
-                    )
-                return True
-            if decision == Decided.ABORT:
+                when = 0.0
+            elif decision == Decided.ABORT:
                 log.warning(
                     "rollout %s: decision 'abort' found in etcd; dropping the prepared %s "
                     "without waiting for the coordinator",
@@ -670,7 +669,25 @@ class Participant:
                 )
                 self.abort(rollout_id)
                 return True
-            return False
+            else:
+                return False
+        # Outside the lock: a scheduled finish sleeps until the instant, and the
+        # coordinator's Finish for the same rollout (which waits for it too) must not
+        # queue behind it; whichever takes the lock first switches, the other replays.
+        outcome = self.finish(rollout_id, when)
+        if not outcome.ok and not outcome.already:
+            log.error(
+                "rollout %s: finish on the durable commit failed: %s",
+                rollout_id,
+                "; ".join(map(str, outcome.errors)),
+            )
+        elif not when and not outcome.already:
+            log.warning(
+                "rollout %s: finished by the node itself on the durable commit; now %s",
+                rollout_id,
+                outcome.release,
+            )
+        return True
 
 
 def _replayed(done: Outcome) -> Outcome:

@@ -70,13 +70,14 @@ def decide(
     rollout_id: str,
     decision: str,
     participants: list[str] | None = None,
+    commit_at: float = 0.0,
 ) -> None:
     """Write a rollout's decision as the coordinator leading with ``lead`` does.
 
     Fenced by the leader key and carrying its epoch (:mod:`hotfleet.decisions`):
     the only kind of decision record agents act on.
     """
-    value = encode(decision, lead.epoch, participants)
+    value = encode(decision, lead.epoch, participants, commit_at)
     put = client.transactions.put(Keys(prefix).decision(rollout_id), value)
     assert lead.guarded_txn([put]), f"{lead} no longer leads"
 

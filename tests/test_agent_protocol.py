@@ -123,6 +123,27 @@ def test_a_commit_that_does_not_name_the_node_is_never_acted_on(
     wait_for(lambda: version(agent) == "2", timeout=5 + COMMIT_GRACE_S)
 
 
+def test_a_commit_naming_its_instant_switches_the_node_at_it_without_a_finish_rpc(
+    agents: Agents, etcd_client: EtcdClient, etcd_prefix: str, leadership: Leadership
+) -> None:
+    """The decision watch is pushed the commit and switches at the instant it names,
+    not a grace period after reading it: the fleet switches together whenever the
+    coordinator's Finish reaches each node (issue 17); the Finish then replays."""
+    agent = agents.start("n-instant")
+    manifest = publish(etcd_client, etcd_prefix, release("shop-2.0.0"))
+    assert prepare(agent, manifest, "r-instant", leadership.epoch).ok
+    commit_at = time.time() + 1.0
+    decide(etcd_client, etcd_prefix, leadership, "r-instant", "commit", ["n-instant"], commit_at)
+    wait_for(lambda: version(agent) == "2", timeout=5)
+    late = agent.stub.Finish(
+        agent_pb2.FinishRequest(rollout_id="r-instant", epoch=leadership.epoch), timeout=10
+    )
+    assert late.ok and late.already_finished and late.release == "shop@2.0.0"
+    # at the instant (not before), and well inside the grace a commit without one waits
+    assert commit_at <= late.finished_at < commit_at + COMMIT_GRACE_S / 2
+    assert "decision 'commit' found in etcd" not in agent.log()
+
+
 def test_restarted_agent_keeps_fencing_a_deposed_leader(agents: Agents) -> None:
     first = agents.start("n-fence")
     assert first.stub.Abort(agent_pb2.AbortRequest(rollout_id="r", epoch=9), timeout=5).ok
