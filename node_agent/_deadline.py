@@ -22,15 +22,19 @@ in a forked child, where no thread but the forking one survives.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import itertools
+import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = [ctypes.c_ulong, ctypes.py_object]
@@ -45,11 +49,11 @@ class Overrun(BaseException):
 
 
 class Abandoned(Exception):
-    """:meth:`Worker.run_all` gave up waiting on call ``index``; it may still be running."""
+    """:meth:`Worker.run` gave up waiting on the step ``label``; it may still be running."""
 
-    def __init__(self, index: int) -> None:
-        super().__init__(f"call {index} overran its deadline")
-        self.index = index
+    def __init__(self, label: object) -> None:
+        super().__init__(f"step {label!r} overran its deadline")
+        self.label = label
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,74 @@ def interrupt_after(seconds: float) -> Iterator[None]:
         _WATCHDOG.disarm(token)
 
 
+class Progress:
+    """Which step a call handed to a :class:`Worker` is in, since when, for how long.
+
+    Written by the worker thread at each step (a few stores under an
+    uncontended lock: no wake-up), read by the caller when its wait times
+    out.  Once the caller has walked away (``abandoned``) the call cannot
+    begin another step: :meth:`step` raises :class:`Overrun`, so a call that
+    comes back late from a blocking C call stops at its next step instead
+    of carrying on behind the caller's back.
+    """
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.since = time.monotonic()
+        self.limit = math.inf
+        self.label: object = None
+        self.abandoned = False
+        self.token: int | None = None  # the worker's armed deadline, moved at each step
+        self._lock = threading.Lock()
+
+    def step(self, seconds: float, label: object = None) -> None:
+        """A new step begins now and may take ``seconds``; raises Overrun once abandoned.
+
+        With a ``token`` armed on the worker thread, the watchdog's deadline
+        moves too, so a pure-Python loop is interrupted in the worker itself.
+        """
+        with self._lock:
+            if self.abandoned:
+                raise Overrun()
+            self.index += 1
+            self.since, self.limit, self.label = time.monotonic(), seconds, label
+        if self.token is not None:
+            reset(self.token, seconds)
+
+    def checkpoint(self) -> None:
+        """Raise Overrun if the caller walked away (before anything the caller would undo)."""
+        if self.abandoned:
+            raise Overrun()
+
+    def overdue(self, grace: float) -> bool:
+        """Walk away (True) if the current step is ``grace`` past its deadline.
+
+        Atomic with :meth:`step`: a call either began its next step in time
+        or can begin no other.
+        """
+        with self._lock:
+            if time.monotonic() <= self.since + self.limit + grace:
+                return False
+            self.abandoned = True
+            return True
+
+    def run_steps(
+        self, calls: Sequence[Callable[[], Any]], seconds: float, labels: Sequence[object]
+    ) -> list[Outcome]:
+        """On the worker: each call a step of ``seconds``; an Overrun names its label."""
+        out: list[Outcome] = []
+        for call, label in zip(calls, labels, strict=True):
+            self.step(seconds, label)
+            try:
+                out.append(Outcome(True, call()))
+            except Overrun:
+                raise Abandoned(label) from None
+            except Exception as exc:
+                out.append(Outcome(False, exc))
+        self.step(math.inf)  # none is left behind: the results may be used
+        return out
+
+
 class Worker:
     """A waiting thread that runs calls for a caller who may walk away at a deadline.
 
@@ -191,69 +263,76 @@ class Worker:
         self.name = name
         self.stuck = False
         self.pid = os.getpid()
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], dict[str, Any], threading.Event]]
-        self._jobs = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
 
     @property
     def healthy(self) -> bool:
-        return not self.stuck and self.pid == os.getpid() and self._thread.is_alive()
+        return not self.stuck and self.pid == os.getpid() and self.thread.is_alive()
 
-    def run_all(self, calls: Sequence[Callable[[], Any]], seconds: float) -> list[Outcome]:
-        """Each call on the worker, in order, each within ``seconds`` of its own start.
+    def run(self, call: Callable[[Progress], T], grace: float = 0.0) -> T:
+        """``call(progress)`` on the worker, in the caller's context; its value or exception.
 
-        One hand-over for the batch and one wake-up back (each costs a thread
-        wake-up, ~50 µs on a VM): the worker notes which call runs since when,
-        and the caller, woken only when the batch ends or a deadline passes,
-        reads that note.  Raises :class:`Abandoned` naming the index of the
-        call that overran; that call is also asked to stop (an
-        :class:`Overrun` raised in it, which ends a pure-Python loop) and
-        whatever it returns later is ignored.
+        One hand-over and one wake-up back (each costs a thread wake-up,
+        ~50-120 µs on a VM), nothing in between: the caller sleeps until the
+        call ends or its current step's deadline (plus ``grace``) passes.  A
+        step past its deadline is abandoned: :class:`Abandoned` names its
+        label, the call is asked to stop (an :class:`Overrun` raised in it,
+        which ends a pure-Python loop) and whatever it does later is ignored.
         """
+        progress = Progress()
         out: list[Outcome] = []
-        progress: list[Any] = [0, time.monotonic()]  # index of the running call, its start
         done = threading.Lock()
         done.acquire()
+        context = contextvars.copy_context()
 
-        def batch() -> None:
+        def job() -> None:
             try:
-                for index, call in enumerate(calls):
-                    progress[0], progress[1] = index, time.monotonic()
-                    try:
-                        out.append(Outcome(True, call()))
-                    except Exception as exc:
-                        out.append(Outcome(False, exc))
+                out.append(Outcome(True, context.run(call, progress)))
+            except BaseException as exc:  # handed to the caller
+                out.append(Outcome(False, exc))
             finally:
                 done.release()
 
-        self._jobs.put((batch, {}, threading.Event()))
-        while True:
-            index: int = progress[0]
-            since: float = progress[1]
-            left = since + seconds - time.monotonic()
-            if left > 0 and done.acquire(timeout=left):
-                return out
-            if progress[0] == index and progress[1] == since and len(out) <= index:
+        self._jobs.put(job)
+        # Polled, not notified: a step that begins must not wake the caller inside a
+        # hold.  A wake-up every 50 ms costs nothing there: the woken caller waits
+        # for the GIL, which the worker keeps until the hold ends or blocks.
+        while not done.acquire(timeout=_POLL_S):
+            if progress.overdue(grace):
                 self.stuck = True
-                if self._thread.ident is not None:
-                    _inject(self._thread.ident, Overrun)
-                raise Abandoned(index)
+                if self.thread.ident is not None:
+                    _inject(self.thread.ident, Overrun)
+                raise Abandoned(progress.label)
+        outcome = out[0]
+        if outcome.ok:
+            return outcome.value
+        raise outcome.value
+
+    def run_all(
+        self,
+        calls: Sequence[Callable[[], Any]],
+        seconds: float,
+        labels: Sequence[object] | None = None,
+    ) -> list[Outcome]:
+        """Each call on the worker, in order, each within ``seconds`` of its own start.
+
+        Raises :class:`Abandoned` naming the label (by default the index) of
+        the call that overran.
+        """
+        named = range(len(calls)) if labels is None else labels
+        return self.run(lambda progress: progress.run_steps(calls, seconds, named))
 
     def close(self) -> None:
         """Let a healthy worker's thread end (a stuck one ends when its call does)."""
-        self._jobs.put((lambda: None, {}, threading.Event()))
         self.stuck = True
+        self._jobs.put(lambda: None)
 
     def _run(self) -> None:
         with contextlib.suppress(Overrun):  # one that lands after its call returned
             while True:
-                fn, box, done = self._jobs.get()
+                job = self._jobs.get()
                 if self.stuck:
                     return
-                try:
-                    box["value"] = fn()
-                except BaseException as exc:  # handed to the caller
-                    box["error"] = exc
-                finally:
-                    done.set()
+                job()

@@ -18,12 +18,12 @@ import functools
 import importlib
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hotfleet.errors import ModuleError, Reason
 from node_agent import stateful
-from node_agent._deadline import Abandoned, Overrun, Worker, interrupt_after
+from node_agent._deadline import Abandoned, Outcome, Overrun, Worker, interrupt_after
 from node_agent._install import NewModule, register_source, release_importable
 from node_agent._patch import (
     MISSING,
@@ -195,11 +195,24 @@ def rebind_from_imports(
                 journal.append(SetItem(b.holder, b.local, new).apply())
 
 
+RunCalls = Callable[[Sequence[Callable[[], Any]], float, Sequence[object]], list[Outcome]]
+
+
+def overran(m: Migration, old_vsn: Any, timeout: float, after: str) -> ModuleError:
+    """The refusal for a ``code_change`` that did not return within ``migration_timeout``."""
+    return ModuleError(
+        m.module,
+        Reason.TIMEOUT,
+        f"{type(m.obj).__qualname__}.code_change({old_vsn!r}) did not return "
+        f"within migration_timeout ({timeout:g}s){after}",
+    )
+
+
 def migrate(
     migrations: list[Migration],
     old_vsn: Any,
     journal: list[Op],
-    worker: Worker | None,
+    run: RunCalls,
     migration_timeout: float,
     *,
     dry_run: bool = False,
@@ -207,15 +220,15 @@ def migrate(
     """Run ``code_change`` (already-current code) for every registered object, all or none.
 
     Each call gets a faithful copy of the object's state (fresh locks, see
-    :mod:`node_agent._statecopy`) and runs on ``worker`` (handed over in
-    one batch), each under ``migration_timeout``; the states are
-    installed only once all returned.  A call that overruns is left
-    behind on its worker (which is replaced) and the later ones never run.
+    :mod:`node_agent._statecopy`) and runs through ``run`` (on the holding
+    worker itself at finish, :meth:`Progress.run_steps`; on a worker of the
+    staging process in a dry run), each under ``migration_timeout``; the
+    states are installed only once all returned.  A call that overruns
+    stops the batch: the later ones never run.
     """
     pending = [(m, fn) for m in migrations if (fn := getattr(m.obj, "code_change", None))]
     if not pending:
         return 0
-    assert worker is not None
 
     def call(obj: Any, fn: Any, extra: Any) -> Any:
         owner = type(obj).__qualname__
@@ -231,20 +244,11 @@ def migrate(
     calls = [functools.partial(call, m.obj, fn, m.extra) for m, fn in pending]
     after = " (dry run on a copy of the live state)" if dry_run else "; previous version restored"
     errors = []
-    try:
-        outcomes = worker.run_all(calls, migration_timeout)
+    try:  # each step labelled with its Migration, for whoever reports an overrun
+        outcomes = run(calls, migration_timeout, [m for m, _ in pending])
     except Abandoned as exc:
-        m = pending[exc.index][0]
-        raise MigrationFailed(
-            [
-                ModuleError(
-                    m.module,
-                    Reason.TIMEOUT,
-                    f"{type(m.obj).__qualname__}.code_change({old_vsn!r}) did not return "
-                    f"within migration_timeout ({migration_timeout:g}s){after}",
-                )
-            ]
-        ) from None
+        assert isinstance(exc.label, Migration)
+        raise MigrationFailed([overran(exc.label, old_vsn, migration_timeout, after)]) from None
     for (m, _), outcome in zip(pending, outcomes, strict=True):
         if not outcome.ok:
             raised = outcome.value
@@ -283,8 +287,14 @@ def dry_run(
     try:
         with interrupt_after(switch_timeout):
             switch(prepared, journal, switch_timeout)
-        on = worker() if prepared._migrations else None
-        migrate(prepared._migrations, old_vsn, journal, on, migration_timeout, dry_run=True)
+        migrate(
+            prepared._migrations,
+            old_vsn,
+            journal,
+            lambda calls, seconds, labels: worker().run_all(calls, seconds, labels),
+            migration_timeout,
+            dry_run=True,
+        )
     except SwitchFailed as failed:
         return [failed.error], notes
     except MigrationFailed as failed:

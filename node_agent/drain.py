@@ -153,6 +153,14 @@ def _current_owner() -> object:
     return task if task is not None else threading.current_thread()
 
 
+def _wake(waiters: set[asyncio.Future[None]]) -> None:
+    """Resume tasks waiting at a reopened gate (outside the barrier's lock: a loop's own
+    lock must not nest in ours).  A closed loop refuses: its task never resumes anyway."""
+    for waiter in waiters:
+        with suppress(RuntimeError):
+            waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+
+
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():  # it may have been cancelled meanwhile
         waiter.set_result(None)
@@ -330,11 +338,28 @@ class DrainBarrier:
         with self._lock:
             if self._holder is me:
                 raise RuntimeError("hold() is not re-entrant: this thread already holds the gate")
-        with self._hold_lock:
-            try:
-                yield self._close_and_drain(me, own, timeout)
-            finally:
-                self._reopen()
+        self._hold_lock.acquire()  # released by whoever reopens: this hold or a take-over
+        try:
+            yield self._close_and_drain(me, own, timeout)
+        finally:
+            self._end_hold(me)
+
+    def take_over(self, holder: threading.Thread) -> bool:
+        """Reopen a gate that ``holder`` closed and cannot reopen itself (it is stuck).
+
+        For the loader's deadline on release code run inside a hold: the
+        thread running it may be blocked in a C call for ever, and the caller
+        that walked away from it restores the previous version, then reopens
+        the gate here and lets the next hold in.  The stuck hold, if it ever
+        ends, finds the gate no longer its own and leaves it alone.  Returns
+        False if ``holder`` does not hold the gate (its hold just ended).
+        """
+        with self._lock:
+            if self._holder is not holder:
+                return False
+            woken = self._reopen_locked()
+        _wake(woken)
+        return True
 
     def _close_and_drain(
         self, me: threading.Thread, own: tuple[_Ticket, ...], timeout: float
@@ -357,18 +382,23 @@ class DrainBarrier:
                 still_in_flight=others(),
             )
 
-    def _reopen(self) -> None:
+    def _end_hold(self, me: threading.Thread) -> None:
         with self._lock:
-            if self._closed_at is not None:
-                self._last_hold_s = time.monotonic() - self._closed_at
-                self._max_hold_s = max(self._max_hold_s, self._last_hold_s)
-            self._closed, self._holder, self._closed_at = False, None, None
-            woken, self._async_waiters = self._async_waiters, set()
-            self._gate_open.notify_all()
-        for waiter in woken:  # outside the lock: a loop's own lock must not nest in ours
-            # A closed loop refuses (RuntimeError): its task will never resume anyway.
-            with suppress(RuntimeError):
-                waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+            if self._holder is not me:  # taken over (see take_over): not ours any more
+                return
+            woken = self._reopen_locked()
+        _wake(woken)
+
+    def _reopen_locked(self) -> set[asyncio.Future[None]]:
+        """Open the gate and let the next hold in; returns the async waiters to wake."""
+        if self._closed_at is not None:
+            self._last_hold_s = time.monotonic() - self._closed_at
+            self._max_hold_s = max(self._max_hold_s, self._last_hold_s)
+        self._closed, self._holder, self._closed_at = False, None, None
+        woken, self._async_waiters = self._async_waiters, set()
+        self._gate_open.notify_all()
+        self._hold_lock.release()
+        return woken
 
     # -------------------------------------------------------------- inspection
     @property

@@ -32,7 +32,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hotfleet._gc import paused as gc_paused
 from hotfleet._gc import paused_for as gc_paused_for
 from hotfleet.errors import ModuleError, Reason
 from hotfleet.imports import shared_trees
@@ -40,15 +39,17 @@ from hotfleet.release import Release
 from node_agent._codecache import CodeCache, default_cache
 from node_agent._codepaths import CodePaths
 from node_agent._courtesy import yielding_gil
-from node_agent._deadline import Overrun, Worker, arm, disarm, reset, start_watchdog
+from node_agent._deadline import Abandoned, Overrun, Progress, Worker, start_watchdog
 from node_agent._finish import (
     MigrationFailed,
     SwitchFailed,
     dry_run,
     finish_errors,
     migrate,
+    overran,
     switch,
 )
+from node_agent._hold import held
 from node_agent._hostslots import PrepareSlots, SlotWaitCancelled, SlotWaitTimeout
 from node_agent._patch import Op, SetState, stage_inverses, undo
 from node_agent._prefault import prefault, warm_migration
@@ -56,6 +57,7 @@ from node_agent._prepare import lap, plan_release, purge_check, rehearse_switch,
 from node_agent._prepared import (
     Backup,
     FinishReport,
+    Migration,
     ModuleState,
     ModuleStatus,
     Prepared,
@@ -281,7 +283,7 @@ class Loader:
                 prepared,
                 self.switch_timeout,
                 self.migration_timeout,
-                self._migration_worker,
+                self._hold_worker,
                 self._vsn(),
             ),
         )
@@ -303,43 +305,53 @@ class Loader:
             journal: list[Op] = []
             # the counting twins go before the switch journals the code it replaces
             self.coverage.stop()
-            # Everything that wakes a thread or faults a page happens before the hold.
-            worker = self._migration_worker() if prepared._migrations else None
-            if worker is not None:  # its first run after the staging fork faults pages
-                worker.run_all([warm_migration], self.migration_timeout)
             # the journal of the code swaps is built here, not in the hold (and after
             # coverage.stop(), which puts the plain code back)
             staged = {name: stage_inverses(plan.ops) for name, plan in prepared._plans.items()}
-            prefault(prepared)
-            token = arm(self.drain_timeout + self.switch_timeout)
+            old_vsn = self._vsn()
+
+            def warm() -> None:  # on the holding thread: what wakes or faults, before the hold
+                if prepared._migrations:  # its first run after the staging fork faults pages
+                    warm_migration()
+                prefault(prepared)
+
+            def body(progress: Progress) -> tuple[float, float, int]:
+                t0 = time.perf_counter()
+                progress.step(self.switch_timeout, "switch")
+                try:
+                    switch(prepared, journal, self.switch_timeout, staged)
+                    switched_at = time.time()
+                    migrated = migrate(
+                        prepared._migrations,
+                        old_vsn,
+                        journal,
+                        progress.run_steps,
+                        self.migration_timeout,
+                    )
+                except (SwitchFailed, MigrationFailed, Overrun) as exc:
+                    progress.checkpoint()  # walked away from: the caller restored already
+                    undo(journal)
+                    raise FinishError(
+                        finish_errors(exc, prepared, self.switch_timeout), restored=True
+                    ) from None
+                return time.perf_counter() - t0, switched_at, migrated
+
             try:
-                with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
-                    t0 = time.perf_counter()
-                    reset(token, self.switch_timeout)
-                    try:
-                        switch(prepared, journal, self.switch_timeout, staged)
-                        disarm(token)
-                        switched_at = time.time()
-                        migrated = migrate(
-                            prepared._migrations,
-                            self._vsn(),
-                            journal,
-                            worker,
-                            self.migration_timeout,
-                        )
-                    except (SwitchFailed, MigrationFailed, Overrun) as exc:
-                        disarm(token)
-                        undo(journal)
-                        raise FinishError(
-                            finish_errors(exc, prepared, self.switch_timeout), restored=True
-                        ) from None
-                    pause = time.perf_counter() - t0
+                (pause, switched_at, migrated), hold = held(
+                    self._hold_worker(),
+                    self.barrier,
+                    self.drain_timeout,
+                    self.switch_timeout,
+                    body,
+                    before=warm,
+                    restore=lambda: undo(journal),
+                )
+            except Abandoned as stuck:
+                raise FinishError(self._stuck(stuck.label, old_vsn), restored=True) from None
             except Overrun:  # only if the drain itself outlasted both timeouts
                 raise FinishError(
                     finish_errors(Overrun(), prepared, self.switch_timeout), restored=True
                 ) from None
-            finally:
-                disarm(token)
             self._commit(prepared, journal)  # in the order applied: undo replays it backwards
             self._changed = changed_functions(journal)
             self.coverage.start(
@@ -374,10 +386,27 @@ class Loader:
                 ]
             )
 
-    def _migration_worker(self) -> Worker:
-        """A healthy worker for ``code_change`` calls, started before any hold."""
+    def _stuck(self, label: object, old_vsn: Any) -> list[ModuleError]:
+        """What the step the caller walked away from was doing (see :mod:`node_agent._hold`)."""
+        after = "; previous version restored, its thread left behind"
+        if isinstance(label, Migration):
+            return [overran(label, old_vsn, self.migration_timeout, after)]
+        what = (
+            "the switch" if label == "switch" else "the drain hold"
+        )  # blocked in C: the watchdog could not interrupt it
+        return [
+            ModuleError(
+                "*",
+                Reason.TIMEOUT,
+                f"{what} did not return within switch_timeout ({self.switch_timeout:g}s): "
+                f"release code blocked outside Python{after}",
+            )
+        ]
+
+    def _hold_worker(self) -> Worker:
+        """A healthy thread for holds and ``code_change`` calls, started before any hold."""
         if self._worker is None or not self._worker.healthy:
-            self._worker = Worker("hotfleet-migrations")
+            self._worker = Worker("hotfleet-hold")
         return self._worker
 
     def _vsn(self) -> str | None:
@@ -437,20 +466,34 @@ class Loader:
             self._changed = []
             down = ("down", backup.restores.version if backup.restores else None)
             journal: list[Op] = []
-            worker = self._migration_worker() if backup.migrations else None
-            with gc_paused(), self.barrier.hold(self.drain_timeout) as hold:
+
+            def body(progress: Progress) -> tuple[int, Sequence[Op], float]:
                 t0 = time.perf_counter()
                 try:
                     migrated = migrate(
-                        backup.migrations, down, journal, worker, self.migration_timeout
+                        backup.migrations, down, journal, progress.run_steps, self.migration_timeout
                     )
                 except MigrationFailed as failed:
+                    progress.checkpoint()  # walked away from: the caller restored already
                     undo(journal)
                     raise FinishError(failed.errors, restored=True) from None
                 redo = undo(
                     [op for op in backup.journal if not isinstance(op, SetState)]
                 )  # keep down-migrated state
-                pause = time.perf_counter() - t0
+                return migrated, redo, time.perf_counter() - t0
+
+            try:
+                (migrated, redo, pause), hold = held(
+                    self._hold_worker(),
+                    self.barrier,
+                    self.drain_timeout,
+                    self.migration_timeout,
+                    body,
+                    before=warm_migration if backup.migrations else lambda: None,
+                    restore=lambda: undo(journal),
+                )
+            except Abandoned as stuck:
+                raise FinishError(self._stuck(stuck.label, down), restored=True) from None
             self._generation += 1
             loaded = self._code.loaded
             for name in list(loaded):

@@ -193,6 +193,37 @@ def test_hold_times_out_on_stuck_work_and_still_reopens() -> None:
     assert barrier.in_flight == 0
 
 
+def test_a_stuck_hold_is_taken_over_and_never_reopens_anyone_elses() -> None:
+    barrier = DrainBarrier()
+    inside, unstick = threading.Event(), threading.Event()
+
+    def stuck_holder() -> None:
+        with barrier.hold(1.0):
+            inside.set()
+            unstick.wait()  # stands for release code blocked in C
+
+    holder = threading.Thread(target=stuck_holder)
+    holder.start()
+    try:
+        assert inside.wait(TIMEOUT)
+        queued = enter_once(barrier)
+        eventually(lambda: barrier.stats().waiting_now == 1)
+        assert not barrier.take_over(threading.current_thread())  # not the holder: refused
+        assert barrier.held
+        assert barrier.take_over(holder)
+        queued.result()  # the gate is open again, and its waiter woke
+        with barrier.hold(1.0):  # the next hold is not kept out by the stuck one
+            unstick.set()
+            holder.join(TIMEOUT)  # the stuck hold ends inside ours...
+            assert not holder.is_alive()
+            assert barrier.held  # ...and leaves our gate closed
+        assert not barrier.held
+        enter_once(barrier).result()
+    finally:
+        unstick.set()
+        holder.join(TIMEOUT)
+
+
 def test_guarded_thread_nests_guards_and_holds_without_deadlock() -> None:
     barrier = DrainBarrier()
 

@@ -320,6 +320,58 @@ def test_migration_that_hangs_only_on_the_live_object_restores_within_its_deadli
         pass
 
 
+def test_statement_blocked_in_c_only_in_the_live_process_restores_within_its_deadline(
+    cb: Codebase,
+) -> None:
+    """The watchdog cannot interrupt a C call; the caller walks away from the switch."""
+    import gc
+
+    v1 = f"import os, threading\nBOOT_PID = {os.getpid()}\nX = 1\n\ndef f():\n    return X\n"
+    mods = cb.boot({"reg": REG, "m": v1})
+    v2 = v1.replace("X = 1", "X = 2\nif os.getpid() == BOOT_PID:\n    threading.Event().wait()")
+    cb.loader.switch_timeout = 1.0
+    prepared = cb.loader.prepare(cb.release("2", {"m": v2}))  # the rehearsal passes
+    started = time.monotonic()
+    with pytest.raises(FinishError) as err:
+        cb.loader.finish(prepared)
+    assert time.monotonic() - started < 4.0
+    error = err.value.errors[0]
+    assert err.value.restored and error.reason is Reason.TIMEOUT
+    assert "blocked outside Python" in error.detail and "left behind" in error.detail
+    assert mods["m"].X == 1 and mods["m"].f() == 1  # the statement's X = 2 is undone
+    assert gc.isenabled()  # the stuck hold paused the collector; it is back on
+    with cb.loader.guard():  # the gate is open again
+        pass
+    # the stuck thread keeps neither the gate nor the loader: the next release switches
+    cb.upgrade("3", {"m": v1.replace("X = 1", "X = 3")})
+    assert mods["m"].f() == 3
+
+
+def test_down_migration_blocked_in_c_restores_within_its_deadline(cb: Codebase) -> None:
+    v1 = LIVE_ONLY_HANG.format(pid=os.getpid()) + "\ndef f():\n    return 1\n"
+    mods = cb.boot({"reg": REG, "box": v1})
+    v2 = v1.replace("return 1", "return 2").replace(
+        "        self.n = 1\n",
+        "        self.n = 1\n\n    def code_change(self, old_vsn, state, extra):\n"
+        "        if isinstance(old_vsn, tuple):  # ('down', vsn): only on the way back\n"
+        "            threading.Event().wait()\n"
+        "        return {**state, 'n': state['n'] + 1}\n",
+    )
+    cb.upgrade("2", {"box": v2})
+    assert mods["box"].f() == 2 and mods["box"].BOX.n == 2
+    cb.loader.migration_timeout = 1.0
+    started = time.monotonic()
+    with pytest.raises(FinishError) as err:
+        cb.loader.rollback()
+    assert time.monotonic() - started < 4.0
+    error = err.value.errors[0]
+    assert err.value.restored and error.reason is Reason.TIMEOUT and error.module.endswith("box")
+    assert "code_change(('down'," in error.detail
+    assert mods["box"].f() == 2 and mods["box"].BOX.n == 2  # nothing went back half-way
+    with cb.loader.guard():
+        pass
+
+
 def test_statement_that_loops_only_in_the_live_process_is_interrupted_and_restored(
     cb: Codebase,
 ) -> None:
