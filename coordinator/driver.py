@@ -119,22 +119,28 @@ class Driver:
     def drive(
         self, lead: Leadership, rollout: Rollout, entry: ReleaseEntry, options: RolloutOptions
     ) -> None:
-        """Each wave is its own two-phase commit, analysed before the next one starts."""
-        while True:
-            # No health sampling while the wave prepares and commits: its samples
-            # would serve nothing (the baseline ends when the rollout starts, the
-            # window begins after the commit) and compete for the nodes' CPU.
-            sampler = self.engine.sampler
-            if sampler is not None:
-                sampler.pause()
-            try:
-                if not self._commit_wave(lead, rollout, entry, options):
-                    return
-            finally:  # finish scheduled the resumption just after its commit instant
+        """Each wave is its own two-phase commit, analysed before the next one starts.
+
+        No health sampling while a wave prepares and commits: its samples
+        would serve nothing (the baseline ends when the rollout starts, the
+        window begins after the commit) and compete for the nodes' and the
+        coordinator's CPU (a round is an RPC to every node).  Without a window
+        (``window_s=0``) nothing is judged until the rollout ends, so sampling
+        resumes only then.
+        """
+        sampler = self.engine.sampler
+        try:
+            while True:
                 if sampler is not None:
-                    sampler.resume_at(time.time())
-            if not self.next_wave(lead, rollout, options):
-                return
+                    sampler.pause()
+                committed = self._commit_wave(lead, rollout, entry, options)
+                if sampler is not None and options.window_s != 0:
+                    sampler.resume_at(time.time())  # finish set it just after its commit instant
+                if not committed or not self.next_wave(lead, rollout, options):
+                    return
+        finally:
+            if sampler is not None:
+                sampler.resume_at(time.time())
 
     def next_wave(self, lead: Leadership, rollout: Rollout, options: RolloutOptions) -> bool:
         """Judge the finished wave's window; True when the next wave is recorded and may start."""

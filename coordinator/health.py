@@ -135,6 +135,8 @@ class HealthSampler:
                 self._members[n.node_id] = (now, n)
 
         def one(n: NodeInfo) -> tuple[str, Snapshot | None]:
+            if self._quiet_until > time.time():
+                return n.node_id, None  # paused mid-round: a 2PC started, leave the fleet be
             try:
                 reply = self._agents.stub(n.address).Health(
                     agent_pb2.HealthRequest(), timeout=max(0.2, self.interval_s)

@@ -8,10 +8,11 @@ what, with which errors, how long each step took and why it ended as it did.
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hotfleet.errors import ModuleError, Reason
@@ -66,9 +67,13 @@ class NodeResult:
     still_in_flight: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        # field by field, not dataclasses.asdict: its deep copy of every value was most
+        # of the coordinator's CPU in a 1000-node rollout's record writes (issue 17)
+        d = {name: getattr(self, name) for name in _NODE_FIELDS}
         d["vote"] = self.vote.value
         d["errors"] = [_error_json(e) for e in self.errors]
+        d["prepare_warnings"] = list(self.prepare_warnings)
+        d["finish_warnings"] = list(self.finish_warnings)
         return d
 
     @classmethod
@@ -130,9 +135,16 @@ class Rollout:
         return end - self.created_at
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        # the small fields deep-copied as asdict would; the per-node ones built directly
+        d = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in _PER_NODE
+        }
         d["phase"] = self.phase.value
         d["errors"] = [_error_json(e) for e in self.errors]
+        d["targets"] = list(self.targets)
+        d["previous"] = dict(self.previous)
         d["nodes"] = {k: v.to_json() for k, v in self.nodes.items()}
         d["commit_skew_s"] = self.commit_skew_s
         d["duration_s"] = self.duration_s
@@ -164,6 +176,8 @@ class Rollout:
         return cls(**d)
 
 
+_NODE_FIELDS = tuple(f.name for f in fields(NodeResult))
+_PER_NODE = frozenset({"errors", "targets", "previous", "nodes"})  # Rollout fields of N entries
 _NODE_DEFAULTS = {
     k: v for k, v in NodeResult("").to_json().items() if k != "node"
 }  # what a compact per-node entry leaves out
