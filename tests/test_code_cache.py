@@ -48,7 +48,7 @@ def test_a_corrupted_or_truncated_entry_is_a_miss(tmp_path: Path) -> None:
     calls: list[int] = []
     cache = CodeCache(tmp_path / "c")
     cache.get("exec", _digest(SOURCE), lambda: _make(calls))
-    (entry,) = [p for p in (tmp_path / "c").iterdir() if not p.name.endswith(".lock")]
+    (entry,) = [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
     data = bytearray(entry.read_bytes())
     data[-3] ^= 0xFF
     entry.write_bytes(bytes(data))
