@@ -331,7 +331,7 @@ class Worker:
 
     def _run(self) -> None:
         with contextlib.suppress(Overrun):  # one that lands after its call returned
-            while True:
+            while not self.stuck:  # abandoned: its thread ends once the call comes back
                 job = self._jobs.get()
                 if self.stuck:
                     return
