@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -158,7 +159,10 @@ class Session:
 
     def _keepalive(self) -> None:
         interval = max(self.ttl / 3.0, 0.2)
-        wait = interval
+        # the first renewal at a random point of the interval: sessions opened together
+        # (a fleet started at once, 100 simulated nodes in a process) do not renew in a
+        # burst every interval for ever (issue 17)
+        wait = interval * random.uniform(0.5, 1.0)
         backoff = Backoff()
         while not self._stop.wait(wait):
             if not self.alive():

@@ -1,25 +1,44 @@
-"""One raw etcd watch stream, read on the calling thread, with a deadline.
+"""etcd watches: one raw stream read on the calling thread, and etcd3's shared watcher repaired.
 
-Why not etcd3's ``add_watch_callback``: its watcher multiplexes every watch
-of a client on one stream and one thread, and when that stream ends (a
-closed client, an etcd restart) it fails with a ``NameError`` instead of
-telling the callbacks, so a dead watch goes unnoticed.  A stream of our own
-ends visibly: its iteration raises the ``grpc.RpcError`` (or just stops at
-its deadline), and :meth:`WatchStream.close` from another thread ends it
-at once.  Used by the coordinator's election and the agents' decision watch.
+:class:`WatchStream` is one watch on a stream of its own, with a deadline:
+its iteration raises the ``grpc.RpcError`` (or just stops at the deadline),
+and :meth:`WatchStream.close` from another thread ends it at once (the
+coordinator's election waits on it).  Its reading thread wakes ten times a
+second (gRPC's polling of a blocked stream), which is nothing for one
+election and a lot for a thousand simulated nodes.
+
+etcd3's ``add_watch_callback`` multiplexes every watch of a client on one
+stream and one thread: what the agents' decision watches use (100
+simulated nodes in a process: one reading thread, not 100).  etcd3 0.13.0
+breaks it where that stream ends (a closed client, an etcd restart): it
+names ``six`` without importing it, so a ``NameError`` kills its thread
+instead of telling the callbacks that their watch is gone.
+:func:`repair_etcd3_watcher` gives that module the one function it wants;
+it runs when this module is imported.
 """
 
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
+import etcd3.watch
 from etcd3 import etcdrpc
 
 from hotfleet.etcd_client import EtcdClient
 
-__all__ = ["WatchStream"]
+__all__ = ["WatchStream", "repair_etcd3_watcher"]
+
+
+def repair_etcd3_watcher() -> None:
+    """Let etcd3's watcher tell its callbacks that their stream ended (see the module doc)."""
+    if not hasattr(etcd3.watch, "six"):
+        etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(list(d.values())))
+
+
+repair_etcd3_watcher()
 
 
 class WatchStream:

@@ -4,21 +4,21 @@ Why: the decision key is the 2PC's commit point.  A node that voted yes
 must switch when the fleet committed even if the coordinator that prepared
 it died before sending Finish, and must drop its prepared release on an
 abort nobody delivered.  While a rollout is prepared, a thread owned by
-:class:`DecisionWatches` reads ``<prefix>rollouts/<id>/decision`` once and then
-watches it from the revision of that read (so no write can slip between
-the two), verifies the record against etcd's history
+:class:`DecisionWatches` watches ``<prefix>rollouts/<id>/decision`` from before the
+vote is answered (the decision, written after every vote, is one of its
+events; the watch rides the etcd client's one shared watch stream),
+verifies the record against etcd's history
 of the election (:mod:`hotfleet.decisions`) and hands it to the participant,
 which acts through the same code paths as the Finish and Abort RPCs.  A
 commit carries the fleet's commit instant, so every node switches at it
 whenever the coordinator's Finish reaches it (issue 17: the skew is bounded
 by clocks and etcd's push, not by the order of the Finish fan-out).
 
-The watch is pushed, so a fleet of prepared nodes costs etcd one read and
-one watch stream each instead of N reads a second.  A stream lives
-:data:`WATCH_SPAN_S` and is reopened from the last revision seen (a stream
-that silently stopped cannot hold a node for longer); a stream that failed
-(etcd away) turns into a read every :data:`DECISION_POLL_S` until etcd
-answers again.  Used by the real agent and by the simulated agents of the
+The watch is pushed, so a fleet of prepared nodes costs etcd one watch
+each instead of N reads a second.  Without a word from the watch for
+:data:`WATCH_SPAN_S` the key is read and watched anew (a watch that silently
+stopped cannot hold a node for longer); a watch that ended (etcd away)
+turns into a read every :data:`DECISION_POLL_S` until etcd answers again.  Used by the real agent and by the simulated agents of the
 benchmarks alike.
 """
 
@@ -30,12 +30,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import grpc
-from etcd3.etcdrpc import kv_pb2
+import etcd3.events
 
 from hotfleet import decisions, transient
 from hotfleet.etcd_client import EtcdClient
-from hotfleet.etcd_watch import WatchStream
+from hotfleet.etcd_watch import repair_etcd3_watcher
 from hotfleet.keys import Keys
 
 __all__ = [
@@ -48,10 +47,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_PUT = kv_pb2.Event.PUT  # an event's type; the other one is DELETE
+repair_etcd3_watcher()  # a watch whose stream ended must say so (hotfleet.etcd_watch)
 
 DECISION_POLL_S = 0.5  # the pace of reads while etcd cannot be watched (an outage)
-WATCH_SPAN_S = 10.0  # one watch stream's deadline; the next one starts where it ended
+WATCH_SPAN_S = 10.0  # this long without an event: read the key again and watch anew
 
 COMMIT_GRACE_S = 1.0  # how long a commit naming no instant is left to the coordinator
 
@@ -75,9 +74,10 @@ class DecisionWatch:
         self.stopped = threading.Event()
         self.commit_at = 0.0
         self._commit_seen = 0.0
-        self._revision = 0  # etcd revision seen up to: watch from the next one (0: read first)
+        self._wake = threading.Event()  # a watch event, the watch's end, or a stop
         self._lock = threading.Lock()
-        self._stream: WatchStream | None = None
+        self._pushed: list[Any] = []  # what the watch delivered: events, or its end (None)
+        self._watch_id: Any = None
         self._thread = threading.Thread(
             target=self._run, name=f"hotfleet-decision {rollout_id}", daemon=True
         )
@@ -95,15 +95,23 @@ class DecisionWatch:
         return now - self._commit_seen >= COMMIT_GRACE_S
 
     def start(self) -> None:
+        """Open the watch, then start the thread that acts on what it delivers.
+
+        Called before the node answers its yes vote: once etcd confirmed the
+        watch, the decision (written after every vote) is one of its events,
+        so the key needs no read first.  A watch that cannot be opened leaves
+        the thread to read the key, then watch it.
+        """
+        try:
+            self._watch_id = self.owner.client().add_watch_callback(self.key, self._delivered)
+        except Exception as exc:  # etcd away: the thread rides it out (and says so)
+            log.debug("rollout %s: decision watch not opened: %s", self.rollout_id, exc)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching (a blocked stream is closed at once); never waits."""
-        with self._lock:
-            self.stopped.set()
-            stream = self._stream
-        if stream is not None:
-            stream.close()
+        """Stop watching (the thread wakes at once and cancels the watch); never waits."""
+        self.stopped.set()
+        self._wake.set()
 
     def join(self, timeout: float) -> None:
         if self._thread is not threading.current_thread():
@@ -115,6 +123,7 @@ class DecisionWatch:
         except Exception:  # a bug here must not go unnoticed, nor kill the worker
             log.exception("rollout %s: decision watch crashed", self.rollout_id)
         finally:
+            self._unwatch()
             self.owner._ended(self)
 
     def _watch(self) -> None:
@@ -135,7 +144,7 @@ class DecisionWatch:
                     )
                 continue
             except Exception as exc:
-                self._revision = 0  # read again once etcd answers
+                self._unwatch()  # read again once etcd answers
                 if not transient.from_etcd(exc):  # not an outage: say it is a bug, once
                     if not failing:
                         log.exception(
@@ -162,62 +171,56 @@ class DecisionWatch:
             if self.owner.apply(self.rollout_id, decision.decision, self, decision.participants):
                 return
             # a commit left to the coordinator's Finish for now: read it again later
-            self._revision = 0
+            self._unwatch()
             self.stopped.wait(self.interval)
 
     def _next(self) -> decisions.Decision | None:
-        """The next verified decision: the key's value at first, then each change of it.
+        """The next verified decision: what the watch delivers (the key's value, unwatched).
 
-        None when there is none yet (or it was deleted), a stream reached its
-        deadline or the watch was stopped.  Raises
+        None when there is none yet (or it was deleted), the watch was quiet
+        for :data:`WATCH_SPAN_S` or ended, or this was stopped.  Raises
         :class:`hotfleet.decisions.ForgedDecision` for a record no leader
         wrote (checked against etcd's history of the election), and whatever
         etcd raises while it cannot be read or verified.
         """
         client = self.owner.client()
-        if not self._revision:
+        if self._watch_id is None:  # read, then watch from that revision on: nothing slips by
             response = client.get_response(self.key)
-            self._revision = int(response.header.revision)
-            if not response.kvs:
-                return None
-            kv = response.kvs[0]
-        else:
-            kv = self._pushed(client)
-            if kv is None:
-                return None
-        return decisions.verify(client, self.owner.keys, kv.value, int(kv.mod_revision))
-
-    def _pushed(self, client: EtcdClient) -> Any:
-        """The key-value of the next write of the key (None: deleted, deadline or stopped)."""
-        stream = WatchStream(
-            client,
-            self.key.encode(),
-            range_end=None,
-            start_revision=self._revision + 1,
-            timeout=WATCH_SPAN_S,
-        )
+            self._watch_id = client.add_watch_callback(
+                self.key, self._delivered, start_revision=int(response.header.revision) + 1
+            )
+            if response.kvs:
+                kv = response.kvs[0]
+                return decisions.verify(client, self.owner.keys, kv.value, int(kv.mod_revision))
+        woke = self._wake.wait(WATCH_SPAN_S)
+        if self.stopped.is_set():
+            return None
+        self._wake.clear()
         with self._lock:
-            if self.stopped.is_set():
-                stream.close()
-                return None
-            self._stream = stream
-        try:
-            for response in stream:
-                if response.compact_revision or response.canceled:
-                    self._revision = 0  # history gone: read the key again
-                    return None
-                if response.events:
-                    event = response.events[-1]
-                    self._revision = int(event.kv.mod_revision)
-                    return event.kv if event.type == _PUT else None
-        except grpc.RpcError as exc:
-            if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                raise
-        finally:
-            with self._lock:
-                self._stream = None
-            stream.close()
-        return None
+            pushed, self._pushed = self._pushed, []
+        if not woke or None in pushed:  # quiet for long, or the watch ended: read again
+            self._unwatch()
+        events = [e for e in pushed if e is not None]
+        if not events or isinstance(events[-1], etcd3.events.DeleteEvent):
+            return None
+        last = events[-1]
+        return decisions.verify(client, self.owner.keys, last.value, int(last.mod_revision))
+
+    def _delivered(self, response: Any) -> None:
+        """The watch's callback, on the client's watch thread: note it and wake ours, no I/O."""
+        events = getattr(response, "events", None)
+        with self._lock:
+            self._pushed.extend(events if events is not None else [None])
+        self._wake.set()
+
+    def _unwatch(self) -> None:
+        """Cancel the watch, if any (the next :meth:`_next` reads the key first)."""
+        watch_id, self._watch_id = self._watch_id, None
+        if watch_id is not None:
+            try:
+                self.owner.client().cancel_watch(watch_id)
+            except Exception as exc:  # its stream is gone already
+                log.debug("rollout %s: cancelling the decision watch: %s", self.rollout_id, exc)
 
 
 Apply = Callable[[str, str, "DecisionWatch", "Sequence[str] | None"], bool]

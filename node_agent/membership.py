@@ -41,6 +41,7 @@ __all__ = ["LeaseLost", "Membership"]
 
 
 PUBLISH_DEBOUNCE_S = 0.2
+PUT_RETRY_S = 1.0  # a record write that timed out is tried again this much later
 # A record in one of these states is written only if it still is after this long: a
 # 2PC passes through them in a second or two, and writing each of 1000 nodes' records
 # two or three times per rollout would be most of the fleet's etcd traffic (issue 17).
@@ -259,7 +260,18 @@ class Membership:
             if value is None:
                 return
             if session.alive() and value != self._written:
-                client.put(self.key, value, lease=session.lease_id)
+                try:
+                    client.put(self.key, value, lease=session.lease_id)
+                except Exception as exc:
+                    if not transient.is_transient(exc) or not session.alive():
+                        raise
+                    # etcd slow or briefly away while the lease lives: write again soon on
+                    # the same lease rather than start a new session (a fleet that did so
+                    # at once would grant N leases and rewrite N keys into a busy etcd)
+                    log.warning("membership record of %s not written (%s); retrying", self.key, exc)
+                    self._dirty.set()
+                    self._stop.wait(PUT_RETRY_S)
+                    continue
                 self._written = value
 
     def _settled(self, hold: float) -> str | None:
