@@ -80,8 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="measured rollouts per N")
     parser.add_argument("--prepare-ms", type=float, default=10.0)
     parser.add_argument("--fail-rate", type=float, default=0.0, help="prepare failure rate")
+    # 90 s, not an agent's 10 s: a keepalive is a new gRPC stream and thread in etcd3
+    # (~5 ms of CPU), and 1000 nodes packed on 2 cores renewing every 10 s spent half a
+    # core on it; starved renewals then failed and retried, and sessions expired (issue 17)
     parser.add_argument(
-        "--lease-ttl", type=int, default=30, help="membership lease TTL of the simulated nodes, s"
+        "--lease-ttl", type=int, default=90, help="membership lease TTL of the simulated nodes, s"
     )
     parser.add_argument("--idle-s", type=float, default=3.0, help="background measure span")
     parser.add_argument("--baseline-sample", type=int, default=20)
@@ -121,6 +124,16 @@ def rss_bytes(pid: int | str = "self") -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def largest_value(client: Any, prefix: str) -> tuple[int, str, int]:
@@ -287,7 +300,9 @@ def measure_n(n: int, args: argparse.Namespace, say: Any) -> dict[str, Any]:
         for i in range(args.runs):
             time.sleep(1.0)  # the previous rollout's membership writes settle
             before = etcd_metrics(endpoint)
+            agents0, etcd0 = cpu_s(workers.pids()), cpu_s([etcd.pid or 0])
             r, cpu, wall = rollout()
+            agents_cpu, etcd_cpu = cpu_s(workers.pids()) - agents0, cpu_s([etcd.pid or 0]) - etcd0
             after = etcd_metrics(endpoint)
             raw = delta(after, before)
             net = {
@@ -303,6 +318,11 @@ def measure_n(n: int, args: argparse.Namespace, say: Any) -> dict[str, Any]:
                 "skew_s": r.commit_skew_s,
                 "wall_s": wall,
                 "coordinator_cpu_s": cpu,
+                # where the rest of the two cores went, and where the e2e went
+                "agents_cpu_s": agents_cpu,
+                "etcd_cpu_s": etcd_cpu,
+                "prepare_phase_s": r.decided_at - r.created_at,
+                "commit_lead_s": r.commit_at - r.decided_at if r.commit_at else float("nan"),
                 "etcd_raw": raw,
                 "etcd_net": net,
                 "largest_value": value,
@@ -314,7 +334,9 @@ def measure_n(n: int, args: argparse.Namespace, say: Any) -> dict[str, Any]:
                 f"N={n} run {i + 1}: {run['phase']} e2e {run['e2e_s'] * 1e3:.0f} ms skew "
                 f"{run['skew_s'] * 1e3:.1f} ms cpu {cpu / n * 1e3:.2f} ms/node etcd "
                 f"{net['requests']:.0f} req {net['received'] / n:.0f} B/node in, "
-                f"{net['sent'] / n:.0f} B/node out; largest {value} B ({key})"
+                f"{net['sent'] / n:.0f} B/node out; largest {value} B ({key}); agents "
+                f"{agents_cpu / n * 1e3:.1f} ms/node, etcd {etcd_cpu / n * 1e3:.1f} ms/node CPU; "
+                f"prepare phase {run['prepare_phase_s']:.2f} s, lead {run['commit_lead_s']:.2f} s"
             )
         per_node = baseline(
             leader,
