@@ -290,6 +290,19 @@ def test_a_forged_permanent_record_is_not_believed(
         assert versions([node]) == {"1"}, name
 
 
+def test_a_decision_record_carries_its_commit_instant() -> None:
+    """The instant every participant switches at travels in the record; one that is no
+    instant makes the record forged (a node would otherwise schedule its switch on it)."""
+    raw = decisions.encode(decisions.COMMIT, 7, ["n2", "n1"], 1764569085.1234567)
+    parsed = decisions.parse(raw.encode())
+    assert (parsed.decision, parsed.epoch, parsed.participants) == ("commit", 7, ("n1", "n2"))
+    assert parsed.commit_at == 1764569085.123457
+    assert decisions.parse(decisions.encode(decisions.ABORT, 7).encode()).commit_at == 0.0
+    for bad in ('"soon"', "-1", "true"):
+        with pytest.raises(decisions.ForgedDecision, match="not an instant"):
+            decisions.parse(f'{{"decision":"commit","epoch":7,"commit_at":{bad}}}'.encode())
+
+
 def test_a_decision_no_leader_wrote_is_not_acted_on(
     agents: Agents,
     etcd_client: EtcdClient,

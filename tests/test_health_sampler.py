@@ -9,10 +9,14 @@ while a process that changed without a word still does.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 from coordinator.analysis import EventKind
 from coordinator.fleet import NodeInfo
 from coordinator.health import HealthSampler
-from coordinator.transport import InProcessTransport
+from coordinator.transport import InProcessTransport, empty_health
 
 
 def sampler_seeing(*rounds: list[NodeInfo]) -> HealthSampler:
@@ -40,3 +44,38 @@ def test_a_process_that_changed_without_a_word_is_a_crash() -> None:
     sampler = sampler_seeing([node(10)], [node(10)])
     (event,) = sampler.lost(["n1"], 0.0, {"n1": node(11)})
     assert event.kind is EventKind.CRASH and "pid 10 -> 11" in event.detail
+
+
+class _CountingNode:
+    """An in-process node whose first Health call runs ``on_first`` (e.g. a 2PC pausing)."""
+
+    def __init__(self, asked: list[str], name: str, on_first: Callable[[], None]) -> None:
+        self.asked, self.name, self.on_first = asked, name, on_first
+
+    def fence(self, epoch: int) -> str | None:
+        return None
+
+    def health(self) -> Any:
+        with _FIRST:
+            first = not self.asked
+            self.asked.append(self.name)
+        if first:
+            self.on_first()
+        return empty_health()
+
+
+_FIRST = threading.Lock()
+
+
+def test_a_pause_stops_the_round_in_flight() -> None:
+    """A rollout that starts mid-round gets the fleet to itself: the nodes not asked yet
+    are not asked (1000 Health RPCs finishing the round would compete with its prepare)."""
+    transport = InProcessTransport()
+    nodes = [NodeInfo(f"n{i:02d}", address=f"sim://n{i:02d}") for i in range(60)]
+    sampler = HealthSampler(lambda: nodes, transport, interval_s=0.1)
+    asked: list[str] = []
+    for n in nodes:
+        transport.add(n.address, _CountingNode(asked, n.node_id, sampler.pause))
+    sampler.sample_once()
+    # at most the calls already under way when the first answer paused the sampler
+    assert 1 <= len(asked) <= 16 < len(nodes), asked
