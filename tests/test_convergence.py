@@ -11,13 +11,16 @@ rollback on a node that holds no backup in memory.
 from __future__ import annotations
 
 import signal
+from types import SimpleNamespace
 
 import pytest
 
+from coordinator.convergence import Convergence
 from coordinator.engine import Refused, Target
 from coordinator.model import Phase, Rollout
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.etcd_client import EtcdClient
+from hotfleet.keys import Keys
 from tests.agents import Agents, publish, release, wait_for
 from tests.fleet import Leader, opts, start_fleet, versions
 
@@ -253,3 +256,32 @@ def test_the_convergence_loop_never_pulls_nodes_back_during_a_rollback(
     back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
     assert back.phase is Phase.PERMANENT and tried == [[]]
     assert versions(nodes) == {"1"}
+
+
+def test_the_active_rollout_is_parsed_only_when_its_record_changed() -> None:
+    """Once a second the loop asks whether a 2PC is in flight; a 1000-node record is
+    ~160 KB of JSON, so it is read again only when etcd says it was rewritten."""
+    record = {"revision": 5, "reads": 0}
+
+    def rollout(rid: str) -> Rollout:
+        record["reads"] += 1
+        r = Rollout(rid, "upgrade", "app@2", "", ["n1"], phase=Phase.PROVISIONAL)
+        r.revision = record["revision"]
+        return r
+
+    def get_response(key: str, keys_only: bool = False) -> SimpleNamespace:
+        assert keys_only and key == Keys("/p/").rollout("r1")
+        return SimpleNamespace(kvs=[SimpleNamespace(mod_revision=record["revision"])])
+
+    engine = SimpleNamespace(
+        keys=Keys("/p/"),
+        client=SimpleNamespace(get_response=get_response),
+        _active_id=lambda: "r1",
+        rollout=rollout,
+    )
+    loop = Convergence(engine)  # type: ignore[arg-type]
+    assert [loop._window_or_idle() for _ in range(3)] == [True, True, True]
+    assert record["reads"] == 1
+    record["revision"] = 9  # rewritten (say, turned permanent): read again, once
+    assert loop._window_or_idle() and loop._window_or_idle()
+    assert record["reads"] == 2
