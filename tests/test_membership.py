@@ -1,0 +1,71 @@
+"""Membership against a real etcd: a slow etcd does not make a node start over.
+
+A membership write that times out while the node's lease is alive is tried
+again on the same lease.  Tearing the session down instead (a new lease, the
+key rewritten) is what turned a busy etcd into a storm of lease grants when
+1000 simulated nodes all timed out at once (issue 17).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from etcd3.exceptions import ConnectionTimeoutError
+
+from hotfleet.etcd_client import EtcdClient
+from node_agent.membership import Membership
+from tests.agents import wait_for
+
+
+class _SlowPuts:
+    """The real client, except that the next ``fail`` puts time out as a busy etcd's do."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self._client = client
+        self.fail = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+
+    def put(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self.fail:
+                self.fail -= 1
+                self.failed += 1
+                raise ConnectionTimeoutError()
+        return self._client.put(*args, **kwargs)
+
+    def close(self) -> None:
+        pass  # the fixture's client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def test_a_timed_out_record_write_is_retried_on_the_same_lease(
+    etcd_client: EtcdClient, etcd_prefix: str
+) -> None:
+    key = f"{etcd_prefix}nodes/n-slow"
+    payload = {"node_id": "n-slow", "state": "idle", "current_release": "app@1"}
+    client = _SlowPuts(etcd_client)
+    membership = Membership(key, lambda: dict(payload), lambda: client, ttl=5)  # type: ignore[arg-type,return-value]
+    membership.start()
+    try:
+        _, first = wait_for(lambda: (raw := etcd_client.get(key))[0] is not None and raw)
+        client.fail = 1
+        payload["current_release"] = "app@2"
+        membership.publish()
+        _, meta = wait_for(
+            lambda: (
+                (r := etcd_client.get(key))[0] is not None
+                and json.loads(r[0])["current_release"] == "app@2"
+                and r
+            ),
+            timeout=10,
+        )
+        assert client.failed == 1
+        assert membership.sessions == 1 and membership.connected
+        assert meta.lease_id == first.lease_id  # the same lease: no new session, no re-register
+    finally:
+        membership.stop()
