@@ -77,7 +77,8 @@ def test_leader_catches_up_a_node_that_drifted_inside_the_window(
     assert fleet["n2"][:2] == ("shop@2.0.0", "shop@2.0.0")
     raw, _ = leader.client.get(leader.keys.catchup("n2"))
     assert raw is not None and b'"outcome": "ok"' in raw
-    assert 'hotfleet_coordinator_catch_ups_total{outcome="ok"} 1' in metrics.render()
+    # counted once the catch-up's record is written: wait for it, do not race it
+    wait_for(lambda: 'hotfleet_coordinator_catch_ups_total{outcome="ok"} 1' in metrics.render())
 
 
 def test_crash_inside_the_window_then_rollback_converges_every_node(
