@@ -25,7 +25,6 @@ import gc
 from collections.abc import Callable
 from typing import TypeVar
 
-from hotfleet._gc import paused as gc_paused
 from node_agent._deadline import Abandoned, Progress, Worker, arm, disarm
 from node_agent.drain import DrainBarrier, HoldInfo
 
@@ -61,22 +60,29 @@ def held(
     reopened — in that order, so no request sees half a switch.
     """
 
+    resumes: list[bool] = []  # whether the hold turned the collector off (it was on)
+
     def job(progress: Progress) -> tuple[T, HoldInfo]:
         before()
         progress.token = token = arm(drain_timeout + first_step_s)  # wakes nobody later
         try:
             progress.step(drain_timeout + first_step_s, "drain")
-            with gc_paused(), barrier.hold(drain_timeout) as hold:
-                return body(progress), hold
+            resumes.append(gc.isenabled())
+            gc.disable()
+            try:
+                with barrier.hold(drain_timeout) as hold:
+                    return body(progress), hold
+            finally:
+                if resumes[0]:
+                    gc.enable()
         finally:
             disarm(token)
 
-    collecting = gc.isenabled()
     try:
         return worker.run(job, grace=TAKEOVER_GRACE_S)
     except Abandoned:
         restore()
         barrier.take_over(worker.thread)
-        if collecting:  # the stuck hold paused it and may never resume it
+        if resumes and resumes[0]:  # the stuck hold turned it off and may never turn it on
             gc.enable()
         raise

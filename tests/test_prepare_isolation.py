@@ -339,7 +339,13 @@ def test_statement_blocked_in_c_only_in_the_live_process_restores_within_its_dea
     assert err.value.restored and error.reason is Reason.TIMEOUT
     assert "blocked outside Python" in error.detail and "left behind" in error.detail
     assert mods["m"].X == 1 and mods["m"].f() == 1  # the statement's X = 2 is undone
-    assert gc.isenabled()  # the stuck hold paused the collector; it is back on
+    # the stuck hold paused the collector and will never resume it: the caller did.
+    # (Another thread of this test process may pause it for a moment, e.g. a parse:
+    # what must not happen is that it stays off.)
+    deadline = time.monotonic() + 5.0
+    while not gc.isenabled():
+        assert time.monotonic() < deadline, "the collector stayed off after the take-over"
+        time.sleep(0.01)
     with cb.loader.guard():  # the gate is open again
         pass
     # the stuck thread keeps neither the gate nor the loader: the next release switches
