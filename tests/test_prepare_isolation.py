@@ -331,6 +331,7 @@ def test_statement_blocked_in_c_only_in_the_live_process_restores_within_its_dea
     v2 = v1.replace("X = 1", "X = 2\nif os.getpid() == BOOT_PID:\n    threading.Event().wait()")
     cb.loader.switch_timeout = 1.0
     prepared = cb.loader.prepare(cb.release("2", {"m": v2}))  # the rehearsal passes
+    gc.enable()  # process-wide: whatever earlier tests left, it is on when the finish begins
     started = time.monotonic()
     with pytest.raises(FinishError) as err:
         cb.loader.finish(prepared)
