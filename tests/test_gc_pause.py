@@ -18,8 +18,10 @@ def collector_on() -> Iterator[None]:
     gc.enable()
     try:
         yield
-    finally:
-        if not was:
+    finally:  # exactly as it was: a test that turned it off must not leave it off
+        if was:
+            gc.enable()
+        else:
             gc.disable()
 
 
