@@ -240,11 +240,17 @@ class Convergence:
     ) -> None:
         """One recorded catch-up: ``steps`` returns "" on success, else why it failed."""
         lead = self.engine._require_leader()
+        stub = self.engine.agents.stub(node.address)
         rid = f"catchup-{node.node_id}-{int(time.time() * 1000)}"
-        self._record(node.node_id, d.label, "running", doing, rid)
-        log.info("catch-up %s: %s runs %r, %s", rid, node.node_id, node.current_release, doing)
         try:
-            why = steps(self.engine.agents.stub(node.address), lead, rid, node, d)
+            # the membership record lags the node (it is published after a finish
+            # replies): ask the node itself before acting on the record
+            now = stub.Status(agent_pb2.StatusRequest(), timeout=5)
+            if now.current_release == d.label or now.state not in RESTING:
+                return
+            self._record(node.node_id, d.label, "running", doing, rid)
+            log.info("catch-up %s: %s runs %r, %s", rid, node.node_id, now.current_release, doing)
+            why = steps(stub, lead, rid, node, d)
         except grpc.RpcError as exc:
             why = f"unreachable: {exc.code().name}: {exc.details()}"
         if why:

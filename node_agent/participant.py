@@ -195,14 +195,24 @@ class Permanence:
 
 @dataclass
 class _RollbackPlan:
-    """A prepared fleet-wide rollback: finishing it is the code's one-step rollback.
+    """A prepared fleet-wide rollback: finishing it is the code's one-step rollback."""
 
-    ``noop``: this node already runs the target (it never switched, or its
-    finish failed and restored it), so it votes yes and finishing does nothing.
+    target: str
+
+
+@dataclass
+class _AlreadyThere:
+    """This node already runs the target: it votes yes, and finishing does nothing.
+
+    For a rollback, the node never switched or its finish failed and restored
+    it.  For a release, the node runs the same content (a retried upgrade, a
+    catch-up acting on a membership record written before the node's finish
+    was published).  Loading it again would be harmless to the code but not
+    to the way back: the backup held in memory would become this very release,
+    and a rollback after it would have nowhere to go.
     """
 
     target: str
-    noop: bool = False
 
 
 @dataclass
@@ -210,7 +220,7 @@ class _Staged:
     rollout_id: str
     digest: str
     label: str
-    plan: Any  # the Code's prepared plan, or a _RollbackPlan
+    plan: Any  # the Code's prepared plan, a _RollbackPlan or _AlreadyThere
     vote: Vote
     release: Any = None  # what obtain() returned (committed releases are cached)
     watch: DecisionWatch | None = None
@@ -344,6 +354,21 @@ class Participant:
         except ValueError as exc:
             return self._vote(False, started, [refusal(call.label or "*", f"bad manifest: {exc}")])
         self._drop_staged(f"superseded by rollout {call.rollout_id!r}")
+        current = self.code.current_release
+        digest = getattr(release, "digest", call.digest)
+        if current is not None and digest and digest == current.digest:
+            vote = self._vote(True, started, warnings=[f"already runs {current.label}"])
+            self._stage(
+                _Staged(
+                    call.rollout_id,
+                    digest,
+                    current.label,
+                    _AlreadyThere(current.label),
+                    vote,
+                    release,
+                )
+            )
+            return vote
         obtained = time.perf_counter()
         cpu0 = time.thread_time()
         self._preparing = call.rollout_id
@@ -371,7 +396,6 @@ class Participant:
             changes=[Change(c.module, c.kind, "; ".join(c.details)) for c in plan.changes],
             warnings=plan.warnings,
         )
-        digest = getattr(release, "digest", call.digest)
         self._stage(_Staged(call.rollout_id, digest, call.label, plan, vote, release))
         return vote
 
@@ -380,7 +404,7 @@ class Participant:
         want, current, previous = call.label, label(code.current_release), code.previous_release
         if want == current and (want or not code.can_rollback):
             # already where the fleet goes back to: a yes vote that changes nothing
-            return self._stage_rollback(call, started, _RollbackPlan(want, noop=True))
+            return self._stage_rollback(call, started, _AlreadyThere(want))
         from_memory = code.can_rollback and (not want or want == label(previous))
         if not from_memory and want and call.has_sources:
             # No backup of the target in memory (this process restarted or joined
@@ -406,7 +430,9 @@ class Participant:
             return self._vote(False, started, [refusal("*", detail)])
         return self._stage_rollback(call, started, _RollbackPlan(want))
 
-    def _stage_rollback(self, call: PrepareCall, started: float, plan: _RollbackPlan) -> Vote:
+    def _stage_rollback(
+        self, call: PrepareCall, started: float, plan: _RollbackPlan | _AlreadyThere
+    ) -> Vote:
         self._drop_staged(f"superseded by rollback rollout {call.rollout_id!r}")
         vote = self._vote(True, started)
         self._stage(_Staged(call.rollout_id, call.digest, plan.target, plan, vote))
@@ -453,7 +479,7 @@ class Participant:
             log.warning(
                 "dropping prepared rollout %s (%s): %s", staged.rollout_id, staged.label, why
             )
-        if not isinstance(staged.plan, _RollbackPlan):
+        if not isinstance(staged.plan, _RollbackPlan | _AlreadyThere):
             self.code.abort(staged.plan)
 
     # --------------------------------------------------------------- finish
@@ -508,7 +534,7 @@ class Participant:
         return outcome
 
     def _switch(self, plan: Any) -> FinishReport:
-        if isinstance(plan, _RollbackPlan) and plan.noop:
+        if isinstance(plan, _AlreadyThere):
             return FinishReport(self.code.current_release, 0.0, True, 0, 0)
         if isinstance(plan, _RollbackPlan):
             return self.code.rollback()

@@ -11,6 +11,7 @@ rollback on a node that holds no backup in memory.
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -257,6 +258,48 @@ def test_the_convergence_loop_never_pulls_nodes_back_during_a_rollback(
     back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
     assert back.phase is Phase.PERMANENT and tried == [[]]
     assert versions(nodes) == {"1"}
+
+
+def test_loading_the_release_a_node_runs_keeps_its_way_back(agents: Agents, leader: Leader) -> None:
+    """A catch-up (or a retried upgrade) of the release a node already runs changes nothing.
+
+    Seen in CI: the loop read a membership record written before the nodes'
+    finish was published, loaded 2.0.0 again over 2.0.0, and the backup held
+    in memory became 2.0.0: the fleet's rollback then "finished" on 2.0.0 and
+    no command could bring the nodes back.
+    """
+    nodes = start_fleet(agents, 2)
+    leader.engine.push_release(release("shop-2.0.0"))
+    _provisional(leader, "shop@2.0.0")
+    loop = leader.engine.convergence
+    want = loop.desired()
+    for node in leader.engine.nodes():
+        d = want(node.node_id)
+        assert d.label == "shop@2.0.0"
+        stub = leader.engine.agents.stub(node.address)
+        # the catch-up's own steps, past the loop's check: prepare, decide, finish
+        assert loop._load(stub, leader.lead, f"again-{node.node_id}", node, d) == ""
+    assert {n.status().previous_release for n in nodes} == {""}  # the boot code, still
+    back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
+    assert back.phase is Phase.PERMANENT, back.reason
+    assert versions(nodes) == {"1"}
+
+
+def test_the_loop_asks_the_node_before_acting_on_its_membership_record(
+    agents: Agents, leader: Leader
+) -> None:
+    nodes = start_fleet(agents, 2)
+    leader.engine.push_release(release("shop-2.0.0"))
+    _provisional(leader, "shop@2.0.0")
+    loop = leader.engine.convergence
+    want = loop.desired()
+    for node in leader.engine.nodes():
+        stale = replace(node, current_release="", state="idle")  # as published before finish
+        loop._catch_up(stale, want(node.node_id))
+        # nothing was tried: no catch-up recorded, the node untouched
+        assert leader.client.get(leader.keys.catchup(node.node_id))[0] is None
+    assert versions(nodes) == {"2"}
+    assert {n.status().previous_release for n in nodes} == {""}
 
 
 def test_the_active_rollout_is_parsed_only_when_its_record_changed() -> None:
