@@ -28,7 +28,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_when_event_set,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from hotfleet import transient
@@ -152,7 +153,10 @@ class Membership:
     def _run(self) -> None:
         while not self._stop.is_set():
             retrying = Retrying(
-                wait=wait_exponential_jitter(initial=0.1, max=self._max_backoff_s, jitter=0.2),
+                # (wait_exponential_jitter's ``initial`` is deprecated in tenacity 9.2, and its
+                # ``multiplier`` missing before it: the same backoff from long-standing parts)
+                wait=wait_exponential(multiplier=0.1, max=self._max_backoff_s)
+                + wait_random(0, 0.2),
                 stop=stop_when_event_set(self._stop),
                 retry=retry_if_exception_type(Exception),
                 sleep=self._sleep,
