@@ -1,0 +1,79 @@
+"""After the staging fork the node takes its own pages back, and only its own.
+
+Real forks, real page faults counted by the kernel (``RUSAGE_THREAD``): a
+write to each page of a buffer made before a fork faults once per page
+unless :func:`node_agent._cow.take_back` ran after the child exited; pages a
+live process still shares (a gunicorn master's heap in its workers) stay
+shared; nothing is written through the pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import signal
+import sys
+
+import pytest
+
+from node_agent._cow import _PAGE, take_back
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE and pagemap are Linux's"
+)
+
+PAGES = 512
+
+
+def _buffer() -> bytearray:
+    buf = bytearray(os.urandom(PAGES * _PAGE))
+    return buf
+
+
+def _faults_writing(buf: bytearray) -> int:
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for offset in range(0, len(buf), _PAGE):
+        buf[offset] ^= 0  # one write per page, value unchanged
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+def _fork(stay: bool) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child leaves through os._exit
+        if stay:
+            signal.pause()
+        os._exit(0)
+    return pid
+
+
+def _supported() -> None:
+    probe = take_back()
+    if probe is None or probe.failed:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14) or no pagemap")
+
+
+def test_after_the_child_exits_the_parent_writes_its_pages_without_faults() -> None:
+    _supported()
+    control, buf = _buffer(), _buffer()
+    os.waitpid(_fork(stay=False), 0)
+    assert _faults_writing(control) >= PAGES * 0.9  # the fork's aftermath, unrepaired
+    digest = hashlib.sha256(buf).digest()
+    taken = take_back()
+    assert taken is not None and not taken.failed and taken.pages >= PAGES
+    assert _faults_writing(buf) <= PAGES * 0.05
+    assert hashlib.sha256(buf).digest() == digest  # nothing written through the pages
+
+
+def test_pages_another_live_process_shares_stay_shared() -> None:
+    _supported()
+    buf = _buffer()
+    pid = _fork(stay=True)  # like a gunicorn master's heap inherited by a worker
+    try:
+        taken = take_back()
+        assert taken is not None and not taken.failed
+        # not copied by take_back: the first writes still fault (and copy) here
+        assert _faults_writing(buf) >= PAGES * 0.9
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
