@@ -28,9 +28,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hotfleet._gc import paused_for as gc_paused_for
 from hotfleet.errors import ModuleError, Reason
@@ -67,7 +67,7 @@ from node_agent._prepared import (
 from node_agent._prepared import ModuleChange as ModuleChange  # re-exported, unused here
 from node_agent._prologue import Instrumented, instrument_module
 from node_agent.coverage import ChangedFunction, Coverage, changed_functions, needs_prologue
-from node_agent.drain import DrainBarrier
+from node_agent.drain import DrainBarrier, HoldInfo
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
 
 # The collector is paused while a prepare runs, at most this long (see prepare).
@@ -78,6 +78,7 @@ MIGRATION_TIMEOUT_S = 10.0  # each ``code_change`` at finish or rollback
 # The staging process is background work beside a serving process: at +5 it gets about
 # a third of a core that serving processes want (weights 335 vs 1024), all of an idle one.
 STAGING_NICE = 5
+T = TypeVar("T")
 
 
 class Loader:
@@ -336,22 +337,9 @@ class Loader:
                     ) from None
                 return time.perf_counter() - t0, switched_at, migrated
 
-            try:
-                (pause, switched_at, migrated), hold = held(
-                    self._hold_worker(),
-                    self.barrier,
-                    self.drain_timeout,
-                    self.switch_timeout,
-                    body,
-                    before=warm,
-                    restore=lambda: undo(journal),
-                )
-            except Abandoned as stuck:
-                raise FinishError(self._stuck(stuck.label, old_vsn), restored=True) from None
-            except Overrun:  # only if the drain itself outlasted both timeouts
-                raise FinishError(
-                    finish_errors(Overrun(), prepared, self.switch_timeout), restored=True
-                ) from None
+            (pause, switched_at, migrated), hold = self._held(
+                body, self.switch_timeout, warm, journal, old_vsn
+            )
             self._commit(prepared, journal)  # in the order applied: undo replays it backwards
             self._changed = changed_functions(journal)
             self.coverage.start(
@@ -385,6 +373,36 @@ class Loader:
                     )
                 ]
             )
+
+    def _held(
+        self,
+        body: Callable[[Progress], T],
+        first_step_s: float,
+        before: Callable[[], None],
+        journal: list[Op],
+        vsn: Any,
+    ) -> tuple[T, HoldInfo]:
+        """:func:`~node_agent._hold.held` on the loader's worker; every way it ends badly
+        becomes a :class:`FinishError` with the previous version restored."""
+        try:
+            return held(
+                self._hold_worker(),
+                self.barrier,
+                self.drain_timeout,
+                first_step_s,
+                body,
+                before=before,
+                restore=lambda: undo(journal),
+            )
+        except Abandoned as stuck:
+            raise FinishError(self._stuck(stuck.label, vsn), restored=True) from None
+        except Overrun:  # outside the body's own steps: the drain outlasted its deadline
+            undo(journal)
+            detail = (
+                f"the drain hold overran drain_timeout + {first_step_s:g}s; "
+                "previous version restored"
+            )
+            raise FinishError([ModuleError("*", Reason.TIMEOUT, detail)], restored=True) from None
 
     def _stuck(self, label: object, old_vsn: Any) -> list[ModuleError]:
         """What the step the caller walked away from was doing (see :mod:`node_agent._hold`)."""
@@ -482,18 +500,13 @@ class Loader:
                 )  # keep down-migrated state
                 return migrated, redo, time.perf_counter() - t0
 
-            try:
-                (migrated, redo, pause), hold = held(
-                    self._hold_worker(),
-                    self.barrier,
-                    self.drain_timeout,
-                    self.migration_timeout,
-                    body,
-                    before=warm_migration if backup.migrations else lambda: None,
-                    restore=lambda: undo(journal),
-                )
-            except Abandoned as stuck:
-                raise FinishError(self._stuck(stuck.label, down), restored=True) from None
+            (migrated, redo, pause), hold = self._held(
+                body,
+                self.migration_timeout,
+                warm_migration if backup.migrations else lambda: None,
+                journal,
+                down,
+            )
             self._generation += 1
             loaded = self._code.loaded
             for name in list(loaded):

@@ -9,16 +9,19 @@ running the code can find, and finish must run each statement exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hotfleet import Reason
 from node_agent import FinishError, PrepareError
+from node_agent.drain import DrainBarrier, HoldInfo
 from tests.codebase import Codebase
 
 REG = """\
@@ -393,6 +396,37 @@ def test_statement_that_loops_only_in_the_live_process_is_interrupted_and_restor
     assert time.monotonic() - started < 4.0
     assert err.value.restored and err.value.errors[0].reason is Reason.TIMEOUT
     assert mods["m"].X == 1 and mods["m"].f() == 1
+
+
+class _SlowDrain(DrainBarrier):
+    """A drain that outlasts its deadline in Python (a guard's own bookkeeping, say)."""
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float) -> Iterator[HoldInfo]:
+        until = time.monotonic() + 3.0
+        while time.monotonic() < until:  # interruptible: the watchdog ends it
+            pass
+        with super().hold(timeout) as info:
+            yield info
+
+
+@pytest.mark.parametrize("step", ["finish", "rollback"])
+def test_a_drain_that_outlasts_its_deadline_is_a_timeout_refusal(cb: Codebase, step: str) -> None:
+    v1 = "X = 1\n\ndef f():\n    return X\n"
+    mods = cb.boot({"m": v1})
+    if step == "rollback":
+        cb.upgrade("2", {"m": v1.replace("X = 1", "X = 2")})
+    before = mods["m"].f()
+    prepared = cb.loader.prepare(cb.release("3", {"m": v1.replace("X = 1", "X = 3")}))
+    cb.loader.barrier = _SlowDrain()
+    cb.loader.drain_timeout, cb.loader.switch_timeout = 0.2, 0.3
+    cb.loader.migration_timeout = 0.3
+    with pytest.raises(FinishError) as err:  # a refusal, never a bare Overrun
+        cb.loader.finish(prepared) if step == "finish" else cb.loader.rollback()
+    error = err.value.errors[0]
+    assert err.value.restored and error.reason is Reason.TIMEOUT
+    assert "drain" in error.detail and "previous version restored" in error.detail
+    assert mods["m"].f() == before  # nothing switched
 
 
 def test_statement_that_raises_half_way_at_finish_is_fully_undone(cb: Codebase) -> None:
