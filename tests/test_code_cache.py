@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 import types
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hotfleet.release import Release
+from node_agent import _codecache as codecache
 from node_agent._codecache import CodeCache, retarget
 from node_agent._prologue import instrument_module
 from node_agent.loader import Loader
@@ -26,6 +28,47 @@ def _digest(source: bytes) -> str:
 def _make(calls: list[int], filename: str = "/a/m.py") -> types.CodeType:
     calls.append(1)
     return compile(SOURCE, filename, "exec", dont_inherit=True)
+
+
+def _entries(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if not p.name.startswith(".")]
+
+
+def _member_in_a_process(directory: Path) -> subprocess.Popen[str]:
+    """A sibling worker: another process using the cache, alive until killed."""
+    code = (
+        "import sys, time\n"
+        "from node_agent._codecache import CodeCache\n"
+        f"cache = CodeCache({str(directory)!r})\n"
+        "print('joined', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "joined"
+    return proc
+
+
+def test_a_lone_worker_keeps_its_compile_to_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing an entry nobody can read costs a file creation per module: not done."""
+    monkeypatch.setattr(codecache, "SIBLINGS_TTL_S", 0.0)
+    calls: list[int] = []
+    cache = CodeCache(tmp_path / "c")
+    cache.get("exec", _digest(SOURCE), lambda: _make(calls))
+    assert calls == [1] and _entries(tmp_path / "c") == []
+    sibling = _member_in_a_process(tmp_path / "c")
+    try:
+        other = SOURCE + b"\n# another build\n"
+        cache.get("exec", _digest(other), lambda: _make(calls))
+        assert len(_entries(tmp_path / "c")) == 1  # now someone can read it
+    finally:
+        sibling.kill()
+        sibling.wait()
+    third = SOURCE + b"\n# a third build\n"
+    cache.get("exec", _digest(third), lambda: _make(calls))
+    assert len(_entries(tmp_path / "c")) == 1  # the killed sibling is not counted...
+    assert len(os.listdir(tmp_path / "c" / codecache.MEMBERS)) == 1  # ...and its file is gone
 
 
 def test_second_reader_does_not_compile_and_gets_its_own_file_name(tmp_path: Path) -> None:
@@ -46,9 +89,9 @@ def test_second_reader_does_not_compile_and_gets_its_own_file_name(tmp_path: Pat
 
 def test_a_corrupted_or_truncated_entry_is_a_miss(tmp_path: Path) -> None:
     calls: list[int] = []
-    cache = CodeCache(tmp_path / "c")
+    cache, _sibling = CodeCache(tmp_path / "c"), CodeCache(tmp_path / "c")
     cache.get("exec", _digest(SOURCE), lambda: _make(calls))
-    (entry,) = [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
+    (entry,) = _entries(tmp_path / "c")
     data = bytearray(entry.read_bytes())
     data[-3] ^= 0xFF
     entry.write_bytes(bytes(data))
@@ -109,7 +152,7 @@ def test_a_compile_error_is_not_cached(tmp_path: Path) -> None:
 
 
 def test_counting_twins_from_the_cache_match_a_fresh_instrumentation(tmp_path: Path) -> None:
-    cache = CodeCache(tmp_path / "c")
+    cache, _sibling = CodeCache(tmp_path / "c"), CodeCache(tmp_path / "c")
     fresh = instrument_module("m", SOURCE, "/x/m.py")
     instrument_module("m", SOURCE, "/w/m.py", cache, _digest(SOURCE))
     cached = instrument_module("m", SOURCE, "/x/m.py", cache, _digest(SOURCE))
