@@ -8,6 +8,8 @@ import json
 import math
 import os
 import platform
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +31,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+def median_ratio_interval(
+    numerator: Sequence[float], denominator: Sequence[float], rounds: int = 2000, seed: int = 1
+) -> tuple[float, float]:
+    """95 % bootstrap interval of median(numerator) / median(denominator).
+
+    Why: two sides whose medians are equal within noise give a ratio above 1
+    half the time; "unchanged" is a statement about that interval, not about
+    one draw of the ratio.
+    """
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(rounds):
+        a = statistics.median(rng.choices(numerator, k=len(numerator)))
+        b = statistics.median(rng.choices(denominator, k=len(denominator)))
+        ratios.append(a / b if b else float("inf"))
+    ratios.sort()
+    return ratios[int(0.025 * rounds)], ratios[int(0.975 * rounds) - 1]
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:

@@ -8,7 +8,8 @@ request threads:
 
 * prepare wall time;
 * prepare CPU of the node: this process's CPU (every thread) plus the CPU of
-  the staging processes it forked and reaped (``os.times().children_*``);
+  the staging process it forked and reaped (its own `wait4` rusage, else
+  ``os.times().children_*``, which counts in 10 ms ticks);
 * the finish pause (the loader's own ``pause_s``).
 
 The same measurement runs twice in one invocation, in two interpreters: once
@@ -43,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BASELINE_REV = "9c01fa5"
 TARGET_CPU_RATIO = 1.5
+PAUSE_NOISE = 1.1  # a p50 ratio above this is a change, whatever its interval
 MD_HEADER = [
     "date (UTC)",
     "rev (baseline)",
@@ -52,7 +54,7 @@ MD_HEADER = [
     "prepare wall ms p50: baseline / isolated",
     "prepare CPU ms p50: baseline / isolated (of which staging)",
     "CPU ratio (with coverage twins)",
-    "finish pause ms p50/p99: baseline / isolated (ratio p50)",
+    "finish pause ms p50/p99: baseline / isolated (ratio p50 [95 % interval])",
     "load (1-min, per round)",
     "target",
 ]
@@ -61,9 +63,10 @@ MD_PREAMBLE = (
     "build each cycle, prepare -> finish -> rollback with no request threads, in two "
     "interpreters of one run: the baseline revision's in-process prepare and this tree's "
     "prepare with its staging process (fork). *prepare CPU* = the node process's CPU plus "
-    "its staging processes' CPU. Target: isolated CPU <= 1.5x baseline; finish pause "
-    "unchanged. From 2026-12-01 on the three sides alternate in rounds (interleaved), "
-    "with the 1-min load average at each round's start."
+    "its staging process's CPU (from `wait4`, ns-precise). Target: isolated CPU <= 1.5x "
+    "baseline; finish pause unchanged = the 95 % bootstrap interval of the p50 ratio "
+    "reaches 1 and the ratio itself is <= 1.1. The three sides alternate in rounds "
+    "(interleaved), with the 1-min load average at each round's start."
 )
 
 
@@ -118,9 +121,14 @@ def _measure(tree: Path, cycles: int) -> dict[str, Any]:
             wall = time.perf_counter() - w0
             k1 = os.times()
             cpu = time.process_time() - c0
-            staging = (k1.children_user - k0.children_user) + (
-                k1.children_system - k0.children_system
-            )
+            # the child's own rusage from wait4 (ns-precise), where the tree records it:
+            # os.times() counts children in 10 ms clock ticks, and a ~6 ms rehearsal's
+            # p50 came out as 10 ms
+            staging = getattr(prepared, "rehearsal_cpu_s", None)
+            if staging is None:
+                staging = (k1.children_user - k0.children_user) + (
+                    k1.children_system - k0.children_system
+                )
             report = loader.finish(prepared)
             loader.rollback()
             if i >= 3:
@@ -193,10 +201,15 @@ def main(args: argparse.Namespace) -> int:
     base, iso, full = sides["base"], sides["iso"], sides["full"]
     cpu_b, cpu_i, cpu_f = (statistics.median(x["prepare_cpu_ms"]) for x in (base, iso, full))
     ratio = cpu_i / cpu_b if cpu_b else float("inf")
+    pause_ratio = _p(iso["finish_pause_ms"], 50) / _p(base["finish_pause_ms"], 50)
+    pause_lo, pause_hi = _common.median_ratio_interval(
+        iso["finish_pause_ms"], base["finish_pause_ms"]
+    )
     res = {
         **_common.result_header("isolation", date),
         "config": {"cycles": per_round * rounds, "rounds": rounds, "baseline": args.baseline},
-        "pause_ratio_p50": _p(iso["finish_pause_ms"], 50) / _p(base["finish_pause_ms"], 50),
+        "pause_ratio_p50": pause_ratio,
+        "pause_ratio_p50_interval_95": [pause_lo, pause_hi],
         "load_1min": loads,
         "baseline": base,
         "isolated": iso,
@@ -205,7 +218,10 @@ def main(args: argparse.Namespace) -> int:
         "cpu_ratio_with_coverage_p50": cpu_f / cpu_b if cpu_b else float("inf"),
         "targets": {
             "cpu_within_1_5x": ratio <= TARGET_CPU_RATIO,
-            "pause_unchanged": _p(iso["finish_pause_ms"], 50) <= _p(base["finish_pause_ms"], 50),
+            # unchanged = not measurably slower: the interval reaches 1 and the ratio
+            # itself stays within PAUSE_NOISE (until 2026-12-01T10Z: p50 <= baseline p50,
+            # which equal pauses fail half the time)
+            "pause_unchanged": pause_lo <= 1.0 and pause_ratio <= PAUSE_NOISE,
         },
         "load_average": {"start": load_before, "end": _common.warn_if_busy()},
         "other_processes_cpu_cores": foreign.cores(),
@@ -223,7 +239,11 @@ def main(args: argparse.Namespace) -> int:
     print("p50 / p99")
     _common.print_table(rows)
     print(f"prepare CPU ratio (p50): {ratio:.2f}x (target <= {TARGET_CPU_RATIO}x)")
-    print(f"finish pause ratio (p50): {res['pause_ratio_p50']:.2f}x (target <= 1)")
+    print(
+        f"finish pause ratio (p50): {pause_ratio:.2f}x, 95 % interval "
+        f"[{pause_lo:.2f}, {pause_hi:.2f}] (target: unchanged, i.e. the interval "
+        f"reaches 1 and the ratio <= {PAUSE_NOISE})"
+    )
     print(
         "1-min load average at each round's start and at the end: "
         + ", ".join(f"{x:.2f}" for x in loads)
@@ -255,7 +275,12 @@ def _md_row(res: dict[str, Any]) -> list[str]:
         f"{res['cpu_ratio_p50']:.2f}x ({res['cpu_ratio_with_coverage_p50']:.2f}x)",
         f"{_p(b['finish_pause_ms'], 50):.3f}/{_p(b['finish_pause_ms'], 99):.3f} / "
         f"{_p(i['finish_pause_ms'], 50):.3f}/{_p(i['finish_pause_ms'], 99):.3f} "
-        f"({res.get('pause_ratio_p50', float('nan')):.2f}x)",
+        f"({res.get('pause_ratio_p50', float('nan')):.2f}x"
+        + (
+            " [{:.2f}, {:.2f}])".format(*res["pause_ratio_p50_interval_95"])
+            if "pause_ratio_p50_interval_95" in res
+            else ")"
+        ),
         " / ".join(f"{x:.1f}" for x in res.get("load_1min", [])),
         ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in res["targets"].items()),
     ]
