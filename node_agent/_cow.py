@@ -15,6 +15,12 @@ another process (a gunicorn master's heap, inherited by its workers) are left
 shared: taking those would copy them and undo the master's memory sharing.
 Nothing is read or written through the pages themselves.  Elsewhere (not
 Linux, an older kernel, no ``/proc/self/pagemap``) it does nothing.
+
+When: :func:`forked` marks that a staging child was reaped, and the next
+hold takes the pages back first (:func:`take_back_if_forked`, from
+:mod:`node_agent._hold`), before its gate closes.  Not at the end of
+prepare: a vote, an abort or a ``--dry-run`` does not need it, and a
+prepare's CPU is what a deploy of many workers queues on.
 """
 
 from __future__ import annotations
@@ -60,6 +66,27 @@ def _madvise() -> Callable[[int, int, int], int] | None:
 
 
 _refused = False
+_forked = False
+TOTAL = {"pages": 0, "seconds": 0.0}  # every take-back of this process (benchmarks read it)
+
+
+def forked() -> None:
+    """A child forked from this process has exited: the next hold takes the pages back."""
+    global _forked
+    _forked = True
+
+
+def take_back_if_forked() -> TakenBack | None:
+    """:func:`take_back`, once after each :func:`forked`; None when there was nothing to do."""
+    global _forked
+    if not _forked:
+        return None
+    _forked = False
+    done = take_back()
+    if done is not None:
+        TOTAL["pages"] += done.pages
+        TOTAL["seconds"] += done.seconds
+    return done
 
 
 def take_back() -> TakenBack | None:

@@ -25,6 +25,7 @@ import gc
 from collections.abc import Callable
 from typing import TypeVar
 
+from node_agent._cow import take_back_if_forked
 from node_agent._deadline import Abandoned, Progress, Worker, arm, disarm
 from node_agent.drain import DrainBarrier, HoldInfo
 
@@ -63,6 +64,7 @@ def held(
     resumes: list[bool] = []  # whether the hold turned the collector off (it was on)
 
     def job(progress: Progress) -> tuple[T, HoldInfo]:
+        take_back_if_forked()  # after a staging fork: our pages writable again, gate open
         before()
         progress.token = token = arm(drain_timeout + first_step_s)  # wakes nobody later
         try:

@@ -342,9 +342,6 @@ def rehearse_switch(
     left = max(0.0, prepare_timeout - (time.perf_counter() - started))
     outcome = rehearse(lambda: _reported(*dry_run()), left, cancel, nice=nice)
     prepared.rehearsal_s, prepared.rehearsal_cpu_s = outcome.wall_s, outcome.cpu_s
-    if outcome.taken_back is not None:
-        prepared.profile["take_back"] = outcome.taken_back.seconds
-        prepared.profile["take_back_pages"] = outcome.taken_back.pages
     label = prepared.release.label
     if outcome.timed_out or outcome.cancelled:
         why = (

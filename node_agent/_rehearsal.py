@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from node_agent._cow import TakenBack, take_back
+from node_agent._cow import forked
 
 # Forking a threaded process is what this module is for; the child only runs
 # the switch and exits (see the module docstring).
@@ -72,7 +72,6 @@ class Outcome:
     timed_out: bool = False
     cancelled: bool = False
     died: str = ""  # how the child ended when it sent no report
-    taken_back: TakenBack | None = None  # the parent's pages, writable again after the fork
 
 
 class Cancelled(Exception):
@@ -190,7 +189,7 @@ def rehearse(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _, status, usage = os.wait4(pid, 0)
-        out.taken_back = take_back()  # the child is gone: our pages are ours alone again
+        forked()  # the child is gone: the next hold takes our pages back (node_agent._cow)
     out.wall_s = time.perf_counter() - started
     out.cpu_s = usage.ru_utime + usage.ru_stime
     if out.timed_out or out.cancelled or out.died:

@@ -230,7 +230,7 @@ class Loader:
         if self.code_cache is not None:
             for k, v in self.code_cache.stats().items():
                 profile[f"cache_{k}"] = v - cache0.get(k, 0)
-        prepared.profile = {**profile, **prepared.profile}  # the rehearsal's own entries
+        prepared.profile = profile
         prepared.prepare_s = time.perf_counter() - started
         self._pending = prepared
         return prepared

@@ -17,7 +17,9 @@ import sys
 
 import pytest
 
+from node_agent import _cow
 from node_agent._cow import _PAGE, take_back
+from tests.codebase import Codebase
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE and pagemap are Linux's"
@@ -77,3 +79,19 @@ def test_pages_another_live_process_shares_stay_shared() -> None:
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_the_first_hold_after_a_staging_fork_takes_the_pages_back(cb: Codebase) -> None:
+    """Once per fork, before the gate closes: not in prepare (a vote or an abort needs none)."""
+    _supported()
+    src = "import os\nX = 1\n\ndef f():\n    return X\n"
+    mods = cb.boot({"m": src})
+    pages = _cow.TOTAL["pages"]
+    prepared = cb.loader.prepare(cb.release("2", {"m": src.replace("X = 1", "X = len(os.sep)")}))
+    assert prepared.runs_code and prepared.rehearsal_s > 0  # it forked
+    assert _cow.TOTAL["pages"] == pages  # the vote did not pay for it
+    cb.loader.finish(prepared)
+    assert mods["m"].f() == 1 and _cow.TOTAL["pages"] > pages
+    taken = _cow.TOTAL["pages"]
+    cb.loader.rollback()  # no fork since: nothing to take back
+    assert _cow.TOTAL["pages"] == taken
