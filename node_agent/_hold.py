@@ -25,7 +25,7 @@ import gc
 from collections.abc import Callable
 from typing import TypeVar
 
-from node_agent._cow import take_back_if_forked
+from node_agent._cow import before_hold
 from node_agent._deadline import Abandoned, Progress, Worker, arm, disarm
 from node_agent.drain import DrainBarrier, HoldInfo
 
@@ -64,7 +64,7 @@ def held(
     resumes: list[bool] = []  # whether the hold turned the collector off (it was on)
 
     def job(progress: Progress) -> tuple[T, HoldInfo]:
-        take_back_if_forked()  # after a staging fork: our pages writable again, gate open
+        before_hold()  # the staging fork's aftermath settled, while the gate is open
         before()
         progress.token = token = arm(drain_timeout + first_step_s)  # wakes nobody later
         try:

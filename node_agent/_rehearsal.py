@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from node_agent._cow import forked
+from node_agent._cow import forked, settled
 
 # Forking a threaded process is what this module is for; the child only runs
 # the switch and exits (see the module docstring).
@@ -153,6 +153,7 @@ def rehearse(
     niceness: it rehearses beside processes that are serving requests.
     """
     prctl = _prctl()
+    settled()  # a take-back still running would copy every page it takes while the child lives
     read_fd, write_fd = os.pipe()
     started = time.perf_counter()
     pid = os.fork()
@@ -189,7 +190,7 @@ def rehearse(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _, status, usage = os.wait4(pid, 0)
-        forked()  # the child is gone: the next hold takes our pages back (node_agent._cow)
+        forked()  # the child is gone: our pages are ours alone again (node_agent._cow)
     out.wall_s = time.perf_counter() - started
     out.cpu_s = usage.ru_utime + usage.ru_stime
     if out.timed_out or out.cancelled or out.died:

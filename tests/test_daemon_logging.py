@@ -30,7 +30,9 @@ def test_log_level_debug_and_json_lines(
     cmd = [sys.executable, "-m", "coordinator.daemon", "--dev", "--etcd", etcd_endpoint]
     cmd += ["--prefix", etcd_prefix, "--listen", "127.0.0.1:0", "--lease-ttl", "2"]
     cmd += ["--log-level", "debug", "--log-format", "json"]
-    daemon = CoordinatorProcess("json", spawn(cmd, log_path, child_environment(), tmp_path), log_path)
+    daemon = CoordinatorProcess(
+        "json", spawn(cmd, log_path, child_environment(), tmp_path), log_path
+    )
     try:
         daemon.wait_ready()
         daemon.wait_leader()

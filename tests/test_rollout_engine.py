@@ -85,7 +85,9 @@ def test_node_killed_before_prepare_aborts_unless_allowed(agents: Agents, leader
     assert versions([back]) == {"2"}
 
 
-def test_node_killed_after_voting_rolls_the_whole_fleet_back(agents: Agents, leader: Leader) -> None:
+def test_node_killed_after_voting_rolls_the_whole_fleet_back(
+    agents: Agents, leader: Leader
+) -> None:
     """A yes vote that is never kept (the node died before its finish) is no commit.
 
     The rollout must not end permanent with one node on the old code: the

@@ -32,7 +32,9 @@ def test_secure_fleet_end_to_end_over_mutual_tls(
 
     def registered() -> bool:
         listed = coordctl(daemon, *client, "-o", "json", "nodes")
-        return listed.code == EXIT_OK and [n["node_id"] for n in listed.json()["items"]] == ["n-tls"]
+        return listed.code == EXIT_OK and [n["node_id"] for n in listed.json()["items"]] == [
+            "n-tls"
+        ]
 
     wait_for(registered, timeout=20, interval=0.2)
 
