@@ -61,7 +61,7 @@ from node_agent.loader import FinishReport, ReleaseInfo  # noqa: E402
 from node_agent.membership import Membership  # noqa: E402
 from node_agent.participant import Participant, label  # noqa: E402
 from node_agent.participant_wire import WireParticipant  # noqa: E402
-from tests.simfleet import SimCode, _declared  # noqa: E402
+from tests.simfleet import SimCode, _declared, _until  # noqa: E402
 
 log = logging.getLogger("hotfleet.simagent")
 
@@ -102,7 +102,8 @@ class DelayedCode:
             raise PrepareError([ModuleError("sim", Reason.IMPORT_ERROR, "simulated failure")])
         return self.code.prepare(release, force=force)
 
-    def finish(self, prepared: Any) -> FinishReport:
+    def finish(self, prepared: Any, *, at: float = 0.0) -> FinishReport:
+        _until(at)  # the simulated switch takes its time after the instant
         if self.finish_s:
             time.sleep(self.finish_s)
         return self.code.finish(prepared)
@@ -110,8 +111,8 @@ class DelayedCode:
     def abort(self, prepared: Any) -> None:
         self.code.abort(prepared)
 
-    def rollback(self) -> FinishReport:
-        return self.code.rollback()
+    def rollback(self, *, at: float = 0.0) -> FinishReport:
+        return self.code.rollback(at=at)
 
     def make_permanent(self) -> None:
         self.code.make_permanent()

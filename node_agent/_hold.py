@@ -22,6 +22,7 @@ and the migrations back to back.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -49,11 +50,14 @@ def held(
     *,
     before: Callable[[], None] = lambda: None,
     restore: Callable[[], object],
+    at: float = 0.0,
 ) -> tuple[T, HoldInfo]:
     """``body(progress)`` inside a hold, on ``worker``; its value and what the hold found.
 
     ``before`` runs on the worker first (warming what the body will touch:
-    the first run of code on a thread faults pages).  ``body`` declares its
+    the first run of code on a thread faults pages); then, with ``at`` (unix
+    time, a fleet's commit instant), the worker waits for that instant, so
+    that only the hold itself happens after it.  ``body`` declares its
     steps (``progress.step(seconds, label)``); the first, until the body's
     own first step, gets the drain timeout plus ``first_step_s``.  Raises
     :class:`~node_agent._deadline.Abandoned` (its ``label`` names the step)
@@ -66,9 +70,14 @@ def held(
     def job(progress: Progress) -> tuple[T, HoldInfo]:
         before_hold()  # the staging fork's aftermath settled, while the gate is open
         before()
-        progress.token = token = arm(drain_timeout + first_step_s)  # wakes nobody later
+        wait = max(0.0, at - time.time()) if at else 0.0
+        # armed before the instant: arming wakes the watchdog thread, which must not
+        # take the GIL from the hold after it
+        progress.token = token = arm(wait + drain_timeout + first_step_s)
         try:
-            progress.step(drain_timeout + first_step_s, "drain")
+            progress.step(wait + drain_timeout + first_step_s, "drain")
+            if wait:
+                time.sleep(max(0.0, at - time.time()))
             resumes.append(gc.isenabled())
             gc.disable()
             try:

@@ -290,8 +290,12 @@ class Loader:
         )
 
     # ----------------------------------------------------------------- finish
-    def finish(self, prepared: Prepared) -> FinishReport:
+    def finish(self, prepared: Prepared, *, at: float = 0.0) -> FinishReport:
         """Switch every module of ``prepared`` at once; idempotent.
+
+        With ``at`` (unix time: a fleet's commit instant) everything before
+        the hold (journals, warming, taking pages back) is done first and the
+        hold begins at that instant.
 
         The release's statements and new modules run here, once, behind the
         barrier, under ``switch_timeout``; each ``code_change`` under
@@ -338,7 +342,7 @@ class Loader:
                 return time.perf_counter() - t0, switched_at, migrated
 
             (pause, switched_at, migrated), hold = self._held(
-                body, self.switch_timeout, warm, journal, old_vsn
+                body, self.switch_timeout, warm, journal, old_vsn, at
             )
             self._commit(prepared, journal)  # in the order applied: undo replays it backwards
             self._changed = changed_functions(journal)
@@ -381,6 +385,7 @@ class Loader:
         before: Callable[[], None],
         journal: list[Op],
         vsn: Any,
+        at: float = 0.0,
     ) -> tuple[T, HoldInfo]:
         """:func:`~node_agent._hold.held` on the loader's worker; every way it ends badly
         becomes a :class:`FinishError` with the previous version restored."""
@@ -393,6 +398,7 @@ class Loader:
                 body,
                 before=before,
                 restore=lambda: undo(journal),
+                at=at,
             )
         except Abandoned as stuck:
             raise FinishError(self._stuck(stuck.label, vsn), restored=True) from None
@@ -459,8 +465,8 @@ class Loader:
         if self._pending is prepared:
             self._pending = None
 
-    def rollback(self) -> FinishReport:
-        """Go back to the previous version from memory, behind the barrier.
+    def rollback(self, *, at: float = 0.0) -> FinishReport:
+        """Go back to the previous version from memory, behind the barrier (at ``at``).
 
         The newer code's ``code_change(("down", vsn), state, extra)`` runs for
         every object migrated by the upgrade, before the old code returns (as
@@ -506,6 +512,7 @@ class Loader:
                 warm_migration if backup.migrations else lambda: None,
                 journal,
                 down,
+                at,
             )
             self._generation += 1
             loaded = self._code.loaded

@@ -104,11 +104,14 @@ class Code(Protocol):
 
     def prepare(self, release: Any, *, force: bool = False) -> Any: ...
 
-    def finish(self, prepared: Any) -> FinishReport: ...
+    def finish(self, prepared: Any, *, at: float = 0.0) -> FinishReport:
+        """Switch to ``prepared``; with ``at`` (unix time), everything but the hold
+        happens first and the hold begins at that instant."""
+        ...
 
     def abort(self, prepared: Any) -> None: ...
 
-    def rollback(self) -> FinishReport: ...
+    def rollback(self, *, at: float = 0.0) -> FinishReport: ...
 
     def make_permanent(self) -> None: ...
 
@@ -486,14 +489,15 @@ class Participant:
     def finish(self, rollout_id: str, commit_at: float = 0.0) -> Outcome:
         """Switch to the prepared rollout, at ``commit_at`` (unix time) if one is given.
 
-        A scheduled commit makes every node switch at one instant; the
-        acknowledgement then waits until just after it, outside the lock, so
-        nodes that switched first do not take CPU from those still switching
-        on a host that packs several of them.
+        A scheduled commit makes every node switch at one instant: the code
+        does everything but the hold before it (``at``), so that on a host
+        that packs many nodes only the holds themselves queue for the cores at
+        the instant; the acknowledgement then waits until just after it,
+        outside the lock, so nodes that switched first do not take CPU from
+        those still switching.
         """
         delay = commit_at - time.time() if commit_at else 0.0
-        if 0 < delay <= MAX_COMMIT_DELAY_S:
-            time.sleep(delay)
+        at = commit_at if 0 < delay <= MAX_COMMIT_DELAY_S else 0.0
         with self.lock:
             done = self._finished.get(rollout_id)
             if done is not None:
@@ -506,7 +510,7 @@ class Participant:
             self.set_state(State.FINISHING, publish=False)
             self._take_staged()
             try:
-                report = self._switch(staged.plan)
+                report = self._switch(staged.plan, at)
             except (FinishError, LoaderStateError) as exc:
                 # remembered like a success: the decision watch and the coordinator's
                 # Finish both drive this finish, and whichever comes second must
@@ -533,12 +537,12 @@ class Participant:
         )
         return outcome
 
-    def _switch(self, plan: Any) -> FinishReport:
+    def _switch(self, plan: Any, at: float = 0.0) -> FinishReport:
         if isinstance(plan, _AlreadyThere):
             return FinishReport(self.code.current_release, 0.0, True, 0, 0)
         if isinstance(plan, _RollbackPlan):
-            return self.code.rollback()
-        return self.code.finish(plan)
+            return self.code.rollback(at=at)
+        return self.code.finish(plan, at=at)
 
     def _outcome(
         self,

@@ -246,14 +246,14 @@ class ReleaseFiles:
         self._code.abort(prepared)
 
     # --------------------------------------------------------------- finish
-    def finish(self, prepared: Any) -> Any:
+    def finish(self, prepared: Any, *, at: float = 0.0) -> Any:
         with self._lock:
             pending = self._pending
             self._set("_pending", None)
         plan = pending[1] if pending is not None and pending[0] is prepared else None
         if plan is None:  # prepared elsewhere (cannot happen through prepare): plan it now
             plan = self._plan(prepared.release)
-        report = self._code.finish(prepared)
+        report = self._code.finish(prepared, at=at)
         if not plan.writes:
             self._set("_backup", None)
             return report
@@ -277,8 +277,8 @@ class ReleaseFiles:
         self._set("_backup", [w for w in plan.writes if w.restore])
         return report
 
-    def rollback(self) -> Any:
-        report = self._code.rollback()
+    def rollback(self, *, at: float = 0.0) -> Any:
+        report = self._code.rollback(at=at)
         backup = self._backup
         self._set("_backup", None)
         for write in reversed(backup or []):

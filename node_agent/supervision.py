@@ -444,13 +444,13 @@ class SupervisedLoader(Loader):
         prepared.warnings.extend(unsupervised_warnings(changed))
         return prepared
 
-    def finish(self, prepared: Prepared) -> FinishReport:
+    def finish(self, prepared: Prepared, *, at: float = 0.0) -> FinishReport:
         changes = any(c.kind != "unchanged" for c in prepared.changes)
         if prepared.report is not None or not changes or not supervised():
-            return _with_drain_warning(super().finish(prepared), self.drain_timeout)
+            return _with_drain_warning(super().finish(prepared, at=at), self.drain_timeout)
         stopped, warnings = stop_all(prepared.order)
         try:
-            report = super().finish(prepared)
+            report = super().finish(prepared, at=at)
             self._last_order = prepared.order
         finally:
             start_all(stopped, prepared.order)  # on the new code, or the old one if it failed
@@ -458,12 +458,12 @@ class SupervisedLoader(Loader):
         prepared.report = _with_drain_warning(report, self.drain_timeout)
         return prepared.report
 
-    def rollback(self) -> FinishReport:
+    def rollback(self, *, at: float = 0.0) -> FinishReport:
         if not supervised():
-            return _with_drain_warning(super().rollback(), self.drain_timeout)
+            return _with_drain_warning(super().rollback(at=at), self.drain_timeout)
         stopped, warnings = stop_all(self._last_order)
         try:
-            report = super().rollback()
+            report = super().rollback(at=at)
         finally:
             start_all(stopped, self._last_order)
         return _with_drain_warning(

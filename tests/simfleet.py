@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,13 @@ from node_agent.participant import Participant, label
 from node_agent.participant_wire import WireParticipant
 from tests.agents import release
 from tests.fleet import Leader
+
+
+def _until(at: float) -> None:
+    """Wait for a commit instant, as the loader's hold does (``Code.finish(..., at=)``)."""
+    wait = at - time.time() if at else 0.0
+    if wait > 0:
+        time.sleep(wait)
 
 
 @dataclass
@@ -67,7 +75,8 @@ class SimCode:
             raise PrepareError([ModuleError("sim", Reason.IMPORT_ERROR, "refused by the test")])
         return SimPlan(release)
 
-    def finish(self, prepared: SimPlan) -> FinishReport:
+    def finish(self, prepared: SimPlan, *, at: float = 0.0) -> FinishReport:
+        _until(at)
         if prepared.release.label in self.fail_finish:
             err = ModuleError("sim", Reason.CODE_CHANGE_FAILED, "finish fails in the test")
             raise FinishError([err], restored=True)
@@ -78,7 +87,8 @@ class SimCode:
     def abort(self, prepared: SimPlan) -> None:
         pass
 
-    def rollback(self) -> FinishReport:
+    def rollback(self, *, at: float = 0.0) -> FinishReport:
+        _until(at)
         self.current_release, self._backup = self.previous_release, False
         self.previous_release = None
         return FinishReport(self.current_release, 0.0, True, 0, 0)

@@ -40,8 +40,8 @@ class TimedOutDrain(SimCode):
     def prepare(self, release: object, *, force: bool = False) -> SimPlan:
         return SimPlan(super().prepare(release, force=force).release, warnings=(LOOP,))
 
-    def finish(self, prepared: SimPlan) -> FinishReport:
-        report = super().finish(prepared)
+    def finish(self, prepared: SimPlan, *, at: float = 0.0) -> FinishReport:
+        report = super().finish(prepared, at=at)
         return FinishReport(
             report.release, 2.0, False, 3, 0, ("a running generator keeps its old code",)
         )
@@ -53,8 +53,8 @@ class Liar(SimCode):
 
     runs: ReleaseInfo | None = None
 
-    def finish(self, prepared: SimPlan) -> FinishReport:
-        report = super().finish(prepared)
+    def finish(self, prepared: SimPlan, *, at: float = 0.0) -> FinishReport:
+        report = super().finish(prepared, at=at)
         self.current_release = self.runs
         return report
 
