@@ -398,6 +398,29 @@ def test_statement_that_loops_only_in_the_live_process_is_interrupted_and_restor
     assert mods["m"].X == 1 and mods["m"].f() == 1
 
 
+def test_a_scheduled_finish_switches_at_its_instant_and_not_before(cb: Codebase) -> None:
+    """A fleet's commit instant: all but the hold happens first, the switch at the instant."""
+    src = "import os\nX = 1\n\ndef f():\n    return X\n"
+    mods = cb.boot({"m": src})
+    prepared = cb.loader.prepare(
+        cb.release("2", {"m": src.replace("X = 1", "X = len(os.sep) + 1")})
+    )
+    at = time.time() + 0.5
+    seen: list[int] = []
+
+    def look() -> None:  # just before the instant, the old code still serves
+        time.sleep(max(0.0, at - 0.15 - time.time()))
+        with cb.loader.guard():
+            seen.append(mods["m"].f())
+
+    looker = threading.Thread(target=look)
+    looker.start()
+    report = cb.loader.finish(prepared, at=at)
+    looker.join()
+    assert seen == [1] and mods["m"].f() == 2
+    assert report.switched_at >= at
+
+
 class _SlowDrain(DrainBarrier):
     """A drain that outlasts its deadline in Python (a guard's own bookkeeping, say)."""
 
