@@ -240,6 +240,23 @@ def _wait_all_new(server: Gunicorn, settle_s: float, limit_s: float) -> None:
     raise RuntimeError("the server does not serve only the new code")
 
 
+def _debug(samples: list[list[Any]], t_change: float, out: dict[str, Any], done: Any) -> None:
+    """Where the change's slow requests fell (``HF_RVR_DEBUG=1``): ms from the change start."""
+    slow = 2 * out["quiet_p99_s"]
+    print(
+        f"  created +{(done.created_at - t_change) * 1e3:.1f} decided "
+        f"+{(done.decided_at - t_change) * 1e3:.1f} nodes: "
+        + ", ".join(
+            f"{n}: prepare {r.prepare_s * 1e3:.1f} ms, finished +"
+            f"{(r.finished_at - t_change) * 1e3:.1f}"
+            for n, r in sorted(done.nodes.items())
+        )
+    )
+    for s in samples:
+        if t_change - 0.05 <= s[0] <= t_change + 0.5 and s[1] > slow:
+            print(f"  slow: sent +{(s[0] - t_change) * 1e3:.1f} ms, {s[1] * 1e3:.2f} ms, pid {s[4]}")
+
+
 def measure(samples: list[list[Any]], t_change: float, t_started: float) -> dict[str, Any]:
     quiet = [s for s in samples if t_started + 1.0 <= s[0] < t_change]
     # every worker serves the new code: no old answer any more, and each worker that
@@ -396,6 +413,8 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
             load.close()
         out = measure(_samples(summary), t_change, t_started)
         out["rollout"] = done.phase.value
+        if os.environ.get("HF_RVR_DEBUG"):
+            _debug(_samples(summary), t_change, out, done)
         return out
     finally:
         if leader is not None:
