@@ -167,7 +167,8 @@ class CodeCache:
         """
         member = self._member
         if member is not None and member[0] != os.getpid():
-            self._join()
+            self._join()  # and forget the parent's answer: its siblings are not ours
+            self._shared_seen = (-1e9, False)
             member = self._member
         if member is None:
             return True

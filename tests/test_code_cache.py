@@ -71,6 +71,26 @@ def test_a_lone_worker_keeps_its_compile_to_itself(
     assert len(os.listdir(tmp_path / "c" / codecache.MEMBERS)) == 1  # ...and its file is gone
 
 
+def test_a_forked_child_of_a_cache_user_writes_for_its_parent(tmp_path: Path) -> None:
+    """A sibling forked from a worker (the loader benchmark's) does not inherit the
+    parent's answer "alone": the parent is alive, so the child's compile is kept."""
+    calls: list[int] = []
+    cache = CodeCache(tmp_path / "c")
+    cache.get("exec", _digest(SOURCE), lambda: _make(calls))  # alone: nothing written
+    assert _entries(tmp_path / "c") == []
+    other = SOURCE + b"\n# the child's build\n"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child leaves through os._exit
+        try:
+            cache.get("exec", _digest(other), lambda: _make([]))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(_entries(tmp_path / "c")) == 1
+    cache.get("exec", _digest(other), lambda: _make(calls))
+    assert cache.hits == 1 and calls == [1]
+
+
 def test_second_reader_does_not_compile_and_gets_its_own_file_name(tmp_path: Path) -> None:
     calls: list[int] = []
     one, two = CodeCache(tmp_path / "c"), CodeCache(tmp_path / "c")  # two sibling workers
