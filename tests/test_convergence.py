@@ -11,18 +11,19 @@ rollback on a node that holds no backup in memory.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
-from coordinator.convergence import Convergence
+from coordinator.convergence import Convergence, Desired
 from coordinator.engine import Refused, Target
 from coordinator.model import Phase, Rollout
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
-from tests.agents import Agents, publish, release, wait_for
+from tests.agents import AgentProcess, Agents, publish, release, wait_for
 from tests.fleet import Leader, opts, start_fleet, versions
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -260,6 +261,17 @@ def test_the_convergence_loop_never_pulls_nodes_back_during_a_rollback(
     assert versions(nodes) == {"1"}
 
 
+def _two_nodes_in_the_window(
+    agents: Agents, leader: Leader
+) -> tuple[list[AgentProcess], Convergence, Callable[[str], Desired]]:
+    """Two nodes on shop@2.0.0, provisional; the leader's loop and what it wants of each."""
+    nodes = start_fleet(agents, 2)
+    leader.engine.push_release(release("shop-2.0.0"))
+    _provisional(leader, "shop@2.0.0")
+    loop = leader.engine.convergence
+    return nodes, loop, loop.desired()
+
+
 def test_loading_the_release_a_node_runs_keeps_its_way_back(agents: Agents, leader: Leader) -> None:
     """A catch-up (or a retried upgrade) of the release a node already runs changes nothing.
 
@@ -268,11 +280,7 @@ def test_loading_the_release_a_node_runs_keeps_its_way_back(agents: Agents, lead
     in memory became 2.0.0: the fleet's rollback then "finished" on 2.0.0 and
     no command could bring the nodes back.
     """
-    nodes = start_fleet(agents, 2)
-    leader.engine.push_release(release("shop-2.0.0"))
-    _provisional(leader, "shop@2.0.0")
-    loop = leader.engine.convergence
-    want = loop.desired()
+    nodes, loop, want = _two_nodes_in_the_window(agents, leader)
     for node in leader.engine.nodes():
         d = want(node.node_id)
         assert d.label == "shop@2.0.0"
@@ -288,11 +296,7 @@ def test_loading_the_release_a_node_runs_keeps_its_way_back(agents: Agents, lead
 def test_the_loop_asks_the_node_before_acting_on_its_membership_record(
     agents: Agents, leader: Leader
 ) -> None:
-    nodes = start_fleet(agents, 2)
-    leader.engine.push_release(release("shop-2.0.0"))
-    _provisional(leader, "shop@2.0.0")
-    loop = leader.engine.convergence
-    want = loop.desired()
+    nodes, loop, want = _two_nodes_in_the_window(agents, leader)
     for node in leader.engine.nodes():
         stale = replace(node, current_release="", state="idle")  # as published before finish
         loop._catch_up(stale, want(node.node_id))
