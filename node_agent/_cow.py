@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 _MADV_POPULATE_WRITE = 23
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -85,9 +88,17 @@ def forked() -> None:
     _forked = True
     if _madvise() is None or _refused:
         return
-    thread = threading.Thread(target=take_back_if_forked, name="hotfleet-take-back", daemon=True)
+    thread = threading.Thread(target=_in_background, name="hotfleet-take-back", daemon=True)
     _thread = thread
     thread.start()
+
+
+def _in_background() -> None:
+    """The thread's body: a failure here is a bug of ours, logged as one, never an app error."""
+    try:
+        take_back_if_forked()
+    except Exception:
+        log.exception("taking the pages back after the staging fork failed (a bug)")
 
 
 def settled() -> None:
