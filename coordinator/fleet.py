@@ -32,6 +32,7 @@ class NodeInfo:
     epoch_seen: int = 0
     pid: int = 0
     started_at: float = 0.0
+    replaces: int = 0  # pid of the process before it that stopped on purpose (a recycle)
     # filled in by the engine (coordinator.convergence), not by the agent
     desired_release: str = ""
     convergence: str = ""  # converged | catching_up | drifting

@@ -162,7 +162,9 @@ class HealthSampler:
         seen = self._members.get(n.node_id)
         if seen is None or not (seen[1].pid and n.pid) or seen[1].pid == n.pid:
             return
-        if seen[1].state != "stopping":
+        # the successor says so itself, or we saw the old process say "stopping"
+        # (sampling rounds can miss that record: it lives for well under a second)
+        if seen[1].state != "stopping" and n.replaces != seen[1].pid:
             return
         self._history.pop(n.node_id, None)
         self._recycled[n.node_id] = n.pid
@@ -236,6 +238,7 @@ class HealthSampler:
                 and now.pid != seen[1].pid
                 and self._recycled.get(node) != now.pid
                 and seen[1].state != "stopping"  # recycled on purpose: see _note_recycle
+                and now.replaces != seen[1].pid
             ):
                 events.append(
                     Event(

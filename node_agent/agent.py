@@ -31,7 +31,9 @@ Keys in etcd (``<prefix>`` defaults to ``/hotfleet/``; every key is built by
          "pid": 4242, "started_at": 1718000000.0,            # unix seconds
          "secure": true,                                    # false in dev mode
          "trusted_keys": ["3f2a9c0d1e4b5a67"],              # release-signing key ids
-         "health": {"requests": 10, "errors": 0, "uncaught": 0}}
+         "health": {"requests": 10, "errors": 0, "uncaught": 0},
+         "replaces": 4199}   # only in a recycled worker's successor: the pid before
+                             # it on this key, which wrote "stopping" as it left
 
 ``<prefix>releases/permanent``
     The fleet's permanent release, written by the coordinator when a rollout

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +95,10 @@ class Membership:
         self.last_error = ""
         self.sessions = 0
         self._written = ""  # the value last put on the current session's lease
+        # pid of the process that held this key before us and said it was stopping
+        # (a worker its server recycled): published as ``replaces``, so the
+        # coordinator knows the new pid is no crash even if it never saw "stopping"
+        self.replaces = 0
 
     # ------------------------------------------------------------- control
     def start(self) -> None:
@@ -226,6 +231,8 @@ class Membership:
             if self._client is None:
                 self._client = self._client_factory()
             client = self._client
+        if self.sessions == 0:
+            self._note_predecessor(client)
         if self._on_session is not None:
             self._on_session(client)
         session = Session(client, self.ttl)
@@ -294,5 +301,21 @@ class Membership:
                 return None
             self._dirty.clear()
 
+    def _note_predecessor(self, client: EtcdClient) -> None:
+        """Before our first write: did the process before us on this key stop on purpose?"""
+        raw, _ = client.get(self.key)
+        try:
+            before = json.loads(raw) if raw else None
+        except ValueError:
+            before = None
+        if not isinstance(before, dict) or before.get("state") != "stopping":
+            return
+        pid = before.get("pid")
+        if isinstance(pid, int) and pid != os.getpid():
+            self.replaces = pid
+
     def _encode(self) -> str:
-        return json.dumps(self._payload(), sort_keys=True)
+        payload = self._payload()
+        if self.replaces:
+            payload = {**payload, "replaces": self.replaces}
+        return json.dumps(payload, sort_keys=True)

@@ -40,6 +40,19 @@ def test_a_worker_recycled_on_purpose_is_not_a_crash() -> None:
     assert sampler.lost(["n1"], 0.0, {"n1": node(11)}) == []
 
 
+def test_a_successor_that_says_whom_it_replaces_is_a_recycle_even_unseen() -> None:
+    """The "stopping" record lives well under a second: sampling rounds can miss it
+    (seen in a gunicorn test: a good release rolled back as "a-w1 crash")."""
+    successor = NodeInfo("n1", address="sim://n1", pid=11, state="idle", replaces=10)
+    sampler = sampler_seeing([node(10)], [node(10)])  # never saw "stopping"
+    assert sampler.lost(["n1"], 0.0, {"n1": successor}) == []
+    sampler = sampler_seeing([node(10)], [node(10)], [successor], [successor])
+    assert sampler.lost(["n1"], 0.0, {"n1": successor}) == []
+    impostor = NodeInfo("n1", address="sim://n1", pid=11, state="idle", replaces=9)
+    (event,) = sampler_seeing([node(10)]).lost(["n1"], 0.0, {"n1": impostor})
+    assert event.kind is EventKind.CRASH  # it replaced someone else: 10 died unannounced
+
+
 def test_a_process_that_changed_without_a_word_is_a_crash() -> None:
     sampler = sampler_seeing([node(10)], [node(10)])
     (event,) = sampler.lost(["n1"], 0.0, {"n1": node(11)})

@@ -9,6 +9,7 @@ key rewritten) is what turned a busy etcd into a storm of lease grants when
 from __future__ import annotations
 
 import json
+import os
 import threading
 from typing import Any
 
@@ -69,3 +70,41 @@ def test_a_timed_out_record_write_is_retried_on_the_same_lease(
         assert meta.lease_id == first.lease_id  # the same lease: no new session, no re-register
     finally:
         membership.stop()
+
+
+def test_a_successor_on_the_key_of_a_stopped_process_says_whom_it_replaces(
+    etcd_client: EtcdClient, etcd_prefix: str
+) -> None:
+    """A recycled worker's successor reads the last word on its key before writing its own."""
+    key = f"{etcd_prefix}nodes/n-recycled"
+    etcd_client.put(key, json.dumps({"node_id": "n-recycled", "state": "stopping", "pid": 4199}))
+    payload = {"node_id": "n-recycled", "state": "idle", "pid": os.getpid()}
+    shared = _SlowPuts(etcd_client)  # never failing: the fixture's client, kept open
+    membership = Membership(key, lambda: dict(payload), lambda: shared, ttl=5)  # type: ignore[arg-type,return-value]
+    membership.start()
+    try:
+        record = wait_for(
+            lambda: (
+                (r := etcd_client.get(key))[0] is not None
+                and (d := json.loads(r[0]))["state"] == "idle"
+                and d
+            )
+        )
+        assert record["replaces"] == 4199
+    finally:
+        membership.stop(revoke=True)
+    # a key whose last holder did not say it was stopping: no claim
+    etcd_client.put(key, json.dumps({"node_id": "n-recycled", "state": "idle", "pid": 4200}))
+    crashed = Membership(key, lambda: dict(payload), lambda: shared, ttl=5)  # type: ignore[arg-type,return-value]
+    crashed.start()
+    try:
+        record = wait_for(
+            lambda: (
+                (r := etcd_client.get(key))[0] is not None
+                and (d := json.loads(r[0]))["pid"] == os.getpid()
+                and d
+            )
+        )
+        assert "replaces" not in record
+    finally:
+        crashed.stop(revoke=True)
