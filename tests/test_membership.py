@@ -72,39 +72,35 @@ def test_a_timed_out_record_write_is_retried_on_the_same_lease(
         membership.stop()
 
 
-def test_a_successor_on_the_key_of_a_stopped_process_says_whom_it_replaces(
-    etcd_client: EtcdClient, etcd_prefix: str
-) -> None:
-    """A recycled worker's successor reads the last word on its key before writing its own."""
-    key = f"{etcd_prefix}nodes/n-recycled"
-    etcd_client.put(key, json.dumps({"node_id": "n-recycled", "state": "stopping", "pid": 4199}))
-    payload = {"node_id": "n-recycled", "state": "idle", "pid": os.getpid()}
+def _first_record_after(
+    etcd_client: EtcdClient, key: str, before: dict[str, Any]
+) -> dict[str, Any]:
+    """Our first membership record on ``key``, whose last record was ``before``."""
+    etcd_client.put(key, json.dumps(before))
+    payload = {"node_id": before["node_id"], "state": "idle", "pid": os.getpid()}
     shared = _SlowPuts(etcd_client)  # never failing: the fixture's client, kept open
     membership = Membership(key, lambda: dict(payload), lambda: shared, ttl=5)  # type: ignore[arg-type,return-value]
     membership.start()
     try:
-        record = wait_for(
-            lambda: (
-                (r := etcd_client.get(key))[0] is not None
-                and (d := json.loads(r[0]))["state"] == "idle"
-                and d
-            )
-        )
-        assert record["replaces"] == 4199
-    finally:
-        membership.stop(revoke=True)
-    # a key whose last holder did not say it was stopping: no claim
-    etcd_client.put(key, json.dumps({"node_id": "n-recycled", "state": "idle", "pid": 4200}))
-    crashed = Membership(key, lambda: dict(payload), lambda: shared, ttl=5)  # type: ignore[arg-type,return-value]
-    crashed.start()
-    try:
-        record = wait_for(
+        record: dict[str, Any] = wait_for(
             lambda: (
                 (r := etcd_client.get(key))[0] is not None
                 and (d := json.loads(r[0]))["pid"] == os.getpid()
                 and d
             )
         )
-        assert "replaces" not in record
+        return record
     finally:
-        crashed.stop(revoke=True)
+        membership.stop(revoke=True)
+
+
+def test_a_successor_on_the_key_of_a_stopped_process_says_whom_it_replaces(
+    etcd_client: EtcdClient, etcd_prefix: str
+) -> None:
+    """A recycled worker's successor reads the last word on its key before writing its own."""
+    key = f"{etcd_prefix}nodes/n-recycled"
+    stopped = {"node_id": "n-recycled", "state": "stopping", "pid": 4199}
+    assert _first_record_after(etcd_client, key, stopped)["replaces"] == 4199
+    # a key whose last holder did not say it was stopping (a crash): no claim
+    crashed = {"node_id": "n-recycled", "state": "idle", "pid": 4200}
+    assert "replaces" not in _first_record_after(etcd_client, key, crashed)
