@@ -98,10 +98,11 @@ def test_changed_function_raising_on_most_calls_rolls_back_with_no_request_faili
     coverage = done.analysis["changed_code"]
     assert coverage["release"] == "shop@2.5.0-partial"
     raising = {r["name"]: r for r in coverage["raising"]}
-    assert (
-        raising["shop.pricing:volume_discount"]["raised"]
-        == raising["shop.pricing:volume_discount"]["calls"]
-    )
+    helper_seen = raising["shop.pricing:volume_discount"]
+    if "shop.pricing:volume_discount" in coverage["calls_estimated"]:  # sampled: see below
+        assert helper_seen["raised"] >= 0.5 * helper_seen["calls"], coverage
+    else:
+        assert helper_seen["raised"] == helper_seen["calls"], coverage
     assert_rolled_back_everywhere(leader, done, nodes)
     detail = rollout_detail(as_json(done))
     assert "raised:    shop.pricing:volume_discount" in detail
@@ -110,8 +111,13 @@ def test_changed_function_raising_on_most_calls_rolls_back_with_no_request_faili
     health = nodes[0].stub.Health(agent_pb2.HealthRequest(), timeout=5)
     assert health.changed_code_release == "shop@2.5.0-partial"
     helper = next(f for f in health.changed_code if f.name == "shop.pricing:volume_discount")
-    # (a call in flight is counted as a call before it raises)
-    assert helper.kind == "added" and helper.calls > 0 and helper.raised >= 0.9 * helper.calls
+    # (a call in flight is counted as a call before it raises).  Past its first exact calls
+    # a function's calls are sampled (``calls_estimated``): a ratio estimate, unbiased for
+    # steady traffic, which one request thread on a loaded host is not (CI: 200 estimated
+    # for 177 that all raised); raised is always exact
+    assert helper.kind == "added" and helper.calls > 0 and helper.raised > 0
+    floor = 0.5 if helper.calls_estimated else 0.9
+    assert helper.raised >= floor * helper.calls, helper
     metrics = nodes[0].http_text("/-/metrics")
     assert (
         'hotfleet_changed_code_raised_total{node="n1",function="shop.pricing:volume_discount"'
