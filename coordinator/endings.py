@@ -121,9 +121,10 @@ class Endings:
             self._set_desired(lead, {k.rpartition("/")[2]: None for k in stale})
         elif entry.manifest:  # some nodes only: their own permanent release
             self._set_desired(lead, dict.fromkeys(switched, entry.label))
-        self.engine._hook("before_permanent", rollout)
-        self.engine._save(lead, rollout, *ops)
         if reverted:
+            # before this rollout turns permanent: whoever reads it permanent (an operator,
+            # a successor leader) reads the rollout it reverted as rolled back; the nodes
+            # have switched back already, so that is true from here on
             why = rollout.options.get("health", {}).get("why") or "operator request"
 
             def rolled_back(old: Rollout) -> bool:
@@ -132,6 +133,8 @@ class Endings:
                 return True
 
             self.engine._amend(lead, reverted, rolled_back)
+        self.engine._hook("before_permanent", rollout)
+        self.engine._save(lead, rollout, *ops)
         log.info("rollout %s: %s permanent", rollout.id, rollout.release)
 
     def _set_desired(self, lead: Leadership, labels: dict[str, str | None]) -> None:
