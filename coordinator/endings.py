@@ -122,19 +122,19 @@ class Endings:
         elif entry.manifest:  # some nodes only: their own permanent release
             self._set_desired(lead, dict.fromkeys(switched, entry.label))
         if reverted:
-            # before this rollout turns permanent: whoever reads it permanent (an operator,
-            # a successor leader) reads the rollout it reverted as rolled back; the nodes
-            # have switched back already, so that is true from here on
+            # in the same transaction as this rollout turning permanent (and the active
+            # key going): nobody reads one without the other.  The reverted rollout's
+            # own driver, if it still writes, fails its revision compare and stops.
             why = rollout.options.get("health", {}).get("why") or "operator request"
-
-            def rolled_back(old: Rollout) -> bool:
-                old.phase, old.reason = Phase.ROLLED_BACK, f"rolled back by {rollout.id}: {why}"
-                old.ended_at = time.time()
-                return True
-
-            self.engine._amend(lead, reverted, rolled_back)
+            old = self.engine.rollout(reverted)
+            old.phase, old.reason = Phase.ROLLED_BACK, f"rolled back by {rollout.id}: {why}"
+            old.ended_at = time.time()
+            old.epoch = lead.epoch
+            ops.append(tx.put(self.engine.keys.rollout(reverted), old.dumps()))
         self.engine._hook("before_permanent", rollout)
         self.engine._save(lead, rollout, *ops)
+        if reverted:
+            self.engine.baselines.drop(reverted)  # what _save does for a record it ends
         log.info("rollout %s: %s permanent", rollout.id, rollout.release)
 
     def _set_desired(self, lead: Leadership, labels: dict[str, str | None]) -> None:
