@@ -30,7 +30,10 @@ SPIN = Release.from_sources("shop", "9.9.9", {"shop.spin": "while True:\n    pas
 def _children(pid: int) -> set[int]:
     out: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
+        try:
+            text = (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended meanwhile (e.g. the page take-back)
+            continue
         out.update(int(c) for c in text)
     return out
 
