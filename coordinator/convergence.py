@@ -193,8 +193,8 @@ class Convergence:
                 # that switched away from it holds it in memory as its backup
                 if not from_store and node.previous_release != d.label:
                     continue
-                tried.append(node.node_id)
-                self._catch_up(node, d)
+                if self._catch_up(node, d):
+                    tried.append(node.node_id)
         return tried
 
     def _window_or_idle(self) -> bool:
@@ -222,13 +222,17 @@ class Convergence:
         self._phase_seen = ((rid, rollout.revision), window)
         return window
 
-    def _catch_up(self, node: NodeInfo, d: Desired) -> None:
-        """Bring ``node`` to ``d``: load it from the store, or, for the boot code, roll back."""
+    def _catch_up(self, node: NodeInfo, d: Desired) -> bool:
+        """Bring ``node`` to ``d``: load it from the store, or, for the boot code, roll
+        back; False when the node itself says there is nothing to do."""
         if d.record is not None and d.record.get("manifest"):
-            self._attempt(node, d, f"loading {d.label}", f"caught up to {d.label}", self._load)
-        else:
-            want = d.label or "the boot code"
-            self._attempt(node, d, f"rolling back to {want}", f"rolled back to {want}", self._back)
+            return self._attempt(
+                node, d, f"loading {d.label}", f"caught up to {d.label}", self._load
+            )
+        want = d.label or "the boot code"
+        return self._attempt(
+            node, d, f"rolling back to {want}", f"rolled back to {want}", self._back
+        )
 
     def _attempt(
         self,
@@ -237,7 +241,7 @@ class Convergence:
         doing: str,
         done: str,
         steps: Callable[[AgentStub, Leadership, str, NodeInfo, Desired], str],
-    ) -> None:
+    ) -> bool:
         """One recorded catch-up: ``steps`` returns "" on success, else why it failed."""
         lead = self.engine._require_leader()
         stub = self.engine.agents.stub(node.address)
@@ -247,7 +251,7 @@ class Convergence:
             # replies): ask the node itself before acting on the record
             now = stub.Status(agent_pb2.StatusRequest(), timeout=5)
             if now.current_release == d.label or now.state not in RESTING:
-                return
+                return False
             self._record(node.node_id, d.label, "running", doing, rid)
             log.info("catch-up %s: %s runs %r, %s", rid, node.node_id, now.current_release, doing)
             why = steps(stub, lead, rid, node, d)
@@ -255,11 +259,12 @@ class Convergence:
             why = f"unreachable: {exc.code().name}: {exc.details()}"
         if why:
             self._failed(node.node_id, d.label, why, rid)
-            return
+            return True
         self._failed_at.pop(node.node_id, None)
         self._record(node.node_id, d.label, "ok", done, rid)
         self.on_catch_up("ok")
         log.warning("catch-up %s: %s %s", rid, node.node_id, done)
+        return True
 
     def _load(self, stub: AgentStub, lead: Leadership, rid: str, node: NodeInfo, d: Desired) -> str:
         """Prepare, decide (naming this node alone), finish, and make permanent if wanted."""

@@ -299,7 +299,7 @@ def test_the_loop_asks_the_node_before_acting_on_its_membership_record(
     nodes, loop, want = _two_nodes_in_the_window(agents, leader)
     for node in leader.engine.nodes():
         stale = replace(node, current_release="", state="idle")  # as published before finish
-        loop._catch_up(stale, want(node.node_id))
+        assert not loop._catch_up(stale, want(node.node_id))
         # nothing was tried: no catch-up recorded, the node untouched
         assert leader.client.get(leader.keys.catchup(node.node_id))[0] is None
     assert versions(nodes) == {"2"}

@@ -226,9 +226,11 @@ def test_rollback_after_permanent_goes_through_the_pushed_release(
         and not back.options["from_memory"]
     )
     assert versions(nodes) == {"1"}
-    # read at once: the rollback turned permanent and the upgrade it reverted turned rolled
-    # back in one transaction (CI read between them when they were two writes)
-    assert leader.engine.rollout(up.id).phase is Phase.ROLLED_BACK
+    # the rollback turned permanent and the upgrade it reverted turned rolled back in one
+    # transaction (CI read between them when they were two writes): one etcd revision
+    reverted = leader.engine.rollout(up.id)
+    assert reverted.phase is Phase.ROLLED_BACK
+    assert reverted.revision == leader.engine.rollout(back.id).revision
     raw, _ = leader.client.get(leader.keys.permanent)
     assert raw is not None and b"shop@1.0.0" in raw
 
