@@ -54,6 +54,7 @@ from hotfleet.errors import ModuleError, Reason  # noqa: E402
 from hotfleet.etcd_client import EtcdClient, connect  # noqa: E402
 from hotfleet.fencing import LeaderEpochs  # noqa: E402
 from hotfleet.keys import Keys  # noqa: E402
+from hotfleet.stopsignals import StopSignals  # noqa: E402
 from node_agent.agent import _Servicer  # noqa: E402
 from node_agent.decision_watch import DecisionWatches  # noqa: E402
 from node_agent.errors import PrepareError  # noqa: E402
@@ -289,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready {agent.node_id} {agent.address}", flush=True)
     print("ready-all", flush=True)
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    stops = StopSignals((signal.SIGTERM,))
 
     def until_stdin_closes() -> None:
         sys.stdin.read()
         done.set()
 
     threading.Thread(target=until_stdin_closes, daemon=True).start()
-    done.wait()
+    stops.wait(until=done)
     for agent in agents:
         agent.participant.stop()
     for agent in agents:

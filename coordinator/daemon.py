@@ -31,9 +31,13 @@ from hotfleet.keys import DEFAULT_PREFIX, Keys
 from hotfleet.logsetup import add_arguments as add_log_arguments
 from hotfleet.logsetup import configure as configure_logging
 from hotfleet.protocol import COORDINATOR_READY
+from hotfleet.stopsignals import StopSignals, bound_stop
 
 log = logging.getLogger("hotfleet.coordinator")
 
+#: SIGTERM to exit, at most; below Kubernetes' default 30 s grace so that a stuck stop
+#: shows its thread stacks before the kubelet's SIGKILL hides them.
+STOP_BUDGET_S = 25.0
 FAULT_POINTS = ("before_prepare", "before_decision", "after_decision", "after_finish")
 
 
@@ -98,7 +102,7 @@ class Coordinator:
                         pass
                     self.engine.step_down()
                     if self._stop.is_set():
-                        election.resign()
+                        self._resign(election)
                     else:
                         log.warning("lost leadership (%s); campaigning again", session.reason)
             except (ElectionError, SessionExpiredError, EtcdConnectError, OSError) as exc:
@@ -109,6 +113,18 @@ class Coordinator:
                 self.engine.step_down()
                 log.exception("election failed; retrying")
                 self._stop.wait(1.0)
+
+    def _resign(self, election: Election) -> None:
+        """Hand leadership over at once; if etcd cannot be told, the lease ends it by itself."""
+        try:
+            election.resign()
+        except Exception as exc:  # etcd client errors come in many types
+            log.warning(
+                "could not resign (%s): the next leader waits for this lease to expire, "
+                "%ds at most",
+                exc,
+                self.lease_ttl,
+            )
 
 
 def advertised_address(bound: str, advertise_host: str | None = None) -> str:
@@ -308,14 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         engine.convergence.on_catch_up = metrics.metrics.count_catch_up
         metrics.start()
-    stopped = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopped.set())
+    stops = StopSignals()
     coordinator.start()
     ready = f"{COORDINATOR_READY} address={coordinator.address} pid={os.getpid()}"
     print(ready + (f" metrics={metrics.address}" if metrics else ""), flush=True)
-    stopped.wait()
-    log.info("stopping")
+    stops.wait()
+    log.info("received %s: resigning and stopping", stops.received and stops.received.name)
+    bound_stop(STOP_BUDGET_S, "hotfleet-coordinator")
     if metrics is not None:
         metrics.stop()
     coordinator.stop()

@@ -33,7 +33,6 @@ import ast
 import contextlib
 import http.client
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.launch import EXAMPLES, ROOT, LaunchError, child_environment
+from hotfleet.stopsignals import StopSignals
 
 __all__ = [
     "MIXED",
@@ -506,8 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: traffic.stop.set())
+    stops = StopSignals()
     if args.until_eof:
 
         def until_eof() -> None:
@@ -518,9 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     traffic.start()
     rate = "closed-loop" if args.closed_loop else f"{args.rate:g}"
     emit(f"{READY} targets={len(traffic.targets)} rate={rate}")
-    while not traffic.stop.wait(args.report or None):
+    while not stops.wait(args.report or None, until=traffic.stop):
         ok, failed = traffic.counts()
         emit(f"traffic: {ok} ok, {failed} failed so far")
+    traffic.stop.set()
     traffic.join()
     ok, failed = traffic.counts()
     emit(f"traffic stopped: {ok} ok, {failed} failed")

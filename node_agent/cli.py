@@ -26,12 +26,10 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import socketserver
 import sys
 import threading
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -40,9 +38,14 @@ from hotfleet.config import ConfigError, env_flag, etcd_password
 from hotfleet.keys import DEFAULT_PREFIX
 from hotfleet.protocol import AGENT_READY
 from hotfleet.signing import DEFAULT_FLEET, FLEET_ENV, load_public_keys
+from hotfleet.stopsignals import StopSignals, bound_stop
 from node_agent.agent import Agent, TLSFiles
 
 log = logging.getLogger("node_agent")
+
+#: SIGTERM to exit, at most, besides a finish's drain: below Kubernetes' default 30 s
+#: grace, so a stuck stop shows its thread stacks before the kubelet's SIGKILL.
+STOP_BUDGET_S = 20.0
 
 
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -264,15 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     advertised = agent._advertised(bound_host)
     agent.http_address = f"{advertised}:{bound_port}"
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s: deregistering and stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
+    stops = StopSignals()
     agent.start()  # reconciles to the permanent release before registering
     server_thread = threading.Thread(
         target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="hotfleet-http", daemon=True
@@ -287,8 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serving %s on http://%s, NodeAgent gRPC on %s", args.app, agent.http_address, agent.address
     )
     try:
-        while not stop.wait(0.5):
-            pass
+        stops.wait()
+        log.info("received %s: deregistering and stopping", stops.received and stops.received.name)
+        # a finish under way may hold the app for its drain timeout first
+        bound_stop(STOP_BUDGET_S + args.drain_timeout, "node-agent")
     finally:
         agent.stop()
         httpd.shutdown()

@@ -86,11 +86,6 @@ class CoordinatorProcess(ManagedProcess):
         self.signal(signal.SIGKILL)
         return self.proc.wait(10)
 
-    def term(self, timeout: float = 20.0) -> int:
-        """SIGTERM (graceful stop: resigns leadership) and reap."""
-        self.signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
 
 class Coordinators:
     """Starts coordinator daemons against one etcd and prefix; kills them all at :meth:`close`."""

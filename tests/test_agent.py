@@ -85,8 +85,7 @@ def test_registers_and_deregisters_at_once_on_sigterm(
     assert len(health.latency_counts) == len(health.latency_bounds_s) + 1
 
     started = time.monotonic()
-    agent.signal(signal.SIGTERM)
-    assert agent.wait() == 0
+    agent.term()
     assert read_member(etcd_client, etcd_prefix, "n1") is None  # revoked, not expired
     assert time.monotonic() - started < 5
 
@@ -253,8 +252,7 @@ def test_restart_reconciles_to_the_permanent_release(
     member = read_member(etcd_client, etcd_prefix, "n-rec")
     assert member is not None and member["current_release"] == "shop@2.0.0"
     assert 'VERSION = "2"' in (first.code_path / "shop" / "pricing.py").read_text()
-    first.signal(signal.SIGTERM)
-    assert first.wait() == 0
+    first.term()
 
     second = agents.start("n-rec", code_path=first.code_path)  # boot code is v2 now
     assert agent_state(second) == ("idle", "shop@2.0.0")

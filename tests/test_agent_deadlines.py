@@ -10,7 +10,6 @@ without leaving the staging process behind.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -96,8 +95,7 @@ def test_sigterm_stops_an_agent_stuck_in_prepare(
     spin = publish(etcd_client, etcd_prefix, SPIN)
     _stuck_prepare(agent, spin, "r-term")
     staging = wait_for(lambda: _children(agent.proc.pid), timeout=5)
-    agent.signal(signal.SIGTERM)
-    assert agent.wait(timeout=15) == 0
+    agent.term()
     for pid in staging:
         wait_for(lambda pid=pid: not _alive(pid), timeout=5)
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import threading
@@ -147,8 +146,7 @@ def test_a_commit_naming_its_instant_switches_the_node_at_it_without_a_finish_rp
 def test_restarted_agent_keeps_fencing_a_deposed_leader(agents: Agents) -> None:
     first = agents.start("n-fence")
     assert first.stub.Abort(agent_pb2.AbortRequest(rollout_id="r", epoch=9), timeout=5).ok
-    first.signal(signal.SIGTERM)
-    assert first.wait() == 0
+    first.term()
 
     second = agents.start("n-fence", code_path=first.code_path)  # same cache dir
     assert second.status().epoch_seen == 9
