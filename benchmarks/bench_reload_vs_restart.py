@@ -30,7 +30,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ import _fleet
 
 from coordinator.engine import RolloutOptions, Target
 from coordinator.launch import stop_group
-from hotfleet.etcd_server import EtcdServer
+from hotfleet.etcd_server import EtcdServer, free_ports
 from hotfleet.release import Release
 
 APP = """\
@@ -140,12 +139,6 @@ def _on_cpus(cpus: set[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _gunicorn_flags() -> list[str]:
     out = subprocess.run(
         [sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True, check=False
@@ -162,7 +155,7 @@ class Gunicorn:
         hooks: bool,
         cpus: set[int] | None = None,
     ) -> None:
-        self.port = _free_port()
+        self.port = free_ports("127.0.0.1", 1)[0]
         self.log_path = code.parent / f"{code.name}.log"
         cmd = [sys.executable, "-m", "gunicorn"]
         if hooks:
@@ -254,7 +247,9 @@ def _debug(samples: list[list[Any]], t_change: float, out: dict[str, Any], done:
     )
     for s in samples:
         if t_change - 0.05 <= s[0] <= t_change + 0.5 and s[1] > slow:
-            print(f"  slow: sent +{(s[0] - t_change) * 1e3:.1f} ms, {s[1] * 1e3:.2f} ms, pid {s[4]}")
+            print(
+                f"  slow: sent +{(s[0] - t_change) * 1e3:.1f} ms, {s[1] * 1e3:.2f} ms, pid {s[4]}"
+            )
 
 
 def measure(samples: list[list[Any]], t_change: float, t_started: float) -> dict[str, Any]:

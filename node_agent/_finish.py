@@ -23,6 +23,7 @@ from typing import Any
 
 from hotfleet.errors import ModuleError, Reason
 from node_agent import stateful
+from node_agent._classmerge import merge_class
 from node_agent._deadline import Abandoned, Outcome, Overrun, Worker, interrupt_after
 from node_agent._install import NewModule, register_source, release_importable
 from node_agent._patch import (
@@ -37,7 +38,7 @@ from node_agent._patch import (
 )
 from node_agent._prepared import Migration, Prepared
 from node_agent._statecopy import StateNotCopyable, copy_state, fresh_locks_in_place
-from node_agent._update import ModulePlan, Refused, merge_class
+from node_agent._update import ModulePlan, Refused
 
 
 class SwitchFailed(Exception):

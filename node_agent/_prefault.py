@@ -16,11 +16,11 @@ import threading
 import types
 from typing import Any
 
+from node_agent._classmerge import merge_class
 from node_agent._functions import functions_in
 from node_agent._patch import Op, SetCode, SetItem, SetState, apply_staged, stage_inverses, undo
 from node_agent._prepared import Prepared
 from node_agent._statecopy import copy_state
-from node_agent._update import merge_class
 
 
 def prefault(prepared: Prepared) -> None:
@@ -138,7 +138,7 @@ def _touch_function(f: types.FunctionType) -> None:
 
 
 def _touch_class(cls: type, depth: int = 0) -> None:
-    """What :func:`~node_agent._update.merge_class` reads: members, their functions and code."""
+    """What :func:`~node_agent._classmerge.merge_class` reads: members, their functions and code."""
     for value in list(cls.__dict__.values()):
         if isinstance(value, type):
             if depth < 4:

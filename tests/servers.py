@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from coordinator.launch import stop_group
 from hotfleet.etcd_client import EtcdClient
+from hotfleet.etcd_server import free_ports
 from tests.agents import ROOT, Agents, read_member, wait_for
 
 
@@ -36,9 +36,8 @@ def _gunicorn_flags() -> tuple[str, ...]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free on 127.0.0.1 right now (see :func:`hotfleet.etcd_server.free_ports`)."""
+    return free_ports("127.0.0.1", 1)[0]
 
 
 @dataclass

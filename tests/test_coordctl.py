@@ -6,7 +6,6 @@ Exit codes are the contract scripts rely on (``coordinator.cli.EXIT_CODES``):
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from coordinator.cli import EXIT_ABORTED, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
 from tests.agents import RELEASES, AgentProcess, Agents, wait_for
 from tests.coordinators import CoordinatorProcess, Coordinators, coordctl, start_nodes, versions
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -203,13 +203,6 @@ def test_refusals_and_aborts_name_node_module_and_reason(
     # unknown release: refused up front, with the way out
     missing = coordctl(leader, "upgrade", "--all", "--release", "shop@9.9.9")
     assert missing.code == EXIT_REFUSED and "coordctl release push" in missing.err, missing
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_unreachable_coordinator_is_exit_6_with_a_hint() -> None:

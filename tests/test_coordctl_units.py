@@ -18,12 +18,10 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,8 @@ from coordinator.service import serve
 from hotfleet.errors import ModuleError, Reason
 from hotfleet.protocol import Refusal
 from hotfleet.release import Release
+from tests.agents import wait_for
+from tests.servers import free_port
 
 NODES = ["n1", "n2", "n3"]
 
@@ -305,19 +305,6 @@ def bundle(tmp_path: Path, name: str, version: str = "2.0.0") -> Path:
         modules={"shop.cart": {"extra": {"factor": 10}, "depends": ["shop"]}},
     )
     return release.write_bundle(tmp_path / f"{name}-{version}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------ tests
@@ -775,7 +762,7 @@ def test_status_watch_waits_for_the_first_rollout(
     )
     watcher.start()
     try:
-        wait_until(lambda: "waiting for the next one" in out.getvalue(), timeout=20)
+        wait_for(lambda: "waiting for the next one" in out.getvalue(), timeout=20)
         assert not codes  # no rollout: it waits instead of failing
         engine.push_release(Release.from_path(bundle(tmp_path, "good")))
         engine.upgrade("good@2.0.0", Target(all=True), RolloutOptions())

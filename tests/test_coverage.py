@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from node_agent.coverage import changed_functions, prometheus_lines
+from tests.agents import wait_for
 from tests.codebase import Codebase
 from tests.coverage_scenario import BOOT, V2, check, scenario
 
@@ -171,14 +172,11 @@ def test_counts_fold_and_retire_without_anyone_asking(cb: Codebase) -> None:
     cb.upgrade("2", V2)
     for x in range(6):
         price(x)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        if sys.version_info >= (3, 12):
-            break  # no code to look at: the counts below say it
-        if not [n for n in price.__code__.co_names if n.startswith("__hotfleet_")]:
-            break
-    time.sleep(0.1)
+    coverage = cb.loader.coverage
+    target = next(t for t in coverage._targets if t.name.endswith("svc:price"))
+    wait_for(lambda: id(target.code) in coverage._retired, timeout=10)  # by the fold thread
+    if sys.version_info < (3, 12):
+        assert not [n for n in price.__code__.co_names if n.startswith("__hotfleet_")]
     for x in range(4):
         price(x)
     counts = {f.name.split(".", 1)[1]: f.calls for f in cb.loader.coverage.report().functions}

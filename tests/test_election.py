@@ -25,6 +25,7 @@ from coordinator.election import (
 )
 from hotfleet.etcd_client import EtcdClient, connect
 from hotfleet.etcd_server import EtcdServer
+from tests.agents import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -101,18 +102,7 @@ def _queued(client: Any, prefix: str, candidates: int) -> None:
     wait has written its key, so from here on "still running" is a fact, not
     a guess about how long a thread takes to start.
     """
-    _wait_until(
-        lambda: len(list(client.get_prefix(prefix, keys_only=True))) >= candidates,
-        5,
-        f"{candidates} candidates queued",
-    )
-
-
-def _wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    wait_for(lambda: len(list(client.get_prefix(prefix, keys_only=True))) >= candidates, 5)
 
 
 @pytest.fixture
@@ -255,14 +245,14 @@ def test_observe_reports_leader_changes(fleet: Fleet, etcd_prefix: str) -> None:
     b = fleet.candidate(prefix)
     seen: list[tuple[str, int] | None] = []
     with a.observe(seen.append, poll_interval=1.0):
-        _wait_until(lambda: seen == [None], 3, "initial report")
+        wait_for(lambda: seen == [None], 3, 0.02)
         lead_a = a.campaign("a", timeout=5)
-        _wait_until(lambda: seen[-1] == ("a", lead_a.epoch), 3, "a leads")
+        wait_for(lambda: seen[-1] == ("a", lead_a.epoch), 3, 0.02)
         waiting = Campaign(b, "b", timeout=10)
         _queued(fleet.clients[0], prefix, 2)
         a.resign()
         lead_b = waiting.join(5)
-        _wait_until(lambda: seen[-1] == ("b", lead_b.epoch), 3, "b leads")
+        wait_for(lambda: seen[-1] == ("b", lead_b.epoch), 3, 0.02)
     assert seen[0] is None and ("a", lead_a.epoch) in seen
 
 

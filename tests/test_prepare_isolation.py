@@ -406,18 +406,25 @@ def test_a_scheduled_finish_switches_at_its_instant_and_not_before(cb: Codebase)
         cb.release("2", {"m": src.replace("X = 1", "X = len(os.sep) + 1")})
     )
     at = time.time() + 0.5
-    seen: list[int] = []
+    seen: list[tuple[float, int]] = []  # (when, what f returned), read under the guard
+    finished = threading.Event()
 
-    def look() -> None:  # just before the instant, the old code still serves
-        time.sleep(max(0.0, at - 0.15 - time.time()))
-        with cb.loader.guard():
-            seen.append(mods["m"].f())
+    def look() -> None:  # until the finish returns: which code serves, when
+        while not finished.is_set():
+            with cb.loader.guard():
+                seen.append((time.time(), mods["m"].f()))
+            time.sleep(0.01)
 
     looker = threading.Thread(target=look)
     looker.start()
-    report = cb.loader.finish(prepared, at=at)
-    looker.join()
-    assert seen == [1] and mods["m"].f() == 2
+    try:
+        report = cb.loader.finish(prepared, at=at)
+    finally:
+        finished.set()
+        looker.join()
+    assert [v for t, v in seen if t < at], "nothing read before the instant"
+    assert {v for t, v in seen if t < at} == {1}, seen  # the old code serves up to the instant
+    assert mods["m"].f() == 2
     assert report.switched_at >= at
 
 
