@@ -24,7 +24,7 @@ from coordinator.election import CampaignTimeout, Election, ElectionError, Sessi
 from coordinator.engine import Engine
 from coordinator.fleet import AgentPool, ClientTLS
 from coordinator.prometheus import PrometheusCheck, PrometheusProvider
-from hotfleet.config import ConfigError, env_flag, etcd_password
+from hotfleet.config import ConfigError, add_etcd_arguments, env_flag, etcd_options_from_args
 from hotfleet.etcd_client import EtcdConnectError, connect
 from hotfleet.etcd_session import SessionExpiredError
 from hotfleet.keys import DEFAULT_PREFIX, Keys
@@ -173,34 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hotfleet-coordinator", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
-    parser.add_argument("--etcd", default=os.environ.get("HOTFLEET_ETCD", "http://127.0.0.1:2379"))
-    parser.add_argument(
-        "--etcd-ca",
-        default=os.environ.get("HOTFLEET_ETCD_CA") or None,
-        help="CA for https etcd endpoints (env HOTFLEET_ETCD_CA)",
-    )
-    parser.add_argument(
-        "--etcd-cert",
-        default=os.environ.get("HOTFLEET_ETCD_CERT") or None,
-        help="client certificate for etcd (env HOTFLEET_ETCD_CERT)",
-    )
-    parser.add_argument(
-        "--etcd-key",
-        default=os.environ.get("HOTFLEET_ETCD_KEY") or None,
-        help="client key for etcd (env HOTFLEET_ETCD_KEY)",
-    )
-    parser.add_argument(
-        "--etcd-user",
-        default=os.environ.get("HOTFLEET_ETCD_USER") or None,
-        help="etcd user (env HOTFLEET_ETCD_USER); its password comes from "
-        "--etcd-password-file or HOTFLEET_ETCD_PASSWORD[_FILE], never from the command line",
-    )
-    parser.add_argument(
-        "--etcd-password-file",
-        default=None,
-        metavar="PATH",
-        help="file holding the etcd password (mode 0600; also HOTFLEET_ETCD_PASSWORD_FILE)",
-    )
+    add_etcd_arguments(parser)
     parser.add_argument(
         "--listen", default="127.0.0.1:7600", help="API address for coordctl (port 0 picks one)"
     )
@@ -244,12 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.dev = args.dev or env_flag("HOTFLEET_DEV")
-        etcd_secret = etcd_password(args.etcd, None, args.etcd_password_file)
-        if (etcd_secret is None) != (args.etcd_user is None):
-            raise ConfigError(
-                "etcd auth needs both --etcd-user (HOTFLEET_ETCD_USER) and a password "
-                "(--etcd-password-file, HOTFLEET_ETCD_PASSWORD or HOTFLEET_ETCD_PASSWORD_FILE)"
-            )
+        etcd_settings = etcd_options_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
     configure_logging(args.log_level, args.log_format)
@@ -286,13 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls=tls,
             lease_ttl=args.lease_ttl,
             advertise_host=args.advertise_host,
-            etcd_options={
-                "ca_cert": args.etcd_ca,
-                "cert_cert": args.etcd_cert,
-                "cert_key": args.etcd_key,
-                "user": args.etcd_user,
-                "password": etcd_secret,
-            },
+            etcd_options=etcd_settings,
         )
     except (EtcdConnectError, ValueError) as exc:
         print(f"hotfleet-coordinator: {exc}", file=sys.stderr)

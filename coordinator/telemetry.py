@@ -27,7 +27,7 @@ import http.server
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from coordinator.model import Rollout
@@ -51,6 +51,17 @@ class _Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
+
+    def lines(self, name: str, labels: Mapping[str, str]) -> list[str]:
+        """``_bucket`` (cumulative), ``_sum`` and ``_count`` samples."""
+        out, running = [], 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += count
+            le = "+Inf" if math.isinf(bound) else repr(float(bound))
+            out.append(_sample(f"{name}_bucket", {**labels, "le": le}, running))
+        out.append(_sample(f"{name}_sum", labels, self.total))
+        out.append(_sample(f"{name}_count", labels, running))
+        return out
 
 
 class CoordinatorMetrics:
@@ -111,82 +122,57 @@ class CoordinatorMetrics:
         """The Prometheus text exposition format (0.0.4)."""
         out: list[str] = []
 
-        def family(name: str, kind: str, help_: str) -> None:
+        def family(
+            name: str, kind: str, help_: str, samples: Iterable[tuple[dict[str, str], float]]
+        ) -> None:
             out.append(f"# HELP {name} {help_}")
             out.append(f"# TYPE {name} {kind}")
+            out.extend(_sample(name, labels, value) for labels, value in samples)
 
         with self._lock:
             family(
                 "hotfleet_coordinator_rollouts_total",
                 "counter",
                 "Rollouts that ended while this coordinator led, by kind and outcome.",
+                (
+                    ({"kind": kind, "outcome": outcome}, n)
+                    for (kind, outcome), n in sorted(self.rollouts.items())
+                ),
             )
-            for (kind, outcome), n in sorted(self.rollouts.items()):
-                out.append(
-                    _sample(
-                        "hotfleet_coordinator_rollouts_total", {"kind": kind, "outcome": outcome}, n
-                    )
-                )
             family(
                 "hotfleet_coordinator_rollbacks_total",
                 "counter",
                 "Fleet rollbacks that went through: automatic (analysis, failed finish) or operator.",
+                (({"trigger": t}, self.rollbacks.get(t, 0)) for t in ("automatic", "operator")),
             )
-            for trigger in ("automatic", "operator"):
-                n = self.rollbacks.get(trigger, 0)
-                out.append(_sample("hotfleet_coordinator_rollbacks_total", {"trigger": trigger}, n))
             family(
                 "hotfleet_coordinator_rollout_phase_seconds",
                 "histogram",
                 "Duration of each phase of an ended rollout: prepare (to the decision), "
                 "finish (decision to every node switched), analysis (the rollback window).",
+                (),
             )
             for phase, hist in sorted(self.phases.items()):
-                running = 0
-                for bound, count in zip((*hist.bounds, math.inf), hist.counts, strict=True):
-                    running += count
-                    le = "+Inf" if math.isinf(bound) else repr(float(bound))
-                    labels = {"phase": phase, "le": le}
-                    out.append(
-                        _sample(
-                            "hotfleet_coordinator_rollout_phase_seconds_bucket", labels, running
-                        )
-                    )
-                out.append(
-                    _sample(
-                        "hotfleet_coordinator_rollout_phase_seconds_sum",
-                        {"phase": phase},
-                        hist.total,
-                    )
-                )
-                out.append(
-                    _sample(
-                        "hotfleet_coordinator_rollout_phase_seconds_count",
-                        {"phase": phase},
-                        running,
-                    )
+                out.extend(
+                    hist.lines("hotfleet_coordinator_rollout_phase_seconds", {"phase": phase})
                 )
             family(
                 "hotfleet_coordinator_catch_ups_total",
                 "counter",
                 "Nodes the convergence loop brought to their desired release, by outcome.",
+                (({"outcome": o}, self.catch_ups.get(o, 0)) for o in ("ok", "failed")),
             )
-            for outcome in ("ok", "failed"):
-                n = self.catch_ups.get(outcome, 0)
-                out.append(_sample("hotfleet_coordinator_catch_ups_total", {"outcome": outcome}, n))
             family(
                 "hotfleet_coordinator_leader",
                 "gauge",
                 "1 while this coordinator leads the fleet, else 0.",
+                [({}, int(self.leader))],
             )
-            out.append(_sample("hotfleet_coordinator_leader", {}, int(self.leader)))
             family(
                 "hotfleet_coordinator_leader_changes_total",
                 "counter",
                 "Times this coordinator won or lost the leadership.",
-            )
-            out.append(
-                _sample("hotfleet_coordinator_leader_changes_total", {}, self.leader_changes)
+                [({}, self.leader_changes)],
             )
         return "\n".join(out) + "\n"
 

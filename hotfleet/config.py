@@ -12,13 +12,18 @@ plaintext endpoint.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ConfigError",
+    "add_etcd_arguments",
     "env_flag",
+    "etcd_options",
+    "etcd_options_from_args",
     "etcd_password",
     "parse_flag",
     "refuse_plaintext_secret",
@@ -133,3 +138,83 @@ def etcd_password(
     if password is not None:
         refuse_plaintext_secret("the etcd password", endpoints.split(","))
     return password
+
+
+def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--etcd*`` options every daemon takes, each defaulting to its ``HOTFLEET_*`` variable.
+
+    One definition, so that an agent and a coordinator pointed at the same
+    etcd are configured the same way (see :func:`etcd_options_from_args`).
+    """
+    env = os.environ.get
+    parser.add_argument(
+        "--etcd", default=env("HOTFLEET_ETCD", "http://127.0.0.1:2379"), metavar="URL[,URL...]"
+    )
+    parser.add_argument(
+        "--etcd-ca",
+        default=env("HOTFLEET_ETCD_CA") or None,
+        help="CA for https etcd endpoints (env HOTFLEET_ETCD_CA)",
+    )
+    parser.add_argument(
+        "--etcd-cert",
+        default=env("HOTFLEET_ETCD_CERT") or None,
+        help="client certificate for etcd (env HOTFLEET_ETCD_CERT)",
+    )
+    parser.add_argument(
+        "--etcd-key",
+        default=env("HOTFLEET_ETCD_KEY") or None,
+        help="client key for etcd (env HOTFLEET_ETCD_KEY)",
+    )
+    parser.add_argument(
+        "--etcd-user",
+        default=env("HOTFLEET_ETCD_USER") or None,
+        help="etcd user (env HOTFLEET_ETCD_USER); its password comes from "
+        "--etcd-password-file or HOTFLEET_ETCD_PASSWORD[_FILE], never from the command line",
+    )
+    parser.add_argument(
+        "--etcd-password-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the etcd password (mode 0600; also HOTFLEET_ETCD_PASSWORD_FILE)",
+    )
+
+
+def etcd_options(
+    endpoints: str,
+    *,
+    ca_cert: str | None = None,
+    cert_cert: str | None = None,
+    cert_key: str | None = None,
+    user: str | None = None,
+    password_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The :func:`hotfleet.etcd_client.connect` keywords for these settings, the password
+    read as :func:`etcd_password` does; :class:`ConfigError` for a user without a password
+    or the reverse (etcd would refuse every call later, far from the cause)."""
+    password = etcd_password(endpoints, None, password_file, environ)
+    if (password is None) != (user is None):
+        raise ConfigError(
+            "etcd auth needs both --etcd-user (HOTFLEET_ETCD_USER) and a password "
+            "(--etcd-password-file, HOTFLEET_ETCD_PASSWORD or HOTFLEET_ETCD_PASSWORD_FILE)"
+        )
+    given = {
+        "ca_cert": ca_cert,
+        "cert_cert": cert_cert,
+        "cert_key": cert_key,
+        "user": user,
+        "password": password,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def etcd_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`etcd_options` for the options :func:`add_etcd_arguments` added."""
+    return etcd_options(
+        args.etcd,
+        ca_cert=args.etcd_ca,
+        cert_cert=args.etcd_cert,
+        cert_key=args.etcd_key,
+        user=args.etcd_user,
+        password_file=args.etcd_password_file,
+    )

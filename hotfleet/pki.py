@@ -119,6 +119,40 @@ def _host(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+def _sign_leaf(
+    directory: Path,
+    stem: str,
+    subject: str,
+    san: list[x509.GeneralName],
+    usages: list[x509.ObjectIdentifier],
+) -> tuple[Path, Path]:
+    """A fresh key and a certificate signed by the CA in ``directory``, written as
+    ``<stem>.pem``/``<stem>.key`` (the key 0600); ``(cert, key)`` paths."""
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{directory / 'ca.key'}: not an EC key")
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now + _VALID)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+    _write_new(key_path, _pem_key(key), 0o600)
+    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert_path, key_path
+
+
 def issue(
     directory: Path,
     role: Role | str,
@@ -134,35 +168,12 @@ def issue(
     ``<stem>.pem``/``<stem>.key`` (default stem: the role).
     """
     role = Role(role)
-    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{directory / 'ca.key'}: not an EC key")
-    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(role.uri)]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if role in _SERVERS:
         san += [_host(h) for h in hosts]
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name or role.value))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _SKEW)
-        .not_valid_after(now + _VALID)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    stem = stem or role.value
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    _write_new(key_path, _pem_key(key), 0o600)
-    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return cert_path, key_path
+    return _sign_leaf(directory, stem or role.value, name or role.value, san, usages)
 
 
 def issue_etcd_server(
@@ -174,30 +185,8 @@ def issue_etcd_server(
     with it), only ``hosts`` as SAN entries, for server and client use (the
     embedded etcd's own health probe presents it).
     """
-    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{directory / 'ca.key'}: not an EC key")
-    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
     usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"hotfleet {stem}"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _SKEW)
-        .not_valid_after(now + _VALID)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([_host(h) for h in hosts]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    _write_new(key_path, _pem_key(key), 0o600)
-    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return cert_path, key_path
+    return _sign_leaf(directory, stem, f"hotfleet {stem}", [_host(h) for h in hosts], usages)
 
 
 def make_dev_pki(directory: Path, hosts: Sequence[str] = DEFAULT_HOSTS) -> DevPki:

@@ -34,7 +34,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from hotfleet import logsetup
-from hotfleet.config import ConfigError, env_flag, etcd_password
+from hotfleet.config import ConfigError, add_etcd_arguments, env_flag, etcd_options_from_args
 from hotfleet.keys import DEFAULT_PREFIX
 from hotfleet.protocol import AGENT_READY
 from hotfleet.signing import DEFAULT_FLEET, FLEET_ENV, load_public_keys
@@ -111,38 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--advertise-host", default=None, help="host to publish in etcd (default: the listen host)"
     )
-    p.add_argument(
-        "--etcd",
-        default=os.environ.get("HOTFLEET_ETCD", "http://127.0.0.1:2379"),
-        metavar="URL[,URL...]",
-    )
-    p.add_argument(
-        "--etcd-ca",
-        default=os.environ.get("HOTFLEET_ETCD_CA") or None,
-        help="CA for https etcd endpoints (env HOTFLEET_ETCD_CA)",
-    )
-    p.add_argument(
-        "--etcd-cert",
-        default=os.environ.get("HOTFLEET_ETCD_CERT") or None,
-        help="client certificate for etcd (env HOTFLEET_ETCD_CERT)",
-    )
-    p.add_argument(
-        "--etcd-key",
-        default=os.environ.get("HOTFLEET_ETCD_KEY") or None,
-        help="client key for etcd (env HOTFLEET_ETCD_KEY)",
-    )
-    p.add_argument(
-        "--etcd-user",
-        default=os.environ.get("HOTFLEET_ETCD_USER") or None,
-        help="etcd user (env HOTFLEET_ETCD_USER); its password comes from "
-        "--etcd-password-file or HOTFLEET_ETCD_PASSWORD[_FILE], never from the command line",
-    )
-    p.add_argument(
-        "--etcd-password-file",
-        default=None,
-        metavar="PATH",
-        help="file holding the etcd password (mode 0600; also HOTFLEET_ETCD_PASSWORD_FILE)",
-    )
+    add_etcd_arguments(p)
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="cluster key prefix in etcd")
     p.add_argument("--labels", type=_labels, default={}, metavar="k=v,...")
     p.add_argument("--lease-ttl", type=int, default=10, help="membership lease TTL in seconds")
@@ -191,12 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.dev = args.dev or env_flag("HOTFLEET_DEV")
-        etcd_secret = etcd_password(args.etcd, None, args.etcd_password_file)
-        if (etcd_secret is None) != (args.etcd_user is None):
-            raise ConfigError(
-                "etcd auth needs both --etcd-user (HOTFLEET_ETCD_USER) and a password "
-                "(--etcd-password-file, HOTFLEET_ETCD_PASSWORD or HOTFLEET_ETCD_PASSWORD_FILE)"
-            )
+        etcd_settings = etcd_options_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
     logsetup.configure(args.log_level, args.log_format, node=args.node_id)
@@ -232,17 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     app = getattr(module, attr)
 
-    etcd_options = {
-        k: v
-        for k, v in {
-            "ca_cert": args.etcd_ca,
-            "cert_cert": args.etcd_cert,
-            "cert_key": args.etcd_key,
-            "user": args.etcd_user,
-            "password": etcd_secret,
-        }.items()
-        if v is not None
-    }
     agent = Agent(
         args.node_id,
         args.code_path,
@@ -259,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         drain_timeout=args.drain_timeout,
         prepare_timeout=args.prepare_timeout,
-        etcd_options=etcd_options,
+        etcd_options=etcd_settings,
     )
     httpd = ThreadingWSGIServer((http_host, http_port), QuietHandler)
     httpd.set_app(agent.wsgi(app))

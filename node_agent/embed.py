@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from hotfleet.config import ConfigError, env_flag, etcd_password
+from hotfleet.config import ConfigError, env_flag, etcd_options
 from hotfleet.keys import DEFAULT_PREFIX
 from node_agent._hostslots import PrepareSlots, default_slot_count
 from node_agent.loader import STAGING_NICE
@@ -143,17 +143,14 @@ class Settings:
         tls_parts = [env.get(f"HOTFLEET_TLS_{p}") or "" for p in ("CERT", "KEY", "CA")]
         if any(tls_parts) and not all(tls_parts):
             raise ConfigError("mutual TLS needs all of HOTFLEET_TLS_CERT, _KEY and _CA")
-        etcd_options = {
-            k: v
-            for k, v in {
-                "ca_cert": env.get("HOTFLEET_ETCD_CA"),
-                "cert_cert": env.get("HOTFLEET_ETCD_CERT"),
-                "cert_key": env.get("HOTFLEET_ETCD_KEY"),
-                "user": env.get("HOTFLEET_ETCD_USER"),
-                "password": etcd_password(etcd, environ=env),
-            }.items()
-            if v
-        }
+        etcd_settings = etcd_options(
+            etcd,
+            ca_cert=env.get("HOTFLEET_ETCD_CA") or None,
+            cert_cert=env.get("HOTFLEET_ETCD_CERT") or None,
+            cert_key=env.get("HOTFLEET_ETCD_KEY") or None,
+            user=env.get("HOTFLEET_ETCD_USER") or None,
+            environ=env,
+        )
         listen = env.get("HOTFLEET_LISTEN") or "127.0.0.1:0"
         _split_listen(listen)
         template = env.get("HOTFLEET_NODE_ID") or "{host}-w{slot}"
@@ -180,7 +177,7 @@ class Settings:
             cache_dir=env.get("HOTFLEET_CACHE_DIR") or None,
             drain_timeout=_number(env, "HOTFLEET_DRAIN_TIMEOUT", 5.0),
             prepare_timeout=_number(env, "HOTFLEET_PREPARE_TIMEOUT", 30.0),
-            etcd_options=etcd_options,
+            etcd_options=etcd_settings,
             slot_dir=env.get("HOTFLEET_SLOT_DIR") or None,
             prepare_slots=_whole(env, "HOTFLEET_PREPARE_SLOTS", default_slot_count(), 0, 1024),
             staging_nice=_whole(env, "HOTFLEET_STAGING_NICE", STAGING_NICE, 0, 19),

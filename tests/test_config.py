@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hotfleet.config import ConfigError, env_flag, etcd_password, parse_flag, secret
+from hotfleet.config import ConfigError, env_flag, etcd_options, etcd_password, parse_flag, secret
+from node_agent.embed import Settings
 
 FALSE_SPELLINGS = ["", "0", "false", "False", "FALSE", "off", "Off", "no", "No", " no ", "n"]
 TRUE_SPELLINGS = ["1", "true", "True", "yes", "YES", "on", "On", " 1\n", "y"]
@@ -136,6 +137,20 @@ def test_agent_refuses_an_etcd_password_over_http() -> None:
     )  # fmt: skip
     assert run.returncode == 2
     assert "the etcd password" in run.stderr and "not https://" in run.stderr
+
+
+def test_etcd_auth_needs_a_user_and_a_password_together() -> None:
+    """Half an auth is refused at start-up, in every entry point (etcd would refuse every call
+    later, far from the cause)."""
+    tls = "https://e1:2379"
+    with pytest.raises(ConfigError, match="needs both --etcd-user"):
+        etcd_options(tls, user="coordinator", environ={})
+    with pytest.raises(ConfigError, match="needs both --etcd-user"):
+        etcd_options(tls, environ={"HOTFLEET_ETCD_PASSWORD": "pw"})
+    given = etcd_options(tls, ca_cert="ca.pem", user="u", environ={"HOTFLEET_ETCD_PASSWORD": "pw"})
+    assert given == {"ca_cert": "ca.pem", "user": "u", "password": "pw"}  # unset ones left out
+    with pytest.raises(ConfigError, match="needs both --etcd-user"):  # gunicorn/uvicorn workers
+        Settings.from_env({"HOTFLEET_ETCD": tls, "HOTFLEET_ETCD_USER": "u"})
 
 
 def test_compose_publishes_ports_on_loopback_only() -> None:
