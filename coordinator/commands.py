@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from coordinator.errors import Refused
 from coordinator.fencing import AMEND_ATTEMPTS, Superseded
 from coordinator.fleet import Target, select
-from coordinator.model import Phase, Rollout
+from coordinator.model import Kind, Phase, Rollout
 from coordinator.options import RolloutOptions
 from coordinator.releases import ReleaseEntry, entry_manifest_health
 from hotfleet.decisions import Decided
@@ -44,7 +44,7 @@ class Commands:
         self._refuse_unknown(target, options)
         if not options.allow_downgrade:
             self._refuse_downgrade(entry)
-        return self.engine.driver.start("upgrade", entry, target, options, lead)
+        return self.engine.driver.start(Kind.UPGRADE, entry, target, options, lead)
 
     def _refuse_downgrade(self, entry: ReleaseEntry) -> None:
         """An upgrade never takes a node to an older version unless asked (``--allow-downgrade``).
@@ -99,7 +99,7 @@ class Commands:
                 to_version if "@" in to_version else f"{self._current_release_name()}@{to_version}"
             )
             return self.engine.driver.start(
-                "rollback", self.engine.release(ref), target, options, lead
+                Kind.ROLLBACK, self.engine.release(ref), target, options, lead
             )
         last = self._last_applied()
         if last is None:
@@ -126,7 +126,7 @@ class Commands:
 
             def revert(_window: Rollout) -> Rollout:
                 return self.engine.driver.start(
-                    "rollback", entry, target, options, lead, from_memory=True, reverts=last.id
+                    Kind.ROLLBACK, entry, target, options, lead, from_memory=True, reverts=last.id
                 )
 
             # taken by the window's driver if it has one: never raced with its judge
@@ -139,7 +139,7 @@ class Commands:
                 "push the old code as a release and use --to VERSION",
             )
         return self.engine.driver.start(
-            "rollback", self.engine.release(previous[0]), target, options, lead, reverts=last.id
+            Kind.ROLLBACK, self.engine.release(previous[0]), target, options, lead, reverts=last.id
         )
 
     def abort(self, rollout_id: str | None = None) -> Rollout:
@@ -216,12 +216,12 @@ class Commands:
         undone = {
             str(r.options.get("reverts"))
             for r in history
-            if r.kind == "rollback" and r.options.get("reverts") and r.phase is Phase.PERMANENT
+            if r.kind is Kind.ROLLBACK and r.options.get("reverts") and r.phase is Phase.PERMANENT
         }
         for r in history:
             if r.phase not in {Phase.PROVISIONAL, Phase.PERMANENT} or r.id in undone:
                 continue
-            if r.kind == "rollback" and r.options.get("reverts"):
+            if r.kind is Kind.ROLLBACK and r.options.get("reverts"):
                 continue
             return r
         return None

@@ -199,7 +199,7 @@ class Convergence:
 
     def _window_or_idle(self) -> bool:
         """No two-phase commit in flight: no active rollout, or one in its window."""
-        from coordinator.model import Phase  # the engine module imports this one
+        from coordinator.model import Kind, Phase  # the engine module imports this one
 
         rid = self.engine._active_id()
         if not rid:
@@ -218,7 +218,7 @@ class Convergence:
                 log.exception("reading rollout %s failed (a bug)", rid)
             return False
         # a rollback's brief provisional phase is no window: it is on its way to permanent
-        window = rollout.phase is Phase.PROVISIONAL and rollout.kind != "rollback"
+        window = rollout.phase is Phase.PROVISIONAL and rollout.kind is not Kind.ROLLBACK
         self._phase_seen = ((rid, rollout.revision), window)
         return window
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from coordinator.analysis import Action
 from coordinator.errors import Refused
 from coordinator.fleet import Target, select
-from coordinator.model import NodeResult, Phase, Rollout, Vote
+from coordinator.model import Kind, NodeResult, Phase, Rollout, Vote
 from coordinator.options import RolloutOptions
 from coordinator.releases import ReleaseEntry, entry_manifest_health
 from coordinator.twophase import abort_reason, commit_lead, wave_id, wave_members
@@ -44,7 +44,7 @@ class Driver:
 
     def start(
         self,
-        kind: str,
+        kind: Kind,
         entry: ReleaseEntry,
         target: Target,
         options: RolloutOptions,
@@ -83,7 +83,7 @@ class Driver:
                 )
             tx = self.engine.client.transactions
             # a rollback makes the release it restores the target again from its start
-            undesired = [tx.delete(self.engine.keys.current)] if kind == "rollback" else []
+            undesired = [tx.delete(self.engine.keys.current)] if kind is Kind.ROLLBACK else []
             ok, created = lead.transaction(
                 [
                     tx.put(self.engine.keys.active, rollout.id),

@@ -22,7 +22,7 @@ import grpc
 
 from coordinator.fencing import TXN_OPS, Deposed, retry
 from coordinator.fleet import Target
-from coordinator.model import NodeResult, Phase, Rollout, Vote
+from coordinator.model import Kind, NodeResult, Phase, Rollout, Vote
 from coordinator.options import RolloutOptions
 from coordinator.releases import ReleaseEntry
 from coordinator.twophase import fan_out, rpc_detail
@@ -182,7 +182,7 @@ class Endings:
         )
         options = RolloutOptions(allow_missing=True, window_s=0.0, health={"why": why})
         self.engine.driver.start(
-            "rollback",
+            Kind.ROLLBACK,
             entry,
             Target(nodes=nodes),
             options,

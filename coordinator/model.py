@@ -18,6 +18,13 @@ from typing import Any
 from hotfleet.errors import ModuleError, Reason
 
 
+class Kind(enum.StrEnum):
+    """What a rollout does: install a release, or take the fleet back to one."""
+
+    UPGRADE = "upgrade"
+    ROLLBACK = "rollback"
+
+
 class Phase(enum.StrEnum):
     """Where a rollout is.  Terminal phases never change again."""
 
@@ -89,7 +96,7 @@ class Rollout:
     """The durable record of one rollout (upgrade, rollback or dry run)."""
 
     id: str
-    kind: str  # "upgrade" | "rollback"
+    kind: Kind
     release: str  # label "name@version" being installed
     release_digest: str
     targets: list[str]
@@ -113,6 +120,9 @@ class Rollout:
     # etcd mod revision of the record this copy was read as or last written as: every
     # write compares it (one writer at a time, no lost update); not stored in the value
     revision: int = 0
+
+    def __post_init__(self) -> None:
+        self.kind = Kind(self.kind)  # "rollback" given as a plain string compares as Kind
 
     # ------------------------------------------------------------ summaries
     @property

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from coordinator.model import Rollout
+from coordinator.model import Kind, Rollout
 
 __all__ = ["PHASE_BOUNDS_S", "CoordinatorMetrics", "MetricsServer"]
 
@@ -105,7 +105,7 @@ class CoordinatorMetrics:
                 self._mark(r.id)
                 key = (r.kind, r.phase.value)
                 self.rollouts[key] = self.rollouts.get(key, 0) + 1
-                if r.kind == "rollback" and r.phase.value == "permanent":
+                if r.kind is Kind.ROLLBACK and r.phase.value == "permanent":
                     automatic = bool((r.options.get("health") or {}).get("why"))
                     trigger = "automatic" if automatic else "operator"
                     self.rollbacks[trigger] = self.rollbacks.get(trigger, 0) + 1

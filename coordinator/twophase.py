@@ -46,7 +46,7 @@ import grpc
 
 from coordinator.errors import Refused
 from coordinator.fencing import Deposed, retry
-from coordinator.model import NodeResult, Phase, Rollout, Vote
+from coordinator.model import Kind, NodeResult, Phase, Rollout, Vote
 from coordinator.options import RolloutOptions
 from hotfleet import decisions
 from hotfleet._proto.hotfleet.v1 import agent_pb2
@@ -279,7 +279,7 @@ class TwoPhase:
         fan_out(finish, members, options.concurrency)
         rollout.finished_at = time.time()
         failed = [n for n in members if n.vote is Vote.YES and not n.finished]
-        if failed and rollout.kind != "rollback":
+        if failed and rollout.kind is not Kind.ROLLBACK:
             self.engine._hook("after_finish", rollout)
             self.engine.endings.finish_failed(lead, rollout, failed)
             return False
@@ -310,7 +310,7 @@ class TwoPhase:
         if rollout.release:
             return lambda _node: (rollout.release, rollout.release_digest)
         reverted = str(rollout.options.get("reverts") or "")
-        if rollout.kind != "rollback" or not reverted:
+        if rollout.kind is not Kind.ROLLBACK or not reverted:
             return lambda _node: None
         try:
             previous = self.engine.rollout(reverted).previous
