@@ -96,9 +96,16 @@ class Convergence:
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="hotfleet-converge", daemon=True)
+        # an event per run: a thread of an earlier leadership still ending never sees it cleared
+        stop = self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(stop,), name="hotfleet-converge", daemon=True
+        )
         self._thread.start()
+
+    def signal_stop(self) -> None:
+        """Ask the loop to end (its etcd retries give up at once); :meth:`stop` waits for it."""
+        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -106,12 +113,16 @@ class Convergence:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.converge_once()
-            except Exception:  # a bug here must be seen, and must not end the loop
-                log.exception("convergence pass failed")
+    def _run(self, stop: threading.Event) -> None:
+        with transient.cancelled_by(stop):
+            while not stop.wait(self.interval_s):
+                try:
+                    self.converge_once()
+                except Exception as exc:  # a bug here must be seen, and must not end the loop
+                    if not transient.from_etcd(exc):
+                        log.exception("convergence pass failed (a bug)")
+                    elif not stop.is_set():
+                        log.warning("convergence pass: %s; next pass", transient.describe(exc))
 
     # ----------------------------------------------------------------- state
     def desired(self) -> Callable[[str], Desired]:

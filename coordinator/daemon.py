@@ -24,6 +24,7 @@ from coordinator.election import CampaignTimeout, Election, ElectionError, Sessi
 from coordinator.engine import Engine
 from coordinator.fleet import AgentPool, ClientTLS
 from coordinator.prometheus import PrometheusCheck, PrometheusProvider
+from hotfleet import transient
 from hotfleet.config import ConfigError, add_etcd_arguments, env_flag, etcd_options_from_args
 from hotfleet.etcd_client import EtcdConnectError, connect
 from hotfleet.etcd_session import SessionExpiredError
@@ -77,6 +78,7 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stop.set()
+        self.engine.begin_stop()  # every thread ends at once, not one after the other
         self._thread.join(timeout=15)
         self.engine.close()
         self.server.stop(grace=1).wait()
@@ -102,7 +104,7 @@ class Coordinator:
                         pass
                     self.engine.step_down()
                     if self._stop.is_set():
-                        self._resign(election)
+                        self._resign(election, session)
                     else:
                         log.warning("lost leadership (%s); campaigning again", session.reason)
             except (ElectionError, SessionExpiredError, EtcdConnectError, OSError) as exc:
@@ -114,15 +116,21 @@ class Coordinator:
                 log.exception("election failed; retrying")
                 self._stop.wait(1.0)
 
-    def _resign(self, election: Election) -> None:
+    def _resign(self, election: Election, session: Session) -> None:
         """Hand leadership over at once; if etcd cannot be told, the lease ends it by itself."""
+        if not session.alive():  # the lease is gone (etcd away): there is nothing to hand over
+            log.warning("not resigning: %s", session.reason or "the session is over")
+            return
         try:
             election.resign()
         except Exception as exc:  # etcd client errors come in many types
+            if not transient.from_etcd(exc):
+                log.exception("resigning failed (a bug); the lease ends the leadership")
+                return
             log.warning(
                 "could not resign (%s): the next leader waits for this lease to expire, "
                 "%ds at most",
-                exc,
+                transient.describe(exc),
                 self.lease_ttl,
             )
 

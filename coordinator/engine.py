@@ -173,8 +173,18 @@ class Engine:
             )
         return lead
 
-    def close(self) -> None:
+    def begin_stop(self) -> None:
+        """Tell every thread of the engine to end, without waiting: from now on their etcd
+        retries give up at once, so their ends overlap instead of adding up (:meth:`close`
+        then waits for them)."""
         self._stopping.set()
+        self.convergence.signal_stop()
+        sampler = self.sampler
+        if sampler is not None:
+            sampler.signal_stop()
+
+    def close(self) -> None:
+        self.begin_stop()
         self.step_down()
         for t in list(self._drivers):
             t.join(timeout=10)
@@ -381,12 +391,20 @@ class Engine:
         def run() -> None:
             failed = False
             try:
-                fn()
+                with transient.cancelled_by(self._stopping):
+                    fn()
             except Deposed:
                 log.warning("%s: stopped, this coordinator is no longer the leader", name)
             except Superseded as exc:
                 log.info("%s: stopped, rollout %s was changed by another writer", name, exc)
-            except Exception:
+            except Exception as exc:
+                if self._stopping.is_set() and transient.from_etcd(exc):
+                    log.warning(
+                        "%s: stopped with etcd away (%s); the next leader takes it up",
+                        name,
+                        transient.describe(exc),
+                    )
+                    return
                 log.exception("%s failed", name)
                 failed = True
             finally:

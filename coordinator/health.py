@@ -78,6 +78,10 @@ class HealthSampler:
             )
             self._thread.start()
 
+    def signal_stop(self) -> None:
+        """Ask the sampler to end (its etcd retries give up at once); :meth:`stop` waits for it."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -107,6 +111,10 @@ class HealthSampler:
             )
 
     def _run(self) -> None:
+        with transient.cancelled_by(self._stop):
+            self._sample_until_stopped()
+
+    def _sample_until_stopped(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
             with self._lock:

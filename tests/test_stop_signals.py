@@ -26,7 +26,7 @@ import pytest
 from coordinator.daemon import STOP_BUDGET_S as COORDINATOR_BUDGET_S
 from hotfleet.etcd_server import EtcdServer
 from node_agent.cli import STOP_BUDGET_S as AGENT_BUDGET_S
-from tests.agents import ROOT, Agents
+from tests.agents import ROOT, Agents, wait_for
 from tests.coordinators import Coordinators
 
 # A process whose main thread waits for SIGTERM while another thread is made to
@@ -130,18 +130,22 @@ def _signal_etcd(server: EtcdServer, sig: signal.Signals) -> None:
 def test_leader_stops_cleanly_while_etcd_is_frozen(
     private_etcd: EtcdServer, tmp_path: Path
 ) -> None:
-    """It cannot resign; it says so, and exits 0 in well under its budget."""
+    """It cannot resign; it says so, and exits 0 in well under its budget, although its
+    threads were inside etcd retries (30 s each, had they run out one after the other)."""
     coordinators = Coordinators(tmp_path, private_etcd.endpoint, f"/stop/{uuid.uuid4().hex}/")
     try:
         leader = coordinators.start("a")
         leader.wait_leader()
         _signal_etcd(private_etcd, signal.SIGSTOP)
+        wait_for(lambda: "; retrying" in leader.log(), timeout=30)  # a thread rides it out
         started = time.monotonic()
         leader.term()
         took = time.monotonic() - started
         log = leader.log(20000)
+        print(f"leader stopped {took:.2f}s after SIGTERM with etcd frozen")
         assert took < COORDINATOR_BUDGET_S / 2, log
-        assert "could not resign" in log and "Traceback" not in log, log
+        assert "could not resign" in log or "not resigning" in log, log
+        assert "Traceback" not in log, log
     finally:
         coordinators.close()
 
@@ -157,6 +161,7 @@ def test_agent_stops_cleanly_while_etcd_is_frozen(private_etcd: EtcdServer, tmp_
         started = time.monotonic()
         agent.term()
         took = time.monotonic() - started
+        print(f"agent stopped {took:.2f}s after SIGTERM with etcd frozen")
         assert took < AGENT_BUDGET_S / 2, agent.log(20000)
         assert "Traceback" not in agent.log(20000), agent.log(20000)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -87,6 +88,22 @@ def test_a_request_budget_bounds_every_retry_inside_it() -> None:
         transient.retrying(30)(call)
     assert time.monotonic() - started < 5  # the request's budget, not the caller's 30 s
     assert len(calls) >= 2  # it did retry meanwhile
+
+
+def test_a_stop_ends_the_retries_of_its_work_at_once() -> None:
+    """A stopping owner's retries neither sleep on nor try again (a stop with etcd away)."""
+    calls, call = flaky([etcd3_errors.ConnectionFailedError() for _ in range(1000)])
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with transient.cancelled_by(stop), pytest.raises(transient.Cancelled) as info:
+        transient.retrying(30)(call)
+    assert time.monotonic() - started < 1.0  # the backoff sleep is woken by the stop
+    assert transient.from_etcd(info.value)  # logged as etcd's doing, not as a bug
+    tried = len(calls)
+    with transient.cancelled_by(stop), pytest.raises(etcd3_errors.ConnectionFailedError):
+        transient.retrying(30)(call)  # already stopped: one attempt, its failure raised
+    assert len(calls) == tried + 1
 
 
 def test_from_etcd_tells_etcds_answers_from_our_bugs() -> None:
