@@ -24,9 +24,7 @@ that was already up is left running.
 from __future__ import annotations
 
 import json
-import re
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +44,7 @@ from coordinator.client import (
 )
 from coordinator.devcommands import add_dir_flag
 from coordinator.launch import EXAMPLES
-from coordinator.render import Style
+from coordinator.story import Story
 from coordinator.traffic import Releases, Response, Traffic, release_label
 from hotfleet._proto.hotfleet.v1 import coordinator_pb2
 
@@ -87,50 +85,6 @@ def switch_times(
         clean = not any(r.release == old and r.start > min(new_ends) for r in mine)
         out[node] = (max(old_ends), first_new, clean)
     return out
-
-
-# ---------------------------------------------------------------- output
-WIDTH = 96
-
-
-def _plain(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-class Story:
-    def __init__(self, out: TextIO, err: TextIO) -> None:
-        self.out, self.err = out, err
-        self.style = Style.for_stream(out)
-        self.started = time.monotonic()
-        self.step_no = 0
-
-    def __call__(self, text: str = "") -> None:
-        print(text, file=self.out, flush=True)
-
-    def heading(self, title: str, total: int = 7) -> None:
-        self.step_no += 1
-        self()
-        line = f"== Step {self.step_no}/{total}: {title} "
-        self(self.style.bold(line + "=" * max(3, WIDTH - len(line))))
-
-    def _wrapped(self, mark: str, text: str) -> None:
-        lines = textwrap.wrap(text, WIDTH - 5, break_on_hyphens=False) or [""]
-        self(f"   {mark}{lines[0]}")
-        for line in lines[1:]:
-            self(f"   {' ' * len(_plain(mark))}{line}")
-
-    def note(self, text: str) -> None:
-        self._wrapped("", text)
-
-    def good(self, text: str) -> None:
-        self._wrapped(self.style.green("✔") + " ", text)
-
-    def bad(self, text: str) -> None:
-        self._wrapped(self.style.red("✘") + " ", text)
-
-    def block(self, text: str) -> None:
-        for line in text.splitlines():
-            self(f"   {line}")
 
 
 def _ms(seconds: float | None) -> str:
