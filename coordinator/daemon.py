@@ -79,6 +79,7 @@ class Coordinator:
     def stop(self) -> None:
         self._stop.set()
         self.engine.begin_stop()  # every thread ends at once, not one after the other
+        self.engine.agents.close()  # RPCs in flight end now, not at their deadlines
         self._thread.join(timeout=15)
         self.engine.close()
         self.server.stop(grace=1).wait()

@@ -377,6 +377,16 @@ class Leadership:
             self._lost = True  # a create revision never comes back
         return False, []
 
+    def relinquish(self) -> None:
+        """Write nothing more under this leadership (a coordinator that is stopping).
+
+        What its threads were doing is left as a crash would leave it, and for
+        the same reason: the next leader recovers it from the records.  A
+        write racing the stop could otherwise act on results the stop itself
+        caused (RPCs cancelled on the way out read as nodes that failed).
+        """
+        self._lost = True
+
     def guarded_txn(self, success_ops: Sequence[Any], extra_compares: Sequence[Any] = ()) -> bool:
         """:meth:`transaction` without the responses: did the fenced write happen?"""
         ok, _ = self.transaction(success_ops, extra_compares)

@@ -174,10 +174,18 @@ class Engine:
         return lead
 
     def begin_stop(self) -> None:
-        """Tell every thread of the engine to end, without waiting: from now on their etcd
-        retries give up at once, so their ends overlap instead of adding up (:meth:`close`
-        then waits for them)."""
+        """Tell every thread of the engine to end, without waiting (:meth:`close` waits).
+
+        From now on nothing is written under this leadership (what a rollout
+        was doing is left as a crash leaves it: the next leader recovers it)
+        and etcd retries give up, so the threads' ends overlap instead of
+        adding up.  The owner of the agent transport closes it next, which
+        cancels the RPCs in flight: nothing they return is acted on any more.
+        """
         self._stopping.set()
+        lead = self._leadership
+        if lead is not None:
+            lead.relinquish()
         self.convergence.signal_stop()
         sampler = self.sampler
         if sampler is not None:
@@ -398,11 +406,9 @@ class Engine:
             except Superseded as exc:
                 log.info("%s: stopped, rollout %s was changed by another writer", name, exc)
             except Exception as exc:
-                if self._stopping.is_set() and transient.from_etcd(exc):
+                if self._stopping.is_set():  # cut short by the stop (RPCs cancelled, etcd away)
                     log.warning(
-                        "%s: stopped with etcd away (%s); the next leader takes it up",
-                        name,
-                        transient.describe(exc),
+                        "%s: ended by the stop (%s); the next leader takes it up", name, exc
                     )
                     return
                 log.exception("%s failed", name)

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from coordinator.transport import TransportError
 from hotfleet._proto.hotfleet.v1 import agent_pb2_grpc
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
@@ -104,12 +105,15 @@ class AgentPool:
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, agent_pb2_grpc.NodeAgentStub] = {}
+        self._closed = False
 
     def stub(self, address: str) -> agent_pb2_grpc.NodeAgentStub:
         stub = self._stubs.get(address)
         if stub is not None:
             return stub
         with self._lock:
+            if self._closed:  # stopping: an RPC fails at once, never waits out its deadline
+                return _Closed()  # type: ignore[return-value]
             channel = self._channels.get(address)
             if channel is None:
                 options = [
@@ -127,8 +131,23 @@ class AgentPool:
             return stub
 
     def close(self) -> None:
+        """Close every channel (their RPCs in flight end as CANCELLED) and open no new one."""
         with self._lock:
+            self._closed = True
             channels, self._channels = list(self._channels.values()), {}
             self._stubs = {}
         for channel in channels:
             channel.close()
+
+
+class _Closed:
+    """The stub of a closed pool: every RPC fails as CANCELLED, at once."""
+
+    def __getattr__(self, rpc: str) -> Any:
+        if not rpc[:1].isupper():
+            raise AttributeError(rpc)
+
+        def call(request: Any, timeout: float | None = None) -> Any:
+            raise TransportError(grpc.StatusCode.CANCELLED, "the coordinator is stopping")
+
+        return call

@@ -11,6 +11,7 @@ injection (``HOTFLEET_FAULT=crash:<step>`` SIGKILLs it at that step;
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,41 @@ def test_leader_killed_before_decision_new_leader_presumes_abort(
     again = coordctl(b, "upgrade", "--all", "--release", "shop@2.0.0", "--window", "0", "--wait")
     assert again.code == 0, again
     assert versions(nodes) == {"2"}
+
+
+def test_leader_stopped_mid_prepare_exits_at_once_and_the_next_one_presumes_abort(
+    agents: Agents,
+    coordinators: Coordinators,
+    etcd_client: EtcdClient,
+    etcd_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a node prepares for a minute: the leader leaves at once, as a crash would
+    leave the rollout (it writes nothing more: its RPCs cancelled on the way out must not read
+    as refusals), and the next leader ends the rollout by presumed abort."""
+    spin = tmp_path / "spin"  # a release whose import never ends: prepare runs to its deadline
+    (spin / "shop").mkdir(parents=True)
+    (spin / "release.toml").write_text('name = "shop"\nversion = "9.9.9"\n')
+    (spin / "shop" / "spin.py").write_text("while True:\n    pass\n")
+    nodes = start_nodes(agents, ("n1",))
+    a = coordinators.start("a")  # alone: no successor's abort reaches the node meanwhile
+    a.wait_leader()
+    started = coordctl(
+        a, "-o", "json", "upgrade", "--all", "--release", str(spin), "--timeout", "60"
+    )
+    assert started.code == 0, started
+    rid = str(started.json()["id"])
+    wait_for(lambda: nodes[0].status().state == "preparing", timeout=20)
+    stopping = time.monotonic()
+    a.term()  # exit 0, or the log
+    assert time.monotonic() - stopping < 5, a.log()
+    b = coordinators.start("b")
+    b.wait_leader()
+    done = ended(etcd_client, etcd_prefix, rid)
+    assert done.phase is Phase.ABORTED and "presumed abort" in done.reason, done.reason
+    assert {n.vote for n in done.nodes.values()} == {Vote.PENDING}  # no vote invented
+    wait_for(lambda: nodes[0].status().state == "idle", timeout=20)
+    assert versions(nodes) == {"1"}
 
 
 @pytest.mark.parametrize("point", ["after_decision", "after_finish"])
