@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -315,10 +316,15 @@ class EtcdServer:
             return f"(log unreadable: {exc})"
 
     def stop(self, timeout: float = 10) -> None:
-        """Graceful stop (SIGTERM), SIGKILL after ``timeout``; idempotent."""
+        """Graceful stop (SIGTERM), SIGKILL after ``timeout``; idempotent.
+
+        A frozen server (SIGSTOP: a test's, or an operator's) is thawed first,
+        or the SIGTERM would wait out the whole ``timeout``.
+        """
         if self._proc is None:
             return
         if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
             self._proc.terminate()
             try:
                 self._proc.wait(timeout)

@@ -18,7 +18,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,18 +106,6 @@ bound_stop(0.5, "test-daemon")
     assert "stuck_in_shutdown" in done.stderr, done.stderr  # the stuck thread's stack
 
 
-@pytest.fixture
-def private_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    """An etcd of this test's own, which it may freeze (SIGSTOP); thawed and stopped after."""
-    server = EtcdServer(tmp_path / "etcd-data")
-    server.start()
-    try:
-        yield server
-    finally:
-        _signal_etcd(server, signal.SIGCONT)
-        server.stop()
-
-
 def _signal_etcd(server: EtcdServer, sig: signal.Signals) -> None:
     if server.pid is not None:
         with contextlib.suppress(ProcessLookupError):
@@ -127,16 +114,14 @@ def _signal_etcd(server: EtcdServer, sig: signal.Signals) -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(90)
-def test_leader_stops_cleanly_while_etcd_is_frozen(
-    private_etcd: EtcdServer, tmp_path: Path
-) -> None:
+def test_leader_stops_cleanly_while_etcd_is_frozen(etcd_server: EtcdServer, tmp_path: Path) -> None:
     """It cannot resign; it says so, and exits 0 in well under its budget, although its
     threads were inside etcd retries (30 s each, had they run out one after the other)."""
-    coordinators = Coordinators(tmp_path, private_etcd.endpoint, f"/stop/{uuid.uuid4().hex}/")
+    coordinators = Coordinators(tmp_path, etcd_server.endpoint, f"/stop/{uuid.uuid4().hex}/")
     try:
         leader = coordinators.start("a")
         leader.wait_leader()
-        _signal_etcd(private_etcd, signal.SIGSTOP)
+        _signal_etcd(etcd_server, signal.SIGSTOP)
         wait_for(lambda: "; retrying" in leader.log(), timeout=30)  # a thread rides it out
         started = time.monotonic()
         leader.term()
@@ -152,12 +137,12 @@ def test_leader_stops_cleanly_while_etcd_is_frozen(
 
 @pytest.mark.integration
 @pytest.mark.timeout(90)
-def test_agent_stops_cleanly_while_etcd_is_frozen(private_etcd: EtcdServer, tmp_path: Path) -> None:
+def test_agent_stops_cleanly_while_etcd_is_frozen(etcd_server: EtcdServer, tmp_path: Path) -> None:
     """It cannot revoke its lease (the record expires by itself); it exits 0 all the same."""
-    agents = Agents(tmp_path, private_etcd.endpoint, f"/stop/{uuid.uuid4().hex}/")
+    agents = Agents(tmp_path, etcd_server.endpoint, f"/stop/{uuid.uuid4().hex}/")
     try:
         agent = agents.start("n-frozen", lease_ttl=2)
-        _signal_etcd(private_etcd, signal.SIGSTOP)
+        _signal_etcd(etcd_server, signal.SIGSTOP)
         started = time.monotonic()
         agent.term()
         took = time.monotonic() - started
