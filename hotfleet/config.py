@@ -150,21 +150,15 @@ def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--etcd", default=env("HOTFLEET_ETCD", "http://127.0.0.1:2379"), metavar="URL[,URL...]"
     )
-    parser.add_argument(
-        "--etcd-ca",
-        default=env("HOTFLEET_ETCD_CA") or None,
-        help="CA for https etcd endpoints (env HOTFLEET_ETCD_CA)",
-    )
-    parser.add_argument(
-        "--etcd-cert",
-        default=env("HOTFLEET_ETCD_CERT") or None,
-        help="client certificate for etcd (env HOTFLEET_ETCD_CERT)",
-    )
-    parser.add_argument(
-        "--etcd-key",
-        default=env("HOTFLEET_ETCD_KEY") or None,
-        help="client key for etcd (env HOTFLEET_ETCD_KEY)",
-    )
+    for part, what in (
+        ("ca", "CA for https etcd endpoints"),
+        ("cert", "client certificate for etcd"),
+        ("key", "client key for etcd"),
+    ):
+        name = f"HOTFLEET_ETCD_{part.upper()}"
+        parser.add_argument(
+            f"--etcd-{part}", default=env(name) or None, help=f"{what} (env {name})"
+        )
     parser.add_argument(
         "--etcd-user",
         default=env("HOTFLEET_ETCD_USER") or None,
