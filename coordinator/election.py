@@ -293,7 +293,7 @@ class Election:
         if rev is None:
             return
         if leadership is not None:
-            leadership._lost = True  # stop writing before the key is gone
+            leadership.relinquish()  # stop writing before the key is gone
         self._delete_own(rev)
         with self._lock:
             if self._rev == rev:
