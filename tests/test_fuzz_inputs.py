@@ -167,9 +167,9 @@ def test_bundles_are_read_or_refused_cleanly(
         _write_tar(path, manifest, members, kinds)
     release = read_or_refuse(path)
     if release is not None:  # what was read must survive the wire
-        Release.from_manifest(
-            release.to_manifest(), {m.digest: m.source for m in release.modules}.__getitem__
-        )
+        store = {m.digest: m.source for m in release.modules}
+        store.update({d.digest: d.content for d in release.data})  # data files travel too
+        assert Release.from_manifest(release.to_manifest(), store.__getitem__) == release
 
 
 @FAST
