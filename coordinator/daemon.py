@@ -83,7 +83,6 @@ class Coordinator:
         self._thread.join(timeout=15)
         self.engine.close()
         self.server.stop(grace=1).wait()
-        self.engine.agents.close()
         self.client.close()
 
     def _campaign_forever(self) -> None:
