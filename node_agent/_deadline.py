@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -56,9 +56,12 @@ class Abandoned(Exception):
         self.label = label
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one call handed to a :class:`Worker` did: returned ``value`` or raised it."""
+class Outcome(NamedTuple):
+    """What one call handed to a :class:`Worker` did: returned ``value`` or raised it.
+
+    A tuple: one is made per migration inside the hold, where a frozen
+    dataclass's ``__init__`` costs several times as much.
+    """
 
     ok: bool
     value: Any
@@ -105,11 +108,15 @@ class _Watchdog:
             return token
 
     def reset(self, token: int, seconds: float) -> None:
-        """Move an armed deadline to ``seconds`` from now, without waking anybody."""
-        with self.cond:
-            arm = self.armed.get(token)
-            if arm is not None and not arm.fired:
-                arm.deadline = time.monotonic() + seconds
+        """Move an armed deadline to ``seconds`` from now, without waking anybody.
+
+        No lock (this runs at every step inside a hold): one attribute store
+        is atomic, and the watchdog reads the deadline at its next look; a
+        deadline that already fired stays fired, as with the lock.
+        """
+        arm = self.armed.get(token)
+        if arm is not None:
+            arm.deadline = time.monotonic() + seconds
 
     def disarm(self, token: int) -> None:
         with self.cond:

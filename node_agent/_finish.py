@@ -30,9 +30,9 @@ from node_agent._patch import (
     MISSING,
     InstallModule,
     Op,
-    SetCode,
     SetItem,
     SetState,
+    StagedCode,
     apply_staged,
     stage_inverses,
 )
@@ -78,7 +78,7 @@ def switch(
     prepared: Prepared,
     journal: list[Op],
     switch_timeout: float,
-    staged: dict[str, list[SetCode | None]] | None = None,
+    staged: dict[str, list[StagedCode | None]] | None = None,
 ) -> None:
     """The swap itself, module by module in dependency order.
 
@@ -96,8 +96,8 @@ def switch(
                         install(prepared._new[name], journal)
                     elif name in prepared._plans:
                         plan = prepared._plans[name]
-                        inverses = staged.get(name) if staged is not None else None
-                        apply_plan(plan, journal, changed, inverses)
+                        codes = staged.get(name) if staged is not None else None
+                        apply_plan(plan, journal, changed, codes)
                 except Refused as exc:
                     raise SwitchFailed(ModuleError(name, exc.reason, exc.detail)) from None
                 except Overrun:
@@ -133,10 +133,10 @@ def apply_plan(
     plan: ModulePlan,
     journal: list[Op],
     changed: list[tuple[str, str, Any]],
-    inverses: list[SetCode | None] | None = None,
+    staged: list[StagedCode | None] | None = None,
 ) -> None:
     # the inverses of the code swaps were built before the hold (see Loader.finish)
-    apply_staged(plan.ops, stage_inverses(plan.ops) if inverses is None else inverses, journal)
+    apply_staged(plan.ops, stage_inverses(plan.ops) if staged is None else staged, journal)
     g = plan.module.__dict__
     for st in plan.statements:
         if st.literal is not None:  # precomputed: nothing to execute

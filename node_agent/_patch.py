@@ -58,9 +58,13 @@ class SetCode(Op):
         f = self.func
         inverse = SetCode(f, f.__code__, f.__defaults__, f.__kwdefaults__, f.__doc__)
         f.__code__ = self.code
-        f.__defaults__ = self.defaults
-        f.__kwdefaults__ = self.kwdefaults
-        if self.doc is not MISSING:
+        # a function attribute's setter costs several times its read: most ops
+        # (and every undo of one) leave defaults and docstring as they are
+        if self.defaults is not inverse.defaults:
+            f.__defaults__ = self.defaults
+        if self.kwdefaults is not inverse.kwdefaults:
+            f.__kwdefaults__ = self.kwdefaults
+        if self.doc is not MISSING and self.doc is not inverse.doc:
             f.__doc__ = self.doc
         return inverse
 
@@ -68,46 +72,62 @@ class SetCode(Op):
         return (self.code,)
 
 
-def stage_inverses(ops: Sequence[Op]) -> list[SetCode | None]:
+# A code swap staged before the hold: its inverse, and whether anything but the
+# code changes (defaults, keyword defaults, docstring)
+StagedCode = tuple[SetCode, bool]
+
+
+def stage_inverses(ops: Sequence[Op]) -> list[StagedCode | None]:
     """The inverse of every :class:`SetCode` in ``ops`` (``None`` for other ops), built now.
 
     Built before the hold, so that the switch allocates nothing for the bulk
-    of its edits (see :func:`apply_staged`).
+    of its edits and sets only the code where nothing else changes (the usual
+    case: a body edit keeps the defaults and the docstring; setting a function
+    attribute costs several times reading it, see :func:`apply_staged`).  A
+    function named by two ops is staged once: the second op sees the first's
+    result, so it is applied afresh.
     """
-    return [
-        SetCode(f, f.__code__, f.__defaults__, f.__kwdefaults__, f.__doc__)
-        if type(op) is SetCode and (f := op.func) is not None
-        else None
-        for op in ops
-    ]
+    staged: list[StagedCode | None] = []
+    seen: set[int] = set()
+    for op in ops:
+        f = op.func if isinstance(op, SetCode) else None
+        if not isinstance(op, SetCode) or f is None or id(f) in seen:
+            staged.append(None)
+            continue
+        seen.add(id(f))
+        inverse = SetCode(f, f.__code__, f.__defaults__, f.__kwdefaults__, f.__doc__)
+        rest = (
+            op.defaults is not inverse.defaults
+            or op.kwdefaults is not inverse.kwdefaults
+            or (op.doc is not MISSING and op.doc is not inverse.doc and op.doc != inverse.doc)
+        )
+        staged.append((inverse, rest))
+    return staged
 
 
-def apply_staged(ops: Sequence[Op], inverses: Sequence[SetCode | None], journal: list[Op]) -> None:
+def apply_staged(ops: Sequence[Op], staged: Sequence[StagedCode | None], journal: list[Op]) -> None:
     """Apply ``ops`` in order, journaling the inverses staged by :func:`stage_inverses`.
 
-    A staged inverse is used only if the function still has the code and
-    defaults it was staged with; otherwise (something swapped them since)
-    it is taken afresh, as :meth:`SetCode.apply` does.
+    A staged inverse is used only if the function still has the code it was
+    staged with; otherwise (something swapped it since) the op is applied
+    afresh, as :meth:`SetCode.apply` does.
     """
-    for op, inv in zip(ops, inverses, strict=True):
-        if inv is None:
+    for op, st in zip(ops, staged, strict=True):
+        if st is None:
+            journal.append(op.apply())
+            continue
+        inv, rest = st
+        f = inv.func
+        if f.__code__ is not inv.code:
             journal.append(op.apply())
             continue
         assert isinstance(op, SetCode)
-        f = op.func
-        if (
-            f.__code__ is not inv.code
-            or f.__defaults__ is not inv.defaults
-            or f.__kwdefaults__ is not inv.kwdefaults
-            or f.__doc__ is not inv.doc
-        ):
-            journal.append(op.apply())
-            continue
         f.__code__ = op.code
-        f.__defaults__ = op.defaults
-        f.__kwdefaults__ = op.kwdefaults
-        if op.doc is not MISSING:
-            f.__doc__ = op.doc
+        if rest:
+            f.__defaults__ = op.defaults
+            f.__kwdefaults__ = op.kwdefaults
+            if op.doc is not MISSING:
+                f.__doc__ = op.doc
         journal.append(inv)
 
 

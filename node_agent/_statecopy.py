@@ -130,8 +130,11 @@ def copy_state(
     (the dry run), else share them (the real migration).  Raises
     :class:`StateNotCopyable` if ``deepcopy`` still fails.
     """
-    if all(type(v) in _PLAIN for v in state.values()):
-        return dict(state), []  # nothing shared, nothing to replace: the usual small state
+    for v in state.values():
+        if type(v) not in _PLAIN:
+            break
+    else:  # nothing shared, nothing to replace: the usual small state
+        return dict(state), []
     memo: dict[int, Any] = {}
     notes: list[str] = []
     for key, value in state.items():
