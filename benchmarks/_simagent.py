@@ -245,6 +245,7 @@ class SimAgent:
             "permanent_release": label(self.code.permanent_release),
             "state": str(self.participant.state),
             "prepared_rollout": self.participant.prepared_rollout,
+            "switch_at": self.participant.switch_at,
             "epoch_seen": self._epoch,
             "started_at": self.started_at,
             "secure": False,

@@ -291,15 +291,34 @@ class Membership:
         None when stopped meanwhile.
         """
         deadline = time.monotonic() + hold
+        held = False  # waited here for the state to settle
         while True:
             payload = self._payload()
             left = deadline - time.monotonic()
-            if payload.get("state") not in TRANSIENT_STATES or left <= 0:
+            switch_at = payload.get("switch_at") or 0.0
+            if switch_at:
+                # a scheduled finish leaves the transient state at a known instant (a
+                # fleet's commit): hold until just after it rather than write the state
+                # it is about to leave while the whole fleet gets ready to switch
+                left = max(left, switch_at - time.time() + PUBLISH_DEBOUNCE_S)
+            settled = payload.get("state") not in TRANSIENT_STATES
+            if settled and held:
+                # It has just left the transient state: most often at a fleet's commit
+                # instant, when every node switches.  The write waits out the same
+                # debounce as any change (see _keepalive), so that it does not compete
+                # for the CPU with nodes still switching.
+                held = False
+                if self._stop.wait(PUBLISH_DEBOUNCE_S):
+                    return None
+                self._dirty.clear()
+                continue
+            if settled or left <= 0:
                 return json.dumps(payload, sort_keys=True)
             self._dirty.wait(left)
             if self._stop.is_set():
                 return None
             self._dirty.clear()
+            held = True
 
     def _note_predecessor(self, client: EtcdClient) -> None:
         """Before our first write: did the process before us on this key stop on purpose?"""

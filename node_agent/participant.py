@@ -165,6 +165,7 @@ class Participant:
         self._state = State.STARTING
         self._preparing = ""  # the rollout whose prepare holds the lock (Abort cancels it)
         self._staged: _Staged | None = None
+        self._switch_at = 0.0  # the instant a scheduled finish switches at, while it waits
         self._finished = _Memory()
         self._rolled_back = _Memory()
 
@@ -172,6 +173,16 @@ class Participant:
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def switch_at(self) -> float:
+        """The unix time a scheduled finish switches at, while it waits for it; else 0.
+
+        Published in the membership record: a node that will leave its
+        transient state at a known instant need not write that state first
+        (:mod:`node_agent.membership`).
+        """
+        return self._switch_at
 
     @property
     def prepared_rollout(self) -> str:
@@ -385,6 +396,7 @@ class Participant:
                 return self._outcome(False, errors=[refusal("*", detail)])
             self.set_state(State.FINISHING, publish=False)
             self._take_staged()
+            self._switch_at = at
             try:
                 report = self._switch(staged.plan, at)
             except (FinishError, LoaderStateError) as exc:
@@ -397,6 +409,8 @@ class Participant:
                 self._finished.keep(rollout_id, failed)
                 self.settle()
                 return failed
+            finally:
+                self._switch_at = 0.0
             outcome = self._outcome(True, report=report)
             self._finished.keep(rollout_id, outcome)
             self.settle()

@@ -162,6 +162,7 @@ class Reports:
             "permanent_release": label(loader.permanent_release),
             "state": str(self.participant.state),
             "prepared_rollout": self.participant.prepared_rollout,
+            "switch_at": self.participant.switch_at,
             "epoch_seen": self.fence.epoch,
             "pid": os.getpid(),
             "started_at": card.started_at,

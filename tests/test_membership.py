@@ -104,3 +104,109 @@ def test_a_successor_on_the_key_of_a_stopped_process_says_whom_it_replaces(
     # a key whose last holder did not say it was stopping (a crash): no claim
     crashed = {"node_id": "n-recycled", "state": "idle", "pid": 4200}
     assert "replaces" not in _first_record_after(etcd_client, key, crashed)
+
+
+def _states_written(etcd_client: EtcdClient, key: str) -> tuple[list[str], Any]:
+    """Every state written to ``key`` from now on (a watch), and the watch's id."""
+    seen: list[str] = []
+
+    def note(response: Any) -> None:
+        for event in getattr(response, "events", None) or ():
+            if event.value:
+                seen.append(json.loads(event.value)["state"])
+
+    return seen, etcd_client.add_watch_callback(key, note)
+
+
+def _membership(key: str, payload: dict[str, Any], client: EtcdClient) -> Membership:
+    shared = _SlowPuts(client)  # never failing: the fixture's client, kept open
+    return Membership(key, lambda: dict(payload), lambda: shared, ttl=5)  # type: ignore[arg-type,return-value]
+
+
+def test_a_transient_state_is_written_once_it_outlasts_the_hold(
+    etcd_client: EtcdClient, etcd_prefix: str, monkeypatch: Any
+) -> None:
+    """A node stuck in ``prepared`` (its coordinator died) still says so, after the hold."""
+    monkeypatch.setattr("node_agent.membership.TRANSIENT_HOLD_S", 0.5)
+    key = f"{etcd_prefix}nodes/n-stuck"
+    payload: dict[str, Any] = {"node_id": "n-stuck", "state": "idle"}
+    seen, watch = _states_written(etcd_client, key)
+    membership = _membership(key, payload, etcd_client)
+    membership.start()
+    try:
+        wait_for(lambda: seen == ["idle"])
+        payload["state"] = "prepared"
+        membership.publish()
+        wait_for(lambda: seen == ["idle", "prepared"], timeout=5)
+    finally:
+        membership.stop()
+        etcd_client.cancel_watch(watch)
+
+
+def test_a_scheduled_switch_is_not_announced_before_its_instant(
+    etcd_client: EtcdClient, etcd_prefix: str, monkeypatch: Any
+) -> None:
+    """A node that will leave ``finishing`` at a known instant writes only where it lands.
+
+    The fleet's commit instant is seconds away on a large fleet: every node
+    writing its transient state in that lead would be N etcd writes while
+    the fleet gets ready to switch (issue 17).
+    """
+    import time
+
+    monkeypatch.setattr("node_agent.membership.TRANSIENT_HOLD_S", 0.3)
+    key = f"{etcd_prefix}nodes/n-scheduled"
+    payload: dict[str, Any] = {"node_id": "n-scheduled", "state": "idle", "switch_at": 0.0}
+    seen, watch = _states_written(etcd_client, key)
+    membership = _membership(key, payload, etcd_client)
+    membership.start()
+    try:
+        wait_for(lambda: seen == ["idle"])
+        instant = time.time() + 1.5  # five holds away
+        payload.update(state="finishing", switch_at=instant)
+        membership.publish()
+        while time.time() < instant:  # the participant switches at the instant
+            time.sleep(0.05)
+        payload.update(state="provisional", switch_at=0.0)
+        membership.publish()
+        wait_for(lambda: seen == ["idle", "provisional"], timeout=5)
+        time.sleep(0.5)  # nothing written after it either
+        assert seen == ["idle", "provisional"]
+    finally:
+        membership.stop()
+        etcd_client.cancel_watch(watch)
+
+
+def test_a_state_that_settles_during_the_hold_is_written_after_the_debounce(
+    etcd_client: EtcdClient, etcd_prefix: str, monkeypatch: Any
+) -> None:
+    """The write of a node that just switched waits out the debounce, like any change.
+
+    At a fleet's commit every node leaves its transient state at one
+    instant; a write at that instant competes for the CPU with the nodes
+    still switching (it tripled the commit skew of 1000 simulated nodes).
+    """
+    import time
+
+    from node_agent.membership import PUBLISH_DEBOUNCE_S
+
+    monkeypatch.setattr("node_agent.membership.TRANSIENT_HOLD_S", 5.0)
+    key = f"{etcd_prefix}nodes/n-settles"
+    payload: dict[str, Any] = {"node_id": "n-settles", "state": "idle"}
+    seen, watch = _states_written(etcd_client, key)
+    arrived: list[float] = []
+    membership = _membership(key, payload, etcd_client)
+    membership.start()
+    try:
+        wait_for(lambda: seen == ["idle"])
+        payload["state"] = "finishing"
+        membership.publish()
+        time.sleep(PUBLISH_DEBOUNCE_S * 2)  # held: the hold is 5 s
+        payload["state"] = "provisional"
+        switched = time.monotonic()
+        membership.publish()
+        wait_for(lambda: seen == ["idle", "provisional"] and not arrived.append(time.monotonic()))
+        assert arrived[0] - switched >= PUBLISH_DEBOUNCE_S
+    finally:
+        membership.stop()
+        etcd_client.cancel_watch(watch)
