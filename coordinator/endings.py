@@ -79,17 +79,16 @@ class Endings:
         entry = self.engine._entry_or_stub(rollout.release)
         live = self.engine.protocol.live_addresses()
 
+        request = agent_pb2.MakePermanentRequest(
+            rollout_id=rollout.id, epoch=lead.epoch, release=rollout.release
+        )
+
         def permanent(result: NodeResult) -> None:
             if not result.finished:
                 return
             result.address = live.get(result.node) or result.address
             try:
-                self.engine.agents.stub(result.address).MakePermanent(
-                    agent_pb2.MakePermanentRequest(
-                        rollout_id=rollout.id, epoch=lead.epoch, release=rollout.release
-                    ),
-                    timeout=10,
-                )
+                self.engine.agents.stub(result.address).MakePermanent(request, timeout=10)
             except grpc.RpcError as exc:
                 result.detail = f"make permanent: {rpc_detail(exc)}"
 

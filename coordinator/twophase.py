@@ -74,13 +74,15 @@ __all__ = [
 # How far ahead of the decision the commit instant is set: long enough for etcd to push
 # the decision to every participant's watch and for each to verify it (one etcd read)
 # and get ready to switch, which grows with the wave: 100 simulated nodes packed in a
-# process on a shared core take ~0.2 s, 1000 on 2 cores ~1 s (issue 17); a fleet of
-# hosts does it in parallel, and a few workers in ~10 ms (the base keeps a small
-# fleet's switch as prompt as it was: 54 ms for 3 nodes).  The Finish fan-out is not
-# in it: it starts at the instant (a node without a live watch switches when its
-# Finish comes, late but correct).
+# process on a shared core take ~0.2 s, 1000 on 2 cores under 1 s once their
+# membership writes stay out of the lead (issue 17: 1.0 ms/node kept the commit skew
+# of 1000 packed nodes at 46-81 ms, as 1.3 ms/node did); a fleet of hosts does it in
+# parallel, and a few workers in ~10 ms (the base keeps a small fleet's switch as
+# prompt as it was: 54 ms for 3 nodes).  The Finish fan-out is not in it: it starts
+# at the instant (a node without a live watch switches when its Finish comes, late
+# but correct).
 COMMIT_LEAD_S = 0.05
-COMMIT_LEAD_PER_NODE_S = 0.0013
+COMMIT_LEAD_PER_NODE_S = 0.0010
 COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long after the instant
 WARNINGS_KEPT = 20  # a node's warnings kept per phase in the rollout record
 WARNING_CHARS = 500
@@ -100,17 +102,18 @@ class TwoPhase:
             message.signature = bytes.fromhex(entry.signature)  # stored as hex in etcd
             message.signer = entry.signer
 
+        # one request for the whole wave (a fleet of 1000 built and copied it 1000 times)
+        request = agent_pb2.PrepareRequest(
+            rollout_id=wave_id(rollout),
+            epoch=lead.epoch,
+            force=options.force,
+            rollback_target=bool(rollout.options.get("from_memory")),
+            release=message,
+        )
+
         def prepare(result: NodeResult) -> None:
             if result.vote is Vote.UNREACHABLE:
                 return
-            request = agent_pb2.PrepareRequest(
-                rollout_id=wave_id(rollout),
-                epoch=lead.epoch,
-                force=options.force,
-                rollback_target=bool(rollout.options.get("from_memory")),
-            )
-            if message is not None:
-                request.release.CopyFrom(message)
             started = time.perf_counter()
             try:
                 reply = self.engine.agents.stub(result.address).Prepare(
@@ -217,12 +220,13 @@ class TwoPhase:
             sampler.resume_at(commit_at + COMMIT_QUIET_S)
         decided = self._decided_releases(rollout)
 
+        request = agent_pb2.FinishRequest(
+            rollout_id=wave_id(rollout), epoch=lead.epoch, commit_at=commit_at
+        )
+
         def finish(result: NodeResult) -> None:
             if result.finished or result.vote is not Vote.YES:
                 return
-            request = agent_pb2.FinishRequest(
-                rollout_id=wave_id(rollout), epoch=lead.epoch, commit_at=commit_at
-            )
             result.address = live.get(result.node) or result.address
             while True:
                 try:
