@@ -195,6 +195,15 @@ class Commands:
         names = {
             n.current_release.partition("@")[0] for n in self.engine.nodes() if n.current_release
         }
+        if not names:
+            # membership records lag a switch by their debounce: right after a rollout
+            # ended they may still show the boot code; the rollouts themselves know
+            ended = [
+                r
+                for r in self.engine.rollouts(limit=20)
+                if r.phase in {Phase.PROVISIONAL, Phase.PERMANENT}
+            ]
+            names = {ended[0].release.partition("@")[0]} if ended else set()
         if len(names) != 1:
             raise Refused(
                 Refusal.INVALID,

@@ -37,9 +37,9 @@ import contextlib
 import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -393,13 +393,38 @@ def fan_out(
     coordinator ~1.1 ms of CPU against ~0.56 ms at 32 (and gRPC futures,
     whose channels each spin a thread, ~0.85 ms) on the 2-core test host.
     """
-    items = list(items)
-    if not items:
+    work = list(items)
+    if not work:
         return
-    with ThreadPoolExecutor(
-        max_workers=max(1, min(concurrency, len(items))), thread_name_prefix="hotfleet-rpc"
-    ) as pool:
-        list(pool.map(fn, items))
+    # Workers take the next node from one iterator: no future, no condition variable
+    # and no wake-up per node (an executor's bookkeeping was ~10 % of the coordinator's
+    # CPU for a 1000-node wave).  The calling thread is one of the workers.
+    pending = iter(work)
+    lock = threading.Lock()
+    raised: list[BaseException] = []
+
+    def worker() -> None:
+        while True:  # every node gets its call, as with pool.map, even after one raised
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                fn(item)
+            except BaseException as exc:  # handed to the caller, as pool.map did
+                raised.append(exc)
+
+    threads = [
+        threading.Thread(target=worker, name=f"hotfleet-rpc-{i}", daemon=True)
+        for i in range(1, min(concurrency, len(work)))
+    ]
+    for t in threads:
+        t.start()
+    worker()
+    for t in threads:
+        t.join()
+    if raised:
+        raise raised[0]
 
 
 def commit_lead(nodes: int) -> float:
