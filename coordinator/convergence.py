@@ -223,14 +223,19 @@ class Convergence:
             revision = int(head.kvs[0].mod_revision) if head.kvs else 0
             if self._phase_seen[0] == (rid, revision):
                 return self._phase_seen[1]
-            rollout = self.engine.rollout(rid)
+            saved = self.engine.last_saved
+            if saved is not None and saved[:2] == (rid, revision):  # this engine wrote it
+                phase, kind = saved[2], saved[3]
+            else:
+                rollout = self.engine.rollout(rid)
+                phase, kind, revision = rollout.phase, rollout.kind, rollout.revision
         except Exception as exc:  # unreadable now: no catch-up this pass (never wrongly)
             if not transient.from_etcd(exc):
                 log.exception("reading rollout %s failed (a bug)", rid)
             return False
         # a rollback's brief provisional phase is no window: it is on its way to permanent
-        window = rollout.phase is Phase.PROVISIONAL and rollout.kind is not Kind.ROLLBACK
-        self._phase_seen = ((rid, rollout.revision), window)
+        window = phase is Phase.PROVISIONAL and kind is not Kind.ROLLBACK
+        self._phase_seen = ((rid, revision), window)
         return window
 
     def _catch_up(self, node: NodeInfo, d: Desired) -> bool:

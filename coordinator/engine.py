@@ -41,7 +41,7 @@ from coordinator.errors import Refused
 from coordinator.fencing import AMEND_ATTEMPTS, TXN_OPS, Deposed, Superseded, retry
 from coordinator.fleet import NodeInfo, Target, read_nodes
 from coordinator.health import HealthSampler
-from coordinator.model import Rollout
+from coordinator.model import Kind, Phase, Rollout
 from coordinator.options import RolloutOptions
 from coordinator.policy import AnalysisPolicy
 from coordinator.prometheus import PrometheusProvider
@@ -105,6 +105,9 @@ class Engine:
         self._lock = threading.RLock()
         self._drivers: list[threading.Thread] = []
         self._driving: dict[str, threading.Thread] = {}  # rollout id -> its live driver
+        # (id, revision, phase, kind) of the record this engine wrote last: whoever asks
+        # for a rollout's phase at that revision needs no read of a 1000-node record
+        self.last_saved: tuple[str, int, Phase, Kind] | None = None
         # rollout id -> operator requests its window's driver takes in order (single writer)
         self._requests: dict[str, queue.SimpleQueue[OperatorRequest]] = {}
         self._stopping = threading.Event()
@@ -450,6 +453,7 @@ class Engine:
             raise Superseded(rollout.id)
         else:
             raise Deposed()
+        self.last_saved = (rollout.id, rollout.revision, rollout.phase, rollout.kind)
         if rollout.phase.terminal:
             self.baselines.drop(rollout.id)  # only a window needs one
             self._trim_history(lead)

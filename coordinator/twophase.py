@@ -74,15 +74,15 @@ __all__ = [
 # How far ahead of the decision the commit instant is set: long enough for etcd to push
 # the decision to every participant's watch and for each to verify it (one etcd read)
 # and get ready to switch, which grows with the wave: 100 simulated nodes packed in a
-# process on a shared core take ~0.2 s, 1000 on 2 cores under 1 s once their
-# membership writes stay out of the lead (issue 17: 1.0 ms/node kept the commit skew
-# of 1000 packed nodes at 46-81 ms, as 1.3 ms/node did); a fleet of hosts does it in
+# process on a shared core take ~0.2 s, 1000 on 2 cores ~0.8 s once their membership
+# writes stay out of the lead (issue 17: with 0.8 ms/node the commit skew of 1000
+# packed nodes stayed at 45-71 ms, as with 1.0 and 1.3 ms/node); a fleet of hosts does it in
 # parallel, and a few workers in ~10 ms (the base keeps a small fleet's switch as
 # prompt as it was: 54 ms for 3 nodes).  The Finish fan-out is not in it: it starts
 # at the instant (a node without a live watch switches when its Finish comes, late
 # but correct).
 COMMIT_LEAD_S = 0.05
-COMMIT_LEAD_PER_NODE_S = 0.0010
+COMMIT_LEAD_PER_NODE_S = 0.0008
 COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long after the instant
 WARNINGS_KEPT = 20  # a node's warnings kept per phase in the rollout record
 WARNING_CHARS = 500

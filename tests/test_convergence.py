@@ -19,7 +19,7 @@ import pytest
 
 from coordinator.convergence import Convergence, Desired
 from coordinator.engine import Refused, Target
-from coordinator.model import Phase, Rollout
+from coordinator.model import Kind, Phase, Rollout
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.etcd_client import EtcdClient
 from hotfleet.keys import Keys
@@ -326,6 +326,7 @@ def test_the_active_rollout_is_parsed_only_when_its_record_changed() -> None:
         client=SimpleNamespace(get_response=get_response),
         _active_id=lambda: "r1",
         rollout=rollout,
+        last_saved=None,
     )
     loop = Convergence(engine)  # type: ignore[arg-type]
     assert [loop._window_or_idle() for _ in range(3)] == [True, True, True]
@@ -333,3 +334,12 @@ def test_the_active_rollout_is_parsed_only_when_its_record_changed() -> None:
     record["revision"] = 9  # rewritten (say, turned permanent): read again, once
     assert loop._window_or_idle() and loop._window_or_idle()
     assert record["reads"] == 2
+    # written by this engine: what it wrote at that revision is known without a read
+    record["revision"] = 12
+    engine.last_saved = ("r1", 12, Phase.PREPARING, Kind.UPGRADE)
+    assert loop._window_or_idle() is False
+    assert record["reads"] == 2
+    # another writer's revision (a driver elsewhere): read
+    record["revision"] = 13
+    assert loop._window_or_idle() is True
+    assert record["reads"] == 3
