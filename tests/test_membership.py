@@ -8,15 +8,18 @@ key rewritten) is what turned a busy etcd into a storm of lease grants when
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from etcd3.exceptions import ConnectionTimeoutError
 
 from hotfleet.etcd_client import EtcdClient
-from node_agent.membership import Membership
+from node_agent.membership import PUBLISH_DEBOUNCE_S, Membership
 from tests.agents import wait_for
 
 
@@ -106,8 +109,12 @@ def test_a_successor_on_the_key_of_a_stopped_process_says_whom_it_replaces(
     assert "replaces" not in _first_record_after(etcd_client, key, crashed)
 
 
-def _states_written(etcd_client: EtcdClient, key: str) -> tuple[list[str], Any]:
-    """Every state written to ``key`` from now on (a watch), and the watch's id."""
+@contextlib.contextmanager
+def _recorded(
+    etcd_client: EtcdClient, key: str, payload: dict[str, Any]
+) -> Iterator[tuple[Membership, list[str]]]:
+    """A started membership on ``key`` whose first record (``idle``) is written, and every
+    state written to ``key`` from then on (an etcd watch)."""
     seen: list[str] = []
 
     def note(response: Any) -> None:
@@ -115,12 +122,16 @@ def _states_written(etcd_client: EtcdClient, key: str) -> tuple[list[str], Any]:
             if event.value:
                 seen.append(json.loads(event.value)["state"])
 
-    return seen, etcd_client.add_watch_callback(key, note)
-
-
-def _membership(key: str, payload: dict[str, Any], client: EtcdClient) -> Membership:
-    shared = _SlowPuts(client)  # never failing: the fixture's client, kept open
-    return Membership(key, lambda: dict(payload), lambda: shared, ttl=5)  # type: ignore[arg-type,return-value]
+    watch = etcd_client.add_watch_callback(key, note)
+    shared = _SlowPuts(etcd_client)  # never failing: the fixture's client, kept open
+    membership = Membership(key, lambda: dict(payload), lambda: shared, ttl=5)  # type: ignore[arg-type,return-value]
+    membership.start()
+    try:
+        wait_for(lambda: seen == ["idle"])
+        yield membership, seen
+    finally:
+        membership.stop()
+        etcd_client.cancel_watch(watch)
 
 
 def test_a_transient_state_is_written_once_it_outlasts_the_hold(
@@ -128,19 +139,11 @@ def test_a_transient_state_is_written_once_it_outlasts_the_hold(
 ) -> None:
     """A node stuck in ``prepared`` (its coordinator died) still says so, after the hold."""
     monkeypatch.setattr("node_agent.membership.TRANSIENT_HOLD_S", 0.5)
-    key = f"{etcd_prefix}nodes/n-stuck"
     payload: dict[str, Any] = {"node_id": "n-stuck", "state": "idle"}
-    seen, watch = _states_written(etcd_client, key)
-    membership = _membership(key, payload, etcd_client)
-    membership.start()
-    try:
-        wait_for(lambda: seen == ["idle"])
+    with _recorded(etcd_client, f"{etcd_prefix}nodes/n-stuck", payload) as (membership, seen):
         payload["state"] = "prepared"
         membership.publish()
         wait_for(lambda: seen == ["idle", "prepared"], timeout=5)
-    finally:
-        membership.stop()
-        etcd_client.cancel_watch(watch)
 
 
 def test_a_scheduled_switch_is_not_announced_before_its_instant(
@@ -152,16 +155,10 @@ def test_a_scheduled_switch_is_not_announced_before_its_instant(
     writing its transient state in that lead would be N etcd writes while
     the fleet gets ready to switch (issue 17).
     """
-    import time
-
     monkeypatch.setattr("node_agent.membership.TRANSIENT_HOLD_S", 0.3)
-    key = f"{etcd_prefix}nodes/n-scheduled"
     payload: dict[str, Any] = {"node_id": "n-scheduled", "state": "idle", "switch_at": 0.0}
-    seen, watch = _states_written(etcd_client, key)
-    membership = _membership(key, payload, etcd_client)
-    membership.start()
-    try:
-        wait_for(lambda: seen == ["idle"])
+    key = f"{etcd_prefix}nodes/n-scheduled"
+    with _recorded(etcd_client, key, payload) as (membership, seen):
         instant = time.time() + 1.5  # five holds away
         payload.update(state="finishing", switch_at=instant)
         membership.publish()
@@ -172,9 +169,6 @@ def test_a_scheduled_switch_is_not_announced_before_its_instant(
         wait_for(lambda: seen == ["idle", "provisional"], timeout=5)
         time.sleep(0.5)  # nothing written after it either
         assert seen == ["idle", "provisional"]
-    finally:
-        membership.stop()
-        etcd_client.cancel_watch(watch)
 
 
 def test_a_state_that_settles_during_the_hold_is_written_after_the_debounce(
@@ -186,19 +180,10 @@ def test_a_state_that_settles_during_the_hold_is_written_after_the_debounce(
     instant; a write at that instant competes for the CPU with the nodes
     still switching (it tripled the commit skew of 1000 simulated nodes).
     """
-    import time
-
-    from node_agent.membership import PUBLISH_DEBOUNCE_S
-
     monkeypatch.setattr("node_agent.membership.TRANSIENT_HOLD_S", 5.0)
-    key = f"{etcd_prefix}nodes/n-settles"
     payload: dict[str, Any] = {"node_id": "n-settles", "state": "idle"}
-    seen, watch = _states_written(etcd_client, key)
     arrived: list[float] = []
-    membership = _membership(key, payload, etcd_client)
-    membership.start()
-    try:
-        wait_for(lambda: seen == ["idle"])
+    with _recorded(etcd_client, f"{etcd_prefix}nodes/n-settles", payload) as (membership, seen):
         payload["state"] = "finishing"
         membership.publish()
         time.sleep(PUBLISH_DEBOUNCE_S * 2)  # held: the hold is 5 s
@@ -207,6 +192,3 @@ def test_a_state_that_settles_during_the_hold_is_written_after_the_debounce(
         membership.publish()
         wait_for(lambda: seen == ["idle", "provisional"] and not arrived.append(time.monotonic()))
         assert arrived[0] - switched >= PUBLISH_DEBOUNCE_S
-    finally:
-        membership.stop()
-        etcd_client.cancel_watch(watch)
