@@ -76,7 +76,7 @@ __all__ = [
 # and get ready to switch, which grows with the wave: 100 simulated nodes packed in a
 # process on a shared core take ~0.2 s, 1000 on 2 cores ~0.8 s once their membership
 # writes stay out of the lead (issue 17: with 0.8 ms/node the commit skew of 1000
-# packed nodes stayed at 45-71 ms, as with 1.0 and 1.3 ms/node); a fleet of hosts does it in
+# packed nodes stayed at 45-94 ms over 18 runs, 46-81 ms at 1.0); a fleet of hosts does it in
 # parallel, and a few workers in ~10 ms (the base keeps a small fleet's switch as
 # prompt as it was: 54 ms for 3 nodes).  The Finish fan-out is not in it: it starts
 # at the instant (a node without a live watch switches when its Finish comes, late

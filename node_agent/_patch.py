@@ -90,10 +90,10 @@ def stage_inverses(ops: Sequence[Op]) -> list[StagedCode | None]:
     staged: list[StagedCode | None] = []
     seen: set[int] = set()
     for op in ops:
-        f = op.func if isinstance(op, SetCode) else None
-        if not isinstance(op, SetCode) or f is None or id(f) in seen:
+        if not isinstance(op, SetCode) or id(op.func) in seen:
             staged.append(None)
             continue
+        f = op.func
         seen.add(id(f))
         inverse = SetCode(f, f.__code__, f.__defaults__, f.__kwdefaults__, f.__doc__)
         rest = (
