@@ -22,6 +22,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 from hotfleet._gc import paused as gc_paused
 from hotfleet.release import Release
@@ -34,6 +35,7 @@ __all__ = [
     "import_sites",
     "load_order",
     "release_dependencies",
+    "remember_scan",
     "scan_imports",
 ]
 
@@ -76,6 +78,29 @@ class ImportInfo:
     def all(self) -> frozenset[str]:
         """Every module certainly imported (candidates excluded: they may be attributes)."""
         return self.required | self.optional
+
+    def to_plain(self) -> tuple[Any, ...]:
+        """Built-in types only (marshallable): what a cache of scans keeps."""
+        return (
+            tuple(sorted(self.required)),
+            tuple(sorted(self.optional)),
+            tuple((b.local, b.module, b.attr) for b in self.from_bindings),
+            tuple(sorted(self.submodule_candidates)),
+        )
+
+    @classmethod
+    def from_plain(cls, plain: Any) -> ImportInfo:
+        """The inverse of :meth:`to_plain`; raises :class:`ValueError` for anything else."""
+        try:
+            required, optional, bindings, candidates = plain
+            return cls(
+                frozenset(map(str, required)),
+                frozenset(map(str, optional)),
+                tuple(FromBinding(str(a), str(b), str(c)) for a, b, c in bindings),
+                frozenset(map(str, candidates)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a plain ImportInfo: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -275,6 +300,10 @@ def parse_source(source: str | bytes) -> ast.Module:
     return tree
 
 
+_known: OrderedDict[tuple[str, str | bytes, bool], ImportInfo] = OrderedDict()
+_KNOWN_MAX = 256
+
+
 def scan_imports(module: str, source: str | bytes, *, is_package: bool = False) -> ImportInfo:
     """The imports of ``module`` as written in ``source``.
 
@@ -282,7 +311,25 @@ def scan_imports(module: str, source: str | bytes, *, is_package: bool = False) 
     reports that as ``badfile``.  Results are cached by content: a prepare
     scans every loaded module of the code path, which rarely changes.
     """
+    known = _known.get((module, source, is_package))
+    if known is not None:
+        return known
     return _scan_cached(module, source, is_package)
+
+
+def remember_scan(
+    module: str, source: str | bytes, info: ImportInfo, *, is_package: bool = False
+) -> None:
+    """Take ``info`` as the scan of ``source`` (another process of the host made it).
+
+    The caller vouches that it is :func:`scan_imports`'s result for exactly
+    these arguments (the node agent's host cache keys it by the source's
+    digest); the next scans of this source are answered without parsing.
+    """
+    with _trees_lock:
+        _known[(module, source, is_package)] = info
+        while len(_known) > _KNOWN_MAX:
+            _known.popitem(last=False)
 
 
 @functools.lru_cache(maxsize=1024)

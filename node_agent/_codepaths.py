@@ -14,14 +14,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hotfleet._gc import paused as gc_paused
-from hotfleet.imports import parse_source
+from hotfleet.imports import ImportInfo, parse_source, remember_scan, scan_imports
 from hotfleet.release import ModuleSource
 from node_agent._codecache import CodeCache, retarget
 from node_agent._install import NewModule
+
+# In the key of the host cache's import scans: change it whenever what
+# hotfleet.imports.scan_imports finds changes, so no worker reads another
+# version's scans.
+SCAN_FORMAT = "hotfleet-imports-1"
 
 
 class CodePaths:
@@ -66,6 +72,38 @@ class CodePaths:
     def compile(self, ms: ModuleSource, module: Any = None) -> types.CodeType:
         """Compile once per distinct source and file name (validation compiled it already)."""
         return _compile_cached(ms.source, self.filename(ms, module), self.cache)
+
+    def scan(self, modules: Sequence[ModuleSource]) -> None:
+        """Scan the modules' imports (:func:`~hotfleet.imports.scan_imports`) once per host.
+
+        The scans of a whole release are one host cache entry; a sibling's,
+        read from it, are remembered for this process's scans of the same
+        sources (the checks and the planner's ordering): none of them parses.
+        Raises :class:`SyntaxError` like the scan (the sources compiled first).
+        """
+        if self.cache is None or not modules:
+            return
+
+        def make() -> tuple[Any, ...]:
+            return tuple(
+                scan_imports(ms.name, ms.source, is_package=ms.is_package).to_plain()
+                for ms in modules
+            )
+
+        key = digest(
+            "\0".join(
+                [SCAN_FORMAT, *(f"{ms.name}:{ms.is_package}:{ms.actual_digest}" for ms in modules)]
+            ).encode()
+        )
+        plain = self.cache.get("imports", key, make)
+        if not isinstance(plain, tuple) or len(plain) != len(modules):
+            return  # not what "imports" entries hold: each is scanned when asked
+        for ms, one in zip(modules, plain, strict=True):
+            try:
+                info = ImportInfo.from_plain(one)
+            except ValueError:
+                continue
+            remember_scan(ms.name, ms.source, info, is_package=ms.is_package)
 
     def filename(self, ms: ModuleSource, module: Any = None) -> str:
         file = getattr(module, "__file__", None)

@@ -14,6 +14,7 @@ functions get what they read as arguments.
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.machinery
 import sys
 import threading
@@ -31,6 +32,7 @@ from node_agent._codepaths import CodePaths
 from node_agent._functions import Codes, scan_heap
 from node_agent._install import NewModule
 from node_agent._patch import Op, SetCode
+from node_agent._planfacts import Facts, facts_key
 from node_agent._prepared import Binding, Migration, ModuleChange, Prepared
 from node_agent._rehearsal import rehearse
 from node_agent._update import ModulePlan, ModulePlanner, Refused
@@ -91,6 +93,7 @@ def validate(
             errors.append(ModuleError(ms.name, Reason.STICKY, sticky))
     if errors:
         return errors
+    code.scan(release.modules)  # once per host: the checks below and the planner read them
     for ms in release.modules:
         errors.extend(missing_dependencies(ms, release, code.paths))
     return errors
@@ -225,9 +228,9 @@ def plan_release(
     errors: list[ModuleError] = []
     plans: dict[str, ModulePlan] = {}
     new_modules: dict[str, NewModule] = {}
+    todo: list[tuple[types.ModuleType, ModuleSource, str, bytes]] = []
     for unit in order:
         for name in unit:
-            checkpoint()
             ms = by_name[name]
             module = sys.modules.get(name)
             if module is None:
@@ -238,18 +241,17 @@ def plan_release(
             if old_digest == ms.actual_digest:
                 changes.append(ModuleChange(name, "unchanged"))
                 continue
-            compiled = code.compile(ms, module)
-            planner = ModulePlanner(
-                module, old_source, ms.source, code.filename(ms, module), compiled
-            )
-            try:
-                plan = planner.build()
-            except Refused as exc:
-                errors.append(ModuleError(name, exc.reason, exc.detail))
-                continue
-            plans[name] = plan
-            changes.append(ModuleChange(name, "updated", tuple(plan.changes)))
-            warnings.extend(plan.warnings)
+            changes.append(ModuleChange(name, "updated"))  # its details once planned
+            todo.append((module, ms, old_digest, old_source))
+    planned = plan_modules(code, todo, checkpoint)
+    for i, change in enumerate(changes):
+        result = planned.get(change.module)
+        if isinstance(result, Refused):
+            errors.append(ModuleError(change.module, result.reason, result.detail))
+        elif result is not None:
+            plans[change.module] = result
+            changes[i] = ModuleChange(change.module, "updated", tuple(result.changes))
+            warnings.extend(result.warnings)
     if errors:
         raise PrepareError(errors)
     live, suspended = scan_heap(
@@ -280,6 +282,74 @@ def plan_release(
     )
     prepared._bindings = from_bindings(release, list(plans.values()), code.loaded)
     return prepared
+
+
+def plan_modules(
+    code: CodePaths,
+    todo: Sequence[tuple[types.ModuleType, ModuleSource, str, bytes]],
+    checkpoint: Callable[[], None],
+) -> dict[str, ModulePlan | Refused]:
+    """The plan of each loaded module of ``todo`` (module, source, old digest, old source),
+    or why it cannot be planned; what the planner asks of the sources answered once per host.
+
+    The first worker of a host to plan this change answers the planner's
+    questions from the trees and leaves the answers, every module's in one
+    entry, in the host code cache (:mod:`node_agent._planfacts`); its
+    siblings plan from them, deciding everything about their own live
+    objects themselves.
+    """
+
+    def plan_all(
+        answers: dict[str, dict[Any, Any]],
+    ) -> tuple[dict[str, ModulePlan | Refused], dict[str, Any]]:
+        planned: dict[str, ModulePlan | Refused] = {}
+        records: dict[str, Any] = {}
+        for module, ms, _, old_source in todo:
+            checkpoint()
+            recorded = answers.get(ms.name)
+            filename, compiled = code.filename(ms, module), code.compile(ms, module)
+            facts = Facts(old_source, ms.source, filename, recorded)
+            try:
+                try:
+                    planned[ms.name] = ModulePlanner(module, facts, compiled).build()
+                except (TypeError, ValueError, LookupError, AttributeError):
+                    if recorded is None:
+                        raise
+                    # answers of another shape (a record this planner did not write):
+                    # the trees answer everything
+                    facts = Facts(old_source, ms.source, filename)
+                    planned[ms.name] = ModulePlanner(module, facts, compiled).build()
+            except Refused as exc:
+                planned[ms.name] = exc
+            records[ms.name] = facts.record()
+        return planned, records
+
+    if code.cache is None or not todo:
+        return plan_all({})[0]
+    made: list[dict[str, ModulePlan | Refused]] = []
+
+    def make() -> dict[str, Any]:
+        planned, records = plan_all({})
+        made.append(planned)
+        return records
+
+    key = hashlib.sha256(
+        b"\0".join(
+            f"{ms.name}:{facts_key(old_digest, ms.actual_digest)}".encode()
+            for _, ms, old_digest, _ in todo
+        )
+    ).hexdigest()
+    answers = code.cache.get("plan", key, make)
+    if made:
+        return made[0]
+    return plan_all(_by_module(answers))[0]
+
+
+def _by_module(answers: Any) -> dict[str, dict[Any, Any]]:
+    """A plan entry read from the host cache, as ``module -> answers``; what is not is ignored."""
+    if not isinstance(answers, dict):
+        return {}
+    return {k: v for k, v in answers.items() if isinstance(k, str) and isinstance(v, dict)}
 
 
 def migrations_of(release: Release, plans: dict[str, ModulePlan]) -> list[Migration]:

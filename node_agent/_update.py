@@ -29,123 +29,14 @@ Unchanged statements are never re-run, so module state survives.
 
 from __future__ import annotations
 
-import ast
-import functools
-import io
-import tokenize
 import types
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hotfleet.errors import Reason
-from hotfleet.imports import parse_source
 from node_agent import _functions as fx
 from node_agent._patch import MISSING, ClearCache, Op, SetCode, SetDefaults
-
-_dumps: dict[int, str] = {}  # per build(): the same statements are compared several times
-
-
-def _dump(node: ast.AST) -> str:
-    """Position-free text of a node, memoized for the duration of one :meth:`ModulePlanner.build`.
-
-    Keyed by ``id``: only valid while the trees are alive, so ``build`` clears it.
-    """
-    text = _dumps.get(id(node))
-    if text is None:
-        text = _dumps[id(node)] = ast.dump(node, include_attributes=False)
-    return text
-
-
-@functools.lru_cache(maxsize=64)
-def _utf8_lines(source: bytes) -> list[bytes] | None:
-    """The source as the parser's offsets see it: UTF-8 lines (``None`` if undecodable)."""
-    try:
-        encoding, _ = tokenize.detect_encoding(io.BytesIO(source).readline)
-        return source.decode(encoding).encode("utf-8").splitlines(keepends=True)
-    except (SyntaxError, LookupError, UnicodeError):
-        return None
-
-
-def _segment(lines: list[bytes] | None, node: ast.stmt) -> bytes | None:
-    """The exact source text of a statement, its decorators included."""
-    end, end_col = node.end_lineno, node.end_col_offset
-    if lines is None or end is None or end_col is None:
-        return None
-    decorators = getattr(node, "decorator_list", None)
-    first, col = (
-        (min(d.lineno for d in decorators), 0) if decorators else (node.lineno, node.col_offset)
-    )
-    if first == end:
-        return lines[first - 1][col:end_col]
-    return b"".join([lines[first - 1][col:], *lines[first : end - 1], lines[end - 1][:end_col]])
-
-
-def _is_constant(stmt: ast.stmt) -> bool:
-    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
-
-
-def bound_names(body: Iterable[ast.stmt]) -> set[str]:
-    """Names a block of statements binds at its own level (defs, assignments, imports)."""
-    names: set[str] = set()
-    for stmt in body:
-        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(stmt.name)
-        elif isinstance(stmt, ast.Import | ast.ImportFrom):
-            for alias in stmt.names:
-                if alias.name != "*":
-                    names.add(alias.asname or alias.name.split(".")[0])
-        elif isinstance(stmt, ast.Assign | ast.AnnAssign | ast.AugAssign):
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            for t in targets:
-                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
-    return names
-
-
-def _dynamic(stmt: ast.stmt) -> bool:
-    """May the statement bind names :func:`bound_names` cannot see (blocks, star imports, calls)?"""
-    if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Import):
-        return False
-    if isinstance(stmt, ast.ImportFrom):
-        return any(a.name == "*" for a in stmt.names)
-    if isinstance(stmt, ast.Assign | ast.AnnAssign | ast.AugAssign):
-        return any(isinstance(n, ast.NamedExpr) for n in ast.walk(stmt))
-    return True  # expressions (a call may set globals), if/for/try/with blocks
-
-
-def _defs(body: Iterable[ast.stmt]) -> dict[str, ast.stmt]:
-    return {
-        s.name: s
-        for s in body
-        if isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-    }
-
-
-def _slots(node: ast.ClassDef) -> str | None:
-    for stmt in node.body:
-        if isinstance(stmt, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "__slots__" for t in stmt.targets
-        ):
-            return _dump(stmt.value)
-    return None
-
-
-def _header(node: ast.ClassDef) -> str:
-    # a temporary node: dumped directly, never memoized (its id is reused at once)
-    return ast.dump(
-        ast.Tuple(elts=[*node.bases, *[k.value for k in node.keywords]], ctx=ast.Load()),
-        include_attributes=False,
-    ) + str([k.arg for k in node.keywords])
-
-
-def _signature_only_body_changed(old: ast.AST, new: ast.AST) -> bool:
-    """Same decorators and same kind of definition: the code object may be swapped."""
-    return (
-        type(old) is type(new)
-        and isinstance(new, ast.FunctionDef | ast.AsyncFunctionDef)
-        and isinstance(old, ast.FunctionDef | ast.AsyncFunctionDef)
-        and [_dump(d) for d in old.decorator_list] == [_dump(d) for d in new.decorator_list]
-    )
+from node_agent._planfacts import Facts, StatementFacts
 
 
 class Refused(Exception):
@@ -205,94 +96,19 @@ class ModulePlan:
                     )
 
 
-def _default_exprs(
-    node: ast.FunctionDef | ast.AsyncFunctionDef,
-) -> tuple[list[ast.expr], dict[str, ast.expr]]:
-    args = node.args
-    kw = {a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None}
-    return list(args.defaults), kw
-
-
-def _defaults_code(node: ast.FunctionDef | ast.AsyncFunctionDef, filename: str) -> types.CodeType:
-    """Code evaluating to ``(__defaults__, __kwdefaults__)``, run by the switch, not in prepare."""
-    positional, kw = _default_exprs(node)
-    pair = ast.Tuple(
-        elts=[
-            ast.Tuple(elts=positional, ctx=ast.Load()) if positional else ast.Constant(None),
-            ast.Dict(keys=[ast.Constant(k) for k in kw], values=list(kw.values()))
-            if kw
-            else ast.Constant(None),
-        ],
-        ctx=ast.Load(),
-    )
-    expr = ast.fix_missing_locations(ast.copy_location(ast.Expression(pair), node))
-    return compile(expr, filename, "eval", dont_inherit=True)
-
-
-def _literal_defaults(
-    node: ast.FunctionDef | ast.AsyncFunctionDef,
-) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None] | None:
-    """The default values if every one is a literal (no code runs), else ``None``."""
-    positional, kw = _default_exprs(node)
-    try:
-        values = tuple(ast.literal_eval(e) for e in positional)
-        kwvalues = {k: ast.literal_eval(e) for k, e in kw.items()}
-    except ValueError:
-        return None
-    return (values or None), (kwvalues or None)
-
-
-def _same_defaults(
-    old: ast.FunctionDef | ast.AsyncFunctionDef, new: ast.FunctionDef | ast.AsyncFunctionDef
-) -> bool:
-    (op, ok), (np, nk) = _default_exprs(old), _default_exprs(new)
-    return [_dump(e) for e in op] == [_dump(e) for e in np] and {
-        k: _dump(e) for k, e in ok.items()
-    } == {k: _dump(e) for k, e in nk.items()}
-
-
-def _literal_binding(stmt: ast.stmt) -> tuple[str, Any] | None:
-    """``(name, value)`` of ``name = <literal>`` (a constant, or containers of constants)."""
-    if not (
-        isinstance(stmt, ast.Assign)
-        and len(stmt.targets) == 1
-        and isinstance(stmt.targets[0], ast.Name)
-    ):
-        return None
-    try:
-        value = ast.literal_eval(stmt.value)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None
-    return stmt.targets[0].id, value
-
-
-def _docstring(node: ast.AST) -> Any:
-    return (
-        ast.get_docstring(node, clean=False)
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-        else None
-    )
-
-
 class ModulePlanner:
-    """Builds the :class:`ModulePlan` of one loaded module."""
+    """Builds the :class:`ModulePlan` of one loaded module.
 
-    def __init__(
-        self,
-        module: types.ModuleType,
-        old_source: bytes,
-        new_source: bytes,
-        filename: str,
-        new_code: types.CodeType,
-    ) -> None:
+    Everything it needs to know about the two sources comes from ``facts``
+    (:class:`~node_agent._planfacts.Facts`: answered from the trees, or
+    replayed from a sibling's record); everything about the live process it
+    looks up here, on this process's objects.
+    """
+
+    def __init__(self, module: types.ModuleType, facts: Facts, new_code: types.CodeType) -> None:
         self.module = module
         self.g: dict[str, Any] = module.__dict__
-        self.filename = filename
-        # one tree per source for the whole prepare (hotfleet.imports.shared_trees)
-        self.old_tree = parse_source(old_source)
-        self.new_tree = parse_source(new_source)
-        self._old_lines = _utf8_lines(old_source)
-        self._new_lines = _utf8_lines(new_source)
+        self.facts = facts
         self.plan = ModulePlan(module, new_codes=fx.code_index(new_code))
         self.index = fx.module_functions(self.g, module.__name__)
 
@@ -301,128 +117,50 @@ class ModulePlanner:
         try:
             return self._build()
         finally:
-            _dumps.clear()
+            self.facts.done()
 
     def _build(self) -> ModulePlan:
-        old_defs = _defs(self.old_tree.body)
-        unchanged = self._unchanged_statements()
-        for stmt in self.new_tree.body:
-            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                old = old_defs.get(stmt.name)
-                if old is not None and self._same_text(old, stmt):
+        facts = self.facts
+        for index, kind, name, unchanged in facts.top():
+            if kind in ("def", "class"):
+                old_kind = facts.old_kind(name)
+                if old_kind and facts.same_text(index):
                     continue
-                self._plan_definition(stmt, old)
-            elif not _is_constant(stmt) and id(stmt) not in unchanged:
-                self._statement(stmt, "statement")
-        self._docstring()
-        removed = bound_names(self.old_tree.body) - bound_names(self.new_tree.body)
-        self.plan.removed = sorted(n for n in removed if n in self.g)
+                self._plan_definition(index, kind, name, old_kind)
+            elif kind == "stmt" and not unchanged:
+                self._statement(facts.statement(index), "statement")
+        doc = facts.docstring()
+        if doc is not None:
+            self._statement(doc, "docstring")
+        self.plan.removed = sorted(n for n in facts.unbound() if n in self.g)
         self.plan.changes.extend(f"removed {n}" for n in self.plan.removed)
         return self.plan
 
     # ------------------------------------------------------------- internals
-    def _same_text(self, old: ast.stmt, new: ast.stmt) -> bool:
-        """Byte-identical source: the cheap test that settles most statements.
+    def _statement(self, stmt: StatementFacts, kind: str, merge_class: type | None = None) -> None:
+        """Schedule a compiled statement for the switch (it never runs here)."""
+        code, lineno, name, binds, literal = stmt
+        self.plan.statements.append(Statement(code, lineno, merge_class, name, binds, literal))
+        self.plan.changes.append(f"{kind} {name or f'line {lineno}'}")
 
-        Identical text is an identical tree; different text may still be the
-        same tree (formatting, comments), which :func:`_dump` decides where it
-        matters: wherever re-running a statement would have effects.
-        """
-        text = _segment(self._new_lines, new)
-        return text is not None and text == _segment(self._old_lines, old)
-
-    def _unchanged_statements(self) -> set[int]:
-        """Ids of the new module-level statements (not definitions) the old source has too.
-
-        Matched as multisets, by text first and by tree for the rest, so a
-        reformatted ``CACHE = {}`` is not run again and state survives.
-        """
-
-        def plain(body: list[ast.stmt]) -> list[ast.stmt]:
-            return [
-                s
-                for s in body
-                if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-                and not _is_constant(s)
-            ]
-
-        old_texts: dict[bytes | None, list[ast.stmt]] = {}
-        for s in plain(self.old_tree.body):
-            old_texts.setdefault(_segment(self._old_lines, s), []).append(s)
-        same: set[int] = set()
-        rest: list[ast.stmt] = []
-        for s in plain(self.new_tree.body):
-            text = _segment(self._new_lines, s)
-            if text is not None and old_texts.get(text):
-                old_texts[text].pop()
-                same.add(id(s))
-            else:
-                rest.append(s)
-        old_trees: dict[str, int] = {}
-        for left in old_texts.values():
-            for s in left:
-                old_trees[_dump(s)] = old_trees.get(_dump(s), 0) + 1
-        for s in rest:
-            if old_trees.get(_dump(s)):
-                old_trees[_dump(s)] -= 1
-                same.add(id(s))
-        return same
-
-    def _docstring(self) -> None:
-        """Rebind ``__doc__`` when the module docstring changed.
-
-        Run as a statement of its own, a bare string would be compiled as a
-        docstring wherever it stood, so only the module's first statement may
-        set ``__doc__``, and only through this one explicit assignment.
-        """
-        old, new = ast.get_docstring(self.old_tree, False), ast.get_docstring(self.new_tree, False)
-        if old == new:
-            return
-        assign = ast.Assign(
-            targets=[ast.Name("__doc__", ast.Store())], value=ast.Constant(new), lineno=1
-        )
-        self._statement(ast.fix_missing_locations(assign), "docstring")
-
-    def _statement(self, stmt: ast.stmt, kind: str, merge_class: type | None = None) -> None:
-        """Compile ``stmt`` and schedule it for the switch (it never runs here)."""
-        module_ast = ast.Module(body=[stmt], type_ignores=[])
-        code = compile(module_ast, self.filename, "exec", dont_inherit=True)
-        name = getattr(stmt, "name", "")
-        binds = None if _dynamic(stmt) else frozenset(bound_names([stmt]))
-        self.plan.statements.append(
-            Statement(code, stmt.lineno, merge_class, name, binds, _literal_binding(stmt))
-        )
-        self.plan.changes.append(f"{kind} {name or f'line {stmt.lineno}'}")
-
-    def _plan_definition(self, stmt: ast.stmt, old: ast.stmt | None) -> None:
-        assert isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-        live = self.g.get(stmt.name, MISSING)
+    def _plan_definition(self, index: int, kind: str, name: str, old_kind: str) -> None:
+        facts = self.facts
+        live = self.g.get(name, MISSING)
         if (
-            isinstance(stmt, ast.ClassDef)
-            and isinstance(old, ast.ClassDef)
+            kind == "class"
+            and old_kind == "class"
             and isinstance(live, type)
             and live.__module__ == self.module.__name__
         ):
-            self._plan_class(stmt, old, live)
-        elif (
-            old is not None
-            and _signature_only_body_changed(old, stmt)
-            and self.index.get(stmt.name)
-        ):
-            assert isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
-            assert isinstance(old, ast.FunctionDef | ast.AsyncFunctionDef)
-            self._swap_code(stmt, old, stmt.name, self.index[stmt.name], live)
-            self.plan.changes.append(f"body {stmt.name}")
-        elif old is None or _dump(old) != _dump(stmt):  # not a mere reformatting
-            self._statement(stmt, "new" if old is None else "redefined")
+            self._plan_class(index, live)
+        elif old_kind and facts.body_only(index) and self.index.get(name):
+            self._swap_code((index,), name, self.index[name], live)
+            self.plan.changes.append(f"body {name}")
+        elif not old_kind or not facts.same_tree(index):  # not a mere reformatting
+            self._statement(facts.statement(index), "redefined" if old_kind else "new")
 
     def _swap_code(
-        self,
-        node: ast.FunctionDef | ast.AsyncFunctionDef,
-        old: ast.FunctionDef | ast.AsyncFunctionDef,
-        qualname: str,
-        funcs: list[types.FunctionType],
-        holder: Any,
+        self, path: tuple[int, ...], qualname: str, funcs: list[types.FunctionType], holder: Any
     ) -> None:
         new = self.plan.new_codes.get(qualname)
         if new is None:
@@ -432,12 +170,10 @@ class ModulePlanner:
             )
         # Default values: kept if their expressions did not change, taken from the
         # tree if literal, otherwise evaluated by the switch (no code runs here).
-        late: types.CodeType | None = None
-        literal = None
-        if not _same_defaults(old, node):
-            literal = _literal_defaults(node)
-            if literal is None:
-                late = _defaults_code(node, self.filename)
+        how = self.facts.defaults(*path)
+        doc = how[1]
+        literal = (how[2], how[3]) if how[0] == "literal" else None
+        late: types.CodeType | None = how[2] if how[0] == "late" else None
         for f in funcs:
             if f.__code__.co_freevars != new.co_freevars:
                 raise Refused(
@@ -447,7 +183,7 @@ class ModulePlanner:
             self._remember_nested(f.__code__)
             self.plan.replaced_codes.add(f.__code__)
             defaults, kwdefaults = literal or (f.__defaults__, f.__kwdefaults__)
-            self.plan.ops.append(SetCode(f, new, defaults, kwdefaults, _docstring(node)))
+            self.plan.ops.append(SetCode(f, new, defaults, kwdefaults, doc))
             if late is not None:
                 self.plan.late_ops.append(SetDefaults(f, late))
         if holder is not MISSING:
@@ -467,61 +203,50 @@ class ModulePlanner:
                     )
                 self._remember_nested(const)
 
-    def _plan_class(self, node: ast.ClassDef, old: ast.ClassDef, cls: type) -> None:
+    def _plan_class(self, index: int, cls: type) -> None:
         qual = cls.__qualname__
-        if _header(node) != _header(old):
+        header, slots, decorators, bodies = self.facts.class_shape(index)
+        if not header:
             raise Refused(
                 Reason.INCOMPATIBLE_CHANGE, f"class {qual}: base classes or metaclass changed"
             )
-        if _slots(node) != _slots(old):
+        if not slots:
             raise Refused(
                 Reason.INCOMPATIBLE_CHANGE,
                 f"class {qual}: __slots__ changed (instance layout cannot change in place)",
             )
-        if [_dump(d) for d in node.decorator_list] == [
-            _dump(d) for d in old.decorator_list
-        ] and self._bodies_only(node, old, cls):
+        if decorators and bodies and self._bodies_only(index, cls):
             return
-        if _dump(node) == _dump(old):  # reformatted, nothing to merge
+        if self.facts.same_tree(index):  # reformatted, nothing to merge
             return
-        self._statement(node, "class", merge_class=cls)
+        self._statement(self.facts.statement(index), "class", merge_class=cls)
 
-    def _bodies_only(self, node: ast.ClassDef, old: ast.ClassDef, cls: type) -> bool:
-        """Patch methods in place when nothing but method bodies changed."""
-        new_keys = [
-            (_dump(s) if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef) else s.name)
-            for s in node.body
-        ]
-        old_keys = [
-            (_dump(s) if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef) else s.name)
-            for s in old.body
-        ]
-        if new_keys != old_keys:
-            return False
-        old_defs = _defs(old.body)
+    def _bodies_only(self, index: int, cls: type) -> bool:
+        """Patch methods in place when nothing but method bodies changed.
+
+        Asked only when the class's statements are the same apart from
+        method bodies (:meth:`Facts.class_shape`).
+        """
+        facts = self.facts
         swaps = []
-        for stmt in node.body:
-            if not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+        for j, name in facts.methods(index):
+            if facts.same_text(index, j):
                 continue
-            before = old_defs[stmt.name]
-            if self._same_text(before, stmt):
-                continue
-            qualname = f"{cls.__qualname__}.{stmt.name}"
+            qualname = f"{cls.__qualname__}.{name}"
             funcs = [
                 f for f in fx.class_functions(cls, self.g) if f.__code__.co_qualname == qualname
             ]
             new = self.plan.new_codes.get(qualname)
             if (
-                _signature_only_body_changed(before, stmt)
+                facts.body_only(index, j)
                 and funcs
                 and new is not None
                 and all(f.__code__.co_freevars == new.co_freevars for f in funcs)
             ):
-                assert isinstance(before, ast.FunctionDef | ast.AsyncFunctionDef)
-                swaps.append((stmt, before, qualname, funcs))  # a reformatting swaps harmlessly
-            elif _dump(before) != _dump(stmt):
+                swaps.append(((index, j), qualname, funcs, name))  # a reformatting swaps harmlessly
+            elif not facts.same_tree(index, j):
                 return False
-        for stmt, before, qualname, funcs in swaps:
-            self._swap_code(stmt, before, qualname, funcs, cls.__dict__.get(stmt.name, MISSING))
+        for path, qualname, funcs, name in swaps:
+            self._swap_code(path, qualname, funcs, cls.__dict__.get(name, MISSING))
             self.plan.changes.append(f"body {qualname}")
         return True
