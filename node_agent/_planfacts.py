@@ -260,6 +260,7 @@ class Facts:
         self.replayed = 0  # answers taken from the record
         self.computed = 0  # answers worked out here
         self._trees: tuple[ast.Module, ast.Module] | None = None
+        self._defs_of: dict[int, dict[str, ast.stmt]] = {}  # by id of a node of the trees
 
     def record(self) -> dict[Any, Any]:
         """Every answer given so far: marshallable, for the host cache."""
@@ -289,7 +290,7 @@ class Facts:
 
     def old_kind(self, name: str) -> str:
         """``def``, ``class`` or ``""``: what the old source's top level defines as ``name``."""
-        return self.ask(("old", name), lambda: _kind(_defs(self._old().body).get(name)))
+        return self.ask(("old", name), lambda: _kind(self._defs(self._old()).get(name)))
 
     def same_text(self, *path: int) -> bool:
         """The definition at ``path`` (see :meth:`_pair`) is byte-identical to the old one."""
@@ -417,8 +418,15 @@ class Facts:
         old: Any = self._old()
         for index in path:
             new = new.body[index]
-            old = _defs(old.body)[new.name]
+            old = self._defs(old)[new.name]
         return old, new
+
+    def _defs(self, node: Any) -> dict[str, ast.stmt]:
+        """The definitions of a module's or class's body by name, made once per node."""
+        found = self._defs_of.get(id(node))
+        if found is None:
+            found = self._defs_of[id(node)] = _defs(node.body)
+        return found
 
     def _top(self) -> tuple[tuple[int, str, str, bool], ...]:
         new_body = self._new().body
