@@ -47,8 +47,17 @@ def unwrap_members(obj: Any) -> Iterator[Any]:
         yield from registry.values()
 
 
+def _bare(obj: Any) -> bool:
+    """A function that wraps nothing: no closure, no attributes (``__wrapped__``,
+    ``registry``, ``cache_clear`` would live in its ``__dict__``); most methods are."""
+    return type(obj) is FunctionType and not obj.__closure__ and not obj.__dict__
+
+
 def reachable(obj: Any) -> Iterator[Any]:
     """``obj`` and everything it wraps, through any depth of decorators."""
+    if _bare(obj):  # the walk below would find it alone, at several times the cost
+        yield obj
+        return
     stack, seen = [obj], set()
     while stack:
         cur = stack.pop()
@@ -75,6 +84,8 @@ def raw_functions(obj: Any, module_globals: dict[str, Any]) -> Iterator[Function
 
 def caches_of(obj: Any) -> Iterator[Any]:
     """``cache_clear``-style callables of memoizing wrappers around ``obj``."""
+    if _bare(obj):
+        return
     for cur in reachable(obj):
         clear = getattr(cur, "cache_clear", None) or getattr(cur, "_clear_cache", None)
         if callable(clear):
