@@ -27,6 +27,7 @@ cores: 104 -> 168 ms p50).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -78,24 +79,32 @@ _thread: threading.Thread | None = None
 TOTAL = {"pages": 0, "seconds": 0.0}  # every take-back of this process (benchmarks read it)
 
 
-def forked() -> None:
-    """A staging child has exited: take our pages back now, on a thread of its own.
+def forked(exiting: int | None = None) -> None:
+    """A staging child is done: take our pages back now, on a thread of its own.
 
-    The vote does not wait for it; the next hold and the next fork do
-    (:func:`take_back_if_forked`, :func:`settled`).
+    ``exiting``: the pid of a child that sent its report and is still
+    tearing its copy of the address space down (tens of milliseconds for a
+    large heap): the thread reaps it first, since taking pages back while it
+    still maps them would copy them.  The vote waits for neither; the next
+    hold and the next fork wait for both (:func:`settled`).
     """
     global _forked, _thread
     _forked = True
-    if _madvise() is None or _refused:
+    if exiting is None and (_madvise() is None or _refused):
         return
-    thread = threading.Thread(target=_in_background, name="hotfleet-take-back", daemon=True)
+    thread = threading.Thread(
+        target=_in_background, args=(exiting,), name="hotfleet-take-back", daemon=True
+    )
     _thread = thread
     thread.start()
 
 
-def _in_background() -> None:
+def _in_background(exiting: int | None) -> None:
     """The thread's body: a failure here is a bug of ours, logged as one, never an app error."""
     try:
+        if exiting is not None:
+            with contextlib.suppress(ChildProcessError):  # someone reaped it already
+                os.waitpid(exiting, 0)
         take_back_if_forked()
     except Exception:
         log.exception("taking the pages back after the staging fork failed (a bug)")

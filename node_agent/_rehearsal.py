@@ -35,6 +35,7 @@ import functools
 import gc
 import marshal
 import os
+import resource
 import select
 import signal
 import threading
@@ -54,7 +55,8 @@ warnings.filterwarnings(
 
 # The child reports through references taken now: the release it runs may
 # monkeypatch json, os or anything else it likes (its effects die with it).
-_dumps, _write, _exit = marshal.dumps, os.write, os._exit
+_dumps, _write, _close, _exit = marshal.dumps, os.write, os.close, os._exit
+_getrusage, _RUSAGE_SELF = resource.getrusage, resource.RUSAGE_SELF
 
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05  # how often a waiting parent looks at its cancel event
@@ -130,9 +132,14 @@ def _child(
                     }
                 ]
             }
+        usage = _getrusage(_RUSAGE_SELF)
+        report["cpu_s"] = usage.ru_utime + usage.ru_stime
         view = memoryview(_dumps(report))
         while view:
             view = view[_write(write_fd, view) :]
+        # the report is complete: the parent need not wait for this process to
+        # unmap its copy of the heap (it reaps it on a thread of its own)
+        _close(write_fd)
     except BaseException:
         status = 70
     finally:
@@ -166,6 +173,7 @@ def rehearse(
     deadline = started + timeout
     poller = select.poll()
     poller.register(read_fd, select.POLLIN | select.POLLHUP)
+    report: Any = None
     try:
         while True:
             if cancel is not None and cancel.is_set():
@@ -184,27 +192,33 @@ def rehearse(
                 if sum(map(len, chunks)) > _MAX_REPORT:
                     out.died = "sent a report over 1 MiB"
                     break
+        if not (out.timed_out or out.cancelled or out.died):
+            try:
+                report = marshal.loads(b"".join(chunks)) if chunks else None
+            except (ValueError, EOFError, TypeError):
+                report = None
     finally:
         os.close(read_fd)
         if out.timed_out or out.cancelled or out.died:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _, status, usage = os.wait4(pid, 0)
-        forked()  # the child is gone: our pages are ours alone again (node_agent._cow)
+        if isinstance(report, dict):
+            forked(exiting=pid)  # reaped, then our pages taken back, off the vote's path
+        else:  # how it ended is the refusal's detail: waited for here
+            _, status, usage = os.wait4(pid, 0)
+            out.cpu_s = usage.ru_utime + usage.ru_stime
+            forked()  # the child is gone: our pages are ours alone again (node_agent._cow)
     out.wall_s = time.perf_counter() - started
-    out.cpu_s = usage.ru_utime + usage.ru_stime
     if out.timed_out or out.cancelled or out.died:
         return out
-    try:
-        report: Any = marshal.loads(b"".join(chunks)) if chunks else None
-    except (ValueError, EOFError, TypeError):
-        report = None
     if not isinstance(report, dict):
         if os.WIFSIGNALED(status):
             out.died = f"killed by signal {os.WTERMSIG(status)}"
         else:
             out.died = f"exited with status {os.waitstatus_to_exitcode(status)} and no report"
         return out
+    cpu = report.get("cpu_s")
+    out.cpu_s = float(cpu) if isinstance(cpu, float | int) else 0.0
     out.errors = [e for e in report.get("errors") or [] if isinstance(e, dict)]
     out.warnings = [str(w) for w in report.get("warnings") or []]
     return out

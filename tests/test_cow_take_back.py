@@ -95,3 +95,25 @@ def test_pages_are_taken_back_once_after_each_staging_fork(cb: Codebase) -> None
     cb.loader.finish(prepared)  # its hold finds nothing left to do
     cb.loader.rollback()
     assert mods["m"].f() == 1 and _cow.TOTAL["pages"] == taken
+
+
+def _children_of_this_process() -> set[int]:
+    out: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            out.update(int(p) for p in f.read().split())
+    return out
+
+
+def test_a_staging_child_reaped_off_the_votes_path_leaves_no_zombie(cb: Codebase) -> None:
+    """The child closes its pipe once its report (with its CPU time) is written, and
+    the vote goes without waiting for it to unmap its heap; the thread that takes the
+    pages back reaps it first: once settled, no zombie is left."""
+    src = "import os\nX = 1\n\ndef f():\n    return X\n"
+    cb.boot({"m2": src})
+    before = _children_of_this_process()
+    prepared = cb.loader.prepare(cb.release("2", {"m2": src.replace("X = 1", "X = len(os.sep)")}))
+    assert prepared.runs_code and prepared.rehearsal_cpu_s > 0  # the child reported its CPU
+    _cow.settled()
+    assert _children_of_this_process() == before  # reaped, not a zombie
+    cb.loader.abort(prepared)
