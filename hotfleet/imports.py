@@ -36,6 +36,7 @@ __all__ = [
     "load_order",
     "release_dependencies",
     "remember_scan",
+    "remember_sites",
     "scan_imports",
 ]
 
@@ -364,11 +365,26 @@ class ImportSite:
         return self.name.partition(".")[0]
 
 
+_known_sites: OrderedDict[str | bytes, tuple[ImportSite, ...]] = OrderedDict()
+
+
+def remember_sites(source: str | bytes, sites: Iterable[ImportSite]) -> None:
+    """Take ``sites`` as :func:`import_sites` of ``source`` (another process of the host
+    found them; the caller vouches for it, as for :func:`remember_scan`)."""
+    with _trees_lock:
+        _known_sites[source] = tuple(sites)
+        while len(_known_sites) > _KNOWN_MAX:
+            _known_sites.popitem(last=False)
+
+
 def import_sites(source: str | bytes) -> list[ImportSite]:
     """Every absolute import statement of ``source`` (relative ones stay in the release).
 
     Raises :class:`SyntaxError` for source that does not parse.
     """
+    known = _known_sites.get(source)
+    if known is not None:
+        return list(known)
     sites: list[ImportSite] = []
     stack: list[tuple[ast.AST, _Context]] = [(parse_source(source), _Context())]
     while stack:

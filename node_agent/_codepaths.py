@@ -11,23 +11,32 @@ once per host.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hotfleet._gc import paused as gc_paused
-from hotfleet.imports import ImportInfo, parse_source, remember_scan, scan_imports
+from hotfleet.imports import (
+    ImportInfo,
+    ImportSite,
+    import_sites,
+    parse_source,
+    remember_scan,
+    remember_sites,
+    scan_imports,
+)
 from hotfleet.release import ModuleSource
 from node_agent._codecache import CodeCache, retarget
 from node_agent._install import NewModule
 
-# In the key of the host cache's import scans: change it whenever what
-# hotfleet.imports.scan_imports finds changes, so no worker reads another
-# version's scans.
-SCAN_FORMAT = "hotfleet-imports-1"
+# In the keys of the host cache's per-release entries: change one whenever
+# what it holds changes (hotfleet.imports.scan_imports, import_sites), so no
+# worker reads another version's results.
+FORMATS = {"imports": "hotfleet-imports-1", "sites": "hotfleet-sites-1"}
 
 
 class CodePaths:
@@ -81,29 +90,15 @@ class CodePaths:
         sources (the checks and the planner's ordering): none of them parses.
         Raises :class:`SyntaxError` like the scan (the sources compiled first).
         """
-        if self.cache is None or not modules:
-            return
-
-        def make() -> tuple[Any, ...]:
-            return tuple(
-                scan_imports(ms.name, ms.source, is_package=ms.is_package).to_plain()
-                for ms in modules
-            )
-
-        key = digest(
-            "\0".join(
-                [SCAN_FORMAT, *(f"{ms.name}:{ms.is_package}:{ms.actual_digest}" for ms in modules)]
-            ).encode()
+        _per_host(
+            self.cache,
+            "imports",
+            modules,
+            lambda ms: scan_imports(ms.name, ms.source, is_package=ms.is_package).to_plain(),
+            lambda ms, plain: remember_scan(
+                ms.name, ms.source, ImportInfo.from_plain(plain), is_package=ms.is_package
+            ),
         )
-        plain = self.cache.get("imports", key, make)
-        if not isinstance(plain, tuple) or len(plain) != len(modules):
-            return  # not what "imports" entries hold: each is scanned when asked
-        for ms, one in zip(modules, plain, strict=True):
-            try:
-                info = ImportInfo.from_plain(one)
-            except ValueError:
-                continue
-            remember_scan(ms.name, ms.source, info, is_package=ms.is_package)
 
     def filename(self, ms: ModuleSource, module: Any = None) -> str:
         file = getattr(module, "__file__", None)
@@ -136,3 +131,52 @@ def _compile_cached(source: bytes, filename: str, cache: CodeCache | None) -> ty
     if not isinstance(code, types.CodeType):  # not what "exec" entries hold: ignore it
         return make()
     return retarget(code, filename)
+
+
+def prime_import_sites(cache: CodeCache | None, modules: Sequence[ModuleSource]) -> None:
+    """:func:`~hotfleet.imports.import_sites` of the modules, found once per host.
+
+    What the node's package check reads (:mod:`node_agent.release_files`);
+    a module whose source does not parse is left to the loader's refusal.
+    """
+
+    def sites(ms: ModuleSource) -> tuple[tuple[str, int, bool, bool], ...] | None:
+        try:
+            found = import_sites(ms.source)
+        except (SyntaxError, ValueError):
+            return None
+        return tuple((s.name, s.line, s.in_function, s.guarded) for s in found)
+
+    def remember(ms: ModuleSource, plain: Any) -> None:
+        if plain is not None:
+            remember_sites(
+                ms.source, (ImportSite(str(a), int(b), bool(c), bool(d)) for a, b, c, d in plain)
+            )
+
+    _per_host(cache, "sites", modules, sites, remember)
+
+
+def _per_host(
+    cache: CodeCache | None,
+    kind: str,
+    modules: Sequence[ModuleSource],
+    find: Callable[[ModuleSource], Any],
+    remember: Callable[[ModuleSource, Any], None],
+) -> None:
+    """``find`` each module's plain result once per host: the whole release's in one
+    cache entry (one file, not one per module); what a sibling found is passed to
+    ``remember`` here.  A result of another shape is ignored (found again when asked).
+    """
+    if cache is None or not modules:
+        return
+    key = digest(
+        "\0".join(
+            [FORMATS[kind], *(f"{ms.name}:{ms.is_package}:{ms.actual_digest}" for ms in modules)]
+        ).encode()
+    )
+    found = cache.get(kind, key, lambda: tuple(find(ms) for ms in modules))
+    if not isinstance(found, tuple) or len(found) != len(modules):
+        return
+    for ms, one in zip(modules, found, strict=True):
+        with contextlib.suppress(TypeError, ValueError):
+            remember(ms, one)

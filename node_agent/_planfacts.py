@@ -56,6 +56,9 @@ def facts_key(old_digest: str, new_digest: str) -> str:
     return hashlib.sha256("\0".join((FORMAT, old_digest, new_digest)).encode()).hexdigest()
 
 
+_CODE_BEARING = frozenset({"stmt", "docstring", "defaults"})  # questions answered with code
+
+
 def _retargeted(value: Any, filename: str) -> Any:
     """``value`` with every code object in it (in tuples, at any depth) named ``filename``."""
     if isinstance(value, types.CodeType):
@@ -254,9 +257,10 @@ class Facts:
         self.old_source = old_source
         self.new_source = new_source
         self.filename = filename
-        self._answers: dict[Any, Any] = {
-            k: _retargeted(v, filename) for k, v in (answers or {}).items()
-        }
+        self._answers: dict[Any, Any] = dict(answers or {})
+        # recorded code objects carry the recorder's file name: renamed when first
+        # given out (a few answers hold code; walking all of them cost more)
+        self._foreign = set(self._answers) if answers else set()
         self.replayed = 0  # answers taken from the record
         self.computed = 0  # answers worked out here
         self._trees: tuple[ast.Module, ast.Module] | None = None
@@ -275,6 +279,10 @@ class Facts:
         """The recorded answer to ``key``, else ``compute()`` (recorded for the siblings)."""
         if key in self._answers:
             self.replayed += 1
+            if key in self._foreign:
+                self._foreign.discard(key)
+                if key[0] in _CODE_BEARING:
+                    self._answers[key] = _retargeted(self._answers[key], self.filename)
             return self._answers[key]
         value = self._answers[key] = compute()
         self.computed += 1

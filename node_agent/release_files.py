@@ -40,6 +40,7 @@ from typing import Any
 from hotfleet.errors import ModuleError, Reason
 from hotfleet.imports import import_sites, shared_trees
 from hotfleet.release import DataFile, Release
+from node_agent._codepaths import prime_import_sites
 from node_agent.errors import FinishError, PrepareError
 
 __all__ = ["ReleaseFiles", "missing_packages"]
@@ -233,6 +234,7 @@ class ReleaseFiles:
         # one parse per source for the package check and the loader (a third of
         # a small release's prepare CPU was parsing its new sources twice)
         with shared_trees():
+            prime_import_sites(getattr(self._code, "code_cache", None), release.modules)
             plan = self._plan(release)
             prepared = self._code.prepare(release, force=force)
         with self._lock:

@@ -20,13 +20,15 @@ from typing import Any
 
 import pytest
 
+from hotfleet import imports
 from hotfleet.release import Release
-from node_agent import _planfacts
+from node_agent import _codepaths, _planfacts
 from node_agent._codecache import CodeCache
 from node_agent._patch import ClearCache, SetCode, SetDefaults
 from node_agent._planfacts import Facts
 from node_agent._update import ModulePlan, ModulePlanner, Refused
 from node_agent.loader import Loader
+from node_agent.release_files import ReleaseFiles
 
 OLD = textwrap.dedent(
     '''\
@@ -333,6 +335,40 @@ def test_sibling_loaders_share_the_plan_and_the_import_scans(tmp_path: Path) -> 
     finally:
         sys.path.remove(str(code_dir))
         sys.modules.pop("facts_sib_mod", None)
+
+
+def test_a_sibling_agent_parses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's whole prepare (the package check of :mod:`node_agent.release_files`,
+    then the loader) in the second worker of a host: every source read from the host
+    cache, not one parsed."""
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "facts_agent_mod.py").write_bytes(OLD)
+    sys.path.insert(0, str(code_dir))
+    release = Release.from_sources("agent", "2", {"facts_agent_mod": NEW.decode()})
+    first = ReleaseFiles(Loader([code_dir], code_cache=CodeCache(tmp_path / "cache")))
+    second = ReleaseFiles(Loader([code_dir], code_cache=CodeCache(tmp_path / "cache")))
+    try:
+        importlib.import_module("facts_agent_mod")
+        a = first.prepare(release)
+        a_changes = [c.details for c in a.changes]
+        first.abort(a)
+        # what this process remembers of the first worker's scans: a sibling process has none
+        imports._scan_cached.cache_clear()
+        imports._known.clear()
+        imports._known_sites.clear()
+
+        def no_parse(source: object) -> None:
+            raise AssertionError("the second worker parsed a source")
+
+        for where in (imports, _planfacts, _codepaths):
+            monkeypatch.setattr(where, "parse_source", no_parse)
+        prepared = second.prepare(release)
+        assert prepared.changes[0].details == next(iter(a_changes))
+        second.abort(prepared)
+    finally:
+        sys.path.remove(str(code_dir))
+        sys.modules.pop("facts_agent_mod", None)
 
 
 def test_a_refusal_is_the_same_from_the_record(module: types.ModuleType) -> None:
