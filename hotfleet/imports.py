@@ -327,10 +327,16 @@ def remember_scan(
     these arguments (the node agent's host cache keys it by the source's
     digest); the next scans of this source are answered without parsing.
     """
+    _remember(_known, (module, source, is_package), info)
+
+
+def _remember(store: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    """Keep ``value`` under ``key`` in a store of other processes' results, the oldest
+    dropped past :data:`_KNOWN_MAX`."""
     with _trees_lock:
-        _known[(module, source, is_package)] = info
-        while len(_known) > _KNOWN_MAX:
-            _known.popitem(last=False)
+        store[key] = value
+        while len(store) > _KNOWN_MAX:
+            store.popitem(last=False)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -371,10 +377,7 @@ _known_sites: OrderedDict[str | bytes, tuple[ImportSite, ...]] = OrderedDict()
 def remember_sites(source: str | bytes, sites: Iterable[ImportSite]) -> None:
     """Take ``sites`` as :func:`import_sites` of ``source`` (another process of the host
     found them; the caller vouches for it, as for :func:`remember_scan`)."""
-    with _trees_lock:
-        _known_sites[source] = tuple(sites)
-        while len(_known_sites) > _KNOWN_MAX:
-            _known_sites.popitem(last=False)
+    _remember(_known_sites, source, tuple(sites))
 
 
 def import_sites(source: str | bytes) -> list[ImportSite]:

@@ -243,8 +243,9 @@ class Facts:
     """The answers about one module's two sources, computed from their trees or replayed.
 
     ``answers``: a record another process made (:meth:`record`) for the same
-    sources and file name; questions it does not answer are answered here,
-    from the trees, parsed on first need.
+    two sources (its code objects are given this ``filename`` when handed
+    out); questions it does not answer are answered here, from the trees,
+    parsed on first need.
     """
 
     def __init__(
@@ -359,8 +360,9 @@ class Facts:
         return self.ask(("methods", index), compute)
 
     def defaults(self, *path: int) -> tuple[Any, ...]:
-        """How a swapped function's defaults come: ``("same",)``, ``("literal", values,
-        kwvalues)``, or ``("late", code)`` evaluated by the switch; and its docstring last."""
+        """How a swapped function's defaults come, and its new docstring: ``("same", doc)``,
+        ``("literal", doc, values, kwvalues)``, or ``("late", doc, code)`` (code the
+        switch evaluates)."""
 
         def compute() -> tuple[Any, ...]:
             old, new = self._pair(path)

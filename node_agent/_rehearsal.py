@@ -203,6 +203,11 @@ def rehearse(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if isinstance(report, dict):
+            # The report is all the child had to give: killed now, so that its
+            # reaping (on the take-back thread, which the next hold waits for) is
+            # bounded even for a child stopped or stuck on its way out.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
             forked(exiting=pid)  # reaped, then our pages taken back, off the vote's path
         else:  # how it ended is the refusal's detail: waited for here
             _, status, usage = os.wait4(pid, 0)

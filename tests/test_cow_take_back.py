@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 
 import pytest
 
@@ -117,3 +118,31 @@ def test_a_staging_child_reaped_off_the_votes_path_leaves_no_zombie(cb: Codebase
     _cow.settled()
     assert _children_of_this_process() == before  # reaped, not a zombie
     cb.loader.abort(prepared)
+
+
+def test_a_staging_child_stopped_after_its_report_does_not_hold_up_the_next_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attack: the child is SIGSTOPped right after it sent its report (an operator, a
+    debugger).  The vote has what it needs; the reaping that the next hold and the next
+    fork wait for (``settled``) must still end, not wait for a process that never exits."""
+    from node_agent import _rehearsal
+
+    real_close = _rehearsal._close
+
+    def close_then_stop(fd: int) -> None:
+        real_close(fd)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    monkeypatch.setattr(_rehearsal, "_close", close_then_stop)
+    before = _children_of_this_process()
+    outcome = _rehearsal.rehearse(lambda: ([], ["rehearsed"]), timeout=10)
+    assert outcome.warnings == ["rehearsed"] and not outcome.died
+    waiter = threading.Thread(target=_cow.settled, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    stuck = _children_of_this_process() - before
+    for pid in stuck:  # only if the guarantee broke: leave no stopped process behind
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert not waiter.is_alive() and not stuck
