@@ -37,7 +37,7 @@ from node_agent._codecache import retarget
 __all__ = ["Facts", "StatementFacts", "bound_names", "facts_key"]
 
 FORMAT = (
-    "hotfleet-planfacts-1"  # part of the cache key: a new question set never reads an old record
+    "hotfleet-planfacts-2"  # part of the cache key: a new question set never reads an old record
 )
 
 # (code, lineno, name, names it may bind or None, (name, literal value) or None)
@@ -207,6 +207,92 @@ def _literal_defaults(
     return (values or None), (kwvalues or None)
 
 
+def _plain_def(
+    node: ast.stmt,
+) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None] | None:
+    """The default values of a ``def`` whose function prepare can make without running code.
+
+    That is, a ``def`` with no decorators, annotations or type parameters
+    (each of them is code a ``def`` statement runs) and literal defaults;
+    ``None`` for anything else.
+    """
+    if (
+        not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        or node.decorator_list
+        or getattr(node, "type_params", None)
+        or node.returns is not None
+    ):
+        return None
+    a = node.args
+    params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *(p for p in (a.vararg, a.kwarg) if p)]
+    if any(p.annotation is not None for p in params):
+        return None
+    return _literal_defaults(node)
+
+
+# members whose assignment on a class is a setter of ``type`` itself, not a class attribute
+_TYPE_DATA = frozenset(n for n, v in vars(type).items() if hasattr(v, "__set__"))
+
+
+def _members(node: ast.ClassDef) -> dict[str, ast.stmt] | None:
+    """A class body's members by name, if each statement is a ``def``, a
+    ``NAME = <literal>``, the docstring or ``pass`` and binds a name of its own."""
+    out: dict[str, ast.stmt] = {}
+    for j, s in enumerate(node.body):
+        if isinstance(s, ast.Pass):
+            continue
+        if j == 0 and _is_constant(s) and isinstance(s.value.value, str):  # type: ignore[attr-defined]
+            name = "__doc__"
+        elif isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef):
+            name = s.name
+        else:
+            literal = _literal_binding(s)
+            if literal is None:
+                return None
+            name = literal[0]
+        if name in out or (name in _TYPE_DATA and name not in ("__doc__", "__slots__")):
+            return None
+        out[name] = s
+    return out
+
+
+def _class_edit(old: ast.ClassDef, new: ast.ClassDef) -> tuple[tuple[Any, ...], ...] | None:
+    """See :meth:`Facts.class_edit`."""
+    if old.decorator_list or new.decorator_list or getattr(new, "type_params", None):
+        return None
+    old_members, new_members = _members(old), _members(new)
+    if old_members is None or new_members is None:
+        return None
+    entries: list[tuple[Any, ...]] = []
+    for j, s in enumerate(new.body):
+        name = getattr(s, "name", None)
+        if name is not None:  # a def
+            o = old_members.get(name)
+            if isinstance(o, ast.FunctionDef | ast.AsyncFunctionDef):
+                entries.append(("keep", name, j))
+                continue
+            defaults = _plain_def(s)
+            if defaults is None:
+                return None
+            entries.append(("new", name, j, *defaults))
+            continue
+        literal = _literal_binding(s)
+        if literal is None:  # the docstring or pass
+            if j == 0 and _is_constant(s):
+                o = old_members.get("__doc__")
+                if o is None or _dump(o) != _dump(s):
+                    return None  # a changed docstring: its value is the compiler's to say
+            continue
+        o = old_members.get(literal[0])
+        if o is None or _dump(o) != _dump(s):
+            entries.append(("set", *literal))
+    for name in sorted(old_members.keys() - new_members.keys()):
+        if name == "__doc__":
+            return None
+        entries.append(("del", name))
+    return tuple(entries)
+
+
 def _same_defaults(
     old: ast.FunctionDef | ast.AsyncFunctionDef, new: ast.FunctionDef | ast.AsyncFunctionDef
 ) -> bool:
@@ -346,6 +432,31 @@ class Facts:
             )
 
         return self.ask(("class_shape", index), compute)
+
+    def class_edit(self, index: int) -> tuple[tuple[Any, ...], ...] | None:
+        """The change of the class at top-level ``index`` member by member, if it can be
+        made on the live class without running the class statement; else ``None``.
+
+        Only for a class with no decorators whose bodies hold nothing but
+        ``def`` statements, ``NAME = <literal>`` bindings, the docstring (unchanged)
+        and ``pass``, each name bound once.  Entries: ``("keep", name, j)``, a
+        ``def`` both have (its own questions decide); ``("new", name, j,
+        defaults, kwdefaults)``, a ``def`` prepare can make a function of
+        (:func:`_plain_def`); ``("set", name, value)``, a literal new or
+        changed; ``("del", name)``, a member the new class no longer has.
+        """
+
+        def compute() -> tuple[tuple[Any, ...], ...] | None:
+            old, new = self._pair((index,))
+            assert isinstance(old, ast.ClassDef) and isinstance(new, ast.ClassDef)
+            return _class_edit(old, new)
+
+        return self.ask(("class_edit", index), compute)
+
+    def plain_def(self, index: int) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None] | None:
+        """Of the new top-level ``def`` at ``index``: its default values if prepare can
+        make its function without running code (:func:`_plain_def`), else ``None``."""
+        return self.ask(("plain_def", index), lambda: _plain_def(self._new().body[index]))
 
     def methods(self, index: int) -> tuple[tuple[int, str], ...]:
         """``(index, name)`` of the functions the class at top-level ``index`` defines."""

@@ -35,7 +35,7 @@ from typing import Any
 
 from hotfleet.errors import Reason
 from node_agent import _functions as fx
-from node_agent._patch import MISSING, ClearCache, Op, SetCode, SetDefaults
+from node_agent._patch import MISSING, ClearCache, Op, SetClassAttr, SetCode, SetDefaults, SetItem
 from node_agent._planfacts import Facts, StatementFacts
 
 
@@ -156,8 +156,21 @@ class ModulePlanner:
         elif old_kind and facts.body_only(index) and self.index.get(name):
             self._swap_code((index,), name, self.index[name], live)
             self.plan.changes.append(f"body {name}")
+        elif not old_kind and name not in self.g and self._new_function(index, name):
+            pass
         elif not old_kind or not facts.same_tree(index):  # not a mere reformatting
             self._statement(facts.statement(index), "redefined" if old_kind else "new")
+
+    def _new_function(self, index: int, name: str) -> bool:
+        """A new top-level function made in prepare (its ``def`` runs no code), bound by the switch."""
+        defaults = self.facts.plain_def(index)
+        code = self.plan.new_codes.get(name)
+        fn = None if defaults is None or code is None else _function(code, self.g, *defaults)
+        if fn is None:
+            return False
+        self.plan.ops.append(SetItem(self.g, name, fn))
+        self.plan.changes.append(f"new {name}")
+        return True
 
     def _swap_code(
         self, path: tuple[int, ...], qualname: str, funcs: list[types.FunctionType], holder: Any
@@ -219,6 +232,8 @@ class ModulePlanner:
             return
         if self.facts.same_tree(index):  # reformatted, nothing to merge
             return
+        if type(cls) is type and self._members_only(index, cls):
+            return
         self._statement(self.facts.statement(index), "class", merge_class=cls)
 
     def _bodies_only(self, index: int, cls: type) -> bool:
@@ -227,26 +242,98 @@ class ModulePlanner:
         Asked only when the class's statements are the same apart from
         method bodies (:meth:`Facts.class_shape`).
         """
+        swaps: list[_Swap] = []
+        if not all(self._kept(index, j, name, cls, swaps) for j, name in self.facts.methods(index)):
+            return False
+        self._swap_methods(cls, swaps)
+        return True
+
+    def _members_only(self, index: int, cls: type) -> bool:
+        """Edit the live class member by member when its statement need not run.
+
+        For a class of the plain metaclass whose change
+        :meth:`Facts.class_edit` can state: methods added (their functions
+        made here from the new code, ``super()`` pointed at the live class),
+        literal attributes set, members removed, bodies swapped.  The class
+        statement then never runs (not here, not in the switch), and the
+        switch is a few attribute stores instead of a class creation and a
+        merge.
+        """
+        edit = self.facts.class_edit(index)
+        if edit is None:
+            return False
+        qual = cls.__qualname__
+        swaps: list[_Swap] = []
+        ops: list[Op] = []
+        changes: list[str] = []
+        for kind, name, *rest in edit:
+            if kind == "keep":
+                if not self._kept(index, rest[0], name, cls, swaps):
+                    return False
+            elif kind == "new":
+                code = self.plan.new_codes.get(f"{qual}.{name}")
+                fn = None if code is None else _function(code, self.g, rest[1], rest[2], cls)
+                if fn is None:
+                    return False
+                ops.append(SetClassAttr(cls, name, fn))
+                changes.append(f"method {qual}.{name}")
+            elif kind == "set":
+                ops.append(SetClassAttr(cls, name, rest[0]))
+                changes.append(f"attribute {qual}.{name}")
+            elif name in cls.__dict__:  # "del"
+                ops.append(SetClassAttr(cls, name, MISSING))
+                changes.append(f"removed {qual}.{name}")
+        self.plan.ops.extend(ops)
+        self.plan.changes.extend(changes)
+        self._swap_methods(cls, swaps)
+        return True
+
+    def _kept(self, index: int, j: int, name: str, cls: type, swaps: list[_Swap]) -> bool:
+        """A method both versions define: unchanged, or its code swapped (added to
+        ``swaps``); ``False`` when neither will do."""
         facts = self.facts
-        swaps = []
-        for j, name in facts.methods(index):
-            if facts.same_text(index, j):
-                continue
-            qualname = f"{cls.__qualname__}.{name}"
-            funcs = [
-                f for f in fx.class_functions(cls, self.g) if f.__code__.co_qualname == qualname
-            ]
-            new = self.plan.new_codes.get(qualname)
-            if (
-                facts.body_only(index, j)
-                and funcs
-                and new is not None
-                and all(f.__code__.co_freevars == new.co_freevars for f in funcs)
-            ):
-                swaps.append(((index, j), qualname, funcs, name))  # a reformatting swaps harmlessly
-            elif not facts.same_tree(index, j):
-                return False
+        if facts.same_text(index, j):
+            return True
+        qualname = f"{cls.__qualname__}.{name}"
+        funcs = [f for f in fx.class_functions(cls, self.g) if f.__code__.co_qualname == qualname]
+        new = self.plan.new_codes.get(qualname)
+        if (
+            facts.body_only(index, j)
+            and funcs
+            and new is not None
+            and all(f.__code__.co_freevars == new.co_freevars for f in funcs)
+        ):
+            swaps.append(((index, j), qualname, funcs, name))  # a reformatting swaps harmlessly
+            return True
+        return facts.same_tree(index, j)
+
+    def _swap_methods(self, cls: type, swaps: list[_Swap]) -> None:
         for path, qualname, funcs, name in swaps:
             self._swap_code(path, qualname, funcs, cls.__dict__.get(name, MISSING))
             self.plan.changes.append(f"body {qualname}")
-        return True
+
+
+# a method whose code is swapped: its path, qualified name, live functions, member name
+_Swap = tuple[tuple[int, ...], str, list[types.FunctionType], str]
+
+
+def _function(
+    code: types.CodeType,
+    g: dict[str, Any],
+    defaults: tuple[Any, ...] | None,
+    kwdefaults: dict[str, Any] | None,
+    cls: type | None = None,
+) -> types.FunctionType | None:
+    """What a plain ``def`` would make of ``code`` in ``g`` (in class ``cls``); runs no code.
+
+    A method's only possible free variable is the implicit ``__class__``
+    cell (``super()``): it holds the live class, as merging would have made
+    it.  ``None`` for any other closure.
+    """
+    if code.co_freevars not in ((), ("__class__",)) or (code.co_freevars and cls is None):
+        return None
+    closure = (types.CellType(cls),) if code.co_freevars else None
+    fn = types.FunctionType(code, g, code.co_name, defaults, closure)
+    if kwdefaults:
+        fn.__kwdefaults__ = dict(kwdefaults)
+    return fn

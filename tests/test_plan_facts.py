@@ -24,7 +24,7 @@ from hotfleet import imports
 from hotfleet.release import Release
 from node_agent import _codepaths, _planfacts
 from node_agent._codecache import CodeCache
-from node_agent._patch import ClearCache, SetCode, SetDefaults
+from node_agent._patch import ClearCache, SetClassAttr, SetCode, SetDefaults, SetItem
 from node_agent._planfacts import Facts
 from node_agent._update import ModulePlan, ModulePlanner, Refused
 from node_agent.loader import Loader
@@ -95,6 +95,9 @@ OLD = textwrap.dedent(
 
         def label(self):
             return "box"
+
+        def legacy(self):
+            return "old"
     '''
 ).encode()
 
@@ -160,6 +163,9 @@ NEW = textwrap.dedent(
         def size(self):
             return 2
 
+        def grow(self, by=2, *, unit="cm"):
+            return f"{super().__repr__()} +{by}{unit}"
+
 
     class Box:
         depth = 2
@@ -204,6 +210,17 @@ def _shape(plan: ModulePlan) -> dict[str, Any]:
             return ("defaults", id(o.func), o.code)
         if isinstance(o, ClearCache):
             return ("clear", o.clear)  # a bound method: equal, not identical
+        if isinstance(o, SetClassAttr | SetItem):  # a new function: made afresh by each plan
+            value = o.value
+            if isinstance(value, types.FunctionType):
+                value = (value.__code__, value.__defaults__, value.__kwdefaults__)
+            where = id(o.cls) if isinstance(o, SetClassAttr) else id(o.mapping)
+            return (
+                type(o).__name__,
+                where,
+                o.name if isinstance(o, SetClassAttr) else o.key,
+                value,
+            )
         return (type(o).__name__,)
 
     return {
@@ -249,8 +266,11 @@ def test_a_plan_from_a_siblings_answers_equals_one_from_the_trees(
         "body outer",
         "new added",
         "class Shape",  # a getter and a setter of one name: merged whole, rehearsed
-        "class Grows",
+        "attribute Grows.colour",  # an added attribute, method and body: edited in place
+        "method Grows.grow",
+        "body Grows.size",
         "body Box.volume",
+        "removed Box.legacy",
         "statement line 4",
         "removed REMOVED",
         "docstring line 1",

@@ -1,0 +1,219 @@
+"""A class edited member by member: its statement never runs, its identity and instances stay.
+
+When a class's change is methods added or removed, literal attributes set
+and bodies changed (:meth:`node_agent._planfacts.Facts.class_edit`), prepare
+makes the new functions from the compiled code and the switch only stores
+them on the live class: no class statement runs, in the hold or anywhere,
+and a release made only of such changes needs no staging process.  These
+tests show what a live instance sees, what rollback restores, and that
+everything the shortcut cannot state still goes through the class merge.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from tests.codebase import Codebase
+
+V1 = """
+class Base:
+    kind = "base"
+
+    def name(self):
+        return "base"
+
+    def legacy(self):
+        return "legacy"
+
+
+class Child(Base):
+    def name(self):
+        return "child:" + super().name()
+"""
+
+V2 = """
+class Base:
+    kind = "base-v2"
+    limits = (1, 2)
+
+    def name(self):
+        return "base"
+
+    def extra(self, suffix="!", *, times=2):
+        return self.name() * times + suffix
+
+
+class Child(Base):
+    def name(self):
+        return "child2:" + super().name()
+
+    def shout(self):
+        return super().name().upper()
+"""
+
+
+@contextmanager
+def class_statements_counted() -> Iterator[list[str]]:
+    """Names of the classes created (class statements run) while inside."""
+    made: list[str] = []
+    real = builtins.__build_class__
+
+    def counting(func: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        made.append(name)
+        return real(func, name, *args, **kwargs)
+
+    builtins.__build_class__ = counting
+    try:
+        yield made
+    finally:
+        builtins.__build_class__ = real
+
+
+@pytest.fixture
+def no_staging(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fails the prepare if it forks a staging process (the release runs no code)."""
+    forks: list[str] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        forks.append("rehearsed")
+        raise AssertionError("a release that runs no code was rehearsed")
+
+    monkeypatch.setattr("node_agent.loader.rehearse_switch", refuse)
+    return forks
+
+
+def test_methods_added_and_removed_on_the_live_class_without_running_it(
+    cb: Codebase, no_staging: list[str]
+) -> None:
+    mods = cb.boot({"m": V1})
+    m = mods["m"]
+    base, child = m.Base, m.Child
+    obj, kid = m.Base(), m.Child()
+    prepared = cb.loader.prepare(cb.release("2", {"m": V2}))
+    plan = prepared._plans[f"{cb.pkg}.m"]
+    assert plan.statements == [] and not prepared.runs_code
+    assert {
+        "attribute Base.kind",
+        "attribute Base.limits",
+        "method Base.extra",
+        "removed Base.legacy",
+        "body Child.name",
+        "method Child.shout",
+    } <= set(plan.changes), plan.changes
+    with class_statements_counted() as made:
+        cb.loader.finish(prepared)
+    assert "Base" not in made and "Child" not in made  # no class statement ran in the switch
+    assert m.Base is base and m.Child is child and isinstance(kid, base)
+    assert obj.extra() == "basebase!" and obj.extra("?", times=1) == "base?"
+    assert kid.extra() == "child2:basechild2:base!"  # the subclass sees the base's new method
+    assert kid.shout() == "BASE"  # super() in a method made in prepare: the live class
+    assert obj.kind == "base-v2" and kid.limits == (1, 2)
+    assert not hasattr(obj, "legacy")
+    assert m.Base.extra.__qualname__ == "Base.extra" and m.Base.extra.__module__ == m.__name__
+    cb.loader.rollback()
+    assert not hasattr(obj, "extra") and not hasattr(kid, "shout") and not hasattr(obj, "limits")
+    assert obj.legacy() == "legacy" and obj.kind == "base" and kid.name() == "child:base"
+    assert no_staging == []
+
+
+@pytest.mark.parametrize(
+    ("why", "v1", "v2"),
+    [
+        (
+            "an annotation runs code",
+            "class K:\n    def a(self):\n        return 1\n",
+            "class K:\n    def a(self):\n        return 1\n\n"
+            "    def b(self) -> int:\n        return 2\n",
+        ),
+        (
+            "a decorator runs code",
+            "import functools\n\nclass K:\n    def a(self):\n        return 1\n",
+            "import functools\n\nclass K:\n    def a(self):\n        return 1\n\n"
+            "    @functools.cache\n    def b(self):\n        return 2\n",
+        ),
+        (
+            "a computed default",
+            "class K:\n    def a(self):\n        return 1\n",
+            "class K:\n    def a(self):\n        return 1\n\n"
+            "    def b(self, n=len('ab')):\n        return n\n",
+        ),
+        (
+            "a class decorator",
+            "def deco(c):\n    return c\n\n@deco\nclass K:\n    def a(self):\n        return 1\n",
+            "def deco(c):\n    return c\n\n@deco\nclass K:\n    def a(self):\n        return 1\n\n"
+            "    def b(self):\n        return 2\n",
+        ),
+        (
+            "a metaclass other than type",
+            "import abc\n\nclass K(abc.ABC):\n    def a(self):\n        return 1\n",
+            "import abc\n\nclass K(abc.ABC):\n    def a(self):\n        return 1\n\n"
+            "    def b(self):\n        return 2\n",
+        ),
+        (
+            "a statement that is not a member",
+            "class K:\n    def a(self):\n        return 1\n",
+            "class K:\n    def a(self):\n        return 1\n\n"
+            "    def b(self):\n        return 2\n\n    c = b\n",
+        ),
+        (
+            "a changed docstring",
+            'class K:\n    """One."""\n\n    def a(self):\n        return 1\n',
+            'class K:\n    """Two."""\n\n    def a(self):\n        return 1\n\n'
+            "    def b(self):\n        return 2\n",
+        ),
+    ],
+)
+def test_what_the_edit_cannot_state_runs_the_class_statement(
+    cb: Codebase, why: str, v1: str, v2: str
+) -> None:
+    m = cb.boot({"m": v1})["m"]
+    cls, obj = m.K, m.K()
+    prepared = cb.loader.prepare(cb.release("2", {"m": v2}))
+    plan = prepared._plans[f"{cb.pkg}.m"]
+    assert [s.merge_class for s in plan.statements] == [cls], why
+    with class_statements_counted() as made:
+        cb.loader.finish(prepared)
+    assert made.count("K") == 1, why  # the class statement ran, in the switch, and was merged
+    assert m.K is cls and obj.b() == 2 and obj.a() == 1
+    cb.loader.rollback()
+    assert not hasattr(obj, "b")
+
+
+def test_a_new_plain_function_is_made_in_prepare(cb: Codebase, no_staging: list[str]) -> None:
+    m = cb.boot({"m": "def f():\n    return 1\n"})["m"]
+    v2 = (
+        "def f():\n    return 1\n\n\n"
+        "def g(x, y=(1, 2), *, z=None):\n"
+        '    """Docstring."""\n'
+        "    return f() + x + len(y)\n"
+    )
+    prepared = cb.loader.prepare(cb.release("2", {"m": v2}))
+    plan = prepared._plans[f"{cb.pkg}.m"]
+    assert plan.statements == [] and "new g" in plan.changes and not prepared.runs_code
+    cb.loader.finish(prepared)
+    assert m.g(1) == 4 and m.g.__doc__ == "Docstring." and m.g.__kwdefaults__ == {"z": None}
+    assert m.g.__module__ == m.__name__ and m.g.__globals__ is vars(m)
+    changed = {c.name for c in cb.loader.changed_code()}
+    assert f"{m.__name__}:g" in changed  # counted by the provisional release's coverage like any new def
+    cb.loader.rollback()
+    assert not hasattr(m, "g")
+
+
+def test_a_new_function_over_a_name_bound_at_run_time_runs_its_def(cb: Codebase) -> None:
+    """``g`` exists in the live module (bound at run time): its ``def`` runs, so
+    whatever replaced the binding is journaled like any statement's."""
+    m = cb.boot({"m": "def f():\n    return 1\n"})["m"]
+    m.g = "bound at run time"
+    v2 = "def f():\n    return 1\n\n\ndef g():\n    return 2\n"
+    prepared = cb.loader.prepare(cb.release("2", {"m": v2}))
+    plan = prepared._plans[f"{cb.pkg}.m"]
+    assert [s.name for s in plan.statements] == ["g"]
+    cb.loader.finish(prepared)
+    assert m.g() == 2
+    cb.loader.rollback()
+    assert m.g == "bound at run time"
