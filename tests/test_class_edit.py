@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.codebase import Codebase
 
@@ -199,7 +201,9 @@ def test_a_new_plain_function_is_made_in_prepare(cb: Codebase, no_staging: list[
     assert m.g(1) == 4 and m.g.__doc__ == "Docstring." and m.g.__kwdefaults__ == {"z": None}
     assert m.g.__module__ == m.__name__ and m.g.__globals__ is vars(m)
     changed = {c.name for c in cb.loader.changed_code()}
-    assert f"{m.__name__}:g" in changed  # counted by the provisional release's coverage like any new def
+    assert (
+        f"{m.__name__}:g" in changed
+    )  # counted by the provisional release's coverage like any new def
     cb.loader.rollback()
     assert not hasattr(m, "g")
 
@@ -217,3 +221,73 @@ def test_a_new_function_over_a_name_bound_at_run_time_runs_its_def(cb: Codebase)
     assert m.g() == 2
     cb.loader.rollback()
     assert m.g == "bound at run time"
+
+
+# ------------------------------------------------------------------ property
+_METHODS = ("m0", "m1", "m2", "m3")
+_ATTRS = ("a0", "a1", "a2")
+
+members = st.fixed_dictionaries(
+    {
+        **{m: st.sampled_from([None, "plain", "super", "default"]) for m in _METHODS},
+        **{a: st.sampled_from([None, 1, 2, "x", (1, 2)]) for a in _ATTRS},
+    }
+)
+
+
+def _class_source(spec: dict[str, Any], version: int) -> str:
+    lines = ["class Base:", "    def m0(self):", "        return 'base-m0'", "", ""]
+    lines.append("class K(Base):")
+    body = []
+    for name, how in spec.items():
+        if how is None:
+            continue
+        if name in _ATTRS:
+            body.append(f"    {name} = {how!r}")
+        elif how == "plain":
+            body += [f"    def {name}(self):", f"        return ({name!r}, {version})"]
+        elif how == "super":
+            body += [f"    def {name}(self):", f"        return (super().m0(), {version})"]
+        else:
+            body += [f"    def {name}(self, k={version}, *, j='{name}'):", "        return (k, j)"]
+    lines += body or ["    pass"]
+    return "\n".join(lines) + "\n"
+
+
+def _observed(cls: type, obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in (*_METHODS[1:], *_ATTRS):  # m0 is Base's when K lacks it
+        if name in _ATTRS:
+            out[name] = getattr(cls, name, "absent")
+        else:
+            method = getattr(obj, name, None)
+            out[name] = method() if method is not None else "absent"
+    out["m0"] = obj.m0()
+    return out
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(old=members, new=members)
+def test_an_edited_class_behaves_as_the_new_source_imported_afresh(
+    tmp_path_factory: pytest.TempPathFactory, old: dict[str, Any], new: dict[str, Any]
+) -> None:
+    """Whatever members come and go (methods plain, with ``super()``, with literal
+    defaults; literal attributes), a live instance of the upgraded class answers
+    as an instance of the new source's class would; rollback gives the old answers."""
+    cb = Codebase(tmp_path_factory.mktemp("edit") / "code")
+    try:
+        v1, v2 = _class_source(old, 1), _class_source(new, 2)
+        m = cb.boot({"m": v1})["m"]
+        cls, obj = m.K, m.K()
+        before = _observed(cls, obj)
+        fresh: dict[str, Any] = {"__name__": "fresh"}
+        exec(compile(v2, "fresh.py", "exec"), fresh)
+        expected = _observed(fresh["K"], fresh["K"]())
+        cb.upgrade("2", {"m": v2})
+        assert m.K is cls and _observed(cls, obj) == expected
+        cb.loader.rollback()
+        assert _observed(cls, obj) == before
+    finally:
+        cb.close()

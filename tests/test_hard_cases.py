@@ -129,7 +129,7 @@ def test_super_in_methods(cb: Codebase) -> None:
     obj = mods["m"].Child()
     cb.upgrade("2", {"m": v1.replace("child-v1:", "child-v2:")})
     assert obj.name() == "child-v2:base"
-    # a structural change (new method using super) goes through the class merge
+    # a new method using super(): made in prepare, its __class__ cell the live class
     v3 = (
         textwrap.dedent(v1).replace("child-v1:", "child-v3:")
         + "\n    def extra(self):\n        return super().name() + '!'\n"
