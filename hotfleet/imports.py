@@ -38,6 +38,7 @@ __all__ = [
     "remember_scan",
     "remember_sites",
     "scan_imports",
+    "take_tree",
 ]
 
 # Handlers that make an import in the ``try`` body optional: the module copes
@@ -288,17 +289,37 @@ def parse_source(source: str | bytes) -> ast.Module:
             if tree is not None:
                 trees.move_to_end(source)
                 return tree
-    try:
-        with gc_paused():  # tens of thousands of nodes: one collection afterwards, not dozens
-            tree = ast.parse(source)
-    except ValueError as exc:  # null bytes on older 3.11 patch releases
-        raise SyntaxError(str(exc)) from exc
+    tree = _parse(source)
     if trees is not None:
         with _trees_lock:
             trees[source] = tree
             while len(trees) > _SHARED_TREES_MAX:
                 trees.popitem(last=False)
     return tree
+
+
+def take_tree(source: str | bytes) -> ast.Module:
+    """A tree of ``source`` its caller may change: the shared one, taken out of the
+    shared trees (no later reader sees the change), or a fresh parse.
+
+    For the last reader of a prepare (the counting twins, which instrument
+    the tree in place): one parse of the release's sources saved.
+    """
+    trees = _trees
+    if trees is not None:
+        with _trees_lock:
+            tree = trees.pop(source, None)
+        if tree is not None:
+            return tree
+    return _parse(source)
+
+
+def _parse(source: str | bytes) -> ast.Module:
+    try:
+        with gc_paused():  # tens of thousands of nodes: one collection afterwards, not dozens
+            return ast.parse(source)
+    except ValueError as exc:  # null bytes on older 3.11 patch releases
+        raise SyntaxError(str(exc)) from exc
 
 
 _known: OrderedDict[tuple[str, str | bytes, bool], ImportInfo] = OrderedDict()

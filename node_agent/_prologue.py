@@ -43,6 +43,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+from hotfleet.imports import take_tree
 from node_agent._codecache import CodeCache, retarget
 
 __all__ = ["CALLS", "RAISED", "Instrumented", "calls_name", "instrument_module", "quiet_twin"]
@@ -249,7 +250,7 @@ def instrument_module(
     """
 
     def make() -> tuple[int, types.CodeType, tuple[tuple[str, int, int], ...]]:
-        tree = ast.parse(source, filename)
+        tree = take_tree(source)  # the prepare's own tree if it has one: changed here
         slots, by_def = _count_defs(tree)
         code = compile(tree, filename, "exec", dont_inherit=True)
         return slots, code, tuple((name, line, slot) for (name, line), slot in by_def.items())

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hotfleet import imports
 from hotfleet.imports import (
     FromBinding,
     ImportInfo,
@@ -351,3 +352,16 @@ def test_release_dependencies_merge_duplicated_entries() -> None:
     )
     assert len(release.modules) == 4
     assert release_dependencies(release)["a.b"] == {"c", "d"}
+
+
+def test_a_taken_tree_is_no_longer_shared() -> None:
+    """The twins instrument the tree they take in place: no later reader may see it."""
+    source = "def f():\n    return 1\n"
+    with imports.shared_trees():
+        shared = imports.parse_source(source)
+        taken = imports.take_tree(source)
+        assert taken is shared
+        taken.body.clear()
+        again = imports.parse_source(source)
+        assert again is not taken and len(again.body) == 1
+    assert len(imports.take_tree(source).body) == 1  # outside a prepare: a fresh parse

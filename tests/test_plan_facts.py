@@ -9,6 +9,7 @@ exercises every kind of change the planner knows.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import marshal
 import sys
@@ -389,6 +390,40 @@ def test_a_sibling_agent_parses_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     finally:
         sys.path.remove(str(code_dir))
         sys.modules.pop("facts_agent_mod", None)
+
+
+def test_a_first_worker_parses_each_source_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The package check, the planner and the counting twins of one prepare read one
+    tree per source (the twins take the planner's tree, which they instrument in place)."""
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "facts_once_mod.py").write_bytes(OLD)
+    sys.path.insert(0, str(code_dir))
+    release = Release.from_sources("once", "2", {"facts_once_mod": NEW.decode()})
+    files = ReleaseFiles(Loader([code_dir], code_cache=CodeCache(tmp_path / "cache")))
+    parsed: list[bytes] = []
+    real = ast.parse
+
+    def counting(source: str | bytes, *args: Any, **kwargs: Any) -> ast.Module:
+        parsed.append(source.encode() if isinstance(source, str) else bytes(source))
+        return real(source, *args, **kwargs)
+
+    try:
+        importlib.import_module("facts_once_mod")
+        imports._scan_cached.cache_clear()
+        imports._known.clear()
+        imports._known_sites.clear()
+        monkeypatch.setattr(ast, "parse", counting)
+        prepared = files.prepare(release)
+        monkeypatch.setattr(ast, "parse", real)
+        assert prepared._instrumented["facts_once_mod"].codes  # the twins were made
+        assert parsed.count(NEW) == 1 and parsed.count(OLD) == 1, [len(p) for p in parsed]
+        files.abort(prepared)
+    finally:
+        sys.path.remove(str(code_dir))
+        sys.modules.pop("facts_once_mod", None)
 
 
 def test_a_refusal_is_the_same_from_the_record(module: types.ModuleType) -> None:
