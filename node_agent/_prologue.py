@@ -38,6 +38,7 @@ the function's module globals under the two dunder names, by the caller.
 from __future__ import annotations
 
 import ast
+import hashlib
 import opcode
 import types
 from dataclasses import dataclass
@@ -46,7 +47,15 @@ from typing import Any
 from hotfleet.imports import take_tree
 from node_agent._codecache import CodeCache, retarget
 
-__all__ = ["CALLS", "RAISED", "Instrumented", "calls_name", "instrument_module", "quiet_twin"]
+__all__ = [
+    "CALLS",
+    "RAISED",
+    "Instrumented",
+    "Parts",
+    "calls_name",
+    "instrument_module",
+    "quiet_twin",
+]
 
 CALLS = "__hotfleet_c"  # prefix of the per-slot call lists' names, see calls_name
 RAISED = "__hotfleet_raised__"
@@ -236,26 +245,76 @@ def _codes(code: types.CodeType, out: dict[tuple[str, int], types.CodeType]) -> 
             _codes(const, out)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The parts of a module whose functions need twins: what a release changed.
+
+    ``paths``: definitions by qualified-name path (``("f",)``, ``("K", "m")``;
+    a class path keeps the whole class); ``lines``: other top-level
+    statements, by first line.  Everything else is left out of the
+    instrumented compile: a one-function fix of a large module compiles one
+    function, and positions are kept, so the twins are those of a whole-module
+    compile.
+    """
+
+    paths: frozenset[tuple[str, ...]]
+    lines: frozenset[int]
+
+    def key(self) -> str:
+        """Part of the host cache digest: another set of parts is another twin."""
+        return repr((sorted(self.paths), sorted(self.lines)))
+
+
+def _keep_parts(body: list[ast.stmt], parts: Parts, prefix: tuple[str, ...]) -> list[ast.stmt]:
+    kept: list[ast.stmt] = []
+    for node in body:
+        name = getattr(node, "name", None)
+        if name is None:  # not a definition
+            if not prefix and (
+                node.lineno in parts.lines
+                or (isinstance(node, ast.ImportFrom) and node.module == "__future__")
+            ):
+                kept.append(node)
+            continue
+        path = (*prefix, name)
+        if path in parts.paths:
+            kept.append(node)
+        elif isinstance(node, ast.ClassDef) and any(p[: len(path)] == path for p in parts.paths):
+            node.body = _keep_parts(node.body, parts, path) or [ast.Pass(**_at(node))]
+            kept.append(node)
+    return kept
+
+
+def _at(node: ast.stmt) -> dict[str, int]:
+    return {"lineno": node.lineno, "col_offset": node.col_offset + 4}
+
+
 def instrument_module(
     module: str,
     source: bytes,
     filename: str,
     cache: CodeCache | None = None,
     digest: str = "",
+    parts: Parts | None = None,
 ) -> Instrumented:
     """Compile ``source`` with a counting prologue in every function; raises SyntaxError.
 
     With a host ``cache`` (and the source's sha256 as ``digest``) the
     compiled twin is made once per host (:mod:`node_agent._codecache`).
+    With ``parts``, only the functions in them get twins.
     """
 
     def make() -> tuple[int, types.CodeType, tuple[tuple[str, int, int], ...]]:
         tree = take_tree(source)  # the prepare's own tree if it has one: changed here
+        if parts is not None:
+            tree.body = _keep_parts(tree.body, parts, ())
         slots, by_def = _count_defs(tree)
         code = compile(tree, filename, "exec", dont_inherit=True)
         return slots, code, tuple((name, line, slot) for (name, line), slot in by_def.items())
 
     if cache is not None and digest:
+        if parts is not None:
+            digest = hashlib.sha256(f"{digest}\0{parts.key()}".encode()).hexdigest()
         slots, code, defs = cache.get(CACHE_KIND, digest, make)
         code = retarget(code, filename)
     else:

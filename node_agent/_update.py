@@ -35,8 +35,17 @@ from typing import Any
 
 from hotfleet.errors import Reason
 from node_agent import _functions as fx
-from node_agent._patch import MISSING, ClearCache, Op, SetClassAttr, SetCode, SetDefaults, SetItem
+from node_agent._patch import (
+    MISSING,
+    ClearCache,
+    Op,
+    SetClassAttr,
+    SetCode,
+    SetDefaults,
+    SetItem,
+)
 from node_agent._planfacts import Facts, StatementFacts
+from node_agent._prologue import Parts
 
 
 class Refused(Exception):
@@ -311,6 +320,35 @@ class ModulePlanner:
         for path, qualname, funcs, name in swaps:
             self._swap_code(path, qualname, funcs, cls.__dict__.get(name, MISSING))
             self.plan.changes.append(f"body {qualname}")
+
+
+def changed_parts(plan: ModulePlan) -> Parts:
+    """What of the module the plan changes, for the counting twins (:class:`Parts`).
+
+    Code swapped in (a closure counts as the definition it is made in),
+    functions bound by edits, definitions and other statements that run in
+    the switch: the functions :func:`node_agent.coverage.changed_functions`
+    can find in the journal all live in one of them.
+    """
+    paths: set[tuple[str, ...]] = set()
+    lines: set[int] = set()
+
+    def add(code: types.CodeType) -> None:
+        paths.add(tuple(code.co_qualname.split(".<locals>.")[0].split(".")))
+
+    for op in plan.ops:
+        if isinstance(op, SetCode):
+            add(op.code)
+        elif isinstance(op, SetItem | SetClassAttr) and isinstance(op.value, types.FunctionType):
+            add(op.value.__code__)
+    for st in plan.statements:
+        if st.literal is not None:
+            continue
+        if st.name:
+            paths.add((st.name,))
+        else:
+            lines.add(st.lineno)
+    return Parts(frozenset(paths), frozenset(lines))
 
 
 # a method whose code is swapped: its path, qualified name, live functions, member name

@@ -66,6 +66,7 @@ from node_agent._prepared import (
 )
 from node_agent._prepared import ModuleChange as ModuleChange  # re-exported, unused here
 from node_agent._prologue import Instrumented, instrument_module
+from node_agent._update import changed_parts
 from node_agent.coverage import ChangedFunction, Coverage, changed_functions, needs_prologue
 from node_agent.drain import DrainBarrier, HoldInfo
 from node_agent.errors import FinishError, LoaderStateError, PrepareError
@@ -247,7 +248,12 @@ class Loader:
             filename = new.filename if new is not None else self._code.filename(ms, plan.module)  # type: ignore[union-attr]
             try:
                 out[ms.name] = instrument_module(
-                    ms.name, ms.source, filename, self.code_cache, ms.actual_digest
+                    ms.name,
+                    ms.source,
+                    filename,
+                    self.code_cache,
+                    ms.actual_digest,
+                    None if plan is None else changed_parts(plan),
                 )
             except (SyntaxError, ValueError):  # compiled fine already; then it is not counted
                 continue

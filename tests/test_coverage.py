@@ -378,3 +378,37 @@ def test_stop_during_a_burst_leaves_the_plain_code(cb: Codebase) -> None:
     assert price(2) == 4 and not counting()  # v1's plain code
     time.sleep(0.1)  # the fold thread's burst end must not put a twin back
     assert not counting()
+
+
+def test_twins_are_made_for_what_changed_and_for_all_of_it(cb: Codebase) -> None:
+    """The counting twins compile only the changed parts of a module (a one-function
+    fix of a large module compiles one function), yet every function the switch
+    changed or added, by any kind of change the planner knows, has its twin."""
+    from tests.test_plan_facts import NEW, OLD
+
+    mods = cb.boot({"m": OLD.decode()})
+    prepared = cb.loader.prepare(cb.release("2", {"m": NEW.decode()}))
+    cb.loader.finish(prepared)
+    inst = prepared._instrumented[f"{cb.pkg}.m"]
+    changed = cb.loader.changed_code()
+    assert {c.qualname for c in changed} >= {"plain", "added", "Grows.grow", "Shape.area"}
+    untwinned = [c.qualname for c in changed if inst.variant(c.code) is None]
+    assert untwinned == []
+    twinned = {name for name, _ in inst.codes}
+    assert "Box.label" not in twinned  # unchanged, in a class whose other method changed
+    assert mods["m"].plain(1) == 3
+    cb.loader.rollback()
+
+
+def test_a_one_function_fix_twins_one_function(cb: Codebase) -> None:
+    body = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(60))
+    m = cb.boot({"big": body + "class K:\n    def m(self):\n        return 1\n"})["big"]
+    fixed = body.replace("return x + 7\n", "return x + 700\n")
+    prepared = cb.loader.prepare(cb.release("2", {"big": fixed + "class K:\n    pass\n"}))
+    cb.loader.finish(prepared)
+    inst = prepared._instrumented[f"{cb.pkg}.big"]
+    assert {name for name, _ in inst.codes} == {"f7"} and inst.slots == 1
+    assert m.f7(1) == 701 and not hasattr(m.K, "m")
+    cb.loader.rollback()
+    calls = {f.name.split(":", 1)[1]: f.calls for f in cb.loader.coverage.report().functions}
+    assert calls == {"f7": 1}  # counted through its twin
