@@ -138,13 +138,15 @@ def apply_plan(
     # the inverses of the code swaps were built before the hold (see Loader.finish)
     apply_staged(plan.ops, stage_inverses(plan.ops) if staged is None else staged, journal)
     g = plan.module.__dict__
+    watched = plan.watched  # only what a binding elsewhere holds matters to the rebinding
     for st in plan.statements:
         if st.literal is not None:  # precomputed: nothing to execute
             key, value = st.literal
             old = g.get(key, MISSING)
             g[key] = value
             journal.append(SetItem(g, key, old))
-            changed.append((plan.module.__name__, key, old))
+            if key in watched:
+                changed.append((plan.module.__name__, key, old))
             continue
         # only the names the statement can bind are compared (the pause must not
         # grow with the size of the module), the whole namespace when unsure
@@ -163,7 +165,8 @@ def apply_plan(
                 old, new = before.get(k, MISSING), g.get(k, MISSING)
                 if old is not new:
                     journal.append(SetItem(g, k, old))
-                    changed.append((plan.module.__name__, k, old))
+                    if k in watched:
+                        changed.append((plan.module.__name__, k, old))
             if st.binds is None:
                 for k in before.keys() - g.keys():
                     journal.append(SetItem(g, k, before[k]))
@@ -172,7 +175,8 @@ def apply_plan(
     for name in plan.removed:
         old = g.get(name, MISSING)
         journal.append(SetItem(g, name, MISSING).apply())
-        changed.append((plan.module.__name__, name, old))
+        if name in watched:
+            changed.append((plan.module.__name__, name, old))
 
 
 def rebind_from_imports(

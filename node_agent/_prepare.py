@@ -281,6 +281,11 @@ def plan_release(
         _migrations=migrations_of(release, plans),
     )
     prepared._bindings = from_bindings(release, list(plans.values()), code.loaded)
+    watched: dict[str, set[str]] = {}
+    for bound_in, key in prepared._bindings:
+        watched.setdefault(bound_in, set()).add(key)
+    for plan in plans.values():
+        plan.watched = frozenset(watched.get(plan.module.__name__, ()))
     return prepared
 
 

@@ -86,6 +86,9 @@ class ModulePlan:
     new_codes: dict[str, types.CodeType | None] = field(default_factory=dict)
     # id(old) -> (old, new) code of functions made at run time by the functions patched
     nested: dict[int, tuple[types.CodeType, types.CodeType | None]] = field(default_factory=dict)
+    # names other modules bound with ``from m import x``: the switch tells only their
+    # changes to the rebinding of those bindings (set with the bindings, in prepare)
+    watched: frozenset[str] = frozenset()
 
     def patch_closures(self, live: dict[int, list[types.FunctionType]]) -> None:
         """Closures created at run time by patched functions get the new body too.
