@@ -51,7 +51,7 @@ from node_agent._finish import (
 )
 from node_agent._hold import held
 from node_agent._hostslots import PrepareSlots, SlotWaitCancelled, SlotWaitTimeout
-from node_agent._patch import Op, SetState, stage_inverses, undo
+from node_agent._patch import Op, SetState, StagedCode, stage_inverses, undo
 from node_agent._prefault import prefault, warm_migration
 from node_agent._prepare import lap, plan_release, purge_check, rehearse_switch, validate
 from node_agent._prepared import (
@@ -316,15 +316,19 @@ class Loader:
             journal: list[Op] = []
             # the counting twins go before the switch journals the code it replaces
             self.coverage.stop()
-            # the journal of the code swaps is built here, not in the hold (and after
-            # coverage.stop(), which puts the plain code back)
-            staged = {name: stage_inverses(plan.ops) for name, plan in prepared._plans.items()}
             old_vsn = self._vsn()
+            staged: dict[str, list[StagedCode | None]] = {}
 
             def warm() -> None:  # on the holding thread: what wakes or faults, before the hold
                 if prepared._migrations:  # its first run after the staging fork faults pages
                     warm_migration()
                 prefault(prepared)
+                # the journal of the code swaps is built here, not in the hold (and after
+                # coverage.stop(), which puts the plain code back), and last: on the thread
+                # and so in the CPU caches of the hold (made on the caller's thread, the
+                # inverses were read cold from the other core's cache, measured in the hold)
+                for name, plan in prepared._plans.items():
+                    staged[name] = stage_inverses(plan.ops)
 
             def body(progress: Progress) -> tuple[float, float, int]:
                 t0 = time.perf_counter()
