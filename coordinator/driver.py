@@ -23,7 +23,7 @@ from coordinator.fleet import Target, select
 from coordinator.model import Kind, NodeResult, Phase, Rollout, Vote
 from coordinator.options import RolloutOptions
 from coordinator.releases import ReleaseEntry, entry_manifest_health
-from coordinator.twophase import abort_reason, commit_lead, wave_id, wave_members
+from coordinator.twophase import abort_reason, wave_id, wave_members
 from hotfleet.decisions import Decided
 from hotfleet.protocol import Refusal
 
@@ -167,10 +167,12 @@ class Driver:
         # or one left out under --allow-missing, never acts on it (the convergence
         # loop catches it up instead)
         bound = [n.node for n in members if n.vote is Vote.YES]
-        commit_at = time.time() + commit_lead(len(bound)) if wanted is Decided.COMMIT else 0.0
+        lead_s = self.engine.commit_lead.lead(len(bound)) if wanted is Decided.COMMIT else 0.0
+        commit_at = time.time() + lead_s if lead_s else 0.0
         decision = self.engine.protocol.decide(lead, wave_id(rollout), wanted, bound, commit_at)
         rollout.decision, rollout.decided_at = decision, time.time()
         rollout.commit_at = commit_at if decision is wanted else 0.0
+        rollout.commit_lead_s = lead_s if decision is wanted else 0.0
         if decision is not Decided.COMMIT:
             rollout.phase = Phase.ABORTING
             self.engine._save(lead, rollout)

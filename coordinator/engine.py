@@ -17,7 +17,7 @@ collaborators, one job each:
 * :mod:`coordinator.fencing` — how etcd is written, and what stops a driver.
 
 Names other modules import from here (``RolloutOptions``, ``Target``,
-``Refused``, ``commit_lead`` ...) stay importable from here.
+``Refused``, ``default_lead`` ...) stay importable from here.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import grpc
 
 from coordinator.baseline import BaselineStore
 from coordinator.commands import Commands
+from coordinator.commitlead import CommitLead, default_lead
 from coordinator.convergence import Convergence
 from coordinator.driver import Driver
 from coordinator.election import Leadership
@@ -48,7 +49,7 @@ from coordinator.prometheus import PrometheusProvider
 from coordinator.recovery import recover
 from coordinator.releases import ReleaseBook, ReleaseEntry
 from coordinator.transport import Transport
-from coordinator.twophase import TwoPhase, commit_lead, rpc_detail
+from coordinator.twophase import TwoPhase, rpc_detail
 from coordinator.window import OperatorRequest, Window
 from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
@@ -66,7 +67,7 @@ __all__ = [
     "ReleaseEntry",
     "RolloutOptions",
     "Target",
-    "commit_lead",
+    "default_lead",
 ]
 
 ROLLOUT_HISTORY = 100  # rollout records kept (oldest terminal ones are removed)
@@ -117,6 +118,8 @@ class Engine:
         self.convergence = Convergence(self)
         self.sampler: HealthSampler | None = None
         self.prometheus: PrometheusProvider | None = None  # optional metric provider
+        # how far ahead of a commit decision its instant is set, learned from the nodes
+        self.commit_lead = CommitLead()
         # the collaborators, one job each, sharing this engine's state
         self.commands = Commands(self)
         self.driver = Driver(self)

@@ -72,6 +72,9 @@ class NodeResult:
     finish_warnings: list[str] = field(default_factory=list)
     drained: bool = True
     still_in_flight: int = 0
+    # how long before the commit instant the node was ready to switch (negative: the
+    # commit reached it that late); None without an instant (coordinator.commitlead)
+    armed_ahead_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         # field by field, not dataclasses.asdict: its deep copy of every value was most
@@ -115,6 +118,7 @@ class Rollout:
     created_at: float = field(default_factory=time.time)
     decided_at: float = 0.0
     commit_at: float = 0.0  # the wave's commit instant, as its decision record names it
+    commit_lead_s: float = 0.0  # how far ahead of the decision that instant was set
     finished_at: float = 0.0
     ended_at: float = 0.0
     # etcd mod revision of the record this copy was read as or last written as: every
@@ -191,7 +195,12 @@ _PER_NODE = frozenset({"errors", "targets", "previous", "nodes"})  # Rollout fie
 _NODE_DEFAULTS = {
     k: v for k, v in NodeResult("").to_json().items() if k != "node"
 }  # what a compact per-node entry leaves out
-_MICROS = ("prepare_s", "pause_s", "finished_at")  # measured times: microseconds are plenty
+_MICROS = (
+    "prepare_s",
+    "pause_s",
+    "finished_at",
+    "armed_ahead_s",
+)  # measured times: microseconds are plenty
 
 
 def _compact_node(d: dict[str, Any]) -> dict[str, Any]:

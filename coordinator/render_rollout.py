@@ -68,6 +68,24 @@ def wave_skews(rollout: Mapping[str, Any]) -> dict[int, float]:
     return {w: max(t) - min(t) for w, t in sorted(by_wave.items()) if len(t) > 1}
 
 
+def commit_lead_text(rollout: Mapping[str, Any]) -> str:
+    """The (last) wave's commit lead and how ready its slowest node was at the instant."""
+    lead = rollout.get("commit_lead_s") or 0.0
+    if not lead:
+        return ""
+    text = f"   commit lead: {duration(lead)}"
+    ahead = {
+        node: r["armed_ahead_s"]
+        for node, r in (rollout.get("nodes") or {}).items()
+        if r.get("armed_ahead_s") is not None and r.get("wave", 0) == rollout.get("wave", 0)
+    }
+    if ahead:
+        node, value = min(ahead.items(), key=lambda kv: kv[1])
+        when = "before" if value >= 0 else "after"
+        text += f" (slowest: {node}, ready {duration(abs(value))} {when} the instant)"
+    return text
+
+
 def max_wave_skew(rollout: Mapping[str, Any]) -> float:
     return max(wave_skews(rollout).values(), default=0.0)
 
@@ -158,7 +176,7 @@ def rollout_detail(rollout: Mapping[str, Any], style: Style = PLAIN) -> str:
         timing += "   commit skew per wave: " + ", ".join(
             f"{w + 1}: {duration(s)}" for w, s in skews.items()
         )
-    lines.append(timing)
+    lines.append(timing + commit_lead_text(rollout))
     if rollout.get("leader"):
         lines.append(f"Leader:   {rollout['leader']} (epoch {rollout.get('epoch', 0)})")
     nodes = rollout.get("nodes") or {}

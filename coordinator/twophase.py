@@ -64,25 +64,12 @@ log = logging.getLogger("hotfleet.coordinator")
 __all__ = [
     "TwoPhase",
     "abort_reason",
-    "commit_lead",
     "fan_out",
     "rpc_detail",
     "wave_id",
     "wave_members",
 ]
 
-# How far ahead of the decision the commit instant is set: long enough for etcd to push
-# the decision to every participant's watch and for each to verify it (one etcd read)
-# and get ready to switch, which grows with the wave: 100 simulated nodes packed in a
-# process on a shared core take ~0.2 s, 1000 on 2 cores ~0.8 s once their membership
-# writes stay out of the lead (issue 17: with 0.8 ms/node the commit skew of 1000
-# packed nodes stayed at 45-94 ms over 18 runs, 46-81 ms at 1.0); a fleet of hosts does it in
-# parallel, and a few workers in ~10 ms (the base keeps a small fleet's switch as
-# prompt as it was: 54 ms for 3 nodes).  The Finish fan-out is not in it: it starts
-# at the instant (a node without a live watch switches when its Finish comes, late
-# but correct).
-COMMIT_LEAD_S = 0.05
-COMMIT_LEAD_PER_NODE_S = 0.0008
 COMMIT_QUIET_S = 0.1  # no health sampling from the decision until this long after the instant
 WARNINGS_KEPT = 20  # a node's warnings kept per phase in the rollout record
 WARNING_CHARS = 500
@@ -93,6 +80,20 @@ class TwoPhase:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def _learn_lead(self, rollout: Rollout, members: list[NodeResult]) -> None:
+        """Tell the commit lead how ready this wave's nodes were at its instant."""
+        ahead = [n.armed_ahead_s for n in members if n.finished and n.armed_ahead_s is not None]
+        needed = self.engine.commit_lead.observe(len(members), rollout.commit_lead_s, ahead)
+        if needed is not None and min(ahead) < 0:
+            log.warning(
+                "rollout %s: the commit lead (%.0f ms) was too short: the slowest node was "
+                "ready %.0f ms after the instant; the next lead is %.0f ms for as many nodes",
+                rollout.id,
+                rollout.commit_lead_s * 1e3,
+                -min(ahead) * 1e3,
+                self.engine.commit_lead.lead(len(members)) * 1e3,
+            )
 
     def prepare_all(
         self, lead: Leadership, rollout: Rollout, entry: ReleaseEntry, options: RolloutOptions
@@ -214,7 +215,7 @@ class TwoPhase:
         # Scheduled commit: every node switches at the instant its decision record names
         # (a recovering leader's is past: switch now), instead of whenever its RPC lands.
         members = wave_members(rollout)
-        commit_at = rollout.commit_at or time.time() + commit_lead(len(members))
+        commit_at = rollout.commit_at or time.time() + self.engine.commit_lead.lead(len(members))
         sampler = self.engine.sampler
         if sampler is not None and options.window_s != 0:  # a window judges samples from then
             sampler.resume_at(commit_at + COMMIT_QUIET_S)
@@ -264,6 +265,8 @@ class TwoPhase:
                 elif reply.ok:
                     result.finished, result.pause_s, result.detail = True, reply.pause_s, ""
                     result.finished_at = reply.finished_at or time.time()  # the node's own instant
+                    if reply.HasField("armed_ahead_s"):
+                        result.armed_ahead_s = reply.armed_ahead_s
                 else:
                     result.errors = [
                         e if e.node else e.on_node(result.node)
@@ -282,6 +285,7 @@ class TwoPhase:
         deadline = time.monotonic() + max(options.timeout_s, 5.0)
         fan_out(finish, members, options.concurrency)
         rollout.finished_at = time.time()
+        self._learn_lead(rollout, members)
         failed = [n for n in members if n.vote is Vote.YES and not n.finished]
         if failed and rollout.kind is not Kind.ROLLBACK:
             self.engine._hook("after_finish", rollout)
@@ -425,11 +429,6 @@ def fan_out(
         t.join()
     if raised:
         raise raised[0]
-
-
-def commit_lead(nodes: int) -> float:
-    """How far ahead of its decision the commit instant of a wave of ``nodes`` is set."""
-    return COMMIT_LEAD_S + COMMIT_LEAD_PER_NODE_S * nodes
 
 
 def abort_reason(rollout: Rollout) -> str:

@@ -51,6 +51,7 @@ def held(
     before: Callable[[], None] = lambda: None,
     restore: Callable[[], object],
     at: float = 0.0,
+    began: list[float] | None = None,
 ) -> tuple[T, HoldInfo]:
     """``body(progress)`` inside a hold, on ``worker``; its value and what the hold found.
 
@@ -62,7 +63,8 @@ def held(
     own first step, gets the drain timeout plus ``first_step_s``.  Raises
     :class:`~node_agent._deadline.Abandoned` (its ``label`` names the step)
     after ``restore()`` undid what the stuck body had done and the gate was
-    reopened — in that order, so no request sees half a switch.
+    reopened — in that order, so no request sees half a switch.  ``began``
+    gets the unix time the hold began (after the wait for ``at``).
     """
 
     resumes: list[bool] = []  # whether the hold turned the collector off (it was on)
@@ -78,6 +80,8 @@ def held(
             progress.step(wait + drain_timeout + first_step_s, "drain")
             if wait:
                 time.sleep(max(0.0, at - time.time()))
+            if began is not None:
+                began.append(time.time())
             resumes.append(gc.isenabled())
             gc.disable()
             try:

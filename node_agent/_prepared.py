@@ -82,6 +82,9 @@ class FinishReport:
     warnings: tuple[str, ...] = ()
     switched_at: float = 0.0  # wall-clock instant the new code became current (commit skew)
     changed_code: tuple[str, ...] = ()  # module:qualname of every function changed or added
+    # scheduled at an instant: how long before it the hold was ready (negative: late);
+    # the coordinator sets its next commit lead from the fleet's (coordinator.commitlead)
+    armed_ahead_s: float | None = None
 
 
 @dataclass

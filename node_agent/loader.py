@@ -82,6 +82,11 @@ STAGING_NICE = 5
 T = TypeVar("T")
 
 
+# A scheduled hold that begins this long after its instant was late (a sleep wakes
+# up to ~1 ms late on a busy VM; a node starved or stopped through its lead, later)
+LATE_ALLOWANCE_S = 0.002
+
+
 class Loader:
     """Loads whole releases into this process, atomically and reversibly.
 
@@ -351,7 +356,7 @@ class Loader:
                     ) from None
                 return time.perf_counter() - t0, switched_at, migrated
 
-            (pause, switched_at, migrated), hold = self._held(
+            (pause, switched_at, migrated), hold, ahead = self._held(
                 body, self.switch_timeout, warm, journal, old_vsn, at
             )
             self._commit(prepared, journal)  # in the order applied: undo replays it backwards
@@ -368,6 +373,7 @@ class Loader:
                 tuple(prepared.warnings),
                 switched_at,
                 tuple(c.name for c in self._changed),
+                ahead,
             )
             prepared.report = report
             return report
@@ -396,20 +402,38 @@ class Loader:
         journal: list[Op],
         vsn: Any,
         at: float = 0.0,
-    ) -> tuple[T, HoldInfo]:
+    ) -> tuple[T, HoldInfo, float | None]:
         """:func:`~node_agent._hold.held` on the loader's worker; every way it ends badly
-        becomes a :class:`FinishError` with the previous version restored."""
+        becomes a :class:`FinishError` with the previous version restored.
+
+        Third: with ``at``, how long before that instant the hold was ready to
+        begin (its warm-up done), or, if it began more than
+        :data:`LATE_ALLOWANCE_S` after it, minus how late: for the
+        coordinator's commit lead (:attr:`FinishReport.armed_ahead_s`).
+        """
+        ready: list[float] = []
+        began: list[float] = []
+
+        def warm_then_ready() -> None:
+            before()
+            ready.append(time.time())
+
         try:
-            return held(
+            value, hold = held(
                 self._hold_worker(),
                 self.barrier,
                 self.drain_timeout,
                 first_step_s,
                 body,
-                before=before,
+                before=warm_then_ready,
                 restore=lambda: undo(journal),
                 at=at,
+                began=began,
             )
+            if not (at and ready and began):
+                return value, hold, None
+            late = began[0] - at
+            return value, hold, (at - ready[0]) if late <= LATE_ALLOWANCE_S else -late
         except Abandoned as stuck:
             raise FinishError(self._stuck(stuck.label, vsn), restored=True) from None
         except Overrun:  # outside the body's own steps: the drain outlasted its deadline
@@ -516,7 +540,7 @@ class Loader:
                 )  # keep down-migrated state
                 return migrated, redo, time.perf_counter() - t0
 
-            (migrated, redo, pause), hold = self._held(
+            (migrated, redo, pause), hold, ahead = self._held(
                 body,
                 self.migration_timeout,
                 warm_migration if backup.migrations else lambda: None,
@@ -533,7 +557,12 @@ class Loader:
             self.current_release = backup.restores
             self._backup = None
             return FinishReport(
-                backup.restores, pause, hold.drained, hold.still_in_flight, migrated
+                backup.restores,
+                pause,
+                hold.drained,
+                hold.still_in_flight,
+                migrated,
+                armed_ahead_s=ahead,
             )
 
     def make_permanent(self) -> None:

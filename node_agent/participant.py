@@ -411,7 +411,11 @@ class Participant:
                 return failed
             finally:
                 self._switch_at = 0.0
-            outcome = self._outcome(True, report=report)
+            # how long before the instant this node was ready to switch; a commit that
+            # arrived after it says how late (the coordinator's lead learns from both)
+            late = delay if commit_at and delay <= 0 else None
+            ahead = report.armed_ahead_s if at else late
+            outcome = replace(self._outcome(True, report=report), armed_ahead_s=ahead)
             self._finished.keep(rollout_id, outcome)
             self.settle()
         if commit_at:

@@ -156,6 +156,9 @@ class Outcome:
     drained: bool = True
     still_in_flight: int = 0
     digest: str = ""  # content digest of what the node runs now ("" for the boot code)
+    # how long before the commit instant the switch was ready (negative: the commit
+    # reached this node that late); None without an instant
+    armed_ahead_s: float | None = None
 
 
 @dataclass(frozen=True)

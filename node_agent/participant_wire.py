@@ -77,6 +77,7 @@ class WireParticipant:
             drain_timed_out=not outcome.drained,
             still_in_flight=outcome.still_in_flight,
             digest=outcome.digest,
+            armed_ahead_s=outcome.armed_ahead_s,
         )
 
     def abort(self, request: agent_pb2.AbortRequest) -> agent_pb2.AbortReply:

@@ -786,6 +786,15 @@ def test_commit_skew_is_per_wave_not_the_gap_between_waves() -> None:
     assert "commit skew per wave: 1: 2.0ms, 2: 5.0ms" in text, text
 
 
+def test_status_says_the_commit_lead_and_the_slowest_node() -> None:
+    rollout = Rollout("r1", "upgrade", "shop@2.0.0", "a" * 64, ["n1", "n2"])
+    rollout.commit_lead_s = 0.052
+    rollout.nodes["n1"] = NodeResult("n1", finished=True, finished_at=1.0, armed_ahead_s=0.04)
+    rollout.nodes["n2"] = NodeResult("n2", finished=True, finished_at=1.2, armed_ahead_s=-0.25)
+    text = render.rollout_detail(Rollout.loads(rollout.dumps()).to_json())
+    assert "commit lead: 52.0ms (slowest: n2, ready 250.0ms after the instant)" in text, text
+
+
 def test_completion_scripts_complete_verbs_flags_and_choices(tmp_path: Path) -> None:
     """The bash script, run by bash: verbs, sub-verbs, a verb's flags, a flag's choices."""
     script = tmp_path / "coordctl.bash"

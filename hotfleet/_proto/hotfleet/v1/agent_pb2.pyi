@@ -50,7 +50,7 @@ class FinishRequest(_message.Message):
     def __init__(self, rollout_id: _Optional[str] = ..., epoch: _Optional[int] = ..., commit_at: _Optional[float] = ...) -> None: ...
 
 class FinishReply(_message.Message):
-    __slots__ = ("ok", "errors", "restored", "pause_s", "release", "warnings", "already_finished", "epoch_seen", "finished_at", "drain_timed_out", "still_in_flight", "digest")
+    __slots__ = ("ok", "errors", "restored", "pause_s", "release", "warnings", "already_finished", "epoch_seen", "finished_at", "drain_timed_out", "still_in_flight", "digest", "armed_ahead_s")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class FinishReply(_message.Message):
     DRAIN_TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     STILL_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ARMED_AHEAD_S_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     errors: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModuleError]
     restored: bool
@@ -75,7 +76,8 @@ class FinishReply(_message.Message):
     drain_timed_out: bool
     still_in_flight: int
     digest: str
-    def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., restored: _Optional[bool] = ..., pause_s: _Optional[float] = ..., release: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., already_finished: _Optional[bool] = ..., epoch_seen: _Optional[int] = ..., finished_at: _Optional[float] = ..., drain_timed_out: _Optional[bool] = ..., still_in_flight: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+    armed_ahead_s: float
+    def __init__(self, ok: _Optional[bool] = ..., errors: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., restored: _Optional[bool] = ..., pause_s: _Optional[float] = ..., release: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., already_finished: _Optional[bool] = ..., epoch_seen: _Optional[int] = ..., finished_at: _Optional[float] = ..., drain_timed_out: _Optional[bool] = ..., still_in_flight: _Optional[int] = ..., digest: _Optional[str] = ..., armed_ahead_s: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("rollout_id", "epoch")
