@@ -11,8 +11,10 @@ status, version, pid and counter) runs through both changes:
   master gets SIGHUP (new workers start, the old ones drain and exit);
 * **hotfleet**: the same master started with ``-c python:node_agent.gunicorn``
   (one participant per worker, an embedded etcd, an elected coordinator
-  engine); the new code is pushed as a release and upgraded on every worker
-  (``window_s=0``: permanent at once), the disk is not touched.
+  engine, which drives one warm-up rollout first, as a running coordinator
+  has driven rollouts before); the new code is pushed as a release and
+  upgraded on every worker (``window_s=0``: permanent at once), the disk is
+  not touched.
 
 Measured for each, from the instant the change starts: failed requests,
 p99 latency of requests sent during the change (start until every worker answers
@@ -390,6 +392,23 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
             packages=["benchapp"],
         )
         leader.engine.push_release(release)
+        # A running coordinator has driven rollouts before: one warm-up rollout (the
+        # boot code again, a release of its own) opens its channels to the workers and
+        # lets it learn the commit lead this host needs (coordinator.commitlead),
+        # before the load and the measured change start.
+        warm = Release.from_sources(
+            "benchapp",
+            "1.1",
+            {"benchapp": "", "benchapp.app": _app(V1, args.boot_s) + "# warm-up\n"},
+            packages=["benchapp"],
+        )
+        leader.engine.push_release(warm)
+        warmed = leader.wait(
+            leader.engine.upgrade(warm.label, Target(all=True), RolloutOptions(window_s=0)).id,
+            timeout=60,
+        )
+        if warmed.phase.value != "permanent":
+            raise RuntimeError(f"the warm-up rollout ended {warmed.phase.value}: {warmed.reason}")
         load = _load(server, args)
         try:
             t_started = time.time()
