@@ -34,10 +34,10 @@ from typing import Any
 from hotfleet.imports import parse_source
 from node_agent._codecache import retarget
 
-__all__ = ["Facts", "StatementFacts", "bound_names", "facts_key"]
+__all__ = ["Facts", "StatementFacts", "bound_names", "class_key", "facts_key"]
 
 FORMAT = (
-    "hotfleet-planfacts-2"  # part of the cache key: a new question set never reads an old record
+    "hotfleet-planfacts-3"  # part of the cache key: a new question set never reads an old record
 )
 
 # (code, lineno, name, names it may bind or None, (name, literal value) or None)
@@ -256,6 +256,20 @@ def _members(node: ast.ClassDef) -> dict[str, ast.stmt] | None:
     return out
 
 
+# Members a class statement treats specially when it creates the class: ``__eq__``
+# without ``__hash__`` sets ``__hash__ = None``, ``__new__`` becomes a staticmethod,
+# ``__init_subclass__`` and ``__class_getitem__`` classmethods.  Adding, changing or
+# removing one is left to the class statement and the merge.
+_IMPLICIT = frozenset({"__eq__", "__hash__", "__new__", "__init_subclass__", "__class_getitem__"})
+
+
+def class_key(class_name: str, name: str) -> str:
+    """The key a class body binds ``name`` under (private names carry the class's)."""
+    if not name.startswith("__") or name.endswith("__") or not class_name.strip("_"):
+        return name
+    return f"_{class_name.lstrip('_')}{name}"
+
+
 def _class_edit(old: ast.ClassDef, new: ast.ClassDef) -> tuple[tuple[Any, ...], ...] | None:
     """See :meth:`Facts.class_edit`."""
     if old.decorator_list or new.decorator_list or getattr(new, "type_params", None):
@@ -272,9 +286,9 @@ def _class_edit(old: ast.ClassDef, new: ast.ClassDef) -> tuple[tuple[Any, ...], 
                 entries.append(("keep", name, j))
                 continue
             defaults = _plain_def(s)
-            if defaults is None:
+            if defaults is None or name in _IMPLICIT:
                 return None
-            entries.append(("new", name, j, *defaults))
+            entries.append(("new", class_key(new.name, name), j, *defaults, name))
             continue
         literal = _literal_binding(s)
         if literal is None:  # the docstring or pass
@@ -285,11 +299,13 @@ def _class_edit(old: ast.ClassDef, new: ast.ClassDef) -> tuple[tuple[Any, ...], 
             continue
         o = old_members.get(literal[0])
         if o is None or _dump(o) != _dump(s):
-            entries.append(("set", *literal))
+            if literal[0] in _IMPLICIT:
+                return None
+            entries.append(("set", class_key(new.name, literal[0]), literal[1]))
     for name in sorted(old_members.keys() - new_members.keys()):
-        if name == "__doc__":
+        if name == "__doc__" or name in _IMPLICIT:
             return None
-        entries.append(("del", name))
+        entries.append(("del", class_key(new.name, name)))
     return tuple(entries)
 
 
@@ -441,9 +457,12 @@ class Facts:
         ``def`` statements, ``NAME = <literal>`` bindings, the docstring (unchanged)
         and ``pass``, each name bound once.  Entries: ``("keep", name, j)``, a
         ``def`` both have (its own questions decide); ``("new", name, j,
-        defaults, kwdefaults)``, a ``def`` prepare can make a function of
-        (:func:`_plain_def`); ``("set", name, value)``, a literal new or
-        changed; ``("del", name)``, a member the new class no longer has.
+        defaults, kwdefaults, def_name)``, a ``def`` prepare can make a
+        function of (:func:`_plain_def`); ``("set", name, value)``, a literal
+        new or changed; ``("del", name)``, a member the new class no longer
+        has.  Names are the keys the class body binds (:func:`class_key`:
+        private names mangled); members a class statement treats specially
+        (``__eq__``, ``__new__`` ...) are left to it.
         """
 
         def compute() -> tuple[tuple[Any, ...], ...] | None:

@@ -44,7 +44,7 @@ from node_agent._patch import (
     SetDefaults,
     SetItem,
 )
-from node_agent._planfacts import Facts, StatementFacts
+from node_agent._planfacts import Facts, StatementFacts, class_key
 from node_agent._prologue import Parts
 
 
@@ -282,13 +282,15 @@ class ModulePlanner:
             if kind == "keep":
                 if not self._kept(index, rest[0], name, cls, swaps):
                     return False
+            elif isinstance(cls.__dict__.get(name), types.MemberDescriptorType):
+                return False  # a slot's descriptor: a class statement refuses to shadow it
             elif kind == "new":
-                code = self.plan.new_codes.get(f"{qual}.{name}")
+                code = self.plan.new_codes.get(f"{qual}.{rest[3]}")
                 fn = None if code is None else _function(code, self.g, rest[1], rest[2], cls)
                 if fn is None:
                     return False
                 ops.append(SetClassAttr(cls, name, fn))
-                changes.append(f"method {qual}.{name}")
+                changes.append(f"method {qual}.{rest[3]}")
             elif kind == "set":
                 ops.append(SetClassAttr(cls, name, rest[0]))
                 changes.append(f"attribute {qual}.{name}")
@@ -321,7 +323,8 @@ class ModulePlanner:
 
     def _swap_methods(self, cls: type, swaps: list[_Swap]) -> None:
         for path, qualname, funcs, name in swaps:
-            self._swap_code(path, qualname, funcs, cls.__dict__.get(name, MISSING))
+            holder = cls.__dict__.get(class_key(cls.__name__, name), MISSING)
+            self._swap_code(path, qualname, funcs, holder)
             self.plan.changes.append(f"body {qualname}")
 
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from node_agent import PrepareError
 from tests.codebase import Codebase
 
 V1 = """
@@ -224,8 +225,8 @@ def test_a_new_function_over_a_name_bound_at_run_time_runs_its_def(cb: Codebase)
 
 
 # ------------------------------------------------------------------ property
-_METHODS = ("m0", "m1", "m2", "m3")
-_ATTRS = ("a0", "a1", "a2")
+_METHODS = ("m0", "m1", "m2", "m3", "__p", "__eq__")  # a private name; one a class treats apart
+_ATTRS = ("a0", "a1", "a2", "__q")
 
 members = st.fixed_dictionaries(
     {
@@ -257,25 +258,29 @@ def _class_source(spec: dict[str, Any], version: int) -> str:
 def _observed(cls: type, obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in (*_METHODS[1:], *_ATTRS):  # m0 is Base's when K lacks it
-        if name in _ATTRS:
-            out[name] = getattr(cls, name, "absent")
+        key = f"_K{name}" if name.startswith("__") and not name.endswith("__") else name
+        if name == "__eq__":  # defined here or not, and what that did to hashing
+            out[name] = ("__eq__" in vars(cls), cls.__hash__ is None)
+        elif name in _ATTRS:
+            out[name] = getattr(cls, key, "absent")
         else:
-            method = getattr(obj, name, None)
+            method = getattr(obj, key, None)
             out[name] = method() if method is not None else "absent"
     out["m0"] = obj.m0()
     return out
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(old=members, new=members)
 def test_an_edited_class_behaves_as_the_new_source_imported_afresh(
     tmp_path_factory: pytest.TempPathFactory, old: dict[str, Any], new: dict[str, Any]
 ) -> None:
     """Whatever members come and go (methods plain, with ``super()``, with literal
-    defaults; literal attributes), a live instance of the upgraded class answers
-    as an instance of the new source's class would; rollback gives the old answers."""
+    defaults; literal attributes; private names; an ``__eq__``, which makes a class
+    unhashable), a live instance of the upgraded class answers as an instance of
+    the new source's class would; rollback gives the old answers."""
     cb = Codebase(tmp_path_factory.mktemp("edit") / "code")
     try:
         v1, v2 = _class_source(old, 1), _class_source(new, 2)
@@ -291,3 +296,14 @@ def test_an_edited_class_behaves_as_the_new_source_imported_afresh(
         assert _observed(cls, obj) == before
     finally:
         cb.close()
+
+
+def test_a_literal_over_a_slot_is_refused_as_a_class_statement_would_be(cb: Codebase) -> None:
+    v1 = "class P:\n    __slots__ = ('x',)\n\n    def get(self):\n        return self.x\n"
+    m = cb.boot({"m": v1})["m"]
+    p = m.P()
+    p.x = 1
+    with pytest.raises(PrepareError) as err:
+        cb.loader.prepare(cb.release("2", {"m": v1 + "\n    x = 5\n"}))
+    assert "conflicts with class variable" in str(err.value), err.value
+    assert p.get() == 1 and "x" not in {k for k, v in vars(m.P).items() if v == 5}
