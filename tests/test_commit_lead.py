@@ -71,8 +71,8 @@ def test_every_node_reports_its_readiness_and_the_next_lead_follows(
     agents: Agents, leader: Leader
 ) -> None:
     nodes = start_fleet(agents, 3)
-    leader.engine.push_release(release("shop-2.0.0"))
-    leader.engine.push_release(release("shop-1.0.0"))
+    for bundle in ("shop-2.0.0", "shop-1.0.0"):  # up, then back down: two waves
+        leader.engine.push_release(release(bundle))
     first = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts()).id)
     assert first.phase is Phase.PERMANENT, first.reason
     assert first.commit_lead_s == pytest.approx(default_lead(3))

@@ -15,7 +15,7 @@ import marshal
 import sys
 import textwrap
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -329,79 +329,89 @@ def test_answers_of_another_shape_are_not_trusted(tmp_path: Path) -> None:
         sys.modules.pop("facts_shape_mod", None)
 
 
-def test_sibling_loaders_share_the_plan_and_the_import_scans(tmp_path: Path) -> None:
-    """The second worker of a host prepares an update without a single cache miss, and
-    its switch does what the first worker's would have."""
+@pytest.fixture
+def old_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str], tuple[Path, Release]]:
+    """``make(name)``: ``OLD`` as module ``name`` in a code directory on the path, loaded,
+    and ``NEW`` as its release (the module and the path entry go at teardown)."""
     code_dir = tmp_path / "code"
     code_dir.mkdir()
-    (code_dir / "facts_sib_mod.py").write_bytes(OLD)
-    sys.path.insert(0, str(code_dir))
-    release = Release.from_sources("sib", "2", {"facts_sib_mod": NEW.decode()})
+    monkeypatch.syspath_prepend(str(code_dir))
+
+    def make(name: str) -> tuple[Path, Release]:
+        (code_dir / f"{name}.py").write_bytes(OLD)
+        monkeypatch.delitem(sys.modules, name, raising=False)  # removed again at teardown
+        importlib.import_module(name)
+        return code_dir, Release.from_sources(name, "2", {name: NEW.decode()})
+
+    return make
+
+
+def _forget_scans() -> None:
+    """What this process remembers of the first worker's scans: a sibling process has none."""
+    imports._scan_cached.cache_clear()
+    imports._known.clear()
+    imports._known_sites.clear()
+
+
+def test_sibling_loaders_share_the_plan_and_the_import_scans(
+    tmp_path: Path, old_code: Callable[[str], tuple[Path, Release]]
+) -> None:
+    """The second worker of a host prepares an update without a single cache miss, and
+    its switch does what the first worker's would have."""
+    code_dir, release = old_code("facts_sib_mod")
+    mod = sys.modules["facts_sib_mod"]
     first = Loader([code_dir], code_cache=CodeCache(tmp_path / "cache"))
     second = Loader([code_dir], code_cache=CodeCache(tmp_path / "cache"))
-    try:
-        mod = importlib.import_module("facts_sib_mod")
-        a = first.prepare(release)
-        first.abort(a)
-        assert first.code_cache is not None and first.code_cache.misses >= 3  # exec, imports, plan
-        b = second.prepare(release)
-        assert second.code_cache is not None and second.code_cache.misses == 0
-        assert [c.details for c in b.changes] == [c.details for c in a.changes]
-        second.finish(b)
-        assert mod.plain(1) == 3 and mod.memo(1) == 10 and mod.Shape().area() == 1
-        assert mod.Shape().name == "SHAPE" and mod.Grows.colour == "red"
-        assert mod.Box().volume() == 8
-        assert mod.literal_default(1) == 3 and mod.computed_default(1) == 8
-        assert not hasattr(mod, "REMOVED") and mod.__doc__ == "New docstring."
-    finally:
-        sys.path.remove(str(code_dir))
-        sys.modules.pop("facts_sib_mod", None)
+    a = first.prepare(release)
+    first.abort(a)
+    assert first.code_cache is not None and first.code_cache.misses >= 3  # exec, imports, plan
+    b = second.prepare(release)
+    assert second.code_cache is not None and second.code_cache.misses == 0
+    assert [c.details for c in b.changes] == [c.details for c in a.changes]
+    second.finish(b)
+    assert mod.plain(1) == 3 and mod.memo(1) == 10 and mod.Shape().area() == 1
+    assert mod.Shape().name == "SHAPE" and mod.Grows.colour == "red"
+    assert mod.Box().volume() == 8 and mod.Grows().grow().endswith("+2cm")
+    assert mod.literal_default(1) == 3 and mod.computed_default(1) == 8
+    assert not hasattr(mod, "REMOVED") and mod.__doc__ == "New docstring."
 
 
-def test_a_sibling_agent_parses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sibling_agent_parses_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    old_code: Callable[[str], tuple[Path, Release]],
+) -> None:
     """The agent's whole prepare (the package check of :mod:`node_agent.release_files`,
     then the loader) in the second worker of a host: every source read from the host
     cache, not one parsed."""
-    code_dir = tmp_path / "code"
-    code_dir.mkdir()
-    (code_dir / "facts_agent_mod.py").write_bytes(OLD)
-    sys.path.insert(0, str(code_dir))
-    release = Release.from_sources("agent", "2", {"facts_agent_mod": NEW.decode()})
+    code_dir, release = old_code("facts_agent_mod")
     first = ReleaseFiles(Loader([code_dir], code_cache=CodeCache(tmp_path / "cache")))
     second = ReleaseFiles(Loader([code_dir], code_cache=CodeCache(tmp_path / "cache")))
-    try:
-        importlib.import_module("facts_agent_mod")
-        a = first.prepare(release)
-        a_changes = [c.details for c in a.changes]
-        first.abort(a)
-        # what this process remembers of the first worker's scans: a sibling process has none
-        imports._scan_cached.cache_clear()
-        imports._known.clear()
-        imports._known_sites.clear()
+    a = first.prepare(release)
+    a_changes = [c.details for c in a.changes]
+    first.abort(a)
+    _forget_scans()
 
-        def no_parse(source: object) -> None:
-            raise AssertionError("the second worker parsed a source")
+    def no_parse(source: object) -> None:
+        raise AssertionError("the second worker parsed a source")
 
-        for where in (imports, _planfacts, _codepaths):
-            monkeypatch.setattr(where, "parse_source", no_parse)
-        prepared = second.prepare(release)
-        assert prepared.changes[0].details == next(iter(a_changes))
-        second.abort(prepared)
-    finally:
-        sys.path.remove(str(code_dir))
-        sys.modules.pop("facts_agent_mod", None)
+    for where in (imports, _planfacts, _codepaths):
+        monkeypatch.setattr(where, "parse_source", no_parse)
+    prepared = second.prepare(release)
+    assert prepared.changes[0].details == next(iter(a_changes))
+    second.abort(prepared)
 
 
 def test_a_first_worker_parses_each_source_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    old_code: Callable[[str], tuple[Path, Release]],
 ) -> None:
     """The package check, the planner and the counting twins of one prepare read one
     tree per source (the twins take the planner's tree, which they instrument in place)."""
-    code_dir = tmp_path / "code"
-    code_dir.mkdir()
-    (code_dir / "facts_once_mod.py").write_bytes(OLD)
-    sys.path.insert(0, str(code_dir))
-    release = Release.from_sources("once", "2", {"facts_once_mod": NEW.decode()})
+    code_dir, release = old_code("facts_once_mod")
     files = ReleaseFiles(Loader([code_dir], code_cache=CodeCache(tmp_path / "cache")))
     parsed: list[bytes] = []
     real = ast.parse
@@ -410,20 +420,13 @@ def test_a_first_worker_parses_each_source_once(
         parsed.append(source.encode() if isinstance(source, str) else bytes(source))
         return real(source, *args, **kwargs)
 
-    try:
-        importlib.import_module("facts_once_mod")
-        imports._scan_cached.cache_clear()
-        imports._known.clear()
-        imports._known_sites.clear()
-        monkeypatch.setattr(ast, "parse", counting)
-        prepared = files.prepare(release)
-        monkeypatch.setattr(ast, "parse", real)
-        assert prepared._instrumented["facts_once_mod"].codes  # the twins were made
-        assert parsed.count(NEW) == 1 and parsed.count(OLD) == 1, [len(p) for p in parsed]
-        files.abort(prepared)
-    finally:
-        sys.path.remove(str(code_dir))
-        sys.modules.pop("facts_once_mod", None)
+    _forget_scans()
+    monkeypatch.setattr(ast, "parse", counting)
+    prepared = files.prepare(release)
+    monkeypatch.setattr(ast, "parse", real)
+    assert prepared._instrumented["facts_once_mod"].codes  # the twins were made
+    assert parsed.count(NEW) == 1 and parsed.count(OLD) == 1, [len(p) for p in parsed]
+    files.abort(prepared)
 
 
 def test_a_refusal_is_the_same_from_the_record(module: types.ModuleType) -> None:
