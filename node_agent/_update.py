@@ -168,8 +168,9 @@ class ModulePlanner:
         elif old_kind and facts.body_only(index) and self.index.get(name):
             self._swap_code((index,), name, self.index[name], live)
             self.plan.changes.append(f"body {name}")
-        elif not old_kind and name not in self.g and self._new_function(index, name):
-            pass
+        elif not old_kind and name not in self.g:  # a new name: its function made here if it can be
+            if not self._new_function(index, name):
+                self._statement(facts.statement(index), "new")
         elif not old_kind or not facts.same_tree(index):  # not a mere reformatting
             self._statement(facts.statement(index), "redefined" if old_kind else "new")
 
