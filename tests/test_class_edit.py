@@ -307,3 +307,21 @@ def test_a_literal_over_a_slot_is_refused_as_a_class_statement_would_be(cb: Code
         cb.loader.prepare(cb.release("2", {"m": v1 + "\n    x = 5\n"}))
     assert "conflicts with class variable" in str(err.value), err.value
     assert p.get() == 1 and "x" not in {k for k, v in vars(m.P).items() if v == 5}
+
+
+def test_an_edited_subclass_is_not_registered_again(cb: Codebase) -> None:
+    """A base's ``__init_subclass__`` (a plugin registry) ran when the class was first
+    defined; editing the class member by member does not run it again, so the
+    registry keeps the one live class and no stray fresh copy."""
+    registry = (
+        "REGISTRY = []\n\n\nclass Plugin:\n"
+        "    def __init_subclass__(cls, **kw):\n"
+        "        super().__init_subclass__(**kw)\n"
+        "        REGISTRY.append(cls)\n\n\n"
+    )
+    v1 = registry + "class Csv(Plugin):\n    def load(self):\n        return 1\n"
+    m = cb.boot({"m": v1})["m"]
+    live = m.Csv
+    cb.upgrade("2", {"m": v1 + "\n    def dump(self):\n        return 2\n"})
+    registered = list(m.REGISTRY)
+    assert registered == [live] and m.Csv is live and live().dump() == 2
