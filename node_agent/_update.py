@@ -248,6 +248,14 @@ class ModulePlanner:
         if type(cls) is type and self._members_only(index, cls):
             return
         self._statement(self.facts.statement(index), "class", merge_class=cls)
+        hooked = [b for b in cls.__mro__[1:] if "__init_subclass__" in vars(b) and b is not object]
+        if hooked:  # its side effects are the app's own: said, not undone
+            self.plan.warnings.append(
+                f"{self.module.__name__}.{qual}: its class statement runs again at finish to merge "
+                f"the change, and with it {hooked[0].__qualname__}.__init_subclass__, on a fresh "
+                "copy of the class (a registry it adds classes to keeps that copy beside the "
+                "live one)"
+            )
 
     def _bodies_only(self, index: int, cls: type) -> bool:
         """Patch methods in place when nothing but method bodies changed.

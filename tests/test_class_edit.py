@@ -325,3 +325,24 @@ def test_an_edited_subclass_is_not_registered_again(cb: Codebase) -> None:
     cb.upgrade("2", {"m": v1 + "\n    def dump(self):\n        return 2\n"})
     registered = list(m.REGISTRY)
     assert registered == [live] and m.Csv is live and live().dump() == 2
+
+
+def test_a_merged_subclass_warns_that_its_base_hook_runs_again(cb: Codebase) -> None:
+    """What the member-by-member edit avoids, the merge cannot: the class statement
+    runs, and a base's ``__init_subclass__`` registers a fresh copy.  The vote says so."""
+    registry = (
+        "REGISTRY = []\n\n\nclass Plugin:\n"
+        "    def __init_subclass__(cls, **kw):\n"
+        "        super().__init_subclass__(**kw)\n"
+        "        REGISTRY.append(cls)\n\n\n"
+    )
+    v1 = registry + "class Csv(Plugin):\n    def load(self):\n        return 1\n"
+    m = cb.boot({"m": v1})["m"]
+    live = m.Csv
+    annotated = v1 + "\n    def dump(self) -> int:\n        return 2\n"  # an annotation: merged
+    prepared = cb.loader.prepare(cb.release("2", {"m": annotated}))
+    (warning,) = [w for w in prepared.warnings if "__init_subclass__" in w]
+    assert f"{cb.pkg}.m.Csv" in warning and "Plugin.__init_subclass__" in warning
+    cb.loader.finish(prepared)
+    assert m.Csv is live and live().dump() == 2
+    assert len(m.REGISTRY) == 2 and m.REGISTRY[0] is live  # as the warning said
