@@ -309,20 +309,23 @@ def test_a_literal_over_a_slot_is_refused_as_a_class_statement_would_be(cb: Code
     assert p.get() == 1 and "x" not in {k for k, v in vars(m.P).items() if v == 5}
 
 
+# a plugin registry a base class fills as its subclasses are defined
+PLUGINS = (
+    "REGISTRY = []\n\n\nclass Plugin:\n"
+    "    def __init_subclass__(cls, **kw):\n"
+    "        super().__init_subclass__(**kw)\n"
+    "        REGISTRY.append(cls)\n\n\n"
+    "class Csv(Plugin):\n    def load(self):\n        return 1\n"
+)
+
+
 def test_an_edited_subclass_is_not_registered_again(cb: Codebase) -> None:
     """A base's ``__init_subclass__`` (a plugin registry) ran when the class was first
     defined; editing the class member by member does not run it again, so the
     registry keeps the one live class and no stray fresh copy."""
-    registry = (
-        "REGISTRY = []\n\n\nclass Plugin:\n"
-        "    def __init_subclass__(cls, **kw):\n"
-        "        super().__init_subclass__(**kw)\n"
-        "        REGISTRY.append(cls)\n\n\n"
-    )
-    v1 = registry + "class Csv(Plugin):\n    def load(self):\n        return 1\n"
-    m = cb.boot({"m": v1})["m"]
+    m = cb.boot({"m": PLUGINS})["m"]
     live = m.Csv
-    cb.upgrade("2", {"m": v1 + "\n    def dump(self):\n        return 2\n"})
+    cb.upgrade("2", {"m": PLUGINS + "\n    def dump(self):\n        return 2\n"})
     registered = list(m.REGISTRY)
     assert registered == [live] and m.Csv is live and live().dump() == 2
 
@@ -330,16 +333,11 @@ def test_an_edited_subclass_is_not_registered_again(cb: Codebase) -> None:
 def test_a_merged_subclass_warns_that_its_base_hook_runs_again(cb: Codebase) -> None:
     """What the member-by-member edit avoids, the merge cannot: the class statement
     runs, and a base's ``__init_subclass__`` registers a fresh copy.  The vote says so."""
-    registry = (
-        "REGISTRY = []\n\n\nclass Plugin:\n"
-        "    def __init_subclass__(cls, **kw):\n"
-        "        super().__init_subclass__(**kw)\n"
-        "        REGISTRY.append(cls)\n\n\n"
-    )
-    v1 = registry + "class Csv(Plugin):\n    def load(self):\n        return 1\n"
-    m = cb.boot({"m": v1})["m"]
+    m = cb.boot({"m": PLUGINS})["m"]
     live = m.Csv
-    annotated = v1 + "\n    def dump(self) -> int:\n        return 2\n"  # an annotation: merged
+    annotated = (
+        PLUGINS + "\n    def dump(self) -> int:\n        return 2\n"
+    )  # an annotation: merged
     prepared = cb.loader.prepare(cb.release("2", {"m": annotated}))
     (warning,) = [w for w in prepared.warnings if "__init_subclass__" in w]
     assert f"{cb.pkg}.m.Csv" in warning and "Plugin.__init_subclass__" in warning
