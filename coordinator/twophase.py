@@ -84,7 +84,8 @@ class TwoPhase:
     def _learn_lead(self, rollout: Rollout, members: list[NodeResult]) -> None:
         """Tell the commit lead how ready this wave's nodes were at its instant."""
         ahead = [n.armed_ahead_s for n in members if n.finished and n.armed_ahead_s is not None]
-        needed = self.engine.commit_lead.observe(len(members), rollout.commit_lead_s, ahead)
+        bound = sum(n.vote is Vote.YES for n in members)  # what the driver sized the lead for
+        needed = self.engine.commit_lead.observe(bound, rollout.commit_lead_s, ahead)
         if needed is not None and min(ahead) < 0:
             log.warning(
                 "rollout %s: the commit lead (%.0f ms) was too short: the slowest node was "
@@ -92,7 +93,7 @@ class TwoPhase:
                 rollout.id,
                 rollout.commit_lead_s * 1e3,
                 -min(ahead) * 1e3,
-                self.engine.commit_lead.lead(len(members)) * 1e3,
+                self.engine.commit_lead.lead(bound) * 1e3,
             )
 
     def prepare_all(

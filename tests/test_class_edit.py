@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node_agent import PrepareError
+from node_agent import FinishError, PrepareError
 from tests.codebase import Codebase
 
 V1 = """
@@ -344,3 +344,30 @@ def test_a_merged_subclass_warns_that_its_base_hook_runs_again(cb: Codebase) -> 
     cb.loader.finish(prepared)
     assert m.Csv is live and live().dump() == 2
     assert len(m.REGISTRY) == 2 and m.REGISTRY[0] is live  # as the warning said
+
+
+def test_an_edited_class_is_untouched_by_prepare_and_restored_by_a_failed_finish(
+    cb: Codebase,
+) -> None:
+    """All or nothing with the edit: prepare (made functions, no stores) changes nothing;
+    a finish whose migration fails only at run time puts every member back."""
+    v1 = (
+        "import node_agent\n\n\nclass K:\n    kind = 'v1'\n\n    def old(self):\n        return 1\n"
+        "\n\nclass Counter:\n    def code_change(self, old_vsn, state, extra):\n"
+        "        if state['n'] == 666:\n            raise ValueError('unexpected state')\n"
+        "        return dict(state)\n\n\ndef make():\n    c = Counter()\n    c.n = 0\n"
+        "    return node_agent.register(c)\n\n\nC = make()\n"
+    )
+    v2 = v1.replace("kind = 'v1'", "kind = 'v2'").replace(
+        "    def old(self):\n        return 1\n", "    def new(self):\n        return 2\n"
+    )
+    m = cb.boot({"m": v1})["m"]
+    obj, members = m.K(), dict(vars(m.K))
+    prepared = cb.loader.prepare(cb.release("2", {"m": v2}))
+    assert "method K.new" in prepared._plans[f"{cb.pkg}.m"].changes
+    assert dict(vars(m.K)) == members  # prepare stored nothing
+    m.C.n = 666  # the state changed between prepare and finish
+    with pytest.raises(FinishError) as info:
+        cb.loader.finish(prepared)
+    assert info.value.restored
+    assert dict(vars(m.K)) == members and obj.old() == 1 and not hasattr(obj, "new")
