@@ -302,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", metavar="PATH")
     _add_sign_key(p)
+    p.add_argument(
+        "--no-unpack",
+        dest="unpack",
+        action="store_false",
+        help="do not have the nodes unpack it now (fetch, verify, compile and plan it into "
+        "each host's code cache, so its rollout prepares faster and a release they would "
+        "refuse shows here)",
+    )
     command("list", "list pushed releases", cmd_release_list, releases)
     p = command("show", "show one release and its modules", cmd_release_show, releases)
     p.add_argument("ref", metavar="NAME@VERSION")

@@ -297,21 +297,25 @@ def _looks_like_path(ref: str) -> bool:
     return "@" not in ref or "/" in ref or os.sep in ref or ref.endswith((".tar.gz", ".zip"))
 
 
-def push(ctx: Ctx, path: str) -> dict[str, Any]:
+def push(ctx: Ctx, path: str, *, unpack: bool = False) -> dict[str, Any]:
     args = ctx.args
     request, label = push_request(
         path, getattr(args, "sign_key", None), getattr(args, "fleet", None)
     )
+    request.unpack = unpack
     entry = ctx.one("PushRelease", request, timeout=PUSH_TIMEOUT_S)
     ctx.say(
         f"pushed {entry.get('label', label)}  digest {render.short(entry.get('digest'))}  "
         f"{entry.get('modules', len(request.release.modules))} module(s)"
     )
+    if unpack:
+        for line in render.unpacked(entry.get("unpacked") or []):
+            ctx.say(line)
     return entry
 
 
 def cmd_release_push(ctx: Ctx) -> int:
-    entry = push(ctx, ctx.args.path)
+    entry = push(ctx, ctx.args.path, unpack=ctx.args.unpack)
     if ctx.json:
         ctx.emit(entry, "Release")
     return EXIT_OK

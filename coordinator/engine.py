@@ -50,6 +50,7 @@ from coordinator.recovery import recover
 from coordinator.releases import ReleaseBook, ReleaseEntry
 from coordinator.transport import Transport
 from coordinator.twophase import TwoPhase, rpc_detail
+from coordinator.unpack import UNPACK_TIMEOUT_S, NodeUnpack, unpack_on
 from coordinator.window import OperatorRequest, Window
 from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
@@ -337,6 +338,13 @@ class Engine:
     def push_release(self, release: Release, signature: str = "", signer: str = "") -> ReleaseEntry:
         """Store the sources by digest and the manifest under name/version (idempotent)."""
         return self.book.push(release, signature, signer)
+
+    def unpack_release(self, ref: str, *, timeout_s: float = UNPACK_TIMEOUT_S) -> list[NodeUnpack]:
+        """Have every registered node unpack a pushed release ahead of its rollout
+        (leader only; :mod:`coordinator.unpack`); each node's answer."""
+        lead = self._require_leader()
+        entry = self.book.release(ref)
+        return unpack_on(self.nodes(), self.agents.stub, entry, lead.epoch, timeout_s=timeout_s)
 
     def remove_release(self, ref: str) -> list[str]:
         """Delete a pushed release no one uses and the blobs only it used (leader only)."""

@@ -121,6 +121,27 @@ def _sync(node: Mapping[str, Any], style: Style) -> str:
     return "-"
 
 
+def unpacked(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What the nodes said to an unpack (:mod:`coordinator.unpack`): one line per answer,
+    with its nodes; every module a Prepare would refuse, per node."""
+    if not rows:
+        return ["unpacked on no node (none registered)"]
+    by_answer: dict[tuple[bool, str], list[str]] = {}
+    for row in rows:
+        key = (bool(row.get("done")), str(row.get("detail") or ""))
+        by_answer.setdefault(key, []).append(str(row.get("node")))
+    lines = []
+    for (done, detail), nodes in sorted(by_answer.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        slowest = max(float(r.get("seconds") or 0) for r in rows if str(r.get("node")) in nodes)
+        head = f"unpacked on {len(nodes)} node(s)" if done else f"not unpacked on {len(nodes)}"
+        took = f", {duration(slowest)} at most" if done else ""
+        lines.append(f"{head}{took}: {detail}  [{nodes_list(nodes)}]")
+    for row in rows:
+        for error in row.get("errors") or []:
+            lines.append(f"  a prepare would refuse it on {row.get('node')}: {error}")
+    return lines
+
+
 def releases_table(releases: Sequence[Mapping[str, Any]], *, no_headers: bool = False) -> str:
     rows = [
         [

@@ -227,9 +227,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.RecordReply:
         release = release_from_push(request)
         signature = request.release.signature.hex()
-        return self._one(
-            self.engine.push_release(release, signature=signature, signer=request.release.signer)
+        entry = self.engine.push_release(
+            release, signature=signature, signer=request.release.signer
         )
+        if not request.unpack:
+            return self._one(entry)
+        unpacked = self.engine.unpack_release(entry.label)
+        return self._one({**entry.to_json(), "unpacked": [u.to_json() for u in unpacked]})
 
     @_rpc
     def Upgrade(

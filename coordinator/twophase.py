@@ -40,7 +40,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hotfleet.coordinator")
 
+
+T = TypeVar("T")
 __all__ = [
     "TwoPhase",
     "abort_reason",
@@ -389,9 +391,7 @@ def wave_members(rollout: Rollout) -> list[NodeResult]:
     return [n for n in rollout.nodes.values() if n.wave == rollout.wave]
 
 
-def fan_out(
-    fn: Callable[[NodeResult], None], items: Iterable[NodeResult], concurrency: int
-) -> None:
+def fan_out(fn: Callable[[T], None], items: Iterable[T], concurrency: int) -> None:
     """Call ``fn`` on every node, ``concurrency`` at a time (one RPC each, usually).
 
     A bounded pool, not a thread per node: at 200 threads a call cost the

@@ -231,6 +231,7 @@ _READ = frozenset({Role.OPERATOR, Role.READER})
 # Agents obey coordinators only; an agent's certificate drives nothing.
 AGENT_POLICY: Policy = {
     "Prepare": _WRITE_AGENT,
+    "Unpack": _WRITE_AGENT,
     "Finish": _WRITE_AGENT,
     "Abort": _WRITE_AGENT,
     "Rollback": _WRITE_AGENT,

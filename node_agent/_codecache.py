@@ -50,7 +50,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ class CodeCache:
         self._lock = threading.Lock()
         self._member: tuple[int, int, str] | None = None  # (pid, locked fd, file name)
         self._shared_seen = (-1e9, False)  # (when, whether a sibling was alive)
+        self._writing = 0  # > 0: inside writing(), every miss is written
         self._check_directory()
         self._prune()
         self._join()
@@ -117,10 +118,41 @@ class CodeCache:
                 self._count(hit=True)
                 return found[0]
             value = make()
-            if self._shared():
+            if self._writing or self._shared():
                 self._write(path, value)
         self._count(hit=False)
         return value
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Write every miss, whether or not a sibling lives now: for work done ahead
+        of its use (staging a pushed release), read later by this process or by a
+        sibling that starts in the meantime."""
+        with self._lock:
+            self._writing += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._writing -= 1
+
+    def claim(self, name: str) -> bool:
+        """True for the first process of the host to claim ``name`` (a file made with
+        ``O_EXCL``), False for every later one: one sibling does a host's share of work.
+
+        A claimer that dies leaves the claim: the work is then done when it is
+        needed, as if nobody had claimed it.  Claims are pruned with the entries.
+        """
+        try:
+            fd = os.open(
+                self.directory / f"claim-{hashlib.sha256(name.encode()).hexdigest()}",
+                os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except OSError:
+            return False
+        os.close(fd)
+        return True
 
     def stats(self) -> dict[str, Any]:
         return {"hits": self.hits, "misses": self.misses, "waited_s": self.waited_s}

@@ -18,11 +18,15 @@ concurrent uses keep the lowest interval until the last one leaves.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
-__all__ = ["PREPARE_SWITCH_INTERVAL_S", "yielding_gil"]
+T = TypeVar("T")
+
+__all__ = ["PREPARE_SWITCH_INTERVAL_S", "in_background", "yielding_gil"]
 
 PREPARE_SWITCH_INTERVAL_S = 0.0005
 
@@ -50,3 +54,33 @@ def yielding_gil(interval: float = PREPARE_SWITCH_INTERVAL_S) -> Iterator[None]:
             # someone else set it meanwhile: theirs stands
             if _users == 0 and sys.getswitchinterval() == _ours:
                 sys.setswitchinterval(_saved)
+
+
+def in_background(fn: Callable[[], T], nice: int, name: str) -> T:
+    """``fn()`` on a thread of its own at ``nice`` more niceness (Linux: per thread),
+    joined: work that may wait for the CPU a serving thread wants.
+
+    A thread of its own because an unprivileged thread cannot take its
+    niceness back: the caller's (a gRPC pool thread) must keep its own.
+    What ``fn`` raises is raised here.
+    """
+    out: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        if nice > 0:
+            with contextlib.suppress(OSError, AttributeError):
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        try:
+            with yielding_gil():
+                out.append(fn())
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return out[0]

@@ -268,7 +268,11 @@ class Agent:
             on_raise=self._publish,
         )
         self._wire = WireParticipant(
-            self.participant, node_id, self.releases.obtain, lambda: self._fence.epoch
+            self.participant,
+            node_id,
+            self.releases.obtain,
+            lambda: self._fence.epoch,
+            keep=self.releases.keep,
         )
         self.reconciler = Reconciler(
             node_id,
@@ -464,6 +468,9 @@ class Agent:
     # node_agent.participant.
     def prepare(self, request: agent_pb2.PrepareRequest) -> agent_pb2.PrepareReply:
         return self._wire.prepare(request)
+
+    def unpack(self, request: agent_pb2.PrepareRequest) -> agent_pb2.PrepareReply:
+        return self._wire.unpack(request)
 
     def apply_decision(
         self,

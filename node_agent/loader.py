@@ -24,6 +24,7 @@ live beside it: validation, purge check, planning and the rehearsal in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
@@ -38,7 +39,7 @@ from hotfleet.imports import shared_trees
 from hotfleet.release import Release
 from node_agent._codecache import CodeCache, default_cache
 from node_agent._codepaths import CodePaths
-from node_agent._courtesy import yielding_gil
+from node_agent._courtesy import in_background, yielding_gil
 from node_agent._deadline import Abandoned, Overrun, Progress, Worker, start_watchdog
 from node_agent._finish import (
     MigrationFailed,
@@ -88,6 +89,20 @@ T = TypeVar("T")
 LATE_ALLOWANCE_S = 0.010
 
 
+class _GaveWay(Exception):
+    """An unpack stopped for a prepare."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unpacked:
+    """What :meth:`Loader.unpack` did: ``done`` False says why not (``detail``, ``errors``)."""
+
+    done: bool
+    detail: str
+    seconds: float
+    errors: Sequence[ModuleError] = ()
+
+
 class Loader:
     """Loads whole releases into this process, atomically and reversibly.
 
@@ -135,6 +150,7 @@ class Loader:
         # the code paths and, module by module, what of them is loaded
         self._code = CodePaths(self.code_paths, self.code_cache)
         self._cancel = threading.Event()  # set by cancel_prepare(): kills the staging process
+        self._unpack_cancel = threading.Event()  # set by prepare(): an unpack gives way
         self._worker: Worker | None = None  # runs code_change, so a hung one can be left behind
         start_watchdog()
         self._lock = threading.RLock()
@@ -177,8 +193,10 @@ class Loader:
         the soft-purge check: threads still running the old version keep
         running it, and its backup is dropped.
         """
+        self._unpack_cancel.set()  # an unpack under way stops at its next step
         with self._lock:
             self._cancel.clear()
+            self._unpack_cancel.clear()
             with self._turn(release) as waited, yielding_gil():
                 prepared = self._prepare_locked(release, force)
             if waited:
@@ -276,13 +294,84 @@ class Loader:
         with self._lock:
             return list(self._changed)
 
+    def unpack(self, release: Release, also: Callable[[], None] | None = None) -> Unpacked:
+        """Do ahead of a rollout what a prepare of ``release`` would compute from its
+        sources alone, and leave it in the host code cache: OTP's ``unpack_release``.
+
+        Compiling, the planner's answers about the two sources (against what
+        this worker runs now), the counting twins and the import sites are
+        written to the host cache (:mod:`node_agent._codecache`) even by a
+        worker without live siblings, so the rollout's prepare, on this worker
+        and on every sibling, finds them there.  Nothing is staged, nothing of
+        the release runs (no rehearsal: that depends on the state at the
+        rollout), and nothing this process runs changes.  It runs on a thread
+        of its own at :attr:`staging_nice` more niceness, yields the GIL as a
+        prepare does, and gives way to a prepare: it does not start while one
+        runs and stops at its next step when one begins.  Problems the
+        release has are reported, not raised: the prepare will refuse it with
+        the same reasons.  One worker of a host unpacks a release for the
+        release it runs now (:meth:`CodeCache.claim`); its siblings answer
+        that it was done.  ``also`` runs first, in the same conditions (the
+        release files' own per-host answers).
+        """
+        started = time.perf_counter()
+        if self.code_cache is None:
+            return Unpacked(False, "no host code cache (HOTFLEET_CODE_CACHE=off)", 0.0)
+        if not self._lock.acquire(blocking=False):
+            return Unpacked(False, "a prepare is in progress", 0.0)
+        try:
+            if self._unpack_cancel.is_set():
+                return Unpacked(False, "a prepare began", 0.0)
+            base = self.current_release.digest if self.current_release else "boot code"
+            if not self.code_cache.claim(f"unpack\0{release.digest}\0{base}"):
+                return Unpacked(False, "another worker of this host unpacked it", 0.0)
+            return in_background(
+                lambda: self._unpack_locked(release, started, also),
+                self.staging_nice,
+                "hotfleet-unpack",
+            )
+        finally:
+            self._lock.release()
+
+    def _unpack_locked(
+        self, release: Release, started: float, also: Callable[[], None] | None
+    ) -> Unpacked:
+        cache = self.code_cache
+        assert cache is not None
+        hits0 = cache.stats()["hits"]
+
+        def step() -> None:
+            checkpoint()
+            if self._unpack_cancel.is_set():
+                raise _GaveWay
+
+        try:
+            with gc_paused_for(PREPARE_GC_PAUSE_S) as checkpoint, shared_trees(), cache.writing():
+                if also is not None:
+                    also()
+                errors = validate(release, step, self._code)
+                if not errors:
+                    prepared = plan_release(release, step, self._code, self._generation + 1)
+                    step()
+                    self._instrument(prepared)
+        except _GaveWay:
+            return Unpacked(False, "a prepare began", time.perf_counter() - started)
+        except PrepareError as exc:
+            errors = list(exc.errors)
+        seconds = time.perf_counter() - started
+        if errors:
+            return Unpacked(False, "the release would be refused", seconds, errors)
+        hits = cache.stats()["hits"] - hits0
+        return Unpacked(True, f"unpacked ({hits} cache hits)", seconds)
+
     def cancel_prepare(self) -> None:
         """Stop a prepare in progress (from any thread): its staging process is killed.
 
         The prepare raises :class:`PrepareError` (``timeout``, "cancelled") at
-        once; nothing was changed.
+        once; nothing was changed.  An unpack in progress stops too.
         """
         self._cancel.set()
+        self._unpack_cancel.set()
 
     def _rehearse(self, prepared: Prepared, started: float) -> None:
         """Run the switch and the migrations in a forked copy of this process."""

@@ -272,13 +272,15 @@ class Participant:
             self._preparing = ""
         log.info(
             "rollout %s: prepared %s (sources %.0f ms, code %.0f ms, of which %.0f ms CPU "
-            "here and %.0f ms in the staging process)",
+            "here and %.0f ms in the staging process; host code cache: %d hits, %d misses)",
             call.rollout_id,
             call.label or getattr(release, "label", "?"),
             (obtained - started) * 1e3,
             (time.perf_counter() - obtained) * 1e3,
             (time.thread_time() - cpu0) * 1e3,
             getattr(plan, "rehearsal_cpu_s", 0.0) * 1e3,
+            (getattr(plan, "profile", None) or {}).get("cache_hits", 0),
+            (getattr(plan, "profile", None) or {}).get("cache_misses", 0),
         )
         vote = self._vote(
             True,
@@ -288,6 +290,34 @@ class Participant:
         )
         self._stage(_Staged(call.rollout_id, digest, call.label, plan, vote, release))
         return vote
+
+    def unpack(self, call: PrepareCall) -> Vote:
+        """Fetch and verify a pushed release and do ahead of its rollout what its
+        prepare computes from the sources (:meth:`node_agent.loader.Loader.unpack`).
+
+        Not under the participant's lock and not a state of the 2PC: it stages
+        nothing, so a Prepare never waits for it (the loader stops it when one
+        begins).  ``ok`` False with a warning says why nothing was done; with
+        errors, what a Prepare of this release would refuse.
+        """
+        started = time.perf_counter()
+        unpack = getattr(self.code, "unpack", None)  # a simulated loader may have none
+        if unpack is None:
+            return self._vote(False, started, warnings=["this node's loader does not unpack"])
+        if self._preparing or self._staged is not None or self._state is State.STOPPING:
+            return self._vote(False, started, warnings=["a rollout is being prepared here"])
+        try:
+            release = call.obtain()
+        except HotfleetError as exc:
+            return self._vote(False, started, exc.errors)
+        except ValueError as exc:
+            return self._vote(False, started, [refusal(call.label or "*", f"bad manifest: {exc}")])
+        current = self.code.current_release
+        if current is not None and current.digest == release.digest:
+            return self._vote(False, started, warnings=[f"already runs {current.label}"])
+        done = unpack(release)
+        log.info("%s: %s in %.0f ms", release.label, done.detail, done.seconds * 1e3)
+        return self._vote(done.done, started, list(done.errors), warnings=[done.detail])
 
     def _prepare_rollback(self, call: PrepareCall, started: float) -> Vote:
         code = self.code

@@ -22,7 +22,8 @@ class WireParticipant:
     """Protobuf in, protobuf out; the protocol itself is the participant's.
 
     ``obtain(request)`` fetches and verifies the release a Prepare names
-    (see :class:`PrepareCall`); ``epoch()`` is the fence the replies report.
+    (see :class:`PrepareCall`); ``epoch()`` is the fence the replies report;
+    ``keep(release)`` keeps an unpacked release's sources on the node.
     """
 
     def __init__(
@@ -31,8 +32,10 @@ class WireParticipant:
         node_id: str,
         obtain: Callable[[agent_pb2.PrepareRequest], Any],
         epoch: Callable[[], int],
+        keep: Callable[[Any], None] | None = None,
     ) -> None:
         self.participant = participant
+        self._keep = keep or (lambda _release: None)
         self.node_id = node_id
         self._obtain = obtain
         self._epoch = epoch
@@ -57,6 +60,31 @@ class WireParticipant:
                 common_pb2.ModuleChange(module=c.module, kind=c.kind, detail=c.detail)
                 for c in vote.changes
             ],
+            warnings=list(vote.warnings),
+            epoch_seen=self._epoch(),
+            current_release=vote.current_release,
+        )
+
+    def unpack(self, request: agent_pb2.PrepareRequest) -> agent_pb2.PrepareReply:
+        """An ``Unpack``: the release obtained as a Prepare's is, its sources kept."""
+        wire = request.release
+
+        def obtain() -> Any:
+            release = self._obtain(request)
+            self._keep(release)
+            return release
+
+        call = PrepareCall(
+            rollout_id="",
+            digest=wire.digest,
+            obtain=obtain,
+            label=f"{wire.name}@{wire.version}" if wire.name else "",
+        )
+        vote = self.participant.unpack(call)
+        return agent_pb2.PrepareReply(
+            ok=vote.ok,
+            errors=errors_to_proto(vote.errors, self.node_id),
+            prepare_s=vote.prepare_s,
             warnings=list(vote.warnings),
             epoch_seen=self._epoch(),
             current_release=vote.current_release,

@@ -241,6 +241,12 @@ class ReleaseFiles:
             self._set("_pending", (prepared, plan))
         return prepared
 
+    def unpack(self, release: Release) -> Any:
+        """The loader's :meth:`~node_agent.loader.Loader.unpack`, the import sites
+        the package check reads included."""
+        cache = getattr(self._code, "code_cache", None)
+        return self._code.unpack(release, lambda: prime_import_sites(cache, release.modules))
+
     def abort(self, prepared: Any) -> None:
         with self._lock:
             if self._pending is not None and self._pending[0] is prepared:

@@ -34,6 +34,7 @@ from coordinator.engine import Refused, ReleaseEntry, RolloutOptions, Target
 from coordinator.fleet import NodeInfo
 from coordinator.model import NodeResult, Phase, Rollout, Vote
 from coordinator.service import serve
+from coordinator.unpack import NodeUnpack
 from hotfleet.errors import ModuleError, Reason
 from hotfleet.protocol import Refusal
 from hotfleet.release import Release
@@ -54,6 +55,7 @@ class FakeEngine:
         self.entries: dict[str, ReleaseEntry] = {}
         self.pushed: list[Release] = []
         self.signatures: list[tuple[str, str]] = []
+        self.unpacked: list[str] = []
         self.history: list[Rollout] = []
         self.calls: list[tuple[str, Any]] = []
         self.counter = 0
@@ -155,6 +157,16 @@ class FakeEngine:
         )
         self.entries[release.label] = entry
         return entry
+
+    def unpack_release(self, ref: str) -> list[NodeUnpack]:
+        """Every node unpacked it, one refused a module (what the CLI must show)."""
+        self._require_leader()
+        self.unpacked.append(ref)
+        return [
+            NodeUnpack("n1", True, "unpacked (0 cache hits)", 0.04),
+            NodeUnpack("n2", False, "another worker of this host unpacked it", 0.0),
+            NodeUnpack("n3", False, "the release would be refused", 0.01, ("a.b: badfile: x",)),
+        ]
 
     def upgrade(self, ref: str, target: Target, options: RolloutOptions) -> Rollout:
         self._require_leader()
@@ -517,6 +529,8 @@ def test_read_commands_tables_and_json(leader: tuple[FakeEngine, str], tmp_path:
     code, out, _ = run(address, "release", "list")
     assert "good" in out and pushed["digest"][:12] in out
     code, out, _ = run(address, "-o", "json", "release", "show", "good@2.0.0")
+    unpacked = pushed.pop("unpacked")
+    assert [u["node"] for u in unpacked] == ["n1", "n2", "n3"]
     assert json.loads(out) == pushed
     code, out, _ = run(address, "release", "show", "good@2.0.0")
     assert "shop.cart" in out and "shop/cart.py" in out
@@ -583,6 +597,23 @@ def test_service_maps_refusals_to_status_codes_and_metadata(leader: tuple[FakeEn
             stub.Upgrade(coordinator_pb2.UpgradeRequest(ref="x@1"), timeout=5)  # no target
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "no target" in info.value.details()
+
+
+def test_push_has_the_nodes_unpack_and_says_what_each_answered(
+    leader: tuple[FakeEngine, str], tmp_path: Path
+) -> None:
+    engine, address = leader
+    code, out, err = run(address, "release", "push", str(bundle(tmp_path, "good")))
+    assert code == cli.EXIT_OK, err
+    assert engine.unpacked == ["good@2.0.0"]
+    assert "unpacked on 1 node(s)" in out and "[n1]" in out
+    assert "not unpacked on 1: another worker of this host unpacked it  [n2]" in out
+    assert "a prepare would refuse it on n3: a.b: badfile: x" in out
+    code, out, err = run(
+        address, "release", "push", str(bundle(tmp_path, "other", "3.0.0")), "--no-unpack"
+    )
+    assert code == cli.EXIT_OK, err
+    assert engine.unpacked == ["good@2.0.0"] and "unpacked" not in out
 
 
 def test_push_signs_with_sign_key(leader: tuple[FakeEngine, str], tmp_path: Path) -> None:

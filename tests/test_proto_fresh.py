@@ -9,7 +9,7 @@ from pathlib import Path
 from hotfleet._proto.hotfleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
-MUTATING = {"Prepare", "Finish", "Abort", "Rollback", "MakePermanent"}
+MUTATING = {"Prepare", "Unpack", "Finish", "Abort", "Rollback", "MakePermanent"}
 
 
 def test_generated_stubs_are_fresh() -> None:

@@ -45,6 +45,11 @@ class NodeAgentStub:
                 request_serializer=hotfleet_dot_v1_dot_agent__pb2.FinishRequest.SerializeToString,
                 response_deserializer=hotfleet_dot_v1_dot_agent__pb2.FinishReply.FromString,
                 _registered_method=True)
+        self.Unpack = channel.unary_unary(
+                '/hotfleet.v1.NodeAgent/Unpack',
+                request_serializer=hotfleet_dot_v1_dot_agent__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=hotfleet_dot_v1_dot_agent__pb2.PrepareReply.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/hotfleet.v1.NodeAgent/Abort',
                 request_serializer=hotfleet_dot_v1_dot_agent__pb2.AbortRequest.SerializeToString,
@@ -92,6 +97,18 @@ class NodeAgentServicer:
     def Finish(self, request, context):
         """Phase 2 after a durable commit decision: switch every staged module at
         once behind the drain barrier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpack(self, request, context):
+        """Ahead of a rollout (after a push): fetch and verify a release, keep its
+        sources, and compile and plan it into the host's code cache, so the
+        rollout's Prepare finds that work done (OTP's unpack_release). Stages
+        nothing and runs nothing of the release; gives way to a Prepare.
+        `rollout_id` is empty; ok=false with a warning says why nothing was done,
+        with errors what a Prepare would refuse; prepare_s is the time it took.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +170,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Finish,
                     request_deserializer=hotfleet_dot_v1_dot_agent__pb2.FinishRequest.FromString,
                     response_serializer=hotfleet_dot_v1_dot_agent__pb2.FinishReply.SerializeToString,
+            ),
+            'Unpack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpack,
+                    request_deserializer=hotfleet_dot_v1_dot_agent__pb2.PrepareRequest.FromString,
+                    response_serializer=hotfleet_dot_v1_dot_agent__pb2.PrepareReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -240,6 +262,33 @@ class NodeAgent:
             '/hotfleet.v1.NodeAgent/Finish',
             hotfleet_dot_v1_dot_agent__pb2.FinishRequest.SerializeToString,
             hotfleet_dot_v1_dot_agent__pb2.FinishReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotfleet.v1.NodeAgent/Unpack',
+            hotfleet_dot_v1_dot_agent__pb2.PrepareRequest.SerializeToString,
+            hotfleet_dot_v1_dot_agent__pb2.PrepareReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,7 +60,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PushReleaseRequest(_message.Message):
-    __slots__ = ("release", "sources", "problems")
+    __slots__ = ("release", "sources", "problems", "unpack")
     class SourcesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,10 +71,12 @@ class PushReleaseRequest(_message.Message):
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    UNPACK_FIELD_NUMBER: _ClassVar[int]
     release: _common_pb2.ReleaseManifest
     sources: _containers.ScalarMap[str, bytes]
     problems: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModuleError]
-    def __init__(self, release: _Optional[_Union[_common_pb2.ReleaseManifest, _Mapping]] = ..., sources: _Optional[_Mapping[str, bytes]] = ..., problems: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ...) -> None: ...
+    unpack: bool
+    def __init__(self, release: _Optional[_Union[_common_pb2.ReleaseManifest, _Mapping]] = ..., sources: _Optional[_Mapping[str, bytes]] = ..., problems: _Optional[_Iterable[_Union[_common_pb2.ModuleError, _Mapping]]] = ..., unpack: _Optional[bool] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
