@@ -11,7 +11,10 @@ the 16 modules changed) each touch the same 20 modules.
   window_s=0)`` alternately to v2 and back to v1, each measured run a new
   build no node has seen (same code plus a comment: every node fetches,
   parses, compiles and plans it from scratch, as in a real deploy; pushed
-  off the clock, as ``coordctl release push``); from the rollout record,
+  off the clock, as ``coordctl release push``, which has the nodes unpack
+  it: one agent of the host compiles and plans it into the host code cache
+  before the rollout, for both sides; ``--no-unpack``: the rollout's
+  prepares do it); from the rollout record,
   *end to end* = finish instant of the last node - the record's
   ``created_at``, and *commit skew* = ``rollout.commit_skew_s`` (latest -
   earliest finish instant).  One round trip v2 → v1 of the plain releases
@@ -280,18 +283,36 @@ def run_n(
     concurrency: int | None,
     lease_ttl: int,
     say: Any,
+    unpack: bool = True,
 ) -> dict[str, Any]:
     rel1, rel2 = releases
     keys = {rel1.label: _fleet.V1, rel2.label: _fleet.V2}
     out: dict[str, Any] = {"nodes": n}
     load_start = _common.load_average()
+    unpacked: list[dict[str, Any]] = []
     with _fleet.Fleet(n, boot_code=boot, lease_ttl=lease_ttl, progress=say) as fleet:
         leader = fleet.leader
         assert leader is not None
+
+        def push(rel: Release) -> None:
+            """Off the clock, as `coordctl release push` (which has the nodes unpack it)."""
+            leader.engine.push_release(rel)
+            if unpack:
+                t0 = time.perf_counter()
+                answers = leader.engine.unpack_release(rel.label)
+                unpacked.append(
+                    {
+                        "release": rel.label,
+                        "wall_s": time.perf_counter() - t0,
+                        "done": sum(a.done for a in answers),
+                        "answers": sorted({a.detail.split(" (")[0] for a in answers}),
+                    }
+                )
+
         out["startup_s"] = fleet.startup_s
         out["registered_s"] = fleet.registered_s
         for rel in (rel1, rel2):
-            leader.engine.push_release(rel)
+            push(rel)
         check_versions(fleet, _fleet.V1)
         order = [rel2.label, rel1.label]  # v2 first: the boot code is v1
         cold = []
@@ -305,7 +326,7 @@ def run_n(
         measured = []
         for k in range(runs):
             rel = new_build((rel2, rel1)[k % 2], k)  # never seen by any node, as in a deploy
-            leader.engine.push_release(rel)  # off the clock, as `coordctl release push`
+            push(rel)
             res = run_2pc(fleet, rel.label, concurrency)
             check_versions(fleet, keys[(rel2, rel1)[k % 2].label])
             measured.append(res)
@@ -318,7 +339,7 @@ def run_n(
         for k in range(baseline_runs):  # pushed while the engine leads; driven after
             plain = rel2 if current == rel1.label else rel1
             pushed.append((plain, new_build(plain, 1000 + k)))
-            leader.engine.push_release(pushed[-1][1])
+            push(pushed[-1][1])
             current = plain.label
         epoch = fleet.take_leadership()
         say(f"N={n} baseline driven by a bare leader, epoch {epoch}")
@@ -336,6 +357,7 @@ def run_n(
         finally:
             direct.close()
     out["load_average"] = {"start": load_start, "end": _common.load_average()}
+    out["unpacked"] = unpacked
     out["warmup"] = cold
     out["runs"] = measured
     out["baseline_runs"] = base
@@ -504,6 +526,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lease-ttl", type=int, default=3, help="agent lease TTL, s (default 3)")
     parser.add_argument(
+        "--no-unpack",
+        dest="unpack",
+        action="store_false",
+        help="push releases without having the nodes unpack them (both sides of the comparison)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: N=3, 2 runs, kept out of RESULTS.md"
     )
     _common.add_output_arguments(parser)
@@ -527,7 +555,17 @@ def main(args: argparse.Namespace) -> int:
         )
         for n in sizes:
             fleets.append(
-                run_n(n, boot, (rel1, rel2), runs, base_runs, args.concurrency, args.lease_ttl, say)
+                run_n(
+                    n,
+                    boot,
+                    (rel1, rel2),
+                    runs,
+                    base_runs,
+                    args.concurrency,
+                    args.lease_ttl,
+                    say,
+                    unpack=args.unpack,
+                )
             )
     res = {
         **_common.result_header("fleet", date),
@@ -539,6 +577,7 @@ def main(args: argparse.Namespace) -> int:
             "concurrency": args.concurrency or RolloutOptions().concurrency,
             "lease_ttl_s": args.lease_ttl,
             "quick": bool(args.quick),
+            "unpack": bool(args.unpack),
         },
         "fleets": fleets,
         "load_average": {"start": load_before, "end": _common.warn_if_busy()},

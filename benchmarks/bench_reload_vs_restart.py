@@ -12,8 +12,9 @@ status, version, pid and counter) runs through both changes:
 * **hotfleet**: the same master started with ``-c python:node_agent.gunicorn``
   (one participant per worker, an embedded etcd, an elected coordinator
   engine, which drives one warm-up rollout first, as a running coordinator
-  has driven rollouts before); the new code is pushed as a release and
-  upgraded on every worker (``window_s=0``: permanent at once), the disk is
+  has driven rollouts before); the new code is pushed as a release (and
+  unpacked by the workers, as ``coordctl release push`` has them do;
+  ``--no-unpack`` skips it) and upgraded on every worker (``window_s=0``: permanent at once), the disk is
   not touched.
 
 Measured for each, from the instant the change starts: failed requests,
@@ -111,6 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'auto': CPU 0 when there are at least 2, 'none': no pinning",
     )
     parser.add_argument("--quick", action="store_true", help="shorter; results not recorded")
+    parser.add_argument(
+        "--no-unpack",
+        dest="unpack",
+        action="store_false",
+        help="push the release without having the workers unpack it ahead of the rollout",
+    )
     _common.add_output_arguments(parser)
 
 
@@ -409,6 +416,9 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
         )
         if warmed.phase.value != "permanent":
             raise RuntimeError(f"the warm-up rollout ended {warmed.phase.value}: {warmed.reason}")
+        if args.unpack:  # as `coordctl release push` does: the workers unpack it ahead
+            answers = leader.engine.unpack_release(release.label)
+            say("hotfleet: unpacked: " + "; ".join(sorted({a.detail for a in answers})))
         load = _load(server, args)
         try:
             t_started = time.time()
@@ -467,6 +477,7 @@ def main(args: argparse.Namespace) -> int:
             "rate_per_client": args.rate,
             "offered_rps": args.clients * args.rate,
             "boot_s": args.boot_s,
+            "unpack": bool(args.unpack),
             "rounds": len(rounds),
             "host_cpus": sorted(args.cpus[0]) if args.cpus else None,
             "harness_cpus": sorted(args.cpus[1]) if args.cpus else None,
