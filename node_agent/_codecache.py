@@ -138,14 +138,16 @@ class CodeCache:
 
     def claim(self, name: str) -> bool:
         """True for the first process of the host to claim ``name`` (a file made with
-        ``O_EXCL``), False for every later one: one sibling does a host's share of work.
+        ``O_EXCL``), False for every later one: one sibling does a host's share of work
+        (per interpreter, as the entries are).
 
         A claimer that dies leaves the claim: the work is then done when it is
         needed, as if nobody had claimed it.  Claims are pruned with the entries.
         """
         try:
             fd = os.open(
-                self.directory / f"claim-{hashlib.sha256(name.encode()).hexdigest()}",
+                self.directory
+                / f"claim-{hashlib.sha256(_INTERPRETER + name.encode()).hexdigest()}",
                 os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o600,
             )
