@@ -378,6 +378,8 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
             "HOTFLEET_HOST": "h",
             "HOTFLEET_CACHE_DIR": str(root / "cache"),
             "HOTFLEET_SLOT_DIR": str(root / "slots"),
+            # a host code cache of this run's own: what an earlier run compiled is not here
+            "HOTFLEET_CODE_CACHE": str(root / "code-cache"),
             "HOTFLEET_LOG_LEVEL": "WARNING",
         }
         server = Gunicorn(
