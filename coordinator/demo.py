@@ -108,8 +108,9 @@ class Api:
     def nodes(self) -> list[dict[str, Any]]:
         return self.many("Nodes", coordinator_pb2.ListNodesRequest())
 
-    def push(self, bundle: Path) -> dict[str, Any]:
+    def push(self, bundle: Path, *, unpack: bool = False) -> dict[str, Any]:
         request, _label = push_request(str(bundle), None)
+        request.unpack = unpack
         return self.one("PushRelease", request, timeout=PUSH_TIMEOUT_S)
 
     def upgrade(self, ref: str, window_s: float) -> dict[str, Any]:
@@ -331,11 +332,13 @@ def _story(
     # ------------------------------------------------------------ push
     story.heading("push releases")
     for name in (BASE, GOOD):
-        entry = api.push(RELEASES / name)
+        entry = api.push(RELEASES / name, unpack=name == GOOD)
         story.good(
             f"pushed {entry.get('label')}  digest {render.short(entry.get('digest'))}  "
             f"{entry.get('modules')} module(s): sources stored by digest in etcd"
         )
+        for line in render.unpacked(entry["unpacked"]) if "unpacked" in entry else ():
+            story.good(f"  {line}")
 
     # ------------------------------------------------------------ good upgrade
     good = release_label(RELEASES / GOOD)

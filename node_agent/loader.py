@@ -338,7 +338,7 @@ class Loader:
     ) -> Unpacked:
         cache = self.code_cache
         assert cache is not None
-        hits0 = cache.stats()["hits"]
+        misses0 = cache.stats()["misses"]
 
         def step() -> None:
             checkpoint()
@@ -361,8 +361,10 @@ class Loader:
         seconds = time.perf_counter() - started
         if errors:
             return Unpacked(False, "the release would be refused", seconds, errors)
-        hits = cache.stats()["hits"] - hits0
-        return Unpacked(True, f"unpacked ({hits} cache hits)", seconds)
+        written = cache.stats()["misses"] - misses0
+        return Unpacked(
+            True, f"compiled and planned into the host code cache ({written} entries)", seconds
+        )
 
     def cancel_prepare(self) -> None:
         """Stop a prepare in progress (from any thread): its staging process is killed.

@@ -163,7 +163,9 @@ class FakeEngine:
         self._require_leader()
         self.unpacked.append(ref)
         return [
-            NodeUnpack("n1", True, "unpacked (0 cache hits)", 0.04),
+            NodeUnpack(
+                "n1", True, "compiled and planned into the host code cache (22 entries)", 0.04
+            ),
             NodeUnpack("n2", False, "another worker of this host unpacked it", 0.0),
             NodeUnpack("n3", False, "the release would be refused", 0.01, ("a.b: badfile: x",)),
         ]
