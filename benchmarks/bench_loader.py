@@ -78,6 +78,7 @@ import _common
 import node_agent
 from hotfleet.release import Release
 from node_agent import Loader, _cow
+from node_agent.loader import Prepared
 
 # ----------------------------------------------------------------- the workload
 PKG = "hfbench_app"  # upgraded with the loader
@@ -909,6 +910,23 @@ def _sibling_prepare(loader: Loader, release: Release) -> float:
     return float(got)
 
 
+def _timed_prepare(
+    loader: Loader, release: Release, seconds: list[float], profiles: list[dict[str, float]]
+) -> Prepared:
+    """One timed prepare of ``release``, its time and profile kept.
+
+    What the previous round left running in the background (taking the pages
+    of its staging fork back) is done first, as it is long before the next
+    rollout.
+    """
+    _cow.settled()
+    t0 = _ns()
+    prepared = loader.prepare(release)
+    seconds.append((_ns() - t0) / 1e9)
+    profiles.append(dict(prepared.profile))
+    return prepared
+
+
 def prepare_rounds(
     app: App, twin: App, loader: Loader, builds: Builds, rounds: int
 ) -> dict[str, Any]:
@@ -943,14 +961,7 @@ def prepare_rounds(
         up = reload_sweep(twin, 2, 0.0, [])
         reload_sweep(twin, 1, 0.0, [])
         reload_s.append(up.seconds)
-        rel = builds.fresh(2)
-        # what the previous round left running in the background (taking the pages
-        # of its staging fork back) is done, as it is long before the next rollout
-        _cow.settled()
-        t0 = _ns()
-        prepared = loader.prepare(rel)
-        first.append((_ns() - t0) / 1e9)
-        prof_first.append(dict(prepared.profile))
+        prepared = _timed_prepare(loader, builds.fresh(2), first, prof_first)
         loader.finish(prepared)
         pause.append(loader.barrier.stats().last_hold_s)
         loader.rollback()
@@ -960,12 +971,7 @@ def prepare_rounds(
         # here copy-on-write, which a real sibling (its own process) does not do to
         # this worker.  Taken back, as the loader does after its own staging forks.
         _cow.take_back()
-        _cow.settled()
-        t0 = _ns()
-        prepared = loader.prepare(rel)
-        second.append((_ns() - t0) / 1e9)
-        prof_second.append(dict(prepared.profile))
-        loader.abort(prepared)
+        loader.abort(_timed_prepare(loader, rel, second, prof_second))
         # the product's path for a pushed release: the nodes unpacked it at push time
         # (`coordctl release push`), so the rollout's prepare of the worker that
         # unpacked it (a single-worker node) finds its sources' work done
@@ -974,12 +980,7 @@ def prepare_rounds(
         if not unpacked_by.done:
             raise RuntimeError(f"unpack: {unpacked_by.detail} {unpacked_by.errors}")
         unpack_s.append(unpacked_by.seconds)
-        _cow.settled()
-        t0 = _ns()
-        prepared = loader.prepare(rel)
-        unpacked.append((_ns() - t0) / 1e9)
-        prof_unpacked.append(dict(prepared.profile))
-        loader.abort(prepared)
+        loader.abort(_timed_prepare(loader, rel, unpacked, prof_unpacked))
 
     def prof(rows: list[dict[str, float]]) -> dict[str, float]:
         keys = sorted({k for r in rows for k in r})

@@ -22,7 +22,7 @@ from typing import Any
 
 from coordinator.analysis import Sample
 from coordinator.election import Leadership
-from hotfleet.etcd_client import EtcdClient
+from hotfleet.etcd_client import EtcdClient, prefix_end
 from hotfleet.keys import Keys
 
 __all__ = ["BaselineStore", "decode", "encode"]
@@ -105,5 +105,9 @@ class BaselineStore:
                 log.error("rollout %s: unreadable baseline of %s: %s", rollout_id, node, exc)
         return out
 
-    def drop(self, rollout_id: str) -> None:
-        self.client.delete_prefix(self.keys.baseline(rollout_id))
+    def drop_op(self, rollout_id: str) -> Any:
+        """The deletion of a rollout's baseline, as an operation of the transaction that
+        ends the rollout: nobody reads an ended rollout beside its baseline, and a leader
+        dying between the two writes leaves none behind."""
+        prefix = self.keys.baseline(rollout_id).encode()
+        return self.client.transactions.delete(prefix, range_end=prefix_end(prefix))

@@ -130,10 +130,9 @@ class Endings:
             old.ended_at = time.time()
             old.epoch = lead.epoch
             ops.append(tx.put(self.engine.keys.rollout(reverted), old.dumps()))
+            ops.append(self.engine.baselines.drop_op(reverted))  # as _save does for its record
         self.engine._hook("before_permanent", rollout)
         self.engine._save(lead, rollout, *ops)
-        if reverted:
-            self.engine.baselines.drop(reverted)  # what _save does for a record it ends
         log.info("rollout %s: %s permanent", rollout.id, rollout.release)
 
     def _set_desired(self, lead: Leadership, labels: dict[str, str | None]) -> None:

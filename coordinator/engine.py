@@ -455,7 +455,10 @@ class Engine:
         tx = self.client.transactions
         compare = [tx.mod(key) == rollout.revision] if rollout.revision else []
         payload = rollout.dumps()
-        ok, responses = retry(lambda: lead.transaction([tx.put(key, payload), *extra_ops], compare))
+        ops = [tx.put(key, payload), *extra_ops]
+        if rollout.phase.terminal:  # only a window needs a baseline: it ends with the record
+            ops.append(self.baselines.drop_op(rollout.id))
+        ok, responses = retry(lambda: lead.transaction(ops, compare))
         if ok:
             rollout.revision = int(responses[0].response_put.header.revision)
         elif (landed := self._landed(key, payload)) is not None and lead.is_valid():
@@ -466,7 +469,6 @@ class Engine:
             raise Deposed()
         self.last_saved = (rollout.id, rollout.revision, rollout.phase, rollout.kind)
         if rollout.phase.terminal:
-            self.baselines.drop(rollout.id)  # only a window needs one
             self._trim_history(lead)
 
     def _landed(self, key: str, payload: str) -> int | None:

@@ -236,13 +236,19 @@ class Participant:
                 return self._prepare_rollback(call, started)
             return self._prepare_release(call, started)
 
-    def _prepare_release(self, call: PrepareCall, started: float) -> Vote:
+    def _obtain(self, call: PrepareCall, started: float) -> Any:
+        """The release ``call`` names, fetched and verified; or the no vote that refuses it."""
         try:
-            release = call.obtain()
+            return call.obtain()
         except HotfleetError as exc:
             return self._vote(False, started, exc.errors)
         except ValueError as exc:
             return self._vote(False, started, [refusal(call.label or "*", f"bad manifest: {exc}")])
+
+    def _prepare_release(self, call: PrepareCall, started: float) -> Vote:
+        release = self._obtain(call, started)
+        if isinstance(release, Vote):
+            return release
         self._drop_staged(f"superseded by rollout {call.rollout_id!r}")
         current = self.code.current_release
         digest = getattr(release, "digest", call.digest)
@@ -306,12 +312,9 @@ class Participant:
             return self._vote(False, started, warnings=["this node's loader does not unpack"])
         if self._preparing or self._staged is not None or self._state is State.STOPPING:
             return self._vote(False, started, warnings=["a rollout is being prepared here"])
-        try:
-            release = call.obtain()
-        except HotfleetError as exc:
-            return self._vote(False, started, exc.errors)
-        except ValueError as exc:
-            return self._vote(False, started, [refusal(call.label or "*", f"bad manifest: {exc}")])
+        release = self._obtain(call, started)
+        if isinstance(release, Vote):
+            return release
         current = self.code.current_release
         if current is not None and current.digest == release.digest:
             return self._vote(False, started, warnings=[f"already runs {current.label}"])

@@ -55,6 +55,9 @@ def test_secure_fleet_end_to_end_over_mutual_tls(
     # an unsigned release reaches the agent only to be refused, naming node and reason
     unsigned = coordctl(daemon, *client, "release", "push", str(RELEASES / "shop-2.1.0-bad"))
     assert unsigned.code == EXIT_OK, unsigned
+    # ... and its unpack at push is refused the same way, before a byte of it is fetched
+    assert "a prepare would refuse it on n-tls" in unsigned.out, unsigned
+    assert "unsigned" in unsigned.out, unsigned
     refused = coordctl(
         daemon,
         *client,
@@ -76,6 +79,7 @@ def test_secure_fleet_end_to_end_over_mutual_tls(
         daemon, *client, "release", "push", str(RELEASES / "shop-2.0.0"), "--sign-key", key
     )
     assert pushed.code == EXIT_OK, pushed
+    assert "unpacked on 1 node(s)" in pushed.out and "[n-tls]" in pushed.out, pushed
     up = coordctl(
         daemon, *client, "upgrade", "--all", "--release", "shop@2.0.0", "--wait", "--window", "0"
     )
