@@ -324,7 +324,7 @@ class Loader:
                 return Unpacked(False, "a prepare began", 0.0)
             base = self.current_release.digest if self.current_release else "boot code"
             if not self.code_cache.claim(f"unpack\0{release.digest}\0{base}"):
-                return Unpacked(False, "another worker of this host unpacked it", 0.0)
+                return Unpacked(False, "this host has it unpacked already", 0.0)
             return in_background(
                 lambda: self._unpack_locked(release, started, also),
                 self.staging_nice,

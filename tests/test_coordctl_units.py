@@ -166,7 +166,7 @@ class FakeEngine:
             NodeUnpack(
                 "n1", True, "compiled and planned into the host code cache (22 entries)", 0.04
             ),
-            NodeUnpack("n2", False, "another worker of this host unpacked it", 0.0),
+            NodeUnpack("n2", False, "this host has it unpacked already", 0.0),
             NodeUnpack("n3", False, "the release would be refused", 0.01, ("a.b: badfile: x",)),
         ]
 
@@ -609,7 +609,7 @@ def test_push_has_the_nodes_unpack_and_says_what_each_answered(
     assert code == cli.EXIT_OK, err
     assert engine.unpacked == ["good@2.0.0"]
     assert "unpacked on 1 node(s)" in out and "[n1]" in out
-    assert "not unpacked on 1: another worker of this host unpacked it  [n2]" in out
+    assert "not unpacked on 1: this host has it unpacked already  [n2]" in out
     assert "a prepare would refuse it on n3: a.b: badfile: x" in out
     code, out, err = run(
         address, "release", "push", str(bundle(tmp_path, "other", "3.0.0")), "--no-unpack"

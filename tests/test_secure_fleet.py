@@ -26,7 +26,14 @@ def test_secure_fleet_end_to_end_over_mutual_tls(
 ) -> None:
     pki = make_pki(tmp_path / "pki")
     generate_keypair(tmp_path / "fleet.key", tmp_path / "fleet.pub")
-    node = agents.start("n-tls", dev=False, pki=pki, trust_keys=[tmp_path / "fleet.pub"])
+    node = agents.start(
+        "n-tls",
+        dev=False,
+        pki=pki,
+        trust_keys=[tmp_path / "fleet.pub"],
+        # a host code cache of its own: what other tests unpacked is not this host's
+        env={"HOTFLEET_CODE_CACHE": str(tmp_path / "code-cache")},
+    )
     daemon = coordinators.start("tls", tls=pki)
     client = pki.tls_args(Role.OPERATOR)
 

@@ -62,7 +62,7 @@ def test_an_unpacked_release_prepares_on_a_sibling_without_a_miss(
     assert mods["m"].f() == 2 and mods["m"].C().g() == "new"
     # the sibling's own unpack of the same change is left to the first
     again = _loader(cb, tmp_path / "cc").unpack(cb.release("2", V2))
-    assert not again.done and "another worker of this host" in again.detail
+    assert not again.done and "this host has it unpacked already" in again.detail
 
 
 def test_a_cold_prepare_misses_where_an_unpacked_one_hits(cb: Codebase, tmp_path: Path) -> None:
@@ -156,7 +156,9 @@ def test_a_pushed_release_unpacked_on_the_fleet_prepares_without_a_miss(
     assert sorted(a.node for a in answers) == ["n1", "n2", "n3"]
     done = [a for a in answers if a.done]
     assert len(done) == 1, answers
-    assert all("another worker of this host" in a.detail for a in answers if not a.done), answers
+    assert all("this host has it unpacked already" in a.detail for a in answers if not a.done), (
+        answers
+    )
     assert versions(nodes) == {"1"}  # nothing switched
     rollout = leader.wait(leader.engine.upgrade("shop@2.0.0", Target(all=True), opts()).id)
     assert rollout.phase is Phase.PERMANENT, rollout.reason
