@@ -55,6 +55,7 @@ from coordinator.cli_commands import (
     cmd_release_push,
     cmd_release_rm,
     cmd_release_show,
+    cmd_release_unpack,
     cmd_rollback,
     cmd_rollouts,
     cmd_status,
@@ -312,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("list", "list pushed releases", cmd_release_list, releases)
     p = command("show", "show one release and its modules", cmd_release_show, releases)
+    p.add_argument("ref", metavar="NAME@VERSION")
+    p = command(
+        "unpack",
+        "have every node unpack a pushed release now (push does it; again after the fleet "
+        "moved to another release)",
+        cmd_release_unpack,
+        releases,
+    )
     p.add_argument("ref", metavar="NAME@VERSION")
     p = command(
         "rm",

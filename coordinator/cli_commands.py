@@ -190,6 +190,24 @@ def cmd_release_show(ctx: Ctx) -> int:
     return _show(ctx, entry, "Release", lambda: render.release_detail(entry))
 
 
+def cmd_release_unpack(ctx: Ctx) -> int:
+    _require_ref(ctx.args.ref)
+    record = ctx.one(
+        "UnpackRelease",
+        coordinator_pb2.UnpackReleaseRequest(ref=ctx.args.ref),
+        timeout=PUSH_TIMEOUT_S,
+    )
+    _say_unpacked(ctx, record)
+    if ctx.json:
+        ctx.emit(record, "ReleaseUnpack")
+    return EXIT_OK
+
+
+def _say_unpacked(ctx: Ctx, record: dict[str, Any]) -> None:
+    for line in render.unpacked(record.get("unpacked") or []):
+        ctx.say(line)
+
+
 def cmd_release_rm(ctx: Ctx) -> int:
     _require_ref(ctx.args.ref)
     record = ctx.one("RemoveRelease", coordinator_pb2.RemoveReleaseRequest(ref=ctx.args.ref))
@@ -309,8 +327,7 @@ def push(ctx: Ctx, path: str, *, unpack: bool = False) -> dict[str, Any]:
         f"{entry.get('modules', len(request.release.modules))} module(s)"
     )
     if unpack:
-        for line in render.unpacked(entry.get("unpacked") or []):
-            ctx.say(line)
+        _say_unpacked(ctx, entry)
     return entry
 
 

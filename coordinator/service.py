@@ -195,6 +195,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self._one(self.engine.release(request.ref))
 
     @_rpc
+    def UnpackRelease(
+        self, request: coordinator_pb2.UnpackReleaseRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RecordReply:
+        _check_ref(request.ref)
+        return self._one(self._unpacked(request.ref, {"release": request.ref}))
+
+    def _unpacked(self, ref: str, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` with every node's answer to an unpack of ``ref``."""
+        return {**record, "unpacked": [u.to_json() for u in self.engine.unpack_release(ref)]}
+
+    @_rpc
     def RemoveRelease(
         self, request: coordinator_pb2.RemoveReleaseRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.RecordReply:
@@ -232,8 +243,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
         if not request.unpack:
             return self._one(entry)
-        unpacked = self.engine.unpack_release(entry.label)
-        return self._one({**entry.to_json(), "unpacked": [u.to_json() for u in unpacked]})
+        return self._one(self._unpacked(entry.label, entry.to_json()))
 
     @_rpc
     def Upgrade(

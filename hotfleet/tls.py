@@ -245,6 +245,7 @@ AGENT_POLICY: Policy = {
 COORDINATOR_POLICY: Policy = {
     "PushRelease": _DRIVE,
     "RemoveRelease": _DRIVE,
+    "UnpackRelease": _DRIVE,
     "Upgrade": _DRIVE,
     "Rollback": _DRIVE,
     "Abort": _DRIVE,

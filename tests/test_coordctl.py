@@ -53,6 +53,10 @@ def test_upgrade_status_and_reads_through_the_standby(
     assert "shop@2.0.0 is" in up.out and "on 3 node(s)" in up.out
     assert f"following the leader at {leader.address}" in up.err
     assert versions(nodes) == {"2"}
+    # an unpack asked of the standby is the leader's to do; every node already runs it
+    again = coordctl(standby, "release", "unpack", "shop@2.0.0")
+    assert again.code == EXIT_OK, again
+    assert "not unpacked on 3: already runs shop@2.0.0" in again.out, again
 
     def status() -> dict[str, Any]:
         result = coordctl(standby, "-o", "json", "status")

@@ -616,6 +616,16 @@ def test_push_has_the_nodes_unpack_and_says_what_each_answered(
     )
     assert code == cli.EXIT_OK, err
     assert engine.unpacked == ["good@2.0.0"] and "unpacked" not in out
+    # later (the fleet moved since the push): unpack again, by name
+    code, out, err = run(address, "release", "unpack", "other@3.0.0")
+    assert code == cli.EXIT_OK, err
+    assert engine.unpacked == ["good@2.0.0", "other@3.0.0"]
+    assert "unpacked on 1 node(s)" in out and "badfile" in out
+    code, out, err = run(address, "-o", "json", "release", "unpack", "other@3.0.0")
+    record = json.loads(out)
+    assert record["release"] == "other@3.0.0" and len(record["unpacked"]) == 3
+    code, out, err = run(address, "release", "unpack", "not-a-ref")
+    assert code != cli.EXIT_OK and "NAME@VERSION" in out + err
 
 
 def test_push_signs_with_sign_key(leader: tuple[FakeEngine, str], tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hotfleet._proto.hotfleet.v1 import common_pb2 as hotfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhotfleet/v1/coordinator.proto\x12\x0bhotfleet.v1\x1a\x18hotfleet/v1/common.proto\"\x8a\x01\n\x06Target\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\x33\n\x08selector\x18\x03 \x03(\x0b\x32!.hotfleet.v1.Target.SelectorEntry\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa7\x02\n\x0eRolloutOptions\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x63oncurrency\x18\x04 \x01(\r\x12\r\n\x05\x66orce\x18\x05 \x01(\x08\x12\x10\n\x08window_s\x18\x06 \x01(\x01\x12\x14\n\x0chas_window_s\x18\x07 \x01(\x08\x12\r\n\x05waves\x18\x08 \x03(\t\x12\x37\n\x06health\x18\t \x03(\x0b\x32\'.hotfleet.v1.RolloutOptions.HealthEntry\x12\x17\n\x0f\x61llow_downgrade\x18\n \x01(\x08\x1a-\n\x0bHealthEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x12\n\x10ListNodesRequest\"\xee\x01\n\x12PushReleaseRequest\x12-\n\x07release\x18\x01 \x01(\x0b\x32\x1c.hotfleet.v1.ReleaseManifest\x12=\n\x07sources\x18\x02 \x03(\x0b\x32,.hotfleet.v1.PushReleaseRequest.SourcesEntry\x12*\n\x08problems\x18\x03 \x03(\x0b\x32\x18.hotfleet.v1.ModuleError\x12\x0e\n\x06unpack\x18\x04 \x01(\x08\x1a.\n\x0cSourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x15\n\x13ListReleasesRequest\"!\n\x12ShowReleaseRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"#\n\x14RemoveReleaseRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"p\n\x0eUpgradeRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12#\n\x06target\x18\x02 \x01(\x0b\x32\x13.hotfleet.v1.Target\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.hotfleet.v1.RolloutOptions\"}\n\x14\x46leetRollbackRequest\x12#\n\x06target\x18\x01 \x01(\x0b\x32\x13.hotfleet.v1.Target\x12\x12\n\nto_version\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.hotfleet.v1.RolloutOptions\")\n\x13\x41\x62ortRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"+\n\x15PromoteRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"\'\n\x11GetRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"$\n\x13ListRolloutsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"#\n\x13\x46leetModulesRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"G\n\x0bRecordReply\x12\x13\n\x0brecord_json\x18\x01 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\"I\n\x0cRecordsReply\x12\x14\n\x0crecords_json\x18\x01 \x03(\t\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\x32\xf5\x06\n\x0b\x43oordinator\x12\x41\n\x05Nodes\x12\x1d.hotfleet.v1.ListNodesRequest\x1a\x19.hotfleet.v1.RecordsReply\x12H\n\x0bPushRelease\x12\x1f.hotfleet.v1.PushReleaseRequest\x1a\x18.hotfleet.v1.RecordReply\x12K\n\x0cListReleases\x12 .hotfleet.v1.ListReleasesRequest\x1a\x19.hotfleet.v1.RecordsReply\x12H\n\x0bShowRelease\x12\x1f.hotfleet.v1.ShowReleaseRequest\x1a\x18.hotfleet.v1.RecordReply\x12L\n\rRemoveRelease\x12!.hotfleet.v1.RemoveReleaseRequest\x1a\x18.hotfleet.v1.RecordReply\x12@\n\x07Upgrade\x12\x1b.hotfleet.v1.UpgradeRequest\x1a\x18.hotfleet.v1.RecordReply\x12G\n\x08Rollback\x12!.hotfleet.v1.FleetRollbackRequest\x1a\x18.hotfleet.v1.RecordReply\x12\x43\n\x05\x41\x62ort\x12 .hotfleet.v1.AbortRolloutRequest\x1a\x18.hotfleet.v1.RecordReply\x12G\n\x07Promote\x12\".hotfleet.v1.PromoteRolloutRequest\x1a\x18.hotfleet.v1.RecordReply\x12\x46\n\nGetRollout\x12\x1e.hotfleet.v1.GetRolloutRequest\x1a\x18.hotfleet.v1.RecordReply\x12K\n\x0cListRollouts\x12 .hotfleet.v1.ListRolloutsRequest\x1a\x19.hotfleet.v1.RecordsReply\x12\x46\n\x07Modules\x12 .hotfleet.v1.FleetModulesRequest\x1a\x19.hotfleet.v1.RecordsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhotfleet/v1/coordinator.proto\x12\x0bhotfleet.v1\x1a\x18hotfleet/v1/common.proto\"\x8a\x01\n\x06Target\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\x33\n\x08selector\x18\x03 \x03(\x0b\x32!.hotfleet.v1.Target.SelectorEntry\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa7\x02\n\x0eRolloutOptions\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x63oncurrency\x18\x04 \x01(\r\x12\r\n\x05\x66orce\x18\x05 \x01(\x08\x12\x10\n\x08window_s\x18\x06 \x01(\x01\x12\x14\n\x0chas_window_s\x18\x07 \x01(\x08\x12\r\n\x05waves\x18\x08 \x03(\t\x12\x37\n\x06health\x18\t \x03(\x0b\x32\'.hotfleet.v1.RolloutOptions.HealthEntry\x12\x17\n\x0f\x61llow_downgrade\x18\n \x01(\x08\x1a-\n\x0bHealthEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x12\n\x10ListNodesRequest\"\xee\x01\n\x12PushReleaseRequest\x12-\n\x07release\x18\x01 \x01(\x0b\x32\x1c.hotfleet.v1.ReleaseManifest\x12=\n\x07sources\x18\x02 \x03(\x0b\x32,.hotfleet.v1.PushReleaseRequest.SourcesEntry\x12*\n\x08problems\x18\x03 \x03(\x0b\x32\x18.hotfleet.v1.ModuleError\x12\x0e\n\x06unpack\x18\x04 \x01(\x08\x1a.\n\x0cSourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x15\n\x13ListReleasesRequest\"!\n\x12ShowReleaseRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"#\n\x14RemoveReleaseRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"#\n\x14UnpackReleaseRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"p\n\x0eUpgradeRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12#\n\x06target\x18\x02 \x01(\x0b\x32\x13.hotfleet.v1.Target\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.hotfleet.v1.RolloutOptions\"}\n\x14\x46leetRollbackRequest\x12#\n\x06target\x18\x01 \x01(\x0b\x32\x13.hotfleet.v1.Target\x12\x12\n\nto_version\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.hotfleet.v1.RolloutOptions\")\n\x13\x41\x62ortRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"+\n\x15PromoteRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"\'\n\x11GetRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"$\n\x13ListRolloutsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"#\n\x13\x46leetModulesRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"G\n\x0bRecordReply\x12\x13\n\x0brecord_json\x18\x01 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\"I\n\x0cRecordsReply\x12\x14\n\x0crecords_json\x18\x01 \x03(\t\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\x32\xc3\x07\n\x0b\x43oordinator\x12\x41\n\x05Nodes\x12\x1d.hotfleet.v1.ListNodesRequest\x1a\x19.hotfleet.v1.RecordsReply\x12H\n\x0bPushRelease\x12\x1f.hotfleet.v1.PushReleaseRequest\x1a\x18.hotfleet.v1.RecordReply\x12K\n\x0cListReleases\x12 .hotfleet.v1.ListReleasesRequest\x1a\x19.hotfleet.v1.RecordsReply\x12H\n\x0bShowRelease\x12\x1f.hotfleet.v1.ShowReleaseRequest\x1a\x18.hotfleet.v1.RecordReply\x12L\n\rRemoveRelease\x12!.hotfleet.v1.RemoveReleaseRequest\x1a\x18.hotfleet.v1.RecordReply\x12L\n\rUnpackRelease\x12!.hotfleet.v1.UnpackReleaseRequest\x1a\x18.hotfleet.v1.RecordReply\x12@\n\x07Upgrade\x12\x1b.hotfleet.v1.UpgradeRequest\x1a\x18.hotfleet.v1.RecordReply\x12G\n\x08Rollback\x12!.hotfleet.v1.FleetRollbackRequest\x1a\x18.hotfleet.v1.RecordReply\x12\x43\n\x05\x41\x62ort\x12 .hotfleet.v1.AbortRolloutRequest\x1a\x18.hotfleet.v1.RecordReply\x12G\n\x07Promote\x12\".hotfleet.v1.PromoteRolloutRequest\x1a\x18.hotfleet.v1.RecordReply\x12\x46\n\nGetRollout\x12\x1e.hotfleet.v1.GetRolloutRequest\x1a\x18.hotfleet.v1.RecordReply\x12K\n\x0cListRollouts\x12 .hotfleet.v1.ListRolloutsRequest\x1a\x19.hotfleet.v1.RecordsReply\x12\x46\n\x07Modules\x12 .hotfleet.v1.FleetModulesRequest\x1a\x19.hotfleet.v1.RecordsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,24 +58,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHOWRELEASEREQUEST']._serialized_end=828
   _globals['_REMOVERELEASEREQUEST']._serialized_start=830
   _globals['_REMOVERELEASEREQUEST']._serialized_end=865
-  _globals['_UPGRADEREQUEST']._serialized_start=867
-  _globals['_UPGRADEREQUEST']._serialized_end=979
-  _globals['_FLEETROLLBACKREQUEST']._serialized_start=981
-  _globals['_FLEETROLLBACKREQUEST']._serialized_end=1106
-  _globals['_ABORTROLLOUTREQUEST']._serialized_start=1108
-  _globals['_ABORTROLLOUTREQUEST']._serialized_end=1149
-  _globals['_PROMOTEROLLOUTREQUEST']._serialized_start=1151
-  _globals['_PROMOTEROLLOUTREQUEST']._serialized_end=1194
-  _globals['_GETROLLOUTREQUEST']._serialized_start=1196
-  _globals['_GETROLLOUTREQUEST']._serialized_end=1235
-  _globals['_LISTROLLOUTSREQUEST']._serialized_start=1237
-  _globals['_LISTROLLOUTSREQUEST']._serialized_end=1273
-  _globals['_FLEETMODULESREQUEST']._serialized_start=1275
-  _globals['_FLEETMODULESREQUEST']._serialized_end=1310
-  _globals['_RECORDREPLY']._serialized_start=1312
-  _globals['_RECORDREPLY']._serialized_end=1383
-  _globals['_RECORDSREPLY']._serialized_start=1385
-  _globals['_RECORDSREPLY']._serialized_end=1458
-  _globals['_COORDINATOR']._serialized_start=1461
-  _globals['_COORDINATOR']._serialized_end=2346
+  _globals['_UNPACKRELEASEREQUEST']._serialized_start=867
+  _globals['_UNPACKRELEASEREQUEST']._serialized_end=902
+  _globals['_UPGRADEREQUEST']._serialized_start=904
+  _globals['_UPGRADEREQUEST']._serialized_end=1016
+  _globals['_FLEETROLLBACKREQUEST']._serialized_start=1018
+  _globals['_FLEETROLLBACKREQUEST']._serialized_end=1143
+  _globals['_ABORTROLLOUTREQUEST']._serialized_start=1145
+  _globals['_ABORTROLLOUTREQUEST']._serialized_end=1186
+  _globals['_PROMOTEROLLOUTREQUEST']._serialized_start=1188
+  _globals['_PROMOTEROLLOUTREQUEST']._serialized_end=1231
+  _globals['_GETROLLOUTREQUEST']._serialized_start=1233
+  _globals['_GETROLLOUTREQUEST']._serialized_end=1272
+  _globals['_LISTROLLOUTSREQUEST']._serialized_start=1274
+  _globals['_LISTROLLOUTSREQUEST']._serialized_end=1310
+  _globals['_FLEETMODULESREQUEST']._serialized_start=1312
+  _globals['_FLEETMODULESREQUEST']._serialized_end=1347
+  _globals['_RECORDREPLY']._serialized_start=1349
+  _globals['_RECORDREPLY']._serialized_end=1420
+  _globals['_RECORDSREPLY']._serialized_start=1422
+  _globals['_RECORDSREPLY']._serialized_end=1495
+  _globals['_COORDINATOR']._serialized_start=1498
+  _globals['_COORDINATOR']._serialized_end=2461
 # @@protoc_insertion_point(module_scope)

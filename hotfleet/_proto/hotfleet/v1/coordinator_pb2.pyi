@@ -94,6 +94,12 @@ class RemoveReleaseRequest(_message.Message):
     ref: str
     def __init__(self, ref: _Optional[str] = ...) -> None: ...
 
+class UnpackReleaseRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    def __init__(self, ref: _Optional[str] = ...) -> None: ...
+
 class UpgradeRequest(_message.Message):
     __slots__ = ("ref", "target", "options")
     REF_FIELD_NUMBER: _ClassVar[int]

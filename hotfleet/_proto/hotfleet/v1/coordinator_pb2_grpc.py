@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=hotfleet_dot_v1_dot_coordinator__pb2.RemoveReleaseRequest.SerializeToString,
                 response_deserializer=hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.FromString,
                 _registered_method=True)
+        self.UnpackRelease = channel.unary_unary(
+                '/hotfleet.v1.Coordinator/UnpackRelease',
+                request_serializer=hotfleet_dot_v1_dot_coordinator__pb2.UnpackReleaseRequest.SerializeToString,
+                response_deserializer=hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.FromString,
+                _registered_method=True)
         self.Upgrade = channel.unary_unary(
                 '/hotfleet.v1.Coordinator/Upgrade',
                 request_serializer=hotfleet_dot_v1_dot_coordinator__pb2.UpgradeRequest.SerializeToString,
@@ -133,6 +138,16 @@ class CoordinatorServicer:
         """Remove a pushed release no node, rollout or the permanent record uses
         (refused `busy` otherwise), then collect the blobs no release refers to.
         Leader only.  The record: {"release", "collected": [digest, ...]}.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpackRelease(self, request, context):
+        """Have every node unpack a pushed release now (what a push does; again,
+        e.g. after the fleet moved to another release since the push). Leader
+        only. The record: {"release", "unpacked": [per node: node, done, detail,
+        seconds, errors]}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,6 +231,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'RemoveRelease': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveRelease,
                     request_deserializer=hotfleet_dot_v1_dot_coordinator__pb2.RemoveReleaseRequest.FromString,
+                    response_serializer=hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.SerializeToString,
+            ),
+            'UnpackRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpackRelease,
+                    request_deserializer=hotfleet_dot_v1_dot_coordinator__pb2.UnpackReleaseRequest.FromString,
                     response_serializer=hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.SerializeToString,
             ),
             'Upgrade': grpc.unary_unary_rpc_method_handler(
@@ -388,6 +408,33 @@ class Coordinator:
             target,
             '/hotfleet.v1.Coordinator/RemoveRelease',
             hotfleet_dot_v1_dot_coordinator__pb2.RemoveReleaseRequest.SerializeToString,
+            hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpackRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotfleet.v1.Coordinator/UnpackRelease',
+            hotfleet_dot_v1_dot_coordinator__pb2.UnpackReleaseRequest.SerializeToString,
             hotfleet_dot_v1_dot_coordinator__pb2.RecordReply.FromString,
             options,
             channel_credentials,
