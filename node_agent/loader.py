@@ -195,10 +195,16 @@ class Loader:
         """
         self._unpack_cancel.set()  # an unpack under way stops at its next step
         with self._lock:
-            self._cancel.clear()
             self._unpack_cancel.clear()
-            with self._turn(release) as waited, yielding_gil():
-                prepared = self._prepare_locked(release, force)
+            try:
+                with self._turn(release) as waited, yielding_gil():
+                    prepared = self._prepare_locked(release, force)
+            finally:
+                # Spent here, not cleared on the way in: an Abort may come between the
+                # caller announcing this prepare and this method taking the lock, and
+                # must stop it (cleared on the way in, it was lost and the Abort waited
+                # behind a stuck prepare until its deadline).
+                self._cancel.clear()
             if waited:
                 prepared.profile["slot_wait"] = waited
             return prepared
@@ -370,7 +376,9 @@ class Loader:
         """Stop a prepare in progress (from any thread): its staging process is killed.
 
         The prepare raises :class:`PrepareError` (``timeout``, "cancelled") at
-        once; nothing was changed.  An unpack in progress stops too.
+        once; nothing was changed.  A cancel that comes before a prepare takes
+        the loader stops that prepare too (its caller had announced it); each
+        prepare spends the cancel it met.  An unpack in progress stops too.
         """
         self._cancel.set()
         self._unpack_cancel.set()

@@ -250,6 +250,23 @@ def test_module_that_loops_forever_is_refused_timeout_and_the_next_release_loads
     assert mods["m"].f() == 3
 
 
+def test_a_cancel_that_comes_before_the_prepare_takes_the_loader_stops_it(cb: Codebase) -> None:
+    """An Abort can reach the loader between the participant announcing a prepare and
+    the loader starting it: that prepare must still stop at once (it used to clear the
+    cancel on its way in and run to its deadline), and the next one is not cancelled."""
+    mods = cb.boot({"reg": REG, "m": "def f():\n    return 1\n"})
+    cb.loader.prepare_timeout, cb.loader.switch_timeout = 30.0, 30.0
+    cb.loader.cancel_prepare()
+    started = time.monotonic()
+    with pytest.raises(PrepareError) as err:
+        cb.loader.prepare(cb.release("2", {"spin": "while True:\n    pass\n"}))
+    assert time.monotonic() - started < 5.0
+    (e,) = err.value.errors
+    assert e.reason is Reason.TIMEOUT and "cancelled" in e.detail
+    cb.upgrade("3", {"m": "def f():\n    return 3\n"})  # the cancel was spent
+    assert mods["m"].f() == 3
+
+
 def test_module_blocked_in_c_is_killed_at_prepare_timeout(cb: Codebase) -> None:
     cb.boot({"reg": REG})
     cb.loader.prepare_timeout, cb.loader.switch_timeout = 1.5, 30.0
