@@ -239,7 +239,9 @@ def test_a_leader_elected_inside_the_window_judges_it_against_the_persisted_base
     load = Load(nodes)
     try:
         wait_baseline(first, nodes)
-        started = upgrade(first, "shop@2.0.0", window=6)
+        # judged on errors only: this test is about the baseline surviving the failover,
+        # and a busy CI host's latency jitter (p99 9 -> 22 ms seen) is not what it tests
+        started = upgrade(first, "shop@2.0.0", window=6, judge_metrics=["error_rate"])
         wait_for(lambda: first.engine.rollout(started.id).phase is Phase.PROVISIONAL, timeout=30)
 
         def stored() -> set[str]:
