@@ -127,14 +127,15 @@ def unpacked(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     if not rows:
         return ["unpacked on no node (none registered)"]
     by_answer: dict[tuple[bool, str], list[str]] = {}
+    slowest: dict[tuple[bool, str], float] = {}
     for row in rows:
         key = (bool(row.get("done")), str(row.get("detail") or ""))
         by_answer.setdefault(key, []).append(str(row.get("node")))
+        slowest[key] = max(slowest.get(key, 0.0), float(row.get("seconds") or 0))
     lines = []
     for (done, detail), nodes in sorted(by_answer.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
-        slowest = max(float(r.get("seconds") or 0) for r in rows if str(r.get("node")) in nodes)
         head = f"unpacked on {len(nodes)} node(s)" if done else f"not unpacked on {len(nodes)}"
-        took = f", {duration(slowest)} at most" if done else ""
+        took = f", {duration(slowest[done, detail])} at most" if done else ""
         lines.append(f"{head}{took}: {detail}  [{nodes_list(nodes)}]")
     for row in rows:
         for error in row.get("errors") or []:

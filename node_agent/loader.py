@@ -195,7 +195,6 @@ class Loader:
         """
         self._unpack_cancel.set()  # an unpack under way stops at its next step
         with self._lock:
-            self._unpack_cancel.clear()
             try:
                 with self._turn(release) as waited, yielding_gil():
                     prepared = self._prepare_locked(release, force)
@@ -203,8 +202,10 @@ class Loader:
                 # Spent here, not cleared on the way in: an Abort may come between the
                 # caller announcing this prepare and this method taking the lock, and
                 # must stop it (cleared on the way in, it was lost and the Abort waited
-                # behind a stuck prepare until its deadline).
+                # behind a stuck prepare until its deadline).  An Abort of this prepare
+                # stopped no unpack: later unpacks go ahead.
                 self._cancel.clear()
+                self._unpack_cancel.clear()
             if waited:
                 prepared.profile["slot_wait"] = waited
             return prepared

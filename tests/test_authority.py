@@ -59,6 +59,7 @@ def _agent_calls(epoch: int) -> dict[str, Callable[[agent_pb2_grpc.NodeAgentStub
         "Prepare": lambda s: s.Prepare(
             agent_pb2.PrepareRequest(rollout_id="forged", epoch=epoch), timeout=5
         ),
+        "Unpack": lambda s: s.Unpack(agent_pb2.PrepareRequest(epoch=epoch), timeout=5),
         "Finish": lambda s: s.Finish(
             agent_pb2.FinishRequest(rollout_id="forged", epoch=epoch), timeout=5
         ),

@@ -128,6 +128,16 @@ def test_unpack_gives_way_to_a_prepare_in_progress(cb: Codebase, tmp_path: Path)
     assert result and getattr(result[0], "release", None) == slow
 
 
+def test_an_aborted_prepare_leaves_later_unpacks_free(cb: Codebase, tmp_path: Path) -> None:
+    """The Abort that cancelled a prepare is spent with it: an unpack afterwards is done."""
+    cb.boot(BOOT)
+    cb.loader = _loader(cb, tmp_path / "cc")
+    cb.loader.prepare_timeout, cb.loader.switch_timeout = 20.0, 20.0
+    cb.prepare_cancelled(cb.release("2", {**V2, "spin": "while True:\n    pass\n"}), 0.5)
+    done = cb.loader.unpack(cb.release("3", V2))
+    assert done.done, done
+
+
 def test_without_a_host_cache_unpack_says_so(cb: Codebase) -> None:
     cb.boot(BOOT)
     done = Loader([cb.root], code_cache=None).unpack(cb.release("2", V2))
