@@ -380,7 +380,7 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
             "HOTFLEET_SLOT_DIR": str(root / "slots"),
             # a host code cache of this run's own: what an earlier run compiled is not here
             "HOTFLEET_CODE_CACHE": str(root / "code-cache"),
-            "HOTFLEET_LOG_LEVEL": "WARNING",
+            "HOTFLEET_LOG_LEVEL": "INFO" if os.environ.get("HF_RVR_DEBUG") else "WARNING",
         }
         server = Gunicorn(
             code, args.workers, env, hooks=True, cpus=args.cpus[0] if args.cpus else None
@@ -441,6 +441,9 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
         out["rollout"] = done.phase.value
         if os.environ.get("HF_RVR_DEBUG"):
             _debug(_samples(summary), t_change, out, done)
+            for line in server.log_path.read_text().splitlines():
+                if "prepared" in line or "finish" in line:
+                    print("  " + line[-400:])
         return out
     finally:
         if leader is not None:

@@ -13,8 +13,19 @@ them, so waiting costs less than it seems.
 
 A slot is an ``flock`` on one of ``slots`` files in a directory the host's
 workers share: the kernel frees it when its holder dies (a worker killed
-mid-prepare never blocks its siblings).  The wait polls (a few ms) so it can
-honour the prepare's deadline and its cancellation (Abort, agent stop).
+mid-prepare never blocks its siblings).
+
+Waiting does not poll.  A waiter sleeps on the host's *bell*, a FIFO beside
+the slot files, and a worker that gives its slot back rings it (one byte);
+every waiter wakes and tries the slots again.  Polling every few ms cost a
+handoff 2.5 ms on average (a prepare that needs no fork takes ~2 ms of CPU)
+and, with 49 siblings waiting, ten thousand Python wake-ups a second taken
+from the one that prepares.  The bell is a hint, never the truth: the
+``flock`` decides who holds a slot, a byte nobody needed costs one spurious
+wake-up, and a holder killed before it rang (the kernel freed its slot
+silently) is found by the waiters' slow fallback look (:data:`_FALLBACK_S`).
+A cancel (Abort, agent stop) rings the bell too (:meth:`PrepareSlots.ring`),
+so a waiter leaves at once.  Where a FIFO cannot be made, waiting polls.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +42,8 @@ from pathlib import Path
 
 __all__ = ["PrepareSlots", "SlotWaitCancelled", "SlotWaitTimeout", "default_slot_count"]
 
-_POLL_S = 0.005
+_POLL_S = 0.005  # without a bell
+_FALLBACK_S = 0.1  # with one: how soon a slot freed by a killed holder is seen
 
 
 class SlotWaitTimeout(Exception):
@@ -61,6 +75,7 @@ class PrepareSlots:
         self.slots = slots
         tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in scope)[:80]
         self._paths = [self.directory / f"{tag}.prepare.{i}.lock" for i in range(slots)]
+        self._bell = self.directory / f"{tag}.prepare.bell"
 
     def __repr__(self) -> str:
         return f"PrepareSlots({str(self.directory)!r}, {self.slots})"
@@ -80,23 +95,84 @@ class PrepareSlots:
             yield time.perf_counter() - started
         finally:
             os.close(fd)  # closing the descriptor drops its flock
+            self.ring()
+
+    def ring(self) -> None:
+        """Wake every sibling waiting for a slot of this host (a slot came free, or a
+        cancel came: each waiter looks again).  Nobody waiting: one failed ``open``."""
+        try:
+            fd = os.open(self._bell, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # ENXIO: no waiter has it open; ENOENT: never made
+            return
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):  # never a byte into what is not the bell
+                os.write(fd, b"\x01")
+        except OSError:  # EAGAIN: its buffer is full of rings nobody needed; they wake anyway
+            pass
+        finally:
+            os.close(fd)
+
+    def _try(self) -> int | None:
+        for path in self._paths:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            return fd
+        return None
 
     def _take(self, deadline: float, cancel: threading.Event | None) -> int:
-        while True:
-            for path in self._paths:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    os.close(fd)
+        bell: int | None = None
+        poller = select.poll()  # poll, not select: a busy worker's fds may be numbered past 1024
+        try:
+            while True:
+                fd = self._try()
+                if fd is not None:
+                    return fd
+                if cancel is not None and cancel.is_set():
+                    raise SlotWaitCancelled
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise SlotWaitTimeout
+                if bell is None:
+                    # listen first, then look again: a slot given back between our
+                    # look and the open rang for nobody
+                    bell = self._listen()
+                    if bell >= 0:
+                        poller.register(bell, select.POLLIN)
                     continue
-                return fd
-            if cancel is not None and cancel.is_set():
-                raise SlotWaitCancelled
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise SlotWaitTimeout
-            if cancel is not None:
-                cancel.wait(min(_POLL_S, left))
-            else:
-                time.sleep(min(_POLL_S, left))
+                if bell < 0:
+                    if cancel is not None:
+                        cancel.wait(min(_POLL_S, left))
+                    else:
+                        time.sleep(min(_POLL_S, left))
+                    continue
+                if poller.poll(min(_FALLBACK_S, left) * 1000):
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(bell, 4096)  # the rings so far: each waiter looks again anyway
+        finally:
+            if bell is not None and bell >= 0:
+                os.close(bell)
+
+    def _listen(self) -> int:
+        """The bell, open to hear it (-1 where no FIFO can be made: then waiting polls).
+
+        Opened read-write: a FIFO nobody writes to would read as end-of-file,
+        and a poll on it would never sleep.
+        """
+        try:
+            os.mkfifo(self._bell, 0o600)
+        except FileExistsError:
+            pass
+        except OSError:
+            return -1
+        try:
+            fd = os.open(self._bell, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return -1
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # something else has the name
+            os.close(fd)
+            return -1
+        return fd

@@ -383,6 +383,8 @@ class Loader:
         """
         self._cancel.set()
         self._unpack_cancel.set()
+        if self.prepare_slots is not None:  # a prepare waiting for its turn leaves now
+            self.prepare_slots.ring()
 
     def _rehearse(self, prepared: Prepared, started: float) -> None:
         """Run the switch and the migrations in a forked copy of this process."""

@@ -196,3 +196,142 @@ def test_prepare_hands_the_gil_back_often_and_restores_the_interval(
         assert sys.getswitchinterval() == pytest.approx(0.002)
     finally:
         sys.setswitchinterval(before)
+
+
+# ------------------------------------------------------------------ the bell
+_SIBLING = """
+import sys, time
+from node_agent._hostslots import PrepareSlots
+slots = PrepareSlots(sys.argv[1], 1)
+with slots.turn(time.perf_counter() + 30):
+    print("holding", flush=True)
+    sys.stdin.readline()
+    given_back = time.time()
+print(repr(given_back), flush=True)
+"""
+
+
+@pytest.fixture
+def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiters look again on their own only every 30 s: a wait that ends sooner was rung."""
+    from node_agent import _hostslots
+
+    monkeypatch.setattr(_hostslots, "_FALLBACK_S", 30.0)
+
+
+def _counting_looks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    looks = [0]
+    real = PrepareSlots._try
+
+    def counted(self: PrepareSlots) -> int | None:
+        looks[0] += 1
+        return real(self)
+
+    monkeypatch.setattr(PrepareSlots, "_try", counted)
+    return looks
+
+
+def test_a_slot_given_back_by_a_sibling_process_wakes_the_waiter_at_once(
+    tmp_path: Path, no_fallback: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real sibling process gives its turn back: the waiter here has it within
+    milliseconds, having looked at the slots a handful of times (not every few ms)."""
+    looks = _counting_looks(monkeypatch)
+    slots = PrepareSlots(tmp_path / "slots", 1)
+    sibling = subprocess.Popen(
+        [sys.executable, "-c", _SIBLING, str(slots.directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert sibling.stdout is not None and sibling.stdin is not None
+        assert sibling.stdout.readline().strip() == "holding"
+        got: list[float] = []
+
+        def wait_turn() -> None:
+            with slots.turn(time.perf_counter() + 60):
+                got.append(time.time())
+
+        waiter = threading.Thread(target=wait_turn)
+        waiter.start()
+        time.sleep(1.0)  # the waiter waits a second: polling would look ~200 times
+        assert not got, "the waiter took a slot the sibling held"
+        sibling.stdin.write("\n")
+        sibling.stdin.flush()
+        given_back = float(sibling.stdout.readline())
+        waiter.join(20)
+        assert got, "the waiter never got the slot"
+    finally:
+        if sibling.poll() is None:
+            sibling.kill()
+        sibling.wait(10)
+    assert got[0] - given_back < 5.0, "the waiter was not rung: it waited for its fallback"
+    assert looks[0] <= 6, f"the waiter looked at the slots {looks[0]} times while it waited"
+
+
+def test_a_cancel_rings_the_waiting_prepare_out_at_once(
+    cb: Codebase, tmp_path: Path, no_fallback: None
+) -> None:
+    cb.boot({"m": "X = 1\n"})
+    slots = PrepareSlots(tmp_path / "slots", 1)
+    held = _hold(slots)
+    cb.loader.prepare_slots = slots
+    cb.loader.prepare_timeout = 60.0
+    try:
+        refusal = cb.prepare_cancelled(cb.release("2", {"m": "X = 2\n"}), 0.3)
+    finally:
+        os.close(held)
+    assert "prepare slot" in refusal.errors[0].detail
+    assert cb.module("m").X == 1
+
+
+def test_without_a_bell_waiting_still_works_by_looking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something that is not a FIFO has the bell's name: waiters fall back to
+    looking every few ms, and a slot given back is still taken; nothing is
+    written into the impostor."""
+    slots = PrepareSlots(tmp_path / "slots", 1)
+    slots.directory.mkdir(parents=True)
+    impostor = slots.directory / "prepare.prepare.bell"
+    impostor.write_bytes(b"not a fifo")
+    looks = _counting_looks(monkeypatch)
+    held = _hold(slots)
+    threading.Timer(0.3, os.close, (held,)).start()
+    with slots.turn(time.perf_counter() + 30) as waited:
+        pass
+    assert 0.2 < waited < 10
+    assert looks[0] > 10  # it looked, as it must without a bell
+    assert impostor.read_bytes() == b"not a fifo"
+
+
+def test_many_waiters_each_get_a_turn_one_at_a_time(tmp_path: Path, no_fallback: None) -> None:
+    """Eight waiters, one slot: every ring lets exactly one in (the flock decides),
+    nobody holds it beside another, and nobody is left waiting for a fallback."""
+    slots = PrepareSlots(tmp_path / "slots", 1)
+    inside = [0]
+    most = [0]
+    order: list[int] = []
+    guard = threading.Lock()
+
+    def worker(i: int) -> None:
+        with slots.turn(time.perf_counter() + 60):
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                order.append(i)
+            time.sleep(0.02)
+            with guard:
+                inside[0] -= 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(order) == list(range(8))
+    assert most[0] == 1
+    assert time.monotonic() - started < 10, "a waiter was not rung when the slot came free"
