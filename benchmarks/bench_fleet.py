@@ -189,6 +189,8 @@ def rollout_timings(r: Rollout, t_call: float, t_returned: float, nodes: int) ->
             f"finished: {r.reason}"
         )
     times = sorted(n.finished_at for n in finished)
+    if os.environ.get("HF_FLEET_DEBUG"):  # each node's switch, ms after the first one's
+        print("switch offsets ms:", " ".join(f"{(t - times[0]) * 1e3:.0f}" for t in times))
     return {
         "id": r.id,
         "release": r.release,

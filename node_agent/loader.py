@@ -87,6 +87,15 @@ T = TypeVar("T")
 # starved or stopped through its lead.  Less is a sleep waking up late on a busy
 # host (3 ms seen in CI), which no longer lead would change.
 LATE_ALLOWANCE_S = 0.010
+# After a scheduled hold (a fleet's commit instant), what a finish does next (the
+# changed-code index, the counting twins, the participant's report, membership
+# and reply) waits until this long after the instant.  Every worker of a packed
+# host switches at the same instant on the same cores, and the bookkeeping of
+# the first to switch took the CPU the last ones needed to begin their hold:
+# 50 workers on 2 cores switched over 57-77 ms with it, 26-29 ms with it deferred
+# (benchmarks/RESULTS.md, fleet).  Only the bookkeeping waits: the new code
+# serves from the switch.
+SETTLE_AFTER_INSTANT_S = 0.05
 
 
 class _GaveWay(Exception):
@@ -409,7 +418,9 @@ class Loader:
 
         With ``at`` (unix time: a fleet's commit instant) everything before
         the hold (journals, warming, taking pages back) is done first and the
-        hold begins at that instant.
+        hold begins at that instant; what follows the hold waits until
+        :data:`SETTLE_AFTER_INSTANT_S` after it, so that the host's other
+        workers, switching at the same instant, get the CPU first.
 
         The release's statements and new modules run here, once, behind the
         barrier, under ``switch_timeout``; each ``code_change`` under
@@ -462,6 +473,8 @@ class Loader:
             (pause, switched_at, migrated), hold, ahead = self._held(
                 body, self.switch_timeout, warm, journal, old_vsn, at
             )
+            if at:  # the host's other workers switch at this instant too: they go first
+                time.sleep(max(0.0, at + SETTLE_AFTER_INSTANT_S - time.time()))
             self._commit(prepared, journal)  # in the order applied: undo replays it backwards
             self._changed = changed_functions(journal)
             self.coverage.start(

@@ -445,6 +445,51 @@ def test_a_scheduled_finish_switches_at_its_instant_and_not_before(cb: Codebase)
     assert report.switched_at >= at
 
 
+def test_a_scheduled_finish_serves_the_new_code_at_once_and_settles_after_its_siblings(
+    cb: Codebase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the instant the new code serves at once, but what the finish does next
+    (its bookkeeping, the reply) waits until the host's other workers, switching at
+    the same instant, have had the CPU: it returns SETTLE_AFTER_INSTANT_S after it.
+    An unscheduled finish (a single node's) does not wait."""
+    from node_agent import loader as loader_module
+    from node_agent.loader import SETTLE_AFTER_INSTANT_S
+
+    src = "X = 1\n\ndef f():\n    return X\n"
+    mods = cb.boot({"m": src})
+    prepared = cb.loader.prepare(cb.release("2", {"m": src.replace("X = 1", "X = 2")}))
+    at = time.time() + 0.3
+    first_new: list[float] = []
+    finished = threading.Event()
+
+    def look() -> None:
+        while not finished.is_set() and not first_new:
+            with cb.loader.guard():
+                if mods["m"].f() == 2:
+                    first_new.append(time.time())
+            time.sleep(0.002)
+
+    looker = threading.Thread(target=look)
+    looker.start()
+    try:
+        report = cb.loader.finish(prepared, at=at)
+        returned = time.time()
+    finally:
+        finished.set()
+        looker.join()
+    assert returned >= at + SETTLE_AFTER_INSTANT_S
+    assert first_new and first_new[0] < at + SETTLE_AFTER_INSTANT_S, (
+        "the new code waited for the bookkeeping"
+    )
+    assert at <= report.switched_at < at + SETTLE_AFTER_INSTANT_S
+    cb.loader.rollback()
+    again = cb.loader.prepare(cb.release("3", {"m": src.replace("X = 1", "X = 3")}))
+    monkeypatch.setattr(loader_module, "SETTLE_AFTER_INSTANT_S", 5.0)  # were it to wait: 5 s
+    started = time.monotonic()
+    cb.loader.finish(again)
+    assert time.monotonic() - started < 2.5 and mods["m"].f() == 3
+
+
 class _SlowDrain(DrainBarrier):
     """A drain that outlasts its deadline in Python (a guard's own bookkeeping, say)."""
 
