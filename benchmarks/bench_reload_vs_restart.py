@@ -244,7 +244,7 @@ def _wait_all_new(server: Gunicorn, settle_s: float, limit_s: float) -> None:
 
 def _debug(samples: list[list[Any]], t_change: float, out: dict[str, Any], done: Any) -> None:
     """Where the change's slow requests fell (``HF_RVR_DEBUG=1``): ms from the change start."""
-    slow = 2 * out["quiet_p99_s"]
+    slow = 1.3 * out["quiet_window_p99_s"]
     print(
         f"  created +{(done.created_at - t_change) * 1e3:.1f} decided "
         f"+{(done.decided_at - t_change) * 1e3:.1f} nodes: "
