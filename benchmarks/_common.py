@@ -293,3 +293,16 @@ def print_table(rows: Sequence[Sequence[str]], file: Any = None) -> None:
         )
         if n == 0:
             print("  ".join("-" * w for w in widths), file=out)
+
+
+def cpu_s(pids: list[int], children: bool = False) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far (Linux /proc);
+    ``children``: with the children each has reaped (an agent's staging processes)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if children:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")

@@ -166,6 +166,9 @@ def new_build(release: Release, build: int) -> Release:
     )
 
 
+IDLE_SAMPLE_S = 3.0
+
+
 # ------------------------------------------------------------------- the 2PC
 def run_2pc(fleet: _fleet.Fleet, label: str, concurrency: int | None) -> dict[str, Any]:
     leader = fleet.leader
@@ -174,11 +177,20 @@ def run_2pc(fleet: _fleet.Fleet, label: str, concurrency: int | None) -> dict[st
     opts = RolloutOptions(window_s=0.0, timeout_s=60.0, allow_downgrade=True)
     if concurrency:
         opts.concurrency = concurrency
+    agents = [a.proc.pid for a in fleet.agents]
+    etcd = [fleet.etcd.pid or 0] if fleet.etcd is not None else []
+    cpu0 = (_common.cpu_s(agents, children=True), _common.cpu_s(etcd), time.process_time())
     t_call = time.time()
     started = leader.engine.upgrade(label, Target(all=True), opts)
     t_returned = time.time()
     done = leader.wait(started.id, timeout=180, poll=0.05)
-    return rollout_timings(done, t_call, t_returned, fleet.nodes)
+    out = rollout_timings(done, t_call, t_returned, fleet.nodes)
+    # where the CPU went, from the call until the record says permanent: the agents
+    # (with their staging processes), etcd, and this process (the leader's engine)
+    out["agents_cpu_s"] = _common.cpu_s(agents, children=True) - cpu0[0]
+    out["etcd_cpu_s"] = _common.cpu_s(etcd) - cpu0[1]
+    out["coordinator_cpu_s"] = time.process_time() - cpu0[2]
+    return out
 
 
 def rollout_timings(r: Rollout, t_call: float, t_returned: float, nodes: int) -> dict[str, Any]:
@@ -325,6 +337,18 @@ def run_n(
             f"N={n} warm-up: e2e {cold[0]['e2e_s'] * 1e3:.0f} / {cold[1]['e2e_s'] * 1e3:.0f} ms, "
             f"skew {cold[0]['skew_s'] * 1e3:.1f} / {cold[1]['skew_s'] * 1e3:.1f} ms"
         )
+        # what the idle fleet costs (membership leases, watches, gRPC), to read the
+        # rollouts' CPU against: per node, over the e2e of a rollout
+        pids = [a.proc.pid for a in fleet.agents]
+        idle0, t0 = _common.cpu_s(pids, children=True), time.perf_counter()
+        time.sleep(IDLE_SAMPLE_S)
+        out["agents_idle_cpu_s_per_s"] = (_common.cpu_s(pids, children=True) - idle0) / (
+            time.perf_counter() - t0
+        )
+        say(
+            f"N={n} idle: the agents use {out['agents_idle_cpu_s_per_s'] / n * 1e3:.1f} "
+            "ms of CPU per node per second"
+        )
         measured = []
         for k in range(runs):
             rel = new_build((rel2, rel1)[k % 2], k)  # never seen by any node, as in a deploy
@@ -334,7 +358,9 @@ def run_n(
             measured.append(res)
             say(
                 f"N={n} 2PC run {k + 1}/{runs} -> {rel.label}: e2e {res['e2e_s'] * 1e3:.0f} ms, "
-                f"skew {res['skew_s'] * 1e3:.1f} ms"
+                f"skew {res['skew_s'] * 1e3:.1f} ms; CPU ms/node: agents "
+                f"{res['agents_cpu_s'] / n * 1e3:.0f}, etcd {res['etcd_cpu_s'] / n * 1e3:.1f}, "
+                f"coordinator {res['coordinator_cpu_s'] / n * 1e3:.1f}"
             )
         pushed = []
         current = (rel2, rel1)[(runs - 1) % 2].label if runs else order[1]
@@ -373,6 +399,8 @@ def run_n(
     out["prepare_phase_s"] = stat(measured, "prepare_phase_s")
     out["finish_phase_s"] = stat(measured, "finish_phase_s")
     out["prepare_node_max_s"] = stat(measured, "prepare_node_max_s")
+    for key in ("agents_cpu_s", "etcd_cpu_s", "coordinator_cpu_s"):
+        out[key] = stat(measured, key)
     out["baseline_total_s"] = stat(base, "total_s")
     out["baseline_skew_s"] = stat(base, "skew_s")
     skew_p50 = out["skew_s"]["p50"]

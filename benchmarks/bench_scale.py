@@ -126,16 +126,6 @@ def rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def cpu_s(pids: list[int]) -> float:
-    """CPU seconds (user + system) the processes ``pids`` have used so far."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def largest_value(client: Any, prefix: str) -> tuple[int, str, int]:
     """(bytes, key, total bytes) of the values under ``prefix``."""
     biggest, where, total = 0, "", 0
@@ -300,9 +290,12 @@ def measure_n(n: int, args: argparse.Namespace, say: Any) -> dict[str, Any]:
         for i in range(args.runs):
             time.sleep(1.0)  # the previous rollout's membership writes settle
             before = etcd_metrics(endpoint)
-            agents0, etcd0 = cpu_s(workers.pids()), cpu_s([etcd.pid or 0])
+            agents0, etcd0 = _common.cpu_s(workers.pids()), _common.cpu_s([etcd.pid or 0])
             r, cpu, wall = rollout()
-            agents_cpu, etcd_cpu = cpu_s(workers.pids()) - agents0, cpu_s([etcd.pid or 0]) - etcd0
+            agents_cpu, etcd_cpu = (
+                _common.cpu_s(workers.pids()) - agents0,
+                _common.cpu_s([etcd.pid or 0]) - etcd0,
+            )
             after = etcd_metrics(endpoint)
             raw = delta(after, before)
             net = {
