@@ -198,6 +198,18 @@ class Gunicorn:
     def stop(self) -> None:
         stop_group(self.proc)  # the master, then what is left of its workers
 
+    def cpu_s(self) -> float:
+        """CPU seconds of the serving host so far: the master, its workers (and the
+        workers it reaped: a HUP's old ones) and theirs (staging processes)."""
+        pid = self.proc.pid
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as fh:
+            workers = [int(c) for c in fh.read().split()]
+        alive = []
+        for w in workers:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                alive.append(_common.cpu_s([w], children=True))
+        return _common.cpu_s([pid], children=True) + sum(alive)
+
 
 def _code_dir(root: Path, name: str, boot_s: float) -> Path:
     code = root / name
@@ -424,13 +436,17 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
         load = _load(server, args)
         try:
             t_started = time.time()
-            time.sleep(args.quiet_s)
+            time.sleep(1.0)
+            cpu_quiet0, t_quiet0 = server.cpu_s(), time.perf_counter()
+            time.sleep(max(0.0, args.quiet_s - 1.0))
+            cpu_change0, t_change0 = server.cpu_s(), time.perf_counter()
             t_change = time.time()
             say("hotfleet: upgrade benchapp@2 on every worker")
             started = leader.engine.upgrade(
                 release.label, Target(all=True), RolloutOptions(window_s=0)
             )
             done = leader.wait(started.id, timeout=60)
+            cpu_change1, t_change1 = server.cpu_s(), time.perf_counter()
             say(f"hotfleet: rollout {done.phase.value} {done.reason}")
             _wait_all_new(server, 1.5, 60)
             time.sleep(args.after_s)
@@ -439,6 +455,12 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
             load.close()
         out = measure(_samples(summary), t_change, t_started)
         out["rollout"] = done.phase.value
+        # what the rollout cost the serving host beyond serving: its CPU from the change
+        # until the rollout was permanent, less the quiet rate over as long, per worker
+        quiet_rate = (cpu_change0 - cpu_quiet0) / (t_change0 - t_quiet0)
+        extra = (cpu_change1 - cpu_change0) - quiet_rate * (t_change1 - t_change0)
+        out["serving_cpu_quiet_s_per_s"] = quiet_rate
+        out["rollout_cpu_per_worker_s"] = extra / args.workers
         if os.environ.get("HF_RVR_DEBUG"):
             _debug(_samples(summary), t_change, out, done)
             for line in server.log_path.read_text().splitlines():
@@ -514,6 +536,16 @@ def main(args: argparse.Namespace) -> int:
     ]
     for key, fmt in fmts:
         rows.append([key + (" (ms)" if key.endswith("_s") else ""), fmt(hup[key]), fmt(hot[key])])
+    rows.append(
+        ["rollout CPU per worker (ms)", "-", _common.fmt_ms(hot["rollout_cpu_per_worker_s"])]
+    )
+    rows.append(
+        [
+            "serving host CPU quiet (cores)",
+            "-",
+            f"{hot['serving_cpu_quiet_s_per_s']:.2f}",
+        ]
+    )
     print()
     _common.print_table(rows)
     print(f"\nnew code on every worker {ratio:.1f}x sooner with hotfleet; targets {res['targets']}")
