@@ -417,6 +417,7 @@ def rehearse_switch(
     left = max(0.0, prepare_timeout - (time.perf_counter() - started))
     outcome = rehearse(lambda: _reported(*dry_run()), left, cancel, nice=nice)
     prepared.rehearsal_s, prepared.rehearsal_cpu_s = outcome.wall_s, outcome.cpu_s
+    prepared.profile.update({f"rehearse_{k}": v for k, v in outcome.phases.items()})
     label = prepared.release.label
     if outcome.timed_out or outcome.cancelled:
         why = (

@@ -57,6 +57,7 @@ warnings.filterwarnings(
 # monkeypatch json, os or anything else it likes (its effects die with it).
 _dumps, _write, _close, _exit = marshal.dumps, os.write, os.close, os._exit
 _getrusage, _RUSAGE_SELF = resource.getrusage, resource.RUSAGE_SELF
+_clock = time.perf_counter  # CLOCK_MONOTONIC: the parent and the child read the same clock
 
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05  # how often a waiting parent looks at its cancel event
@@ -71,6 +72,11 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     cpu_s: float = 0.0  # the child's user + system CPU
+    # where the wall time went, from the parent's fork() on (a completed report only):
+    # ``fork`` the parent's fork() call, ``child_start`` until the child began the work
+    # (its start after the fork, the parent-death signal, the signals, the niceness),
+    # ``work`` the switch and the migrations, ``report`` until the parent had the report
+    phases: dict[str, float] = field(default_factory=dict)
     timed_out: bool = False
     cancelled: bool = False
     died: str = ""  # how the child ended when it sent no report
@@ -119,9 +125,10 @@ def _child(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         gc.disable()  # short-lived: no collections, and fewer copy-on-write faults
+        working = _clock()
         try:
             errors, notes = work()
-            report = {"errors": errors, "warnings": notes}
+            report = {"errors": errors, "warnings": notes, "times": (working, _clock())}
         except BaseException as exc:  # reported to the parent, never raised in the child
             report = {
                 "errors": [
@@ -167,6 +174,7 @@ def rehearse(
     if pid == 0:  # pragma: no cover - the child leaves through os._exit
         os.close(read_fd)
         _child(write_fd, work, prctl, nice)
+    forked_at = time.perf_counter()
     os.close(write_fd)
     out = Outcome()
     chunks: list[bytes] = []
@@ -224,6 +232,20 @@ def rehearse(
         return out
     cpu = report.get("cpu_s")
     out.cpu_s = float(cpu) if isinstance(cpu, float | int) else 0.0
+    out.phases = _phases(report.get("times"), started, forked_at, out.wall_s)
     out.errors = [e for e in report.get("errors") or [] if isinstance(e, dict)]
     out.warnings = [str(w) for w in report.get("warnings") or []]
     return out
+
+
+def _phases(times: Any, started: float, forked_at: float, wall_s: float) -> dict[str, float]:
+    """:attr:`Outcome.phases` from the child's two instants (empty if it sent none)."""
+    if not (isinstance(times, tuple) and len(times) == 2):
+        return {}
+    working, done = (float(t) for t in times)
+    return {
+        "fork": forked_at - started,
+        "child_start": working - forked_at,
+        "work": done - working,
+        "report": started + wall_s - done,
+    }

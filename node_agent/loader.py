@@ -271,6 +271,7 @@ class Loader:
         if self.code_cache is not None:
             for k, v in self.code_cache.stats().items():
                 profile[f"cache_{k}"] = v - cache0.get(k, 0)
+        profile.update(prepared.profile)  # the staging process's phases (rehearse_*)
         prepared.profile = profile
         prepared.prepare_s = time.perf_counter() - started
         self._pending = prepared
