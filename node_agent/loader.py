@@ -92,7 +92,7 @@ LATE_ALLOWANCE_S = 0.010
 # and reply) waits until this long after the instant.  Every worker of a packed
 # host switches at the same instant on the same cores, and the bookkeeping of
 # the first to switch took the CPU the last ones needed to begin their hold:
-# 50 workers on 2 cores switched over 57-77 ms with it, 26-29 ms with it deferred
+# 50 workers on 2 cores switched over 56-80 ms with it, 24-30 ms with it deferred
 # (benchmarks/RESULTS.md, fleet).  Only the bookkeeping waits: the new code
 # serves from the switch.
 SETTLE_AFTER_INSTANT_S = 0.05
