@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from coordinator.fencing import retry
 from hotfleet import transient
 from hotfleet._proto.hotfleet.v1 import agent_pb2
 from hotfleet.decisions import Decided
+from hotfleet.etcd_client import read_together
 from hotfleet.wire import errors_from_proto, manifest_to_proto
 
 if TYPE_CHECKING:
@@ -128,12 +130,16 @@ class Convergence:
     def desired(self) -> Callable[[str], Desired]:
         """``node -> Desired``, from the records in etcd."""
         engine, keys = self.engine, self.engine.keys
-        permanent = _loads(engine._get(keys.permanent)[0])
-        current = _loads(engine._get(keys.current)[0])
+        # one revision: make_permanent writes the permanent release and deletes the window's
+        # in one transaction; two reads could straddle it and want the old release (seen in CI)
+        (permanent_raw, current_raw), (overridden,) = retry(
+            lambda: read_together(engine.client, (keys.permanent, keys.current), (keys.desired,))
+        )
+        permanent, current = _loads(permanent_raw), _loads(current_raw)
         targets = set(current.get("targets") or ()) if current else set()
         base = Desired(str(permanent.get("release", "")), permanent, True) if permanent else None
         overrides: dict[str, str] = {}
-        for raw, meta in engine.client.get_prefix(keys.desired):
+        for raw, meta in overridden:
             record = _loads(raw)
             if record is not None:
                 overrides[meta.key.decode().rpartition("/")[2]] = str(record.get("release", ""))

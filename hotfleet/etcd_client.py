@@ -517,3 +517,23 @@ def prefix_end(prefix: bytes) -> bytes:
             end[i] += 1
             return bytes(end[: i + 1])
     return b"\0"
+
+
+def read_together(
+    client: EtcdClient, keys: Sequence[str], prefixes: Sequence[str] = ()
+) -> tuple[list[bytes | None], list[list[tuple[bytes, Any]]]]:
+    """``keys``' values and ``prefixes``' ``(value, metadata)`` lists, read at one revision.
+
+    Records that one writer changes together in a transaction (say, the
+    permanent release written and the window's release deleted) must be read
+    together too: two separate reads can straddle that write and see a state
+    that never existed (the old permanent release and no window), and a
+    reader acting on it pulls the fleet back (seen in CI).  One read-only
+    transaction is one revision of the store.
+    """
+    tx = client.transactions
+    ops = [tx.get(key) for key in keys]
+    ops += [tx.get(p, range_end=prefix_end(p.encode())) for p in prefixes]
+    _, responses = client.transaction(compare=[], success=ops, failure=[])
+    values = [kvs[0][0] if kvs else None for kvs in responses[: len(keys)]]
+    return values, [list(kvs) for kvs in responses[len(keys) :]]

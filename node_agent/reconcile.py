@@ -22,7 +22,7 @@ from typing import Any
 
 from hotfleet import transient
 from hotfleet.errors import HotfleetError, ModuleError, Reason
-from hotfleet.etcd_client import EtcdClient
+from hotfleet.etcd_client import EtcdClient, read_together
 from hotfleet.keys import Keys
 from hotfleet.limits import MAX_MODULES, MAX_PREPARE_MESSAGE_BYTES, loads_json
 from hotfleet.release import Release, is_module_name
@@ -75,12 +75,16 @@ class Reconciler:
         """
         if self.done:
             return
-        self._permanent(client)
+        # one revision: a window turning permanent writes both records in one transaction,
+        # and a node reading them apart could boot the old release and miss the window
+        (override, permanent, current), _ = read_together(
+            client, (self.keys.desired_of(self.node_id), self.keys.permanent, self.keys.current)
+        )
+        self._permanent(self._record(client, override, permanent))
         if self.done and self.participant.state is not State.RECONCILE_FAILED:
-            self._current(client)
+            self._current(current)
 
-    def _current(self, client: EtcdClient) -> None:
-        raw, _ = client.get(self.keys.current)
+    def _current(self, raw: bytes | None) -> None:
         if raw is None:
             return
         with self.participant.lock:
@@ -125,17 +129,19 @@ class Reconciler:
             log.info("now %s, provisional (pause %.2f ms)", target.label, report.pause_s * 1000)
             self.participant.settle()
 
-    def _record(self, client: EtcdClient) -> bytes | None:
-        """This node's permanent release record: its own (``desired/<node>``) or the fleet's.
+    def _record(
+        self, client: EtcdClient, raw: bytes | None, permanent: bytes | None
+    ) -> bytes | None:
+        """This node's permanent release record: its own (``desired/<node>``, ``raw``) or
+        the fleet's (``permanent``).
 
         A rollout for some nodes only (``--nodes``, ``--selector``) makes its
         release permanent on those nodes alone; the release record then comes
         from the pushed entry.  An override naming no release means the boot
         code: nothing to load.
         """
-        raw, _ = client.get(self.keys.desired_of(self.node_id))
         if raw is None:
-            return client.get(self.keys.permanent)[0]
+            return permanent
         try:
             label = str(loads_json(raw, self.keys.desired_of(self.node_id))["release"])
             if not label:
@@ -152,11 +158,10 @@ class Reconciler:
                 self.keys.desired_of(self.node_id),
                 exc,
             )
-            return client.get(self.keys.permanent)[0]
+            return permanent
         return json.dumps({"release": label, **record}).encode()
 
-    def _permanent(self, client: EtcdClient) -> None:
-        raw = self._record(client)
+    def _permanent(self, raw: bytes | None) -> None:
         if raw is None:
             self.done = True
             self.participant.settle()

@@ -10,7 +10,9 @@ rollback on a node that holds no backup in memory.
 
 from __future__ import annotations
 
+import json
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from types import SimpleNamespace
@@ -259,6 +261,42 @@ def test_the_convergence_loop_never_pulls_nodes_back_during_a_rollback(
     back = leader.wait(leader.engine.rollback(Target(), None, opts()).id)
     assert back.phase is Phase.PERMANENT and tried == [[]]
     assert versions(nodes) == {"1"}
+
+
+def test_the_desired_state_is_read_at_one_revision(leader: Leader) -> None:
+    """A window turning permanent is one transaction; the loop must never see half of it.
+
+    Seen in CI: the loop read the permanent release (still 1.0.0), then the
+    window's record (already deleted by the upgrade turning permanent), wanted
+    1.0.0 of nodes on 2.0.0 and "caught them up" back to it; the operator's
+    rollback then went one release too far.  Here a writer flips, in single
+    transactions, between a window (permanent 1.0.0, n1 a target of 2.0.0) and
+    its end (permanent 2.0.0, no window): n1 wants 2.0.0 in every state the
+    store was ever in, so every read must say so.
+    """
+    tx, keys = leader.client.transactions, leader.keys
+    old, new = json.dumps({"release": "shop@1.0.0"}), json.dumps({"release": "shop@2.0.0"})
+    window = json.dumps({"release": "shop@2.0.0", "rollout": "r", "targets": ["n1"]})
+    states = [
+        [tx.put(keys.permanent, old), tx.put(keys.current, window)],
+        [tx.put(keys.permanent, new), tx.delete(keys.current)],
+    ]
+    stop, flips = threading.Event(), [0]
+
+    def flip() -> None:
+        while not stop.is_set():
+            leader.client.transaction(compare=[], success=states[flips[0] % 2], failure=[])
+            flips[0] += 1
+
+    writer = threading.Thread(target=flip, name="test-flipper")
+    writer.start()
+    try:
+        seen = [leader.engine.convergence.desired()("n1").label for _ in range(400)]
+    finally:
+        stop.set()
+        writer.join()
+    assert flips[0] > 50  # the reads did straddle writes
+    assert set(seen) == {"shop@2.0.0"}, f"{seen.count('shop@1.0.0')} torn reads of {len(seen)}"
 
 
 def _two_nodes_in_the_window(
