@@ -281,7 +281,8 @@ def test_the_desired_state_is_read_at_one_revision(leader: Leader) -> None:
         [tx.put(keys.permanent, old), tx.put(keys.current, window)],
         [tx.put(keys.permanent, new), tx.delete(keys.current)],
     ]
-    stop, flips = threading.Event(), [0]
+    leader.client.transaction(compare=[], success=states[0], failure=[])  # before any read
+    stop, flips = threading.Event(), [1]
 
     def flip() -> None:
         while not stop.is_set():
