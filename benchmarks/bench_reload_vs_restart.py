@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -313,7 +314,7 @@ def pooled(
         for t_change, _old, _new in changes:
             for s in samples:
                 if t_change - 0.02 <= s[0] < t_change + 0.2:
-                    b = bins.setdefault(int((s[0] - t_change) * 100), [0, 0])
+                    b = bins.setdefault(math.floor((s[0] - t_change) * 100), [0, 0])
                     b[0] += 1
                     b[1] += s[1] > 1.5 * q99
         print(
@@ -443,6 +444,10 @@ def _more_changes(
             leader.engine.unpack_release(release.label)
         time.sleep(0.3)
         t_change = time.time()
+        if os.environ.get("HF_RVR_NULL"):  # the control: the same schedule, no rollout
+            out.append((t_change, old, old))
+            time.sleep(0.3)
+            continue
         done = leader.wait(
             leader.engine.upgrade(release.label, Target(all=True), RolloutOptions(window_s=0)).id,
             timeout=60,
