@@ -100,6 +100,7 @@ class Endings:
         ops.append(tx.delete(self.engine.keys.current))  # the permanent release is the target again
         reverted = rollout.options.get("reverts")
         switched = [n.node for n in rollout.nodes.values() if n.finished]
+        desired: dict[str, str | None] = {}  # the per-node overrides this ending writes
         if reverted:  # back to what was permanent before the reverted upgrade
             old = self.engine.rollout(reverted)
             if old.options.get("target") == ALL_NODES:
@@ -109,7 +110,7 @@ class Endings:
                     if before
                     else tx.delete(self.engine.keys.permanent)
                 )
-            self._set_desired(lead, {n: old.previous.get(n, "") for n in switched})
+            desired = {n: old.previous.get(n, "") for n in switched}
         elif entry.manifest and rollout.options.get("target") == ALL_NODES:
             ops.append(
                 tx.put(self.engine.keys.permanent, json.dumps(self.engine._release_record(entry)))
@@ -117,9 +118,9 @@ class Endings:
             stale = [
                 m.key.decode() for _, m in self.engine.client.get_prefix(self.engine.keys.desired)
             ]
-            self._set_desired(lead, {k.rpartition("/")[2]: None for k in stale})
+            desired = {k.rpartition("/")[2]: None for k in stale}
         elif entry.manifest:  # some nodes only: their own permanent release
-            self._set_desired(lead, dict.fromkeys(switched, entry.label))
+            desired = dict.fromkeys(switched, entry.label)
         if reverted:
             # in the same transaction as this rollout turning permanent (and the active
             # key going): nobody reads one without the other.  The reverted rollout's
@@ -131,19 +132,30 @@ class Endings:
             old.epoch = lead.epoch
             ops.append(tx.put(self.engine.keys.rollout(reverted), old.dumps()))
             ops.append(self.engine.baselines.drop_op(reverted))  # as _save does for its record
+        overrides = self._desired_ops(desired)
+        if len(ops) + len(overrides) + 2 <= TXN_OPS:  # + the record and its baseline's drop
+            # in the transaction that changes the permanent release: a reader (the
+            # convergence loop, a booting node) never sees the overrides gone and the
+            # old permanent release still there (it would want that release of a node
+            # that is no target, and load it)
+            ops += overrides
+        else:  # more than one transaction takes: written first, as many as it takes
+            self._write_desired(lead, overrides)
         self.engine._hook("before_permanent", rollout)
         self.engine._save(lead, rollout, *ops)
         log.info("rollout %s: %s permanent", rollout.id, rollout.release)
 
-    def _set_desired(self, lead: Leadership, labels: dict[str, str | None]) -> None:
-        """Per-node permanent releases (``desired/<node>``; None removes the override)."""
+    def _desired_ops(self, labels: dict[str, str | None]) -> list[Any]:
+        """Writes of per-node permanent releases (``desired/<node>``; None removes one)."""
         tx = self.engine.client.transactions
-        ops = [
+        return [
             tx.delete(self.engine.keys.desired_of(node))
             if label is None
             else tx.put(self.engine.keys.desired_of(node), json.dumps({"release": label}))
             for node, label in sorted(labels.items())
         ]
+
+    def _write_desired(self, lead: Leadership, ops: list[Any]) -> None:
         for i in range(0, len(ops), TXN_OPS):  # etcd's default limit is 128 ops a transaction
             if not retry(functools.partial(lead.guarded_txn, ops[i : i + TXN_OPS])):
                 raise Deposed()

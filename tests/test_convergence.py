@@ -156,6 +156,35 @@ def test_a_release_made_permanent_on_some_nodes_stays_on_those_nodes(
     assert versions(nodes[:1]) == {"1"} and versions(nodes[1:]) == {"2"}
 
 
+def test_an_override_goes_with_the_permanent_release_that_supersedes_it(
+    agents: Agents, leader: Leader
+) -> None:
+    """A node's own permanent release (a canary's) and the fleet's change in one write.
+
+    Before: an upgrade of every node turning permanent deleted the per-node
+    overrides first and wrote the new permanent release after: in between, a
+    node that was no target of it (down, or left out with --allow-missing)
+    was wanted on the *old* fleet release, and the convergence loop could
+    load that onto it before the new one.
+    """
+    nodes = start_fleet(agents, 2)
+    for name in ("shop-1.0.0", "shop-2.0.0"):
+        leader.engine.push_release(release(name))
+    canary = leader.engine.upgrade("shop@2.0.0", Target(nodes=["n1"]), opts())
+    assert leader.wait(canary.id).phase is Phase.PERMANENT
+    want = leader.engine.convergence.desired
+    assert (want()("n1").label, want()("n2").label) == ("shop@2.0.0", "")
+    nodes[0].signal(signal.SIGTERM)  # n1 leaves: no target of the next rollout
+    nodes[0].wait()
+    wait_for(lambda: [n.node_id for n in leader.engine.nodes()] == ["n2"])
+    seen: list[str] = []
+    leader.engine.hooks["before_permanent"] = lambda _r: seen.append(want()("n1").label)
+    up = leader.engine.upgrade("shop@1.0.0", Target(all=True), opts(allow_downgrade=True))
+    assert leader.wait(up.id).phase is Phase.PERMANENT
+    assert seen == ["shop@2.0.0"]  # until the fleet's release changes, n1's own stands
+    assert want()("n1").label == "shop@1.0.0"  # then the fleet's, in the same write
+
+
 def test_history_is_bounded_and_read_a_page_at_a_time(
     agents: Agents, leader: Leader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
