@@ -307,8 +307,8 @@ def pooled(
         t_all_new = _all_new_at(samples, old, new, t_change)
         spans.append(t_all_new - t_change)
         during += [s[1] for s in samples if t_change <= s[0] <= t_all_new]
-    q99 = _common.percentile(quiet, 99)
-    d99 = _common.percentile(during, 99) if during else float("nan")
+    summary = _p99_against(during, quiet)
+    q99 = summary["quiet_p99_s"]
     if os.environ.get("HF_RVR_DEBUG"):  # where in a change the slow requests are
         bins: dict[int, list[int]] = {}
         for t_change, _old, _new in changes:
@@ -325,11 +325,19 @@ def pooled(
         "_during": during,  # pooled again over the rounds by main(), then dropped
         "_quiet": quiet,
         "changes": len(changes),
+        **summary,
+        "all_new_s": statistics.median(spans),
+    }
+
+
+def _p99_against(during: list[float], quiet: list[float]) -> dict[str, Any]:
+    q99 = _common.percentile(quiet, 99)
+    d99 = _common.percentile(during, 99) if during else float("nan")
+    return {
         "requests": len(during),
         "p99_s": d99,
         "quiet_p99_s": q99,
         "p99_ratio": d99 / q99 if q99 else float("nan"),
-        "all_new_s": statistics.median(spans),
     }
 
 
@@ -594,14 +602,9 @@ def main(args: argparse.Namespace) -> int:
     hup, hot = (_median_round([r[way] for r in rounds]) for way in ("hup", "hotfleet"))
     during = [x for r in rounds for x in r["hotfleet"]["pooled"].pop("_during")]
     quiet = [x for r in rounds for x in r["hotfleet"]["pooled"].pop("_quiet")]
-    q99 = _common.percentile(quiet, 99)
-    d99 = _common.percentile(during, 99) if during else float("nan")
     hot["pooled"] = {
         "changes": sum(r["hotfleet"]["pooled"]["changes"] for r in rounds),
-        "requests": len(during),
-        "p99_s": d99,
-        "quiet_p99_s": q99,
-        "p99_ratio": d99 / q99 if q99 else float("nan"),
+        **_p99_against(during, quiet),
         "all_new_s": statistics.median(r["hotfleet"]["pooled"]["all_new_s"] for r in rounds),
     }
     ratio = hup["all_new_s"] / hot["all_new_s"] if hot["all_new_s"] else float("inf")
