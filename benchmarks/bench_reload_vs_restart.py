@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import math
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -294,20 +295,39 @@ def _all_new_at(samples: list[list[Any]], old: str, new: str, t_change: float) -
     return max([t_change, *old_after, *first_new.values()])
 
 
+# A change's matched quiet window ends this long before the change starts: after the
+# release was unpacked (0.3 s before) and the previous change's bookkeeping, before it.
+MATCH_GAP_S = 0.05
+NULL_SPAN_S = 0.06  # the control's "change" (HF_RVR_NULL): no new code to wait for
+
+
 def pooled(
     samples: list[list[Any]], t_started: float, changes: list[tuple[float, str, str]]
 ) -> dict[str, Any]:
-    """The p99 of every request sent during any of ``changes`` (start, old, new), pooled,
-    against the quiet p99 before the first: one change spans ~20 requests, too few for
-    a p99 of its own, so the repeated changes of a round are judged together."""
+    """The p99 of every request sent during any of ``changes`` (start, old, new), pooled.
+
+    One change spans ~20 requests, too few for a p99 of its own, so the
+    changes of a round are judged together, against two quiet references:
+    the *matched* one (for each change, the window as long that ends
+    ``MATCH_GAP_S`` before it: as many requests, taken in the same seconds,
+    so that a host whose speed drifts over minutes compares like with like)
+    and the whole quiet phase before the first change.
+    """
     quiet = [s[1] for s in samples if t_started + 1.0 <= s[0] < changes[0][0]]
-    during = []
+    during: list[float] = []
+    matched: list[float] = []
     spans = []
     for t_change, old, new in changes:
-        t_all_new = _all_new_at(samples, old, new, t_change)
-        spans.append(t_all_new - t_change)
+        if old == new:
+            t_all_new = t_change + NULL_SPAN_S
+        else:
+            t_all_new = _all_new_at(samples, old, new, t_change)
+        span = t_all_new - t_change
+        spans.append(span)
         during += [s[1] for s in samples if t_change <= s[0] <= t_all_new]
-    summary = _p99_against(during, quiet)
+        lo = t_change - MATCH_GAP_S - span
+        matched += [s[1] for s in samples if lo <= s[0] < t_change - MATCH_GAP_S]
+    summary = _p99_against(during, quiet, matched)
     q99 = summary["quiet_p99_s"]
     if os.environ.get("HF_RVR_DEBUG"):  # where in a change the slow requests are
         bins: dict[int, list[int]] = {}
@@ -324,21 +344,44 @@ def pooled(
     return {
         "_during": during,  # pooled again over the rounds by main(), then dropped
         "_quiet": quiet,
+        "_matched": matched,
         "changes": len(changes),
         **summary,
         "all_new_s": statistics.median(spans),
     }
 
 
-def _p99_against(during: list[float], quiet: list[float]) -> dict[str, Any]:
+def _bootstrap(during: list[float], quiet: list[float], n: int = 1000) -> tuple[float, float]:
+    """The 5th and 95th percentiles of p99(during) / p99(quiet) over resamplings of both:
+    how far the ratio itself moves by chance with this many requests."""
+    rng = random.Random(13)
+    ratios = []
+    for _ in range(n):
+        d = _common.percentile(rng.choices(during, k=len(during)), 99)
+        q = _common.percentile(rng.choices(quiet, k=len(quiet)), 99)
+        ratios.append(d / q if q else float("nan"))
+    return _common.percentile(ratios, 5), _common.percentile(ratios, 95)
+
+
+def _p99_against(
+    during: list[float], quiet: list[float], matched: list[float] | None = None
+) -> dict[str, Any]:
     q99 = _common.percentile(quiet, 99)
     d99 = _common.percentile(during, 99) if during else float("nan")
-    return {
+    out = {
         "requests": len(during),
         "p99_s": d99,
         "quiet_p99_s": q99,
         "p99_ratio": d99 / q99 if q99 else float("nan"),
     }
+    if matched:
+        m99 = _common.percentile(matched, 99)
+        out["matched_requests"] = len(matched)
+        out["matched_p99_s"] = m99
+        out["p99_ratio_matched"] = d99 / m99 if m99 else float("nan")
+        if during:
+            out["p99_ratio_matched_90ci"] = _bootstrap(during, matched)
+    return out
 
 
 def measure(samples: list[list[Any]], t_change: float, t_started: float) -> dict[str, Any]:
@@ -553,7 +596,9 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
             say(f"hotfleet: rollout {done.phase.value} {done.reason}")
             _wait_all_new(server, 1.5, 60)
             time.sleep(args.after_s)
-            changes = [(t_change, "1", "2"), *_more_changes(leader, extra, args)]
+            changes = _more_changes(leader, extra, args)
+            if not os.environ.get("HF_RVR_NULL"):  # the control pools only rollout-free spans
+                changes.insert(0, (t_change, "1", "2"))
             summary = load.stop()
         finally:
             load.close()
@@ -602,9 +647,10 @@ def main(args: argparse.Namespace) -> int:
     hup, hot = (_median_round([r[way] for r in rounds]) for way in ("hup", "hotfleet"))
     during = [x for r in rounds for x in r["hotfleet"]["pooled"].pop("_during")]
     quiet = [x for r in rounds for x in r["hotfleet"]["pooled"].pop("_quiet")]
+    matched = [x for r in rounds for x in r["hotfleet"]["pooled"].pop("_matched")]
     hot["pooled"] = {
         "changes": sum(r["hotfleet"]["pooled"]["changes"] for r in rounds),
-        **_p99_against(during, quiet),
+        **_p99_against(during, quiet, matched),
         "all_new_s": statistics.median(r["hotfleet"]["pooled"]["all_new_s"] for r in rounds),
     }
     ratio = hup["all_new_s"] / hot["all_new_s"] if hot["all_new_s"] else float("inf")
@@ -629,7 +675,7 @@ def main(args: argparse.Namespace) -> int:
         "targets": {
             "zero_failed": hot["failed"] == 0,
             "state_kept": hot["state_kept"],
-            "p99_within_1_2x": hot["pooled"]["p99_ratio"] <= 1.2,
+            "p99_within_1_2x": hot["pooled"]["p99_ratio_matched"] <= 1.2,
             "sooner_3x": ratio >= 3,
         },
     }
@@ -659,11 +705,21 @@ def main(args: argparse.Namespace) -> int:
             f"{hot['serving_cpu_quiet_s_per_s']:.2f}",
         ]
     )
+    p = hot["pooled"]
+    lo, hi = p["p99_ratio_matched_90ci"]
     rows.append(
         [
-            f"p99 of {hot['pooled']['requests']} requests in {hot['pooled']['changes']} changes (ms)",
+            f"p99 of {p['requests']} requests in {p['changes']} changes (ms)",
             "-",
-            f"{_common.fmt_ms(hot['pooled']['p99_s'])} ({hot['pooled']['p99_ratio']:.2f}x)",
+            f"{_common.fmt_ms(p['p99_s'])} ({p['p99_ratio']:.2f}x quiet phase)",
+        ]
+    )
+    rows.append(
+        [
+            f"  against {p['matched_requests']} of matched quiet windows (ms)",
+            "-",
+            f"{_common.fmt_ms(p['matched_p99_s'])} ({p['p99_ratio_matched']:.2f}x, "
+            f"90% {lo:.2f}-{hi:.2f}x)",
         ]
     )
     print()
@@ -735,7 +791,10 @@ def _markdown_rows(res: dict[str, Any]) -> list[list[str]]:
                 + (
                     f"; {r['pooled']['requests']} requests of {r['pooled']['changes']} changes "
                     f"pooled: {_common.fmt_ms(r['pooled']['p99_s'])}, "
-                    f"{r['pooled']['p99_ratio']:.2f}x)"
+                    f"{r['pooled']['p99_ratio']:.2f}x; "
+                    f"{r['pooled']['p99_ratio_matched']:.2f}x of matched quiet windows, 90% "
+                    + "-".join(f"{x:.2f}" for x in r["pooled"]["p99_ratio_matched_90ci"])
+                    + "x)"
                     if "pooled" in r
                     else ")"
                 ),
