@@ -89,12 +89,13 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
 """
-V1 = APP.format(version="1", n=2000, boot_s="BOOT_S")
-V2 = APP.format(version="2", n=2001, boot_s="BOOT_S")
 
 
-def _app(source: str, boot_s: float) -> str:
-    return source.replace("BOOT_S", repr(boot_s))
+def _app(version: str, args: argparse.Namespace) -> str:
+    """The app's source at ``version`` (an integer): each version's loop is one step
+    longer, so every release changes a function's body."""
+    n = args.request_work + int(version) - 1
+    return APP.format(version=version, n=n, boot_s=repr(args.boot_s))
 
 
 PREFIX = "/hotfleet-bench-rvr/"
@@ -111,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="seconds the app's import takes in a fresh worker (a real app's dependencies)",
+    )
+    parser.add_argument(
+        "--request-work",
+        type=int,
+        default=2000,
+        help="steps of the app's per-request loop (2000: ~0.1 ms of CPU, 20000: ~1 ms; a request that "
+        "renders a page or waits on a query takes milliseconds)",
     )
     parser.add_argument(
         "--rounds", type=int, default=5, help="HUP and hotfleet alternated this many times (5)"
@@ -239,11 +247,11 @@ class Gunicorn:
         return _common.cpu_s([pid], children=True) + sum(alive)
 
 
-def _code_dir(root: Path, name: str, boot_s: float) -> Path:
+def _code_dir(root: Path, name: str, args: argparse.Namespace) -> Path:
     code = root / name
     (code / "benchapp").mkdir(parents=True)
     (code / "benchapp" / "__init__.py").write_text("")
-    (code / "benchapp" / "app.py").write_text(_app(V1, boot_s))
+    (code / "benchapp" / "app.py").write_text(_app("1", args))
     return code
 
 
@@ -489,7 +497,7 @@ def measure(samples: list[list[Any]], t_change: float, t_started: float) -> dict
 
 
 def run_hup(root: Path, args: argparse.Namespace, say: Any) -> dict[str, Any]:
-    code = _code_dir(root, "hup", args.boot_s)
+    code = _code_dir(root, "hup", args)
     env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
     server = Gunicorn(
         code, args.workers, env, hooks=False, cpus=args.cpus[0] if args.cpus else None
@@ -500,7 +508,7 @@ def run_hup(root: Path, args: argparse.Namespace, say: Any) -> dict[str, Any]:
         try:
             t_started = time.time()
             time.sleep(args.quiet_s)
-            (code / "benchapp" / "app.py").write_text(_app(V2, args.boot_s))
+            (code / "benchapp" / "app.py").write_text(_app("2", args))
             t_change = time.time()
             say("HUP: new app.py written, SIGHUP to the master")
             server.proc.send_signal(signal.SIGHUP)
@@ -514,10 +522,12 @@ def run_hup(root: Path, args: argparse.Namespace, say: Any) -> dict[str, Any]:
     return measure(_samples(summary), t_change, t_started)
 
 
-def _release(version: str, boot_s: float) -> Release:
-    source = APP.format(version=version, n=2000 + int(version), boot_s=repr(boot_s))
+def _release(version: str, args: argparse.Namespace) -> Release:
     return Release.from_sources(
-        "benchapp", version, {"benchapp": "", "benchapp.app": source}, packages=["benchapp"]
+        "benchapp",
+        version,
+        {"benchapp": "", "benchapp.app": _app(version, args)},
+        packages=["benchapp"],
     )
 
 
@@ -551,7 +561,7 @@ def _more_changes(
 
 
 def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, Any]:
-    code = _code_dir(root, "hotfleet", args.boot_s)
+    code = _code_dir(root, "hotfleet", args)
     etcd = EtcdServer(root / "etcd")
     etcd.start()
     leader = server = None
@@ -586,7 +596,7 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
         release = Release.from_sources(
             "benchapp",
             "2",
-            {"benchapp": "", "benchapp.app": _app(V2, args.boot_s)},
+            {"benchapp": "", "benchapp.app": _app("2", args)},
             packages=["benchapp"],
         )
         leader.engine.push_release(release)
@@ -597,7 +607,7 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
         warm = Release.from_sources(
             "benchapp",
             "1.1",
-            {"benchapp": "", "benchapp.app": _app(V1, args.boot_s) + "# warm-up\n"},
+            {"benchapp": "", "benchapp.app": _app("1", args) + "# warm-up\n"},
             packages=["benchapp"],
         )
         leader.engine.push_release(warm)
@@ -607,7 +617,7 @@ def run_hotfleet(root: Path, args: argparse.Namespace, say: Any) -> dict[str, An
         )
         if warmed.phase.value != "permanent":
             raise RuntimeError(f"the warm-up rollout ended {warmed.phase.value}: {warmed.reason}")
-        extra = [_release(str(v), args.boot_s) for v in range(3, 3 + args.changes)]
+        extra = [_release(str(v), args) for v in range(3, 3 + args.changes)]
         for more in extra:
             leader.engine.push_release(more)
         if args.unpack:  # as `coordctl release push` does: the workers unpack it ahead
@@ -700,6 +710,7 @@ def main(args: argparse.Namespace) -> int:
             "rate_per_client": args.rate,
             "offered_rps": args.clients * args.rate,
             "boot_s": args.boot_s,
+            "request_work": args.request_work,
             "unpack": bool(args.unpack),
             "rounds": len(rounds),
             "host_cpus": sorted(args.cpus[0]) if args.cpus else None,
