@@ -45,6 +45,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "gunicorn's graceful reload (HUP) vs a hotfleet upgrade of the same app under the same "
         "recorded load: failures, p99 during the change, capacity dip, time to new code, state",
     ),
+    "priority": (
+        "bench_priority",
+        "a worker's serving thread beside a hotfleet-like thread at normal, nice 19 or "
+        "SCHED_IDLE priority and CPU-bound neighbours: why hotfleet keeps the normal priority",
+    ),
     "scale": (
         "bench_scale",
         "the control plane driving 100-1000 simulated agents: e2e, commit skew, coordinator "
