@@ -31,6 +31,8 @@ from typing import Any
 
 import _common
 
+from coordinator.launch import stop_group
+
 POLICIES = ("normal", "nice19", "idle")
 
 _CHILD = r"""
@@ -38,10 +40,9 @@ import json, os, subprocess, sys, threading, time
 policy, hogs, seconds, cpu = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 os.sched_setaffinity(0, {cpu})
 sys.setswitchinterval(0.0005)  # what hotfleet's prepare sets (node_agent._courtesy)
-busy = [
-    subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
-    for _ in range(hogs)
-]
+# CPU-bound neighbours that end with this process, however it ends
+hog = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile os.getppid() == {os.getpid()}: pass"
+busy = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(hogs)]
 stop = threading.Event()
 
 def agent():
@@ -88,14 +89,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(policy: str, hogs: int, seconds: float, cpu: int) -> dict[str, Any]:
-    out = subprocess.run(
+    """One configuration in a process group of its own: whatever happens to it (a
+    timeout, an interrupt), its CPU-bound neighbours are killed with it."""
+    proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, policy, str(hogs), str(seconds), str(cpu)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
-        check=True,
-        timeout=seconds * 10 + 30,
+        start_new_session=True,
     )
-    return dict(json.loads(out.stdout))
+    try:
+        out, _ = proc.communicate(timeout=seconds * 10 + 30)
+    finally:
+        stop_group(proc, grace=1.0)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{policy} beside {hogs} neighbour(s) exited {proc.returncode}")
+    return dict(json.loads(out))
 
 
 def main(args: argparse.Namespace) -> int:
